@@ -1,0 +1,250 @@
+"""The public op: custom ops per backend, their fake kernels, autograd, and backend dispatch.
+
+Every fast backend exposes the same two ops (names differ by backend):
+
+    <ns>::<name>_forward(Tensor x, Tensor row_ids, Tensor weight, Tensor? bias, Tensor lora_a,
+        Tensor lora_b, Tensor adapter_w, Tensor? adapter_idx, float scale, int mix)
+        -> (Tensor y, Tensor shrink)
+    <ns>::<name>_backward(Tensor grad_y, Tensor x, Tensor row_ids, Tensor weight,
+        Tensor lora_a, Tensor lora_b, Tensor adapter_w, Tensor? adapter_idx, Tensor shrink,
+        float scale, int mix, bool need_x, bool need_weight, bool need_bias, bool need_lora)
+        -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dlora_a, Tensor dlora_b,
+            Tensor dadapter_w)
+
+x is packed [T, d_in], row_ids [T] int64 (any order), adapter_idx [R, k] int64 or None
+(dense), mix 0 = factor, 1 = output. `shrink` is saved for backward, float32 [T, k', r]:
+factor mode k' = 1 and shrink = A_p[row] x (unscaled); output mode k' = k and shrink[:, j] =
+A[idx[row, j]] x (unweighted). Gradients that are not needed come back as empty tensors.
+The Triton backend defines these in Python; the native backends (cpu, cuda) in C++
+(csrc/), and this module adds fake kernels and autograd to both alike.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import torch
+
+from . import reference, validate
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+NATIVE_FORWARD = "reclora::lora_mix_forward"
+NATIVE_BACKWARD = "reclora::lora_mix_backward"
+
+
+def _shrink_shape(x, lora_a, adapter_w, mix):
+    slots = adapter_w.shape[1] if mix == 1 else 1
+    return (x.shape[0], slots, lora_a.shape[1])
+
+
+def _fake_forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix):
+    y = x.new_empty(x.shape[0], weight.shape[0])
+    shrink = x.new_empty(_shrink_shape(x, lora_a, adapter_w, mix), dtype=torch.float32)
+    return y, shrink
+
+
+def _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, shrink,
+                   scale, mix, need_x, need_weight, need_bias, need_lora):
+    def maybe(flag, like):
+        return torch.empty_like(like) if flag else like.new_empty(0)
+
+    return (
+        maybe(need_x, x),
+        maybe(need_weight, weight),
+        x.new_empty(weight.shape[0]) if need_bias else x.new_empty(0),
+        maybe(need_lora, lora_a),
+        maybe(need_lora, lora_b),
+        maybe(need_lora, adapter_w),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix = inputs
+    ctx.save_for_backward(x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, output[1])
+    ctx.scale, ctx.mix, ctx.has_bias = scale, mix, bias is not None
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_y, _grad_shrink):
+        x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, shrink = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_lora = need[4] or need[5] or need[6]
+        dx, dweight, dbias, da, db, dw = backward_op(
+            grad_y.contiguous(), x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
+            shrink, ctx.scale, ctx.mix, need[0], need[2], need[3] and ctx.has_bias, need_lora,
+        )
+        return (
+            dx if need[0] else None,
+            None,
+            dweight if need[2] else None,
+            dbias if need[3] and ctx.has_bias else None,
+            da if need[4] else None,
+            db if need[5] else None,
+            dw if need[6] else None,
+            None,
+            None,
+            None,
+        )
+
+    return backward
+
+
+def _attach(forward_op, backward_op) -> None:
+    """Fake kernels and autograd for one backend's pair of ops."""
+    torch.library.register_fake(forward_op)(_fake_forward)
+    torch.library.register_fake(backward_op)(_fake_backward)
+    torch.library.register_autograd(
+        forward_op, _make_backward(backward_op), setup_context=_setup_context
+    )
+
+
+# --- Triton: defined here, launched from reclora_kernels.triton ------------------------------
+
+
+@torch.library.custom_op("reclora::triton_lora_mix_forward", mutates_args=())
+def triton_lora_mix_forward(
+    x: torch.Tensor, row_ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
+    adapter_idx: torch.Tensor | None, scale: float, mix: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from .triton import launch
+
+    return launch.forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                          scale, mix)
+
+
+@torch.library.custom_op("reclora::triton_lora_mix_backward", mutates_args=())
+def triton_lora_mix_backward(
+    grad_y: torch.Tensor, x: torch.Tensor, row_ids: torch.Tensor, weight: torch.Tensor,
+    lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
+    adapter_idx: torch.Tensor | None, shrink: torch.Tensor, scale: float, mix: int,
+    need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton import launch
+
+    return launch.backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
+                           shrink, scale, mix, need_x, need_weight, need_bias, need_lora)
+
+
+_attach(triton_lora_mix_forward, triton_lora_mix_backward)
+
+
+# --- Native (csrc/): the ops are defined in C++ when the extension is built -----------------
+
+
+@lru_cache(maxsize=None)
+def native_loaded() -> bool:
+    """Import the compiled extension once; attach fake kernels and autograd to its ops."""
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    _attach(NATIVE_FORWARD, NATIVE_BACKWARD)
+    return True
+
+
+def native_has(dispatch_key: str) -> bool:
+    return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        NATIVE_FORWARD, dispatch_key
+    )
+
+
+def _triton_usable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process, in no particular order of preference."""
+    found = ["reference"]
+    if _triton_usable():
+        found.append("triton")
+    if native_has("CPU"):
+        found.append("cpu")
+    if torch.cuda.is_available() and native_has("CUDA"):
+        found.append("cuda")
+    return found
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """'auto' (or $RECLORA_BACKEND) -> cuda, then triton on CUDA tensors; cpu on CPU tensors."""
+    if backend == "auto":
+        backend = os.environ.get("RECLORA_BACKEND", "auto")
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(
+            f"lora_mix_linear: `backend` must be one of {['auto', *BACKENDS]}, got {backend!r}"
+        )
+    usable = available_backends()
+    if backend == "auto":
+        if device.type == "cuda":
+            order = ("cuda", "triton", "reference")
+        else:
+            order = ("cpu", "reference")
+        return next(b for b in order if b in usable)
+    if backend not in usable:
+        raise ValueError(
+            f"lora_mix_linear: `backend` {backend!r} is not available here; available: {usable}"
+        )
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError("lora_mix_linear: `backend` 'cuda' needs CUDA tensors, got x on "
+                         f"{device}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"lora_mix_linear: `backend` 'cpu' needs CPU tensors, got x on {device}")
+    return backend
+
+
+def lora_mix_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_w: torch.Tensor,
+    adapter_idx: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    mix: str = "factor",
+    row_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Base projection fused with a per-row mixture of LoRA adapters gathered from a bank.
+
+    Shapes: x [R, L, d_in] (or packed [T, d_in] with row_ids [T]; a packed x without row_ids
+    is one token per row), weight [d_out, d_in], bias [d_out] or None, lora_a [M, r, d_in],
+    lora_b [M, d_out, r], adapter_w [R, k], adapter_idx [R, k] or None (dense: k = M, slot j
+    is adapter j). Returns x's leading shape with d_out, in x's dtype.
+
+    Semantics, for every token n of row b = row(n), with i_j = adapter_idx[b, j]:
+
+        y[n] = weight @ x[n] + bias
+        if mix == "factor":                      # RecLoRA: mix the factors, then apply
+            A_p = sum_j adapter_w[b, j] * lora_a[i_j]
+            B_p = sum_j adapter_w[b, j] * lora_b[i_j]
+            y[n] += scale * B_p @ (A_p @ x[n])
+        else:  # mix == "output"                 # MoE-LoRA: apply each, then mix
+            y[n] += scale * sum_j adapter_w[b, j] * lora_b[i_j] @ (lora_a[i_j] @ x[n])
+
+    k = 1 with weight 1 is per-row multi-LoRA; M = 1 is plain LoRA. Gradients flow to x,
+    weight, bias, lora_a, lora_b and adapter_w (not to indices). `backend`: "auto", or one
+    of available_backends(); $RECLORA_BACKEND overrides "auto". `check_finite` also rejects
+    NaN/inf mixture weights (a device sync).
+    """
+    problem = validate.prepare(
+        x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, row_ids,
+        check_finite=check_finite,
+    )
+    chosen = resolve_backend(backend, x.device)
+    p = problem
+    args = (p.x2d, p.row_ids, weight, bias, lora_a, lora_b, adapter_w, p.adapter_idx)
+    if chosen == "reference":
+        y2d = reference.lora_mix_reference(*args, float(scale), p.mix)
+    elif chosen == "triton":
+        y2d = triton_lora_mix_forward(*args, float(scale), p.mix)[0]
+    else:
+        y2d = getattr(torch.ops.reclora, "lora_mix_forward")(*args, float(scale), p.mix)[0]
+    return y2d.view(*p.lead_shape, p.d_out)
