@@ -12,7 +12,8 @@ Every fast backend exposes the same two ops (names differ by backend):
             Tensor dadapter_w)
 
 x is packed [T, d_in], row_ids [T] int64 (any order), adapter_idx [R, k] int64 or None
-(dense), mix 0 = factor, 1 = output. `shrink` is saved for backward, float32 [T, k', r]:
+(dense), mix 0 = factor, 1 = output. `shrink` is saved for backward, float32 (float64 for
+float64 inputs) [T, k', r]:
 factor mode k' = 1 and shrink = A_p[row] x (unscaled); output mode k' = k and shrink[:, j] =
 A[idx[row, j]] x (unweighted). Gradients that are not needed come back as empty tensors.
 The Triton backend defines these in Python; the native backends (cpu, cuda) in C++
@@ -22,7 +23,6 @@ The Triton backend defines these in Python; the native backends (cpu, cuda) in C
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 
 import torch
 
@@ -33,6 +33,11 @@ NATIVE_FORWARD = "reclora::lora_mix_forward"
 NATIVE_BACKWARD = "reclora::lora_mix_backward"
 
 
+def shrink_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved shrink is float32, or float64 for float64 inputs (gradcheck precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _shrink_shape(x, lora_a, adapter_w, mix):
     slots = adapter_w.shape[1] if mix == 1 else 1
     return (x.shape[0], slots, lora_a.shape[1])
@@ -40,7 +45,7 @@ def _shrink_shape(x, lora_a, adapter_w, mix):
 
 def _fake_forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix):
     y = x.new_empty(x.shape[0], weight.shape[0])
-    shrink = x.new_empty(_shrink_shape(x, lora_a, adapter_w, mix), dtype=torch.float32)
+    shrink = x.new_empty(_shrink_shape(x, lora_a, adapter_w, mix), dtype=shrink_dtype(x.dtype))
     return y, shrink
 
 
@@ -133,29 +138,32 @@ _attach(triton_lora_mix_forward, triton_lora_mix_backward)
 # --- Native (csrc/): the ops are defined in C++ when the extension is built -----------------
 
 
-@lru_cache(maxsize=None)
-def native_loaded() -> bool:
-    """Import the compiled extension once; attach fake kernels and autograd to its ops."""
+def _load_native() -> tuple[bool, bool, bool]:
+    """Import the compiled extension once, at import time (a try/import inside a traced
+    region breaks torch.compile's graph); attach fake kernels and autograd to its ops.
+    Returns (loaded, has CPU kernels, has CUDA kernels)."""
     try:
         from . import _C  # noqa: F401
     except ImportError:
-        return False
+        return False, False, False
     _attach(NATIVE_FORWARD, NATIVE_BACKWARD)
-    return True
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return True, has(NATIVE_FORWARD, "CPU"), has(NATIVE_FORWARD, "CUDA")
 
 
-def native_has(dispatch_key: str) -> bool:
-    return native_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        NATIVE_FORWARD, dispatch_key
-    )
+NATIVE_LOADED, NATIVE_CPU, NATIVE_CUDA = _load_native()
+try:
+    import triton  # noqa: F401
+
+    TRITON_IMPORTED = True
+except ImportError:
+    TRITON_IMPORTED = False
 
 
 def _triton_usable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return TRITON_IMPORTED and (
+        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    )
 
 
 def available_backends() -> list[str]:
@@ -163,9 +171,9 @@ def available_backends() -> list[str]:
     found = ["reference"]
     if _triton_usable():
         found.append("triton")
-    if native_has("CPU"):
+    if NATIVE_CPU:
         found.append("cpu")
-    if torch.cuda.is_available() and native_has("CUDA"):
+    if torch.cuda.is_available() and NATIVE_CUDA:
         found.append("cuda")
     return found
 
@@ -246,5 +254,5 @@ def lora_mix_linear(
     elif chosen == "triton":
         y2d = triton_lora_mix_forward(*args, float(scale), p.mix)[0]
     else:
-        y2d = getattr(torch.ops.reclora, "lora_mix_forward")(*args, float(scale), p.mix)[0]
+        y2d = torch.ops.reclora.lora_mix_forward(*args, float(scale), p.mix)[0]
     return y2d.view(*p.lead_shape, p.d_out)
