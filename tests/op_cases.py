@@ -101,7 +101,8 @@ def run(inputs: dict, case: Case, backend: str, grad_out=None):
     )
     grads = {}
     if grad_out is not None:
-        got = torch.autograd.grad(y, list(leaves.values()), grad_out.to(y.dtype))
+        got = torch.autograd.grad(y, list(leaves.values()),
+                                  grad_out.to(device=y.device, dtype=y.dtype))
         grads = dict(zip(leaves, got))
     return y, grads
 
@@ -109,6 +110,15 @@ def run(inputs: dict, case: Case, backend: str, grad_out=None):
 def _strided(t: torch.Tensor) -> torch.Tensor:
     """The same values as a non-contiguous view: every other column of a wider tensor."""
     return torch.repeat_interleave(t, 2, dim=-1)[..., ::2]
+
+
+# Worst relative error seen per (backend, dtype) over the session; conftest prints it.
+WORST: dict[tuple[str, str], float] = {}
+
+
+def record(backend: str, dtype: torch.dtype, errors: dict) -> None:
+    key = (backend, str(dtype).replace("torch.", ""))
+    WORST[key] = max(WORST.get(key, 0.0), *errors.values())
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:

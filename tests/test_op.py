@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from op_cases import TOLERANCE, Case, make_inputs, rel_err, run
+from op_cases import TOLERANCE, Case, make_inputs, record, rel_err, run
 
 import reclora_kernels as rk
 
@@ -53,6 +53,7 @@ def check_against_reference(case: Case, backend: str, device: str, dtype: torch.
     for name, ref in g_ref.items():
         assert grads[name].shape == ref.shape, name
         errors[name] = rel_err(grads[name].cpu(), ref)
+    record(backend, dtype, errors)
     bad = {k: e for k, e in errors.items() if not e <= tol}
     assert not bad, f"{backend}/{dtype}: relative errors over {tol:g}: {bad}"
     return errors
