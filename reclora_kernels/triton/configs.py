@@ -33,12 +33,19 @@ def _table(device_key: str) -> dict:
     return table
 
 
-def config(kernel: str, device: torch.device, tokens: int | None = None) -> dict:
-    """The launch parameters of `kernel` ("fused", "shrink", "outer", "mix") on `device`."""
+def config(kernel: str, device: torch.device, tokens: int | None = None,
+           rows: int | None = None) -> dict:
+    """The launch parameters of `kernel` ("fused", "shrink", "outer", "mix") on `device`.
+
+    The "<kernel>_short_rows" entry applies when rows hold few tokens on average (decode:
+    one token per row): a token tile then spans many rows, and the LoRA part loops over
+    them, so smaller token tiles keep that loop short.
+    """
     if device.type != "cuda":
         return dict(_table("interpret")[kernel])
     table = _table(torch.cuda.get_device_name(device))
-    small = f"{kernel}_small_t"
-    if tokens is not None and tokens <= table.get("small_t_max", 0) and small in table:
-        return dict(table[small])
+    short = f"{kernel}_short_rows"
+    if tokens is not None and rows and short in table:
+        if tokens / rows < table.get("short_rows_below", 0):
+            return dict(table[short])
     return dict(table[kernel])

@@ -58,57 +58,71 @@ def mix_factors_kernel(
 @triton.jit
 def shrink_kernel(
     x_ptr, fac_ptr, src_ptr, out_ptr, order_ptr, rows_ptr,
-    n_tokens, K, rank,
-    s_x_t, s_x_k, s_f, s_c, s_k, s_src_r, s_src_j, s_out_t, s_out_j,
+    n_tokens, K, rank, width,
+    s_x_t, s_x_k, s_f, s_c, s_k, s_src_r, s_src_j, s_out_t,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
-    """out[n, j, c] = sum_k x[n, k] * F[src[row(n), j], c, k]   (fp32 out, unscaled)."""
+    """out[n, j*r + c] = sum_k x[n, k] * F[src[row(n), j], c, k]   (unscaled).
+
+    The k slots x r ranks form one run of `width` columns, so a dense output-mode bank is
+    one GEMM and x is read once, not once per slot. SPLIT_K > 1 splits the reduction over
+    programs that add atomically into a zeroed `out` (few tokens, long d_in).
+    """
     pid_t = tl.program_id(0)
-    slot = tl.program_id(1)
-    pid_r = tl.program_id(2)
+    pid_c = tl.program_id(1)
+    pid_k = tl.program_id(2)
     pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = pos < n_tokens
     tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
     tok_row = tl.load(rows_ptr + pos, mask=t_mask, other=-1)
     first = pid_t * BLOCK_T
-    last = tl.minimum(first + BLOCK_T, n_tokens) - 1
     row_lo = tl.load(rows_ptr + first)
-    row_hi = tl.load(rows_ptr + last)
-    c = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    c_mask = c < rank
+    row_hi = tl.load(rows_ptr + tl.minimum(first + BLOCK_T, n_tokens) - 1)
+    col = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
+    c_mask = col < width
+    slot = col // rank
+    rk = col % rank
+    k_span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_begin = pid_k * k_span
+    k_end = tl.minimum(K, k_begin + k_span)
     kk = tl.arange(0, BLOCK_K)
     acc_type = tl.float64 if ACC64 else tl.float32
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=acc_type)
     for row in range(row_lo, row_hi + 1):
         in_row = t_mask & (tok_row == row)
-        f = tl.load(src_ptr + row * s_src_r + slot * s_src_j).to(tl.int64)
-        for k0 in range(0, K, BLOCK_K):
+        f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0).to(tl.int64)
+        for k0 in range(k_begin, k_end, BLOCK_K):
             k = k0 + kk
-            k_mask = k < K
+            k_mask = k < k_end
             xt = tl.load(x_ptr + tok[:, None] * s_x_t + k[None, :] * s_x_k,
                          mask=in_row[:, None] & k_mask[None, :], other=0.0)
-            ft = tl.load(fac_ptr + f * s_f + c[None, :] * s_c + k[:, None] * s_k,
+            ft = tl.load(fac_ptr + f[None, :] * s_f + rk[None, :] * s_c + k[:, None] * s_k,
                          mask=c_mask[None, :] & k_mask[:, None], other=0.0)
             acc = _dot(xt, ft, acc, DOT_FP32, IEEE)
-    tl.store(out_ptr + tok[:, None] * s_out_t + slot * s_out_j + c[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+    out = out_ptr + tok[:, None] * s_out_t + col[None, :]
+    mask = t_mask[:, None] & c_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def fused_expand_kernel(
     x_ptr, w_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, y_ptr, order_ptr, rows_ptr,
-    scale_ptr, n_tokens, N, K, rank, slots,
-    s_x_t, s_x_k, s_w_n, s_w_k, s_u_t, s_u_j, s_f, s_n, s_c,
+    scale_ptr, n_tokens, N, K, rank, width,
+    s_x_t, s_x_k, s_w_n, s_w_k, s_u_t, s_f, s_n, s_c,
     s_src_r, s_src_j, s_coef_r, s_coef_j, s_y_t, s_y_n,
     HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
     """y[n, o] = sum_k x[n, k] W[o, k] + bias[o]
-                 + scale * sum_j coef[row, j] * sum_c u[n, j, c] * F[src[row, j], o, c]
+                 + scale * sum_{j, c} coef[row, j] * u[n, j*r + c] * F[src[row, j], o, c]
 
-    One output tile, written once: the base GEMM and the LoRA expand share the accumulator.
+    One output tile, written once: the base GEMM and the LoRA expand share the accumulator,
+    the expand being a short extra K-loop over the `width` = k*r slot-rank columns.
     """
     pid = tl.program_id(0)
     n_t = tl.cdiv(n_tokens, BLOCK_T)
@@ -140,27 +154,30 @@ def fused_expand_kernel(
 
     tok_row = tl.load(rows_ptr + pos, mask=t_mask, other=-1)
     first = pid_t * BLOCK_T
-    last = tl.minimum(first + BLOCK_T, n_tokens) - 1
     row_lo = tl.load(rows_ptr + first)
-    row_hi = tl.load(rows_ptr + last)
+    row_hi = tl.load(rows_ptr + tl.minimum(first + BLOCK_T, n_tokens) - 1)
+    # scale comes as a tensor: a Python float argument would be rounded to fp32.
+    scale = tl.load(scale_ptr).to(acc_type)
     cc = tl.arange(0, BLOCK_R)
     for row in range(row_lo, row_hi + 1):
         in_row = t_mask & (tok_row == row)
-        for slot in range(0, slots):
-            f = tl.load(src_ptr + row * s_src_r + slot * s_src_j).to(tl.int64)
-            # scale comes as a tensor: a Python float argument would be rounded to fp32.
-            mult = tl.load(scale_ptr).to(acc_type)
+        for c0 in range(0, width, BLOCK_R):
+            col = c0 + cc
+            c_mask = col < width
+            slot = col // rank
+            f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
+            f = f.to(tl.int64)
+            mult = tl.zeros([BLOCK_R], dtype=acc_type) + scale
             if HAS_COEF:
-                mult = mult * tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j).to(acc_type)
-            for c0 in range(0, rank, BLOCK_R):
-                c = c0 + cc
-                c_mask = c < rank
-                ut = tl.load(u_ptr + tok[:, None] * s_u_t + slot * s_u_j + c[None, :],
-                             mask=in_row[:, None] & c_mask[None, :], other=0.0)
-                ft = tl.load(fac_ptr + f * s_f + o[None, :] * s_n + c[:, None] * s_c,
-                             mask=o_mask[None, :] & c_mask[:, None], other=0.0)
-                ut = (ut * mult).to(ft.dtype)
-                acc = _dot(ut, ft, acc, DOT_FP32, IEEE)
+                mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
+                                other=0.0).to(acc_type)
+            ut = tl.load(u_ptr + tok[:, None] * s_u_t + col[None, :],
+                         mask=in_row[:, None] & c_mask[None, :], other=0.0)
+            rk = col % rank
+            ft = tl.load(fac_ptr + f[:, None] * s_f + o[None, :] * s_n + rk[:, None] * s_c,
+                         mask=o_mask[None, :] & c_mask[:, None], other=0.0)
+            ut = (ut * mult[None, :]).to(ft.dtype)
+            acc = _dot(ut, ft, acc, DOT_FP32, IEEE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o, mask=o_mask, other=0.0).to(acc_type)[None, :]
@@ -171,47 +188,50 @@ def fused_expand_kernel(
 @triton.jit
 def segment_outer_kernel(
     p_ptr, q_ptr, src_ptr, coef_ptr, d_ptr, order_ptr, row_start_ptr, scale_ptr,
-    O, rank,
-    s_p_t, s_p_o, s_q_t, s_q_j, s_src_r, s_src_j, s_coef_r, s_coef_j, s_d_f, s_d_o, s_d_c,
+    O, rank, width,
+    s_p_t, s_p_o, s_q_t, s_src_r, s_src_j, s_coef_r, s_coef_j, s_d_f, s_d_o, s_d_c,
     HAS_COEF: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
-    """D[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] * q[n, j, c]
+    """D[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] * q[n, j*r + c]
 
-    One program per (row, slot, o tile): the row's tokens are one contiguous sorted segment,
-    and the result is added atomically, since rows that share an adapter meet in D.
+    One program per (row, column block, o tile): the row's tokens are one contiguous sorted
+    segment, and the result is added atomically, since rows that share an adapter meet in D.
     """
     row = tl.program_id(0)
-    slot = tl.program_id(1)
+    pid_c = tl.program_id(1)
     pid_o = tl.program_id(2)
     start = tl.load(row_start_ptr + row)
     end = tl.load(row_start_ptr + row + 1)
     if end > start:
+        acc_type = tl.float64 if ACC64 else tl.float32
         o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         o_mask = o < O
-        f = tl.load(src_ptr + row * s_src_r + slot * s_src_j).to(tl.int64)
-        tt = tl.arange(0, BLOCK_T)
-        acc_type = tl.float64 if ACC64 else tl.float32
-        mult = tl.load(scale_ptr).to(acc_type)
+        col = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
+        c_mask = col < width
+        slot = col // rank
+        f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
+        f = f.to(tl.int64)
+        mult = tl.zeros([BLOCK_R], dtype=acc_type) + tl.load(scale_ptr).to(acc_type)
         if HAS_COEF:
-            mult = mult * tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j).to(acc_type)
-        for c0 in range(0, rank, BLOCK_R):
-            c = c0 + tl.arange(0, BLOCK_R)
-            c_mask = c < rank
-            acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=acc_type)
-            for t0 in range(start, end, BLOCK_T):
-                pos = t0 + tt
-                t_mask = pos < end
-                tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
-                pt = tl.load(p_ptr + tok[None, :] * s_p_t + o[:, None] * s_p_o,
-                             mask=t_mask[None, :] & o_mask[:, None], other=0.0)
-                qt = tl.load(q_ptr + tok[:, None] * s_q_t + slot * s_q_j + c[None, :],
-                             mask=t_mask[:, None] & c_mask[None, :], other=0.0)
-                acc = _dot(pt, qt.to(pt.dtype), acc, DOT_FP32, IEEE)
-            tl.atomic_add(d_ptr + f * s_d_f + o[:, None] * s_d_o + c[None, :] * s_d_c,
-                          (acc * mult).to(d_ptr.dtype.element_ty),
-                          mask=o_mask[:, None] & c_mask[None, :])
+            mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
+                            other=0.0).to(acc_type)
+        tt = tl.arange(0, BLOCK_T)
+        acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=acc_type)
+        for t0 in range(start, end, BLOCK_T):
+            pos = t0 + tt
+            t_mask = pos < end
+            tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+            pt = tl.load(p_ptr + tok[None, :] * s_p_t + o[:, None] * s_p_o,
+                         mask=t_mask[None, :] & o_mask[:, None], other=0.0)
+            qt = tl.load(q_ptr + tok[:, None] * s_q_t + col[None, :],
+                         mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+            acc = _dot(pt, qt.to(pt.dtype), acc, DOT_FP32, IEEE)
+        tl.atomic_add(d_ptr + f[None, :] * s_d_f + o[:, None] * s_d_o
+                      + (col % rank)[None, :] * s_d_c,
+                      (acc * mult[None, :]).to(d_ptr.dtype.element_ty),
+                      mask=o_mask[:, None] & c_mask[None, :])
 
 
 @triton.jit

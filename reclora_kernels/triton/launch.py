@@ -93,21 +93,35 @@ def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     return out
 
 
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_dtype):
     """out[n, j, c] = sum_k x[n, k] F[src[row(n), j], c, k]; fac_strides = (s_f, s_c, s_k)."""
     tokens, depth = x.shape
-    out = new_output((tokens, slots, rank), device=x.device, dtype=acc_dtype)
+    width = slots * rank
+    table, s_sr, s_sj = src
+    cfg = config("shrink", x.device, tokens, plan.rows)
+    block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
+    tiles = triton.cdiv(tokens, cfg["BLOCK_T"]) * triton.cdiv(width, block_r)
+    # Split the d_in reduction when there are too few tiles to fill the GPU (decode sizes);
+    # the interpreter config forces a split so the atomic path is tested on the CPU too.
+    chunks = triton.cdiv(depth, cfg["BLOCK_K"])
+    split = cfg.get("SPLIT_K") or triton.cdiv(2 * _num_sms(x.device), max(tiles, 1))
+    split = max(1, min(split, chunks))
+    alloc = torch.zeros if split > 1 else new_output
+    out = alloc((tokens, slots, rank), device=x.device, dtype=acc_dtype)
     if tokens == 0:
         return out
-    table, s_sr, s_sj = src
-    cfg = config("shrink", x.device, tokens)
-    block_r = _pow2_block(rank, cfg["MAX_BLOCK_R"])
-    grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), slots, triton.cdiv(rank, block_r))
+    grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(width, block_r), split)
     kernels.shrink_kernel[grid](
         x, fac, table, out, plan.order, plan.sorted_rows,
-        tokens, depth, rank,
-        x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0), out.stride(1),
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"],
+        tokens, depth, rank, width,
+        x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
         **_flags(x.dtype), **_launch_opts(cfg),
     )
     return out
@@ -122,15 +136,16 @@ def fused_expand(x, w, w_strides, n_out, bias, u, fac, fac_strides, src, coef, p
     if tokens == 0:
         return y
     table, s_sr, s_sj = src
-    cfg = config("fused", x.device, tokens)
-    block_r = _pow2_block(rank, 64)
+    cfg = config("fused", x.device, tokens, plan.rows)
+    width = slots * rank
+    block_r = _pow2_block(width, 64)
     grid = (triton.cdiv(tokens, cfg["BLOCK_T"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
     coef_t = coef if coef is not None else u
     kernels.fused_expand_kernel[grid](
         x, w, bias if bias is not None else y, u, fac, table, coef_t, y,
         plan.order, plan.sorted_rows, _scale_tensor(scale, x),
-        tokens, n_out, depth, rank, slots,
-        x.stride(0), x.stride(1), *w_strides, u.stride(0), u.stride(1), *fac_strides,
+        tokens, n_out, depth, rank, width,
+        x.stride(0), x.stride(1), *w_strides, u.stride(0), *fac_strides,
         s_sr, s_sj,
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
         y.stride(0), y.stride(1),
@@ -144,17 +159,18 @@ def fused_expand(x, w, w_strides, n_out, bias, u, fac, fac_strides, src, coef, p
 def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, rank: int,
                   scale: float):
     """out[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] q[n, j, c]."""
-    tokens, width = p.shape
+    tokens, width_o = p.shape
     if tokens == 0 or plan.rows == 0:
         return out
     table, s_sr, s_sj = src
-    cfg = config("outer", p.device, tokens)
-    block_r = _pow2_block(rank, cfg["MAX_BLOCK_R"])
-    grid = (plan.rows, slots, triton.cdiv(width, cfg["BLOCK_O"]))
+    cfg = config("outer", p.device, tokens, plan.rows)
+    width = slots * rank
+    block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
+    grid = (plan.rows, triton.cdiv(width, block_r), triton.cdiv(width_o, cfg["BLOCK_O"]))
     kernels.segment_outer_kernel[grid](
         p, q, table, coef if coef is not None else q, out, plan.order, plan.row_start,
-        _scale_tensor(scale, out), width, rank,
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1), s_sr, s_sj,
+        _scale_tensor(scale, out), width_o, rank, width,
+        p.stride(0), p.stride(1), q.stride(0), s_sr, s_sj,
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
         *out_strides,
         HAS_COEF=coef is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
