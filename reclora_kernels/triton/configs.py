@@ -33,6 +33,11 @@ def _table(device_key: str) -> dict:
     return table
 
 
+@cache
+def _device_name(index: int | None) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def config(kernel: str, device: torch.device, tokens: int | None = None,
            rows: int | None = None) -> dict:
     """The launch parameters of `kernel` ("fused", "shrink", "outer", "mix") on `device`.
@@ -43,7 +48,7 @@ def config(kernel: str, device: torch.device, tokens: int | None = None,
     """
     if device.type != "cuda":
         return dict(_table("interpret")[kernel])
-    table = _table(torch.cuda.get_device_name(device))
+    table = _table(_device_name(device.index))
     short = f"{kernel}_short_rows"
     if tokens is not None and rows and short in table:
         if tokens / rows < table.get("short_rows_below", 0):

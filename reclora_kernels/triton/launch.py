@@ -13,6 +13,8 @@ plain torch GEMM/reductions (cuBLAS/MKL already do those at the roofline).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import triton
 
@@ -93,6 +95,7 @@ def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     return out
 
 
+@cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
@@ -216,6 +219,20 @@ def _b_as_shrink(b):  # B^T: F[f, c = rank, k = d_out]
     return (b.stride(0), b.stride(2), b.stride(1))
 
 
+def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w):
+    """dA = w^T dA_p, dB = w^T dB_p, dw = dA_p A^T + dB_p B^T (flattened factors)."""
+    rows, num = adapter_w.shape
+    acc = da_mix.dtype
+    w_t = adapter_w.to(acc).t()
+    flat_da, flat_db = da_mix.reshape(rows, -1), db_mix.reshape(rows, -1)
+    da = (w_t @ flat_da).view(lora_a.shape)
+    db = (w_t @ flat_db).view(lora_b.shape)
+    dw = flat_da @ lora_a.reshape(num, -1).to(acc).t() + flat_db @ lora_b.reshape(num, -1).to(
+        acc).t()
+    dtype = lora_a.dtype
+    return da.to(dtype), db.to(dtype), dw.to(dtype)
+
+
 def forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix_mode):
     rows, slots = adapter_w.shape
     rank = lora_a.shape[1]
@@ -262,12 +279,17 @@ def backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
             db_mix = torch.zeros(rows, weight.shape[0], rank, device=x.device, dtype=acc)
             segment_outer(g, s, own, None, plan, db_mix, _b_as_expand(db_mix), 1, rank, scale)
             segment_outer(x, v, own, None, plan, da_mix, _a_as_expand(da_mix), 1, rank, scale)
-            da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
-            db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
-            dw32 = torch.zeros(rows, slots, device=x.device, dtype=acc)
-            mix_backward(da_mix, lora_a, adapter_w, adapter_idx, da32, dw32, True)
-            mix_backward(db_mix, lora_b, adapter_w, adapter_idx, db32, dw32, True)
-            da, db, dw = da32.to(x.dtype), db32.to(x.dtype), dw32.to(x.dtype)
+            if adapter_idx is None:
+                # Dense: the transpose of the mixing is two GEMMs over the bank. (The atomic
+                # kernel took 115 us per bank here on an H100 at R=64, M=16, r=8, d=4096.)
+                da, db, dw = _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w)
+            else:
+                da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
+                db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
+                dw32 = torch.zeros(rows, slots, device=x.device, dtype=acc)
+                mix_backward(da_mix, lora_a, adapter_w, adapter_idx, da32, dw32, True)
+                mix_backward(db_mix, lora_b, adapter_w, adapter_idx, db32, dw32, True)
+                da, db, dw = da32.to(x.dtype), db32.to(x.dtype), dw32.to(x.dtype)
     else:
         src = _sources(adapter_idx, rows, slots, x.device)
         v = shrink(g, lora_b, _b_as_shrink(lora_b), src, plan, slots, rank, acc)  # B_j^T g

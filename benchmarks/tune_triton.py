@@ -1,0 +1,114 @@
+"""Sweep the Triton backend's tile configs on this GPU; write the winners as data.
+
+    python benchmarks/tune_triton.py [--out reclora_kernels/configs/<device>.json]
+
+Times the whole forward of lora_mix_linear (bf16, d = 4096, 16 meta-LoRAs of rank 8, dense
+factor mode; KERNEL_SPEC.md's sizes) at T = 8192 in 64 rows (long rows) and T = 64 in 64
+rows (decode: one token per row), and the forward+backward at T = 8192 for the shrink and
+outer kernels. Medians from triton.testing.do_bench. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from reclora_kernels import lora_mix_linear
+from reclora_kernels.triton import configs
+
+D, M, RANK = 4096, 16, 8
+
+
+def problem(tokens: int, rows: int, dtype=torch.bfloat16):
+    dev = "cuda"
+    x = torch.randn(rows, tokens // rows, D, device=dev, dtype=dtype)
+    weight = torch.randn(D, D, device=dev, dtype=dtype) / D**0.5
+    a = (torch.randn(M, RANK, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
+    b = (torch.randn(M, D, RANK, device=dev, dtype=dtype) / RANK**0.5).requires_grad_()
+    w = torch.softmax(torch.randn(rows, M, device=dev), -1).to(dtype).requires_grad_()
+    return x, weight, a, b, w
+
+
+def timed(fn) -> float:
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=10, rep=60)
+    except Exception as err:  # a config that does not compile (shared memory) is skipped
+        print(f"    skipped: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+        return float("inf")
+
+
+def sweep(table: dict, key: str, candidates: list[dict], fn) -> dict:
+    best, best_ms = dict(table[key]), float("inf")
+    for cand in candidates:
+        table[key] = cand
+        ms = timed(fn)
+        print(f"  {key} {cand} -> {ms * 1e3:.1f} us", flush=True)
+        if ms < best_ms:
+            best, best_ms = cand, ms
+    table[key] = best
+    print(f"  best {key}: {best} ({best_ms * 1e3:.1f} us)", flush=True)
+    return best
+
+
+def grid(**axes) -> list[dict]:
+    names = list(axes)
+    return [dict(zip(names, vals)) for vals in itertools.product(*axes.values())]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_triton: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name()
+    table = configs._table(name)
+    print(f"tuning on {name}, torch {torch.__version__}, triton {triton.__version__}")
+    winners = {}
+
+    x, weight, a, b, w = problem(8192, 64)
+    fwd = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
+    winners["fused"] = sweep(table, "fused", grid(
+        BLOCK_T=[128, 64], BLOCK_N=[128, 256], BLOCK_K=[64], GROUP_T=[8],
+        num_warps=[4, 8], num_stages=[3, 4]), fwd)
+    g = torch.randn(64, 128, D, device="cuda", dtype=torch.bfloat16)
+
+    def fwd_bwd():
+        y = lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")
+        torch.autograd.grad(y, [a, b, w], g)
+
+    winners["shrink"] = sweep(table, "shrink", grid(
+        BLOCK_T=[64, 128], BLOCK_K=[64, 128], MAX_BLOCK_R=[64], num_warps=[4], num_stages=[3]),
+        fwd_bwd)
+    winners["outer"] = sweep(table, "outer", grid(
+        BLOCK_T=[32, 64], BLOCK_O=[64, 128], MAX_BLOCK_R=[64], num_warps=[4], num_stages=[3]),
+        fwd_bwd)
+
+    x, weight, a, b, w = problem(64, 64)
+    dec = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
+    winners["fused_short_rows"] = sweep(table, "fused_short_rows", grid(
+        BLOCK_T=[16, 32], BLOCK_N=[32, 64, 128], BLOCK_K=[128, 256], GROUP_T=[1],
+        num_warps=[4], num_stages=[3, 4]), dec)
+
+    winners["_about"] = (f"Tuned by benchmarks/tune_triton.py on {name} (torch "
+                         f"{torch.__version__}, triton {triton.__version__}).")
+    text = json.dumps(winners, indent=2)
+    print(text)
+    out = args.out or configs.CONFIG_DIR / configs._device_file_name(name)
+    out.write_text(text + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
