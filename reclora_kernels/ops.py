@@ -99,6 +99,9 @@ def _attach(forward_op, backward_op) -> None:
     """Fake kernels and autograd for one backend's pair of ops."""
     torch.library.register_fake(forward_op)(_fake_forward)
     torch.library.register_fake(backward_op)(_fake_backward)
+    if isinstance(backward_op, str):  # a C++-defined op, named "ns::name"
+        namespace, name = backward_op.split("::")
+        backward_op = getattr(getattr(torch.ops, namespace), name).default
     torch.library.register_autograd(
         forward_op, _make_backward(backward_op), setup_context=_setup_context
     )

@@ -153,6 +153,7 @@ def fused_expand(x, w, w_strides, n_out, bias, u, fac, fac_strides, src, coef, p
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
+        EVEN_K=depth % cfg["BLOCK_K"] == 0,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         BLOCK_R=block_r, GROUP_T=cfg["GROUP_T"], **_flags(x.dtype), **_launch_opts(cfg),
     )
