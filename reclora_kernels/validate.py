@@ -64,10 +64,15 @@ def _check_index(arg: str, t, device: torch.device) -> None:
         )
 
 
+def _tracing() -> bool:
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.compiler.is_compiling() or capturing
+
+
 def _check_range(arg: str, t: torch.Tensor, upper: int, what: str) -> None:
-    """Data-dependent bound check; skipped while tracing for torch.compile (it would break
-    the graph), where the eager run of the same code has already checked it."""
-    if t.numel() == 0 or torch.compiler.is_compiling():
+    """Data-dependent bound check (a device sync). Skipped while torch.compile traces or a
+    CUDA graph captures, where a sync would break the graph: check eagerly first."""
+    if t.numel() == 0 or _tracing():
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= upper:
@@ -165,7 +170,7 @@ def prepare(
     if slots < 1:
         _fail("adapter_w", "[R, k] with k >= 1", _shape(adapter_w))
 
-    if check_finite and not torch.compiler.is_compiling():
+    if check_finite and not _tracing():
         if adapter_w.numel() and not bool(torch.isfinite(adapter_w).all()):
             raise ValueError("lora_mix_linear: `adapter_w` holds NaN or infinite values")
 
