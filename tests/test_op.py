@@ -75,7 +75,7 @@ CASES = {
     "plain-lora": Case(adapters=1, dense=True),
     "long-rows": Case(rows=2, tokens_per_row=70, d_in=17, d_out=19),
     "one-token-rows": Case(rows=40, tokens_per_row=1, packed=True),
-    "even-k": Case(d_in=128, d_out=64, rows=2, tokens_per_row=33),
+    "even-k": Case(d_in=128, d_out=50, rows=2, tokens_per_row=33),  # EVEN_K, not EVEN_N
 }
 
 

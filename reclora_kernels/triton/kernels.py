@@ -114,7 +114,7 @@ def fused_expand_kernel(
     scale_ptr, n_tokens, N, K, rank, width,
     s_x_t, s_x_k, s_w_n, s_w_k, s_u_t, s_f, s_n, s_c,
     s_src_r, s_src_j, s_coef_r, s_coef_j, s_y_t, s_y_n,
-    HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
@@ -137,26 +137,29 @@ def fused_expand_kernel(
 
     pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = pos < n_tokens
-    # Out-of-range tokens read token 0 and out-of-range outputs read row 0 of W, so the
-    # main loop's loads need no token/output masks (only the store does); with EVEN_K they
-    # need none at all, which keeps the loop a plain pipelined GEMM.
+    # Out-of-range tokens read token 0, so x loads need no token mask (only the store
+    # does); with EVEN_K and EVEN_N the main loop has no masks at all: a plain pipelined GEMM.
+    # o is masked, not clamped with tl.where: a clamp hides W's contiguity along N from the
+    # compiler, and the dx pass reads W^T along N (the suspect of its slowness on an H100).
     tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = o < N
-    o_safe = tl.where(o_mask, o, 0)
     kk = tl.arange(0, BLOCK_K)
     acc_type = tl.float64 if ACC64 else tl.float32
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
     x_ptrs = x_ptr + tok[:, None] * s_x_t + kk[None, :] * s_x_k
-    w_ptrs = w_ptr + o_safe[None, :] * s_w_n + kk[:, None] * s_w_k
+    w_ptrs = w_ptr + o[None, :] * s_w_n + kk[:, None] * s_w_k
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs)
-            wt = tl.load(w_ptrs)
+            if EVEN_N:
+                wt = tl.load(w_ptrs)
+            else:
+                wt = tl.load(w_ptrs, mask=o_mask[None, :], other=0.0)
         else:
             k_mask = (k0 + kk) < K
             xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_mask[:, None] & o_mask[None, :], other=0.0)
         acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
         x_ptrs += BLOCK_K * s_x_k
         w_ptrs += BLOCK_K * s_w_k

@@ -43,10 +43,23 @@ def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
     return torch.full((1,), scale, device=like.device, dtype=_acc_dtype(like.dtype))
 
 
-def _launch_opts(cfg: dict) -> dict:
+@cache
+def _smem_budget(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(0.8 * getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+
+
+def _launch_opts(cfg: dict, stage_bytes: int = 0, device: torch.device | None = None) -> dict:
+    """num_warps / num_stages for a GPU launch. The pipeline keeps num_stages - 1 tiles of
+    `stage_bytes` in shared memory, so the depth is cut where a wide dtype would overflow
+    it (H100, fp32, 64x256x64 tiles at 4 stages: 245,760 B asked for, 232,448 B there)."""
     if interpreting():
         return {}
-    return {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    if stage_bytes and device is not None and "num_stages" in opts:
+        fit = 1 + _smem_budget(device) // stage_bytes
+        opts["num_stages"] = max(2, min(opts["num_stages"], fit))
+    return opts
 
 
 class RowPlan:
@@ -125,7 +138,9 @@ def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_d
         tokens, depth, rank, width,
         x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        **_flags(x.dtype), **_launch_opts(cfg),
+        **_flags(x.dtype),
+        **_launch_opts(cfg, (cfg["BLOCK_T"] + block_r) * cfg["BLOCK_K"] * x.element_size(),
+                       x.device),
     )
     return out
 
@@ -153,9 +168,11 @@ def fused_expand(x, w, w_strides, n_out, bias, u, fac, fac_strides, src, coef, p
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
-        EVEN_K=depth % cfg["BLOCK_K"] == 0,
+        EVEN_K=depth % cfg["BLOCK_K"] == 0, EVEN_N=n_out % cfg["BLOCK_N"] == 0,
         BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=block_r, GROUP_T=cfg["GROUP_T"], **_flags(x.dtype), **_launch_opts(cfg),
+        BLOCK_R=block_r, GROUP_T=cfg["GROUP_T"], **_flags(x.dtype),
+        **_launch_opts(cfg, (cfg["BLOCK_T"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(),
+                       x.device),
     )
     return y
 
@@ -178,7 +195,9 @@ def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, 
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
         *out_strides,
         HAS_COEF=coef is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
-        BLOCK_R=block_r, **_flags(p.dtype), **_launch_opts(cfg),
+        BLOCK_R=block_r, **_flags(p.dtype),
+        **_launch_opts(cfg, (cfg["BLOCK_O"] + block_r) * cfg["BLOCK_T"] * p.element_size(),
+                       p.device),
     )
     return out
 
