@@ -1,0 +1,159 @@
+"""Save and load the trainable part of an injected model: banks, gates and their config.
+
+One safetensors file. Tensors are named "<module name>.lora_a", "<module name>.lora_b" and
+"<module name>.gate.<parameter>"; the metadata entry "reclora" holds JSON with the format
+version and each layer's adapter_config() (sizes, alpha, mix, gate options), so a file can be
+loaded into a fresh, un-injected model: load_adapters injects the layers it names first.
+Writes are atomic: a temporary file in the target's folder, then os.replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .injection import _replace, freeze_all_but_adapters, reclora_layers, wrap_module
+from .layers import RecLoRALinear
+
+FORMAT = "reclora-adapters"
+VERSION = 1
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Banks and gate parameters of every RecLoRALinear in model (no base weights)."""
+    return _layers_state(reclora_layers(model))
+
+
+def _layers_state(layers: dict[str, RecLoRALinear]) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, layer in layers.items():
+        state[f"{name}.lora_a"] = layer.lora_a
+        state[f"{name}.lora_b"] = layer.lora_b
+        if layer.gate is not None:
+            for key, value in layer.gate.state_dict().items():
+                state[f"{name}.gate.{key}"] = value
+    return state
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """write(tmp_path) into a temporary file beside path, fsync it, then os.replace it onto
+    path: a reader sees the old file or the new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write model's banks, gates and layer configs to the safetensors file at path."""
+    layers = reclora_layers(model)
+    if not layers:
+        raise ValueError("save_adapters: `model` has no RecLoRALinear layers")
+    tensors = {
+        key: value.detach().to("cpu").contiguous() for key, value in
+        adapter_state_dict(model).items()
+    }
+    meta = {"format": FORMAT, "version": VERSION,
+            "layers": {name: layer.adapter_config() for name, layer in layers.items()}}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"reclora": json.dumps(meta)}))
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """The JSON config stored in an adapter file."""
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("reclora")
+    if raw is None:
+        raise ValueError(f"load_adapters: {path} is not a reclora adapter file (no 'reclora' "
+                         "metadata)")
+    meta = json.loads(raw)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"load_adapters: {path} has format {meta.get('format')!r} version "
+                         f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def _check_layer_config(name: str, layer: RecLoRALinear, saved: dict) -> None:
+    current = layer.adapter_config()
+    diffs = [f"{k}: model {current.get(k)!r} vs file {saved.get(k)!r}"
+             for k in sorted(set(current) | set(saved)) if current.get(k) != saved.get(k)]
+    if diffs:
+        raise ValueError(f"load_adapters: layer {name!r} is configured differently from the "
+                         "file: " + "; ".join(diffs))
+
+
+def _summarise(keys: list[str], limit: int = 8) -> str:
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict:
+    """Load a save_adapters file into model and return its layers by name.
+
+    Modules the file names that are not yet RecLoRALinear are wrapped first (so a freshly
+    built base model works); then everything but banks and gates is frozen. Raises ValueError
+    on missing keys (model layers the file lacks, with strict=True), extra keys, shapes that
+    differ, or a layer configured differently (rank, alpha, mix, gate options...)."""
+    meta = read_adapter_config(path)
+    # Build every layer first and check the file against them, so a file that does not fit
+    # leaves the model untouched.
+    layers = reclora_layers(model)
+    new_layers = {}
+    for name, config in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load_adapters: the file has layer {name!r}, which `model` "
+                             "lacks") from None
+        if not isinstance(module, RecLoRALinear):
+            try:
+                module = wrap_module(module, num_adapters=config["num_adapters"],
+                                     rank=config["rank"], alpha=config["alpha"],
+                                     mix=config["mix"], gate=config["gate"])
+            except TypeError as err:
+                raise ValueError(f"load_adapters: cannot wrap module {name!r}: {err}") from None
+            new_layers[name] = module
+        _check_layer_config(name, module, config)
+    layers.update(new_layers)
+
+    expected = _layers_state(layers)
+    with safe_open(str(path), framework="pt") as handle:
+        found = set(handle.keys())
+        missing = sorted(set(expected) - found) if strict else []
+        extra = sorted(found - set(expected))
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_summarise(missing)}")
+        if extra:
+            problems.append(f"unexpected keys: {_summarise(extra)}")
+        shapes = {key: handle.get_slice(key).get_shape() for key in sorted(found & set(expected))}
+        wrong = [f"{k} (file {v}, model {list(expected[k].shape)})"
+                 for k, v in shapes.items() if list(expected[k].shape) != list(v)]
+        if wrong:
+            problems.append(f"mis-shaped keys: {_summarise(wrong)}")
+        if problems:
+            raise ValueError(f"load_adapters: {path} does not fit the model: "
+                             + "; ".join(problems))
+        for name, layer in new_layers.items():
+            _replace(model, name, layer)
+        freeze_all_but_adapters(model)
+        with torch.no_grad():
+            for key in shapes:
+                expected[key].copy_(handle.get_tensor(key))
+    return reclora_layers(model)

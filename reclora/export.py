@@ -1,0 +1,130 @@
+"""Export one row's mixture (one user's adapter) as a standard PEFT LoRA adapter for serving.
+
+For each RecLoRALinear the row's mixture is merged into plain LoRA factors (A', B') with
+scale * B_mix(A_mix x) == scale' * B' A' x exactly:
+- factor mix: A' = sum_j w_j A[i_j] [r, d_in], B' = sum_j w_j B[i_j] [d_out, r]; rank r.
+- output mix: A' = [w_1 A[i_1]; ...; w_k A[i_k]] [k*r, d_in], B' = [B[i_1] | ... | B[i_k]]
+  [d_out, k*r]; rank k*r (the sum of k rank-r products is a rank-k*r product).
+They are written as adapter_config.json + adapter_model.safetensors in PEFT's layout, with
+lora_alpha = scale * rank so that PEFT's scaling lora_alpha / r equals the layer's scale, and
+`peft.PeftModel.from_pretrained(base_model, folder)` then gives that row's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .checkpoint import atomic_write
+from .injection import personalize, reclora_layers
+from .layers import RecLoRALinear
+
+
+def merged_factors(
+    layer: RecLoRALinear, weights: torch.Tensor, idx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain LoRA factors (A' [r', d_in], B' [d_out, r']) of one row's mixture: weights [k],
+    idx [k] or None (dense, k = M). The layer's delta is scale * B' A' x."""
+    if weights.dim() != 1 or (idx is not None and idx.shape != weights.shape):
+        raise ValueError("merged_factors: `weights` must be [k] and `idx` [k] or None, got "
+                         f"{list(weights.shape)} and {None if idx is None else list(idx.shape)}")
+    bank_a = layer.lora_a if idx is None else layer.lora_a[idx]  # [k, r, d_in]
+    bank_b = layer.lora_b if idx is None else layer.lora_b[idx]  # [k, d_out, r]
+    w = weights.to(bank_a.dtype)
+    if layer.mix == "factor":
+        return torch.einsum("j,jrd->rd", w, bank_a), torch.einsum("j,jor->or", w, bank_b)
+    k, r, d_in = bank_a.shape
+    a = (w[:, None, None] * bank_a).reshape(k * r, d_in)
+    b = bank_b.permute(1, 0, 2).reshape(layer.out_features, k * r)
+    return a, b
+
+
+def _row_mixture(layer: RecLoRALinear, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weights, idx, _ = layer._resolve_mixture()
+    rows = weights.shape[0]
+    if rows != 1 and not 0 <= row < rows:
+        raise ValueError(f"export_peft: `row` must lie in [0, {rows}), got {row}")
+    pick = 0 if rows == 1 else row
+    return weights[pick], None if idx is None else idx[pick]
+
+
+def export_peft(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    user_reps: torch.Tensor | None = None,
+    row: int = 0,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write row `row`'s adapter of every RecLoRALinear in model as a PEFT LoRA adapter.
+
+    The mixture comes from the gates applied to user_reps ([h] or [R, h]) if given; else from
+    whatever each layer would use now (an enclosing personalize(), set_mixture, or uniform).
+    Gates run in eval mode (no dropout). Load it with
+    `peft.PeftModel.from_pretrained(base_model, out_dir)` on the model as it was before
+    inject. Returns out_dir.
+    """
+    layers = reclora_layers(model)
+    if not layers:
+        raise ValueError("export_peft: `model` has no RecLoRALinear layers")
+    gates = [layer.gate for layer in layers.values() if layer.gate is not None]
+    modes = [gate.training for gate in gates]
+    factors, specs = {}, set()
+    try:
+        for gate in gates:
+            gate.eval()
+        with torch.no_grad():
+            if user_reps is not None:
+                with personalize(model, user_reps):
+                    mixtures = {name: _row_mixture(layer, row) for name, layer in layers.items()}
+            else:
+                mixtures = {name: _row_mixture(layer, row) for name, layer in layers.items()}
+            for name, layer in layers.items():
+                a, b = merged_factors(layer, *mixtures[name])
+                factors[name] = (a, b)
+                specs.add((a.shape[0], layer.scale))
+    finally:
+        for gate, mode in zip(gates, modes):
+            gate.train(mode)
+    if len(specs) != 1:
+        raise ValueError(f"export_peft: layers differ in exported (rank, scale): {sorted(specs)}; "
+                         "one PEFT adapter holds one rank and alpha")
+    rank, scale = specs.pop()
+
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": rank,
+        "lora_alpha": scale * rank,
+        # A regex matching exactly the adapted module names (PEFT full-matches a string).
+        "target_modules": "(?:" + "|".join(re.escape(name) for name in layers) + ")",
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "adapter_model.safetensors",
+                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / "adapter_config.json",
+                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir

@@ -1,0 +1,161 @@
+"""PersonalizedGate: a user representation -> mixture weights over a bank of meta-LoRAs.
+
+The gate of RecLoRA (arXiv 2408.03533; RECLORA.md section 1), one per adapted projection:
+
+    LayerNorm(h) -> Linear(h, 60) -> ReLU -> Dropout(0.1) -> Linear(60, M)
+    -> divide by the temperature -> softmax over the M adapters [-> sqrt]
+
+Soft routing returns dense weights [R, M] (adapter index None: slot j is adapter j). Hard
+top-k routing keeps each row's k largest logits, softmaxes over those k alone (the others get
+weight exactly 0) and returns the weights with their adapter indices [R, k], so the op gathers
+k adapters per row instead of mixing all M.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Everything needed to rebuild a PersonalizedGate (saved with the adapters as JSON)."""
+
+    in_features: int
+    num_adapters: int
+    hidden: int = 60
+    dropout: float = 0.1
+    temperature: float = 1.0
+    top_k: int | None = None
+    sqrt: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PersonalizedGate(nn.Module):
+    """Maps user representations [R, in_features] to per-row mixture weights.
+
+    Args:
+        in_features: size h of the user representation (256 in the paper, the CRM's last
+            hidden state).
+        num_adapters: M, the number of meta-LoRAs in the bank this gate routes over.
+        hidden: width of the gate's hidden layer (60 in the reference code).
+        dropout: dropout after the ReLU (0.1 in the reference code).
+        temperature: logits are divided by it before the softmax (paper: 5 on ML-1M, 5-15 on
+            ML-25M, 1 on GoodReads); larger is flatter.
+        top_k: None for soft routing over all M adapters; an int k in [1, M] for hard top-k.
+        sqrt: take the square root of the softmax weights (an option of the reference code:
+            in factor mode each weight multiplies both A and B, so sqrt keeps the product of
+            the two mixing weights equal to the softmax probability for a one-hot mixture).
+
+    forward(user_reps) returns (weights, idx): weights [R, M] and idx None (soft), or
+    weights [R, k] and idx [R, k] int64 (hard top-k), in the gate's parameter dtype.
+
+    Hard top-k differs from the reference code on purpose: that code writes
+    `logits[~indices] = 0`, which zeroes the logits at the (negative) positions -(i+1)
+    rather than masking the adapters outside the top k; here the adapters outside the top k
+    get weight exactly 0, which is what the option is meant to do. The temperature applies in
+    both modes (the reference code skips it under hard routing; at temperature 1 they agree).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_adapters: int,
+        *,
+        hidden: int = 60,
+        dropout: float = 0.1,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        sqrt: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for arg, value in (("in_features", in_features), ("num_adapters", num_adapters),
+                           ("hidden", hidden)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"PersonalizedGate: `{arg}` must be an int >= 1, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"PersonalizedGate: `dropout` must lie in [0, 1), got {dropout!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+                and temperature > 0):
+            raise ValueError(
+                f"PersonalizedGate: `temperature` must be a finite float > 0, got {temperature!r}"
+            )
+        if top_k is not None and (
+            not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_adapters
+        ):
+            raise ValueError(
+                f"PersonalizedGate: `top_k` must be None or an int in [1, num_adapters="
+                f"{num_adapters}], got {top_k!r}"
+            )
+        self.config = GateConfig(in_features, num_adapters, hidden, float(dropout),
+                                 float(temperature), top_k, bool(sqrt))
+        factory = {"device": device, "dtype": dtype}
+        self.net = nn.Sequential(
+            nn.LayerNorm(in_features, **factory),
+            nn.Linear(in_features, hidden, **factory),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_adapters, **factory),
+        )
+        self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, config: GateConfig | dict, **factory) -> PersonalizedGate:
+        fields = config.to_dict() if isinstance(config, GateConfig) else dict(config)
+        in_features, num_adapters = fields.pop("in_features"), fields.pop("num_adapters")
+        return cls(in_features, num_adapters, **fields, **factory)
+
+    @property
+    def in_features(self) -> int:
+        return self.config.in_features
+
+    @property
+    def num_adapters(self) -> int:
+        return self.config.num_adapters
+
+    def reset_parameters(self) -> None:
+        """As the reference code: Linear weights kaiming-uniform (a = sqrt 5), biases zero;
+        LayerNorm at identity."""
+        self.net[0].reset_parameters()
+        for linear in (self.net[1], self.net[4]):
+            nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+            nn.init.zeros_(linear.bias)
+
+    def logits(self, user_reps: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled logits [R, M]."""
+        if not isinstance(user_reps, torch.Tensor) or not user_reps.is_floating_point():
+            raise TypeError("PersonalizedGate: `user_reps` must be a floating-point tensor, got "
+                            f"{getattr(user_reps, 'dtype', type(user_reps).__name__)}")
+        if user_reps.dim() == 1:
+            user_reps = user_reps.unsqueeze(0)
+        if user_reps.dim() != 2 or user_reps.shape[1] != self.in_features:
+            raise ValueError(
+                f"PersonalizedGate: `user_reps` must be [R, {self.in_features}] (or "
+                f"[{self.in_features}] for one row), got shape {list(user_reps.shape)}"
+            )
+        first = self.net[1].weight
+        user_reps = user_reps.to(device=first.device, dtype=first.dtype)
+        return self.net(user_reps) / self.config.temperature
+
+    def forward(self, user_reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.logits(user_reps)
+        if self.config.top_k is None:
+            weights, idx = torch.softmax(logits, dim=-1), None
+        else:
+            # Softmax over the k kept logits == softmax over all M with the rest at -inf.
+            kept, idx = torch.topk(logits, self.config.top_k, dim=-1)
+            weights = torch.softmax(kept, dim=-1)
+        if self.config.sqrt:
+            weights = weights.sqrt()
+        return weights, idx
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"temperature={c.temperature}, top_k={c.top_k}, sqrt={c.sqrt}")

@@ -1,0 +1,355 @@
+"""RecLoRALinear (alias ReclLoRALinear): nn.Linear plus a bank of M meta-LoRAs, mixed per row.
+
+    y = x W^T + bias + scale * LoRA-mixture_row(x),   scale = alpha / rank
+
+All of the math is one call to `reclora_kernels.lora_mix_linear`; this module only decides
+which mixture weights each row gets and casts the operands to one dtype.
+
+Which mixture a forward uses, first match wins:
+1. inside `reclora.personalize(model, user_reps)`: the layer's gate applied to user_reps;
+2. the mixture given to `set_mixture(weights, idx)` (kept until `clear_mixture()`);
+3. a layer with a gate but neither of the above raises: its adapters were trained to be
+   mixed per user, and any fixed guess would silently serve every user a wrong model;
+4. a layer without a gate uses uniform weights 1/M over the whole bank. Why: the layer is
+   then a drop-in nn.Linear that needs no extra call. With M = 1 this is exactly plain LoRA
+   (weight 1); at initialisation (B = 0) it is exactly the base layer; for a trained bank in
+   factor mode it applies the bank's mean adapter, the natural "average user".
+
+Rows: x [R, L, d_in] has R rows (any x of 3 or more dims: its first dim is the row); a 2-D x
+[N, d_in] is one token per row (as nn.Linear on a batch of vectors); a 1-D x is one row. With
+`row_ids` (packed sequences, e.g. HF's [1, T, d] packing) the tokens of x, flattened, belong to
+the rows row_ids[t]. A mixture with one row (or a 1-D weights vector) applies to every row.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+from torch import nn
+
+from reclora_kernels import lora_mix_linear
+
+from .gates import PersonalizedGate
+
+MIX_MODES = ("factor", "output")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style: weight [d_in, d_out]). Checked without importing
+    transformers: if it is not imported yet, no module can be one of its Conv1D."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(pytorch_utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Banks and gates train in float32 under a half-precision base (as PEFT does), and
+    follow a float32/float64 base."""
+    return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _check_positive_int(arg: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"RecLoRALinear: `{arg}` must be an int >= 1, got {value!r}")
+
+
+class RecLoRALinear(nn.Module):
+    """Drop-in nn.Linear with a bank of M meta-LoRAs mixed per row (RecLoRA's PLoRA).
+
+    Parameters: `weight` [out_features, in_features] (or [in, out] when fan_in_fan_out, the
+    layout of transformers' Conv1D), `bias` [out_features] or None, `lora_a` [M, r, in] and
+    `lora_b` [M, out, r]; optional `gate` (a PersonalizedGate). `scale = alpha / rank`
+    (alpha None means alpha = rank, scale 1). `mix` is "factor" (RecLoRA: mix A and B, then
+    apply) or "output" (MoE-LoRA: apply each, then mix). The base is frozen unless
+    freeze_base=False. Init as the paper: each A_i kaiming-uniform (a = sqrt 5, fan-in
+    in_features), every B_i zero, so a new layer computes exactly its base.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        num_adapters: int,
+        rank: int,
+        alpha: float | None = None,
+        mix: str = "factor",
+        freeze_base: bool = True,
+        fan_in_fan_out: bool = False,
+        gate: PersonalizedGate | None = None,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        adapter_dtype: torch.dtype | None = None,
+        _base: tuple[nn.Parameter, nn.Parameter | None] | None = None,
+    ) -> None:
+        super().__init__()
+        for arg, value in (("in_features", in_features), ("out_features", out_features),
+                           ("num_adapters", num_adapters), ("rank", rank)):
+            _check_positive_int(arg, value)
+        if mix not in MIX_MODES:
+            raise ValueError(f"RecLoRALinear: `mix` must be one of {MIX_MODES}, got {mix!r}")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+            raise ValueError(f"RecLoRALinear: `alpha` must be a finite float or None, got "
+                             f"{alpha!r}")
+        if gate is not None:
+            if not isinstance(gate, PersonalizedGate):
+                raise TypeError("RecLoRALinear: `gate` must be a PersonalizedGate or None, got "
+                                f"{type(gate).__name__}")
+            if gate.num_adapters != num_adapters:
+                raise ValueError(f"RecLoRALinear: `gate` routes over {gate.num_adapters} "
+                                 f"adapters but num_adapters={num_adapters}")
+        self.in_features, self.out_features = in_features, out_features
+        self.num_adapters, self.rank = num_adapters, rank
+        self.alpha = float(rank if alpha is None else alpha)
+        self.scale = self.alpha / rank
+        self.mix, self.fan_in_fan_out, self.backend = mix, fan_in_fan_out, backend
+
+        base_shape = (in_features, out_features) if fan_in_fan_out else (out_features,
+                                                                          in_features)
+        if _base is None:
+            factory = {"device": device, "dtype": dtype}
+            self.weight = nn.Parameter(torch.empty(base_shape, **factory))
+            self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+            self.reset_base_parameters()
+        else:  # from_linear: share the wrapped layer's Parameters, no copy
+            self.weight, self.bias = _base
+            if tuple(self.weight.shape) != base_shape:
+                raise ValueError(f"RecLoRALinear: base weight has shape {list(self.weight.shape)}"
+                                 f", expected {list(base_shape)}")
+        if freeze_base:
+            self.weight.requires_grad_(False)
+            if self.bias is not None:
+                self.bias.requires_grad_(False)
+
+        bank_factory = {
+            "device": self.weight.device,
+            "dtype": adapter_dtype or default_adapter_dtype(self.weight.dtype),
+        }
+        self.lora_a = nn.Parameter(torch.empty(num_adapters, rank, in_features, **bank_factory))
+        self.lora_b = nn.Parameter(torch.empty(num_adapters, out_features, rank, **bank_factory))
+        self.reset_lora_parameters()
+        self.register_module("gate", gate)
+
+        # Per-forward routing state (plain attributes, never saved in the state dict).
+        self._mixture: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._mixture_row_ids: torch.Tensor | None = None
+        self._user_reps: torch.Tensor | None = None
+        self._user_row_ids: torch.Tensor | None = None
+
+    # --- construction -----------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        *,
+        num_adapters: int,
+        rank: int,
+        alpha: float | None = None,
+        mix: str = "factor",
+        freeze_base: bool = True,
+        gate: PersonalizedGate | None = None,
+        backend: str = "auto",
+        adapter_dtype: torch.dtype | None = None,
+    ) -> RecLoRALinear:
+        """Wrap an nn.Linear (or transformers' Conv1D), sharing its weight and bias Parameters
+        (no copy: the base stays where it is, in its dtype). The bank is created on the base's
+        device, in `adapter_dtype` (default: float32 under a half base, else the base dtype)."""
+        if isinstance(linear, RecLoRALinear):
+            raise TypeError("RecLoRALinear.from_linear: `linear` is already a RecLoRALinear")
+        if isinstance(linear, nn.Linear):
+            d_in, d_out, fan_in_fan_out = linear.in_features, linear.out_features, False
+        elif _is_conv1d(linear):
+            d_in, d_out, fan_in_fan_out = linear.weight.shape[0], linear.weight.shape[1], True
+        else:
+            raise TypeError("RecLoRALinear.from_linear: `linear` must be an nn.Linear or "
+                            f"transformers' Conv1D, got {type(linear).__name__}")
+        if not linear.weight.is_floating_point():
+            raise TypeError("RecLoRALinear.from_linear: `linear` has a non-float weight "
+                            f"({linear.weight.dtype}); quantized bases are not supported")
+        return cls(
+            d_in, d_out, linear.bias is not None, num_adapters=num_adapters, rank=rank,
+            alpha=alpha, mix=mix, freeze_base=freeze_base, fan_in_fan_out=fan_in_fan_out,
+            gate=gate, backend=backend, adapter_dtype=adapter_dtype,
+            _base=(linear.weight, linear.bias),
+        )
+
+    def reset_base_parameters(self) -> None:
+        """nn.Linear's init (kaiming-uniform a = sqrt 5; bias uniform +-1/sqrt(fan_in))."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        with torch.no_grad():
+            self.weight.uniform_(-bound, bound)
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    def reset_lora_parameters(self) -> None:
+        """A_i: kaiming-uniform with a = sqrt 5 and fan-in in_features, i.e. U(+-1/sqrt(d_in))
+        (torch's kaiming_uniform_ on the [M, r, d_in] bank would take fan-in r * d_in); B = 0."""
+        gain = math.sqrt(2.0 / (1.0 + 5.0))
+        bound = gain * math.sqrt(3.0 / self.in_features)
+        with torch.no_grad():
+            self.lora_a.uniform_(-bound, bound)
+            self.lora_b.zero_()
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def set_mixture(
+        self,
+        weights: torch.Tensor,
+        idx: torch.Tensor | None = None,
+        *,
+        row_ids: torch.Tensor | None = None,
+    ) -> None:
+        """Mixture weights for the forwards that follow: weights [R, k] (or [k] / [1, k] for
+        every row), idx [R, k] adapter indices or None for dense (k = M, slot j = adapter j).
+        row_ids [T] maps the flattened tokens of a packed input to their rows. Gradients flow
+        to `weights` if it requires grad."""
+        weights, idx = self._check_mixture(weights, idx)
+        self._mixture = (weights, idx)
+        self._mixture_row_ids = row_ids
+
+    def clear_mixture(self) -> None:
+        self._mixture, self._mixture_row_ids = None, None
+
+    @property
+    def has_mixture(self) -> bool:
+        return self._mixture is not None
+
+    def _check_mixture(self, weights, idx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise TypeError("RecLoRALinear.set_mixture: `weights` must be a floating-point "
+                            f"tensor, got {getattr(weights, 'dtype', type(weights).__name__)}")
+        if weights.dim() == 1:
+            weights = weights.unsqueeze(0)
+        if weights.dim() != 2:
+            raise ValueError("RecLoRALinear.set_mixture: `weights` must be [R, k] or [k], got "
+                             f"shape {list(weights.shape)}")
+        if idx is None:
+            if weights.shape[1] != self.num_adapters:
+                raise ValueError(
+                    f"RecLoRALinear.set_mixture: `weights` must be [R, M={self.num_adapters}] "
+                    f"when idx is None (dense), got shape {list(weights.shape)}"
+                )
+        else:
+            if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
+                raise TypeError("RecLoRALinear.set_mixture: `idx` must be an integer tensor")
+            if idx.dim() == 1:
+                idx = idx.unsqueeze(0)
+            if idx.shape != weights.shape:
+                raise ValueError(
+                    f"RecLoRALinear.set_mixture: `idx` must have weights' shape "
+                    f"{list(weights.shape)}, got {list(idx.shape)}"
+                )
+        return weights, idx
+
+    def _resolve_mixture(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(weights [R or 1, k], idx or None, row_ids or None) for this forward."""
+        if self._user_reps is not None:
+            if self.gate is None:
+                raise RuntimeError(
+                    "RecLoRALinear: personalize() gave user representations but this layer has "
+                    "no gate; inject with gate_dim=... or use set_mixture(weights, idx)"
+                )
+            weights, idx = self.gate(self._user_reps)
+            return weights, idx, self._user_row_ids
+        if self._mixture is not None:
+            return (*self._mixture, self._mixture_row_ids)
+        if self.gate is not None:
+            raise RuntimeError(
+                "RecLoRALinear: this layer has a gate but no user representation; run the "
+                "forward inside `with reclora.personalize(model, user_reps):` or call "
+                "set_mixture(weights, idx)"
+            )
+        weights = self.lora_a.new_full((1, self.num_adapters), 1.0 / self.num_adapters)
+        return weights, None, None
+
+    # --- forward ----------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, idx, row_ids = self._resolve_mixture()
+        dtype = x.dtype
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            # The op is not autocast-aware: cast its operands here as F.linear would be, and
+            # run it with autocast off (a native kernel's internal matmuls must not be recast).
+            dtype = torch.get_autocast_dtype(x.device.type)
+        x_in = x.to(dtype)
+        d_in = self.in_features
+        if x_in.shape[-1] != d_in:
+            raise ValueError(f"RecLoRALinear: `x` must end in in_features={d_in}, got shape "
+                             f"{list(x.shape)}")
+        lead = x_in.shape[:-1]
+        if row_ids is not None:
+            x_op = x_in.reshape(-1, d_in)
+            if row_ids.shape != (x_op.shape[0],):
+                raise ValueError(
+                    f"RecLoRALinear: `row_ids` must have one entry per token of x "
+                    f"({x_op.shape[0]}), got shape {list(row_ids.shape)}"
+                )
+            rows = weights.shape[0]  # the op checks row_ids against it
+            if rows == 1:  # one mixture for every token: the packed input is a single row
+                x_op, row_ids = x_op.unsqueeze(0), None
+        elif x_in.dim() <= 2:
+            x_op = x_in.reshape(-1, d_in)  # one token per row
+            rows = x_op.shape[0]
+        else:
+            x_op = x_in.reshape(x_in.shape[0], -1, d_in)  # first dim = rows
+            rows = x_op.shape[0]
+        if weights.shape[0] != rows:
+            if weights.shape[0] != 1:
+                raise ValueError(
+                    f"RecLoRALinear: the mixture has {weights.shape[0]} rows but the input has "
+                    f"{rows} (x's first dim; one per token for a 2-D x); give one mixture row "
+                    "per input row, or a single row for all"
+                )
+            # Materialised (it is tiny) so no backend meets a stride-0 row dimension.
+            weights = weights.expand(rows, -1).contiguous()
+            idx = None if idx is None else idx.expand(rows, -1).contiguous()
+
+        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        args = (
+            x_op,
+            weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+            self.lora_a.to(dtype),
+            self.lora_b.to(dtype),
+            weights.to(device=x.device, dtype=dtype),
+            None if idx is None else idx.to(x.device),
+        )
+        options = {"scale": self.scale, "mix": self.mix, "row_ids": row_ids,
+                   "backend": self.backend}
+        if autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y = lora_mix_linear(*args, **options)
+        else:
+            y = lora_mix_linear(*args, **options)
+        return y.reshape(*lead, self.out_features)
+
+    # --- description ------------------------------------------------------------------------
+
+    def adapter_config(self) -> dict:
+        """What it takes to rebuild this layer's adapter part around a base (saved as JSON)."""
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "num_adapters": self.num_adapters,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "mix": self.mix,
+            "fan_in_fan_out": self.fan_in_fan_out,
+            "gate": None if self.gate is None else self.gate.config.to_dict(),
+        }
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, num_adapters={self.num_adapters}, "
+                f"rank={self.rank}, scale={self.scale:g}, mix={self.mix!r}"
+                + (", fan_in_fan_out=True" if self.fan_in_fan_out else ""))
+
+
+# The spelling users asked for (issue 4); the same class.
+ReclLoRALinear = RecLoRALinear

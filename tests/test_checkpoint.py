@@ -1,0 +1,149 @@
+"""save_adapters / load_adapters: exact round trip into a fresh model, clear errors on files
+that do not fit, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny_models import VOCAB, build, output, randomise_adapters
+
+import reclora
+import reclora.checkpoint as ckpt
+from reclora import RecLoRALinear
+
+F64 = torch.float64
+GATE_DIM = 10
+
+
+def trained(family="llama", **kwargs):
+    model = build(family, seed=0)
+    options = {"num_adapters": 4, "rank": 2, "alpha": 8, "gate_dim": GATE_DIM,
+               "temperature": 3.0, **kwargs}
+    targets = ("c_attn",) if family == "gpt2" else ("q_proj", "v_proj")
+    layers = reclora.inject(model, targets, **options)
+    randomise_adapters(layers, seed=5)
+    return model
+
+
+def read(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize("family,options", [
+    ("llama", {}),
+    ("llama", {"top_k": 2, "sqrt": True, "mix": "output"}),
+    ("gpt2", {}),
+])
+def test_round_trip_into_fresh_model(tmp_path, family, options):
+    model = trained(family, **options)
+    path = tmp_path / "adapters.safetensors"
+    reclora.save_adapters(model, path)
+    tensors, meta = read(path)
+    assert all(".lora_" in k or ".gate." in k for k in tensors)  # no base weights
+    config = json.loads(meta["reclora"])
+    assert config["format"] == "reclora-adapters" and len(config["layers"]) == len(
+        reclora.reclora_layers(model))
+
+    fresh = build(family, seed=0)  # the same base, never injected
+    layers = reclora.load_adapters(fresh, path)
+    assert set(layers) == set(reclora.reclora_layers(model))
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, VOCAB, (3, 6))
+    users = torch.randn(3, GATE_DIM, dtype=F64)
+    with reclora.personalize(model, users):
+        expected = output(model, ids)
+    with reclora.personalize(fresh, users):
+        got = output(fresh, ids)
+    assert torch.equal(got, expected)  # bit for bit
+    # Loading again into the already-injected model works too (configs agree).
+    reclora.load_adapters(fresh, path)
+
+
+def test_float32_bank_round_trip(tmp_path):
+    model = build("llama", dtype=torch.bfloat16)
+    layers = reclora.inject(model, num_adapters=3, rank=2, gate_dim=GATE_DIM)
+    randomise_adapters(layers)
+    path = tmp_path / "a.safetensors"
+    reclora.save_adapters(model, path)
+    assert read(path)[0]["model.layers.0.self_attn.q_proj.lora_a"].dtype == torch.float32
+    fresh = build("llama", dtype=torch.bfloat16)
+    reclora.load_adapters(fresh, path)
+    for key, value in reclora.adapter_state_dict(model).items():
+        assert torch.equal(reclora.adapter_state_dict(fresh)[key], value), key
+
+
+def rewrite(path, out, edit):
+    tensors, meta = read(path)
+    edit(tensors)
+    save_file(tensors, out, metadata=meta)
+    return out
+
+
+def test_files_that_do_not_fit(tmp_path):
+    path = tmp_path / "good.safetensors"
+    reclora.save_adapters(trained(), path)
+    key = "model.layers.1.self_attn.v_proj.lora_b"
+    cases = {
+        "missing keys: model.layers.1.self_attn.v_proj.lora_b": lambda t: t.pop(key),
+        "unexpected keys: model.layers.0.self_attn.q_proj.extra": lambda t: t.update(
+            {"model.layers.0.self_attn.q_proj.extra": torch.zeros(1)}),
+        r"mis-shaped keys: model.layers.1.self_attn.v_proj.lora_b \(file \[4, 32, 3\]": (
+            lambda t: t.update({key: torch.zeros(4, 32, 3, dtype=F64)})),
+    }
+    for i, (message, edit) in enumerate(cases.items()):
+        bad = rewrite(path, tmp_path / f"bad{i}.safetensors", edit)
+        fresh = build("llama")
+        with pytest.raises(ValueError, match=message):
+            reclora.load_adapters(fresh, bad)
+        assert not reclora.reclora_layers(fresh)  # a failed load leaves the model untouched
+
+    # A model injected differently from the file.
+    other = build("llama")
+    reclora.inject(other, num_adapters=4, rank=2, alpha=4, gate_dim=GATE_DIM, temperature=3.0)
+    with pytest.raises(ValueError, match=r"configured differently.*alpha: model 4.0 vs file 8.0"):
+        reclora.load_adapters(other, path)
+    # A file naming a module the model lacks, and a file that is not ours.
+    with pytest.raises(ValueError, match="which `model` lacks"):
+        reclora.load_adapters(build("llama", layers=1), path)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, plain)
+    with pytest.raises(ValueError, match="not a reclora adapter file"):
+        reclora.load_adapters(build("llama"), plain)
+    with pytest.raises(ValueError, match="no RecLoRALinear"):
+        reclora.save_adapters(build("llama"), tmp_path / "none.safetensors")
+
+
+def test_non_strict_allows_missing_layers(tmp_path):
+    model = trained()
+    path = tmp_path / "a.safetensors"
+    reclora.save_adapters(model, path)
+    target = build("llama")
+    reclora.inject(target, ("k_proj",), num_adapters=2, rank=1)  # extra layers, not in file
+    with pytest.raises(ValueError, match="missing keys: model.layers.0.self_attn.k_proj"):
+        reclora.load_adapters(target, path)
+    layers = reclora.load_adapters(target, path, strict=False)
+    assert sum(isinstance(m, RecLoRALinear) for m in layers.values()) == 6
+
+
+def test_atomic_write(tmp_path, monkeypatch):
+    path = tmp_path / "adapters.safetensors"
+    reclora.save_adapters(trained(), path)
+    original = path.read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        reclora.save_adapters(trained(), path)
+    assert path.read_bytes() == original  # the old file is intact ...
+    assert os.listdir(tmp_path) == ["adapters.safetensors"]  # ... and no temp file is left
