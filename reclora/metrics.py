@@ -1,0 +1,257 @@
+"""CTR metrics: exact AUC, clipped LogLoss, accuracy, and bootstrap intervals over samples.
+
+Everything here is numpy on 1-d arrays (labels in {0, 1}, one score per sample), so the
+CRMs, the LLM and the report share one definition of every number.
+
+    auc(labels, scores)                 exact Mann-Whitney AUC, ties count one half
+    logloss(labels, probs, eps=1e-7)    mean binary cross-entropy, probs clipped to [eps, 1-eps]
+    accuracy(labels, probs, 0.5)        fraction with (prob >= threshold) == label
+    bootstrap_auc(labels, scores)       AUC with a percentile interval over resampled samples
+    paired_bootstrap_auc(labels, a, b)  AUC(a) - AUC(b) with its interval, the same resamples
+                                        for both models (so shared noise cancels)
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = [
+    "AUCInterval",
+    "AUCDifference",
+    "accuracy",
+    "auc",
+    "bootstrap_auc",
+    "evaluate",
+    "logloss",
+    "paired_bootstrap_auc",
+]
+
+# Resamples per chunk in the bootstraps: a chunk holds a [chunk, n] count matrix. Measured
+# here (1 core), 1,000 resamples of 20,000 samples: 0.49 s CPU with chunks of 16, 0.57 s
+# with 64, 1.17 s with 256 (the matrices fall out of cache); a paired bootstrap over
+# 9,381 test samples takes 0.32 s.
+_BOOTSTRAP_CHUNK = 32
+
+
+def _as_labels(labels: np.ndarray | list, name: str = "labels") -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise ValueError(f"{name} must be 1-d, got shape {y.shape}")
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise ValueError(f"{name} must hold only 0 and 1")
+    return y.astype(np.int8)
+
+
+def _as_scores(scores: np.ndarray | list, n: int, name: str) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match labels, got {s.shape}")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name} holds NaN or inf")
+    return s
+
+
+def _tie_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort order of `scores` and, for each sorted position, the index of its tie group."""
+    order = np.argsort(scores, kind="stable")
+    s = scores[order]
+    new_group = np.empty(s.size, dtype=bool)
+    new_group[:1] = True
+    new_group[1:] = s[1:] != s[:-1]
+    return order, np.cumsum(new_group) - 1
+
+
+def _weighted_auc(pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:
+    """AUC from per-tie-group positive and negative weights, groups in ascending score.
+
+    pos_w, neg_w: [..., G]. A positive beats every negative in a lower group and ties
+    with the negatives in its own group (worth one half), which is the Mann-Whitney U.
+    """
+    neg_below = np.cumsum(neg_w, axis=-1) - neg_w
+    wins = (pos_w * (neg_below + 0.5 * neg_w)).sum(axis=-1)
+    total = pos_w.sum(axis=-1) * neg_w.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, wins / np.where(total > 0, total, 1), np.nan)
+
+
+def auc(labels: np.ndarray | list, scores: np.ndarray | list) -> float:
+    """Exact ROC AUC: P(score of a random positive > a random negative), ties count 1/2.
+
+    Scores may be probabilities or logits (only their order matters). Raises ValueError
+    when the labels hold only one class, where AUC is undefined.
+    """
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.size, "scores")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError("auc needs both positive and negative labels")
+    order, group = _tie_groups(s)
+    n_groups = int(group[-1]) + 1
+    ys = y[order]
+    pos_w = np.bincount(group, weights=ys, minlength=n_groups)
+    neg_w = np.bincount(group, weights=1 - ys, minlength=n_groups)
+    return float(_weighted_auc(pos_w, neg_w))
+
+
+def logloss(labels: np.ndarray | list, probs: np.ndarray | list, eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy with probabilities clipped to [eps, 1 - eps]."""
+    if not 0.0 < eps < 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps}")
+    y = _as_labels(labels)
+    p = _as_scores(probs, y.size, "probs")
+    if y.size == 0:
+        raise ValueError("logloss needs at least one sample")
+    if (p < 0).any() or (p > 1).any():
+        raise ValueError("probs must lie in [0, 1]; pass sigmoid(logits), not logits")
+    p = np.clip(p, eps, 1.0 - eps)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+
+
+def accuracy(labels: np.ndarray | list, probs: np.ndarray | list, threshold: float = 0.5) -> float:
+    """Fraction of samples where (prob >= threshold) equals the label."""
+    y = _as_labels(labels)
+    p = _as_scores(probs, y.size, "probs")
+    if y.size == 0:
+        raise ValueError("accuracy needs at least one sample")
+    return float(np.mean((p >= threshold) == (y == 1)))
+
+
+def evaluate(labels: np.ndarray | list, probs: np.ndarray | list) -> dict[str, float]:
+    """{"auc", "logloss", "accuracy", "n"} for one model on one split."""
+    y = _as_labels(labels)
+    return {
+        "auc": auc(y, probs),
+        "logloss": logloss(y, probs),
+        "accuracy": accuracy(y, probs),
+        "n": int(y.size),
+    }
+
+
+@dataclass(frozen=True)
+class AUCInterval:
+    """A point AUC and its bootstrap percentile interval."""
+
+    auc: float
+    low: float
+    high: float
+    level: float
+    n_resamples: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class AUCDifference:
+    """AUC(a) - AUC(b) on the same samples with a paired bootstrap interval.
+
+    `significant` is True when the interval excludes 0; `p_value` is the two-sided
+    bootstrap p-value (twice the smaller tail of the resampled differences around 0).
+    """
+
+    diff: float
+    low: float
+    high: float
+    level: float
+    p_value: float
+    n_resamples: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0.0 or self.high < 0.0
+
+    def as_dict(self) -> dict[str, float | bool]:
+        return {**asdict(self), "significant": self.significant}
+
+
+def _check_bootstrap_args(n_resamples: int, level: float) -> None:
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+
+
+def _resampled_aucs(
+    y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int | None
+) -> np.ndarray:
+    """AUC of every score set under the same `n_resamples` resamples: [len(sets), R].
+
+    Each resample draws n samples with replacement; a sample drawn c times weighs c.
+    Per score set the tie groups are computed once; a resample only changes the
+    weights, so its AUC is one weighted bincount and a cumsum (no re-sorting).
+    """
+    n = y.size
+    rng = np.random.default_rng(seed)
+    prepared = []
+    for s in score_sets:
+        order, group = _tie_groups(s)
+        prepared.append((order, group, int(group[-1]) + 1, y[order]))
+    out = np.empty((len(score_sets), n_resamples))
+    for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
+        r = min(_BOOTSTRAP_CHUNK, n_resamples - start)
+        draws = rng.integers(0, n, size=(r, n))
+        counts = np.bincount((draws + np.arange(r)[:, None] * n).ravel(), minlength=r * n)
+        counts = counts.reshape(r, n).astype(np.float64)
+        for k, (order, group, n_groups, ys) in enumerate(prepared):
+            c = counts[:, order]
+            # Row-offset the group ids so one bincount aggregates all r resamples.
+            flat = (group[None, :] + np.arange(r)[:, None] * n_groups).ravel()
+            pos_w = np.bincount(flat, weights=(c * ys).ravel(), minlength=r * n_groups)
+            neg_w = np.bincount(flat, weights=(c * (1 - ys)).ravel(), minlength=r * n_groups)
+            out[k, start : start + r] = _weighted_auc(
+                pos_w.reshape(r, n_groups), neg_w.reshape(r, n_groups)
+            )
+    return out
+
+
+def bootstrap_auc(
+    labels: np.ndarray | list,
+    scores: np.ndarray | list,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int | None = 0,
+) -> AUCInterval:
+    """AUC with a percentile bootstrap interval over the samples (resampled with replacement).
+
+    Resamples that happen to hold a single class are dropped (their AUC is undefined);
+    with a few hundred samples or more that essentially never happens.
+    """
+    _check_bootstrap_args(n_resamples, level)
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.size, "scores")
+    point = auc(y, s)
+    boot = _resampled_aucs(y, [s], n_resamples, seed)[0]
+    boot = boot[np.isfinite(boot)]
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
+    return AUCInterval(point, float(low), float(high), level, int(boot.size))
+
+
+def paired_bootstrap_auc(
+    labels: np.ndarray | list,
+    scores_a: np.ndarray | list,
+    scores_b: np.ndarray | list,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int | None = 0,
+) -> AUCDifference:
+    """AUC(a) - AUC(b) for two models scored on the same samples, paired bootstrap.
+
+    Both models see the same resamples, so per-sample difficulty shared by the two
+    cancels and the interval is much tighter than comparing two separate intervals.
+    """
+    _check_bootstrap_args(n_resamples, level)
+    y = _as_labels(labels)
+    a = _as_scores(scores_a, y.size, "scores_a")
+    b = _as_scores(scores_b, y.size, "scores_b")
+    point = auc(y, a) - auc(y, b)
+    boot = _resampled_aucs(y, [a, b], n_resamples, seed)
+    diffs = boot[0] - boot[1]
+    diffs = diffs[np.isfinite(diffs)]
+    alpha = (1.0 - level) / 2.0
+    low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
+    tail = min(np.mean(diffs <= 0.0), np.mean(diffs >= 0.0))
+    p_value = float(min(1.0, 2.0 * tail))
+    return AUCDifference(point, float(low), float(high), level, p_value, int(diffs.size))
