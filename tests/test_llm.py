@@ -1,0 +1,137 @@
+"""The LLM CTR head: two-logit P(yes) against the full LM head, padding, answer tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_llm import tiny_llama, tiny_tokenizer
+
+from reclora.llm import LLMCTR, amp_context, answer_token_ids, resolve_model_source
+
+PROMPTS = [
+    "USER: He watched Toy Story ( 5 stars ) and Heat ( 2 stars ) . Will he like Fargo ? "
+    "ASSISTANT:",
+    "USER: Will she like Heat ? ASSISTANT:",
+    "USER: She watched Fargo ( 4 stars ) . Will she like Toy Story ? ASSISTANT:",
+]
+
+
+@pytest.fixture(scope="module")
+def ctr() -> LLMCTR:
+    tok = tiny_tokenizer(PROMPTS)
+    return LLMCTR(tiny_llama(len(tok)), tok, add_special_tokens=True)
+
+
+def full_logit_probs(ctr: LLMCTR, prompts: list[str]) -> torch.Tensor:
+    """P(yes) from the full-vocabulary logits of each prompt run alone (no padding)."""
+    out = []
+    for ids in ctr.encode(prompts):
+        logits = ctr.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        two = logits[[ctr.answer_ids[0], ctr.answer_ids[1]]]
+        out.append(torch.softmax(two, -1)[1])
+    return torch.stack(out)
+
+
+def test_answer_tokens_are_the_words_yes_and_no(ctr: LLMCTR) -> None:
+    no, yes = ctr.answer_ids
+    assert ctr.tokenizer.convert_ids_to_tokens([no, yes]) == ["No", "Yes"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_head_matches_full_logits_restricted_to_yes_no(ctr: LLMCTR, side: str) -> None:
+    ctr.padding_side = side
+    try:
+        batch = ctr.collate(ctr.encode(PROMPTS))
+        p = ctr.prob_yes(ctr(**batch))
+    finally:
+        ctr.padding_side = "left"
+    torch.testing.assert_close(p, full_logit_probs(ctr, PROMPTS), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_side_invariance_and_predict_order(ctr: LLMCTR) -> None:
+    enc = ctr.encode(PROMPTS)
+    left = ctr.predict(enc, batch_size=3, amp="off")
+    ctr.padding_side = "right"
+    try:
+        right = ctr.predict(enc, batch_size=2, amp="off")
+    finally:
+        ctr.padding_side = "left"
+    single = [ctr.predict([e], amp="off")[0] for e in enc]
+    assert left == pytest.approx(right, abs=1e-6)
+    assert left == pytest.approx(single, abs=1e-6)
+
+
+def test_loss_is_cross_entropy_on_two_logits(ctr: LLMCTR) -> None:
+    logits = torch.tensor([[0.3, -1.0], [2.0, 0.5]])
+    labels = torch.tensor([1, 0])
+    want = -(torch.log_softmax(logits, -1)[[0, 1], [1, 0]]).mean()
+    torch.testing.assert_close(ctr.loss(logits, labels), want)
+    assert ctr.prob_yes(logits)[0] == pytest.approx(torch.softmax(logits[0], -1)[1].item())
+
+
+def test_never_computes_full_vocabulary_logits(ctr: LLMCTR, monkeypatch) -> None:
+    """The LM head module is never called: only two of its rows are multiplied."""
+    head = ctr.model.get_output_embeddings()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("full-vocabulary head called")
+
+    monkeypatch.setattr(head, "forward", boom)
+    ctr(**ctr.collate(ctr.encode(PROMPTS)))
+
+
+def test_bf16_autocast_stays_close(ctr: LLMCTR) -> None:
+    enc = ctr.encode(PROMPTS)
+    ref = ctr.predict(enc, amp="off")
+    low = ctr.predict(enc, amp="bf16")
+    assert low == pytest.approx(ref, abs=2e-2)
+
+
+def test_answer_token_ids_in_place() -> None:
+    tok = tiny_tokenizer(PROMPTS)
+    no, yes = answer_token_ids(tok, "USER: hi ASSISTANT:")
+    assert tok.convert_ids_to_tokens([no, yes]) == ["No", "Yes"]
+    with pytest.raises(ValueError, match="same token"):
+        answer_token_ids(tok, "ASSISTANT:", yes="Yes", no="Yes")
+
+
+def test_resolve_model_source(tmp_path) -> None:
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"")
+    assert resolve_model_source(gguf) == (str(tmp_path), "m.gguf")
+    assert resolve_model_source(tmp_path) == (str(tmp_path), "m.gguf")
+    (tmp_path / "config.json").write_text("{}")
+    assert resolve_model_source(tmp_path) == (str(tmp_path), None)
+    assert resolve_model_source("org/name") == ("org/name", None)
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"")
+    with pytest.raises(ValueError, match="name_or_path"):
+        resolve_model_source(bad)
+
+
+def test_rejects_bad_arguments(ctr: LLMCTR) -> None:
+    with pytest.raises(ValueError, match="padding_side"):
+        LLMCTR(ctr.model, ctr.tokenizer, padding_side="middle")
+    with pytest.raises(ValueError, match="answer_ids"):
+        LLMCTR(ctr.model, ctr.tokenizer, answer_ids=(1, 1))
+    with pytest.raises(TypeError, match="prompts"):
+        ctr.encode("one string")
+    with pytest.raises(ValueError, match="amp"):
+        amp_context(torch.device("cpu"), "fp8")
+
+
+def test_thread_policy() -> None:
+    from reclora.llm import ThreadPolicy
+
+    before = torch.get_num_threads()
+    try:
+        assert ThreadPolicy(1).chosen == 1 and torch.get_num_threads() == 1
+        auto = ThreadPolicy("auto", every=3)
+        for _ in range(4):
+            auto.retune()
+        assert auto.calls == 4 and auto.chosen in {1, auto.max_threads}
+        assert torch.get_num_threads() == auto.chosen
+        with pytest.raises(ValueError, match="threads"):
+            ThreadPolicy(0)
+    finally:
+        torch.set_num_threads(before)
