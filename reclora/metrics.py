@@ -9,6 +9,8 @@ CRMs, the LLM and the report share one definition of every number.
     bootstrap_auc(labels, scores)       AUC with a percentile interval over resampled samples
     paired_bootstrap_auc(labels, a, b)  AUC(a) - AUC(b) with its interval, the same resamples
                                         for both models (so shared noise cancels)
+    rank_correlation(a, b)              Spearman's rho (Pearson on average ranks): how far
+                                        two models order the same samples alike
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ __all__ = [
     "evaluate",
     "logloss",
     "paired_bootstrap_auc",
+    "rank_correlation",
 ]
 
 # Resamples per chunk in the bootstraps: a chunk holds a [chunk, n] count matrix. Measured
@@ -127,6 +130,32 @@ def evaluate(labels: np.ndarray | list, probs: np.ndarray | list) -> dict[str, f
         "accuracy": accuracy(y, probs),
         "n": int(y.size),
     }
+
+
+def _average_ranks(scores: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 with ties given the mean rank of their group."""
+    order, group = _tie_groups(scores)
+    first = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    counts = np.diff(np.r_[first, scores.size])
+    mean_rank = first + (counts - 1) / 2.0
+    ranks = np.empty(scores.size, dtype=np.float64)
+    ranks[order] = mean_rank[group]
+    return ranks
+
+
+def rank_correlation(a: np.ndarray | list, b: np.ndarray | list) -> float:
+    """Spearman's rho between two score vectors over the same samples (ties: average ranks).
+
+    The report uses it to say how closely a model's ranking follows the CRM that feeds
+    RecLoRA's gates. NaN when either vector is constant (no ordering to compare)."""
+    x = np.asarray(a, dtype=np.float64)
+    if x.ndim != 1 or x.size < 2:
+        raise ValueError(f"a must be 1-d with at least 2 scores, got shape {x.shape}")
+    y = _as_scores(b, x.size, "b")
+    x = _as_scores(x, x.size, "a")
+    rx, ry = _average_ranks(x) - (x.size - 1) / 2.0, _average_ranks(y) - (x.size - 1) / 2.0
+    denom = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
 
 
 @dataclass(frozen=True)

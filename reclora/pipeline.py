@@ -472,8 +472,16 @@ def report(run: Run, results: dict[str, dict]) -> dict:
             d = metrics.paired_bootstrap_auc(y, ref, np.asarray(r["probs"], dtype=np.float64),
                                              n_resamples=c.n_bootstrap, seed=c.seed)
             comparisons[f"reclora vs {name}"] = d.as_dict()
+    # How closely each model orders the test samples like the CRM behind RecLoRA's gates:
+    # tells whether RecLoRA adds anything to that CRM's signal or passes it through.
+    rank_corr = {}
+    if GATE_CRM in results:
+        gate_probs = np.asarray(results[GATE_CRM]["probs"], dtype=np.float64)
+        rank_corr = {name: metrics.rank_correlation(gate_probs, np.asarray(
+            r["probs"], dtype=np.float64)) for name, r in results.items() if name != GATE_CRM}
     wall = time.perf_counter() - run.t0
     out = {"models": models, "comparisons": comparisons,
+           "rank_corr_with_gate_crm": {"crm": GATE_CRM, "spearman": rank_corr},
            "config": asdict(c),
            "device": str(run.device), "world_size": run.world, "wall_s": wall,
            "timings": run.timings, "dataset": run.ds.stats()}
@@ -505,6 +513,11 @@ def markdown(res: dict) -> str:
         lines += ["", "CRMs on the full test split: " + "; ".join(
             f"{n} AUC {f['auc']:.4f}, LogLoss {f['logloss']:.4f} (n={f['n']})"
             for n, f in crm_full) + "."]
+    corr = res.get("rank_corr_with_gate_crm", {})
+    if corr.get("spearman"):
+        lines += ["", f"Spearman rank correlation of each model's test scores with "
+                  f"{corr['crm']}'s (the CRM behind RecLoRA's gates): " + ", ".join(
+                      f"{n} {v:.3f}" for n, v in corr["spearman"].items()) + "."]
     if res["comparisons"]:
         lines += ["", "Paired bootstrap, RecLoRA minus each model (AUC, 95% interval):", "",
                   "| comparison | ΔAUC | 95% CI | p | beyond noise |", "|---|---|---|---|---|"]

@@ -97,3 +97,32 @@ def test_paired_bootstrap_separates_real_and_null_differences() -> None:
     # A model against a monotone transform of itself: identical AUC, zero-width interval.
     same = metrics.paired_bootstrap_auc(y, strong, 2 * strong + 1, n_resamples=50)
     assert same.diff == 0.0 and not same.significant
+
+
+def _brute_spearman(a: np.ndarray, b: np.ndarray) -> float:
+    def ranks(v: np.ndarray) -> np.ndarray:  # mean of 1-based positions among equal values
+        return np.array([(v < x).sum() + ((v == x).sum() + 1) / 2 for x in v])
+
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rank_correlation_matches_pearson_on_average_ranks(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 300))
+    a = rng.integers(0, 6, n).astype(float)  # many ties
+    b = a + rng.normal(0, 2.0, n) * (seed % 2)  # seed 0, 2: b == a
+    assert metrics.rank_correlation(a, b) == pytest.approx(_brute_spearman(a, b), abs=1e-12)
+
+
+def test_rank_correlation_edge_cases() -> None:
+    x = np.arange(10.0)
+    assert metrics.rank_correlation(x, x**3) == pytest.approx(1.0)
+    assert metrics.rank_correlation(x, -x) == pytest.approx(-1.0)
+    assert np.isnan(metrics.rank_correlation(x, np.ones(10)))
+    with pytest.raises(ValueError, match="b must have shape"):
+        metrics.rank_correlation(x, x[:3])
+    with pytest.raises(ValueError, match="a must be 1-d"):
+        metrics.rank_correlation([1.0], [1.0])
+    with pytest.raises(ValueError, match="a holds NaN"):
+        metrics.rank_correlation([np.nan, 1.0], [1.0, 2.0])

@@ -8,6 +8,7 @@ import json
 import pytest
 from tiny_llm import tiny_llama, tiny_tokenizer
 
+from reclora import metrics
 from reclora.pipeline import ABLATIONS, LLM_MODELS, config_from_args, main
 
 
@@ -48,6 +49,13 @@ def test_run_then_resume(tiny_model_dir, tmp_path) -> None:
     assert res["models"]["reclora"]["n_train"] == 16
     assert res["models"]["zero-shot"]["n_train"] == 0
     assert set(res["comparisons"]) == {f"reclora vs {n}" for n in names if n != "reclora"}
+    corr = res["rank_corr_with_gate_crm"]
+    assert corr["crm"] == "din" and set(corr["spearman"]) == set(names) - {"din"}
+    stage = {n: json.loads((out / "stages" / f"{n}.json").read_text())["probs"]
+             for n in ("crm_din", "reclora")}
+    assert corr["spearman"]["reclora"] == pytest.approx(
+        metrics.rank_correlation(stage["crm_din"], stage["reclora"]), nan_ok=True)
+    assert "Spearman rank correlation" in (out / "results.md").read_text()
     assert (out / "results.png").stat().st_size > 0
     assert "| reclora |" in (out / "results.md").read_text()
     assert (out / "reclora" / "best.safetensors").is_file()
