@@ -64,6 +64,15 @@ def _extensions():
     # No -std flag: torch.utils.cpp_extension picks the standard its headers need (C++20 in
     # torch 2.14, C++17 in 2.11).
     cxx_flags = ["-O3"]
+    link_flags = []
+    # at::parallel_for is an inline `#pragma omp parallel` when torch's ATen backend is
+    # OpenMP: without -fopenmp the extension's loops ran on one thread. Measured here (idle
+    # 2-core CPU, fp32, d = 1024, T = 512, R = 4, M = 16): the cpu op took 41.9 ms on 2
+    # threads, the same as on 1, while F.linear took 20.1 ms. libgomp.so.1 resolves to the
+    # copy torch has already loaded, so there is one OpenMP runtime.
+    if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
 
     with_cuda = False
     if torch.version.cuda is None:
@@ -84,7 +93,8 @@ def _extensions():
 
     if not with_cuda:
         ext = cpp_extension.CppExtension(
-            "reclora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+            "reclora_kernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags)
         return [ext], cpp_extension.BuildExtension
 
     include_dirs = []
@@ -102,6 +112,7 @@ def _extensions():
         sources + cuda_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
     return [ext], cpp_extension.BuildExtension
 

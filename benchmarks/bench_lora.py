@@ -556,10 +556,15 @@ def write_markdown(
         f"- command: `{command}` ({elapsed_s / 60:.1f} min)",
     ]
     if device == "cpu":
+        cores = os.cpu_count() or 1
+        # A load average above the core count means other work shared the CPU.
+        busy = max(load_start, load_end) > cores
         lines.append(
             f"- 1-min load average {load_start:.1f} at start, {load_end:.1f} at end "
-            "(2 cores; the machine was shared with other jobs, so medians carry that "
-            "noise; the p20-p80 spread is in the CSV)"
+            f"({cores} cores; "
+            + ("other jobs shared the machine, so medians carry that noise"
+               if busy else "no other heavy job ran")
+            + "; the p20-p80 spread is in the CSV)"
         )
     lines += [
         "- ratio to F.linear alone on the same inputs"

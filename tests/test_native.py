@@ -220,3 +220,29 @@ def test_gradcheck_cpu(mix, dense):
 def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
     monkeypatch.delenv("RECLORA_BACKEND", raising=False)
     assert rk.resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+@pytest.mark.parametrize("mix", [0, 1], ids=["factor", "output"])
+def test_cpu_kernels_agree_across_thread_counts(mix):
+    """The CPU loops are OpenMP-parallel (built with -fopenmp): splitting rows, runs and
+    adapters over threads must give the same values, forward and backward, up to the
+    summation order of the whole-tensor BLAS calls (the base GEMMs for short runs, the
+    weight gradient), which is a few ulps in float64; a race would be far larger."""
+    args = make(300, 40, 36, 6, 4, 7, 3, dtype=torch.float64, order="packed", duplicate=True)
+    x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = args
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            y, shrink = torch.ops.reclora.lora_mix_forward(*args, 0.5, mix)
+            grads = torch.ops.reclora.lora_mix_backward(
+                torch.cos(y), x, row_ids, weight, lora_a, lora_b, adapter_w, idx, shrink, 0.5,
+                mix, True, True, True, True)
+            outs.append([y, shrink, *grads])
+    finally:
+        torch.set_num_threads(before)
+    names = ["y", "shrink", "grad_x", "grad_weight", "grad_bias", "grad_a", "grad_b", "grad_w"]
+    for name, a, b in zip(names, *outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=name)
+    check(args, mix, torch.float64)
