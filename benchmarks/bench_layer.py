@@ -343,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             f"# bench_layer: one Llama decoder block, {'GPU' if gpu else 'CPU'}",
             "",
             f"- machine: {prov['device_name']}"
-            + (f", {prov['threads']} torch threads (shared machine)" if not gpu else ""),
+            + (f", {prov['threads']} torch threads, 1-min load average "
+               f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores)"
+               if not gpu else ""),
             f"- torch {prov['torch']}, commit {prov['commit'][:12]}, {prov['timestamp']}",
             f"- block: hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, heads "
             f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, random init, {dtype}; batch "

@@ -69,7 +69,8 @@ class RunConfig:
     step 0.50 s per sample (batch 8); K_text = 5 gives 204-token prompts, so about 0.27 s and
     0.60 s. Each trained LLM model then costs 512 x 0.60 (train) + 2 x 160 x 0.27
     (validation) + 800 x 0.27 (test) = 610 s, three of them 30.5 min, plus the zero-shot
-    test pass (3.6 min), the CRMs (2.5 min) and loading (1 min): about 38 min.
+    test pass (3.6 min), the CRMs (2.5 min) and loading (1 min): about 38 min (measured:
+    34.7 min, README).
     N = 512: with N = 1024 (128 steps) RecLoRA's validation AUC was already 0.747 at step 64
     and 0.746 at step 128, while the run took about an hour. lr 1e-3 (the paper's ML-1M
     value): on 128 samples it matched lr 2e-3 with a 10x gate lr in test AUC (0.788 vs 0.784
@@ -123,7 +124,7 @@ class RunConfig:
 
 # --quick: every stage, on small subsets. CRMs on 6,000 training samples for 2 epochs
 # (about 2.4 s per 10k samples per epoch each); 48 LLM training samples at K_text = 3.
-# Measured on the idle 2-core CPU (2026-11-27): 4.2 min from the shell, 256 s.
+# Measured on the idle 2-core CPU (2026-11-27): 250 s from the shell.
 QUICK = {"n_train": 48, "n_valid": 48, "n_test": 128, "k_text": 3, "eval_points": 1,
          "crm_epochs": 2, "crm_max_train": 6000, "max_length": 192}
 
