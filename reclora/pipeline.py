@@ -274,7 +274,7 @@ class Run:
         self.emb = item_embeddings(ds, progress=c.progress and self.main)
         self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
         seed = c.seed
-        self.train_pool = sample_subset(ds.train, Stage2Config(n_train=c.n_train).count(
+        self.train_pool = sample_subset(ds.train, c.stage2().count(
             ds.train.size), seed)
         self.valid = sample_subset(ds.valid, c.n_valid, seed + 1)
         self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
@@ -385,7 +385,9 @@ class Run:
             return result
         gated = name in ("reclora", "reclora-no-lsmr", "reclora-no-f2m")
         k = 1 if name in ("tallrec", "rella") else c.k
-        s2 = c.stage2(num_adapters=k, gated=gated)
+        # The pool already holds N samples (load_data resolved a fraction against the whole
+        # training split); a fraction passed on would be applied to the pool a second time.
+        s2 = c.stage2(num_adapters=k, gated=gated, n_train=int(self.train_pool.size))
         reps = {}
         if gated:
             crm = self.crms[GATE_CRM]

@@ -70,6 +70,18 @@ def test_run_then_resume(tiny_model_dir, tmp_path) -> None:
         assert again["models"][name]["auc"] == res["models"][name]["auc"]
 
 
+def test_fractional_n_is_applied_once(tiny_model_dir, tmp_path) -> None:
+    """--n 0.0002 of ML-100K's 75,031 training samples is 15 samples for every LLM model."""
+    out = tmp_path / "frac"
+    assert main(["--quick", "--output", str(out), "--model", str(tiny_model_dir), "--crms",
+                 "din", "--n", "0.0002", "--n-valid", "8", "--n-test", "24", "--k-text", "2",
+                 "--max-length", "160", "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert round(0.0002 * res["dataset"]["train"]) == 15
+    for name in ("tallrec", "rella", "reclora"):
+        assert res["models"][name]["n_train"] == 15, name
+
+
 def test_arguments_are_checked() -> None:
     cfg = config_from_args(["--n", "0.01", "--k-text", "7"])
     assert cfg.n_train == 0.01 and cfg.k_text == 7 and cfg.output == "runs/default"
