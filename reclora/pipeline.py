@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -41,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reclora import metrics
+from reclora.checkpoint import atomic_write
 from reclora.few2many import (
     CTRData,
     Stage2Config,
@@ -221,8 +221,6 @@ class Run:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output)
-        self.rank, self.world = dist_info()
-        self.main = self.rank == 0
         self.device = torch.device(cfg.device) if cfg.device != "auto" else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.device = init_distributed(self.device)
@@ -551,10 +549,10 @@ def plot(models: dict[str, dict], path: Path) -> None:
     ax.set_xlabel("test AUC (95% bootstrap interval)")
     ax.set_title("CRMs (gray), LLM baselines (blue), RecLoRA (red)")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
 
 
 # -------------------------------------------------------------------------- main

@@ -10,8 +10,6 @@ and prints a table plus paired-bootstrap AUC differences between the models.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
@@ -87,11 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     for k, dd in diffs.items():
         print(f"AUC {k}: {dd['diff']:+.4f} [{dd['low']:+.4f}, {dd['high']:+.4f}] "
               f"{'beyond noise' if dd['significant'] else 'within noise'}")
-    path = out / "crm_results.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"dataset": ds.name, "k_id": a.k_id, "models": results,
-                               "paired_auc_diff": diffs}, indent=2))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    from reclora.few2many import atomic_write_json
+
+    atomic_write_json(out / "crm_results.json", {"dataset": ds.name, "k_id": a.k_id,
+                                                  "models": results, "paired_auc_diff": diffs})
     return 0
 
 

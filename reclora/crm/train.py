@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -128,22 +127,12 @@ class CRMTrainResult:
 # ------------------------------------------------------------------ checkpoints
 def save_crm(model: CRM, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Write `model` (architecture, schema, weights, `meta`) to `path` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from reclora.checkpoint import atomic_write
+
     payload = {"name": model.name, "config": model.config, "schema": model.schema_state,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": meta or {}}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
