@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             {
                 **prov,
                 "quick": args.quick,
-                "load_avg": round(os.getloadavg()[0], 2),
+                "load_avg": round(common.load_avg(), 2),
                 "hidden": cfg.hidden_size,
                 "rows": rows,
                 "length": length,
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"- machine: {prov['device_name']}"
             + (f", {prov['threads']} torch threads, 1-min load average "
-               f"{os.getloadavg()[0]:.1f} at the end ({os.cpu_count()} cores)"
+               f"{common.load_avg():.1f} at the end ({os.cpu_count()} cores)"
                if not gpu else ""),
             f"- torch {prov['torch']}, commit {prov['commit'][:12]}, {prov['timestamp']}",
             f"- block: hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, heads "

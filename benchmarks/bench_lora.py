@@ -297,13 +297,6 @@ class Row:
     error: str = ""
 
 
-def load_avg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
 def run_case(
     case: Case,
     mix: str,
@@ -705,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.manual_seed(args.seed)
 
-    start, load_start = time.perf_counter(), load_avg()
+    start, load_start = time.perf_counter(), common.load_avg()
     rows: list[Row] = []
     csv_rows: list[dict] = []
     full_rounds = args.rounds
@@ -721,12 +714,12 @@ def main(argv: list[str] | None = None) -> int:
             block = run_case(case, mix, modes, device, dtype, args)
             print_block(case, mix, block)
             rows += block
-            extra = {"quick": args.quick, "load_avg": round(load_avg(), 2)}
+            extra = {"quick": args.quick, "load_avg": round(common.load_avg(), 2)}
             block_csv = [{**prov, **extra, **asdict(r)} for r in block]
             if not args.no_csv:  # case by case, so a run cut short keeps what it measured
                 common.append_csv(args.csv, block_csv)
             csv_rows += block_csv
-    elapsed, load_end = time.perf_counter() - start, load_avg()
+    elapsed, load_end = time.perf_counter() - start, common.load_avg()
 
     targets = check_targets(rows, device)
     print("\nKERNEL_SPEC targets:")

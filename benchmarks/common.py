@@ -54,6 +54,14 @@ def paired_ratio(t: Timing, base: Timing) -> float:
     return t.median_ms / base.median_ms
 
 
+def load_avg() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
