@@ -59,6 +59,27 @@ def sweep(table: dict, key: str, candidates: list[dict], fn) -> dict:
     return best
 
 
+def pick_auto(configs) -> dict:
+    """The backend `auto` takes on this card, per size class ("decode": under 32 tokens per
+    row on average, else "prefill"): the fastest of triton and cuda on the spec sizes, and
+    never one slower than plain torch (F.linear + materialise+bmm as the floor)."""
+    from reclora_kernels import available_backends
+
+    chosen = {}
+    for cls, (tokens, rows) in {"prefill": (8192, 64), "decode": (64, 8)}.items():
+        x, weight, a, b, w = problem(tokens, rows)
+        times = {}
+        for backend in [b_ for b_ in ("triton", "cuda") if b_ in available_backends()]:
+            times[backend] = timed(lambda backend=backend: lora_mix_linear(
+                x, weight, None, a, b, w, scale=2.0, backend=backend))
+        times["reference"] = timed(lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0,
+                                                           backend="reference"))
+        chosen[cls] = min(times, key=times.get)
+        print(f"  auto[{cls}]: {chosen[cls]} ({ {k: round(v * 1e3, 1) for k, v in times.items()} }"
+              " us)", flush=True)
+    return chosen
+
+
 def grid(**axes) -> list[dict]:
     names = list(axes)
     return [dict(zip(names, vals)) for vals in itertools.product(*axes.values())]
@@ -78,9 +99,9 @@ def main(argv=None) -> int:
 
     x, weight, a, b, w = problem(8192, 64)
     fwd = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
-    winners["fused"] = sweep(table, "fused", grid(
-        BLOCK_T=[128, 64], BLOCK_N=[128, 256], BLOCK_K=[64], GROUP_T=[8],
-        num_warps=[4, 8], num_stages=[3, 4]), fwd)
+    winners["expand"] = sweep(table, "expand", grid(
+        BLOCK_T=[32, 64, 128], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4, 8],
+        base_first=[False, True]), fwd)
     g = torch.randn(64, 128, D, device="cuda", dtype=torch.bfloat16)
 
     def fwd_bwd():
@@ -96,9 +117,10 @@ def main(argv=None) -> int:
 
     x, weight, a, b, w = problem(64, 64)
     dec = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
-    winners["fused_short_rows"] = sweep(table, "fused_short_rows", grid(
-        BLOCK_T=[16, 32], BLOCK_N=[32, 64, 128], BLOCK_K=[128, 256], GROUP_T=[1],
-        num_warps=[4], num_stages=[3, 4]), dec)
+    winners["expand_short_rows"] = sweep(table, "expand_short_rows", grid(
+        BLOCK_T=[16, 32], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4],
+        base_first=[False, True]), dec)
+    winners["auto"] = pick_auto(configs)
 
     winners["_about"] = (f"Tuned by benchmarks/tune_triton.py on {name} (torch "
                          f"{torch.__version__}, triton {triton.__version__}).")

@@ -12,8 +12,10 @@ Every fast backend exposes the same two ops (names differ by backend):
             Tensor dadapter_w)
 
 x is packed [T, d_in], row_ids [T] int64 (any order), adapter_idx [R, k] int64 or None
-(dense), mix 0 = factor, 1 = output. `shrink` is saved for backward, float32 (float64 for
-float64 inputs) [T, k', r]:
+(dense), mix 0 = factor, 1 = output. The Triton ops take the batch's RowPlan
+(reclora_kernels.plan) in place of row_ids, as its tensors (row_ids, order, sorted_rows,
+row_start; None where the layout makes them implicit) and row_len. `shrink` is saved for
+backward, float32 (float64 for float64 inputs) [T, k', r]:
 factor mode k' = 1 and shrink = A_p[row] x (unscaled); output mode k' = k and shrink[:, j] =
 A[idx[row, j]] x (unweighted). Gradients that are not needed come back as empty tensors.
 The Triton backend defines these in Python; the native backends (cpu, cuda) in C++
@@ -27,6 +29,7 @@ import os
 import torch
 
 from . import reference, validate
+from .plan import RowPlan
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 NATIVE_FORWARD = "reclora::lora_mix_forward"
@@ -108,34 +111,93 @@ def _attach(forward_op, backward_op) -> None:
 
 
 # --- Triton: defined here, launched from reclora_kernels.triton ------------------------------
+# The plan travels as its tensors and sizes (custom-op arguments are tensors and scalars).
+
+
+def _plan_of(tokens, rows, row_len, row_ids, order, sorted_rows, row_start) -> RowPlan:
+    return RowPlan(rows=rows, tokens=tokens, row_len=row_len, row_ids=row_ids, order=order,
+                   sorted_rows=sorted_rows, row_start=row_start)
 
 
 @torch.library.custom_op("reclora::triton_lora_mix_forward", mutates_args=())
 def triton_lora_mix_forward(
-    x: torch.Tensor, row_ids: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    x: torch.Tensor, row_ids: torch.Tensor | None, order: torch.Tensor | None,
+    sorted_rows: torch.Tensor | None, row_start: torch.Tensor | None, row_len: int,
+    weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
     adapter_idx: torch.Tensor | None, scale: float, mix: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from .triton import launch
 
-    return launch.forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+    plan = _plan_of(x.shape[0], adapter_w.shape[0], row_len, row_ids, order, sorted_rows,
+                    row_start)
+    return launch.forward(x, plan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
                           scale, mix)
 
 
 @torch.library.custom_op("reclora::triton_lora_mix_backward", mutates_args=())
 def triton_lora_mix_backward(
-    grad_y: torch.Tensor, x: torch.Tensor, row_ids: torch.Tensor, weight: torch.Tensor,
+    grad_y: torch.Tensor, x: torch.Tensor, row_ids: torch.Tensor | None,
+    order: torch.Tensor | None, sorted_rows: torch.Tensor | None,
+    row_start: torch.Tensor | None, row_len: int, weight: torch.Tensor,
     lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
     adapter_idx: torch.Tensor | None, shrink: torch.Tensor, scale: float, mix: int,
     need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import launch
 
-    return launch.backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
+    plan = _plan_of(x.shape[0], adapter_w.shape[0], row_len, row_ids, order, sorted_rows,
+                    row_start)
+    return launch.backward(grad_y, x, plan, weight, lora_a, lora_b, adapter_w, adapter_idx,
                            shrink, scale, mix, need_x, need_weight, need_bias, need_lora)
 
 
-_attach(triton_lora_mix_forward, triton_lora_mix_backward)
+def _triton_fake_forward(x, row_ids, order, sorted_rows, row_start, row_len, weight, bias,
+                         lora_a, lora_b, adapter_w, adapter_idx, scale, mix):
+    return _fake_forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                         scale, mix)
+
+
+def _triton_fake_backward(grad_y, x, row_ids, order, sorted_rows, row_start, row_len, weight,
+                          lora_a, lora_b, adapter_w, adapter_idx, shrink, scale, mix, need_x,
+                          need_weight, need_bias, need_lora):
+    return _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
+                          shrink, scale, mix, need_x, need_weight, need_bias, need_lora)
+
+
+def _triton_setup_context(ctx, inputs, output):
+    (x, row_ids, order, sorted_rows, row_start, row_len, weight, bias, lora_a, lora_b,
+     adapter_w, adapter_idx, scale, mix) = inputs
+    ctx.save_for_backward(x, row_ids, order, sorted_rows, row_start, weight, lora_a, lora_b,
+                          adapter_w, adapter_idx, output[1])
+    ctx.scale, ctx.mix, ctx.has_bias, ctx.row_len = scale, mix, bias is not None, row_len
+
+
+def _triton_backward(ctx, grad_y, _grad_shrink):
+    (x, row_ids, order, sorted_rows, row_start, weight, lora_a, lora_b, adapter_w, adapter_idx,
+     shrink) = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_lora = need[8] or need[9] or need[10]
+    dx, dweight, dbias, da, db, dw = triton_lora_mix_backward(
+        grad_y.contiguous(), x, row_ids, order, sorted_rows, row_start, ctx.row_len, weight,
+        lora_a, lora_b, adapter_w, adapter_idx, shrink, ctx.scale, ctx.mix, need[0], need[6],
+        need[7] and ctx.has_bias, need_lora,
+    )
+    return (
+        dx if need[0] else None, None, None, None, None, None,
+        dweight if need[6] else None,
+        dbias if need[7] and ctx.has_bias else None,
+        da if need[8] else None,
+        db if need[9] else None,
+        dw if need[10] else None,
+        None, None, None,
+    )
+
+
+torch.library.register_fake(triton_lora_mix_forward)(_triton_fake_forward)
+torch.library.register_fake(triton_lora_mix_backward)(_triton_fake_backward)
+torch.library.register_autograd(triton_lora_mix_forward, _triton_backward,
+                                setup_context=_triton_setup_context)
 
 
 # --- Native (csrc/): the ops are defined in C++ when the extension is built -----------------
@@ -181,8 +243,12 @@ def available_backends() -> list[str]:
     return found
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' (or $RECLORA_BACKEND) -> cuda, then triton on CUDA tensors; cpu on CPU tensors."""
+def resolve_backend(backend: str, device: torch.device, tokens: int | None = None,
+                    rows: int | None = None) -> str:
+    """'auto' (or $RECLORA_BACKEND): on CUDA tensors the backend measured fastest on this card
+    for the size class (reclora_kernels/configs/<card>.json "auto", written by
+    benchmarks/tune_triton.py), else the cuBLAS-anchored Triton path; never a backend measured
+    slower than plain torch. On CPU tensors the native cpu kernels, else the reference."""
     if backend == "auto":
         backend = os.environ.get("RECLORA_BACKEND", "auto")
     if backend not in ("auto", *BACKENDS):
@@ -192,7 +258,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     usable = available_backends()
     if backend == "auto":
         if device.type == "cuda":
-            order = ("cuda", "triton", "reference")
+            from .triton.configs import auto_backend
+
+            order = (auto_backend(device, tokens, rows), "triton", "reference")
         else:
             order = ("cpu", "reference")
         return next(b for b in order if b in usable)
@@ -220,15 +288,17 @@ def lora_mix_linear(
     scale: float = 1.0,
     mix: str = "factor",
     row_ids: torch.Tensor | None = None,
+    plan: RowPlan | None = None,
     backend: str = "auto",
     check_finite: bool = False,
+    indices_checked: bool = False,
 ) -> torch.Tensor:
     """Base projection fused with a per-row mixture of LoRA adapters gathered from a bank.
 
-    Shapes: x [R, L, d_in] (or packed [T, d_in] with row_ids [T]; a packed x without row_ids
-    is one token per row), weight [d_out, d_in], bias [d_out] or None, lora_a [M, r, d_in],
-    lora_b [M, d_out, r], adapter_w [R, k], adapter_idx [R, k] or None (dense: k = M, slot j
-    is adapter j). Returns x's leading shape with d_out, in x's dtype.
+    Shapes: x [R, L, d_in] (or packed [T, d_in] with row_ids [T] or a `plan`; a packed x
+    without either is one token per row), weight [d_out, d_in], bias [d_out] or None,
+    lora_a [M, r, d_in], lora_b [M, d_out, r], adapter_w [R, k], adapter_idx [R, k] or None
+    (dense: k = M, slot j is adapter j). Returns x's leading shape with d_out, in x's dtype.
 
     Semantics, for every token n of row b = row(n), with i_j = adapter_idx[b, j]:
 
@@ -242,20 +312,30 @@ def lora_mix_linear(
 
     k = 1 with weight 1 is per-row multi-LoRA; M = 1 is plain LoRA. Gradients flow to x,
     weight, bias, lora_a, lora_b and adapter_w (not to indices). `backend`: "auto", or one
-    of available_backends(); $RECLORA_BACKEND overrides "auto". `check_finite` also rejects
-    NaN/inf mixture weights (a device sync).
+    of available_backends(); $RECLORA_BACKEND overrides "auto".
+
+    Host syncs: none per call for x [R, L, d_in] or with a `plan` (reclora_kernels.row_plan,
+    made once per batch and shared by every layer). Raw `row_ids` build a plan per call (one
+    host read). adapter_idx is range-checked per call (eagerly on the CPU, by an asynchronous
+    device assert on a GPU) unless `indices_checked` says the caller already did.
+    `check_finite` also rejects NaN/inf mixture weights (a device sync).
     """
     problem = validate.prepare(
         x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, row_ids,
-        check_finite=check_finite,
+        check_finite=check_finite, plan=plan, indices_checked=indices_checked,
     )
-    chosen = resolve_backend(backend, x.device)
     p = problem
-    args = (p.x2d, p.row_ids, weight, bias, lora_a, lora_b, adapter_w, p.adapter_idx)
-    if chosen == "reference":
-        y2d = reference.lora_mix_reference(*args, float(scale), p.mix)
-    elif chosen == "triton":
-        y2d = triton_lora_mix_forward(*args, float(scale), p.mix)[0]
+    chosen = resolve_backend(backend, x.device, p.x2d.shape[0], p.rows)
+    pl = p.plan
+    if chosen == "triton":
+        y2d = triton_lora_mix_forward(
+            p.x2d, pl.row_ids, pl.order, pl.sorted_rows, pl.row_start, pl.row_len, weight, bias,
+            lora_a, lora_b, adapter_w, p.adapter_idx, float(scale), p.mix)[0]
     else:
-        y2d = torch.ops.reclora.lora_mix_forward(*args, float(scale), p.mix)[0]
+        args = (p.x2d, pl.token_rows(x.device), weight, bias, lora_a, lora_b, adapter_w,
+                p.adapter_idx)
+        if chosen == "reference":
+            y2d = reference.lora_mix_reference(*args, float(scale), p.mix)
+        else:
+            y2d = torch.ops.reclora.lora_mix_forward(*args, float(scale), p.mix)[0]
     return y2d.view(*p.lead_shape, p.d_out)

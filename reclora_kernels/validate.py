@@ -1,7 +1,14 @@
 """Argument checks for `lora_mix_linear`: every shape, dtype and device rule lives here, once.
 
 `prepare` turns the user's arguments into the canonical packed form every backend takes:
-x2d [T, d_in], row_ids [T] int64, and the sizes. Errors name the argument and what was expected.
+x2d [T, d_in], a RowPlan (which row each token is in), and the sizes. Errors name the argument
+and what was expected.
+
+Host syncs: the shape checks read no data. Index ranges are data: row ids are checked when
+their RowPlan is made (once per batch when the caller passes `plan`), adapter indices once per
+call on the CPU (no device to wait for) and with an asynchronous device assert on a GPU (no
+host sync), or not at all when the caller vouches for them (`indices_checked`, as the gates
+and RecLoRALinear.set_mixture do after checking once per batch).
 """
 
 from __future__ import annotations
@@ -9,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .plan import RowPlan, implicit_plan, row_plan, tracing
 
 MIX_MODES = {"factor": 0, "output": 1}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -20,7 +29,7 @@ class Problem:
     """The op's arguments in canonical packed form (what every backend receives)."""
 
     x2d: torch.Tensor  # [T, d_in]
-    row_ids: torch.Tensor  # [T] int64 in [0, R)
+    plan: RowPlan  # the row of every token
     adapter_idx: torch.Tensor | None  # [R, k] int64 in [0, M), or None for dense
     lead_shape: tuple[int, ...]  # x's leading dims, restored on the output
     rows: int  # R
@@ -64,22 +73,23 @@ def _check_index(arg: str, t, device: torch.device) -> None:
         )
 
 
-def _tracing() -> bool:
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return torch.compiler.is_compiling() or capturing
-
-
-def _check_range(arg: str, t: torch.Tensor, upper: int, what: str) -> None:
-    """Data-dependent bound check (a device sync). Skipped while torch.compile traces or a
-    CUDA graph captures, where a sync would break the graph: check eagerly first."""
-    if t.numel() == 0 or _tracing():
+def _check_adapter_range(t: torch.Tensor, upper: int) -> None:
+    """adapter_idx in [0, upper): an eager check on the CPU, an asynchronous device assert on
+    a GPU (no host sync; an index out of range stops the stream instead of reading memory out
+    of bounds). Nothing while tracing: check before capturing."""
+    if t.numel() == 0 or tracing():
         return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= upper:
-        raise IndexError(
-            f"lora_mix_linear: `{arg}` values must lie in [0, {upper}) ({what}), "
-            f"got values in [{lo}, {hi}]"
-        )
+    if t.device.type == "cpu":
+        lo, hi = torch.aminmax(t)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= upper:
+            raise IndexError(
+                f"lora_mix_linear: `adapter_idx` values must lie in [0, {upper}) (adapters in "
+                f"the bank), got values in [{lo}, {hi}]"
+            )
+        return
+    torch._assert_async(((t >= 0) & (t < upper)).all(),
+                        f"lora_mix_linear: `adapter_idx` values must lie in [0, {upper})")
 
 
 def prepare(
@@ -94,6 +104,8 @@ def prepare(
     mix,
     row_ids,
     check_finite: bool = False,
+    plan: RowPlan | None = None,
+    indices_checked: bool = False,
 ) -> Problem:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"lora_mix_linear: `x` must be a torch.Tensor, got {type(x).__name__}")
@@ -105,9 +117,11 @@ def prepare(
         _fail("mix", f"one of {sorted(MIX_MODES)}", repr(mix))
     if not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise TypeError(f"lora_mix_linear: `scale` must be a float, got {type(scale).__name__}")
-    if scale != scale or scale in (float("inf"), float("-inf")):
-        _fail("scale", "a finite float", repr(scale))
     dtype, device = x.dtype, x.device
+    # A scale past the dtype's range would be rounded to inf inside a kernel, and then give
+    # inf, NaN or an error depending on the backend: reject it here, the same for all.
+    if not abs(scale) <= torch.finfo(dtype).max:
+        _fail("scale", f"a finite float within {dtype}'s range", repr(scale))
     d_in = x.shape[-1]
 
     _check_tensor("weight", weight, dtype, device)
@@ -135,26 +149,38 @@ def prepare(
     rows, slots = adapter_w.shape
 
     if x.dim() == 3:
-        if row_ids is not None:
-            _fail("row_ids", "None when x is [R, L, d_in] (rows are x's first dim)", "a tensor")
+        if row_ids is not None or plan is not None:
+            _fail("row_ids", "None when x is [R, L, d_in] (rows are x's first dim)",
+                  "a tensor" if row_ids is not None else "a plan")
         if x.shape[0] != rows:
             _fail("adapter_w", f"[R={x.shape[0]}, k] (one row per x row)", _shape(adapter_w))
-        length = x.shape[1]
-        ids = torch.arange(rows, device=device).repeat_interleave(length)
+        tokens = rows * x.shape[1]
+        plan = implicit_plan(rows, x.shape[1])
     else:
         tokens = x.shape[0]
-        if row_ids is None:
+        if plan is not None:
+            if row_ids is not None:
+                _fail("row_ids", "None when `plan` is given (the plan holds the row ids)",
+                      "a tensor")
+            if not isinstance(plan, RowPlan):
+                raise TypeError("lora_mix_linear: `plan` must be a RowPlan (reclora_kernels."
+                                f"row_plan), got {type(plan).__name__}")
+            if plan.tokens != tokens or plan.rows != rows:
+                _fail("plan", f"a plan of T={tokens} tokens in R={rows} rows (x, adapter_w)",
+                      f"T={plan.tokens}, R={plan.rows}")
+            if plan.device is not None and plan.device != device:
+                _fail("plan", f"on device {device} (x's device)", str(plan.device))
+        elif row_ids is None:
             # A packed x without row_ids is one token per row, like nn.Linear on [B, d].
             if rows != tokens:
                 _fail("adapter_w", f"[R={tokens}, k] (packed x without row_ids: one row per token)",
                       _shape(adapter_w))
-            ids = torch.arange(tokens, device=device)
+            plan = implicit_plan(rows, 1)
         else:
             _check_index("row_ids", row_ids, device)
             if row_ids.shape != (tokens,):
                 _fail("row_ids", f"[T={tokens}]", _shape(row_ids))
-            _check_range("row_ids", row_ids, rows, "rows of adapter_w")
-            ids = row_ids.long()
+            plan = row_plan(row_ids, rows)  # checks the range: one host read per call
 
     if adapter_idx is None:
         if slots != num_adapters:
@@ -165,18 +191,19 @@ def prepare(
         _check_index("adapter_idx", adapter_idx, device)
         if adapter_idx.shape != (rows, slots):
             _fail("adapter_idx", f"[R={rows}, k={slots}] (adapter_w's shape)", _shape(adapter_idx))
-        _check_range("adapter_idx", adapter_idx, num_adapters, "adapters in the bank")
+        if not indices_checked:
+            _check_adapter_range(adapter_idx, num_adapters)
         idx = adapter_idx.long()
     if slots < 1:
         _fail("adapter_w", "[R, k] with k >= 1", _shape(adapter_w))
 
-    if check_finite and not _tracing():
+    if check_finite and not tracing():
         if adapter_w.numel() and not bool(torch.isfinite(adapter_w).all()):
             raise ValueError("lora_mix_linear: `adapter_w` holds NaN or infinite values")
 
     return Problem(
-        x2d=x.reshape(-1, d_in),
-        row_ids=ids,
+        x2d=x.reshape(tokens, d_in),  # explicit sizes: reshape(-1, 0) is ambiguous at d_in = 0
+        plan=plan,
         adapter_idx=idx,
         lead_shape=tuple(x.shape[:-1]),
         rows=rows,

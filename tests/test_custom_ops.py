@@ -14,17 +14,24 @@ if torch.cuda.is_available():
     FAST = [b for b in rk.available_backends() if b in ("triton", "cuda")]
 
 
-def op_args(case: Case, device: str, dtype=torch.float32, requires_grad=True):
+def op_args(case: Case, device: str, dtype=torch.float32, requires_grad=True,
+            triton_schema=False):
     from reclora_kernels import validate
 
     inp = make_inputs(case, dtype=dtype, device=device)
     p = validate.prepare(inp["x"], inp["weight"], inp["bias"], inp["lora_a"], inp["lora_b"],
                          inp["adapter_w"], inp["adapter_idx"], case.scale, case.mix,
                          inp["row_ids"])
-    tensors = [p.x2d.contiguous(), p.row_ids, inp["weight"], inp["bias"], inp["lora_a"],
+    pl = p.plan
+    if triton_schema:  # the Triton op takes the row plan's tensors and row_len
+        rows = [pl.row_ids, pl.order, pl.sorted_rows, pl.row_start, pl.row_len]
+    else:
+        rows = [pl.token_rows(p.x2d.device)]
+    tensors = [p.x2d.contiguous(), *rows, inp["weight"], inp["bias"], inp["lora_a"],
                inp["lora_b"], inp["adapter_w"], p.adapter_idx]
     if requires_grad:
-        for i in (0, 2, 3, 4, 5, 6):
+        first = len(rows) + 1
+        for i in (0, *range(first, first + 5)):
             if tensors[i] is not None:
                 tensors[i] = tensors[i].detach().requires_grad_(True)
     return (*tensors, case.scale, p.mix)
@@ -42,7 +49,8 @@ def forward_op(backend: str):
 def test_opcheck(backend, mix, dense):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = Case(packed=True, rows=3, tokens_per_row=4, mix=mix, dense=dense)
-    torch.library.opcheck(forward_op(backend), op_args(case, device))
+    torch.library.opcheck(forward_op(backend),
+                          op_args(case, device, triton_schema=backend == "triton"))
 
 
 class TinyAdapted(torch.nn.Module):

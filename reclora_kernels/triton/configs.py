@@ -54,3 +54,16 @@ def config(kernel: str, device: torch.device, tokens: int | None = None,
         if tokens / rows < table.get("short_rows_below", 0):
             return dict(table[short])
     return dict(table[kernel])
+
+
+def auto_backend(device: torch.device, tokens: int | None = None,
+                 rows: int | None = None) -> str:
+    """The backend `backend="auto"` takes on this CUDA card: its table's "auto" entry for the
+    size class ("decode" when rows average fewer than short_rows_below tokens, else
+    "prefill"), measured by benchmarks/tune_triton.py. A card without one gets "triton" (the
+    cuBLAS-anchored path): the hand-written CUDA kernels are chosen only where measured faster."""
+    table = _table(_device_name(device.index))
+    chosen = table.get("auto", {})
+    decode = bool(tokens is not None and rows and tokens / rows < table.get("short_rows_below",
+                                                                              0))
+    return chosen.get("decode" if decode else "prefill", "triton")

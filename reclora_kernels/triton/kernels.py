@@ -1,11 +1,13 @@
 """Triton kernels of lora_mix_linear. Launchers and the forward/backward plans are in launch.py.
 
-Tokens are visited in row-sorted order (`order`: sorted position -> token id) so that the
-tokens of one row are adjacent; `sorted_rows[p]` is the row of sorted position p and
-`row_start[b]` (R + 1 entries) where row b begins. A tile of tokens spans rows
-sorted_rows[first] .. sorted_rows[last]; the LoRA part loops over those rows and masks the
-tokens of each, so one tile serves any row layout, from one long row to one token per row.
-Masked-off loads touch no memory, so x is still read once per tile.
+Only the LoRA part runs here: the base GEMM is cuBLAS's (launch.py adds it into the same
+output with beta = 1). Tokens are visited in row-sorted positions (reclora_kernels.plan):
+for implicit rows (x [R, L, d]) position = token and row = position // L, with no tensor at
+all; packed rows read `sorted_rows[p]` (the row of sorted position p), `row_start[b]` (where
+row b begins) and, when the ids were not sorted, `order` (sorted position -> token id). A tile
+of tokens spans rows row(first) .. row(last); the kernels loop over those rows and keep each
+row's product for its own tokens, so one tile serves any row layout, from one long row to
+one token per row. Masked-off loads touch no memory, so x is still read once per tile.
 
 Bank operands are addressed as F[f, c, k] through three strides: f picks the factor (an
 adapter of the bank, or a row's mixed factor), c runs over the rank, k over the reduction
@@ -56,29 +58,55 @@ def mix_factors_kernel(
 
 
 @triton.jit
+def _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len,
+                ORDERED: tl.constexpr, IMPLICIT: tl.constexpr):
+    """(token id, row) of sorted positions `pos`. Implicit rows (x [R, L, d]) need no memory:
+    token = pos, row = pos // L. Sorted packed rows read the row ids; unsorted ones also the
+    argsort order. Masked-off positions get row -1."""
+    if ORDERED:
+        tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+    else:
+        tok = tl.where(t_mask, pos, 0).to(tl.int64)
+    if IMPLICIT:
+        row = tl.where(t_mask, pos // row_len, -1)
+    else:
+        row = tl.load(rows_ptr + pos, mask=t_mask, other=-1)
+    return tok, row
+
+
+@triton.jit
+def _row_of(rows_ptr, p, row_len, IMPLICIT: tl.constexpr):
+    if IMPLICIT:
+        return p // row_len
+    return tl.load(rows_ptr + p)
+
+
+@triton.jit
 def shrink_kernel(
     x_ptr, fac_ptr, src_ptr, out_ptr, order_ptr, rows_ptr,
-    n_tokens, K, rank, width,
+    n_tokens, K, rank, width, row_len,
     s_x_t, s_x_k, s_f, s_c, s_k, s_src_r, s_src_j, s_out_t,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
+    SPLIT_K: tl.constexpr, ORDERED: tl.constexpr, IMPLICIT: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
     """out[n, j*r + c] = sum_k x[n, k] * F[src[row(n), j], c, k]   (unscaled).
 
     The k slots x r ranks form one run of `width` columns, so a dense output-mode bank is
     one GEMM and x is read once, not once per slot. SPLIT_K > 1 splits the reduction over
     programs that add atomically into a zeroed `out` (few tokens, long d_in).
+    A tile's tokens may span several rows; each row's product is kept only for its own
+    tokens (tl.where, not a zero operand: 0 x NaN would carry one row's NaN into the others).
     """
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_k = tl.program_id(2)
     pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = pos < n_tokens
-    tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
-    tok_row = tl.load(rows_ptr + pos, mask=t_mask, other=-1)
+    tok, tok_row = _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len, ORDERED, IMPLICIT)
     first = pid_t * BLOCK_T
-    row_lo = tl.load(rows_ptr + first)
-    row_hi = tl.load(rows_ptr + tl.minimum(first + BLOCK_T, n_tokens) - 1)
+    row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
+    row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len, IMPLICIT)
     col = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
     c_mask = col < width
     slot = col // rank
@@ -92,6 +120,7 @@ def shrink_kernel(
     for row in range(row_lo, row_hi + 1):
         in_row = t_mask & (tok_row == row)
         f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0).to(tl.int64)
+        part = tl.zeros([BLOCK_T, BLOCK_R], dtype=acc_type)
         for k0 in range(k_begin, k_end, BLOCK_K):
             k = k0 + kk
             k_mask = k < k_end
@@ -99,7 +128,8 @@ def shrink_kernel(
                          mask=in_row[:, None] & k_mask[None, :], other=0.0)
             ft = tl.load(fac_ptr + f[None, :] * s_f + rk[None, :] * s_c + k[:, None] * s_k,
                          mask=c_mask[None, :] & k_mask[:, None], other=0.0)
-            acc = _dot(xt, ft, acc, DOT_FP32, IEEE)
+            part = _dot(xt, ft, part, DOT_FP32, IEEE)
+        acc += tl.where(in_row[:, None], part, 0.0)
     out = out_ptr + tok[:, None] * s_out_t + col[None, :]
     mask = t_mask[:, None] & c_mask[None, :]
     if SPLIT_K == 1:
@@ -109,70 +139,38 @@ def shrink_kernel(
 
 
 @triton.jit
-def fused_expand_kernel(
-    x_ptr, w_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, y_ptr, order_ptr, rows_ptr,
-    scale_ptr, n_tokens, N, K, rank, width,
-    s_x_t, s_x_k, s_w_n, s_w_k, s_u_t, s_f, s_n, s_c,
-    s_src_r, s_src_j, s_coef_r, s_coef_j, s_y_t, s_y_n,
-    HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_T: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
+def expand_kernel(
+    y_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, order_ptr, rows_ptr, scale_ptr,
+    n_tokens, N, rank, width, row_len,
+    s_y_t, s_y_n, s_bias, s_u_t, s_f, s_n, s_c, s_src_r, s_src_j, s_coef_r, s_coef_j,
+    ACCUMULATE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr,
+    ORDERED: tl.constexpr, IMPLICIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
-    """y[n, o] = sum_k x[n, k] W[o, k] + bias[o]
-                 + scale * sum_{j, c} coef[row, j] * u[n, j*r + c] * F[src[row, j], o, c]
+    """y[n, o] (+)= bias[o] + scale * sum_{j, c} coef[row, j] * u[n, j*r + c] * F[src[row, j], o, c]
 
-    One output tile, written once: the base GEMM and the LoRA expand share the accumulator,
-    the expand being a short extra K-loop over the `width` = k*r slot-rank columns.
+    The LoRA expand alone: a memory-bound pass that writes (ACCUMULATE: reads and writes) y
+    once; the base GEMM is cuBLAS's, accumulated into the same y with beta = 1 (launch.py).
     """
-    pid = tl.program_id(0)
-    n_t = tl.cdiv(n_tokens, BLOCK_T)
-    n_n = tl.cdiv(N, BLOCK_N)
-    # Grouped tile order: GROUP_T token tiles sweep the N tiles together, so W tiles are
-    # reused from L2 while they are hot.
-    group = pid // (GROUP_T * n_n)
-    first_t = group * GROUP_T
-    group_size = tl.minimum(n_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % (GROUP_T * n_n)) % group_size
-    pid_n = (pid % (GROUP_T * n_n)) // group_size
-
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
     pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = pos < n_tokens
-    # Out-of-range tokens read token 0, so x loads need no token mask (only the store
-    # does); with EVEN_K and EVEN_N the main loop has no masks at all: a plain pipelined GEMM.
-    # o is masked, not clamped with tl.where: a clamp hides W's contiguity along N from the
-    # compiler, and the dx pass reads W^T along N (the suspect of its slowness on an H100).
-    tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+    tok, tok_row = _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len, ORDERED, IMPLICIT)
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = o < N
-    kk = tl.arange(0, BLOCK_K)
     acc_type = tl.float64 if ACC64 else tl.float32
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
-    x_ptrs = x_ptr + tok[:, None] * s_x_t + kk[None, :] * s_x_k
-    w_ptrs = w_ptr + o[None, :] * s_w_n + kk[:, None] * s_w_k
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs)
-            if EVEN_N:
-                wt = tl.load(w_ptrs)
-            else:
-                wt = tl.load(w_ptrs, mask=o_mask[None, :], other=0.0)
-        else:
-            k_mask = (k0 + kk) < K
-            xt = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_mask[:, None] & o_mask[None, :], other=0.0)
-        acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
-        x_ptrs += BLOCK_K * s_x_k
-        w_ptrs += BLOCK_K * s_w_k
-
-    tok_row = tl.load(rows_ptr + pos, mask=t_mask, other=-1)
     first = pid_t * BLOCK_T
-    row_lo = tl.load(rows_ptr + first)
-    row_hi = tl.load(rows_ptr + tl.minimum(first + BLOCK_T, n_tokens) - 1)
+    row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
+    row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len, IMPLICIT)
     # scale comes as a tensor: a Python float argument would be rounded to fp32.
     scale = tl.load(scale_ptr).to(acc_type)
     cc = tl.arange(0, BLOCK_R)
     for row in range(row_lo, row_hi + 1):
         in_row = t_mask & (tok_row == row)
+        part = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
         for c0 in range(0, width, BLOCK_R):
             col = c0 + cc
             c_mask = col < width
@@ -189,33 +187,42 @@ def fused_expand_kernel(
             ft = tl.load(fac_ptr + f[:, None] * s_f + o[None, :] * s_n + rk[:, None] * s_c,
                          mask=o_mask[None, :] & c_mask[:, None], other=0.0)
             ut = (ut * mult[None, :]).to(ft.dtype)
-            acc = _dot(ut, ft, acc, DOT_FP32, IEEE)
+            part = _dot(ut, ft, part, DOT_FP32, IEEE)
+        acc += tl.where(in_row[:, None], part, 0.0)
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o, mask=o_mask, other=0.0).to(acc_type)[None, :]
-    tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :] * s_y_n,
-             acc.to(y_ptr.dtype.element_ty), mask=t_mask[:, None] & o_mask[None, :])
+        acc += tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)[None, :]
+    y_ptrs = y_ptr + tok[:, None] * s_y_t + o[None, :] * s_y_n
+    mask = t_mask[:, None] & o_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(y_ptrs, mask=mask, other=0.0).to(acc_type)
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def segment_outer_kernel(
     p_ptr, q_ptr, src_ptr, coef_ptr, d_ptr, order_ptr, row_start_ptr, scale_ptr,
-    O, rank, width,
+    O, rank, width, row_len,
     s_p_t, s_p_o, s_q_t, s_src_r, s_src_j, s_coef_r, s_coef_j, s_d_f, s_d_o, s_d_c,
-    HAS_COEF: tl.constexpr,
+    HAS_COEF: tl.constexpr, ORDERED: tl.constexpr, IMPLICIT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
     """D[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] * q[n, j*r + c]
 
-    One program per (row, column block, o tile): the row's tokens are one contiguous sorted
-    segment, and the result is added atomically, since rows that share an adapter meet in D.
+    One program per (row, column block, o tile): the row's tokens are one contiguous run of
+    sorted positions (implicit rows: [b*L, (b+1)*L)), and the result is added atomically,
+    since rows that share an adapter meet in D.
     """
     row = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_o = tl.program_id(2)
-    start = tl.load(row_start_ptr + row)
-    end = tl.load(row_start_ptr + row + 1)
+    if IMPLICIT:
+        start = row * row_len
+        end = start + row_len
+    else:
+        start = tl.load(row_start_ptr + row)
+        end = tl.load(row_start_ptr + row + 1)
     if end > start:
         acc_type = tl.float64 if ACC64 else tl.float32
         o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -234,7 +241,10 @@ def segment_outer_kernel(
         for t0 in range(start, end, BLOCK_T):
             pos = t0 + tt
             t_mask = pos < end
-            tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+            if ORDERED:
+                tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+            else:
+                tok = tl.where(t_mask, pos, 0).to(tl.int64)
             pt = tl.load(p_ptr + tok[None, :] * s_p_t + o[:, None] * s_p_o,
                          mask=t_mask[None, :] & o_mask[:, None], other=0.0)
             qt = tl.load(q_ptr + tok[:, None] * s_q_t + col[None, :],

@@ -1,14 +1,24 @@
 """Launch plans of the Triton backend: the forward and backward of lora_mix_linear.
 
+The base GEMM is cuBLAS's (torch.addmm, beta = 1); Triton runs only the memory-bound LoRA
+part around it, so the op cannot be slower than the vendor GEMM by more than the LoRA passes.
+
 Forward, factor mode (each row's factors mixed once, then two thin passes):
     A_p, B_p = mix(A), mix(B)                       [R, r, d_in], [R, d_out, r]
     s = shrink(x; A_p[row])                         [T, 1, r] fp32, saved for backward
-    y = x W^T + bias + scale * B_p[row] s           one fused kernel, y written once
-Forward, output mode: s[:, j] = A[i_j] x (shrink over k slots), then the fused kernel
-expands sum_j w_j B[i_j] s_j into the same accumulator as the base GEMM.
+    y = bias + scale * B_p[row] s                   expand: y written once
+    y += x W^T                                      cuBLAS, beta = 1
+Forward, output mode: s[:, j] = A[i_j] x (one shrink over the k*r slot columns, x read once),
+then the expand writes bias + scale * sum_j w_j B[i_j] s_j, and cuBLAS adds the base.
+(`base_first` in the config: y = x W^T + bias by cuBLAS first and the expand adds into y; the
+same bytes move, so which is faster is measured per card.)
 
-Backward reuses the same kernels with transposed strides; dW = g^T x and dbias = sum g are
-plain torch GEMM/reductions (cuBLAS/MKL already do those at the roofline).
+Backward: v = B_p^T g (shrink over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1),
+per-row segment sums for dA_p and dB_p, and the transpose of the mixing. dW = g^T x and
+dbias = sum g only when asked (cuBLAS/MKL are at the roofline there).
+
+Rows come as a RowPlan (reclora_kernels.plan), made once per batch: no sort and no host sync
+here.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from functools import cache
 import torch
 import triton
 
+from ..plan import RowPlan
 from ..poison import new_output
 from . import kernels
 from .configs import config, interpreting
@@ -62,17 +73,15 @@ def _launch_opts(cfg: dict, stage_bytes: int = 0, device: torch.device | None = 
     return opts
 
 
-class RowPlan:
-    """Row-sorted token order, shared by every kernel of one call."""
+def _plan_flags(plan: RowPlan) -> dict:
+    return {"ORDERED": plan.order is not None, "IMPLICIT": plan.implicit}
 
-    def __init__(self, row_ids: torch.Tensor, rows: int):
-        self.order = torch.argsort(row_ids, stable=True)
-        self.sorted_rows = row_ids[self.order].to(torch.int32)
-        bounds = torch.arange(rows + 1, device=row_ids.device, dtype=torch.int32)
-        # searchsorted (not bincount) keeps the plan free of host syncs (CUDA graphs).
-        self.row_start = torch.searchsorted(self.sorted_rows, bounds).to(torch.int32)
-        self.order = self.order.to(torch.int32)
-        self.rows = rows
+
+def _plan_ptrs(plan: RowPlan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, sorted_rows) pointers; a dummy tensor where the layout needs none (never read)."""
+    order = plan.order if plan.order is not None else like
+    rows = plan.sorted_rows if plan.sorted_rows is not None else like
+    return order, rows
 
 
 def _sources(adapter_idx, rows: int, slots: int, device) -> tuple[torch.Tensor, int, int]:
@@ -91,18 +100,23 @@ def _row_sources(rows: int, device) -> tuple[torch.Tensor, int, int]:
 def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     """[M, *shape] bank -> [R, *shape] per-row mixtures sum_j w[b, j] bank[idx[b, j]]."""
     rows, slots = adapter_w.shape
+    if adapter_idx is None:
+        # Dense: one GEMM w [R, M] @ bank [M, size] reads the bank once (a kernel per row
+        # would read it R times).
+        flat = adapter_w.to(bank.dtype) @ bank.reshape(bank.shape[0], -1)
+        return flat.to(out_dtype).view(rows, *bank.shape[1:])
     bank = bank.contiguous()
     size = bank[0].numel()
     out = new_output((rows, *bank.shape[1:]), device=bank.device, dtype=out_dtype)
-    if rows == 0:
-        return out
+    if rows == 0 or size == 0:
+        return out.zero_()
     cfg = config("mix", bank.device)
     idx, s_ir, s_ij = _sources(adapter_idx, rows, slots, bank.device)
     grid = (rows, triton.cdiv(size, cfg["BLOCK"]))
     kernels.mix_factors_kernel[grid](
         bank, adapter_w, idx, out, size, slots,
         bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), s_ir, s_ij,
-        DENSE=adapter_idx is None, ACC64=bank.dtype == torch.float64, BLOCK=cfg["BLOCK"],
+        DENSE=False, ACC64=bank.dtype == torch.float64, BLOCK=cfg["BLOCK"],
         **_launch_opts(cfg),
     )
     return out
@@ -128,73 +142,90 @@ def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_d
     chunks = triton.cdiv(depth, cfg["BLOCK_K"])
     split = cfg.get("SPLIT_K") or triton.cdiv(2 * _num_sms(x.device), max(tiles, 1))
     split = max(1, min(split, chunks))
-    alloc = torch.zeros if split > 1 else new_output
+    alloc = torch.zeros if split > 1 or depth == 0 else new_output
     out = alloc((tokens, slots, rank), device=x.device, dtype=acc_dtype)
-    if tokens == 0:
+    if tokens == 0 or depth == 0:
         return out
+    order, sorted_rows = _plan_ptrs(plan, table)
     grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(width, block_r), split)
     kernels.shrink_kernel[grid](
-        x, fac, table, out, plan.order, plan.sorted_rows,
-        tokens, depth, rank, width,
+        x, fac, table, out, order, sorted_rows,
+        tokens, depth, rank, width, max(plan.row_len, 1),
         x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0),
         BLOCK_T=cfg["BLOCK_T"], BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-        **_flags(x.dtype),
+        **_plan_flags(plan), **_flags(x.dtype),
         **_launch_opts(cfg, (cfg["BLOCK_T"] + block_r) * cfg["BLOCK_K"] * x.element_size(),
                        x.device),
     )
     return out
 
 
-def fused_expand(x, w, w_strides, n_out, bias, u, fac, fac_strides, src, coef, plan: RowPlan,
-                 slots: int, rank: int, scale: float):
-    """y = x W^T + bias + scale * sum_j coef_j F[src_j] u_j, with W given as (ptr, strides)
-    over [n_out, K] so that W^T (backward) is the same call with swapped strides."""
-    tokens, depth = x.shape
-    y = new_output((tokens, n_out), device=x.device, dtype=x.dtype)
-    if tokens == 0:
+def expand(y, bias, u, fac, fac_strides, src, coef, plan: RowPlan, slots: int, rank: int,
+           scale: float, accumulate: bool):
+    """y[n] (+)= bias + scale * sum_j coef_j F[src_j] u_j over y [T, N] (N = fac's o axis)."""
+    tokens, n_out = y.shape
+    if tokens == 0 or n_out == 0:
         return y
     table, s_sr, s_sj = src
-    cfg = config("fused", x.device, tokens, plan.rows)
+    cfg = config("expand", y.device, tokens, plan.rows)
     width = slots * rank
-    block_r = _pow2_block(width, 64)
-    grid = (triton.cdiv(tokens, cfg["BLOCK_T"]) * triton.cdiv(n_out, cfg["BLOCK_N"]),)
-    coef_t = coef if coef is not None else u
-    kernels.fused_expand_kernel[grid](
-        x, w, bias if bias is not None else y, u, fac, table, coef_t, y,
-        plan.order, plan.sorted_rows, _scale_tensor(scale, x),
-        tokens, n_out, depth, rank, width,
-        x.stride(0), x.stride(1), *w_strides, u.stride(0), *fac_strides,
-        s_sr, s_sj,
+    block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
+    order, sorted_rows = _plan_ptrs(plan, table)
+    grid = (triton.cdiv(tokens, cfg["BLOCK_T"]), triton.cdiv(n_out, cfg["BLOCK_N"]))
+    kernels.expand_kernel[grid](
+        y, bias if bias is not None else y, u, fac, table, coef if coef is not None else u,
+        order, sorted_rows, _scale_tensor(scale, y),
+        tokens, n_out, rank, width, max(plan.row_len, 1),
+        y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0, u.stride(0),
+        *fac_strides, s_sr, s_sj,
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
-        y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
-        EVEN_K=depth % cfg["BLOCK_K"] == 0, EVEN_N=n_out % cfg["BLOCK_N"] == 0,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        BLOCK_R=block_r, GROUP_T=cfg["GROUP_T"], **_flags(x.dtype),
-        **_launch_opts(cfg, (cfg["BLOCK_T"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(),
-                       x.device),
+        ACCUMULATE=accumulate, HAS_BIAS=bias is not None, HAS_COEF=coef is not None,
+        **_plan_flags(plan),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, **_flags(y.dtype),
+        **_launch_opts(cfg),
     )
     return y
+
+
+def lora_linear(x, weight, w_t: bool, bias, u, fac, fac_strides, src, coef, plan: RowPlan,
+                slots: int, rank: int, scale: float) -> torch.Tensor:
+    """x W^T (or x W with w_t) + bias + the expand of u: the GEMM by cuBLAS, the expand by
+    Triton, into one output. Order per config: the expand writes y and cuBLAS accumulates
+    into it (addmm_, beta = 1), or cuBLAS first and the expand reads and adds."""
+    tokens = x.shape[0]
+    mat = weight if w_t else weight.t()
+    n_out = mat.shape[1]
+    if config("expand", x.device, tokens, plan.rows).get("base_first", False):
+        y = torch.addmm(bias, x, mat) if bias is not None else x @ mat
+        return expand(y, None, u, fac, fac_strides, src, coef, plan, slots, rank, scale, True)
+    y = new_output((tokens, n_out), device=x.device, dtype=x.dtype)
+    if n_out == 0:
+        return y
+    expand(y, bias, u, fac, fac_strides, src, coef, plan, slots, rank, scale, False)
+    return y.addmm_(x, mat)
 
 
 def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, rank: int,
                   scale: float):
     """out[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] q[n, j, c]."""
     tokens, width_o = p.shape
-    if tokens == 0 or plan.rows == 0:
+    if tokens == 0 or plan.rows == 0 or width_o == 0:
         return out
     table, s_sr, s_sj = src
     cfg = config("outer", p.device, tokens, plan.rows)
     width = slots * rank
     block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
+    order = plan.order if plan.order is not None else table
+    row_start = plan.row_start if plan.row_start is not None else table
     grid = (plan.rows, triton.cdiv(width, block_r), triton.cdiv(width_o, cfg["BLOCK_O"]))
     kernels.segment_outer_kernel[grid](
-        p, q, table, coef if coef is not None else q, out, plan.order, plan.row_start,
-        _scale_tensor(scale, out), width_o, rank, width,
+        p, q, table, coef if coef is not None else q, out, order, row_start,
+        _scale_tensor(scale, out), width_o, rank, width, max(plan.row_len, 1),
         p.stride(0), p.stride(1), q.stride(0), s_sr, s_sj,
         coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
         *out_strides,
-        HAS_COEF=coef is not None, BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
+        HAS_COEF=coef is not None, **_plan_flags(plan),
+        BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
         BLOCK_R=block_r, **_flags(p.dtype),
         **_launch_opts(cfg, (cfg["BLOCK_O"] + block_r) * cfg["BLOCK_T"] * p.element_size(),
                        p.device),
@@ -253,47 +284,43 @@ def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w):
     return da.to(dtype), db.to(dtype), dw.to(dtype)
 
 
-def forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix_mode):
+def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
+            mix_mode):
     rows, slots = adapter_w.shape
     rank = lora_a.shape[1]
-    d_out = weight.shape[0]
-    plan = RowPlan(row_ids, rows)
     acc = _acc_dtype(x.dtype)
-    w_strides = (weight.stride(0), weight.stride(1))
     if mix_mode == 0:
         a_mix = mix(lora_a, adapter_w, adapter_idx, x.dtype)
         b_mix = mix(lora_b, adapter_w, adapter_idx, x.dtype)
         own = _row_sources(rows, x.device)
         s = shrink(x, a_mix, _a_as_shrink(a_mix), own, plan, 1, rank, acc)
-        y = fused_expand(x, weight, w_strides, d_out, bias, s, b_mix, _b_as_expand(b_mix), own,
-                         None, plan, 1, rank, scale)
+        y = lora_linear(x, weight, False, bias, s, b_mix, _b_as_expand(b_mix), own, None, plan,
+                        1, rank, scale)
     else:
         src = _sources(adapter_idx, rows, slots, x.device)
         s = shrink(x, lora_a, _a_as_shrink(lora_a), src, plan, slots, rank, acc)
-        y = fused_expand(x, weight, w_strides, d_out, bias, s, lora_b, _b_as_expand(lora_b), src,
-                         adapter_w, plan, slots, rank, scale)
+        y = lora_linear(x, weight, False, bias, s, lora_b, _b_as_expand(lora_b), src, adapter_w,
+                        plan, slots, rank, scale)
     return y, s
 
 
-def backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, s, scale,
-             mix_mode, need_x, need_weight, need_bias, need_lora):
+def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s,
+             scale, mix_mode, need_x, need_weight, need_bias, need_lora):
     rows, slots = adapter_w.shape
     num_adapters, rank, d_in = lora_a.shape
-    plan = RowPlan(row_ids, rows)
     acc = _acc_dtype(x.dtype)
     g = grad_y
-    wt_strides = (weight.stride(1), weight.stride(0))  # W^T: [d_in, d_out]
     # Custom-op outputs may not alias each other: one fresh empty tensor per missing grad.
     dx, da, db, dw = (x.new_empty(0) for _ in range(4))
 
-    if mix_mode == 0:
+    if mix_mode == 0 and (need_x or need_lora):
         a_mix = mix(lora_a, adapter_w, adapter_idx, x.dtype)
         b_mix = mix(lora_b, adapter_w, adapter_idx, x.dtype)
         own = _row_sources(rows, x.device)
         v = shrink(g, b_mix, _b_as_shrink(b_mix), own, plan, 1, rank, acc)  # B_p^T g
         if need_x:
-            dx = fused_expand(g, weight, wt_strides, d_in, None, v, a_mix, _a_as_expand(a_mix),
-                              own, None, plan, 1, rank, scale)
+            dx = lora_linear(g, weight, True, None, v, a_mix, _a_as_expand(a_mix), own, None,
+                             plan, 1, rank, scale)
         if need_lora:
             da_mix = torch.zeros(rows, rank, d_in, device=x.device, dtype=acc)
             db_mix = torch.zeros(rows, weight.shape[0], rank, device=x.device, dtype=acc)
@@ -310,12 +337,12 @@ def backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
                 mix_backward(da_mix, lora_a, adapter_w, adapter_idx, da32, dw32, True)
                 mix_backward(db_mix, lora_b, adapter_w, adapter_idx, db32, dw32, True)
                 da, db, dw = da32.to(x.dtype), db32.to(x.dtype), dw32.to(x.dtype)
-    else:
+    elif mix_mode == 1 and (need_x or need_lora):
         src = _sources(adapter_idx, rows, slots, x.device)
         v = shrink(g, lora_b, _b_as_shrink(lora_b), src, plan, slots, rank, acc)  # B_j^T g
         if need_x:
-            dx = fused_expand(g, weight, wt_strides, d_in, None, v, lora_a, _a_as_expand(lora_a),
-                              src, adapter_w, plan, slots, rank, scale)
+            dx = lora_linear(g, weight, True, None, v, lora_a, _a_as_expand(lora_a), src,
+                             adapter_w, plan, slots, rank, scale)
         if need_lora:
             da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
             db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
@@ -325,8 +352,11 @@ def backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
                           scale)
             # dw[b, j] = scale * sum_{n in b} <B_j^T g_n, A_j x_n>: T*k*r values, torch glue.
             per_token = (v * s).sum(-1) * scale
-            dw = torch.zeros(rows, slots, device=x.device, dtype=acc)
-            dw.index_add_(0, row_ids, per_token)
+            if plan.implicit:
+                dw = per_token.view(rows, plan.row_len, slots).sum(1)
+            else:
+                dw = torch.zeros(rows, slots, device=x.device, dtype=acc)
+                dw.index_add_(0, plan.row_ids, per_token)
             da, db, dw = da32.to(x.dtype), db32.to(x.dtype), dw.to(x.dtype)
 
     dweight = (g.t() @ x) if need_weight else x.new_empty(0)

@@ -1,0 +1,121 @@
+"""RowPlan: which row every token belongs to, built once per batch and shared by every layer.
+
+Three layouts, cheapest first:
+- implicit: x is [R, L, d_in]; token n belongs to row n // L. No tensor at all, no sort.
+- sorted: packed x [T, d_in] whose row_ids never decrease (e.g. sequences packed in order):
+  the row ids are used as they are, plus where each row starts.
+- unsorted: packed x with row_ids in any order: a stable argsort gives the row-sorted token
+  order, so the kernels can visit each row's tokens together.
+
+A packed plan is made by `row_plan(row_ids, rows)`, which checks the ids against the row count
+and tests whether they are sorted with ONE host read (a device sync on a GPU). Make it once per
+batch (reclora.personalize does) and pass it to every lora_mix_linear call: the op itself then
+reads no data on the host. Plans built inside torch.compile or CUDA-graph capture skip the
+check (a sync would break the graph) and always sort.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def tracing() -> bool:
+    """True while torch.compile traces or a CUDA graph captures: no host reads allowed."""
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return torch.compiler.is_compiling() or capturing
+
+
+@dataclass(frozen=True, eq=False)
+class RowPlan:
+    """Token -> row map of one batch. Fields are None where the layout makes them implicit.
+
+    rows: R; tokens: T; row_len: L > 0 for implicit rows (T = R * L), 0 for packed;
+    row_ids [T] int64 (packed: the row of each token, in x's token order);
+    order [T] int32 (unsorted only: sorted position -> token);
+    sorted_rows [T] int32 (packed: the row of each sorted position);
+    row_start [R + 1] int32 (packed: where each row's run of sorted positions begins).
+    """
+
+    rows: int
+    tokens: int
+    row_len: int = 0
+    row_ids: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    sorted_rows: torch.Tensor | None = None
+    row_start: torch.Tensor | None = None
+
+    @property
+    def implicit(self) -> bool:
+        return self.row_len > 0 or self.tokens == 0
+
+    @property
+    def device(self) -> torch.device | None:
+        return None if self.row_ids is None else self.row_ids.device
+
+    def token_rows(self, device: torch.device) -> torch.Tensor:
+        """row_ids [T] int64 on `device` (materialised for an implicit plan, no host sync)."""
+        if self.row_ids is not None:
+            return self.row_ids
+        if self.tokens == 0:
+            return torch.zeros(0, dtype=torch.int64, device=device)
+        return torch.arange(self.tokens, device=device) // self.row_len
+
+    def describe(self) -> str:
+        kind = "implicit" if self.implicit else ("unsorted" if self.order is not None
+                                                 else "sorted")
+        return f"RowPlan({kind}, rows={self.rows}, tokens={self.tokens})"
+
+    __repr__ = describe
+
+
+def implicit_plan(rows: int, row_len: int) -> RowPlan:
+    """x [R, L, d_in]: token n is in row n // L."""
+    return RowPlan(rows=rows, tokens=rows * row_len, row_len=row_len if rows * row_len else 0)
+
+
+def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan:
+    """The plan of packed tokens: row_ids [T] integer, every value in [0, rows).
+
+    check=True reads min, max and sortedness in one host read and raises IndexError on an
+    id out of range; check=False trusts the caller (the ids were checked before) and costs no
+    sync, but then always sorts. Either way the plan is made once per batch.
+    """
+    if not isinstance(row_ids, torch.Tensor):
+        raise TypeError(f"row_plan: `row_ids` must be a torch.Tensor, got "
+                        f"{type(row_ids).__name__}")
+    if row_ids.dtype not in INDEX_DTYPES:
+        raise TypeError(f"row_plan: `row_ids` must be an integer tensor, got {row_ids.dtype}")
+    if row_ids.dim() != 1:
+        raise ValueError(f"row_plan: `row_ids` must be 1-D [T], got shape {list(row_ids.shape)}")
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise ValueError(f"row_plan: `rows` must be an int >= 0, got {rows!r}")
+    ids = row_ids.long()
+    tokens = ids.numel()
+    if tokens == 0:
+        return RowPlan(rows=rows, tokens=0, row_ids=ids)
+    if rows == 0:
+        raise IndexError("row_plan: `row_ids` is not empty but there are 0 rows")
+    is_sorted = False
+    if check and not tracing():
+        stats = torch.stack([ids.min(), ids.max(),
+                             (ids[1:] >= ids[:-1]).all().long() if tokens > 1
+                             else ids.new_ones(())])
+        lo, hi, is_sorted = stats.tolist()  # the one host read of the batch
+        if lo < 0 or hi >= rows:
+            raise IndexError(f"lora_mix_linear: `row_ids` values must lie in [0, {rows}) "
+                             f"(rows of adapter_w), got values in [{lo}, {hi}]")
+    bounds = torch.arange(rows + 1, device=ids.device, dtype=torch.int64)
+    if is_sorted:
+        sorted_rows, order = ids, None
+    else:
+        order = torch.argsort(ids, stable=True)
+        sorted_rows = ids[order]
+        order = order.to(torch.int32)
+    # searchsorted (not bincount + cumsum) has no data-dependent output size: no sync.
+    row_start = torch.searchsorted(sorted_rows, bounds).to(torch.int32)
+    return RowPlan(rows=rows, tokens=tokens, row_ids=ids, order=order,
+                   sorted_rows=sorted_rows.to(torch.int32), row_start=row_start)
