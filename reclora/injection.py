@@ -19,8 +19,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from reclora_kernels import RowPlan, row_plan
+
 from .gates import PersonalizedGate
-from .layers import RecLoRALinear, _is_conv1d, default_adapter_dtype
+from .layers import (
+    ACTIVE_PERSONALIZATION,
+    Personalization,
+    RecLoRALinear,
+    _is_conv1d,
+    default_adapter_dtype,
+)
 
 
 def reclora_layers(model: nn.Module) -> dict[str, RecLoRALinear]:
@@ -160,15 +168,22 @@ def personalize(
     user_reps: torch.Tensor,
     *,
     row_ids: torch.Tensor | None = None,
+    plan: RowPlan | None = None,
 ) -> Iterator[nn.Module]:
     """Within the block, every gated RecLoRALinear in model computes its mixture from
     user_reps [R, h] (row b of every input is user b; a [h] vector is one user for all rows).
-    row_ids [T]: for packed inputs, the row of each flattened token. Contexts nest; on exit
-    the previous state comes back. Layers without a gate are left as they are.
+    row_ids [T]: for packed inputs, the row of each flattened token; its row plan is made
+    here, once for the batch (one host read), and shared by every layer (or pass a ready
+    `plan` from reclora_kernels.row_plan). Contexts nest; on exit the previous state comes
+    back. Layers without a gate are left as they are.
+
+    Thread-safe: the state lives in a context variable (per thread, per asyncio task), not on
+    the modules, so two threads may personalize one model for different users at once.
 
     The gates run inside each layer's forward, so their gradients flow as usual. With
     activation checkpointing, the recomputing forward runs during backward(): call backward
-    inside the block then, or the gated layers raise for want of user representations."""
+    inside the block, in the same thread (on CUDA, torch runs backward in its own threads,
+    which do not see this context: checkpoint outside the gated layers there)."""
     if not isinstance(user_reps, torch.Tensor) or not user_reps.is_floating_point():
         raise TypeError("personalize: `user_reps` must be a floating-point tensor [R, h]")
     if user_reps.dim() not in (1, 2):
@@ -182,14 +197,21 @@ def personalize(
     if user_reps.shape[-1] not in dims or len(dims) > 1:
         raise ValueError(f"personalize: `user_reps` must end in the gates' input size "
                          f"{sorted(dims)}, got shape {list(user_reps.shape)}")
-    saved = [(m._user_reps, m._user_row_ids) for m in gated]
+    if row_ids is not None and plan is not None:
+        raise ValueError("personalize: give `row_ids` or `plan`, not both")
+    if row_ids is not None:
+        rows = user_reps.shape[0] if user_reps.dim() == 2 else 1
+        plan = row_plan(row_ids.to(user_reps.device), rows)
+    elif plan is not None and not isinstance(plan, RowPlan):
+        raise TypeError(f"personalize: `plan` must be a RowPlan, got {type(plan).__name__}")
+    state = Personalization(user_reps, plan)
+    active = dict(ACTIVE_PERSONALIZATION.get() or {})
+    active.update({m: state for m in gated})
+    token = ACTIVE_PERSONALIZATION.set(active)
     try:
-        for m in gated:
-            m._user_reps, m._user_row_ids = user_reps, row_ids
         yield model
     finally:
-        for m, (reps, ids) in zip(gated, saved):
-            m._user_reps, m._user_row_ids = reps, ids
+        ACTIVE_PERSONALIZATION.reset(token)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -6,7 +6,9 @@ All of the math is one call to `reclora_kernels.lora_mix_linear`; this module on
 which mixture weights each row gets and casts the operands to one dtype.
 
 Which mixture a forward uses, first match wins:
-1. inside `reclora.personalize(model, user_reps)`: the layer's gate applied to user_reps;
+1. inside `reclora.personalize(model, user_reps)`: the layer's gate applied to user_reps (held
+   per thread and per asyncio task in a context variable, never on the module, so concurrent
+   requests on one model cannot see each other's users);
 2. the mixture given to `set_mixture(weights, idx)` (kept until `clear_mixture()`);
 3. a layer with a gate but neither of the above raises: its adapters were trained to be
    mixed per user, and any fixed guess would silently serve every user a wrong model;
@@ -19,21 +21,42 @@ Rows: x [R, L, d_in] has R rows (any x of 3 or more dims: its first dim is the r
 [N, d_in] is one token per row (as nn.Linear on a batch of vectors); a 1-D x is one row. With
 `row_ids` (packed sequences, e.g. HF's [1, T, d] packing) the tokens of x, flattened, belong to
 the rows row_ids[t]. A mixture with one row (or a 1-D weights vector) applies to every row.
+
+Per batch, not per layer: the row plan of packed tokens (reclora_kernels.row_plan) is made once
+by personalize() or set_mixture() and shared by every layer; the adapter indices are checked
+once (set_mixture) or are in range by construction (the gates' top-k), so a forward through
+many layers reads nothing back from the device.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from reclora_kernels import lora_mix_linear
+from reclora_kernels import RowPlan, lora_mix_linear, row_plan
 
 from .gates import PersonalizedGate
 
 MIX_MODES = ("factor", "output")
+
+
+@dataclass(frozen=True, eq=False)
+class Personalization:
+    """What personalize() gives the gated layers of one model: the batch's user
+    representations and its row plan (None: rows are x's first dim)."""
+
+    user_reps: torch.Tensor
+    plan: RowPlan | None
+
+
+# layer -> Personalization, set by reclora.personalize for the current thread / task only.
+ACTIVE_PERSONALIZATION: ContextVar[dict | None] = ContextVar("reclora_personalization",
+                                                             default=None)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -134,11 +157,10 @@ class RecLoRALinear(nn.Module):
         self.reset_lora_parameters()
         self.register_module("gate", gate)
 
-        # Per-forward routing state (plain attributes, never saved in the state dict).
+        # The mixture of set_mixture (plain attributes, never saved in the state dict).
+        # personalize() keeps its state in ACTIVE_PERSONALIZATION instead (thread-safe).
         self._mixture: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self._mixture_row_ids: torch.Tensor | None = None
-        self._user_reps: torch.Tensor | None = None
-        self._user_row_ids: torch.Tensor | None = None
+        self._mixture_plan: RowPlan | None = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -203,17 +225,26 @@ class RecLoRALinear(nn.Module):
         idx: torch.Tensor | None = None,
         *,
         row_ids: torch.Tensor | None = None,
+        plan: RowPlan | None = None,
     ) -> None:
         """Mixture weights for the forwards that follow: weights [R, k] (or [k] / [1, k] for
         every row), idx [R, k] adapter indices or None for dense (k = M, slot j = adapter j).
-        row_ids [T] maps the flattened tokens of a packed input to their rows. Gradients flow
-        to `weights` if it requires grad."""
+        row_ids [T] maps the flattened tokens of a packed input to their rows (or give the
+        batch's `plan`, reclora_kernels.row_plan, to share one among layers). Gradients flow
+        to `weights` if it requires grad. The indices and row ids are checked here, once, not
+        at every forward. Module state: for concurrent users use personalize()."""
         weights, idx = self._check_mixture(weights, idx)
+        if row_ids is not None and plan is not None:
+            raise ValueError("RecLoRALinear.set_mixture: give `row_ids` or `plan`, not both")
+        if weights.shape[0] == 1:
+            plan = None  # one mixture for every token: which row a token is in does not matter
+        elif row_ids is not None:
+            plan = row_plan(row_ids, weights.shape[0])
         self._mixture = (weights, idx)
-        self._mixture_row_ids = row_ids
+        self._mixture_plan = plan
 
     def clear_mixture(self) -> None:
-        self._mixture, self._mixture_row_ids = None, None
+        self._mixture, self._mixture_plan = None, None
 
     @property
     def has_mixture(self) -> bool:
@@ -244,20 +275,27 @@ class RecLoRALinear(nn.Module):
                     f"RecLoRALinear.set_mixture: `idx` must have weights' shape "
                     f"{list(weights.shape)}, got {list(idx.shape)}"
                 )
+            if idx.numel():
+                lo, hi = (int(v) for v in torch.aminmax(idx))  # once per mixture, not per call
+                if lo < 0 or hi >= self.num_adapters:
+                    raise IndexError(
+                        f"RecLoRALinear.set_mixture: `idx` values must lie in [0, "
+                        f"{self.num_adapters}) (adapters in the bank), got [{lo}, {hi}]")
         return weights, idx
 
-    def _resolve_mixture(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(weights [R or 1, k], idx or None, row_ids or None) for this forward."""
-        if self._user_reps is not None:
+    def _resolve_mixture(self) -> tuple[torch.Tensor, torch.Tensor | None, RowPlan | None]:
+        """(weights [R or 1, k], idx or None, plan or None) for this forward."""
+        personal = (ACTIVE_PERSONALIZATION.get() or {}).get(self)
+        if personal is not None:
             if self.gate is None:
                 raise RuntimeError(
                     "RecLoRALinear: personalize() gave user representations but this layer has "
                     "no gate; inject with gate_dim=... or use set_mixture(weights, idx)"
                 )
-            weights, idx = self.gate(self._user_reps)
-            return weights, idx, self._user_row_ids
+            weights, idx = self.gate(personal.user_reps)
+            return weights, idx, personal.plan
         if self._mixture is not None:
-            return (*self._mixture, self._mixture_row_ids)
+            return (*self._mixture, self._mixture_plan)
         if self.gate is not None:
             raise RuntimeError(
                 "RecLoRALinear: this layer has a gate but no user representation; run the "
@@ -270,7 +308,7 @@ class RecLoRALinear(nn.Module):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, idx, row_ids = self._resolve_mixture()
+        weights, idx, plan = self._resolve_mixture()
         dtype = x.dtype
         autocast = torch.is_autocast_enabled(x.device.type)
         if autocast:
@@ -283,16 +321,17 @@ class RecLoRALinear(nn.Module):
             raise ValueError(f"RecLoRALinear: `x` must end in in_features={d_in}, got shape "
                              f"{list(x.shape)}")
         lead = x_in.shape[:-1]
-        if row_ids is not None:
+        if plan is not None:
             x_op = x_in.reshape(-1, d_in)
-            if row_ids.shape != (x_op.shape[0],):
+            if plan.tokens != x_op.shape[0]:
                 raise ValueError(
-                    f"RecLoRALinear: `row_ids` must have one entry per token of x "
-                    f"({x_op.shape[0]}), got shape {list(row_ids.shape)}"
+                    f"RecLoRALinear: the batch's `row_ids` cover {plan.tokens} tokens but x has "
+                    f"{x_op.shape[0]} (shape {list(x.shape)})"
                 )
-            rows = weights.shape[0]  # the op checks row_ids against it
-            if rows == 1:  # one mixture for every token: the packed input is a single row
-                x_op, row_ids = x_op.unsqueeze(0), None
+            rows = plan.rows
+            if weights.shape[0] == 1 and rows != 1:
+                # One mixture for every token: the packed input is a single row.
+                x_op, plan, rows = x_op.unsqueeze(0), None, 1
         elif x_in.dim() <= 2:
             x_op = x_in.reshape(-1, d_in)  # one token per row
             rows = x_op.shape[0]
@@ -320,8 +359,10 @@ class RecLoRALinear(nn.Module):
             weights.to(device=x.device, dtype=dtype),
             None if idx is None else idx.to(x.device),
         )
-        options = {"scale": self.scale, "mix": self.mix, "row_ids": row_ids,
-                   "backend": self.backend}
+        # The indices were checked by set_mixture or come from a gate's top-k (in range by
+        # construction): no per-layer range check, so no per-layer host sync.
+        options = {"scale": self.scale, "mix": self.mix, "plan": plan, "backend": self.backend,
+                   "indices_checked": True}
         if autocast:
             with torch.autocast(x.device.type, enabled=False):
                 y = lora_mix_linear(*args, **options)

@@ -133,11 +133,17 @@ def test_personalize_nests_and_restores():
     layers = reclora.inject(model, num_adapters=3, rank=2, gate_dim=GATE_DIM)
     first = next(iter(layers.values()))
     u1, u2 = torch.randn(2, GATE_DIM, dtype=F64), torch.randn(2, GATE_DIM, dtype=F64)
+    from reclora.layers import ACTIVE_PERSONALIZATION
+
+    def active_reps():
+        state = (ACTIVE_PERSONALIZATION.get() or {}).get(first)
+        return None if state is None else state.user_reps
+
     with reclora.personalize(model, u1):
         with reclora.personalize(model, u2):
-            assert first._user_reps is u2
-        assert first._user_reps is u1
-    assert first._user_reps is None
+            assert active_reps() is u2
+        assert active_reps() is u1
+    assert active_reps() is None
     with pytest.raises(ValueError, match="`user_reps`"):
         with reclora.personalize(model, torch.randn(2, GATE_DIM + 1, dtype=F64)):
             pass
