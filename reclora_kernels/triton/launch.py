@@ -103,7 +103,7 @@ def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     if adapter_idx is None:
         # Dense: one GEMM w [R, M] @ bank [M, size] reads the bank once (a kernel per row
         # would read it R times).
-        flat = adapter_w.to(bank.dtype) @ bank.reshape(bank.shape[0], -1)
+        flat = adapter_w.to(bank.dtype) @ bank.reshape(bank.shape[0], bank[0].numel())
         return flat.to(out_dtype).view(rows, *bank.shape[1:])
     bank = bank.contiguous()
     size = bank[0].numel()
@@ -275,11 +275,12 @@ def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w):
     rows, num = adapter_w.shape
     acc = da_mix.dtype
     w_t = adapter_w.to(acc).t()
-    flat_da, flat_db = da_mix.reshape(rows, -1), db_mix.reshape(rows, -1)
+    flat_da = da_mix.reshape(rows, da_mix[0].numel() if rows else lora_a[0].numel())
+    flat_db = db_mix.reshape(rows, db_mix[0].numel() if rows else lora_b[0].numel())
     da = (w_t @ flat_da).view(lora_a.shape)
     db = (w_t @ flat_db).view(lora_b.shape)
-    dw = flat_da @ lora_a.reshape(num, -1).to(acc).t() + flat_db @ lora_b.reshape(num, -1).to(
-        acc).t()
+    dw = (flat_da @ lora_a.reshape(num, flat_da.shape[1]).to(acc).t()
+          + flat_db @ lora_b.reshape(num, flat_db.shape[1]).to(acc).t())
     dtype = lora_a.dtype
     return da.to(dtype), db.to(dtype), dw.to(dtype)
 
