@@ -336,7 +336,8 @@ class RecLoRALinear(nn.Module):
             x_op = x_in.reshape(-1, d_in)  # one token per row
             rows = x_op.shape[0]
         else:
-            x_op = x_in.reshape(x_in.shape[0], -1, d_in)  # first dim = rows
+            # first dim = rows (sizes spelled out: -1 is ambiguous for an empty batch)
+            x_op = x_in.reshape(x_in.shape[0], math.prod(x_in.shape[1:-1]), d_in)
             rows = x_op.shape[0]
         if weights.shape[0] != rows:
             if weights.shape[0] != 1:
