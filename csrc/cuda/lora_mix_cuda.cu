@@ -1,35 +1,34 @@
 // CUDA kernels of reclora::lora_mix_forward / lora_mix_backward (fp32, fp16, bf16; sm_80+).
 //
+// The base GEMM is cuBLAS's (at::addmm_, beta = 1): these kernels are only the memory-bound
+// LoRA part around it. (The hand-written wmma 64x64 GEMM that was here ran at ~18 TFLOP/s,
+// 42x the base on an H100; it is gone.)
+//
 // Forward, factor mode (each row's factors mixed once):
 //   A_p, B_p = mix_kernel(A), mix_kernel(B)          [R, r, d_in], [R, d_out, r] in x's dtype
 //   s = shrink_kernel(x; A_p[row])                    [T, 1, r] fp32, saved for backward
-//   y = fused_kernel(x, W, bias; s, B_p)              y written once
-// Output mode: s[:, j] = A[i_j] x, then the fused kernel expands sum_j w_j B[i_j] s_j.
+//   y = expand_kernel(s; B_p, bias)                   y = bias + scale * B_p[row] s, written once
+//   y += x W^T                                        cuBLAS, beta = 1
+// Output mode: s[:, j] = A[i_j] x, then the expand writes bias + scale * sum_j w_j B[i_j] s_j.
+// Both per-token kernels read row_ids directly: the forward needs no sort.
 //
-// fused_kernel: one 64x64 output tile of tokens (sorted by row) x output features per block.
-// The base x W^T runs over K = d_in; the LoRA expand continues the same K loop over k'*r
-// extra columns, once per row present in the tile (the A operand masked to that row's
-// tokens, holding scale * coef_j * s_j; the B operand its row's factor F[i_j]^T), so both
-// land in one accumulator and y is written once. fp16/bf16 tiles go through tensor cores
-// (wmma 16x16x16, fp32 accumulate); fp32 runs a plain FMA micro-tile (full fp32, as torch's
-// F.linear is by default; no tf32).
+// Backward: v = shrink(g; B^T), dx = expand(v; A^T) then dx += g W (cuBLAS); dA, dB by
+// per-row segment outer products (over a row-sorted order made here) accumulated with fp32
+// atomics; factor mode then scatters dA_p, dB_p to the bank and reduces dw in
+// mix_backward_kernel. dW = g^T x and dbias = sum g are at::mm / sum, only when asked.
 //
-// Backward reuses the kernels with transposed strides: v = shrink(g; B^T), dx = fused(g, W^T;
-// v, A^T); dA, dB by per-row segment outer products accumulated with fp32 atomics; factor
-// mode then scatters dA_p, dB_p to the bank and reduces dw in mix_backward_kernel. dW = g^T x
-// and dbias = sum g are at::mm / sum (cuBLAS is at the roofline there).
-//
-// Correctness first: no cp.async pipelining, no split-K; see the report of issue 3.
+// Correctness first: the LoRA kernels are simple (one thread per output element in the
+// expand, one warp per (token, slot, rank) in the shrink) and not yet measured on a GPU;
+// `auto` picks this backend only where a card's table says it measured fastest.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <mma.h>
 #include <torch/library.h>
 
-#include <type_traits>
+#include <algorithm>
 
 #include "../lora_mix_common.h"
 
@@ -124,178 +123,31 @@ __global__ void shrink_kernel(const T* __restrict__ x, int64_t sx0, int64_t sx1,
   }
 }
 
-struct FusedParams {
-  const void* x;
-  int64_t sx0, sx1;  // x [T, K]
-  const void* w;
-  int64_t sw0, sw1;  // W as [N, K]: element (o, k) at o * sw0 + k * sw1
-  const void* bias;  // [N] or null
-  const float* u;
-  int64_t su0, su1;  // u [T, kk, r] fp32 (unit stride over r)
-  const void* f;
-  int64_t sf, so, sc;  // F[f, o, c]
-  Source src;
-  const void* coef;
-  int64_t scf0, scf1;  // coef [R, kk] or null
-  void* y;             // [T, N] contiguous
-  const int64_t* order;
-  const int64_t* sorted_rows;
-  const int64_t* row_start;
-  int64_t tokens, n_out, depth;
-  int rank, slots;
-  float scale;
-};
-
-constexpr int BM = 64, BN = 64, BK = 32, kFusedThreads = 128;
-constexpr int kPadA = 8;  // keeps wmma's ldm a multiple of 16 bytes and spreads smem banks
-constexpr int kPadC = 4;
-
-template <typename T, bool kTensorCores>
-__global__ void __launch_bounds__(kFusedThreads) fused_kernel(FusedParams p) {
-  __shared__ __align__(128) T As[BM][BK + kPadA];
-  __shared__ __align__(128) T Bs[BN][BK + kPadA];
-  __shared__ __align__(128) float Cs[BM][BN + kPadC];
-
-  const int tid = threadIdx.x;
-  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * BN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * BM;
-  const T* x = static_cast<const T*>(p.x);
-  const T* w = static_cast<const T*>(p.w);
-  const T* f = static_cast<const T*>(p.f);
-  const T* coef = static_cast<const T*>(p.coef);
-  const bool w_k_fast = p.sw1 == 1;  // coalesce along whichever W dimension is contiguous
-
-  // Tensor-core accumulators: 4 warps in 2 x 2, each 32 x 32 = 2 x 2 fragments.
-  const int warp = tid / 32, wr = warp / 2, wc = warp % 2;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc_tc[2][2];
-  // FMA accumulators: thread (ty, tx) owns rows ty*4.. and columns tx*8..
-  const int ty = tid / 8, tx = tid % 8;
-  float acc_f[4][8];
-  if constexpr (kTensorCores) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj) nvcuda::wmma::fill_fragment(acc_tc[i][jj], 0.f);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) acc_f[i][jj] = 0.f;
+// y[n, o] = (bias[o]) + scale * sum_{j, c} coef[row(n), j] * u[n, j, c] * F[src(row(n), j), o, c]
+// One thread per output element; u [T, kk, r] fp32 is read by every thread of the block
+// (a broadcast from L1), F along o (coalesced when F's o stride is 1, as for A^T).
+template <typename T>
+__global__ void expand_kernel(T* __restrict__ y, int64_t sy0, const T* __restrict__ bias,
+                              int64_t sbias, const float* __restrict__ u, int64_t su0,
+                              int64_t su1, const T* __restrict__ f, int64_t sf, int64_t so,
+                              int64_t sc, Source src, const T* __restrict__ coef, int64_t scf0,
+                              int64_t scf1, const int64_t* __restrict__ row_ids, int64_t n_out,
+                              int64_t slots, int rank, float scale) {
+  const int64_t n = blockIdx.y;
+  const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (o >= n_out) return;
+  const int64_t b = row_ids[n];
+  float acc = 0.f;
+  for (int64_t j = 0; j < slots; ++j) {
+    const T* fj = f + src(b, j) * sf + o * so;
+    const float* uj = u + n * su0 + j * su1;
+    float part = 0.f;
+    for (int c = 0; c < rank; ++c) part += uj[c] * to_f(fj[c * sc]);
+    acc += (coef ? to_f(coef[b * scf0 + j * scf1]) : 1.f) * part;
   }
-
-  auto mma_tile = [&]() {
-    if constexpr (kTensorCores) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-      using namespace nvcuda;
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-          wmma::load_matrix_sync(a[i], &As[wr * 32 + i * 16][kk], BK + kPadA);
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj)
-          wmma::load_matrix_sync(b[jj], &Bs[wc * 32 + jj * 16][kk], BK + kPadA);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int jj = 0; jj < 2; ++jj) wmma::mma_sync(acc_tc[i][jj], a[i], b[jj], acc_tc[i][jj]);
-      }
-#endif
-    } else {
-#pragma unroll 4
-      for (int kk = 0; kk < BK; ++kk) {
-        float a[4], b[8];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = to_f(As[ty * 4 + i][kk]);
-#pragma unroll
-        for (int jj = 0; jj < 8; ++jj) b[jj] = to_f(Bs[tx * 8 + jj][kk]);
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int jj = 0; jj < 8; ++jj) acc_f[i][jj] += a[i] * b[jj];
-      }
-    }
-  };
-
-  // Base: K = depth over x and W.
-  for (int64_t k0 = 0; k0 < p.depth; k0 += BK) {
-    for (int e = tid; e < BM * BK; e += kFusedThreads) {
-      const int i = e / BK, kk = e % BK;
-      const int64_t m = m0 + i, k = k0 + kk;
-      As[i][kk] = (m < p.tokens && k < p.depth) ? x[p.order[m] * p.sx0 + k * p.sx1] : from_f<T>(0.f);
-    }
-    for (int e = tid; e < BN * BK; e += kFusedThreads) {
-      const int o = w_k_fast ? e / BK : e % BN, kk = w_k_fast ? e % BK : e / BN;
-      const int64_t col = n0 + o, k = k0 + kk;
-      Bs[o][kk] = (col < p.n_out && k < p.depth) ? w[col * p.sw0 + k * p.sw1] : from_f<T>(0.f);
-    }
-    __syncthreads();
-    mma_tile();
-    __syncthreads();
-  }
-
-  // LoRA expand: K continues over (slot j, rank c), once per row present in the tile.
-  const int64_t extra = static_cast<int64_t>(p.slots) * p.rank;
-  const int64_t last = (m0 + BM < p.tokens ? m0 + BM : p.tokens) - 1;
-  const int64_t b_first = p.sorted_rows[m0], b_last = p.sorted_rows[last];
-  for (int64_t b = b_first; b <= b_last; ++b) {
-    if (p.row_start[b + 1] == p.row_start[b]) continue;  // block-uniform
-    for (int64_t q0 = 0; q0 < extra; q0 += BK) {
-      for (int e = tid; e < BM * BK; e += kFusedThreads) {
-        const int i = e / BK, kk = e % BK;
-        const int64_t m = m0 + i, q = q0 + kk;
-        float v = 0.f;
-        if (m < p.tokens && q < extra && p.sorted_rows[m] == b) {
-          const int64_t j = q / p.rank, c = q % p.rank;
-          const float cj = coef ? to_f(coef[b * p.scf0 + j * p.scf1]) : 1.f;
-          v = p.scale * cj * p.u[p.order[m] * p.su0 + j * p.su1 + c];
-        }
-        As[i][kk] = from_f<T>(v);
-      }
-      for (int e = tid; e < BN * BK; e += kFusedThreads) {
-        const int o = e / BK, kk = e % BK;
-        const int64_t col = n0 + o, q = q0 + kk;
-        T v = from_f<T>(0.f);
-        if (col < p.n_out && q < extra) {
-          const int64_t j = q / p.rank, c = q % p.rank;
-          v = f[p.src(b, j) * p.sf + col * p.so + c * p.sc];
-        }
-        Bs[o][kk] = v;
-      }
-      __syncthreads();
-      mma_tile();
-      __syncthreads();
-    }
-  }
-
-  // Epilogue: accumulators -> smem -> + bias -> y (rows scattered back to token order).
-  if constexpr (kTensorCores) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int jj = 0; jj < 2; ++jj)
-        nvcuda::wmma::store_matrix_sync(&Cs[wr * 32 + i * 16][wc * 32 + jj * 16], acc_tc[i][jj],
-                                        BN + kPadC, nvcuda::wmma::mem_row_major);
-  } else {
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) Cs[ty * 4 + i][tx * 8 + jj] = acc_f[i][jj];
-  }
-  __syncthreads();
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
-  for (int e = tid; e < BM * BN; e += kFusedThreads) {
-    const int i = e / BN, o = e % BN;
-    const int64_t m = m0 + i, col = n0 + o;
-    if (m < p.tokens && col < p.n_out) {
-      float v = Cs[i][o];
-      if (bias) v += to_f(bias[col]);
-      y[p.order[m] * p.n_out + col] = from_f<T>(v);
-    }
-  }
+  float v = scale * acc;
+  if (bias) v += to_f(bias[o * sbias]);
+  y[n * sy0 + o] = from_f<T>(v);
 }
 
 // out[src(b, j), o, c] += scale * coef[b, j] * sum_{n in row b} P[n, o] Q[n, j, c]
@@ -399,49 +251,34 @@ Tensor shrink(const Tensor& x, const Tensor& f, int64_t sf, int64_t sc, int64_t 
   return out;
 }
 
-// y = x W^T + bias + scale * sum_j coef_j F[src_j] u_j, W given by strides over [N, K].
+// y = x W^T + bias + scale * sum_j coef_j F[src_j] u_j: the expand writes y, then cuBLAS
+// accumulates the base into it (beta = 1). `mat` is W^T [K, N] (or W for the dx pass).
 template <typename T>
-Tensor fused(const Tensor& x, const Tensor& w, int64_t sw0, int64_t sw1, int64_t n_out,
-             const std::optional<Tensor>& bias, const Tensor& u, const Tensor& f, int64_t sf,
-             int64_t so, int64_t sc, const Source& src, const std::optional<Tensor>& coef,
-             const RowPlan& plan, int64_t slots, int64_t rank, double scale) {
-  const int64_t tokens = x.size(0);
+Tensor lora_linear(const Tensor& x, const Tensor& mat, const std::optional<Tensor>& bias,
+                   const Tensor& u, const Tensor& f, int64_t sf, int64_t so, int64_t sc,
+                   const Source& src, const std::optional<Tensor>& coef, const Tensor& row_ids,
+                   int64_t slots, int64_t rank, double scale) {
+  const int64_t tokens = x.size(0), n_out = mat.size(1);
   Tensor y = at::empty({tokens, n_out}, x.options());
   if (tokens == 0 || n_out == 0) return y;
-  TORCH_CHECK(blocks(tokens, BM) <= 65535, "lora_mix (cuda): too many tokens for one call");
-  FusedParams p;
-  p.x = x.data_ptr();
-  p.sx0 = x.stride(0);
-  p.sx1 = x.stride(1);
-  p.w = w.data_ptr();
-  p.sw0 = sw0;
-  p.sw1 = sw1;
-  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  p.u = u.data_ptr<float>();
-  p.su0 = u.stride(0);
-  p.su1 = u.stride(1);
-  p.f = f.data_ptr();
-  p.sf = sf;
-  p.so = so;
-  p.sc = sc;
-  p.src = src;
-  p.coef = coef.has_value() ? coef->data_ptr() : nullptr;
-  p.scf0 = coef.has_value() ? coef->stride(0) : 0;
-  p.scf1 = coef.has_value() ? coef->stride(1) : 0;
-  p.y = y.data_ptr();
-  p.order = plan.order.data_ptr<int64_t>();
-  p.sorted_rows = plan.sorted_rows.data_ptr<int64_t>();
-  p.row_start = plan.row_start.data_ptr<int64_t>();
-  p.tokens = tokens;
-  p.n_out = n_out;
-  p.depth = x.size(1);
-  p.rank = static_cast<int>(rank);
-  p.slots = static_cast<int>(slots);
-  p.scale = static_cast<float>(scale);
+  TORCH_CHECK(tokens <= 65535 * 1024LL, "lora_mix (cuda): too many tokens for one call");
+  const int64_t chunk = 65535;  // grid.y limit: launch in slices of tokens
   auto stream = c10::cuda::getCurrentCUDAStream();
-  dim3 grid(blocks(n_out, BN), blocks(tokens, BM));
-  fused_kernel<T, !std::is_same_v<T, float>><<<grid, kFusedThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t first = 0; first < tokens; first += chunk) {
+    const int64_t count = std::min(chunk, tokens - first);
+    dim3 grid(blocks(n_out, kThreads), static_cast<unsigned>(count));
+    expand_kernel<T><<<grid, kThreads, 0, stream>>>(
+        reinterpret_cast<T*>(y.data_ptr()) + first * n_out, n_out,
+        bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr,
+        bias.has_value() ? bias->stride(0) : 0, u.data_ptr<float>() + first * u.stride(0),
+        u.stride(0), u.stride(1), reinterpret_cast<const T*>(f.data_ptr()), sf, so, sc, src,
+        coef.has_value() ? reinterpret_cast<const T*>(coef->data_ptr()) : nullptr,
+        coef.has_value() ? coef->stride(0) : 0, coef.has_value() ? coef->stride(1) : 0,
+        row_ids.data_ptr<int64_t>() + first, n_out, slots, static_cast<int>(rank),
+        static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  y.addmm_(x, mat);  // the base, by cuBLAS
   return y;
 }
 
@@ -500,11 +337,8 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cuda(
             at::empty({0, kk, s.rank}, x.options().dtype(at::kFloat))};
   }
   const Tensor lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous();
-  const std::optional<Tensor> bias_c =
-      bias.has_value() ? std::optional<Tensor>(bias->contiguous()) : std::nullopt;
   const Tensor rows_c = row_ids.contiguous();
-  const RowPlan plan = make_plan(rows_c, s.rows);
-  const int64_t r = s.rank, d_in = s.d_in, d_out = s.d_out;
+  const int64_t r = s.rank, d_in = s.d_in;
   Tensor y, sh;
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -513,13 +347,13 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cuda(
       Tensor a_mix = mix<T>(lora_a, adapter_w, table);  // [R, r * d_in]
       Tensor b_mix = mix<T>(lora_b, adapter_w, table);  // [R, d_out * r]
       sh = shrink<T>(x, a_mix, r * d_in, d_in, 1, own, rows_c, 1, r);
-      y = fused<T>(x, weight, weight.stride(0), weight.stride(1), d_out, bias_c, sh, b_mix,
-                   d_out * r, r, 1, own, std::nullopt, plan, 1, r, scale);
+      y = lora_linear<T>(x, weight.t(), bias, sh, b_mix, s.d_out * r, r, 1, own, std::nullopt,
+                         rows_c, 1, r, scale);
     } else {
       const Source table = make_source(adapter_idx, false);
       sh = shrink<T>(x, lora_a, r * d_in, d_in, 1, table, rows_c, s.slots, r);
-      y = fused<T>(x, weight, weight.stride(0), weight.stride(1), d_out, bias_c, sh, lora_b,
-                   d_out * r, r, 1, table, adapter_w, plan, s.slots, r, scale);
+      y = lora_linear<T>(x, weight.t(), bias, sh, lora_b, s.d_out * r, r, 1, table, adapter_w,
+                         rows_c, s.slots, r, scale);
     }
   });
   return {y, sh};
@@ -564,9 +398,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
         Tensor b_mix = mix<T>(lora_b, adapter_w, table);
         // v = B_p^T g: F[f, c, k] = B_p[f, k, c]
         Tensor v = shrink<T>(g, b_mix, d_out * r, 1, r, own, rows_c, 1, r);
-        if (need_x)  // dx = g W + scale * A_p^T v: W^T as [N = d_in, K = d_out], F = A_p^T
-          dx = fused<T>(g, weight, weight.stride(1), weight.stride(0), d_in, std::nullopt, v,
-                        a_mix, r * d_in, 1, d_in, own, std::nullopt, plan, 1, r, scale);
+        if (need_x)  // dx = g W + scale * A_p^T v: F = A_p^T [R, d_in, r]
+          dx = lora_linear<T>(g, weight, std::nullopt, v, a_mix, r * d_in, 1, d_in, own,
+                              std::nullopt, rows_c, 1, r, scale);
         if (need_lora) {
           Tensor da_mix = at::zeros({R, r * d_in}, f32), db_mix = at::zeros({R, d_out * r}, f32);
           segment_outer<T>(g, sh, own, std::nullopt, plan, R, 1, r, db_mix, d_out * r, r, 1,
@@ -579,8 +413,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
       } else {
         Tensor v = shrink<T>(g, lora_b, d_out * r, 1, r, table, rows_c, s.slots, r);
         if (need_x)
-          dx = fused<T>(g, weight, weight.stride(1), weight.stride(0), d_in, std::nullopt, v,
-                        lora_a, r * d_in, 1, d_in, table, adapter_w, plan, s.slots, r, scale);
+          dx = lora_linear<T>(g, weight, std::nullopt, v, lora_a, r * d_in, 1, d_in, table,
+                              adapter_w, rows_c, s.slots, r, scale);
         if (need_lora) {
           segment_outer<T>(g, sh, table, adapter_w, plan, R, s.slots, r, db, d_out * r, r, 1,
                            scale);
