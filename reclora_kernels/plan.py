@@ -17,16 +17,23 @@ check (a sync would break the graph) and always sort.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+@lru_cache(maxsize=1)
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()  # ~5 us per call on a CUDA build without a GPU: cached
+
+
 def tracing() -> bool:
     """True while torch.compile traces or a CUDA graph captures: no host reads allowed."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    return torch.compiler.is_compiling() or capturing
+    if torch.compiler.is_compiling():
+        return True
+    return _has_cuda() and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,12 +64,13 @@ class RowPlan:
         return None if self.row_ids is None else self.row_ids.device
 
     def token_rows(self, device: torch.device) -> torch.Tensor:
-        """row_ids [T] int64 on `device` (materialised for an implicit plan, no host sync)."""
+        """row_ids [T] int64 on `device` (materialised for an implicit plan, no host sync;
+        cached by size, read-only: the native kernels take row ids as a tensor)."""
         if self.row_ids is not None:
             return self.row_ids
-        if self.tokens == 0:
-            return torch.zeros(0, dtype=torch.int64, device=device)
-        return torch.arange(self.tokens, device=device) // self.row_len
+        if tracing():
+            return _implicit_rows.__wrapped__(self.tokens, self.row_len, device)
+        return _implicit_rows(self.tokens, self.row_len, device)
 
     def describe(self) -> str:
         kind = "implicit" if self.implicit else ("unsorted" if self.order is not None
@@ -72,8 +80,17 @@ class RowPlan:
     __repr__ = describe
 
 
+@lru_cache(maxsize=64)
+def _implicit_rows(tokens: int, row_len: int, device: torch.device) -> torch.Tensor:
+    if tokens == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device)
+    return torch.arange(tokens, device=device) // row_len
+
+
+@lru_cache(maxsize=256)
 def implicit_plan(rows: int, row_len: int) -> RowPlan:
-    """x [R, L, d_in]: token n is in row n // L."""
+    """x [R, L, d_in]: token n is in row n // L. (Cached: plans are immutable, and this runs
+    on every call.)"""
     return RowPlan(rows=rows, tokens=rows * row_len, row_len=row_len if rows * row_len else 0)
 
 

@@ -13,7 +13,7 @@ and RecLoRALinear.set_mixture do after checking once per batch).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -21,11 +21,11 @@ from .plan import RowPlan, implicit_plan, row_plan, tracing
 
 MIX_MODES = {"factor": 0, "output": 1}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FLOAT_MAX = {t: torch.finfo(t).max for t in FLOAT_DTYPES}
 INDEX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):  # a NamedTuple: built on every call, ~3x cheaper than a dataclass
     """The op's arguments in canonical packed form (what every backend receives)."""
 
     x2d: torch.Tensor  # [T, d_in]
@@ -120,7 +120,7 @@ def prepare(
     dtype, device = x.dtype, x.device
     # A scale past the dtype's range would be rounded to inf inside a kernel, and then give
     # inf, NaN or an error depending on the backend: reject it here, the same for all.
-    if not abs(scale) <= torch.finfo(dtype).max:
+    if not abs(scale) <= _FLOAT_MAX[dtype]:
         _fail("scale", f"a finite float within {dtype}'s range", repr(scale))
     d_in = x.shape[-1]
 
