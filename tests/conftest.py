@@ -1,14 +1,67 @@
-"""Test-session setup: Triton runs through its interpreter when there is no GPU, and every
-Python-backend output is NaN-poisoned before a kernel writes it."""
+"""Test-session setup: Triton runs through its interpreter when there is no GPU, every
+Python-backend output is NaN-poisoned before a kernel writes it, every test starts from
+global RNGs seeded by its node id (the seed is printed with a failure), and datasets and
+caches live in a session temporary folder, never in ~/.cache/reclora."""
 
 import os
+import random
+import zlib
 
+import numpy as np
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before triton.jit decorates the kernels (at import of reclora_kernels.triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["RECLORA_POISON"] = "1"
+
+
+def test_seed(nodeid: str) -> int:
+    """The seed of a test: stable across runs and machines, different per test; override
+    every test's seed with RECLORA_TEST_SEED to look for seed-dependent failures."""
+    salt = os.environ.get("RECLORA_TEST_SEED", "")
+    return zlib.crc32(f"{nodeid}{salt}".encode()) & 0x7FFFFFFF
+
+
+test_seed.__test__ = False  # not a test, despite the name
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs(request):
+    """torch, numpy and random seeded from the node id: make_inputs(seed=None), randn_like,
+    make_synthetic(seed=None) ... all draw from these, so a failure replays exactly."""
+    seed = test_seed(request.node.nodeid)
+    request.node.user_properties.append(("seed", seed))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    yield seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.failed:
+        seed = dict(item.user_properties).get("seed")
+        if seed is not None:
+            rep.sections.append(("seed", f"global RNGs seeded with {seed} "
+                                 f"(zlib.crc32 of the node id; RECLORA_TEST_SEED salts it)"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_data_dir(tmp_path_factory):
+    """$RECLORA_DATA in a session temporary folder holding ML-100K copied from the installed
+    recbole wheel (where the set-up gets it), so no test reads or writes ~/.cache/reclora;
+    the MiniLM item embeddings are computed there once per session."""
+    from reclora.data.fetch import copy_installed_ml100k
+
+    root = tmp_path_factory.mktemp("reclora_data")
+    copy_installed_ml100k(root)  # None (nothing copied) without the wheel: those tests skip
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RECLORA_DATA", str(root))
+        yield root
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -39,7 +39,11 @@ class Case:
 
 
 def make_inputs(case: Case, dtype=torch.float64, device="cpu", seed=None):
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    """Inputs of `case` from their own generator: `seed`, or else one drawn from the global
+    RNG, which conftest seeds per test from its node id (printed when the test fails)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()))
+    gen = torch.Generator().manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)

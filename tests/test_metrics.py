@@ -126,3 +126,81 @@ def test_rank_correlation_edge_cases() -> None:
         metrics.rank_correlation([1.0], [1.0])
     with pytest.raises(ValueError, match="a holds NaN"):
         metrics.rank_correlation([np.nan, 1.0], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_auc_with_cross_class_ties(seed: int) -> None:
+    """Positives and negatives share scores (the case where the 1/2 of a tie matters)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(30, 300))
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    s = rng.integers(0, 4, n).astype(float) + rng.integers(0, 2, n) * y  # few values
+    s[:2] = 2.0  # at least one positive-negative tie
+    shared = np.intersect1d(s[y == 1], s[y == 0])
+    assert shared.size >= 2, "the data must hold ties across classes"
+    assert metrics.auc(y, s) == pytest.approx(_brute_auc(y, s), abs=1e-12)
+    # All tied: exactly one half, whatever the class balance.
+    assert metrics.auc(y, np.full(n, 0.3)) == 0.5
+
+
+def _loop_resamples(y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int,
+                    seed: int) -> np.ndarray:
+    """Brute force: the same index draws as metrics (rng.integers per chunk of resamples),
+    each resample's AUC by pairwise counting; NaN for a one-class resample."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for start in range(0, n_resamples, metrics._BOOTSTRAP_CHUNK):
+        r = min(metrics._BOOTSTRAP_CHUNK, n_resamples - start)
+        for idx in rng.integers(0, y.size, size=(r, y.size)):
+            yy = y[idx]
+            out.append([_brute_auc(yy, s[idx]) if 0 < yy.sum() < yy.size else np.nan
+                        for s in score_sets])
+    return np.array(out).T
+
+
+@pytest.mark.parametrize("level", [0.95, 0.9, 0.5])
+def test_bootstrap_interval_is_the_percentiles_of_the_resamples(level: float) -> None:
+    """low/high are np.quantile of the resampled AUCs at (1-level)/2 and 1-(1-level)/2."""
+    y, s = _planted(120, 5)
+    ci = metrics.bootstrap_auc(y, s, n_resamples=200, level=level, seed=11)
+    boot = _loop_resamples(y, [s], 200, 11)[0]
+    boot = boot[np.isfinite(boot)]
+    tail = (1.0 - level) / 2.0
+    lo, hi = np.quantile(boot, [tail, 1.0 - tail])
+    assert (ci.low, ci.high) == pytest.approx((lo, hi), abs=1e-12)
+    assert ci.auc == pytest.approx(_brute_auc(y, s), abs=1e-12)
+    assert ci.level == level and ci.n_resamples == boot.size
+
+
+def test_bootstrap_drops_one_class_resamples() -> None:
+    """Resamples holding one class have no AUC: dropped, and counted out of n_resamples."""
+    y = np.array([1] + [0] * 9)
+    s = np.linspace(0, 1, 10)
+    ci = metrics.bootstrap_auc(y, s, n_resamples=300, seed=2)
+    boot = _loop_resamples(y, [s], 300, 2)[0]
+    assert 0 < ci.n_resamples == int(np.isfinite(boot).sum()) < 300
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paired_bootstrap_matches_its_definition(seed: int) -> None:
+    """diff, interval and the two-sided p-value = min(1, 2 * min(P(d <= 0), P(d >= 0)))
+    over the paired resampled differences, computed by brute force; two close models so
+    the p-value is strictly between 0 and 1."""
+    rng = np.random.default_rng(seed)
+    n = 150
+    y = rng.integers(0, 2, n)
+    a = np.round(y * 0.6 + rng.normal(size=n), 1)
+    b = np.round(y * 0.5 + rng.normal(size=n), 1)
+    d = metrics.paired_bootstrap_auc(y, a, b, n_resamples=300, level=0.9, seed=seed)
+    boot = _loop_resamples(y, [a, b], 300, seed)
+    diffs = boot[0] - boot[1]
+    diffs = diffs[np.isfinite(diffs)]
+    lo, hi = np.quantile(diffs, [0.05, 0.95])
+    p = min(1.0, 2.0 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+    assert d.diff == pytest.approx(_brute_auc(y, a) - _brute_auc(y, b), abs=1e-12)
+    assert (d.low, d.high) == pytest.approx((lo, hi), abs=1e-12)
+    assert 0.0 < p < 1.0
+    assert d.p_value == pytest.approx(p, abs=1e-12)
+    assert d.significant == (lo > 0 or hi < 0)
+    assert d.as_dict()["significant"] == d.significant

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from pathlib import Path
 
@@ -39,9 +38,9 @@ def small(tmp_path: Path):
 
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 @pytest.mark.parametrize("table", [True, False])
-def test_semantic_matches_reference(small, similarity: str, table: bool) -> None:
+def test_semantic_matches_reference(small, similarity: str, table: bool, _seeded_rngs) -> None:
     ds, syn = small
-    seed = secrets.randbits(32)
+    seed = _seeded_rngs
     g = torch.Generator().manual_seed(seed)
     # Exact ties, so that their order is tested: small integers for dot; for cosine,
     # items share one of a few random rows (float rounding cannot split those ties).
@@ -89,6 +88,44 @@ def test_no_leakage_even_when_the_future_is_most_similar(small) -> None:
         # k_id >= history: the long history is exactly the strictly-earlier interactions.
         assert sorted(ids.items[ids.mask].tolist()) == sorted(ds.item[past].tolist())
     assert ties > 0, "the fixture must contain same-second ratings"
+
+
+@pytest.mark.parametrize("similarity", ["dot", "cosine"])
+@pytest.mark.parametrize("table", [False, True])
+def test_no_leakage_in_batches_of_mixed_lengths(small, similarity: str, table: bool) -> None:
+    """Several samples per batch whose histories differ in length (1 to the longest), so
+    the shorter rows are padded up to the longest: padded slots must never be retrieved.
+    Every row equals the same sample retrieved alone, holds only strictly earlier items, and
+    with k_id >= its history returns exactly the strictly earlier interactions."""
+    ds, syn = small
+    emb = torch.randn(ds.n_items, 8)
+    # The padding slots read history position 0 of the flat table: make it the best match.
+    emb[int(ds.hist_item[0])] = 50.0
+    order = np.argsort(ds.hist_len[ds.samples], kind="stable")
+    by_len = ds.samples[order]
+    r = LongShortRetriever(ds, emb, k_text=2, k_id=50, similarity=similarity,
+                           precompute_table=table)
+    lens_seen = set()
+    n_batches = -(-by_len.size // 7)
+    for j in range(n_batches):  # batch j: every n_batches-th by length, short to long
+        batch = by_len[j::n_batches]
+        lens = ds.hist_len[batch]
+        lens_seen.add(int(lens.max() - lens.min()))
+        text, ids = r.batches(batch)
+        t = torch.from_numpy(ds.time[batch]).unsqueeze(1)
+        for hb in (text, ids):
+            assert (hb.times[hb.mask] < t.expand_as(hb.times)[hb.mask]).all(), (syn, batch)
+        assert torch.equal(ids.lengths, torch.from_numpy(lens)), (syn, batch)
+        for b, i in enumerate(batch):
+            i = int(i)
+            past = sorted(ds.history(i)[0].tolist())
+            assert sorted(ids.items[b][ids.mask[b]].tolist()) == past, (syn, i)
+            alone_t, alone_i = r.batches([i])
+            n_t = int(text.mask[b].sum())
+            assert text.items[b][:n_t].tolist() == alone_t.items[0][:n_t].tolist(), (syn, i)
+            assert n_t == int(alone_t.mask[0].sum()) == min(2, len(past))
+            assert set(text.items[b][:n_t].tolist()) <= set(past), (syn, i)
+    assert max(lens_seen) >= 3, "batches must mix history lengths (padding)"
 
 
 def test_recent_mode_and_equal_embeddings(small) -> None:
@@ -146,7 +183,7 @@ def test_no_leakage_on_real_ml100k(tmp_path: Path) -> None:
     emb = torch.randn(ds.n_items, 16)
     kmax = int(ds.hist_len.max())
     r = LongShortRetriever(ds, emb, k_text=10, k_id=kmax)
-    s = ds.samples[np.random.default_rng(secrets.randbits(32)).choice(ds.samples.size, 3000,
+    s = ds.samples[np.random.default_rng(0).choice(ds.samples.size, 3000,
                                                                       replace=False)]
     text, ids = r.batches(s)
     t = torch.from_numpy(ds.time[s]).unsqueeze(1)
@@ -218,7 +255,6 @@ def test_llm_mean_pooled_embeddings_with_pca(tmp_path: Path, small, one_thread) 
 
     ds, _ = small
     tok = AutoTokenizer.from_pretrained(minilm_dir())
-    torch.manual_seed(secrets.randbits(31))
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     model = LlamaForCausalLM(cfg).eval()
