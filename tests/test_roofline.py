@@ -1,0 +1,99 @@
+"""benchmarks/roofline.py: a few launches' bytes and FLOPs against hand computation, and the
+calibration it claims (the old H100 profile reproduced)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks`
+
+from benchmarks import roofline as rl  # noqa: E402
+
+T, R, D, M, RANK = 8192, 64, 4096, 16, 8
+SPEC = rl.Case("spec", tokens=T, rows=R)
+
+
+def by_name(launches, start):
+    (hit,) = [x for x in launches if x.name.startswith(start)]
+    return hit
+
+
+def test_base_gemm_bytes_flops_and_calibration():
+    (base,) = rl.predict(SPEC, "base", rl.H100)
+    assert base.flops == 2 * T * D * D == 274_877_906_944
+    assert base.hbm_bytes == (T * D + D * D) * 2  # x and W
+    assert base.epilogue_bytes == T * D * 2  # y written once
+    # The constants are derived from run 2's cuBLAS kernel time: the model gives it back.
+    assert base.time_us(rl.H100) == pytest.approx(rl.BASE_GEMM_US, rel=1e-9)
+    # Compute-bound: the H200's extra bandwidth only shortens the epilogue.
+    assert base.time_us(rl.H200) < base.time_us(rl.H100) < base.time_us(rl.H200) + 10
+
+
+def test_new_forward_launches():
+    launches = rl.predict(SPEC, "new", rl.H100)
+    shrink = by_name(launches, "shrink")
+    # x once, each row's A_p once (L2 serves the other tiles), fp32 s written by 3 splits
+    # (128 tiles of 64 tokens, split until 2 programs per SM on 132 SMs).
+    assert shrink.hbm_bytes == T * D * 2 + R * RANK * D * 2 + T * RANK * 4 * 3
+    assert shrink.flops == 2 * T * RANK * D
+    mix_a = by_name(launches, "mix A")
+    assert mix_a.flops == 2 * R * (RANK * D) * M
+    assert mix_a.hbm_bytes == (R * M + M * RANK * D) * 2
+    assert mix_a.epilogue_bytes == R * RANK * D * 2
+    base = by_name(launches, "base y.addmm_")
+    assert base.epilogue_bytes == 2 * T * D * 2  # beta = 1: y read, then written
+    expand = by_name(launches, "expand")
+    assert expand.hbm_bytes == T * RANK * 4 + R * D * RANK * 2 + T * D * 2
+    assert rl.launches_per_call(launches) == 8
+
+
+def test_gathered_mix_reads_distinct_adapters_from_dram():
+    case = rl.Case("g", tokens=T, rows=R, adapters=4096, slots=4)
+    distinct = 4096 * (1 - (1 - 1 / 4096) ** (R * 4))
+    assert case.distinct_adapters() == pytest.approx(distinct)
+    assert 248 < distinct < 249
+    mix_a = by_name(rl.predict(case, "new", rl.H100), "mix A")
+    size = RANK * D * 2
+    assert mix_a.hbm_bytes == pytest.approx(distinct * size + R * size)
+    assert mix_a.l2_bytes == pytest.approx(R * 4 * size - distinct * size)
+
+
+def test_time_of_a_launch():
+    launch = rl.Launch("fwd", "stream", "Triton", hbm_bytes=rl.H100.hbm_tbs * 1e12 * rl.HBM_EFF)
+    assert launch.time_us(rl.H100) == pytest.approx(1e6 + rl.LAUNCH_US)  # 1 s of bytes
+    compute = rl.Launch("fwd", "gemm", "cuBLAS", flops=rl.H100.bf16_tflops * 1e12,
+                        flop_eff=1.0, count=3)
+    assert compute.time_us(rl.H100) == pytest.approx(1e6 + 3 * rl.LAUNCH_US)
+
+
+def test_old_design_reproduces_its_h100_profile():
+    launches = rl.predict(SPEC, "old", rl.H100)
+    assert rl.launches_per_call(launches) == 35  # issue 12: "~35 launches per forward"
+    profile_us = 52.2 + 30.3 + 2 * rl.OLD_MIX_US + rl.OLD_SHRINK_US + rl.OLD_FUSED_US
+    glue_error = 22 * (rl.LAUNCH_US - 30.3 / 22)  # the glue is charged the full launch cost
+    assert rl.total_us(launches, rl.H100) == pytest.approx(profile_us + glue_error, rel=1e-3)
+    assert rl.ratio(SPEC, "old", rl.H100) == pytest.approx(2.11, abs=0.05)  # measured 2.11x
+
+
+def test_packed_plan_is_per_batch_not_per_call():
+    packed = rl.Case("p", tokens=T, rows=R, packed=True)
+    launches = rl.predict(packed, "new", rl.H100)
+    plan = [x for x in launches if not x.per_call]
+    assert len(plan) == 1 and plan[0].count == 6
+    assert rl.launches_per_call(launches) == rl.launches_per_call(rl.predict(SPEC, "new"))
+
+
+def test_backward_and_report():
+    case = rl.Case("fb", tokens=T, rows=R, mode="fwd+bwd")
+    launches = rl.predict(case, "new", rl.H100)
+    dx = by_name(launches, "dx.addmm_")
+    assert dx.flops == 2 * T * D * D and dx.epilogue_bytes == 2 * T * D * 2
+    assert sum(x.phase == "bwd" for x in launches) > 0
+    assert len(rl.predict(case, "base")) == 2  # forward and dx GEMMs
+    with pytest.raises(NotImplementedError):
+        rl.predict(rl.Case("o", tokens=T, rows=R, mix="output", mode="fwd+bwd"), "new")
+    text = rl.report()
+    assert "| dense factor fwd |" in text and "H200" in text
