@@ -126,7 +126,7 @@ def triton_lora_mix_forward(
     weight: torch.Tensor, bias: torch.Tensor | None,
     lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
     adapter_idx: torch.Tensor | None, scale: float, mix: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import launch
 
     plan = _plan_of(x.shape[0], adapter_w.shape[0], row_len, row_ids, order, sorted_rows,
@@ -141,7 +141,8 @@ def triton_lora_mix_backward(
     order: torch.Tensor | None, sorted_rows: torch.Tensor | None,
     row_start: torch.Tensor | None, row_len: int, weight: torch.Tensor,
     lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
-    adapter_idx: torch.Tensor | None, shrink: torch.Tensor, scale: float, mix: int,
+    adapter_idx: torch.Tensor | None, shrink: torch.Tensor, a_mix: torch.Tensor,
+    b_mix: torch.Tensor, scale: float, mix: int,
     need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import launch
@@ -149,18 +150,26 @@ def triton_lora_mix_backward(
     plan = _plan_of(x.shape[0], adapter_w.shape[0], row_len, row_ids, order, sorted_rows,
                     row_start)
     return launch.backward(grad_y, x, plan, weight, lora_a, lora_b, adapter_w, adapter_idx,
-                           shrink, scale, mix, need_x, need_weight, need_bias, need_lora)
+                           shrink, (a_mix, b_mix), scale, mix, need_x, need_weight, need_bias,
+                           need_lora)
 
 
 def _triton_fake_forward(x, row_ids, order, sorted_rows, row_start, row_len, weight, bias,
                          lora_a, lora_b, adapter_w, adapter_idx, scale, mix):
-    return _fake_forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
-                         scale, mix)
+    y, shrink = _fake_forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                              scale, mix)
+    rows = adapter_w.shape[0]
+    if mix == 0:  # the rows' mixed factors, saved for the backward
+        a_mix = x.new_empty(rows, *lora_a.shape[1:])
+        b_mix = x.new_empty(rows, *lora_b.shape[1:])
+    else:
+        a_mix, b_mix = x.new_empty(0), x.new_empty(0)
+    return y, shrink, a_mix, b_mix
 
 
 def _triton_fake_backward(grad_y, x, row_ids, order, sorted_rows, row_start, row_len, weight,
-                          lora_a, lora_b, adapter_w, adapter_idx, shrink, scale, mix, need_x,
-                          need_weight, need_bias, need_lora):
+                          lora_a, lora_b, adapter_w, adapter_idx, shrink, a_mix, b_mix, scale,
+                          mix, need_x, need_weight, need_bias, need_lora):
     return _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
                           shrink, scale, mix, need_x, need_weight, need_bias, need_lora)
 
@@ -169,18 +178,19 @@ def _triton_setup_context(ctx, inputs, output):
     (x, row_ids, order, sorted_rows, row_start, row_len, weight, bias, lora_a, lora_b,
      adapter_w, adapter_idx, scale, mix) = inputs
     ctx.save_for_backward(x, row_ids, order, sorted_rows, row_start, weight, lora_a, lora_b,
-                          adapter_w, adapter_idx, output[1])
+                          adapter_w, adapter_idx, *output[1:])
     ctx.scale, ctx.mix, ctx.has_bias, ctx.row_len = scale, mix, bias is not None, row_len
 
 
-def _triton_backward(ctx, grad_y, _grad_shrink):
+def _triton_backward(ctx, grad_y, *_grad_saved):
     (x, row_ids, order, sorted_rows, row_start, weight, lora_a, lora_b, adapter_w, adapter_idx,
-     shrink) = ctx.saved_tensors
+     shrink, a_mix, b_mix) = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_lora = need[8] or need[9] or need[10]
     dx, dweight, dbias, da, db, dw = triton_lora_mix_backward(
         grad_y.contiguous(), x, row_ids, order, sorted_rows, row_start, ctx.row_len, weight,
-        lora_a, lora_b, adapter_w, adapter_idx, shrink, ctx.scale, ctx.mix, need[0], need[6],
+        lora_a, lora_b, adapter_w, adapter_idx, shrink, a_mix, b_mix, ctx.scale, ctx.mix, need[0],
+        need[6],
         need[7] and ctx.has_bias, need_lora,
     )
     return (

@@ -257,27 +257,44 @@ def segment_outer_kernel(
 
 
 @triton.jit
-def mix_backward_kernel(
-    dmix_ptr, bank_ptr, w_ptr, idx_ptr, dbank_ptr, dw_ptr,
-    size, slots,
-    s_bank_m, s_w_r, s_w_j, s_idx_r, s_idx_j,
-    DENSE: tl.constexpr, NEED_DW: tl.constexpr, BLOCK: tl.constexpr,
+def mix_weight_grad_kernel(
+    dmix_ptr, bank_ptr, idx_ptr, dw_ptr, size, slots, s_bank_m, s_idx_r, s_idx_j,
+    BLOCK: tl.constexpr,
 ):
-    """The transpose of mix_factors_kernel, for one bank (A or B):
-    dbank[idx[b, j], :] += w[b, j] * dmix[b, :];   dw[b, j] += <dmix[b, :], bank[idx[b, j], :]>
-    """
+    """dw[b, j] += <dmix[b, :], bank[idx[b, j], :]> for one bank (A or B): the mixture
+    weights' gradient in factor mode, a dot product per (row, slot) over the factor."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
     grad = tl.load(dmix_ptr + row.to(tl.int64) * size + offs, mask=mask, other=0.0)
     for j in range(0, slots):
-        if DENSE:
-            adapter = j
-        else:
-            adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j)
-        base = adapter.to(tl.int64) * s_bank_m
-        coef = tl.load(w_ptr + row * s_w_r + j * s_w_j).to(grad.dtype)
-        tl.atomic_add(dbank_ptr + base + offs, coef * grad, mask=mask)
-        if NEED_DW:
-            vals = tl.load(bank_ptr + base + offs, mask=mask, other=0.0).to(grad.dtype)
-            tl.atomic_add(dw_ptr + row * slots + j, tl.sum(grad * vals, axis=0))
+        adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j).to(tl.int64)
+        vals = tl.load(bank_ptr + adapter * s_bank_m + offs, mask=mask, other=0.0)
+        tl.atomic_add(dw_ptr + row * slots + j, tl.sum(grad * vals.to(grad.dtype), axis=0))
+
+
+@triton.jit
+def bank_grad_kernel(
+    dmix_ptr, w_ptr, pair_order_ptr, seg_start_ptr, dbank_ptr, size, slots, s_w_r, s_w_j,
+    BLOCK: tl.constexpr,
+):
+    """dbank[m, :] = sum over the (row, slot) pairs that picked adapter m of w * dmix[row, :].
+
+    Pairs come sorted by adapter (pair_order, seg_start [M + 1]), so each adapter's gradient
+    is summed in fp32 by one program and written once, in the bank's dtype; an adapter no row
+    used gets its zeros from the same store. No fp32 copy of the bank, no atomics, no cast.
+    """
+    adapter = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    start = tl.load(seg_start_ptr + adapter)
+    end = tl.load(seg_start_ptr + adapter + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float64 if dmix_ptr.dtype.element_ty == tl.float64
+                   else tl.float32)
+    for p in range(start, end):
+        pair = tl.load(pair_order_ptr + p).to(tl.int64)
+        row = pair // slots
+        coef = tl.load(w_ptr + row * s_w_r + (pair % slots) * s_w_j).to(acc.dtype)
+        acc += coef * tl.load(dmix_ptr + row * size + offs, mask=mask, other=0.0).to(acc.dtype)
+    tl.store(dbank_ptr + adapter.to(tl.int64) * size + offs,
+             acc.to(dbank_ptr.dtype.element_ty), mask=mask)

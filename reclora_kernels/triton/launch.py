@@ -13,8 +13,10 @@ then the expand writes bias + scale * sum_j w_j B[i_j] s_j, and cuBLAS adds the 
 (`base_first` in the config: y = x W^T + bias by cuBLAS first and the expand adds into y; the
 same bytes move, so which is faster is measured per card.)
 
-Backward: v = B_p^T g (shrink over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1),
-per-row segment sums for dA_p and dB_p, and the transpose of the mixing. dW = g^T x and
+Backward, with the mixed factors the forward saved (not mixed again): v = B_p^T g (a shrink
+over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1), per-row segment sums for dA_p
+and dB_p, and the transpose of the mixing (dense: GEMMs; gathered: one fp32 sum per adapter
+over the pairs sorted by adapter, written once in the bank's dtype). dW = g^T x and
 dbias = sum g only when asked (cuBLAS/MKL are at the roofline there).
 
 Rows come as a RowPlan (reclora_kernels.plan), made once per batch: no sort and no host sync
@@ -233,21 +235,40 @@ def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, 
     return out
 
 
-def mix_backward(dmix, bank, adapter_w, adapter_idx, dbank, dw, need_dw: bool):
-    """dbank[idx] += w * dmix; dw += <dmix, bank[idx]> (both fp32/fp64 buffers)."""
+def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx):
+    """The transpose of a gathered mixing: dA[m] = sum of w * dA_p over the pairs that
+    picked m (likewise dB), and dw[b, j] = <dA_p[b], A[i_j]> + <dB_p[b], B[i_j]>. The bank
+    gradients are summed per adapter over pairs sorted by adapter and written once in the
+    bank's dtype (no fp32 copy of the bank)."""
     rows, slots = adapter_w.shape
-    if rows == 0:
-        return
-    bank = bank.contiguous()
-    size = bank[0].numel()
-    cfg = config("mix", bank.device)
-    idx, s_ir, s_ij = _sources(adapter_idx, rows, slots, bank.device)
-    grid = (rows, triton.cdiv(size, cfg["BLOCK"]))
-    kernels.mix_backward_kernel[grid](
-        dmix, bank, adapter_w, idx, dbank, dw, size, slots,
-        bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), s_ir, s_ij,
-        DENSE=adapter_idx is None, NEED_DW=need_dw, BLOCK=cfg["BLOCK"], **_launch_opts(cfg),
-    )
+    num = lora_a.shape[0]
+    acc = da_mix.dtype
+    pairs = adapter_idx.reshape(-1)
+    pair_order = torch.argsort(pairs, stable=True).to(torch.int32)
+    bounds = torch.arange(num + 1, device=pairs.device)
+    seg_start = torch.searchsorted(pairs[pair_order.long()], bounds).to(torch.int32)
+    cfg = config("mix", lora_a.device)
+    dw = torch.zeros(rows, slots, device=lora_a.device, dtype=acc)
+    grads = []
+    for dmix, bank in ((da_mix, lora_a), (db_mix, lora_b)):
+        bank = bank.contiguous()
+        size = bank[0].numel()
+        dbank = new_output(bank.shape, device=bank.device, dtype=bank.dtype)
+        if size == 0:
+            grads.append(dbank.zero_())
+            continue
+        kernels.bank_grad_kernel[(num, triton.cdiv(size, cfg["BLOCK"]))](
+            dmix, adapter_w, pair_order, seg_start, dbank, size, slots,
+            adapter_w.stride(0), adapter_w.stride(1), BLOCK=cfg["BLOCK"], **_launch_opts(cfg),
+        )
+        if rows:
+            kernels.mix_weight_grad_kernel[(rows, triton.cdiv(size, cfg["BLOCK"]))](
+                dmix, bank, adapter_idx, dw, size, slots, bank.stride(0),
+                adapter_idx.stride(0), adapter_idx.stride(1), BLOCK=cfg["BLOCK"],
+                **_launch_opts(cfg),
+            )
+        grads.append(dbank)
+    return grads[0], grads[1], dw.to(lora_a.dtype)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -297,15 +318,16 @@ def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_i
         s = shrink(x, a_mix, _a_as_shrink(a_mix), own, plan, 1, rank, acc)
         y = lora_linear(x, weight, False, bias, s, b_mix, _b_as_expand(b_mix), own, None, plan,
                         1, rank, scale)
+        return y, s, a_mix, b_mix  # the mixed factors are saved: the backward does not re-mix
     else:
         src = _sources(adapter_idx, rows, slots, x.device)
         s = shrink(x, lora_a, _a_as_shrink(lora_a), src, plan, slots, rank, acc)
         y = lora_linear(x, weight, False, bias, s, lora_b, _b_as_expand(lora_b), src, adapter_w,
                         plan, slots, rank, scale)
-    return y, s
+    return y, s, x.new_empty(0), x.new_empty(0)
 
 
-def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s,
+def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
              scale, mix_mode, need_x, need_weight, need_bias, need_lora):
     rows, slots = adapter_w.shape
     num_adapters, rank, d_in = lora_a.shape
@@ -315,8 +337,7 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     dx, da, db, dw = (x.new_empty(0) for _ in range(4))
 
     if mix_mode == 0 and (need_x or need_lora):
-        a_mix = mix(lora_a, adapter_w, adapter_idx, x.dtype)
-        b_mix = mix(lora_b, adapter_w, adapter_idx, x.dtype)
+        a_mix, b_mix = mixed  # saved by the forward
         own = _row_sources(rows, x.device)
         v = shrink(g, b_mix, _b_as_shrink(b_mix), own, plan, 1, rank, acc)  # B_p^T g
         if need_x:
@@ -332,12 +353,8 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
                 # kernel took 115 us per bank here on an H100 at R=64, M=16, r=8, d=4096.)
                 da, db, dw = _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w)
             else:
-                da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
-                db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
-                dw32 = torch.zeros(rows, slots, device=x.device, dtype=acc)
-                mix_backward(da_mix, lora_a, adapter_w, adapter_idx, da32, dw32, True)
-                mix_backward(db_mix, lora_b, adapter_w, adapter_idx, db32, dw32, True)
-                da, db, dw = da32.to(x.dtype), db32.to(x.dtype), dw32.to(x.dtype)
+                da, db, dw = gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w,
+                                                   adapter_idx)
     elif mix_mode == 1 and (need_x or need_lora):
         src = _sources(adapter_idx, rows, slots, x.device)
         v = shrink(g, lora_b, _b_as_shrink(lora_b), src, plan, slots, rank, acc)  # B_j^T g
