@@ -256,12 +256,17 @@ def measure_host(run: Run, row: Row) -> dict[str, float | str]:
 
 # --- kernels: measured beside predicted -------------------------------------------------------
 
-# Measured kernel name (substring) -> predicate over the roofline's launch names.
+CUBLAS_NAMES = ("nvjet", "gemm", "xmma", "cutlass", "splitk")
+# (label, which measured kernels by name, which of the roofline's launches)
 KINDS = [
-    ("shrink_kernel", "Triton shrink (fwd s, bwd v)", lambda n: "shrink" in n),
-    ("expand_kernel", "Triton expand (fwd y, bwd dx)", lambda n: "expand" in n),
-    ("segment_outer", "Triton segment sums", lambda n: "segment sums" in n),
-    ("mix_factors", "Triton gathered mix", lambda n: "Triton gather" in n),
+    ("Triton shrink (fwd s, bwd v)", lambda k: "shrink_kernel" in k, lambda x: "shrink" in x.name),
+    ("Triton expand (fwd y, bwd dx)", lambda k: "expand_kernel" in k,
+     lambda x: "expand" in x.name),
+    ("Triton segment sums", lambda k: "segment_outer" in k, lambda x: "segment sums" in x.name),
+    ("Triton gathered mix", lambda k: "mix_factors" in k, lambda x: "Triton gather" in x.name),
+    ("cuBLAS GEMMs (base, dx, mixing)", lambda k: any(n in k.lower() for n in CUBLAS_NAMES),
+     lambda x: x.engine == "cuBLAS"),
+    ("memsets", lambda k: k.startswith("Memset"), lambda x: x.name.startswith("zeros")),
 ]
 
 
@@ -278,9 +283,9 @@ def kernel_report(run: Run, case: roofline.Case, backend: str) -> list[str]:
     lines = [title + " (torch.profiler, 10 calls)", *timing.profile_table(stats), "",
              f"  measured vs roofline ({run.card.name}), per call:",
              f"  {'kind':34s} {'pred us':>8s} {'meas us':>8s} {'meas/pred':>9s} {'HBM frac':>8s}"]
-    for key, label, pick in KINDS:
-        meas = sum(s.us_per_call for s in stats if key in s.name)
-        chosen = [x for x in predicted if x.per_call and pick(x.name)]
+    for label, is_kernel, is_launch in KINDS:
+        meas = sum(s.us_per_call for s in stats if is_kernel(s.name))
+        chosen = [x for x in predicted if x.per_call and is_launch(x)]
         if not chosen and not meas:
             continue
         pred = sum(x.time_us(run.card) for x in chosen)
