@@ -2,23 +2,140 @@
 
     reclora data ...   datasets: fetch, stats (reclora.data.cli)
     reclora run ...    the main job: Few2Many RecLoRA with baselines (reclora.pipeline)
+
+Every entry point (these, and `python -m reclora.crm`) reports a bad option or a bad file as
+one line on stderr and a non-zero exit: `guarded` below. `--debug` anywhere on the command
+line, or RECLORA_DEBUG=1, shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import sys
+from collections.abc import Callable
 
 SUBCOMMANDS = {
     "data": ("reclora.data.cli", "datasets: fetch and stats"),
     "run": ("reclora.pipeline", "the main job: CRMs, LLM baselines and RecLoRA on a dataset"),
 }
+DEBUG_FLAG = "--debug"
+DEBUG_HELP = f"({DEBUG_FLAG} or RECLORA_DEBUG=1: full tracebacks on errors)"
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------ error reporting
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block): `prog: error: message`."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    if isinstance(err, KeyError):  # str(KeyError('x')) is "'x'": say what it is
+        text = f"missing key {text}"
+    return text[:500] or type(err).__name__
+
+
+class CLIError(Exception):
+    """An error whose message tells the user all they need (e.g. a locked run folder)."""
+
+
+# Exceptions that report a bad option or a bad input (their message says which); anything
+# else is a bug, named by its type.
+USER_ERRORS: tuple[type[BaseException], ...] = (CLIError, ValueError, OSError, LookupError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from reclora.data.base import DataError
+
+    return (*USER_ERRORS, DataError)
+
+
+def debug_requested(argv: list[str]) -> bool:
+    return DEBUG_FLAG in argv or os.environ.get("RECLORA_DEBUG", "") not in ("", "0")
+
+
+def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] | None) -> int:
+    """Run main(argv without --debug); an exception becomes one line on stderr and exit 1
+    (130 on Ctrl-C), unless --debug or RECLORA_DEBUG=1 asks for the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = debug_requested(argv)
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    try:
+        return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        if isinstance(err, _user_errors()):
+            print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+        else:
+            print(f"{prog}: error: {type(err).__name__}: {_one_line(err)} "
+                  f"({DEBUG_FLAG} shows the traceback)", file=sys.stderr)
+        return 1
+
+
+# ------------------------------------------------------------------ option types
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an int >= low."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def device_option(text: str, allow_auto: bool = True) -> str:
+    """argparse type: "auto" or a torch device that exists here (cuda needs a GPU)."""
+    if allow_auto and text == "auto":
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}"
+                                         ) from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU is visible here")
+        if dev.index is not None and dev.index >= count:
+            raise argparse.ArgumentTypeError(f"{text!r}: only {count} CUDA device(s) here")
+    elif dev.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+# ------------------------------------------------------------------ dispatch
+def _dispatch(argv: list[str], extra: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: reclora {" + ",".join(SUBCOMMANDS) + "} ...\n")
+        print("usage: reclora {" + ",".join(SUBCOMMANDS) + "} ... " + DEBUG_HELP + "\n")
         for name, (_, doc) in SUBCOMMANDS.items():
             print(f"  {name:6s} {doc}")
         return 0 if argv else 2
@@ -28,7 +145,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return int(module.main(rest + extra) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The subcommand's own main is guarded too (and is handed --debug back); this one
+    # catches what fails before it, such as its import.
+    debug = [DEBUG_FLAG] if DEBUG_FLAG in argv else []
+    return guarded("reclora", lambda rest: _dispatch(rest, debug), argv)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,13 @@ stages whose file exists. Under torchrun the LLM stages run data-parallel (rank 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,8 +43,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 from reclora import metrics
 from reclora.checkpoint import atomic_write
+from reclora.cli import (
+    DEBUG_HELP,
+    ArgumentParser,
+    CLIError,
+    device_option,
+    guarded,
+    int_at_least,
+    positive_float,
+)
 from reclora.few2many import (
     CTRData,
     Stage2Config,
@@ -57,6 +75,19 @@ CRM_NAMES = ("din", "sim", "deepfm")
 GATE_CRM = "din"  # the CRM whose h_u feeds RecLoRA's gates (the paper's choice on ML-1M)
 LLM_MODELS = ("zero-shot", "tallrec", "rella", "reclora")
 ABLATIONS = ("reclora-uniform", "reclora-no-lsmr", "reclora-no-f2m")
+GATED_BY_TRAINED_CRM = ("reclora", "reclora-no-lsmr")  # no-f2m: an untrained DIN
+
+# The RunConfig options that shape each kind of stage (its fingerprint, see Run.fingerprint),
+# beside the data, the subsets it reads and, for RecLoRA, the gate CRM's checkpoint.
+CRM_OPTIONS = ("dataset", "n_test", "seed", "k_id", "crm_epochs", "crm_max_train")
+LLM_OPTIONS = ("dataset", "n_test", "model", "k_text", "k_id", "max_length", "amp",
+               "eval_batch_size")
+TRAIN_OPTIONS = ("seed", "n_train", "n_valid", "r", "alpha", "lr", "batch_size",
+                 "grad_accum", "epochs", "eval_points")
+MIXTURE_OPTIONS = ("k", "temperature", "gate_lr", "standardize_reps")
+DIGEST_KEYS = ("data", "test_subset", "train_subset", "valid_subset", "gate_crm_sha256")
+# What a stage file must hold to be reused (beside its fingerprint).
+STAGE_KEYS = ("auc", "logloss", "n_train", "n_test", "train_s", "probs")
 
 
 @dataclass
@@ -140,16 +171,18 @@ def _n_train(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     d = RunConfig()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="reclora run", description="CRMs, LLM baselines and RecLoRA (Few2Many) on a "
-        "dataset, with bootstrap intervals. Writes results.json, results.md, results.png.")
+        "dataset, with bootstrap intervals. Writes results.json, results.md, results.png. "
+        + DEBUG_HELP)
     p.add_argument("--output", "-o", default=d.output, help="run folder (default %(default)s)")
     p.add_argument("--dataset", default=d.dataset,
                    help="dataset name (ml-100k, ml-1m, ml-25m, goodreads) or folder")
     p.add_argument("--data-dir", default=None, help="root of named datasets")
     p.add_argument("--model", default=None,
                    help="causal LM: hub name, folder or .gguf (default: shipped SmolLM2-135M)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--device", type=device_option, default=d.device,
+                   help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--n", "--n-train", dest="n_train", type=_n_train, default=None,
                    help=f"stage-2 training samples: a count or a fraction (default {d.n_train})")
     p.add_argument("--n-valid", type=int, default=None, help=f"default {d.n_valid}")
@@ -159,9 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-id", type=int, default=None, help=f"default {d.k_id}")
     p.add_argument("--k", type=int, default=None, help=f"meta-LoRAs per bank ({d.k})")
     p.add_argument("--r", type=int, default=None, help=f"LoRA rank ({d.r})")
-    p.add_argument("--temperature", type=float, default=None, help=f"gate ({d.temperature})")
-    p.add_argument("--lr", type=float, default=None, help=f"default {d.lr}")
-    p.add_argument("--gate-lr", type=float, default=None, help="default: --lr")
+    p.add_argument("--temperature", type=positive_float, default=None,
+                   help=f"gate softmax temperature, > 0 ({d.temperature})")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"default {d.lr}")
+    p.add_argument("--gate-lr", type=positive_float, default=None, help="default: --lr")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--grad-accum", type=int, default=None, help=f"default {d.grad_accum}")
     p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
@@ -172,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="auto",
                    help="CPU threads: a count, or auto (re-picked by a timing probe, see "
                    "reclora.llm.ThreadPolicy)")
-    p.add_argument("--seed", type=int, default=None, help=f"default {d.seed}")
+    p.add_argument("--seed", type=int_at_least(0), default=None, help=f"default {d.seed}")
     p.add_argument("--ablations", action="store_true", help="add " + ", ".join(ABLATIONS))
     p.add_argument("--quick", action="store_true", help="small subsets (a few minutes)")
     p.add_argument("--resume", action="store_true", help="skip the stages already finished")
@@ -205,7 +239,8 @@ def config_from_args(argv: list[str]) -> RunConfig:
     cfg = replace(cfg, output=out, threads=threads, dataset=a.dataset, data_dir=a.data_dir,
                   model=a.model, device=a.device, ablations=a.ablations, resume=a.resume,
                   progress=not a.no_progress, **over)
-    for nm in ("n_valid", "k_text", "k_id", "k", "r", "batch_size", "grad_accum", "epochs"):
+    for nm in ("n_valid", "k_text", "k_id", "k", "r", "batch_size", "grad_accum", "epochs",
+               "max_length"):
         if getattr(cfg, nm) < 1:
             raise SystemExit(f"reclora run: --{nm.replace('_', '-')} must be >= 1, "
                              f"got {getattr(cfg, nm)}")
@@ -215,6 +250,57 @@ def config_from_args(argv: list[str]) -> RunConfig:
 
 
 # ------------------------------------------------------------------------ the run
+def _digest(*arrays: np.ndarray) -> str:
+    """A short sha256 of int arrays (a subset, the data): part of a stage's fingerprint."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _plain(obj: Any) -> Any:
+    """obj as it reads back from JSON (tuples become lists), so stored and current compare."""
+    return json.loads(json.dumps(obj))
+
+
+def _changes(old: Any, new: dict[str, Any]) -> str:
+    """'' when the stored fingerprint equals the current one, else what changed."""
+    if not isinstance(old, dict):
+        return "the stage file has no fingerprint"
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return ", ".join(f"{k} changed" if k in DIGEST_KEYS else f"{k} {old.get(k)!r} -> "
+                     f"{new.get(k)!r}" for k in keys)
+
+
+def _stage_problem(prev: Any, n_test: int) -> str:
+    """'' when a stage file holds a usable result for a test subset of n_test samples,
+    else what is wrong with it."""
+    if not isinstance(prev, dict):
+        return f"holds {type(prev).__name__}, not a stage result"
+    missing = [k for k in STAGE_KEYS if k not in prev]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    probs = prev["probs"]
+    if not isinstance(probs, list) or len(probs) != n_test:
+        return f"has {len(probs) if isinstance(probs, list) else 'no'} test scores, expected " \
+               f"{n_test}"
+    try:
+        values = np.asarray(probs + [prev["auc"], prev["logloss"]], dtype=np.float64)
+    except (TypeError, ValueError):
+        return "holds non-numeric scores"
+    if not np.isfinite(values).all():
+        return "holds non-finite scores"
+    return ""
+
+
 class Run:
     """One run folder: stage files, resume, and the shared pieces (data, LLM, CRMs)."""
 
@@ -229,6 +315,7 @@ class Run:
         self.t0 = time.perf_counter()
         self._ctr = None
         self.crms: dict[str, Any] = {}
+        self.crm_sha: dict[str, str | None] = {}  # sha256 of each CRM checkpoint used
         self.timings: dict[str, float] = {}
         self.policy = None
         if self.device.type == "cpu":
@@ -241,18 +328,57 @@ class Run:
     def stage_path(self, name: str) -> Path:
         return self.out / "stages" / f"{name}.json"
 
-    def done(self, name: str) -> dict | None:
+    def fingerprint(self, name: str) -> dict[str, Any]:
+        """The options and inputs that shape stage `name` (stored with its result; a stage
+        whose stored fingerprint differs is redone on --resume). Left out on purpose: the
+        output folder, device, threads, progress bars and the bootstrap size (report only)."""
+        c = self.cfg
+        fp: dict[str, Any] = {"stage": name, "data": self.data_digest,
+                              "test_subset": _digest(self.test)}
+        if name.startswith("crm_"):
+            fp.update({o: getattr(c, o) for o in CRM_OPTIONS})
+            return _plain(fp)
+        fp.update({o: getattr(c, o) for o in LLM_OPTIONS})
+        if name != "zero-shot":
+            fp.update({o: getattr(c, o) for o in TRAIN_OPTIONS})
+            fp.update(train_subset=_digest(self.train_pool), valid_subset=_digest(self.valid))
+        if name.startswith("reclora"):
+            fp.update({o: getattr(c, o) for o in MIXTURE_OPTIONS})
+        if name in GATED_BY_TRAINED_CRM:
+            # The exact CRM behind the gate: a retrained DIN (even with the same options)
+            # gives other h_u, so the models gated by it are redone too.
+            fp["gate_crm_sha256"] = self.crm_sha.get(GATE_CRM)
+        return _plain(fp)
+
+    def done(self, name: str, fingerprint: dict[str, Any]) -> dict | None:
+        """The stored result of stage `name` if --resume may reuse it, else None: a stage
+        file that is unreadable, incomplete, or made with other options is redone (with a
+        one-line note saying why)."""
         p = self.stage_path(name)
-        if self.cfg.resume and p.is_file():
-            try:
-                return json.loads(p.read_text())
-            except json.JSONDecodeError:  # atomic writes make this unlikely; redo the stage
-                return None
-        return None
+        if not (self.cfg.resume and p.exists()):
+            return None
+        try:
+            prev = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            self.warn(f"{name}: cannot read {p} ({type(e).__name__}); redoing the stage")
+            return None
+        problem = _stage_problem(prev, int(self.test.size))
+        if problem:
+            self.warn(f"{name}: {p} {problem}; redoing the stage")
+            return None
+        changed = _changes(prev.get("fingerprint"), fingerprint)
+        if changed:
+            self.log(f"{name}: options changed since it ran ({changed}); redoing the stage")
+            return None
+        return prev
 
     def save_stage(self, name: str, result: dict) -> None:
         if self.main:
             atomic_write_json(self.stage_path(name), result)
+
+    def warn(self, msg: str) -> None:
+        if self.main:
+            print(f"reclora run: warning: {msg}", file=sys.stderr, flush=True)
 
     def log(self, msg: str) -> None:
         if self.main and self.cfg.progress:
@@ -277,6 +403,7 @@ class Run:
         self.valid = sample_subset(ds.valid, c.n_valid, seed + 1)
         self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
                                                                         seed + 2)
+        self.data_digest = _digest(ds.user, ds.item, ds.time, ds.label, ds.samples)
         if self.main:
             atomic_write_json(self.out / "subsets.json", {
                 "train": self.train_pool, "valid": self.valid, "test": self.test,
@@ -293,11 +420,24 @@ class Run:
 
         c = self.cfg
         ckpt = self.out / "crm" / f"{name}.pt"
-        prev = self.done(f"crm_{name}")
-        if prev is not None and ckpt.is_file():
-            self.crms[name], _ = load_crm(ckpt)
-            self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
-            return prev
+        stage = f"crm_{name}"
+        fingerprint = self.fingerprint(stage)
+        prev = self.done(stage, fingerprint)
+        if prev is not None:
+            # The checkpoint must be the one this result was made with, and loadable.
+            sha = _file_sha256(ckpt)
+            if sha is None or sha != prev.get("checkpoint_sha256"):
+                self.warn(f"{stage}: {ckpt} is missing or not the checkpoint of "
+                          f"{self.stage_path(stage)}; redoing the stage")
+            else:
+                try:
+                    self.crms[name], _ = load_crm(ckpt)
+                except ValueError as e:
+                    self.warn(f"{stage}: {e}; redoing the stage")
+                else:
+                    self.crm_sha[name] = sha
+                    self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
+                    return prev
         if self.main:
             cfg = CRMTrainConfig(epochs=c.crm_epochs, history_len=c.k_id,
                                  max_train_samples=c.crm_max_train, seed=c.seed,
@@ -309,15 +449,18 @@ class Run:
             m = metrics.evaluate(self.ds.label[self.test], probs)
             result = {**m, "n_train": res.n_train, "n_test": int(self.test.size),
                       "train_s": res.train_s, "full_test": res.test, "valid": res.valid,
-                      "best_epoch": res.best_epoch, "probs": probs}
-            self.save_stage(f"crm_{name}", result)
+                      "best_epoch": res.best_epoch, "probs": probs,
+                      "fingerprint": fingerprint, "checkpoint_sha256": _file_sha256(ckpt)}
+            self.save_stage(stage, result)
             self.log(f"{name}: test AUC {res.test['auc']:.4f} (full test), "
                      f"{m['auc']:.4f} on the subset; {res.train_s:.0f} s")
         if self.world > 1:
             torch.distributed.barrier()
         model, _ = load_crm(ckpt)
         self.crms[name] = model
-        return json.loads(self.stage_path(f"crm_{name}").read_text())
+        result = json.loads(self.stage_path(stage).read_text(encoding="utf-8"))
+        self.crm_sha[name] = result["checkpoint_sha256"]
+        return result
 
     def user_reps(self, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
         """h_u [N, 256] from the CRM over each sample's k most recent history items."""
@@ -364,7 +507,8 @@ class Run:
 
     # ---- stage 2
     def llm_stage(self, name: str) -> dict:
-        prev = self.done(name)
+        fingerprint = self.fingerprint(name)
+        prev = self.done(name, fingerprint)
         if prev is not None:
             self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
             return prev
@@ -377,7 +521,8 @@ class Run:
                                 batch_size=c.eval_batch_size, amp=c.amp, progress=c.progress,
                                 desc="test zero-shot")
             result = {**m, "n_train": 0, "n_test": int(self.test.size), "train_s": 0.0,
-                      "eval_s": time.perf_counter() - t, "probs": probs}
+                      "eval_s": time.perf_counter() - t, "probs": probs,
+                      "fingerprint": fingerprint}
             self.save_stage(name, result)
             self.log(f"{name}: test AUC {m['auc']:.4f}")
             return result
@@ -417,7 +562,8 @@ class Run:
         result = {**res.test, "n_train": res.n_train, "n_test": int(self.test.size),
                   "train_s": res.train_s, "valid": res.valid, "best_step": res.best_step,
                   "steps": res.steps, "stage_s": time.perf_counter() - t,
-                  "history": res.history, "probs": res.test_probs}
+                  "history": res.history, "probs": res.test_probs,
+                  "fingerprint": fingerprint}
         self.save_stage(name, result)
         self.log(f"{name}: test AUC {res.test['auc']:.4f}  logloss {res.test['logloss']:.4f} "
                  f"(valid AUC {res.valid['auc']:.4f} at step {res.best_step}/{res.steps}; "
@@ -452,6 +598,11 @@ def report(run: Run, results: dict[str, dict]) -> dict:
     """results.json, results.md and results.png from the stage results."""
     c = run.cfg
     y = run.ds.label[run.test]
+    for name, r in results.items():
+        # Every stage was checked (or made) against this test subset; a mismatch is a bug.
+        if len(r["probs"]) != y.size or int(r["n_test"]) != y.size:
+            raise RuntimeError(f"stage {name!r} holds {len(r['probs'])} test scores, the "
+                               f"test subset has {y.size}")
     models: dict[str, dict] = {}
     for name, r in results.items():
         probs = np.asarray(r["probs"], dtype=np.float64)
@@ -483,12 +634,14 @@ def report(run: Run, results: dict[str, dict]) -> dict:
     wall = time.perf_counter() - run.t0
     out = {"models": models, "comparisons": comparisons,
            "rank_corr_with_gate_crm": {"crm": GATE_CRM, "spearman": rank_corr},
-           "config": asdict(c),
+           "config": asdict(c), "n_test_used": int(y.size),
            "device": str(run.device), "world_size": run.world, "wall_s": wall,
            "timings": run.timings, "dataset": run.ds.stats()}
     if run.main:
         atomic_write_json(run.out / "results.json", out)
-        (run.out / "results.md").write_text(markdown(out))
+        text = markdown(out)
+        atomic_write(run.out / "results.md",
+                     lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         plot(models, run.out / "results.png")
     return out
 
@@ -497,7 +650,7 @@ def markdown(res: dict) -> str:
     c = res["config"]
     lines = [f"# reclora run: {res['dataset']['name']}",
              "",
-             f"Test subset: {c['n_test'] or res['dataset']['test']} samples (seed {c['seed']}); "
+             f"Test subset: {res.get('n_test_used', c['n_test'])} samples (seed {c['seed']}); "
              f"stage-2 N = {c['n_train']}, K_text = {c['k_text']}, K_id = {c['k_id']}, "
              f"k = {c['k']}, r = {c['r']}; device {res['device']}"
              + (f" x {res['world_size']}" if res['world_size'] > 1 else "")
@@ -556,10 +709,47 @@ def plot(models: dict[str, dict], path: Path) -> None:
 
 
 # -------------------------------------------------------------------------- main
+class RunLockedError(CLIError):
+    """Another run holds the output folder's lock."""
+
+
+LOCK_NAME = ".reclora-run.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold <folder>/.reclora-run.lock for the whole run, so that two runs never write one
+    folder's stage files at once. flock: the lock goes with the process, so a killed run
+    leaves no stale lock behind (the file stays, unlocked)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:  # no flock on this platform: run unlocked
+        yield
+        return
+    path = folder / LOCK_NAME
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise RunLockedError(f"another run (pid {holder}) is writing to {folder}; wait "
+                                 "for it to end or pass another --output") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield  # closing the file releases the lock
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     run = Run(cfg)
+    with folder_lock(run.out) if run.main else contextlib.nullcontext():
+        return _run_stages(run)
+
+
+def _run_stages(run: Run) -> dict:
+    cfg = run.cfg
     if run.main:
-        run.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run.out / "run_config.json", asdict(cfg))
     torch.manual_seed(cfg.seed)
     run.load_data()
@@ -585,7 +775,11 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = config_from_args(list(sys.argv[1:] if argv is None else argv))
+    return guarded("reclora run", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    cfg = config_from_args(argv)
     run_pipeline(cfg)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -137,17 +137,35 @@ def save_crm(model: CRM, path: str | os.PathLike, meta: dict[str, Any] | None = 
 
 def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
              ) -> tuple[CRM, dict[str, Any]]:
-    """(model in eval mode, meta) from a checkpoint written by `save_crm`."""
+    """(model in eval mode, meta) from a checkpoint written by `save_crm`.
+
+    The file is read with torch.load(weights_only=True): tensors and plain containers only,
+    so a crafted file (a run folder someone sent) cannot run code while it loads. A file
+    that is not such a checkpoint (truncated, empty, random bytes, a pickle of other
+    objects, wrong contents) raises ValueError naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path {str(path)!r}: no CRM checkpoint there")
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ... all mean: not ours
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"path {str(path)!r} is not a CRM checkpoint that loads safely "
+                         f"(tensors and plain values only): {reason[:200]}") from None
+    if not isinstance(payload, dict):
+        raise ValueError(f"path {str(path)!r} is not a CRM checkpoint (holds "
+                         f"{type(payload).__name__}, not a dict)")
     for key in ("name", "config", "schema", "state_dict"):
         if key not in payload:
             raise ValueError(f"path {str(path)!r} is not a CRM checkpoint (no {key!r})")
-    model = build_crm(payload["name"], CRMSchema.from_state(payload["schema"]),
-                      **payload["config"])
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model = build_crm(payload["name"], CRMSchema.from_state(payload["schema"]),
+                          **payload["config"])
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        raise ValueError(f"path {str(path)!r}: the CRM checkpoint does not build a model "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     return model.to(map_location).eval(), payload.get("meta", {})
 
 

@@ -1,0 +1,274 @@
+"""`reclora run` reliability (issue 17, items 1, 2, 6, 9): --resume redoes a stage whose
+options changed or whose files are corrupt, the report never mixes settings, CRM
+checkpoints load without running code, run folders are locked, files get the umask's mode.
+
+One tiny run (random Llama, DIN on K_id = 5) is made once per module and copied into each
+test's folder; every later run is a --resume of that copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+
+import numpy as np
+import pytest
+import torch
+from tiny_llm import tiny_llama, tiny_tokenizer
+
+from reclora import metrics
+from reclora.checkpoint import atomic_write
+from reclora.crm import load_crm
+from reclora.pipeline import LOCK_NAME, folder_lock, main
+
+TINY = ["--quick", "--crms", "din", "--n", "8", "--n-valid", "8", "--n-test", "24",
+        "--k-text", "2", "--k-id", "5", "--max-length", "160", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama + word-level tokenizer saved as a transformers folder."""
+    from reclora.data import load_dataset
+
+    ds = load_dataset("ml-100k")
+    words = ds.item_title + (ds.user_profile or []) + [
+        "He She watched the following movies in order in the past , and rated them : stars "
+        "star Based on he has deduce if will like movie *** Note that more user liked You "
+        "should ONLY tell me yes or no . A chat between a curious user and an artificial "
+        "intelligence assistant The assistant gives helpful detailed polite answers to "
+        "questions USER ASSISTANT"]
+    tok = tiny_tokenizer(words)
+    path = tmp_path_factory.mktemp("tiny_llm")
+    tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert main([*TINY, "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(base_run, tiny_model_dir, tmp_path):
+    """(folder, argv) of a fresh copy of the base run and the argv that made it."""
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out, [*TINY, "--model", str(tiny_model_dir), "--output", str(out)]
+
+
+def _stage(out, name: str) -> dict:
+    return json.loads((out / "stages" / f"{name}.json").read_text())
+
+
+def _mtimes(out) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
+
+
+def _results(out) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _test_labels(out) -> np.ndarray:
+    from reclora.data import load_dataset
+
+    test = np.asarray(json.loads((out / "subsets.json").read_text())["test"])
+    return load_dataset("ml-100k").label[test]
+
+
+# ------------------------------------------------------------------ item 1: fingerprints
+def test_resume_with_another_seed_redoes_every_stage(run_copy) -> None:
+    """Repro 1: `--resume --seed 1` kept DIN's old AUC while its stored scores belonged to
+    the seed-0 test subset."""
+    out, argv = run_copy
+    before = _mtimes(out)
+    assert main(argv + ["--resume", "--seed", "1"]) == 0
+    after = _mtimes(out)
+    assert all(after[n] != before[n] for n in before)  # every stage depends on the seed
+    res, y = _results(out), _test_labels(out)
+    for name in ("din", "zero-shot", "reclora"):
+        probs = _stage(out, "crm_din" if name == "din" else name)["probs"]
+        # The reported AUC is the AUC of the stored scores on the subset the report uses.
+        assert res["models"][name]["auc"] == pytest.approx(metrics.evaluate(y, probs)["auc"])
+    assert _stage(out, "crm_din")["fingerprint"]["seed"] == 1
+    assert res["config"]["seed"] == 1
+
+
+def test_resume_with_another_bank_redoes_only_the_adapter_stages(run_copy) -> None:
+    """Repro 2: `--resume --k 4 --r 2` reported k = 4, r = 2 for 16 x rank-8 adapters."""
+    out, argv = run_copy
+    before = _mtimes(out)
+    assert main(argv + ["--resume", "--k", "4", "--r", "2"]) == 0
+    after = _mtimes(out)
+    redone = {n for n in before if after[n] != before[n]}
+    # r shapes every trained adapter; k only the bank; the CRM and zero-shot are reused.
+    assert redone == {"tallrec.json", "rella.json", "reclora.json"}
+    s2 = json.loads((out / "reclora" / "stage2_config.json").read_text())
+    assert (s2["num_adapters"], s2["rank"]) == (4, 2)
+    assert json.loads((out / "tallrec" / "stage2_config.json").read_text())["rank"] == 2
+    md = (out / "results.md").read_text()
+    assert "k = 4, r = 2" in md
+
+
+def test_resume_with_another_test_subset(run_copy) -> None:
+    """Repro 3: `--resume --n-test 32` crashed (`scores must have shape (32,)`)."""
+    out, argv = run_copy
+    assert main(argv + ["--resume", "--n-test", "32"]) == 0
+    res = _results(out)
+    assert {m["n_test"] for m in res["models"].values()} == {32}
+    assert (out / "results.md").read_text().count("Test subset: 32 samples") == 1
+    y = _test_labels(out)
+    assert y.size == 32
+    assert res["models"]["din"]["auc"] == pytest.approx(
+        metrics.evaluate(y, _stage(out, "crm_din")["probs"])["auc"])
+
+
+def test_resume_with_the_same_options_reuses_every_stage(run_copy) -> None:
+    out, argv = run_copy
+    before = _mtimes(out)
+    assert main(argv + ["--resume"]) == 0
+    assert _mtimes(out) == before
+
+
+# ------------------------------------------------------------------ item 6: corrupt files
+CORRUPTIONS = {
+    "non-utf8": ("stages/zero-shot.json", b"\xff\xfe\x00garbage"),
+    "empty-object": ("stages/zero-shot.json", b"{}"),
+    "wrong-length": ("stages/zero-shot.json", b'{"auc": 0.5, "logloss": 0.7, "n_train": 0, '
+                     b'"n_test": 3, "train_s": 0, "probs": [0.1, 0.2, 0.3]}'),
+    "ckpt-truncated": ("crm/din.pt", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_resume_redoes_a_stage_whose_file_is_corrupt(run_copy, case, capsys) -> None:
+    out, argv = run_copy
+    rel, data = CORRUPTIONS[case]
+    path = out / rel
+    if data is None:  # truncated: the first half of the real checkpoint
+        data = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(data)
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    stage = "zero-shot" if rel.startswith("stages") else "crm_din"
+    warnings = [ln for ln in err.splitlines() if "warning" in ln]
+    assert len(warnings) == 1 and stage in warnings[0] and "redoing" in warnings[0], err
+    assert "Traceback" not in err
+    assert len(_stage(out, stage)["probs"]) == 24
+    load_crm(out / "crm" / "din.pt")  # a good checkpoint again
+
+
+# ------------------------------------------------------------------ item 2: safe loading
+class _Payload:
+    """Unpickling this creates the marker file (a stand-in for any code a file could run)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_load_crm_does_not_run_code_in_a_crafted_file(tmp_path, fmt) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "din.pt"
+    payload = {"name": "din", "config": {}, "schema": _Payload(str(marker)), "state_dict": {}}
+    if fmt == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload))
+    with pytest.raises(ValueError, match="not a CRM checkpoint that loads safely"):
+        load_crm(path)
+    assert not marker.exists()
+
+
+RANDOM = bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))
+
+
+@pytest.mark.parametrize("data", [b"", b"\x80\x04", RANDOM, b"PK\x03\x04" + RANDOM,
+                                  "truncated", pickle.dumps([1, 2, 3]),
+                                  pickle.dumps({"name": "din"})])
+def test_load_crm_rejects_files_that_are_not_checkpoints(base_run, tmp_path, data) -> None:
+    """Empty, random, truncated or foreign files: a ValueError naming the file (resume
+    catches it and redoes the stage), never a raw unpickling or zip traceback."""
+    path = tmp_path / "din.pt"
+    if data == "truncated":
+        good = (base_run / "crm" / "din.pt").read_bytes()
+        data = good[: len(good) // 2]
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match="din.pt"):
+        load_crm(path)
+
+
+def test_resume_never_loads_a_crafted_checkpoint(run_copy, capsys) -> None:
+    """Even with a stage file vouching for it (its sha256), a crafted crm/din.pt is refused,
+    its payload does not run, and the stage is redone."""
+    import hashlib
+
+    out, argv = run_copy
+    marker = out / "pwned"
+    ckpt = out / "crm" / "din.pt"
+    torch.save({"name": "din", "config": {}, "schema": _Payload(str(marker)),
+                "state_dict": {}}, ckpt)
+    stage = _stage(out, "crm_din")
+    stage["checkpoint_sha256"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    (out / "stages" / "crm_din.json").write_text(json.dumps(stage))
+    assert main(argv + ["--resume"]) == 0
+    assert not marker.exists()
+    assert "loads safely" in capsys.readouterr().err
+    load_crm(ckpt)
+
+
+# ------------------------------------------------------------------ item 9: output hygiene
+def test_atomic_writes_get_the_umask_mode(tmp_path) -> None:
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: open(tmp, "w").write("x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o640
+    atomic_write(tmp_path / "b.txt", lambda tmp: open(tmp, "w").write("x"))
+    assert stat.S_IMODE((tmp_path / "b.txt").stat().st_mode) == 0o666 & ~old
+
+
+def test_run_files_get_the_umask_mode(base_run) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for rel in ("results.json", "results.md", "results.png", "run_config.json",
+                "stages/reclora.json", "crm/din.pt", "reclora/best.safetensors"):
+        assert stat.S_IMODE((base_run / rel).stat().st_mode) == 0o666 & ~umask, rel
+    # results.md is written through a temporary file too: none is left behind.
+    assert not [p for p in base_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_results_md_states_the_test_subset_used(base_run) -> None:
+    """The header gives the number of test samples scored, not the one asked for (--n-test
+    beyond the test split, or 0, takes the whole split)."""
+    from reclora.pipeline import markdown
+
+    res = _results(base_run)
+    assert res["n_test_used"] == 24
+    assert "Test subset: 24 samples" in (base_run / "results.md").read_text()
+    res["config"]["n_test"] = 100000
+    assert "Test subset: 24 samples" in markdown(res)
+
+
+def test_a_second_run_into_a_locked_folder_stops(run_copy, capsys) -> None:
+    out, argv = run_copy
+    before = _mtimes(out)
+    with folder_lock(out):
+        capsys.readouterr()
+        assert main(argv + ["--resume"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "another run" in err[0], err
+    assert _mtimes(out) == before
+    assert (out / LOCK_NAME).exists()
+    with folder_lock(out):  # released: the folder can be locked again
+        pass
