@@ -8,15 +8,21 @@
 //     y_run += scale * s_run B_p[b]^T          the only extra pass over y, while the
 //                                              run's rows of y are still in cache
 // When runs are short (shuffled tokens, one-token rows) the base is instead one multithreaded
-// addmm over all tokens before the pass. Output mode shrinks over each slot j and expands
-// sum_j w_j B[i_j] s_j the same way.
+// addmm over all tokens before the pass. Output mode: one shrink GEMM against the row's k*r
+// concatenated rows of A (the bank itself when dense), the weights applied to the [len, k*r]
+// result, one expand GEMM against the k*r concatenated columns of B: x and y are each passed
+// once for all k slots, forward and backward.
 // Runs: tokens are counting-sorted by row once; a run is a maximal stretch of consecutive
 // token indices of one row (the whole row when rows are packed), cut so that even one long
 // row spreads over all threads.
 //
-// Precision: fp16/bf16 inputs are computed in fp32 (upcast once on entry, one rounding on
-// exit), fp32 in fp32, fp64 in fp64 (for gradcheck). `shrink` is float32, or float64 for
-// float64 inputs (as in the Triton backend).
+// Precision and dtypes: fp32 in fp32, fp64 in fp64 (for gradcheck). fp16/bf16 are never upcast
+// as a whole: the base (x W^T, and dx = g W, dW = g^T x) is one ATen GEMM in the input dtype,
+// the path F.linear takes (oneDNN; AMX/AVX512-BF16 where the CPU has them); the thin LoRA GEMMs
+// take half operands with fp32 accumulation (MKL gemm_bf16bf16f32 / gemm_f16f16f32), or fp32
+// operands where one side is a small fp32 tensor (the per-row mixed factors, the shrink); each
+// run's LoRA part is summed in an fp32 tile and added to the half base in one pass. `shrink`
+// is float32, or float64 for float64 inputs (as in the Triton backend).
 //
 // The small GEMMs call BLAS (?gemm_, exported by libtorch_cpu from its MKL) directly: an
 // ATen at::mm call costs a few microseconds of dispatch each, and with one run per row that
@@ -26,6 +32,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <type_traits>
 #include <mutex>
 #include <vector>
 
@@ -42,6 +50,14 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 // MKL's C entry (mkl_service.h maps mkl_set_num_threads_local to it); the lowercase
 // symbol exported beside it is the Fortran one, which takes a pointer.
 int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
+// MKL's half-precision GEMMs with fp32 accumulation and output (CBLAS: layout 101 = row major,
+// transpose 111 = no, 112 = yes; MKL_BF16 and MKL_F16 are 16-bit integers).
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                          float* c, int ldc) __attribute__((weak));
 }
 
 namespace reclora {
@@ -61,6 +77,20 @@ constexpr int64_t kMinRun = 32, kMaxRun = 256;
 // Shorter runs (shuffled tokens, one-token rows) would turn the base into GEMVs: there the base
 // is one addmm over all tokens and the LoRA is added afterwards.
 constexpr int64_t kMinFusedRun = 16;
+
+// One BLAS thread per call: the calls run inside at::parallel_for, and MKL, told by
+// torch.set_num_threads(2) to use 2 threads, otherwise opened a nested team per call; on
+// this loaded 2-core machine that cost a 24 ms wake-up per call (the op at d = 64 took
+// 190 ms on 2 threads against 0.08 ms on 1). The setting is thread-local and restored.
+struct OneBlasThread {
+  int prev = 0;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
+  }
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
+  }
+};
 
 // C[m, n] = alpha * op(A) op(B) + beta * C, all row-major; op(A) is [m, k] (A stored [k, m]
 // when ta), op(B) is [k, n] (B stored [n, k] when tb). lda/ldb/ldc are row strides.
@@ -93,19 +123,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
   const int LDA = static_cast<int>(std::max<int64_t>(ldb, 1));
   const int LDB = static_cast<int>(std::max<int64_t>(lda, 1));
   const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
-  // One BLAS thread per call: the calls run inside at::parallel_for, and MKL, told by
-  // torch.set_num_threads(2) to use 2 threads, otherwise opened a nested team per call; on
-  // this loaded 2-core machine that cost a 24 ms wake-up per call (the op at d = 64 took
-  // 190 ms on 2 threads against 0.08 ms on 1). The setting is thread-local and restored.
-  struct OneBlasThread {
-    int prev = 0;
-    OneBlasThread() {
-      if (MKL_Set_Num_Threads_Local != nullptr) prev = MKL_Set_Num_Threads_Local(1);
-    }
-    ~OneBlasThread() {
-      if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
-    }
-  } one_thread;
+  OneBlasThread one_thread;
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) {
       sgemm_(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
@@ -196,71 +214,108 @@ inline int64_t source(const int64_t* idx, int64_t slots, int64_t b, int64_t j) {
   return idx ? idx[b * slots + j] : j;
 }
 
-// [M, *shape] bank -> [R, *shape] with out[b] = sum_j w[b, j] bank[i_j].
+// --- dtypes -----------------------------------------------------------------------------------
+// T is the input dtype (float, double, BFloat16, Half); Acc<T> the accumulation dtype (double
+// for double, float otherwise). Half inputs are never upcast as a whole: the base GEMMs run in
+// T through ATen (oneDNN, as F.linear does), the thin LoRA GEMMs take T operands with fp32
+// accumulation (MKL's gemm_bf16bf16f32 / gemm_f16f16f32), and the only fp32 tensors are the
+// small ones: the per-row mixed factors, the [T, k*r] shrink, per-thread tiles.
 template <typename T>
-Tensor mix_factors(const Tensor& bank, const Tensor& w, const int64_t* idx, int64_t adapters) {
-  const int64_t rows = w.size(0), slots = w.size(1), size = bank[0].numel();
-  if (idx == nullptr) {  // dense: one GEMM [R, M] x [M, size]
-    return at::mm(w, bank.view({adapters, size}));
-  }
-  Tensor out = at::empty({rows, size}, bank.options());
-  const T* src = bank.data_ptr<T>();
-  const T* wp = w.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b) {
-      T* o = dst + b * size;
-      std::fill(o, o + size, T(0));
-      for (int64_t j = 0; j < slots; ++j) {
-        const T wj = wp[b * slots + j];
-        const T* a = src + idx[b * slots + j] * size;
-        for (int64_t e = 0; e < size; ++e) o[e] += wj * a[e];
+using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+template <typename T>
+constexpr bool kHalf = !std::is_same_v<T, Acc<T>>;
+
+// C (Acc) = alpha * op(A) op(B) + beta * C with A, B in T (see gemm for the layout).
+template <typename T>
+void gemm_acc(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Acc<T> alpha, const T* a,
+              int64_t lda, const T* b, int64_t ldb, Acc<T> beta, Acc<T>* c, int64_t ldc) {
+  if constexpr (!kHalf<T>) {
+    gemm<T>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  } else {
+    if (m == 0 || n == 0) return;
+    if (k == 0) {
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j)
+          c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+      return;
+    }
+    auto fn = std::is_same_v<T, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+    if (fn != nullptr) {
+      OneBlasThread one_thread;
+      fn(101 /* row major */, ta ? 112 : 111, tb ? 112 : 111, static_cast<int>(m),
+         static_cast<int>(n), static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(a),
+         static_cast<int>(std::max<int64_t>(lda, 1)), reinterpret_cast<const uint16_t*>(b),
+         static_cast<int>(std::max<int64_t>(ldb, 1)), beta, c,
+         static_cast<int>(std::max<int64_t>(ldc, 1)));
+      return;
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        float acc = 0;
+        for (int64_t p = 0; p < k; ++p)
+          acc += static_cast<float>(ta ? a[p * lda + i] : a[i * lda + p]) *
+                 static_cast<float>(tb ? b[j * ldb + p] : b[p * ldb + j]);
+        c[i * ldc + j] = alpha * acc + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
       }
     }
-  });
-  return out;
+  }
 }
 
-// out = sum_j w[b, j] bank[i_j] for one row b (size elements per adapter).
+// dst (T, rows of `cols` at stride ld_dst) = round(dst + src) for half T (the epilogue that adds
+// a LoRA tile to the base the half GEMM wrote).
 template <typename T>
-void mix_row(const T* bank, int64_t size, const T* w, const int64_t* idx, int64_t slots,
-             int64_t b, T* out) {
-  std::fill(out, out + size, T(0));
-  for (int64_t j = 0; j < slots; ++j) {
-    const T wj = w[b * slots + j];
-    const T* src = bank + source(idx, slots, b, j) * size;
-    for (int64_t e = 0; e < size; ++e) out[e] += wj * src[e];
+void add_tile(T* dst, int64_t ld_dst, const Acc<T>* src, int64_t rows, int64_t cols) {
+  for (int64_t n = 0; n < rows; ++n) {
+    T* o = dst + n * ld_dst;
+    const Acc<T>* p = src + n * cols;
+    for (int64_t e = 0; e < cols; ++e) o[e] = static_cast<T>(static_cast<Acc<T>>(o[e]) + p[e]);
   }
+}
+
+// out = sum_j w[b, j] bank[i_j] for one row b (size elements per adapter), in Acc.
+template <typename T>
+void mix_row(const T* bank, int64_t size, const Acc<T>* w, const int64_t* idx, int64_t slots,
+             int64_t b, Acc<T>* out) {
+  std::fill(out, out + size, Acc<T>(0));
+  for (int64_t j = 0; j < slots; ++j) {
+    const Acc<T> wj = w[b * slots + j];
+    const T* src = bank + source(idx, slots, b, j) * size;
+    for (int64_t e = 0; e < size; ++e) out[e] += wj * static_cast<Acc<T>>(src[e]);
+  }
+}
+
+template <typename T>
+void round_to(const Acc<T>* src, int64_t n, T* dst) {
+  for (int64_t e = 0; e < n; ++e) dst[e] = static_cast<T>(src[e]);
 }
 
 struct Args {
-  Tensor x, weight, bias, lora_a, lora_b, adapter_w, idx;
-  at::ScalarType in_dtype, comp;
+  Tensor x, weight, bias, lora_a, lora_b, adapter_w, idx;  // adapter_w in Acc, the rest as given
+  at::ScalarType dtype;
 };
 
-// Every float input in the compute dtype (fp32, or fp64), contiguous.
-Args upcast(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
-            const Tensor& lora_a, const Tensor& lora_b, const Tensor& adapter_w,
-            const std::optional<Tensor>& adapter_idx) {
+// Contiguous inputs in their own dtype (a copy only for strided ones); the mixture weights
+// ([R, k], tiny) in the accumulation dtype.
+Args prepare(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+             const Tensor& lora_a, const Tensor& lora_b, const Tensor& adapter_w,
+             const std::optional<Tensor>& adapter_idx) {
   Args a;
-  a.in_dtype = x.scalar_type();
-  TORCH_CHECK(a.in_dtype == at::kFloat || a.in_dtype == at::kDouble || a.in_dtype == at::kHalf ||
-                  a.in_dtype == at::kBFloat16,
+  a.dtype = x.scalar_type();
+  TORCH_CHECK(a.dtype == at::kFloat || a.dtype == at::kDouble || a.dtype == at::kHalf ||
+                  a.dtype == at::kBFloat16,
               "lora_mix (cpu): dtype must be float16, bfloat16, float32 or float64, got ",
-              a.in_dtype);
-  a.comp = a.in_dtype == at::kDouble ? at::kDouble : at::kFloat;
-  auto conv = [&](const Tensor& t) { return t.to(a.comp).contiguous(); };
-  a.x = conv(x);
-  a.weight = conv(weight);
-  if (bias.has_value()) a.bias = conv(*bias);
-  a.lora_a = conv(lora_a);
-  a.lora_b = conv(lora_b);
-  a.adapter_w = conv(adapter_w);
+              a.dtype);
+  a.x = x.contiguous();
+  a.weight = weight.contiguous();
+  if (bias.has_value()) a.bias = bias->contiguous();
+  a.lora_a = lora_a.contiguous();
+  a.lora_b = lora_b.contiguous();
+  a.adapter_w = adapter_w.to(a.dtype == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   if (adapter_idx.has_value()) a.idx = adapter_idx->contiguous();
   return a;
 }
 
-// y_run = bias + x_run W^T (single-threaded BLAS inside the caller's parallel pass)
+// y_run = bias + x_run W^T (fp32/fp64: single-threaded BLAS inside the caller's parallel pass)
 template <typename T>
 void base_run(const Args& a, const Sizes& s, const Run& u, T* y) {
   T* yr = y + u.first * s.d_out;
@@ -290,66 +345,169 @@ void base_runs(const Args& a, const Sizes& s, const std::vector<Run>& runs, int6
   }
 }
 
-// y += LoRA part; with fuse_base, y is uninitialised and each thread first computes the base
-// of its share of the runs.
+// Output mode: each row's k adapters as one [k*r, d_in] A and one [d_out, k*r] B, so x (and g)
+// is read once for all k slots and the expand is one GEMM. Dense: A is the bank itself viewed
+// [M*r, d_in] and B is repacked once; gathered: both copied per row (k*r*(d_in + d_out) values
+// per row, in the input dtype), by whichever thread first meets the row.
+template <typename T>
+struct Concat {
+  const Sizes& s;
+  const T* bank_a;
+  const T* bank_b;
+  const int64_t* idx;
+  Tensor a_buf, b_buf;
+  std::vector<std::once_flag> ready;
+  std::once_flag dense_ready;
+
+  Concat(const Sizes& s_, const Args& a) : s(s_), ready(s_.rows) {
+    bank_a = a.lora_a.data_ptr<T>();
+    bank_b = a.lora_b.data_ptr<T>();
+    idx = a.idx.defined() ? a.idx.data_ptr<int64_t>() : nullptr;
+    const int64_t kr = s.slots * s.rank;
+    if (idx == nullptr) {
+      b_buf = at::empty({s.d_out, kr}, a.lora_b.options());
+    } else {
+      a_buf = at::empty({s.rows, kr * s.d_in}, a.lora_a.options());
+      b_buf = at::empty({s.rows, s.d_out * kr}, a.lora_b.options());
+    }
+  }
+  void pack_b(int64_t b, T* dst) const {
+    const int64_t r = s.rank, k = s.slots, kr = k * r;
+    for (int64_t j = 0; j < k; ++j) {
+      const T* src = bank_b + source(idx, k, b, j) * s.d_out * r;
+      for (int64_t o = 0; o < s.d_out; ++o) std::copy(src + o * r, src + o * r + r, dst + o * kr + j * r);
+    }
+  }
+  void ensure(int64_t b) {
+    const int64_t kr = s.slots * s.rank;
+    if (idx == nullptr) {
+      std::call_once(dense_ready, [&] { pack_b(0, b_buf.data_ptr<T>()); });
+      return;
+    }
+    std::call_once(ready[b], [&] {
+      T* ad = a_buf.data_ptr<T>() + b * kr * s.d_in;
+      for (int64_t j = 0; j < s.slots; ++j) {
+        const T* src = bank_a + idx[b * s.slots + j] * s.rank * s.d_in;
+        std::copy(src, src + s.rank * s.d_in, ad + j * s.rank * s.d_in);
+      }
+      pack_b(b, b_buf.data_ptr<T>() + b * s.d_out * kr);
+    });
+  }
+  const T* a_of(int64_t b) const {
+    return idx == nullptr ? bank_a : a_buf.data_ptr<T>() + b * s.slots * s.rank * s.d_in;
+  }
+  const T* b_of(int64_t b) const {
+    return idx == nullptr ? b_buf.data_ptr<T>() : b_buf.data_ptr<T>() + b * s.d_out * s.slots * s.rank;
+  }
+};
+
+// t[n, j*r + c] = scale * w[b, j] * v[n, j*r + c] for the len tokens of a run, rounded to T.
+// A NaN or inf weight reaches every value of its own row's t, hence every output of that row,
+// as in the reference; no other row reads it.
+template <typename T>
+void weigh(const Acc<T>* v, int64_t len, int64_t k, int64_t r, const Acc<T>* w_row,
+           Acc<T> scale, T* t) {
+  const int64_t kr = k * r;
+  for (int64_t n = 0; n < len; ++n)
+    for (int64_t j = 0; j < k; ++j) {
+      const Acc<T> c = scale * w_row[j];
+      for (int64_t e = 0; e < r; ++e)
+        t[n * kr + j * r + e] = static_cast<T>(c * v[n * kr + j * r + e]);
+    }
+}
+
+// y += LoRA part. fp32/fp64: with fuse_base, y is uninitialised and each thread first computes
+// the base of its share of the runs; the expand accumulates into y (beta = 1). Half: y already
+// holds the base (the half GEMM); each run's LoRA part goes to an fp32 tile added in one pass.
 template <typename T>
 void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_d, int64_t mix,
                   bool fuse_base, Tensor& y, Tensor& shrink) {
+  using A = Acc<T>;
   const int64_t r = s.rank, k = s.slots, d_in = s.d_in, d_out = s.d_out;
-  const T scale = static_cast<T>(scale_d);
+  const A scale = static_cast<A>(scale_d);
   const int64_t* idx = a.idx.defined() ? a.idx.data_ptr<int64_t>() : nullptr;
   const T* x = a.x.data_ptr<T>();
   T* yp = y.data_ptr<T>();
-  T* sp = shrink.data_ptr<T>();
+  A* sp = shrink.data_ptr<A>();
+  const A* wp = a.adapter_w.data_ptr<A>();
   const auto& runs = plan.runs;
+  const int64_t nruns = static_cast<int64_t>(runs.size());
   if (mix == 0) {
     // Each row's factors are mixed inside the same parallel pass, by whichever thread first
     // meets one of the row's runs: every extra parallel region costs a thread wake-up, and on
     // this loaded 2-core machine a multithreaded at::mm of [R, M] x [M, r*d] took 24 ms
-    // against 0.02 ms on one thread (F.linear itself pays that once).
+    // against 0.02 ms on one thread (F.linear itself pays that once). A_p is kept in T (the
+    // shrink is a T x T GEMM with fp32 accumulation), B_p in Acc (the expand's operand).
     Tensor a_mix = at::empty({s.rows, r * d_in}, a.x.options());
-    Tensor b_mix = at::empty({s.rows, d_out * r}, a.x.options());
+    Tensor b_mix = at::empty({s.rows, d_out * r}, a.adapter_w.options());
     T* ap = a_mix.data_ptr<T>();
-    T* bp = b_mix.data_ptr<T>();
-    const T* wp = a.adapter_w.data_ptr<T>();
+    A* bp = b_mix.data_ptr<A>();
     std::vector<std::once_flag> mixed(s.rows);
     auto ensure_mixed = [&](int64_t b) {
       std::call_once(mixed[b], [&] {
-        mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, ap + b * r * d_in);
+        if constexpr (kHalf<T>) {
+          std::vector<A> tmp(r * d_in);
+          mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, tmp.data());
+          round_to<T>(tmp.data(), r * d_in, ap + b * r * d_in);
+        } else {
+          mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, ap + b * r * d_in);
+        }
         mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, bp + b * d_out * r);
       });
     };
-    at::parallel_for(0, static_cast<int64_t>(runs.size()), 1, [&](int64_t lo, int64_t hi) {
-      if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
+    at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+      if constexpr (!kHalf<T>) {
+        if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
+      }
+      std::vector<A> tile;
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
         ensure_mixed(u.row);
-        T* sr = sp + u.first * r;
-        gemm<T>(false, true, u.len, r, d_in, T(1), x + u.first * d_in, d_in,
-                ap + u.row * r * d_in, d_in, T(0), sr, r);
-        gemm<T>(false, true, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, r, T(1),
-                yp + u.first * d_out, d_out);
-      }
-    });
-  } else {
-    const T* ap = a.lora_a.data_ptr<T>();
-    const T* bp = a.lora_b.data_ptr<T>();
-    const T* wp = a.adapter_w.data_ptr<T>();
-    at::parallel_for(0, static_cast<int64_t>(runs.size()), 1, [&](int64_t lo, int64_t hi) {
-      if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
-      for (int64_t q = lo; q < hi; ++q) {
-        const Run& u = runs[q];
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t i = source(idx, k, u.row, j);
-          T* sr = sp + u.first * k * r + j * r;
-          gemm<T>(false, true, u.len, r, d_in, T(1), x + u.first * d_in, d_in,
-                  ap + i * r * d_in, d_in, T(0), sr, k * r);
-          gemm<T>(false, true, u.len, d_out, r, scale * wp[u.row * k + j], sr, k * r,
-                  bp + i * d_out * r, r, T(1), yp + u.first * d_out, d_out);
+        A* sr = sp + u.first * r;
+        gemm_acc<T>(false, true, u.len, r, d_in, A(1), x + u.first * d_in, d_in,
+                    ap + u.row * r * d_in, d_in, A(0), sr, r);
+        if constexpr (kHalf<T>) {
+          tile.resize(u.len * d_out);
+          gemm<A>(false, true, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, r, A(0),
+                  tile.data(), d_out);
+          add_tile<T>(yp + u.first * d_out, d_out, tile.data(), u.len, d_out);
+        } else {
+          gemm<A>(false, true, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, r, A(1),
+                  reinterpret_cast<A*>(yp) + u.first * d_out, d_out);
         }
       }
     });
+    return;
   }
+  // Output mode: one shrink GEMM over the row's k*r concatenated rows of A, the weights applied
+  // to the [len, k*r] result, one expand GEMM over the k*r concatenated columns of B.
+  const int64_t kr = k * r;
+  Concat<T> cat(s, a);
+  at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+    if constexpr (!kHalf<T>) {
+      if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
+    }
+    std::vector<A> tile;
+    std::vector<T> t;
+    for (int64_t q = lo; q < hi; ++q) {
+      const Run& u = runs[q];
+      cat.ensure(u.row);
+      A* sr = sp + u.first * kr;
+      gemm_acc<T>(false, true, u.len, kr, d_in, A(1), x + u.first * d_in, d_in, cat.a_of(u.row),
+                  d_in, A(0), sr, kr);
+      t.resize(u.len * kr);
+      weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
+      if constexpr (kHalf<T>) {
+        tile.resize(u.len * d_out);
+        gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, A(0),
+                    tile.data(), d_out);
+        add_tile<T>(yp + u.first * d_out, d_out, tile.data(), u.len, d_out);
+      } else {
+        gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, A(1),
+                    reinterpret_cast<A*>(yp) + u.first * d_out, d_out);
+      }
+    }
+  });
 }
 
 std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
@@ -358,174 +516,254 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
     const std::optional<Tensor>& adapter_idx, double scale, int64_t mix) {
   const Sizes s = check_inputs(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
                                mix);
-  Args a = upcast(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx);
+  Args a = prepare(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx);
   check_adapter_idx(a.idx, s.adapters);
+  const bool half = a.dtype == at::kHalf || a.dtype == at::kBFloat16;
   const int64_t slots_out = mix == 1 ? s.slots : 1;
-  Tensor shrink = at::empty({s.tokens, slots_out, s.rank}, a.x.options());
+  Tensor shrink = at::empty({s.tokens, slots_out, s.rank}, a.adapter_w.options());
   Plan plan;
   if (s.tokens > 0) plan = make_plan(row_ids.contiguous(), s.rows);
-  const bool fuse_base =
-      !plan.runs.empty() && s.tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
+  const bool fuse_base = !half && !plan.runs.empty() &&
+                         s.tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
   Tensor y;
   if (fuse_base) {
     y = at::empty({s.tokens, s.d_out}, a.x.options());
   } else {
+    // Half: the base in the input dtype through the GEMM F.linear uses (oneDNN on this CPU).
     y = a.bias.defined() ? at::addmm(a.bias, a.x, a.weight.t()) : at::mm(a.x, a.weight.t());
   }
   if (s.tokens > 0) {
-    AT_DISPATCH_FLOATING_TYPES(a.comp, "lora_mix_forward_cpu", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "lora_mix_forward_cpu", [&] {
       forward_lora<scalar_t>(a, s, plan, scale, mix, fuse_base, y, shrink);
     });
   }
-  return {y.to(a.in_dtype), shrink};
+  return {y, shrink};
 }
 
-template <typename T>
-T dot(const T* p, const T* q, int64_t n) {
-  T acc = 0;
-  for (int64_t e = 0; e < n; ++e) acc += p[e] * q[e];
+template <typename A, typename T>
+A dot(const A* p, const T* q, int64_t n) {
+  A acc = 0;
+  for (int64_t e = 0; e < n; ++e) acc += p[e] * static_cast<A>(q[e]);
   return acc;
 }
 
-// Factor mode: gradients of the mixed factors -> bank gradients and mixture weights.
-//   dbank[i] += sum_{(b, j) using i} w[b, j] dmix[b];  dw[b, j] += <dmix[b], bank[i_j]>
+// Factor mode: gradients of the mixed factors (Acc) -> bank gradients (T) and mixture weights.
+//   dbank[i] = sum_{(b, j) using i} w[b, j] dmix[b];  dw[b, j] += <dmix[b], bank[i_j]>
+// Dense rows are pairs (b, j) with i = j, so both modes share one loop; each adapter is summed
+// in an Acc buffer and rounded once.
 template <typename T>
 void mix_backward(const Tensor& dmix, const Tensor& bank, const Tensor& w, const int64_t* idx,
                   const Users& users, Tensor& dbank, Tensor& dw) {
+  using A = Acc<T>;
   const int64_t rows = w.size(0), slots = w.size(1), adapters = bank.size(0);
   const int64_t size = bank[0].numel();
-  if (idx == nullptr) {  // dense: two GEMMs
-    dbank.view({adapters, size}).addmm_(w.t(), dmix.view({rows, size}));
-    dw.addmm_(dmix.view({rows, size}), bank.view({adapters, size}).t());
-    return;
-  }
-  const T* dm = dmix.data_ptr<T>();
+  const A* dm = dmix.data_ptr<A>();
   const T* bk = bank.data_ptr<T>();
-  const T* wp = w.data_ptr<T>();
+  const A* wp = w.data_ptr<A>();
   T* db = dbank.data_ptr<T>();
-  T* dwp = dw.data_ptr<T>();
+  A* dwp = dw.data_ptr<A>();
   at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t j = 0; j < slots; ++j)
-        dwp[b * slots + j] += dot(dm + b * size, bk + idx[b * slots + j] * size, size);
+        dwp[b * slots + j] += dot(dm + b * size, bk + source(idx, slots, b, j) * size, size);
   });
   at::parallel_for(0, adapters, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> acc(size);
     for (int64_t i = lo; i < hi; ++i) {
-      T* o = db + i * size;
+      std::fill(acc.begin(), acc.end(), A(0));
       for (int64_t p = users.start[i]; p < users.start[i + 1]; ++p) {
         const int64_t q = users.pair[p];
-        const T wq = wp[q];
-        const T* g = dm + (q / slots) * size;
-        for (int64_t e = 0; e < size; ++e) o[e] += wq * g[e];
+        const A wq = wp[q];
+        const A* g = dm + (q / slots) * size;
+        for (int64_t e = 0; e < size; ++e) acc[e] += wq * g[e];
       }
+      round_to<T>(acc.data(), size, db + i * size);
     }
   });
+}
+
+// The rows of a [len, cols] Acc block as T: a T view when T is Acc, else rounded into buf.
+template <typename T>
+const T* as_t(const Acc<T>* src, int64_t n, std::vector<T>& buf) {
+  if constexpr (kHalf<T>) {
+    buf.resize(n);
+    round_to<T>(src, n, buf.data());
+    return buf.data();
+  } else {
+    return src;
+  }
 }
 
 template <typename T>
 void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, const Sizes& s,
                    const Plan& plan, double scale_d, int64_t mix, bool need_x, bool need_lora,
                    Tensor& dx, Tensor& da, Tensor& db, Tensor& dw) {
+  using A = Acc<T>;
   const int64_t r = s.rank, k = s.slots, d_in = s.d_in, d_out = s.d_out, R = s.rows;
-  const T scale = static_cast<T>(scale_d);
+  const A scale = static_cast<A>(scale_d);
   const int64_t* idx = a.idx.defined() ? a.idx.data_ptr<int64_t>() : nullptr;
   const T* x = a.x.data_ptr<T>();
   const T* g = g_t.data_ptr<T>();
-  const T* sh = shrink_t.data_ptr<T>();
+  const A* sh = shrink_t.data_ptr<A>();
+  const A* wp = a.adapter_w.data_ptr<A>();
   T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
   const auto& runs = plan.runs;
   const int64_t nruns = static_cast<int64_t>(runs.size());
-  const int64_t kk = mix == 0 ? 1 : k;
-  Tensor v_t = at::empty({s.tokens, kk * r}, g_t.options());  // v_j = B_j^T g (unscaled)
-  T* v = v_t.data_ptr<T>();
-  Users users;
-  if (need_lora) users = make_users(idx, R, k, s.adapters);
+  const int64_t kr = (mix == 0 ? 1 : k) * r;
+  Tensor v_t = at::empty({s.tokens, kr}, a.adapter_w.options());  // v = g B (unscaled)
+  A* v = v_t.data_ptr<A>();
+  // dx_run += LoRA part: directly (fp32/fp64, beta = 1) or through an fp32 tile (half).
+  auto add_dx = [&](const Run& u, auto&& lora_into, std::vector<A>& tile) {
+    if constexpr (kHalf<T>) {
+      tile.resize(u.len * d_in);
+      lora_into(tile.data(), A(0));
+      add_tile<T>(dxp + u.first * d_in, d_in, tile.data(), u.len, d_in);
+    } else {
+      lora_into(reinterpret_cast<A*>(dxp) + u.first * d_in, A(1));
+    }
+  };
 
   if (mix == 0) {
-    Tensor a_mix = mix_factors<T>(a.lora_a, a.adapter_w, idx, s.adapters);
-    Tensor b_mix = mix_factors<T>(a.lora_b, a.adapter_w, idx, s.adapters);
-    const T* ap = a_mix.data_ptr<T>();
-    const T* bp = b_mix.data_ptr<T>();
+    // Per-row factors, mixed lazily inside the pass: A_p in Acc (dx's operand), B_p in T
+    // (g is T: v = g B_p is a T x T GEMM with fp32 accumulation).
+    Tensor a_mix = at::empty({R, r * d_in}, a.adapter_w.options());
+    Tensor b_mix = at::empty({R, d_out * r}, a.x.options());
+    A* ap = a_mix.data_ptr<A>();
+    T* bp = b_mix.data_ptr<T>();
+    std::vector<std::once_flag> mixed(R);
+    auto ensure_mixed = [&](int64_t b) {
+      std::call_once(mixed[b], [&] {
+        mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, ap + b * r * d_in);
+        if constexpr (kHalf<T>) {
+          std::vector<A> tmp(d_out * r);
+          mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, tmp.data());
+          round_to<T>(tmp.data(), d_out * r, bp + b * d_out * r);
+        } else {
+          mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, bp + b * d_out * r);
+        }
+      });
+    };
     // v = g B_p, dx += scale * v A_p
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<A> tile;
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
-        T* vr = v + u.first * r;
-        gemm<T>(false, false, u.len, r, d_out, T(1), g + u.first * d_out, d_out,
-                bp + u.row * d_out * r, r, T(0), vr, r);
+        ensure_mixed(u.row);
+        A* vr = v + u.first * r;
+        gemm_acc<T>(false, false, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
+                    bp + u.row * d_out * r, r, A(0), vr, r);
         if (need_x)
-          gemm<T>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, T(1),
-                  dxp + u.first * d_in, d_in);
+          add_dx(u, [&](A* out, A beta) {
+            gemm<A>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, beta,
+                    out, d_in);
+          }, tile);
       }
     });
     if (!need_lora) return;
     // dA_p[b] = scale * sum_n v_n x_n^T, dB_p[b] = scale * sum_n g_n s_n^T (row by row)
-    Tensor da_mix = at::zeros({R, r * d_in}, g_t.options());
-    Tensor db_mix = at::zeros({R, d_out * r}, g_t.options());
-    T* dap = da_mix.data_ptr<T>();
-    T* dbp = db_mix.data_ptr<T>();
+    Tensor da_mix = at::zeros({R, r * d_in}, a.adapter_w.options());
+    Tensor db_mix = at::zeros({R, d_out * r}, a.adapter_w.options());
+    A* dap = da_mix.data_ptr<A>();
+    A* dbp = db_mix.data_ptr<A>();
     at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<T> vbuf, sbuf;
       for (int64_t b = lo; b < hi; ++b) {
         for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
           const Run& u = runs[q];
-          gemm<T>(true, false, r, d_in, u.len, scale, v + u.first * r, r, x + u.first * d_in,
-                  d_in, T(1), dap + b * r * d_in, d_in);
-          gemm<T>(true, false, d_out, r, u.len, scale, g + u.first * d_out, d_out,
-                  sh + u.first * r, r, T(1), dbp + b * d_out * r, r);
+          const T* vt = as_t<T>(v + u.first * r, u.len * r, vbuf);
+          const T* st = as_t<T>(sh + u.first * r, u.len * r, sbuf);
+          gemm_acc<T>(true, false, r, d_in, u.len, scale, vt, r, x + u.first * d_in, d_in, A(1),
+                      dap + b * r * d_in, d_in);
+          gemm_acc<T>(true, false, d_out, r, u.len, scale, g + u.first * d_out, d_out, st, r,
+                      A(1), dbp + b * d_out * r, r);
         }
       }
     });
+    const Users users = make_users(idx, R, k, s.adapters);
     mix_backward<T>(da_mix, a.lora_a, a.adapter_w, idx, users, da, dw);
     mix_backward<T>(db_mix, a.lora_b, a.adapter_w, idx, users, db, dw);
     return;
   }
 
-  // Output mode. v_j = g B[i_j]; dx += scale * sum_j w_j v_j A[i_j]
-  const T* ap = a.lora_a.data_ptr<T>();
-  const T* bp = a.lora_b.data_ptr<T>();
-  const T* wp = a.adapter_w.data_ptr<T>();
+  // Output mode. v = g B_cat (one GEMM over the row's k*r columns); t = scale * w * v;
+  // dx += t A_cat (one GEMM). t is kept (in T) for dA.
+  Concat<T> cat(s, a);
+  Tensor t_t = at::empty({s.tokens, kr}, a.x.options());
+  T* tw = t_t.data_ptr<T>();
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> tile;
     for (int64_t q = lo; q < hi; ++q) {
       const Run& u = runs[q];
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t i = source(idx, k, u.row, j);
-        T* vr = v + u.first * k * r + j * r;
-        gemm<T>(false, false, u.len, r, d_out, T(1), g + u.first * d_out, d_out,
-                bp + i * d_out * r, r, T(0), vr, k * r);
-        if (need_x)
-          gemm<T>(false, false, u.len, d_in, r, scale * wp[u.row * k + j], vr, k * r,
-                  ap + i * r * d_in, d_in, T(1), dxp + u.first * d_in, d_in);
-      }
+      cat.ensure(u.row);
+      A* vr = v + u.first * kr;
+      gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
+                  cat.b_of(u.row), kr, A(0), vr, kr);
+      T* tr = tw + u.first * kr;
+      weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
+      if (need_x)
+        add_dx(u, [&](A* out, A beta) {
+          gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, beta,
+                      out, d_in);
+        }, tile);
     }
   });
   if (!need_lora) return;
-  // dw[b, j] = scale * sum_{n in b} <v_j(n), s_j(n)>
-  T* dwp = dw.data_ptr<T>();
+  // dw[b, j] = scale * sum_{n in b} <v_j(n), s_j(n)>; u = scale * w * s (T) for dB.
+  A* dwp = dw.data_ptr<A>();
+  Tensor u_t = at::empty({s.tokens, kr}, a.x.options());
+  T* uw = u_t.data_ptr<T>();
   at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
         const Run& u = runs[q];
         for (int64_t n = u.first; n < u.first + u.len; ++n)
           for (int64_t j = 0; j < k; ++j)
-            dwp[b * k + j] += scale * dot(v + (n * k + j) * r, sh + (n * k + j) * r, r);
+            dwp[b * k + j] += scale * dot(v + n * kr + j * r, sh + n * kr + j * r, r);
+        weigh<T>(sh + u.first * kr, u.len, k, r, wp + b * k, scale, uw + u.first * kr);
       }
   });
-  // dA[i] += scale * w * v_j^T x, dB[i] += scale * w * g^T s_j, adapter by adapter.
+  if (idx == nullptr) {
+    // Dense: every row uses every adapter, so dA = t^T x and dB = g^T u are GEMMs over all
+    // tokens at once (in T, fp32 accumulation inside, one rounding).
+    da.view({kr, d_in}).copy_(at::mm(t_t.t(), a.x));
+    db.copy_(at::mm(g_t.t(), u_t).view({d_out, k, r}).permute({1, 0, 2}));
+    return;
+  }
+  // Gathered: per row dA_cat[b] = t_b^T x_b, dB_cat[b] = g_b^T u_b (one GEMM each, x and g read
+  // once for all k slots), then summed adapter by adapter over the (row, slot) pairs using it.
+  Tensor da_cat = at::zeros({R, kr * d_in}, a.adapter_w.options());
+  Tensor db_cat = at::zeros({R, d_out * kr}, a.adapter_w.options());
+  A* dac = da_cat.data_ptr<A>();
+  A* dbc = db_cat.data_ptr<A>();
+  at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b)
+      for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
+        const Run& u = runs[q];
+        gemm_acc<T>(true, false, kr, d_in, u.len, A(1), tw + u.first * kr, kr,
+                    x + u.first * d_in, d_in, A(1), dac + b * kr * d_in, d_in);
+        gemm_acc<T>(true, false, d_out, kr, u.len, A(1), g + u.first * d_out, d_out,
+                    uw + u.first * kr, kr, A(1), dbc + b * d_out * kr, kr);
+      }
+  });
+  const Users users = make_users(idx, R, k, s.adapters);
   T* dap = da.data_ptr<T>();
   T* dbp = db.data_ptr<T>();
   at::parallel_for(0, s.adapters, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i)
+    std::vector<A> acc_a(r * d_in), acc_b(d_out * r);
+    for (int64_t i = lo; i < hi; ++i) {
+      std::fill(acc_a.begin(), acc_a.end(), A(0));
+      std::fill(acc_b.begin(), acc_b.end(), A(0));
       for (int64_t p = users.start[i]; p < users.start[i + 1]; ++p) {
         const int64_t pair = users.pair[p], b = pair / k, j = pair % k;
-        const T coef = scale * wp[pair];
-        for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
-          const Run& u = runs[q];
-          gemm<T>(true, false, r, d_in, u.len, coef, v + u.first * k * r + j * r, k * r,
-                  x + u.first * d_in, d_in, T(1), dap + i * r * d_in, d_in);
-          gemm<T>(true, false, d_out, r, u.len, coef, g + u.first * d_out, d_out,
-                  sh + u.first * k * r + j * r, k * r, T(1), dbp + i * d_out * r, r);
-        }
+        const A* sa = dac + b * kr * d_in + j * r * d_in;
+        for (int64_t e = 0; e < r * d_in; ++e) acc_a[e] += sa[e];
+        const A* sb = dbc + b * d_out * kr + j * r;
+        for (int64_t o = 0; o < d_out; ++o)
+          for (int64_t c = 0; c < r; ++c) acc_b[o * r + c] += sb[o * kr + c];
       }
+      round_to<T>(acc_a.data(), r * d_in, dap + i * r * d_in);
+      round_to<T>(acc_b.data(), d_out * r, dbp + i * d_out * r);
+    }
   });
 }
 
@@ -542,9 +780,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
   TORCH_CHECK(shrink.dim() == 3 && shrink.size(0) == s.tokens && shrink.size(1) == slots_out &&
                   shrink.size(2) == s.rank,
               "lora_mix: shrink must be [T, ", num(slots_out), ", r], got ", shape(shrink.sizes()));
-  Args a = upcast(x, weight, std::nullopt, lora_a, lora_b, adapter_w, adapter_idx);
+  Args a = prepare(x, weight, std::nullopt, lora_a, lora_b, adapter_w, adapter_idx);
   check_adapter_idx(a.idx, s.adapters);
-  Tensor g = grad_y.to(a.comp).contiguous();
+  Tensor g = grad_y.to(a.dtype).contiguous();
+  // dx's base through the half GEMM (in T) when T is half.
   Tensor dx = need_x ? at::mm(g, a.weight) : Tensor();
   Tensor da, db, dw;
   if (need_lora) {
@@ -554,18 +793,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
   }
   if (s.tokens > 0 && (need_x || need_lora)) {
     const Plan plan = make_plan(row_ids.contiguous(), s.rows);
-    Tensor sh = shrink.to(a.comp).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(a.comp, "lora_mix_backward_cpu", [&] {
+    Tensor sh = shrink.to(a.adapter_w.scalar_type()).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "lora_mix_backward_cpu", [&] {
       backward_lora<scalar_t>(a, g, sh, s, plan, scale, mix, need_x, need_lora, dx, da, db, dw);
     });
   }
-  auto out = [&](bool flag, const Tensor& t) {
-    return flag ? t.to(a.in_dtype) : none_like(x);
-  };
-  Tensor dweight = need_weight ? at::mm(g.t(), a.x).to(a.in_dtype) : none_like(x);
-  Tensor dbias = need_bias ? g.sum(0).to(a.in_dtype) : none_like(x);
-  return {out(need_x, dx), dweight, dbias, out(need_lora, da), out(need_lora, db),
-          out(need_lora, dw)};
+  Tensor dweight = need_weight ? at::mm(g.t(), a.x) : none_like(x);
+  Tensor dbias = need_bias ? g.sum(0) : none_like(x);
+  return {need_x ? dx : none_like(x), dweight, dbias, need_lora ? da : none_like(x),
+          need_lora ? db : none_like(x), need_lora ? dw.to(a.dtype) : none_like(x)};
 }
 
 }  // namespace
