@@ -25,12 +25,13 @@ here.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 
 import torch
 import triton
 
 from ..plan import RowPlan
+from ..plan import tracing as _tracing
 from ..poison import new_output
 from . import kernels
 from .configs import config, interpreting
@@ -52,8 +53,23 @@ def _flags(dtype: torch.dtype) -> dict:
     }
 
 
+@lru_cache(maxsize=256)
+def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element device tensor, made once per (value, device, dtype) and never written:
+    a fresh torch.full per call was one more kernel launch (~2 us on a GPU) each time."""
+    return torch.full((1,), value, device=device, dtype=dtype)
+
+
 def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((1,), scale, device=like.device, dtype=_acc_dtype(like.dtype))
+    if _tracing():  # a tensor made during CUDA-graph capture must not outlive the graph
+        return torch.full((1,), scale, device=like.device, dtype=_acc_dtype(like.dtype))
+    return _constant(float(scale), like.device, _acc_dtype(like.dtype))
+
+
+@lru_cache(maxsize=64)
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 as int64, cached (read-only): the dense slot table and the rows' own factors."""
+    return torch.arange(n, device=device, dtype=torch.int64)
 
 
 @cache
@@ -89,14 +105,17 @@ def _plan_ptrs(plan: RowPlan, like: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def _sources(adapter_idx, rows: int, slots: int, device) -> tuple[torch.Tensor, int, int]:
     """Factor index table src[row, slot] with its strides; dense uses slot j = adapter j."""
     if adapter_idx is None:
-        table = torch.arange(slots, device=device, dtype=torch.int64)
-        return table, 0, 1
+        return (_arange(slots, device) if not _tracing()
+                else torch.arange(slots, device=device, dtype=torch.int64)), 0, 1
     return adapter_idx, adapter_idx.stride(0), adapter_idx.stride(1)
 
 
 def _row_sources(rows: int, device) -> tuple[torch.Tensor, int, int]:
     """src[row, 0] = row: each row's own mixed factor."""
-    return torch.arange(max(rows, 1), device=device, dtype=torch.int64), 1, 0
+    n = max(rows, 1)
+    table = _arange(n, device) if not _tracing() else torch.arange(n, device=device,
+                                                                   dtype=torch.int64)
+    return table, 1, 0
 
 
 def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
