@@ -155,9 +155,21 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        probe = getattr(torch._C._cpu, "_is_avx512_bf16_supported", None)
-        amx = getattr(torch._C._cpu, "_is_amx_tile_supported", None)
-        return bool((probe is not None and probe()) or (amx is not None and amx()))
+        return _cpu_probe("_is_avx512_bf16_supported") or _cpu_probe("_is_amx_tile_supported")
+    return False
+
+
+def _cpu_probe(name: str) -> bool:
+    """A CPU feature probe of torch, wherever this torch keeps it: `torch.cpu.<name>()` (torch
+    2.14; there `torch._C._cpu.<name>` does not exist, and a getattr on it quietly gave None, so
+    bf16 autocast was never on), else `torch._C._cpu.<name>()` (older torch)."""
+    for owner in (getattr(torch, "cpu", None), getattr(torch._C, "_cpu", None)):
+        probe = getattr(owner, name, None)
+        if callable(probe):
+            try:
+                return bool(probe())
+            except RuntimeError:
+                continue
     return False
 
 

@@ -1,0 +1,54 @@
+"""reclora.llm.bf16_supported must agree with what this CPU has: the probe it calls moved
+(torch 2.14 has torch.cpu._is_avx512_bf16_supported, not torch._C._cpu's), and a probe that
+quietly answers False leaves bf16 autocast off on a CPU that has it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reclora import llm
+
+
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    pytest.skip("no flags line in /proc/cpuinfo")
+
+
+def test_cpu_probe_agrees_with_cpuinfo():
+    flags = cpu_flags()
+    has = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert llm.bf16_supported(torch.device("cpu")) == has, sorted(
+        f for f in flags if "bf16" in f or "amx" in f)
+
+
+def test_this_machine_has_avx512_bf16_and_the_probe_sees_it():
+    """This project's CPU machine has AVX512-BF16: the probe must say so (it said False on
+    torch 2.14.1 before the fix)."""
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("this CPU has no AVX512-BF16")
+    assert llm._cpu_probe("_is_avx512_bf16_supported") is True
+    assert llm.bf16_supported(torch.device("cpu")) is True
+
+
+def test_probe_falls_back_to_the_old_location(monkeypatch):
+    """torch 2.11 (the GPU machine) keeps the probe in torch._C._cpu: found there too."""
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+
+    class Old:
+        @staticmethod
+        def _is_avx512_bf16_supported():
+            return True
+
+    monkeypatch.setattr(torch._C, "_cpu", Old, raising=False)
+    assert llm._cpu_probe("_is_avx512_bf16_supported") is True
+    monkeypatch.setattr(torch._C, "_cpu", object(), raising=False)
+    assert llm._cpu_probe("_is_avx512_bf16_supported") is False
