@@ -4,7 +4,8 @@
 # (the target table with the roofline's prediction beside every measured ratio, per-kernel
 # times, host us per call, launches per call, CUDA-graph replay at T = 64). No model weights.
 # At most 8 minutes: every step has its own limit (build 120 s, tests 170 + 40 s, targets
-# 140 s); a step cut by its limit gets SIGINT first, so pytest still prints its summary.
+# 140 s), cut further so the whole stays within BUDGET_S (465 s); a step cut by its limit
+# gets SIGINT first, so pytest still prints its summary.
 #
 #   bash benchmarks/gpu_check.sh            # logs to $OUT (if set) or benchmarks/results/gpu
 #   bash benchmarks/gpu_check.sh --smoke    # on a CPU: no build, no GPU tests, targets --smoke
@@ -24,11 +25,19 @@ PY="${PYTHON:-python3}"
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
 SLUG=$(echo "${CARD:-cpu}" | tr -cs 'A-Za-z0-9' '_' | tr 'A-Z' 'a-z' | sed 's/^_*//; s/_*$//')
 START=$SECONDS
+BUDGET_S="${BUDGET_S:-465}"  # the whole script, seconds (8 minutes less start-up and slack)
 declare -a STEPS=()
+
+left() { echo $((BUDGET_S - (SECONDS - START))); }
 
 step() {  # step NAME LIMIT_S COMMAND...: run, tee its log, record status and seconds
   local name="$1" limit="$2"; shift 2
   local start=$SECONDS rc
+  [ "$(left)" -lt "$limit" ] && limit=$(left)
+  if [ "$limit" -lt 10 ]; then
+    STEPS+=("$(printf '%-11s %-10s %5ds' "$name" "skipped" 0)"); echo "=== $name: no time left"
+    return 1
+  fi
   echo "=== $name (limit ${limit}s): $*"
   timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee "$LOG_DIR/${SLUG}_$name.log"
   rc=${PIPESTATUS[0]}
@@ -66,7 +75,10 @@ PY
     tests/test_op.py "tests/test_custom_ops.py::test_cuda_graph_replay" \
     -k "not (float64 and cuda)"
   step tests_cuda 40 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 -m cuda tests
-  step targets 140 "$PY" benchmarks/gpu_targets.py --out "$LOG_DIR"
+  # gpu_targets stops measuring 20 s before its limit, so its table is always printed.
+  TLIMIT=140; [ "$(left)" -lt "$TLIMIT" ] && TLIMIT=$(left)
+  step targets "$TLIMIT" "$PY" benchmarks/gpu_targets.py --out "$LOG_DIR" \
+    --budget-s $((TLIMIT - 20))
 fi
 
 echo

@@ -44,6 +44,7 @@ from reclora_kernels import available_backends, lora_mix_linear  # noqa: E402
 SCALE = 2.0  # RecLoRA: alpha 16 / r 8
 MATERIALISE = "materialise+bmm"
 BASE = "base"
+INTERRUPTED: list[bool] = []  # set once a SIGINT arrived during a measurement
 
 
 # --- cases ------------------------------------------------------------------------------------
@@ -180,6 +181,12 @@ class Run:
         self.card = roofline.card_for(torch.cuda.get_device_name() if self.cuda else "")
         self.rows = smoke_rows() if smoke else spec_rows()
         self.log: list[str] = []
+        self.deadline = float("inf")  # time.perf_counter() past which measurements are skipped
+
+    def out_of_time(self) -> str | None:
+        if INTERRUPTED or time.perf_counter() > self.deadline:
+            return "skipped: out of the time budget (--budget-s)"
+        return None
 
     def say(self, line: str = "") -> None:
         print(line, flush=True)
@@ -199,9 +206,14 @@ class Run:
 
 
 def _safe(fn, *args, **kw):
-    """(value, None) or (None, one-line error): a failing measurement becomes a table cell."""
+    """(value, None) or (None, one-line error): a failing measurement becomes a table cell.
+    SIGINT (gpu_check.sh's time limit) ends the measuring, not the run: the table still
+    comes out."""
     try:
         return fn(*args, **kw), None
+    except KeyboardInterrupt:
+        INTERRUPTED.append(True)
+        return None, "skipped: interrupted (time limit)"
     except Exception as exc:  # noqa: BLE001 - any failure is reported, the run goes on
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         return None, f"{type(exc).__name__}: {first}"
@@ -378,11 +390,15 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: tiny sizes, cpu backends, CUDA-only parts skipped")
     parser.add_argument("--out", help="folder for the table (default $OUT or results/gpu)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="skip the measurements still to come after this many seconds "
+                             "(the table is still printed)")
     args = parser.parse_args(argv)
     if args.smoke:
         torch.set_num_threads(1)  # a shared 2-core CPU: no oversubscription
     run = Run(args.smoke)
     start = time.perf_counter()
+    run.deadline = start + args.budget_s
     device_name = torch.cuda.get_device_name() if run.cuda else f"CPU ({os.cpu_count()} cores)"
     if not run.cuda and not args.smoke:
         print(f"gpu_targets: {timing.cuda_reason()}; use --smoke on a CPU", file=sys.stderr)
@@ -394,6 +410,9 @@ def main(argv=None) -> int:
     results: dict[str, dict] = {}
     measure = {"ratio": measure_ratio, "graph": measure_graph, "host": measure_host}
     for row in run.rows:
+        if run.out_of_time():
+            results[row.key] = {c: run.out_of_time() for c in [*run.backends, MATERIALISE]}
+            continue
         results[row.key], err = _safe(measure[row.kind], run, row)
         if err:
             run.say(f"  {row.key}: {err}")
@@ -403,13 +422,14 @@ def main(argv=None) -> int:
     spec = run.rows[0].case
     for case in (spec, replace(spec, mode="fwd+bwd")):
         backend = "triton" if "triton" in run.backends else run.backends[0]
-        for line in kernel_report(run, case, backend):
+        lines = [run.out_of_time()] if run.out_of_time() else kernel_report(run, case, backend)
+        for line in lines:
             run.say(line)
         run.say()
     for row in run.rows:
         if row.kind == "host" or row is run.rows[0]:
             for backend in run.backends:
-                run.say(launches_line(run, row.case, backend))
+                run.say(run.out_of_time() or launches_line(run, row.case, backend))
     title = (f"== targets ({device_name}; {time.perf_counter() - start:.0f} s; ratios to "
              "F.linear in this run; 'roofline new': benchmarks/roofline.py's prediction for "
              "this card)")
