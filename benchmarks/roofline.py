@@ -50,11 +50,14 @@ class Card:
     hbm_tbs: float  # peak DRAM bandwidth, TB/s
     bf16_tflops: float  # dense bf16 tensor-core peak (no sparsity), TFLOP/s
     sms: int
+    # The Triton shrink's (BLOCK_T, BLOCK_K) from reclora_kernels/configs: the H100 file's
+    # tuned entry, else default.json's "cuda" entry (used for the split-K count only).
+    shrink_tile: tuple[int, int] = (64, 128)
 
 
 # NVIDIA H100 datasheet, SXM5 80 GB (the card measured in benchmarks/results/gpu: "H100 80GB
 # HBM3"): HBM3 3.35 TB/s, 989.4 dense bf16 TFLOP/s (1979 is the 2:4-sparse figure), 132 SMs.
-H100 = Card("H100 SXM", 3.35, 989.4, 132)
+H100 = Card("H100 SXM", 3.35, 989.4, 132, shrink_tile=(128, 64))
 # NVIDIA H200 datasheet, SXM 141 GB: HBM3e 4.8 TB/s; the same GH100 compute (989 dense bf16).
 H200 = Card("H200 SXM", 4.8, 989.4, 132)
 CARDS = {"h100": H100, "h200": H200}
@@ -236,12 +239,12 @@ def _memset(phase, name, nbytes, count=1):
 
 def _split_k(case: Case, card: Card, width: int) -> int:
     """The new shrink's split of d_in (launch.shrink): programs = T tiles x column tiles; split
-    until 2 programs per SM (config: BLOCK_T 64, or 16 when rows average < 32 tokens;
-    BLOCK_K 128; MAX_BLOCK_R 64)."""
-    block_t = 16 if case.tokens / case.rows < 32 else 64
+    until 2 programs per SM (the card's tile; BLOCK_T 16 and BLOCK_K 128 when rows average
+    < 32 tokens, default.json's short-row entry; MAX_BLOCK_R 64)."""
+    block_t, block_k = (16, 128) if case.tokens / case.rows < 32 else card.shrink_tile
     block_r = max(16, min(64, 1 << max(0, (width - 1).bit_length())))
     tiles = math.ceil(case.tokens / block_t) * math.ceil(width / block_r)
-    return max(1, min(math.ceil(2 * card.sms / max(tiles, 1)), math.ceil(case.d_in / 128)))
+    return max(1, min(math.ceil(2 * card.sms / max(tiles, 1)), math.ceil(case.d_in / block_k)))
 
 
 def _mix_launches(case: Case, phase: str, design: str) -> list[Launch]:
