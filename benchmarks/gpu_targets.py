@@ -268,7 +268,9 @@ def measure_host(run: Run, row: Row) -> dict[str, float | str]:
 
 # --- kernels: measured beside predicted -------------------------------------------------------
 
-CUBLAS_NAMES = ("nvjet", "gemm", "xmma", "cutlass", "splitk")
+# cuBLAS/cuBLASLt kernel names seen on Hopper (nvjet_*, sm90_xmma_gemm_*, cutlass_*, gemv*,
+# Kernel2, splitKreduce_kernel); matched lower-cased.
+CUBLAS_NAMES = ("nvjet", "gemm", "gemv", "xmma", "cutlass", "splitk", "kernel2")
 # (label, which measured kernels by name, which of the roofline's launches)
 KINDS = [
     ("Triton shrink (fwd s, bwd v)", lambda k: "shrink_kernel" in k, lambda x: "shrink" in x.name),
