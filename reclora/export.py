@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -71,6 +72,11 @@ def export_peft(
     `peft.PeftModel.from_pretrained(base_model, out_dir)` on the model as it was before
     inject. Returns out_dir.
     """
+    # bool is an int subclass: True would silently export row 1.
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+        raise TypeError(f"export_peft: `row` must be an int (a batch row), got "
+                        f"{type(row).__name__} {row!r}")
+    row = int(row)
     layers = reclora_layers(model)
     if not layers:
         raise ValueError("export_peft: `model` has no RecLoRALinear layers")

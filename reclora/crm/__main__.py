@@ -4,18 +4,26 @@
     python -m reclora.crm --crms din --epochs 4 --output runs/crm
 
 Writes <output>/<name>.pt (the best-on-validation model) and <output>/crm_results.json,
-and prints a table plus paired-bootstrap AUC differences between the models.
+and prints a table plus paired-bootstrap AUC differences between the models. A bad option
+or file is one line on stderr and a non-zero exit (--debug or RECLORA_DEBUG=1: traceback).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
 from reclora import metrics
+from reclora.cli import (
+    DEBUG_HELP,
+    ArgumentParser,
+    device_option,
+    guarded,
+    int_at_least,
+    positive_float,
+)
 from reclora.crm.train import (
     CRM_CLASSES,
     CRMTrainConfig,
@@ -26,19 +34,26 @@ from reclora.crm.train import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m reclora.crm", description=__doc__.split("\n")[0])
+    return guarded("python -m reclora.crm", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    p = ArgumentParser(prog="python -m reclora.crm",
+                       description=__doc__.split("\n")[0] + " " + DEBUG_HELP)
     p.add_argument("--dataset", default="ml-100k", help="dataset name or folder")
     p.add_argument("--crms", default="din,sim,deepfm", help="comma list of CRM names")
     p.add_argument("--output", default="runs/crm", help="folder for checkpoints and JSON")
     d = CRMTrainConfig()
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--patience", type=int, default=d.patience)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--k-id", type=int, default=d.history_len, help="history items per sample")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--epochs", type=int_at_least(1), default=d.epochs)
+    p.add_argument("--patience", type=int_at_least(1), default=d.patience)
+    p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
+    p.add_argument("--lr", type=positive_float, default=d.lr)
+    p.add_argument("--k-id", type=int_at_least(1), default=d.history_len,
+                   help="history items per sample")
+    p.add_argument("--seed", type=int_at_least(0), default=d.seed)
+    p.add_argument("--device", type=lambda t: device_option(t, allow_auto=False),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     names = [s.strip().lower() for s in a.crms.split(",") if s.strip()]
@@ -51,9 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     from reclora.data.base import load_dataset
 
     out = Path(a.output)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ds = load_dataset(a.dataset)
+    out.mkdir(parents=True, exist_ok=True)
     batches = dataset_batches(ds, a.k_id)
     print(f"{ds.name}: train {ds.train.size}, valid {ds.valid.size}, test {ds.test.size} "
           f"samples, K_id {a.k_id} ({time.perf_counter() - t0:.1f} s)")
