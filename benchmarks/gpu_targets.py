@@ -108,11 +108,12 @@ class Inputs:
 def make_pool(case: roofline.Case, dtype, device, sets: int, seed: int = 0) -> list[Inputs]:
     """`sets` input sets: x, W, w, idx and g per set; the banks shared (at M = 4096 they are
     537 MB, far past L2, and the gathered rows differ per set). Random, never zero."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # indices and weights, on the CPU
+    g_dev = torch.Generator(device=device).manual_seed(seed)  # big tensors made in place
     length = case.tokens // case.rows
 
     def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+        return (torch.randn(*shape, generator=g_dev, device=device) * std).to(dtype)
 
     lora_a = randn(case.adapters, case.rank, case.d_in, std=case.d_in**-0.5)
     lora_b = randn(case.adapters, case.d_out, case.rank, std=0.02)
