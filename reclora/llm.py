@@ -369,8 +369,12 @@ class LLMCTR(nn.Module):
         head = self.model.get_output_embeddings()
         idx = torch.tensor(self.answer_ids, device=head.weight.device)
         bias = head.bias[idx] if getattr(head, "bias", None) is not None else None
-        return F.linear(h, head.weight[idx].to(h.dtype),
-                        None if bias is None else bias.to(h.dtype)).float()
+        # In float32 with autocast off: the two logits are large (about 30 for SmolLM2) and
+        # their difference small, and a bf16 output rounds them to steps of 0.125, leaving
+        # P(yes) a handful of values (tests/test_llm_recipe.py). Two rows: the cost is nil.
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            return F.linear(h.float(), head.weight[idx].float(),
+                            None if bias is None else bias.float())
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,15 @@ The input is wrapped by the tokenizer's chat template when it has one (as a user
 the generation prompt), else by the Vicuna v1.1 wrapper the paper used:
 "A chat between ... USER: {input} ASSISTANT:". The answer follows that text.
 
+Variants (``variant=``, for the recipe search of issue 14; "default" is the template above):
+
+- "genres": each history line and the target also show the item's genres.
+- "summary": after the list, one line counting the shown ratings: "He rated 3 of these 5
+  movies 4 stars or more (average 3.8 stars)." (the base rate of this user, spelled out).
+- "target-first": the target movie is named before the history ("Will he like the movie
+  ***T***? He watched ..."), so every history line is read knowing the target.
+- "genres+summary": both.
+
 Truncation keeps the question whole: with ``max_tokens`` set, the oldest history lines are
 dropped (fewest possible, found by binary search on the exact token count) until the wrapped
 prompt fits; if even no history does not fit, it raises instead of cutting the question.
@@ -36,6 +45,7 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
                  "The assistant gives helpful, detailed, and polite answers to the user's "
                  "questions.")
 ANSWERS = ("No", "Yes")  # indexed by the 0/1 label
+VARIANTS = ("default", "genres", "summary", "target-first", "genres+summary")
 
 
 def answer_text(label: int) -> str:
@@ -62,24 +72,34 @@ class PromptParts:
     lines: list[str]
     empty: str  # said instead of the list when no history line is kept
     question: str
+    prefix: str = ""  # said before everything ("target-first")
+    summary: Any = None  # callable(kept ratings) -> a line after the list ("summary")
+    ratings: list[float] | None = None  # per line, for `summary`
 
     def text(self, keep: int | None = None) -> str:
-        lines = self.lines if keep is None else self.lines[len(self.lines) - keep:]
+        start = 0 if keep is None else len(self.lines) - keep
+        lines = self.lines[start:]
         if not lines:
             body = self.empty
         else:
             body = self.header + "\n" + "\n".join(f"{j + 1}. {ln}" for j, ln in enumerate(lines))
-        return body + "\n" + self.question
+            if self.summary is not None and self.ratings is not None:
+                body += "\n" + self.summary(self.ratings[start:])
+        return (self.prefix + "\n" if self.prefix else "") + body + "\n" + self.question
 
 
 def prompt_parts(dataset: RecDataset, sample: int, history_items: np.ndarray,
-                 history_ratings: np.ndarray, with_profile: bool | None = None) -> PromptParts:
-    """The template for ``dataset.source`` filled for one sample.
+                 history_ratings: np.ndarray, with_profile: bool | None = None,
+                 variant: str = "default") -> PromptParts:
+    """The template for ``dataset.source`` filled for one sample (``variant``: see the module
+    docstring; "default" is the paper's template).
 
     ``history_items``/``history_ratings``: the history to show, oldest first (e.g. the
     retriever's K_text items). ``with_profile``: default True where the dataset has
     profiles (ML-100K, ML-1M) and the template uses them.
     """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     items = np.asarray(history_items).reshape(-1)
     ratings = np.asarray(history_ratings).reshape(-1)
     if items.shape != ratings.shape:
@@ -103,12 +123,26 @@ def prompt_parts(dataset: RecDataset, sample: int, history_items: np.ndarray,
     empty = f"{subj_cap} has not rated any {plural} before."
     if profile:
         header, empty = profile + "\n" + header, profile + "\n" + empty
+    with_genres = variant in ("genres", "genres+summary")
+
+    def title(i: int) -> str:
+        g = dataset.item_genres[i] if with_genres else ""
+        return f"{dataset.item_title[i]}, genres: {g}," if g else dataset.item_title[i]
+
     question = (f"Based on the {plural} {subj} has {verb}, deduce if {subj} will like the "
-                f"{kind} ***{dataset.item_title[target]}***.\n"
+                f"{kind} ***{title(target)}***.\n"
                 f"Note that more stars the user rated the {kind}, the more the user liked the "
                 f"{kind}.\nYou should ONLY tell me yes or no.")
-    lines = [f"{dataset.item_title[int(i)]} ({stars(float(r))})" for i, r in zip(items, ratings)]
-    return PromptParts(header, lines, empty, question)
+    lines = [f"{title(int(i))} ({stars(float(r))})" for i, r in zip(items, ratings)]
+    parts = PromptParts(header, lines, empty, question)
+    if variant == "target-first":
+        parts.prefix = f"Will {subj} like the {kind} ***{title(target)}***?"
+    if variant in ("summary", "genres+summary"):
+        parts.ratings = [float(r) for r in ratings]
+        parts.summary = lambda rs: (
+            f"{subj_cap} rated {sum(r >= 4 for r in rs)} of these {len(rs)} {plural} 4 stars "
+            f"or more (average {np.mean(rs):.1f} stars).")
+    return parts
 
 
 @dataclass
@@ -125,8 +159,11 @@ class PromptBuilder:
     chat_template: bool | None = None
     with_profile: bool | None = None
     system: str | None = None
+    variant: str = "default"
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.max_tokens is not None:
             if self.max_tokens < 1:
                 raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
@@ -155,7 +192,8 @@ class PromptBuilder:
 
     def build(self, dataset: RecDataset, sample: int, history_items: np.ndarray,
               history_ratings: np.ndarray) -> str:
-        parts = prompt_parts(dataset, sample, history_items, history_ratings, self.with_profile)
+        parts = prompt_parts(dataset, sample, history_items, history_ratings, self.with_profile,
+                             self.variant)
         n = len(parts.lines)
         full = self.wrap(parts.text())
         if self.max_tokens is None or self.n_tokens(full) <= self.max_tokens:
