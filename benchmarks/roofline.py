@@ -61,6 +61,8 @@ class Card:
 # HBM3"): HBM3 3.35 TB/s, 989.4 dense bf16 TFLOP/s (1979 is the 2:4-sparse figure), 132 SMs.
 H100 = Card("H100 SXM", 3.35, 989.4, 132, shrink_tile=(128, 64))
 # NVIDIA H200 datasheet, SXM 141 GB: HBM3e 4.8 TB/s; the same GH100 compute (989 dense bf16).
+# The efficiencies, the L2 rate and the launch cost below were measured on the H100 and are
+# applied to the H200 unchanged (same die and clocks; only the memory differs): untested.
 H200 = Card("H200 SXM", 4.8, 989.4, 132)
 CARDS = {"h100": H100, "h200": H200}
 
