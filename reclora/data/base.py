@@ -37,13 +37,16 @@ Conventions (the contract; tests in tests/test_data.py hold each one):
   sentence used for semantic embeddings) per item; ``user_profile`` per user where the data
   has demographics (ML-100K, ML-1M), else None.
 
-Missing or corrupt files raise ``DataError`` with the command that fixes them.
+Missing or corrupt files raise ``DataError`` with the command that fixes them; so do rows
+the protocol cannot hold as they are (fractional ids, timestamps past 2^53, a (user, item)
+pair rated twice, a user file missing users), named by file and row (movielens.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,9 +75,28 @@ class DataError(RuntimeError):
 
 
 def default_data_dir() -> Path:
-    """``$RECLORA_DATA`` if set, else ``~/.cache/reclora/data``."""
+    """``$RECLORA_DATA`` if set, else ``~/.cache/reclora/data``. A ``$RECLORA_DATA`` that
+    is set but empty, or names a file, raises DataError (it is never silently ignored)."""
     env = os.environ.get("RECLORA_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "reclora" / "data"
+    if env is None:
+        return Path.home() / ".cache" / "reclora" / "data"
+    if not env.strip():
+        raise DataError("$RECLORA_DATA is set but empty: unset it (the default is "
+                        "~/.cache/reclora/data) or set it to a folder")
+    path = Path(env).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DataError(f"$RECLORA_DATA={env} is a file, not a folder")
+    return path
+
+
+_ANNOUNCED: set[str] = set()
+
+
+def _announce(message: str) -> None:
+    """One line on stderr, once per process per message (a fallback the user should see)."""
+    if message not in _ANNOUNCED:
+        _ANNOUNCED.add(message)
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -292,21 +314,32 @@ def resolve_dataset_dir(name_or_path: str | os.PathLike, data_dir: str | os.Path
     s = str(name_or_path)
     if s.lower() in DATASETS:
         name = s.lower()
-        folder = Path(data_dir).expanduser() if data_dir else default_data_dir()
-        folder = folder / name
-        if name == "ml-100k" and detect_format(folder) is None:
+        explicit = data_dir is not None or "RECLORA_DATA" in os.environ
+        root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        if root.exists() and not root.is_dir():
+            raise DataError(f"{name}: the data dir {root} is a file, not a folder")
+        folder = root / name
+        if name == "ml-100k" and not folder.exists():
+            # No ML-100K folder at all: read the copy installed with recbole (where the
+            # set-up gets it). Said on stderr when the user named a data dir; a folder that
+            # exists but is partial or corrupt is an error below, never this fallback.
             from reclora.data.fetch import installed_ml100k_dir
 
             wheel_dir = installed_ml100k_dir()
             if wheel_dir is not None:
+                if explicit:
+                    _announce(f"reclora: no {name} folder in {root}; reading {name} from the "
+                              f"copy installed with recbole ({wheel_dir})")
                 return name, name, wheel_dir
         if not folder.is_dir():
-            raise DataError(f"{name}: no data at {folder}; "
+            what = "is a file, not a folder" if folder.exists() else "does not exist"
+            raise DataError(f"{name}: no data at {folder} (it {what}); "
                             + HOW_TO_GET[name].format(dir=folder))
         fmt = detect_format(folder)
         if fmt is None:
-            raise DataError(f"{name}: {folder} holds none of the expected files; "
-                            + HOW_TO_GET[name].format(dir=folder))
+            found = sorted(p.name for p in folder.iterdir())[:8]
+            raise DataError(f"{name}: {folder} holds none of the expected files (found "
+                            f"{found or 'nothing'}); " + HOW_TO_GET[name].format(dir=folder))
         return name, fmt, folder
     folder = Path(s).expanduser()
     if not folder.exists():
@@ -328,9 +361,11 @@ def load_dataset(name_or_path: str | os.PathLike = "ml-100k",
                  split: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> RecDataset:
     """Read a dataset and apply the paper's protocol (labels, 5-core, global-time split).
 
-    ``name_or_path``: "ml-100k" (default; from ``data_dir``/ml-100k, else the installed
-    recbole wheel), "ml-1m", "ml-25m", "goodreads" (from ``data_dir``/<name>), or a folder
-    holding one of those formats. ``data_dir`` defaults to ``default_data_dir()``.
+    ``name_or_path``: "ml-100k" (default; from ``data_dir``/ml-100k, else, when that folder
+    does not exist, the installed recbole wheel's copy: said on stderr if ``data_dir`` or
+    ``$RECLORA_DATA`` was given; a partial folder is an error), "ml-1m", "ml-25m",
+    "goodreads" (from ``data_dir``/<name>), or a folder holding one of those formats.
+    ``data_dir`` defaults to ``default_data_dir()``.
     ``min_history``: a sample needs at least this many strictly earlier interactions.
     ``core``: iterative k-core on users and items (0 or 1 disables it).
     """

@@ -70,18 +70,61 @@ def _numeric_table(text: str, ncols: int, what: str, delimiter: str = "\t") -> n
     return arr
 
 
+# Ids and Unix-second timestamps are parsed as float64 (loadtxt's fast path) and must be
+# integers float64 holds exactly: |v| <= 2^53.
+EXACT_INT = 2.0 ** 53
+
+
+def check_interactions(arr: np.ndarray, what: str) -> None:
+    """Reject what the int64 cast in _ml_raw would silently change, naming the data row
+    (1-based, blank lines not counted): fractional or out-of-range ids and timestamps
+    (past int64 the cast gave INT64_MIN), non-finite ratings, and a (user, item) pair rated
+    twice (MovieLens has one rating per pair; a repeat would leak its label into history)."""
+    for col, field in ((0, "user id"), (1, "item id"), (3, "timestamp")):
+        v = arr[:, col]
+        bad = ~np.isfinite(v) | (np.abs(v) > EXACT_INT) | (v != np.round(v))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            kind = "not a whole number" if np.isfinite(v[i]) and abs(v[i]) <= EXACT_INT \
+                else "out of range (at most 2^53 in magnitude)"
+            raise DataError(f"{what}: data row {i + 1}: {field} {float(v[i])!r} is {kind}")
+    bad = ~np.isfinite(arr[:, 2])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{what}: data row {i + 1}: rating {float(arr[i, 2])!r} is not "
+                        "finite")
+    user, item = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)
+    order = np.lexsort((item, user))
+    same = (np.diff(user[order]) == 0) & (np.diff(item[order]) == 0)
+    if same.any():
+        j = int(np.flatnonzero(same)[0])
+        a, b = sorted((int(order[j]), int(order[j + 1])))
+        raise DataError(f"{what}: data rows {a + 1} and {b + 1} both rate item {item[a]} by "
+                        f"user {user[a]} (duplicate rows are not allowed)")
+
+
+def _fields(line_no: int, line: str, sep: str, n: int, what: str) -> list[str]:
+    """The n fields of one line of a metadata file, or a DataError naming the line."""
+    f = line.split(sep)
+    if len(f) != n:
+        raise DataError(f"{what}: line {line_no} has {len(f)} {sep!r}-separated fields, "
+                        f"expected {n}: {line[:80]!r}")
+    return f
+
+
 def _split_title_year(title: str) -> tuple[str, int | None]:
     m = _YEAR.search(title)
     return title, (int(m.group(1)) if m else None)
 
 
-def _atomic(path: Path) -> tuple[list[str], list[list[str]]]:
-    """A RecBole atomic file: header names (without ":type") and rows of fields."""
+def _atomic(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """A RecBole atomic file: header names (without ":type") and (line number, fields) of
+    each non-blank row."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines:
         raise DataError(f"{path}: empty file")
     header = [h.split(":")[0] for h in lines[0].split("\t")]
-    rows = [ln.split("\t") for ln in lines[1:] if ln]
+    rows = [(no, ln.split("\t")) for no, ln in enumerate(lines[1:], 2) if ln]
     return header, rows
 
 
@@ -92,19 +135,20 @@ def read_ml100k(folder: Path) -> RawData:
         return _read_ml100k_recbole(folder)
     _need(folder, ("u.data", "u.item", "u.user"), "ml-100k")
     arr = _numeric_table((folder / "u.data").read_text(), 4, str(folder / "u.data"))
+    check_interactions(arr, str(folder / "u.data"))
     items: dict[str, dict] = {}
-    for ln in (folder / "u.item").read_text(encoding="latin-1").splitlines():
-        f = ln.split("|")
-        if len(f) < 5 + len(ML100K_GENRES):
+    for no, ln in enumerate((folder / "u.item").read_text(encoding="latin-1").splitlines(), 1):
+        if not ln.strip():
             continue
+        f = _fields(no, ln, "|", 5 + len(ML100K_GENRES), str(folder / "u.item"))
         flags = f[5:5 + len(ML100K_GENRES)]
         genres = [g for g, x in zip(ML100K_GENRES, flags) if x == "1" and g != "unknown"]
         title, year = _split_title_year(f[1])
         items[f[0]] = {"title": title, "genres": genres, "year": year}
     users: dict[str, dict] = {}
-    for ln in (folder / "u.user").read_text(encoding="latin-1").splitlines():
-        f = ln.split("|")
-        if len(f) == 5:
+    for no, ln in enumerate((folder / "u.user").read_text(encoding="latin-1").splitlines(), 1):
+        if ln.strip():
+            f = _fields(no, ln, "|", 5, str(folder / "u.user"))
             users[f[0]] = _ml100k_user(f[1], f[2], f[3], f[4])
     return _ml_raw("ml-100k", arr, items, users, ("gender", "age_group", "occupation", "zip"))
 
@@ -128,15 +172,16 @@ def _read_ml100k_recbole(folder: Path) -> RawData:
         raise DataError(f"{inter}: header {cols} is not {want}; "
                         + HOW_TO_GET["ml-100k"].format(dir=folder))
     arr = _numeric_table(body, len(cols), str(inter))[:, :4]
+    check_interactions(arr, str(inter))
     header, rows = _atomic(folder / "ml-100k.item")
     ix = {h: i for i, h in enumerate(header)}
     for c in ("item_id", "movie_title", "release_year", "class"):
         if c not in ix:
             raise DataError(f"{folder / 'ml-100k.item'}: no column {c!r}")
     items = {}
-    for f in rows:
+    for no, f in rows:
         if len(f) != len(header):
-            raise DataError(f"{folder / 'ml-100k.item'}: row {f[:2]} has {len(f)} fields, "
+            raise DataError(f"{folder / 'ml-100k.item'}: line {no} has {len(f)} fields, "
                             f"header has {len(header)}")
         year = f[ix["release_year"]]
         title = f[ix["movie_title"]]
@@ -145,11 +190,20 @@ def _read_ml100k_recbole(folder: Path) -> RawData:
         items[f[ix["item_id"]]] = {
             "title": f"{title} ({y})" if y else title, "year": y,
             "genres": [g for g in f[ix["class"]].split() if g != "unknown"]}
-    header, rows = _atomic(folder / "ml-100k.user")
+    ufile = folder / "ml-100k.user"
+    header, rows = _atomic(ufile)
     ix = {h: i for i, h in enumerate(header)}
-    users = {f[ix["user_id"]]: _ml100k_user(f[ix["age"]], f[ix["gender"]],
-                                            f[ix["occupation"]], f[ix["zip_code"]])
-             for f in rows if len(f) == len(header)}
+    for c in ("user_id", "age", "gender", "occupation", "zip_code"):
+        if c not in ix:
+            raise DataError(f"{ufile}: no column {c!r} in its header {header}; "
+                            + HOW_TO_GET["ml-100k"].format(dir=folder))
+    users = {}
+    for no, f in rows:
+        if len(f) != len(header):
+            raise DataError(f"{ufile}: line {no} has {len(f)} fields, header has "
+                            f"{len(header)}")
+        users[f[ix["user_id"]]] = _ml100k_user(f[ix["age"]], f[ix["gender"]],
+                                               f[ix["occupation"]], f[ix["zip_code"]])
     return _ml_raw("ml-100k", arr, items, users, ("gender", "age_group", "occupation", "zip"))
 
 
@@ -158,7 +212,8 @@ def _ml_raw(source: str, arr: np.ndarray, items: dict, users: dict | None,
     return RawData(name=source, source=source, kind="movie",
                    user=arr[:, 0].astype(np.int64), item=arr[:, 1].astype(np.int64),
                    rating=arr[:, 2].astype(np.float32), time=arr[:, 3].astype(np.int64),
-                   items=items, users=users, user_fields=user_fields if users else ())
+                   items=items, users=users,
+                   user_fields=user_fields if users is not None else ())
 
 
 def read_ml1m(folder: Path) -> RawData:
@@ -167,20 +222,23 @@ def read_ml1m(folder: Path) -> RawData:
     _need(folder, ("ratings.dat", "movies.dat"), "ml-1m")
     text = (folder / "ratings.dat").read_text(encoding="latin-1").replace("::", "\t")
     arr = _numeric_table(text, 4, str(folder / "ratings.dat"))
+    check_interactions(arr, str(folder / "ratings.dat"))
     items = {}
-    for ln in (folder / "movies.dat").read_text(encoding="latin-1").splitlines():
-        f = ln.split("::")
-        if len(f) != 3:
+    for no, ln in enumerate((folder / "movies.dat").read_text(encoding="latin-1").splitlines(),
+                            1):
+        if not ln.strip():
             continue
+        f = _fields(no, ln, "::", 3, str(folder / "movies.dat"))
         title, year = _split_title_year(f[1])
         genres = [g for g in f[2].split("|") if g and g != "(no genres listed)"]
         items[f[0]] = {"title": title, "genres": genres, "year": year}
     users = None
     if (folder / "users.dat").is_file():
         users = {}
-        for ln in (folder / "users.dat").read_text(encoding="latin-1").splitlines():
-            f = ln.split("::")
-            if len(f) == 5:
+        text = (folder / "users.dat").read_text(encoding="latin-1")
+        for no, ln in enumerate(text.splitlines(), 1):
+            if ln.strip():
+                f = _fields(no, ln, "::", 5, str(folder / "users.dat"))
                 users[f[0]] = {"gender": f[1], "age": f[2], "occupation": f[3], "zip": f[4]}
     return _ml_raw("ml-1m", arr, items, users, ("gender", "age", "occupation", "zip"))
 
@@ -201,6 +259,7 @@ def read_ml25m(folder: Path) -> RawData:
             raise DataError(f"{folder / 'ratings.csv'}: malformed rows ({e})") from e
     if arr.shape[0] == 0 or arr.shape[1] < 4:
         raise DataError(f"{folder / 'ratings.csv'}: no rows")
+    check_interactions(arr[:, :4], str(folder / "ratings.csv"))
     items = {}
     with open(folder / "movies.csv", encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh)
@@ -208,8 +267,11 @@ def read_ml25m(folder: Path) -> RawData:
         if head[:3] != ["movieId", "title", "genres"]:
             raise DataError(f"{folder / 'movies.csv'}: header {head} is not movieId,title,genres")
         for f in reader:
-            if len(f) < 3:
+            if not f:
                 continue
+            if len(f) < 3:
+                raise DataError(f"{folder / 'movies.csv'}: line {reader.line_num} has "
+                                f"{len(f)} fields, expected movieId,title,genres")
             title, year = _split_title_year(f[1].strip())
             genres = [g for g in f[2].split("|") if g and g != "(no genres listed)"]
             items[f[0]] = {"title": title, "genres": genres, "year": year}

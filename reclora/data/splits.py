@@ -195,7 +195,14 @@ def build_dataset(raw: RawData, min_history: int = 5, core: int = 5,
     profiles = attrs = user_features = None
     ucards: list[int] = []
     if raw.users is not None and raw.user_fields:
-        rows = [raw.users.get(k, {}) for k in user_raw_id]
+        # A user file that lacks users (or whose rows all failed to parse) would leave their
+        # profiles and features empty without a word: refuse it.
+        missing = [k for k in user_raw_id if k not in raw.users]
+        if missing:
+            raise DataError(f"{raw.name}: {len(missing)} of {n_users} users have no row in "
+                            f"the user file (raw ids {missing[:3]}...); it looks truncated "
+                            "or corrupt")
+        rows = [raw.users[k] for k in user_raw_id]
         fields = list(raw.user_fields) + sorted({k for r in rows for k in r}
                                                  - set(raw.user_fields))
         attrs = {f: [str(r.get(f, "") or "") for r in rows] for f in fields}
