@@ -4,8 +4,6 @@ selection on validation, checkpoints, and DDP (2 gloo processes) against one pro
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -110,6 +108,10 @@ def test_gated_needs_user_reps() -> None:
 # ----------------------------------------------------------------------------- DDP
 DDP_CFG = {"n_train": 64, "num_adapters": 4, "rank": 4, "gate_dim": 16, "gate_dropout": 0.0,
            "lr": 1e-2, "eval_points": 2, "amp": "off", "progress": False}
+# One SGD step on 13 samples (uneven: 7 on rank 0, 6 on rank 1): no warmup, no clipping, so
+# the step is exactly -lr x the gradient of the mean loss over the 13 samples.
+SGD_CFG = {**DDP_CFG, "n_train": 13, "lr": 0.5, "warmup_ratio": 0.0, "max_grad_norm": 0.0,
+           "eval_points": 1, "batch_size": 16}
 
 
 def _losses(cfg: Stage2Config) -> list[float]:
@@ -119,35 +121,75 @@ def _losses(cfg: Stage2Config) -> list[float]:
     return [h["loss"] for h in res.history] + [res.valid["auc"]]
 
 
-def _ddp_worker(rank: int, world: int, port: int, queue) -> None:
+def _sgd(groups, lr, weight_decay):  # stands in for AdamW: the step is the raw gradient
+    return torch.optim.SGD(groups, lr=lr)
+
+
+def _one_sgd_step(cfg: Stage2Config) -> tuple[dict[str, torch.Tensor], float]:
+    """The trainable parameters after one step (train_stage2 keeps the evaluated last step)
+    and that step's logged loss."""
+    ctr = make_ctr()
+    inject_adapters(ctr, cfg)
+    res = train_stage2(ctr, make_data(ctr, 13, 3), make_data(ctr, 16, 1), cfg)
+    assert res.steps == 1
+    params = {n: p.detach().clone() for n, p in ctr.named_parameters() if p.requires_grad}
+    return params, res.history[0]["loss"]
+
+
+def _ddp_worker(rank: int, world: int, folder: str) -> None:
+    import datetime
+
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
+        torch.optim.AdamW = _sgd  # this process only (spawned)
+        params, loss = _one_sgd_step(Stage2Config(**SGD_CFG))
+        # Results go to files: a pipe (SimpleQueue) fills up and blocks the worker until the
+        # parent reads, and the parent reads only after join.
+        torch.save((params, loss), f"{folder}/step_rank{rank}.pt")
+        torch.optim.AdamW = _ADAMW
         losses = _losses(Stage2Config(batch_size=8, grad_accum=1, **DDP_CFG))
-        if rank == 0:
-            queue.put(losses)
+        torch.save(losses, f"{folder}/losses_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_ADAMW = torch.optim.AdamW
 
 
-def test_ddp_two_processes_match_one_process() -> None:
-    """2 ranks x batch 8 == 1 process x batch 8 x grad_accum 2: same samples per step, same
-    averaged gradients, so the same losses step by step and the same selected model."""
+@pytest.mark.timeout(280)
+def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch) -> None:
+    """(1) One SGD step on 13 samples split 7/6 over 2 ranks leaves EVERY rank with the
+    parameters of one process stepping on all 13 (the gradient of the mean loss: each rank's
+    loss weighs by its share times the world, since DDP averages over ranks).
+    (2) 2 ranks x batch 8 == 1 process x batch 8 x grad_accum 2 over several AdamW steps:
+    same samples per step, same averaged gradients, so the same losses step by step and the
+    same selected model."""
+    with monkeypatch.context() as m:
+        m.setattr(torch.optim, "AdamW", _sgd)
+        single_params, single_loss = _one_sgd_step(Stage2Config(**SGD_CFG))
+    fresh = make_ctr()
+    inject_adapters(fresh, Stage2Config(**SGD_CFG))
+    before = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    moved = max(float((single_params[n] - before[n]).abs().max()) for n in before)
+    assert moved > 1e-4, "the step must move the parameters"
     single = _losses(Stage2Config(batch_size=8, grad_accum=2, **DDP_CFG))
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), queue), nprocs=2, join=True,
+
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    ddp = queue.get()
+    for rank in (0, 1):
+        params, loss = torch.load(tmp_path / f"step_rank{rank}.pt")
+        assert set(params) == set(single_params)
+        assert loss == pytest.approx(single_loss, rel=1e-5), rank
+        for n, p in params.items():
+            step, ref = p - before[n], single_params[n] - before[n]
+            err = float((step - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+            assert err < 1e-4, f"rank {rank}: {n} step off by {err:.2e} (relative)"
+    ddp = torch.load(tmp_path / "losses_rank0.pt")
+    assert torch.load(tmp_path / "losses_rank1.pt") == ddp  # every rank logs the same
     assert len(ddp) == len(single) == 5
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
     assert single[0] != pytest.approx(single[3], abs=1e-4)  # it did train

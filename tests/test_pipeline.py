@@ -1,15 +1,22 @@
 """`reclora run` end to end on ML-100K with a tiny random Llama: every stage, the report
-files, and --resume skipping finished stages."""
+recomputed by brute force from the stage files and the test subset's labels, the subsets
+drawn from their own splits, each baseline given its own history, --resume skipping the
+finished stages (and only with --resume)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
+from test_metrics import _brute_auc, _loop_resamples
 from tiny_llm import tiny_llama, tiny_tokenizer
 
 from reclora import metrics
-from reclora.pipeline import ABLATIONS, LLM_MODELS, config_from_args, main
+from reclora.pipeline import ABLATIONS, LLM_MODELS, Run, config_from_args, main
+
+N_TEST, K_TEXT = 48, 2
 
 
 @pytest.fixture(scope="module")
@@ -31,43 +38,207 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-def test_run_then_resume(tiny_model_dir, tmp_path) -> None:
-    out = tmp_path / "run"
-    argv = ["--quick", "--output", str(out), "--model", str(tiny_model_dir), "--crms", "din",
-            "--n", "16", "--n-valid", "24", "--n-test", "48", "--k-text", "2",
+def _argv(out, model_dir) -> list[str]:
+    return ["--quick", "--output", str(out), "--model", str(model_dir), "--crms", "din",
+            "--n", "16", "--n-valid", "24", "--n-test", str(N_TEST), "--k-text", str(K_TEXT),
             "--max-length", "160", "--ablations", "--no-progress"]
-    assert main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_model_dir, tmp_path_factory):
+    """One run with every stage; records, per LLM stage, the text histories its prompts were
+    built from (PromptBuilder.build_batch is the one place a history becomes a prompt)."""
+    from reclora.data.prompts import PromptBuilder
+
+    out = tmp_path_factory.mktemp("quick") / "run"
+    calls: list[tuple[str, np.ndarray, object]] = []
+    stage = {"name": None}
+    build_batch, llm_stage = PromptBuilder.build_batch, Run.llm_stage
+
+    def spy_build(self, dataset, samples, history):
+        calls.append((stage["name"], np.asarray(samples).copy(), history))
+        return build_batch(self, dataset, samples, history)
+
+    def spy_stage(self, name):
+        stage["name"] = name
+        try:
+            return llm_stage(self, name)
+        finally:
+            stage["name"] = None
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PromptBuilder, "build_batch", spy_build)
+        mp.setattr(Run, "llm_stage", spy_stage)
+        assert main(_argv(out, tiny_model_dir)) == 0
+    return out, calls
+
+
+def _stage(out, name) -> dict:
+    return json.loads((out / "stages" / f"{name}.json").read_text())
+
+
+def _brute_logloss(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(np.mean([-np.log(q) if t else -np.log(1 - q) for t, q in zip(y, p)]))
+
+
+def test_report_files(quick_run) -> None:
+    out, _ = quick_run
     res = json.loads((out / "results.json").read_text())
     names = ["din", *LLM_MODELS, *ABLATIONS]
     assert list(res["models"]) == names
     for name in names:
         m = res["models"][name]
         assert {"auc", "logloss", "n_train", "n_test", "train_s"} <= set(m)
-        assert m["n_test"] == 48 and 0.0 <= m["auc"] <= 1.0
-        lo, hi = m["auc_ci95"]
-        assert lo <= m["auc"] <= hi
+        assert m["n_test"] == N_TEST
     assert res["models"]["reclora"]["n_train"] == 16
     assert res["models"]["zero-shot"]["n_train"] == 0
     assert set(res["comparisons"]) == {f"reclora vs {n}" for n in names if n != "reclora"}
-    corr = res["rank_corr_with_gate_crm"]
-    assert corr["crm"] == "din" and set(corr["spearman"]) == set(names) - {"din"}
-    stage = {n: json.loads((out / "stages" / f"{n}.json").read_text())["probs"]
-             for n in ("crm_din", "reclora")}
-    assert corr["spearman"]["reclora"] == pytest.approx(
-        metrics.rank_correlation(stage["crm_din"], stage["reclora"]), nan_ok=True)
-    assert "Spearman rank correlation" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Spearman rank correlation" in md and "| reclora |" in md
     assert (out / "results.png").stat().st_size > 0
-    assert "| reclora |" in (out / "results.md").read_text()
     assert (out / "reclora" / "best.safetensors").is_file()
-    assert json.loads((out / "reclora" / "stage2_config.json").read_text())["num_adapters"] == 16
-    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
-    assert len(stamps) == len(names)
+    assert len(list((out / "stages").iterdir())) == len(names)
 
-    assert main(argv + ["--resume"]) == 0
-    again = json.loads((out / "results.json").read_text())
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()} == stamps
-    for name in names:
-        assert again["models"][name]["auc"] == res["models"][name]["auc"]
+
+def test_report_recomputed_from_stage_files(quick_run) -> None:
+    """Every number of results.json from the stage files' probabilities and the test
+    subset's labels, by brute force: pairwise AUC, LogLoss, the bootstrap percentiles over
+    the same resamples, the paired differences and their p-values."""
+    from reclora.data import load_dataset
+
+    out, _ = quick_run
+    res = json.loads((out / "results.json").read_text())
+    cfg = res["config"]
+    ds = load_dataset("ml-100k")
+    test = np.asarray(json.loads((out / "subsets.json").read_text())["test"])
+    y = ds.label[test]
+    assert 0 < y.sum() < y.size
+    probs = {}
+    for name, m in res["models"].items():
+        p = np.asarray(_stage(out, "crm_din" if name == "din" else name)["probs"])
+        assert p.shape == (N_TEST,)
+        probs[name] = p
+        assert m["auc"] == pytest.approx(_brute_auc(y, p), abs=1e-9), name
+        assert m["logloss"] == pytest.approx(_brute_logloss(y, p), rel=1e-6), name
+        boot = _loop_resamples(y, [p], cfg["n_bootstrap"], cfg["seed"])[0]
+        lo, hi = np.quantile(boot[np.isfinite(boot)], [0.025, 0.975])
+        assert m["auc_ci95"] == pytest.approx([lo, hi], abs=1e-9), name
+    for name, d in res["comparisons"].items():
+        other = name.removeprefix("reclora vs ")
+        boot = _loop_resamples(y, [probs["reclora"], probs[other]], cfg["n_bootstrap"],
+                               cfg["seed"])
+        diffs = boot[0] - boot[1]
+        diffs = diffs[np.isfinite(diffs)]
+        lo, hi = np.quantile(diffs, [0.025, 0.975])
+        p_value = min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+        want = _brute_auc(y, probs["reclora"]) - _brute_auc(y, probs[other])
+        assert d["diff"] == pytest.approx(want, abs=1e-9), name
+        assert [d["low"], d["high"]] == pytest.approx([lo, hi], abs=1e-9), name
+        assert d["p_value"] == pytest.approx(p_value, abs=1e-9), name
+    corr = res["rank_corr_with_gate_crm"]
+    assert corr["crm"] == "din"
+    assert corr["spearman"]["reclora"] == pytest.approx(
+        metrics.rank_correlation(probs["din"], probs["reclora"]), nan_ok=True)
+
+
+def test_subsets_come_from_their_own_splits(quick_run) -> None:
+    """Test subset from the test split (never valid or train), valid from valid, the stage-2
+    pool from train; sizes as asked, no repeats."""
+    from reclora.data import load_dataset
+
+    out, _ = quick_run
+    ds = load_dataset("ml-100k")
+    sub = json.loads((out / "subsets.json").read_text())
+    for key, split, size in (("test", ds.test, N_TEST), ("valid", ds.valid, 24),
+                             ("train", ds.train, 16)):
+        s = np.asarray(sub[key])
+        assert s.size == size and np.unique(s).size == size, key
+        assert np.isin(s, split).all(), f"the {key} subset holds samples of another split"
+
+
+def test_each_model_gets_its_own_history_and_adapters(quick_run) -> None:
+    """TALLRec-style and no-LSMR: the K_text most recent items; ReLLa-style, RecLoRA and the
+    zero-shot LLM: K_text items by semantic retrieval (the two differ on these samples).
+    Plain LoRA (one adapter, no gate) for TALLRec/ReLLa; a gated bank of k for RecLoRA."""
+    from reclora.data import item_embeddings, load_dataset
+    from reclora.retriever import LongShortRetriever
+
+    out, calls = quick_run
+    ds = load_dataset("ml-100k")
+    cfg = json.loads((out / "run_config.json").read_text())
+    semantic = LongShortRetriever(ds, item_embeddings(ds, progress=False), k_text=K_TEXT,
+                                  k_id=cfg["k_id"])
+    recent_stages = {"tallrec", "reclora-no-lsmr"}
+    seen, differ = set(), 0
+    for name, samples, hist in calls:
+        assert name is not None, "a prompt built outside an LLM stage"
+        seen.add(name)
+        want = (ds.recent_history(samples, K_TEXT) if name in recent_stages
+                else semantic.batches(samples)[0])
+        other = (semantic.batches(samples)[0] if name in recent_stages
+                 else ds.recent_history(samples, K_TEXT))
+        assert torch.equal(hist.mask, want.mask), name
+        assert torch.equal(hist.items[hist.mask], want.items[want.mask]), name
+        differ += int(not torch.equal(hist.items[hist.mask], other.items[other.mask]))
+    assert {"zero-shot", "tallrec", "rella"} <= seen
+    assert differ == len(calls), "recent and semantic histories must differ to tell them apart"
+    for name, adapters, gated in (("tallrec", 1, False), ("rella", 1, False),
+                                  ("reclora", cfg["k"], True),
+                                  ("reclora-uniform", cfg["k"], False),
+                                  ("reclora-no-lsmr", cfg["k"], True),
+                                  ("reclora-no-f2m", cfg["k"], True)):
+        s2 = json.loads((out / name / "stage2_config.json").read_text())
+        assert (s2["num_adapters"], s2["gated"]) == (adapters, gated), name
+
+
+def test_resume_reads_stage_files_and_redoes_missing_ones(quick_run, tiny_model_dir) -> None:
+    """--resume: a stage whose file exists is not rerun, and the report takes its numbers
+    from that file (tampered here: its probabilities reversed); a deleted stage file is
+    recomputed, to the same result."""
+    from reclora.data import load_dataset
+
+    out, _ = quick_run
+    before = json.loads((out / "results.json").read_text())
+    rella = _stage(out, "rella")
+    (out / "stages" / "rella.json").unlink()
+    tampered = _stage(out, "tallrec")
+    tampered["probs"] = [1.0 - p for p in tampered["probs"]]
+    test = np.asarray(json.loads((out / "subsets.json").read_text())["test"])
+    y = load_dataset("ml-100k").label[test]
+    tampered["auc"] = metrics.auc(y, tampered["probs"])
+    tampered["logloss"] = metrics.logloss(y, tampered["probs"])
+    (out / "stages" / "tallrec.json").write_text(json.dumps(tampered))
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
+
+    assert main(_argv(out, tiny_model_dir) + ["--resume"]) == 0
+    after = json.loads((out / "results.json").read_text())
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "stages").iterdir()}
+    assert {k: v for k, v in now.items() if k != "rella.json"} == stamps
+    assert after["models"]["tallrec"]["auc"] == pytest.approx(tampered["auc"])
+    assert after["models"]["tallrec"]["auc"] == pytest.approx(
+        1 - before["models"]["tallrec"]["auc"], abs=1e-9)
+    assert _stage(out, "rella")["probs"] == pytest.approx(rella["probs"], rel=1e-5)
+    for name in before["models"]:
+        if name != "tallrec":
+            assert after["models"][name]["auc"] == pytest.approx(
+                before["models"][name]["auc"], abs=1e-6), name
+
+
+def test_stage_files_are_reused_only_with_resume(quick_run, tiny_model_dir) -> None:
+    """The finished run's stage files, same options: without --resume every stage is redone
+    (done() gives nothing), with --resume the stored result comes back."""
+    out, _ = quick_run
+    for resume in (False, True):
+        cfg = config_from_args(_argv(out, tiny_model_dir) + (["--resume"] if resume else []))
+        run = Run(cfg)
+        run.load_data()
+        for name in ("zero-shot", "tallrec", "rella"):
+            got = run.done(name, run.fingerprint(name))
+            if resume:
+                assert got is not None and got["probs"] == _stage(out, name)["probs"], name
+            else:
+                assert got is None, f"{name}: stage file reused without --resume"
 
 
 def test_fractional_n_is_applied_once(tiny_model_dir, tmp_path) -> None:
