@@ -66,3 +66,73 @@ def test_bf16_probabilities_rank_like_float32(big_logit_ctr: LLMCTR) -> None:
     low = ctr.predict(enc, amp="bf16")
     assert len(np.unique(low)) == len(PROMPTS)  # no ties made by rounding
     assert low == pytest.approx(ref, abs=2e-2)
+
+
+# ------------------------------------------------------------------ prompt variants
+@pytest.fixture(scope="module")
+def ml100k(tmp_path_factory):
+    from datagen import make_synthetic, write_ml100k_recbole
+
+    from reclora.data import load_dataset
+
+    root = tmp_path_factory.mktemp("variants")
+    syn = make_synthetic(n_users=10, n_items=20, per_user=(12, 20))
+    return load_dataset(write_ml100k_recbole(root / "ml-100k", syn), min_history=5, core=1)
+
+
+def _sample(ds) -> tuple[int, np.ndarray, np.ndarray]:
+    i = int(ds.samples[-1])
+    items, ratings, _ = ds.history(i)
+    return i, items[-5:], ratings[-5:]
+
+
+def test_default_variant_is_todays_prompt(ml100k) -> None:
+    from reclora.data.prompts import PromptBuilder, build_prompt, prompt_parts
+
+    i, items, ratings = _sample(ml100k)
+    assert prompt_parts(ml100k, i, items, ratings, variant="default").text() == \
+        prompt_parts(ml100k, i, items, ratings).text()
+    assert PromptBuilder(variant="default").build(ml100k, i, items, ratings) == \
+        build_prompt(ml100k, i, items, ratings)
+
+
+def test_summary_variant_counts_the_shown_ratings(ml100k) -> None:
+    from reclora.data.prompts import prompt_parts
+
+    i, items, ratings = _sample(ml100k)
+    parts = prompt_parts(ml100k, i, items, ratings, variant="summary")
+    text = parts.text()
+    default = prompt_parts(ml100k, i, items, ratings).text().split("\n")
+    lines = text.split("\n")
+    n_hist = len(items)
+    k = 1 + (ml100k.user_profile is not None)  # profile + header lines before the list
+    assert lines[:k + n_hist] == default[:k + n_hist]
+    hi = int(np.sum(ratings >= 4))
+    assert lines[k + n_hist].endswith(f"rated {hi} of these {n_hist} movies 4 stars or more "
+                                      f"(average {np.mean(ratings):.1f} stars).")
+    assert lines[k + n_hist + 1:] == default[k + n_hist:]
+    # Truncation keeps the summary true to the lines kept.
+    two = parts.text(keep=2).split("\n")
+    hi2 = int(np.sum(ratings[-2:] >= 4))
+    assert two[k + 2].endswith(f"rated {hi2} of these 2 movies 4 stars or more "
+                               f"(average {np.mean(ratings[-2:]):.1f} stars).")
+
+
+def test_genres_and_target_first_variants(ml100k) -> None:
+    from reclora.data.prompts import PromptBuilder, prompt_parts
+
+    i, items, ratings = _sample(ml100k)
+    target = int(ml100k.item[i])
+    g = prompt_parts(ml100k, i, items, ratings, variant="genres").text()
+    if ml100k.item_genres[target]:
+        assert f"***{ml100k.item_title[target]}, genres: {ml100k.item_genres[target]},***" in g
+    for it in items:
+        if ml100k.item_genres[int(it)]:
+            assert f"genres: {ml100k.item_genres[int(it)]}," in g
+    t = prompt_parts(ml100k, i, items, ratings, variant="target-first").text()
+    assert t.split("\n")[0].startswith("Will ") and f"***{ml100k.item_title[target]}***?" in t
+    assert t.split("\n", 1)[1] == prompt_parts(ml100k, i, items, ratings).text()
+    with pytest.raises(ValueError, match="variant"):
+        PromptBuilder(variant="nope")
+    with pytest.raises(ValueError, match="variant"):
+        prompt_parts(ml100k, i, items, ratings, variant="nope")
