@@ -21,8 +21,14 @@ input and the prompt's history differ):
 
 Every model is scored on the same test subset; the AUCs carry 95% bootstrap intervals, and
 each difference to RecLoRA a paired bootstrap interval ("beyond noise" when it excludes 0).
-Each stage writes its result to <output>/stages/<name>.json atomically; --resume skips the
-stages whose file exists. Under torchrun the LLM stages run data-parallel (rank 0 writes).
+Each stage writes its result to <output>/stages/<name>.json atomically, with a fingerprint
+of what shaped it (the options it depends on, the data, the subsets it read, and for RecLoRA
+the gate CRM's checkpoint; see Run.fingerprint). --resume skips a stage only when its file
+is readable, complete and has the current fingerprint (and, for a CRM, crm/<name>.pt is the
+checkpoint the file names, by sha256); any other stage is redone, with a line saying why, so
+a report never mixes stages made with different settings. One run at a time per output
+folder (<output>/.reclora-run.lock). Under torchrun the LLM stages run data-parallel (rank 0
+writes). Errors are one line on stderr; --debug or RECLORA_DEBUG=1 shows the traceback.
 """
 
 from __future__ import annotations
