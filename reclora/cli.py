@@ -2,6 +2,8 @@
 
     reclora data ...   datasets: fetch, stats (reclora.data.cli)
     reclora run ...    the main job: Few2Many RecLoRA with baselines (reclora.pipeline)
+    reclora score ...  serve a finished run: P(click) for requests (reclora.serving)
+    reclora rank ...   serve a finished run: a user's candidates by P(click)
 
 Every entry point (these, and `python -m reclora.crm`) reports a bad option or a bad file as
 one line on stderr and a non-zero exit: `guarded` below. `--debug` anywhere on the command
@@ -19,6 +21,8 @@ from collections.abc import Callable
 SUBCOMMANDS = {
     "data": ("reclora.data.cli", "datasets: fetch and stats"),
     "run": ("reclora.pipeline", "the main job: CRMs, LLM baselines and RecLoRA on a dataset"),
+    "score": ("reclora.serving:score_main", "P(click) for requests, from a finished run"),
+    "rank": ("reclora.serving:rank_main", "a user's candidate items by P(click)"),
 }
 DEBUG_FLAG = "--debug"
 DEBUG_HELP = f"({DEBUG_FLAG} or RECLORA_DEBUG=1: full tracebacks on errors)"
@@ -144,8 +148,9 @@ def _dispatch(argv: list[str], extra: list[str]) -> int:
         print(f"reclora: unknown command {name!r}; choose from {list(SUBCOMMANDS)}",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest + extra) or 0)
+    target, _, func = SUBCOMMANDS[name][0].partition(":")  # "module" or "module:function"
+    module = importlib.import_module(target)
+    return int(getattr(module, func or "main")(rest + extra) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
