@@ -23,6 +23,7 @@ _EXPORTS = {
     "adapter_state_dict": "reclora.checkpoint",
     "export_peft": "reclora.export",
     "merged_factors": "reclora.export",
+    "Recommender": "reclora.serving",
 }
 
 __all__ = sorted(_EXPORTS)
