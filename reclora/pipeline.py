@@ -735,11 +735,16 @@ def folder_lock(folder: Path) -> Iterator[None]:
     with open(path, "a+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "?"
             raise RunLockedError(f"another run (pid {holder}) is writing to {folder}; wait "
                                  "for it to end or pass another --output") from None
+        except OSError as e:  # a file system without flock (some network mounts)
+            print(f"reclora run: warning: cannot lock {path} ({e}); running unlocked",
+                  file=sys.stderr)
+            yield
+            return
         fh.seek(0)
         fh.truncate()
         fh.write(f"{os.getpid()}\n")
