@@ -1,0 +1,383 @@
+#!/usr/bin/env python
+"""Mutation testing: does the suite catch plausible one-line bugs?
+
+Each mutation below is a one-line change (file, the exact old text, the new text) with the
+tests of its area. For each, the script copies the repository into a temporary folder (the
+working tree's tracked and untracked, non-ignored files plus the built native extension),
+applies the change, rebuilds the native CPU kernel when the change is under csrc/, runs the
+area's tests with the copy first on PYTHONPATH, and reports:
+
+    KILLED    a test failed (or the run hit the time limit): the suite catches the bug
+    SURVIVED  every test passed: a bug users would get and the suite would not see
+    ERROR     the old text is not in the file (the code moved: update the mutation), occurs
+              more than once without `nth`, the native build failed, or pytest could not run
+
+Slow (each mutation is a fresh pytest session; the pipeline ones a full quick run): not run
+in CI, run before a release. Usage:
+
+    .venv/bin/python scripts/mutants.py                 # all, one at a time
+    .venv/bin/python scripts/mutants.py -j 2            # two at a time
+    .venv/bin/python scripts/mutants.py --area metrics --area pipeline
+    .venv/bin/python scripts/mutants.py --only 3,7      # by number (see --list)
+    .venv/bin/python scripts/mutants.py --check         # only apply each: find ERRORs fast
+
+Exit status 0 only when every mutation was killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+OP_TESTS = "tests/test_op.py tests/test_op_large.py tests/test_validation.py"
+NATIVE_TESTS = ("tests/test_op.py tests/test_op_large.py tests/test_native.py -k "
+                "'not triton'")
+TRITON_TESTS = "tests/test_op.py tests/test_op_large.py tests/test_op_hostile.py -k triton"
+LAYER_TESTS = "tests/test_layers.py tests/test_inject.py"
+DATA_TESTS = "tests/test_data.py"
+RETRIEVER_TESTS = "tests/test_retriever.py"
+CRM_TESTS = "tests/test_crm.py"
+METRIC_TESTS = "tests/test_metrics.py"
+TRAINER_TESTS = "tests/test_few2many.py"
+PIPELINE_TESTS = "tests/test_pipeline.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    area: str
+    file: str
+    old: str  # exact text, must occur once (or pass nth: which occurrence, from 0)
+    new: str
+    tests: str  # pytest arguments, shell-quoted
+    why: str
+    nth: int | None = None
+
+
+MUTANTS = [
+    # ---- the op: reference, validation, dispatch
+    Mutant("op", "reclora_kernels/reference.py",
+           "return delta_sorted[torch.argsort(order)]", "return delta_sorted[order]",
+           OP_TESTS, "packed tokens un-sorted with the permutation instead of its inverse"),
+    Mutant("op", "reclora_kernels/reference.py",
+           "position = torch.arange(row_ids.numel(), device=row_ids.device) - starts[sorted_rows]",
+           "position = torch.arange(row_ids.numel(), device=row_ids.device) - starts[row_ids]",
+           OP_TESTS, "token position within its row from the unsorted row ids"),
+    Mutant("op", "reclora_kernels/validate.py",
+           "plan = implicit_plan(rows, x.shape[1])", "plan = implicit_plan(x.shape[1], rows)",
+           OP_TESTS, "[R, L, d] rows and lengths swapped in the plan"),
+    Mutant("op", "reclora_kernels/validate.py",
+           "_check_adapter_range(adapter_idx, num_adapters)",
+           "_check_adapter_range(adapter_idx, num_adapters + 1)",
+           OP_TESTS, "adapter index M accepted (reads past the bank)"),
+    Mutant("op", "reclora_kernels/validate.py",
+           "idx = adapter_idx.long()", "idx = adapter_idx",
+           OP_TESTS, "int32 adapter indices not widened (backends assume int64)"),
+    Mutant("op", "reclora_kernels/ops.py",
+           "need_lora = need[4] or need[5] or need[6]", "need_lora = need[4] or need[5]",
+           OP_TESTS + " " + LAYER_TESTS,
+           "mixture-weight gradient skipped when the banks are frozen"),
+    # ---- the native cpu kernel (rebuilt in the copy)
+    Mutant("native", "csrc/cpu/lora_mix_cpu.cpp",
+           "for (int64_t e = 0; e < size; ++e) out[e] += wj * static_cast<Acc<T>>(src[e]);",
+           "for (int64_t e = 0; e < size; ++e) out[e] = wj * static_cast<Acc<T>>(src[e]);",
+           NATIVE_TESTS, "factor mix keeps only the last slot's adapter"),
+    Mutant("native", "csrc/cpu/lora_mix_cpu.cpp",
+           "for (int64_t p = users.start[i]; p < users.start[i + 1]; ++p) {",
+           "for (int64_t p = users.start[i]; p < users.start[i + 1] - 1; ++p) {",
+           NATIVE_TESTS, "bank gradient drops the last (row, slot) pair of each adapter",
+           nth=0),
+    # ---- layers and gates
+    Mutant("layers", "reclora/layers.py",
+           "self.lora_a.new_full((1, self.num_adapters), 1.0 / self.num_adapters)",
+           "self.lora_a.new_full((1, self.num_adapters), 1.0)",
+           LAYER_TESTS, "no mixture set: weights 1 instead of uniform 1/M"),
+    Mutant("layers", "reclora/layers.py",
+           "self.scale = self.alpha / rank", "self.scale = self.alpha",
+           LAYER_TESTS, "LoRA scale alpha instead of alpha / r"),
+    Mutant("layers", "reclora/gates.py",
+           "return self.net(user_reps) / self.config.temperature",
+           "return self.net(user_reps) * self.config.temperature",
+           LAYER_TESTS, "gate temperature multiplies the logits"),
+    Mutant("layers", "reclora/gates.py",
+           "weights = torch.softmax(kept, dim=-1)",
+           "weights = torch.softmax(logits, dim=-1).gather(-1, idx)",
+           LAYER_TESTS, "top-k weights not renormalised over the kept k"),
+    # ---- data splits
+    Mutant("data", "reclora/data/splits.py",
+           "train = samples[ts < t_valid]", "train = samples[ts <= t_valid]",
+           DATA_TESTS, "samples at the validation cut time in train and valid"),
+    Mutant("data", "reclora/data/splits.py",
+           "new_group[1:] = (u[1:] != u[:-1]) | (t[1:] != t[:-1])", "new_group[1:] = True",
+           DATA_TESTS + " " + RETRIEVER_TESTS, "same-second ratings count as history (leak)"),
+    Mutant("data", "reclora/data/splits.py",
+           'pos = rating >= thr if op == ">=" else rating > thr', "pos = rating > thr",
+           DATA_TESTS, "rating 4 of 5 labelled negative"),
+    Mutant("data", "reclora/data/splits.py",
+           "new = keep & (cu[user] >= k) & (ci[item] >= k)", "new = keep & (cu[user] >= k)",
+           DATA_TESTS, "k-core ignores items"),
+    # ---- retriever
+    Mutant("retriever", "reclora/retriever.py",
+           'score = self._scores(targets, hist).masked_fill(~valid, float("-inf"))',
+           "score = self._scores(targets, hist)",
+           RETRIEVER_TESTS, "padded history slots can be retrieved (batches of mixed lengths)"),
+    Mutant("retriever", "reclora/retriever.py",
+           "return torch.where(mask, srt, torch.zeros_like(srt)), mask",
+           "return torch.where(mask, pos, torch.zeros_like(pos)), mask",
+           RETRIEVER_TESTS, "retrieved items in rank order, not time order"),
+    Mutant("retriever", "reclora/retriever.py",
+           "order = torch.sort(score.flip(1), dim=1, descending=True, stable=True).indices",
+           "order = torch.sort(score.flip(1), dim=1, descending=True, stable=False).indices",
+           RETRIEVER_TESTS, "ties between equally similar items broken arbitrarily"),
+    # ---- CRMs
+    Mutant("crm", "reclora/crm/din.py",
+           "a = a * mask  # no softmax", "a = a  # no softmax",
+           CRM_TESTS, "DIN attention reads padded history slots"),
+    Mutant("crm", "reclora/crm/sim.py",
+           's = s.masked_fill(~mask, float("-inf"))', "s = s",
+           CRM_TESTS, "SIM's search keeps padded slots"),
+    Mutant("crm", "reclora/crm/train.py",
+           "    model.load_state_dict(best_state)\n", "    pass\n",
+           CRM_TESTS, "the last epoch kept instead of the best on validation"),
+    # ---- metrics
+    Mutant("metrics", "reclora/metrics.py",
+           "alpha = (1.0 - level) / 2.0", "alpha = 1.0 - level",
+           METRIC_TESTS, "bootstrap: a 90% interval labelled 95% (issue 18)", nth=0),
+    Mutant("metrics", "reclora/metrics.py",
+           "p_value = float(min(1.0, 2.0 * tail))", "p_value = float(min(1.0, tail))",
+           METRIC_TESTS, "paired bootstrap p-value halved (issue 18)"),
+    Mutant("metrics", "reclora/metrics.py",
+           "alpha = (1.0 - level) / 2.0", "alpha = 1.0 - level",
+           METRIC_TESTS, "paired bootstrap interval at the wrong level", nth=1),
+    Mutant("metrics", "reclora/metrics.py",
+           "wins = (pos_w * (neg_below + 0.5 * neg_w)).sum(axis=-1)",
+           "wins = (pos_w * (neg_below + neg_w)).sum(axis=-1)",
+           METRIC_TESTS, "AUC: a cross-class tie counts as a win"),
+    Mutant("metrics", "reclora/metrics.py",
+           "p = np.clip(p, eps, 1.0 - eps)", "p = np.clip(p, eps, 1.0)",
+           METRIC_TESTS, "LogLoss infinite for a confident negative"),
+    # ---- trainer (Few2Many)
+    Mutant("trainer", "reclora/few2many.py",
+           "weight = m.size * world / batch.size", "weight = m.size / batch.size",
+           TRAINER_TESTS, "DDP gradients scaled by 1/world (issue 18)"),
+    Mutant("trainer", "reclora/few2many.py",
+           "mine = np.array_split(batch, world)[rank]", "mine = np.array_split(batch, world)[0]",
+           TRAINER_TESTS, "every rank trains on rank 0's share"),
+    Mutant("trainer", "reclora/few2many.py",
+           "    _load_state(ctr, best_state)\n", "    pass\n",
+           TRAINER_TESTS, "the last step's adapters kept, not the best on validation"),
+    # ---- pipeline (reclora run)
+    Mutant("pipeline", "reclora/pipeline.py",
+           "if not (self.cfg.resume and p.exists()):", "if not p.exists():",
+           PIPELINE_TESTS, "stage files reused without --resume (issue 18)"),
+    Mutant("pipeline", "reclora/pipeline.py",
+           "self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,",
+           "self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.valid, c.n_test,",
+           PIPELINE_TESTS, "test subset drawn from the validation split (issue 18)"),
+    Mutant("pipeline", "reclora/pipeline.py",
+           'mode = "recent" if name in ("tallrec", "reclora-no-lsmr") else "semantic"',
+           'mode = "recent" if name in ("reclora-no-lsmr",) else "semantic"',
+           PIPELINE_TESTS, "TALLRec-style baseline given semantic retrieval (issue 18)"),
+    Mutant("pipeline", "reclora/pipeline.py",
+           'k = 1 if name in ("tallrec", "rella") else c.k',
+           'k = 1 if name in ("tallrec",) else c.k',
+           PIPELINE_TESTS, "ReLLa-style baseline gets a bank of k instead of one LoRA"),
+    Mutant("pipeline", "reclora/pipeline.py",
+           "d = metrics.paired_bootstrap_auc(y, ref, np.asarray(r[\"probs\"], dtype=np.float64),",
+           "d = metrics.paired_bootstrap_auc(y, np.asarray(r[\"probs\"], dtype=np.float64), ref,",
+           PIPELINE_TESTS, "comparisons report the other model minus RecLoRA"),
+    # ---- Triton kernels and launch: last, since that backend is being rewritten; update
+    # the old texts when it changes (an ERROR here means the code moved).
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "ft = tl.load(fac_ptr + f[None, :] * s_f + rk[None, :] * s_c + k[:, None] * s_k,",
+           "ft = tl.load(fac_ptr + f[None, :] * s_f + rk[None, :] * s_c + k[:, None],",
+           TRITON_TESTS, "shrink K loop steps the bank by BLOCK_K, not BLOCK_K x stride "
+           "(issue 18's W pointer bug in the kernel that now holds the K loop)"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)", "o = tl.arange(0, BLOCK_N)",
+           TRITON_TESTS, "expand: every output tile writes columns 0-63 (d_out > 64)"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)", "o = tl.arange(0, BLOCK_O)",
+           TRITON_TESTS, "bank gradient: every o tile writes rows 0-63 (d > 64)"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0),",
+           "x.stride(0), 1, *fac_strides, s_sr, s_sj, out.stride(0),",
+           TRITON_TESTS, "x assumed contiguous along d_in"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0, u.stride(0),",
+           "y.stride(0), y.stride(1), 1 if bias is not None else 0, u.stride(0),",
+           TRITON_TESTS, "bias assumed contiguous"),
+]
+
+
+# ------------------------------------------------------------------------------ running
+def _repo_files() -> list[str]:
+    """Tracked and untracked non-ignored files of the working tree (as they are now)."""
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                         check=True, capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (ROOT / f).is_file()]
+
+
+def make_base(dest: Path) -> None:
+    """The unmutated copy every mutant starts from: the repository files plus the built
+    native extension (ignored by git, so listed apart)."""
+    for rel in _repo_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, dest / rel)
+    for so in glob.glob(str(ROOT / "reclora_kernels" / "_C*.so")):
+        shutil.copy2(so, dest / "reclora_kernels" / Path(so).name)
+
+
+def apply(m: Mutant, copy: Path) -> str | None:
+    """Apply the mutation in `copy`; an error message when it cannot be applied."""
+    path = copy / m.file
+    if not path.is_file():
+        return f"{m.file} does not exist"
+    text = path.read_text()
+    count = text.count(m.old)
+    if count == 0:
+        return "old text not found (the code moved: update this mutation)"
+    if m.nth is None and count > 1:
+        return f"old text occurs {count} times (give nth)"
+    nth = m.nth or 0
+    if nth >= count:
+        return f"old text occurs {count} times, nth={nth}"
+    at = -1
+    for _ in range(nth + 1):
+        at = text.index(m.old, at + 1)
+    path.write_text(text[:at] + m.new + text[at + len(m.old):])
+    return None
+
+
+def _env(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("RECLORA_BACKEND", None)
+    return env
+
+
+def build_native(copy: Path, log: list[str]) -> bool:
+    """Rebuild reclora_kernels._C in the copy (the CPU kernels; setup.py's own build)."""
+    env = _env(copy)
+    env.update(RECLORA_NO_CUDA="1", MAX_JOBS=env.get("MAX_JOBS", "1"))
+    for so in glob.glob(str(copy / "reclora_kernels" / "_C*.so")):
+        os.remove(so)
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                       env=env, capture_output=True, text=True)
+    log.append(r.stdout[-4000:] + r.stderr[-4000:])
+    return r.returncode == 0 and bool(glob.glob(str(copy / "reclora_kernels" / "_C*.so")))
+
+
+def run_tests(copy: Path, tests: str, timeout: float) -> tuple[str, str, str]:
+    """(status, first failing test or reason, output tail) for one pytest session."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+           *shlex.split(tests)]
+    try:
+        r = subprocess.run(cmd, cwd=copy, env=_env(copy), capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "KILLED", f"timed out after {timeout:.0f} s", ""
+    out = r.stdout + r.stderr
+    if r.returncode == 0:
+        return "SURVIVED", "", out[-2000:]
+    if r.returncode in (1, 2):  # 2: interrupted, e.g. by an import error at collection
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
+        return "KILLED", failed[0] if failed else "a test failed", out[-2000:]
+    return "ERROR", f"pytest exit status {r.returncode}", out[-3000:]
+
+
+def run_mutant(i: int, m: Mutant, base: Path, work: Path, timeout: float,
+               check_only: bool) -> tuple[int, str, str, float, str]:
+    t0 = time.perf_counter()
+    copy = work / f"m{i:02d}"
+    shutil.copytree(base, copy, symlinks=True)
+    try:
+        problem = apply(m, copy)
+        if problem:
+            return i, "ERROR", problem, time.perf_counter() - t0, ""
+        if check_only:
+            return i, "APPLIED", "", time.perf_counter() - t0, ""
+        if m.file.startswith("csrc/"):
+            log: list[str] = []
+            if not build_native(copy, log):
+                return i, "ERROR", "native build failed", time.perf_counter() - t0, log[-1]
+        status, detail, tail = run_tests(copy, m.tests, timeout)
+        return i, status, detail, time.perf_counter() - t0, tail
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-j", "--jobs", type=int, default=1, help="mutants run at once (1)")
+    p.add_argument("--area", action="append", help="only these areas (repeatable)")
+    p.add_argument("--only", help="comma list of mutant numbers (see --list)")
+    p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--check", action="store_true",
+                   help="only apply each mutation to a copy (finds ERRORs in seconds)")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per mutant (900)")
+    p.add_argument("--verbose", "-v", action="store_true", help="print pytest's tail")
+    a = p.parse_args(argv)
+
+    chosen = list(enumerate(MUTANTS, 1))
+    if a.area:
+        chosen = [(i, m) for i, m in chosen if m.area in a.area]
+    if a.only:
+        wanted = {int(s) for s in a.only.split(",") if s.strip()}
+        chosen = [(i, m) for i, m in chosen if i in wanted]
+    if a.list:
+        for i, m in chosen:
+            print(f"{i:2d} {m.area:9s} {m.file}: {m.why}")
+        return 0
+    if not chosen:
+        print("mutants: nothing selected", file=sys.stderr)
+        return 2
+
+    t_all = time.perf_counter()
+    results: dict[int, tuple[str, str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="reclora-mutants-") as tmp:
+        work = Path(tmp)
+        base = work / "base"
+        make_base(base)
+        print(f"mutants: {len(chosen)} mutations of {ROOT} (copies in {work}), "
+              f"{a.jobs} at a time", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            futures = [pool.submit(run_mutant, i, m, base, work, a.timeout, a.check)
+                       for i, m in chosen]
+            for f in concurrent.futures.as_completed(futures):
+                i, status, detail, secs, tail = f.result()
+                m = MUTANTS[i - 1]
+                results[i] = (status, detail, secs)
+                print(f"[{i:2d}] {status:8s} {m.area:9s} {m.file}: {m.why} ({secs:.0f} s)"
+                      + (f"\n      {detail}" if detail else ""), flush=True)
+                if tail and (a.verbose or status in ("ERROR", "SURVIVED")):
+                    print("      | " + "\n      | ".join(tail.strip().splitlines()[-15:]))
+
+    survived = sorted(i for i, r in results.items() if r[0] == "SURVIVED")
+    errors = sorted(i for i, r in results.items() if r[0] == "ERROR")
+    killed = sorted(i for i, r in results.items() if r[0] == "KILLED")
+    print(f"\nmutants: {len(results)} mutations, {len(killed)} killed, {len(survived)} "
+          f"survived, {len(errors)} errors ({(time.perf_counter() - t_all) / 60:.1f} min)")
+    for title, ids in (("SURVIVED", survived), ("ERROR", errors)):
+        for i in ids:
+            m = MUTANTS[i - 1]
+            print(f"  {title} [{i}] {m.file}: {m.old!r} -> {m.new!r}  ({results[i][1] or m.why})")
+    if a.check:
+        return 1 if errors else 0
+    return 0 if not survived and not errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
