@@ -307,6 +307,85 @@ def _stage_problem(prev: Any, n_test: int) -> str:
     return ""
 
 
+# ------------------------------------------------- pieces shared with reclora.serving
+# The run and the serving side (reclora.serving.Recommender) build every LLM input with these
+# functions, so that a served score cannot drift from the run's.
+@dataclass(frozen=True)
+class LLMSpec:
+    """How an LLM model of the run reads its inputs."""
+
+    mode: str  # history in the prompt: "semantic" (retrieved) or "recent"
+    adapters: int  # adapters per bank: 0 none (zero-shot), 1 plain LoRA, k a RecLoRA bank
+    gated: bool  # gates fed h_u from the gate CRM
+    k_hist: int  # history items the gate CRM reads for h_u
+    untrained_crm: bool = False  # the gate CRM is an untrained DIN (reclora-no-f2m)
+
+
+def llm_spec(name: str, cfg: RunConfig) -> LLMSpec:
+    """The inputs of LLM model `name` (one of LLM_MODELS + ABLATIONS) under `cfg`."""
+    if name not in LLM_MODELS + ABLATIONS:
+        raise ValueError(f"unknown LLM model {name!r}; choose from {LLM_MODELS + ABLATIONS}")
+    mode = "recent" if name in ("tallrec", "reclora-no-lsmr") else "semantic"
+    gated = name in ("reclora", "reclora-no-lsmr", "reclora-no-f2m")
+    adapters = 0 if name == "zero-shot" else 1 if name in ("tallrec", "rella") else cfg.k
+    # no-lsmr: no long ID history, the CRM reads the prompt's K_text items
+    k_hist = cfg.k_text if name == "reclora-no-lsmr" else cfg.k_id
+    return LLMSpec(mode, adapters, gated, k_hist, name == "reclora-no-f2m")
+
+
+def load_llm(model: str | None, max_length: int, device: torch.device) -> tuple[Any, Any]:
+    """(LLMCTR, PromptBuilder): the run's LLM and its prompt builder."""
+    from reclora.data.prompts import PromptBuilder
+    from reclora.llm import LLMCTR, load_causal_lm
+
+    lm, tok = load_causal_lm(model, device=device)
+    builder = PromptBuilder(tok, max_tokens=max_length)
+    return LLMCTR(lm, tok, add_special_tokens=not builder.uses_chat_template), builder
+
+
+def text_history(ds: Any, retriever: Any, samples: np.ndarray, mode: str, k_text: int) -> Any:
+    """The prompt's history of each sample: the retriever's K_text items ("semantic") or the
+    K_text most recent ("recent"), as a HistoryBatch."""
+    if mode == "semantic":
+        return retriever.batches(samples)[0]
+    return ds.recent_history(samples, k_text)
+
+
+def prompt_tokens(ds: Any, builder: Any, ctr: Any, samples: np.ndarray, history: Any
+                  ) -> list[list[int]]:
+    """Token ids of the samples' prompts built from their text `history`."""
+    return ctr.encode(builder.build_batch(ds, samples, history))
+
+
+def crm_user_reps(ds: Any, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
+    """h_u [N, 256] from the CRM over each sample's k most recent history items."""
+    from reclora.crm import CRMBatch
+
+    out = []
+    for a in range(0, samples.size, 4096):
+        batch = CRMBatch.from_dataset(ds, samples[a:a + 4096], k=k)
+        out.append(crm.user_representation(batch).float())
+    return torch.cat(out) if out else torch.zeros(0, 256)
+
+
+def standardize_reps(reps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-feature z-scores of h_u with the statistics of `reference` (the stage-2 training
+    samples' h_u): h_u is a ReLU output where a few units are large and many near zero, and
+    the gate's LayerNorm (per sample, across features) would otherwise be dominated by
+    those few."""
+    mu = reference.mean(0)
+    sd = reference.std(0) + 1e-6
+    return (reps - mu) / sd
+
+
+def untrained_gate_crm(ds: Any, seed: int) -> Any:
+    """The untrained DIN of the no-Few2Many ablation (seeded: the same one every time)."""
+    from reclora.crm import CRMSchema, build_crm
+
+    torch.manual_seed(seed)
+    return build_crm(GATE_CRM, CRMSchema.from_dataset(ds)).eval()
+
+
 class Run:
     """One run folder: stage files, resume, and the shared pieces (data, LLM, CRMs)."""
 
@@ -470,26 +549,16 @@ class Run:
 
     def user_reps(self, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
         """h_u [N, 256] from the CRM over each sample's k most recent history items."""
-        from reclora.crm import CRMBatch
-
-        out = []
-        for a in range(0, samples.size, 4096):
-            batch = CRMBatch.from_dataset(self.ds, samples[a:a + 4096], k=k)
-            out.append(crm.user_representation(batch).float())
-        return torch.cat(out) if out else torch.zeros(0, 256)
+        return crm_user_reps(self.ds, crm, samples, k)
 
     # ---- the LLM and its inputs
     @property
     def ctr(self):
         if self._ctr is None:
-            from reclora.data.prompts import PromptBuilder
-            from reclora.llm import LLMCTR, load_causal_lm
-
             t = time.perf_counter()
-            model, tok = load_causal_lm(self.cfg.model, device=self.device)
-            self.builder = PromptBuilder(tok, max_tokens=self.cfg.max_length)
-            self._ctr = LLMCTR(model, tok, add_special_tokens=not self.builder.uses_chat_template)
+            self._ctr, self.builder = load_llm(self.cfg.model, self.cfg.max_length, self.device)
             self.timings["llm_load_s"] = time.perf_counter() - t
+            tok = self._ctr.tokenizer
             self.log(f"LLM loaded in {self.timings['llm_load_s']:.1f} s (answer tokens "
                      f"{tok.convert_ids_to_tokens(list(self._ctr.answer_ids))})")
         return self._ctr
@@ -500,12 +569,8 @@ class Run:
         cache = self.__dict__.setdefault("_prompt_cache", {})
         if key not in cache:
             ctr = self.ctr
-            if mode == "semantic":
-                text_hist, _ = self.semantic.batches(samples)
-            else:
-                text_hist = self.ds.recent_history(samples, self.cfg.k_text)
-            texts = self.builder.build_batch(self.ds, samples, text_hist)
-            cache[key] = ctr.encode(texts)
+            hist = text_history(self.ds, self.semantic, samples, mode, self.cfg.k_text)
+            cache[key] = prompt_tokens(self.ds, self.builder, ctr, samples, hist)
         return cache[key]
 
     def data(self, samples: np.ndarray, mode: str, reps: torch.Tensor | None) -> CTRData:
@@ -520,7 +585,8 @@ class Run:
             return prev
         c = self.cfg
         ctr = self.ctr
-        mode = "recent" if name in ("tallrec", "reclora-no-lsmr") else "semantic"
+        spec = llm_spec(name, c)
+        mode = spec.mode
         t = time.perf_counter()
         if name == "zero-shot":
             m, probs = evaluate(ctr, self.data(self.test, mode, None),
@@ -532,29 +598,18 @@ class Run:
             self.save_stage(name, result)
             self.log(f"{name}: test AUC {m['auc']:.4f}")
             return result
-        gated = name in ("reclora", "reclora-no-lsmr", "reclora-no-f2m")
-        k = 1 if name in ("tallrec", "rella") else c.k
+        gated, k = spec.gated, spec.adapters
         # The pool already holds N samples (load_data resolved a fraction against the whole
         # training split); a fraction passed on would be applied to the pool a second time.
         s2 = c.stage2(num_adapters=k, gated=gated, n_train=int(self.train_pool.size))
         reps = {}
         if gated:
-            crm = self.crms[GATE_CRM]
-            k_hist = c.k_id
-            if name == "reclora-no-f2m":
-                crm = self.untrained_crm()
-            if name == "reclora-no-lsmr":
-                k_hist = c.k_text  # no long ID history: the CRM reads the prompt's items
-            reps = {s: self.user_reps(crm, getattr(self, s), k_hist)
+            crm = self.untrained_crm() if spec.untrained_crm else self.crms[GATE_CRM]
+            reps = {s: self.user_reps(crm, getattr(self, s), spec.k_hist)
                     for s in ("train_pool", "valid", "test")}
             if c.standardize_reps:
-                # Per-feature z-scores with the stage-2 training samples' statistics: h_u is
-                # a ReLU output where a few units are large and many near zero, and the
-                # gate's LayerNorm (per sample, across features) would otherwise be
-                # dominated by those few.
-                mu = reps["train_pool"].mean(0)
-                sd = reps["train_pool"].std(0) + 1e-6
-                reps = {s: (r - mu) / sd for s, r in reps.items()}
+                ref = reps["train_pool"]
+                reps = {s: standardize_reps(r, ref) for s, r in reps.items()}
         train = self.data(self.train_pool, mode, reps.get("train_pool"))
         valid = self.data(self.valid, mode, reps.get("valid"))
         test = self.data(self.test, mode, reps.get("test"))
@@ -577,10 +632,7 @@ class Run:
         return result
 
     def untrained_crm(self) -> Any:
-        from reclora.crm import CRMSchema, build_crm
-
-        torch.manual_seed(self.cfg.seed)
-        return build_crm(GATE_CRM, CRMSchema.from_dataset(self.ds)).eval()
+        return untrained_gate_crm(self.ds, self.cfg.seed)
 
 
 def _snapshot(model: torch.nn.Module, targets: tuple[str, ...]) -> dict[str, torch.nn.Module]:
@@ -649,7 +701,33 @@ def report(run: Run, results: dict[str, dict]) -> dict:
         atomic_write(run.out / "results.md",
                      lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         plot(models, run.out / "results.png")
+        write_predictions(run, results)
     return out
+
+
+PREDICTION_COLUMNS = ("user_id", "item_id", "timestamp", "label")
+
+
+def write_predictions(run: Run, results: dict[str, dict]) -> None:
+    """predictions.csv: per test sample (the subset's order) its user and item (the
+    dataset's raw ids), timestamp and label, then one score column per model, named as in
+    results.json; written atomically."""
+    import csv
+
+    ds, s = run.ds, run.test
+    names = list(results)
+    cols = [np.asarray(results[n]["probs"], dtype=np.float64) for n in names]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow([*PREDICTION_COLUMNS, *names])
+            for j, i in enumerate(s):
+                w.writerow([ds.user_raw_id[ds.user[i]], ds.item_raw_id[ds.item[i]],
+                            int(ds.time[i]), int(ds.label[i])]
+                           + [f"{c[j]:.10g}" for c in cols])
+
+    atomic_write(run.out / "predictions.csv", write)
 
 
 def markdown(res: dict) -> str:
