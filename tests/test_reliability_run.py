@@ -13,6 +13,7 @@ import os
 import pickle
 import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,6 +247,23 @@ def test_run_files_get_the_umask_mode(base_run) -> None:
         assert stat.S_IMODE((base_run / rel).stat().st_mode) == 0o666 & ~umask, rel
     # results.md is written through a temporary file too: none is left behind.
     assert not [p for p in base_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_report_files_are_written_atomically(run_copy, monkeypatch) -> None:
+    """results.md went through a plain write_text: a crash mid-write left half a file."""
+    import reclora.pipeline as pipeline
+
+    out, argv = run_copy
+    seen = []
+    real = pipeline.atomic_write
+
+    def spy(path, write):
+        seen.append(Path(path).name)
+        real(path, write)
+
+    monkeypatch.setattr(pipeline, "atomic_write", spy)
+    assert main(argv + ["--resume"]) == 0
+    assert {"results.md", "results.png"} <= set(seen)
 
 
 def test_results_md_states_the_test_subset_used(base_run) -> None:
