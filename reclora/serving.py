@@ -403,11 +403,19 @@ class Recommender:
 
         self.emb = item_embeddings(ds, progress=progress)
         self.retriever = LongShortRetriever(ds, self.emb, k_text=cfg.k_text, k_id=cfg.k_id)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        if not progress:
+            hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
             self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device)
         except (OSError, ValueError) as e:
             raise RunFolderError(f"{run / 'run_config.json'}: model {cfg.model!r}: {e}"
                                  ) from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         if self.spec.adapters:
             folder = run / model
             s2_file = folder / "stage2_config.json"
@@ -477,6 +485,8 @@ class Recommender:
         out = np.empty(ids.size, dtype=np.int64)
         temp: dict[str, int] = {}
         base = self.ds.n_users
+        if register:  # copy on write: a copy.copy of a Recommender is an independent fork
+            self._user_index, self._new_users = dict(self._user_index), list(self._new_users)
         for j, v in enumerate(ids):
             i = self._user_index.get(v)
             if i is None:
@@ -636,6 +646,13 @@ class Recommender:
                              self.ds.n_users + len(self._new_users))
         self.n_observed += n
         return n
+
+    def fork(self) -> Recommender:
+        """A copy sharing the loaded models, with its own interaction store (observe on one
+        leaves the other as it was)."""
+        import copy
+
+        return copy.copy(self)
 
     def test_requests(self) -> dict[str, np.ndarray]:
         """The run's test subset as requests (user_id, item_id, timestamp), in its order."""
