@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import reclora
+from reclora.cli import SUBCOMMANDS
 from reclora.cli import main as reclora_main
 from reclora.crm.__main__ import main as crm_main
 from reclora.data.base import DataError
@@ -132,6 +133,13 @@ def test_reclora_dispatcher(capsys) -> None:
     assert_one_line(code, err, "frobnicate")
     code, err = call(reclora_main, ["data", "stats", "/no/such/folder"], capsys)
     assert_one_line(code, err, "/no/such/folder")
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_subcommand_rejects_an_unknown_option_in_one_line(command, capsys) -> None:
+    """Each `reclora <command>` (new ones included, as listed in SUBCOMMANDS)."""
+    code, err = call(reclora_main, [command, "--no-such-option"], capsys)
+    assert_one_line(code, err, f"reclora {command}")
 
 
 def test_debug_brings_the_traceback_back(capsys, monkeypatch) -> None:
