@@ -125,10 +125,10 @@ def test_genres_and_target_first_variants(ml100k) -> None:
     target = int(ml100k.item[i])
     g = prompt_parts(ml100k, i, items, ratings, variant="genres").text()
     if ml100k.item_genres[target]:
-        assert f"***{ml100k.item_title[target]}, genres: {ml100k.item_genres[target]},***" in g
+        assert f"***{ml100k.item_title[target]} [{ml100k.item_genres[target]}]***" in g
     for it in items:
         if ml100k.item_genres[int(it)]:
-            assert f"genres: {ml100k.item_genres[int(it)]}," in g
+            assert f"{ml100k.item_title[int(it)]} [{ml100k.item_genres[int(it)]}]" in g
     t = prompt_parts(ml100k, i, items, ratings, variant="target-first").text()
     assert t.split("\n")[0].startswith("Will ") and f"***{ml100k.item_title[target]}***?" in t
     assert t.split("\n", 1)[1] == prompt_parts(ml100k, i, items, ratings).text()
@@ -136,3 +136,20 @@ def test_genres_and_target_first_variants(ml100k) -> None:
         PromptBuilder(variant="nope")
     with pytest.raises(ValueError, match="variant"):
         prompt_parts(ml100k, i, items, ratings, variant="nope")
+
+
+def test_compact_variant_and_flag_combinations(ml100k) -> None:
+    from reclora.data.prompts import prompt_parts, variant_flags
+
+    i, items, ratings = _sample(ml100k)
+    target = int(ml100k.item[i])
+    c = prompt_parts(ml100k, i, items, ratings, variant="compact").text().split("\n")
+    assert c[0].startswith("Movies ") and c[0].endswith(" rated (1-5 stars):")
+    for j, (it, r) in enumerate(zip(items, ratings)):
+        assert c[1 + j] == f"{j + 1}. {ml100k.item_title[int(it)]}: {float(r):g} star" + (
+            "" if r == 1 else "s")
+    assert c[-1].endswith(f"***{ml100k.item_title[target]}***? Answer yes or no.")
+    cs = prompt_parts(ml100k, i, items, ratings, variant="compact+summary").text().split("\n")
+    assert cs[:1 + len(items)] == c[:1 + len(items)] and "4 stars or more" in cs[1 + len(items)]
+    assert variant_flags("summary+compact") == variant_flags("compact+summary")
+    assert variant_flags("default") == frozenset()
