@@ -252,6 +252,11 @@ def config_from_args(argv: list[str]) -> RunConfig:
                              f"got {getattr(cfg, nm)}")
     if cfg.n_test < 0:
         raise SystemExit(f"reclora run: --n-test must be >= 0, got {cfg.n_test}")
+    model = cfg.model
+    if model and (model.startswith(("/", ".", "~")) or model.endswith(".gguf")) and \
+            not Path(model).expanduser().exists():
+        # A path (not a hub name) that is not there: say so now, not after the CRMs trained.
+        raise SystemExit(f"reclora run: --model {model!r}: no such file or folder")
     return cfg
 
 

@@ -58,6 +58,7 @@ RUN_CASES = {
     "device-bogus": (["--device", "tpu9"], "--device"),
     "unknown-option": (["--bogus"], "--bogus"),
     "crms": (["--crms", "sim"], "--crms"),
+    "model-path": (["--model", "/no/such/model"], "--model"),
 }
 
 
