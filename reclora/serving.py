@@ -586,6 +586,7 @@ class Recommender:
         timings["n"] = n
         timings["prompt_tokens"] = float(np.mean([len(x) for x in tokens]))
         self.timings = timings
+        self.last_inputs = {"tokens": tokens, "user_reps": reps}  # for benchmarks
         out.update(score=probs, cold_start=self._cold(users), history_len=hl)
         return out
 

@@ -1,0 +1,365 @@
+"""Serving throughput and adapter memory: RecLoRA's per-row mixtures against what a user would
+do instead, for requests drawn from many distinct users (issue 15 item 5).
+
+    python benchmarks/bench_serving.py                 # SmolLM2-135M, bf16 autocast, 64 users
+    python benchmarks/bench_serving.py --run runs/default --requests 64 --batch-size 16
+
+The run folder (default runs/bench-serving) is made first when it has no RecLoRA stage: a
+`reclora run --quick` with N = 8 (SmolLM2-135M, K_text = 3, 171-token prompts; a couple of
+minutes). Its RecLoRA is what `score` serves; only speed and memory are measured here.
+
+Requests: one test interaction from each of `--requests` distinct users, so no two rows of
+a batch share a user. Rows (requests per second, each path on the same token ids, batches of
+`--batch-size` sorted by length as `score` does, one timed pass after a warm-up batch):
+
+- base forward: the LLM alone, no adapter (the floor of any path).
+- RecLoRA forward: the banks with per-row mixtures from the users' h_u (personalize with
+  the batch's reps: one lora_mix_linear per adapted projection).
+- RecLoRA score end to end: Recommender.score on the requests (histories, retrieval, CRM h_u,
+  prompts, tokenization, LLM); its time split by stage is the second table.
+- (a) PEFT, one adapter per user (reclora.export_peft of each user's mixture, loaded into one
+  PeftModel): PEFT's mixed batch (`adapter_names`, one name per row), and switching the
+  active adapter per request (batches of 1).
+- (b) merged weights per user: W + scale B_p A_p written into q/v before each request
+  (batches of 1; the merge is timed with it).
+- (c) one shared plain LoRA (PEFT, r = 8 on q/v), no personalization: the ceiling.
+
+Adapter memory is computed from tensor sizes (not measured): RecLoRA holds its banks and
+gates whatever the number of users; per-user PEFT adapters and merged q/v weights grow
+linearly; shown for the requests' users and for 10,000 users. The header gives the machine,
+the 1-minute load average before and after, torch's thread count and the process's peak RSS.
+Writes benchmarks/results/serving_<device>.md and serving_<device>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_ARGS = ["--quick", "--crms", "din", "--n", "8", "--n-valid", "8", "--n-test", "16",
+            "--no-progress"]
+USERS_AT_SCALE = 10_000
+
+
+def ensure_run(run: Path) -> None:
+    if (run / "stages" / "reclora.json").is_file() and (run / "predictions.csv").is_file():
+        return
+    from reclora.pipeline import main
+
+    print(f"making the benchmark's run folder {run} (reclora run {' '.join(RUN_ARGS)})",
+          flush=True)
+    t = time.perf_counter()
+    if main([*RUN_ARGS, "--output", str(run), "--resume"]) != 0:
+        raise SystemExit("the benchmark's run failed")
+    print(f"run made in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def distinct_user_requests(rec, n: int) -> dict[str, np.ndarray]:
+    """One test interaction per user, for n distinct users (test users first, then valid)."""
+    ds = rec.ds
+    picked: list[int] = []
+    seen: set[int] = set()
+    for pool in (ds.test, ds.valid, ds.train):
+        for i in pool:
+            u = int(ds.user[i])
+            if u not in seen:
+                seen.add(u)
+                picked.append(int(i))
+                if len(picked) == n:
+                    break
+        if len(picked) == n:
+            break
+    s = np.asarray(picked)
+    return {"user_id": np.asarray(ds.user_raw_id, dtype=object)[ds.user[s]],
+            "item_id": np.asarray(ds.item_raw_id, dtype=object)[ds.item[s]],
+            "timestamp": ds.time[s].astype(np.int64)}
+
+
+def batches(tokens: list[list[int]], size: int) -> list[np.ndarray]:
+    order = np.argsort([len(t) for t in tokens], kind="stable")
+    return [order[a:a + size] for a in range(0, len(tokens), size)]
+
+
+@torch.no_grad()
+def forward_pass(ctr, tokens, size: int, amp: str, context=None) -> float:
+    """Seconds to score every prompt in batches of `size` (sorted by length); `context(idx)`
+    gives each batch's context (personalize, PEFT's adapter_names ...)."""
+    from reclora.llm import amp_context
+
+    groups = batches(tokens, size)
+    with amp_context(ctr.device, amp):  # warm-up: one batch
+        with (context(groups[0]) if context else contextlib.nullcontext()):
+            ctr(**ctr.collate([tokens[i] for i in groups[0]]))
+    t = time.perf_counter()
+    for idx in groups:
+        with (context(idx) if context else contextlib.nullcontext()), \
+                amp_context(ctr.device, amp):
+            ctr(**ctr.collate([tokens[i] for i in idx]))
+    common.sync(ctr.device)
+    return time.perf_counter() - t
+
+
+def nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default=str(ROOT / "runs" / "bench-serving"))
+    p.add_argument("--requests", type=int, default=64, help="requests = distinct users")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip", default="", help="comma list of rows to skip: switch, merged")
+    p.add_argument("--out", default=None, help="markdown path (default results/serving_*.md)")
+    a = p.parse_args(argv)
+    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from reclora import export_peft, merged_factors, personalize
+    from reclora.injection import reclora_layers
+    from reclora.pipeline import load_llm
+    from reclora.serving import Recommender
+
+    load_before = common.load_avg()
+    run = Path(a.run)
+    ensure_run(run)
+    rec = Recommender.load(run, device=a.device, batch_size=a.batch_size)
+    device, amp, bs = rec.device, rec.amp, a.batch_size
+    req = distinct_user_requests(rec, a.requests)
+    n = req["user_id"].size
+    assert len(set(req["user_id"])) == n
+    rows: list[tuple[str, float, str]] = []  # (path, seconds, note)
+
+    # RecLoRA end to end (warm-up first: the first call pays one-off set-up).
+    rec.score({k: v[:2] for k, v in req.items()})
+    t = time.perf_counter()
+    rec.score(req)
+    e2e = time.perf_counter() - t
+    stages = dict(rec.timings)
+    tokens, reps = rec.last_inputs["tokens"], rec.last_inputs["user_reps"]
+    mean_tokens = float(np.mean([len(x) for x in tokens]))
+
+    # RecLoRA forward alone, per-row mixtures.
+    model = rec.ctr.model
+    rec_fwd = forward_pass(rec.ctr, tokens, bs, amp, lambda idx: personalize(
+        model, reps[torch.from_numpy(idx)].to(device)))
+
+    # Each user's mixture as plain LoRA factors (what export_peft writes).
+    layers = reclora_layers(model)
+    user_factors = []
+    with torch.no_grad():
+        for g in layers.values():
+            g.gate.eval()
+        for j in range(n):
+            with personalize(model, reps[j:j + 1].to(device)):
+                per = {}
+                for name, layer in layers.items():
+                    w, idx, _ = layer._resolve_mixture()
+                    per[name] = merged_factors(layer, w[0], None if idx is None else idx[0])
+            user_factors.append(per)
+    scale = next(iter(layers.values())).scale
+    recl_bytes = rec.adapter_bytes()
+
+    # A second copy of the LLM for the other paths (the base model, PEFT on top of it).
+    base_ctr, _ = load_llm(rec.cfg.model, rec.cfg.max_length, device)
+    base_fwd = forward_pass(base_ctr, tokens, bs, amp)
+    rows.append(("base forward (no adapter)", base_fwd, f"batches of {bs}"))
+    rows.append(("RecLoRA forward, per-row mixtures", rec_fwd, f"batches of {bs}"))
+    rows.append(("RecLoRA score end to end", e2e, "histories, retrieval, h_u, prompts, LLM"))
+
+    # (c) one shared plain LoRA.
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    peft_model = get_peft_model(base_ctr.model, cfg)
+    peft_model.eval()
+    shared_fwd = forward_pass(base_ctr, tokens, bs, amp)
+    shared_bytes = nbytes(p for nm, p in peft_model.named_parameters() if "lora_" in nm)
+    peft_model = peft_model.unload()  # the plain base model back
+
+    # (a) one exported PEFT adapter per user.
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        for j in range(n):
+            export_peft(model, Path(tmp) / f"u{j}", user_reps=reps[j:j + 1].to(device))
+        export_s = time.perf_counter() - t
+        t = time.perf_counter()
+        pm = PeftModel.from_pretrained(base_ctr.model, Path(tmp) / "u0", adapter_name="u0")
+        for j in range(1, n):
+            pm.load_adapter(Path(tmp) / f"u{j}", adapter_name=f"u{j}")
+        pm.eval()
+        load_s = time.perf_counter() - t
+    per_user_bytes = nbytes(p for nm, p in pm.named_parameters()
+                            if "lora_" in nm and nm.endswith(".u0.weight"))
+    names = [f"u{j}" for j in range(n)]
+    mixed = forward_pass(base_ctr, tokens, bs, amp, lambda idx: pm.base_model.
+                         _enable_peft_forward_hooks(adapter_names=[names[i] for i in idx]))
+    rows.append(("(a) PEFT adapter per user, mixed batch (adapter_names)", mixed,
+                 f"batches of {bs}; export {export_s:.1f} s, load {load_s:.1f} s for {n}"))
+    if "switch" not in skip:
+        def switched(idx):
+            pm.set_adapter(names[int(idx[0])])
+            return contextlib.nullcontext()
+        sw = forward_pass(base_ctr, tokens, 1, amp, switched)
+        rows.append(("(a) PEFT adapter per user, switched per request", sw, "batch 1"))
+    pm.unload()  # drop every adapter: the plain base model back
+
+    # (b) merged weights per user, written in before each request.
+    merged_bytes_user = 0
+    if "merged" not in skip:
+        mods = {name: base_ctr.model.get_submodule(name) for name in layers}
+        orig = {name: m.weight.detach().clone() for name, m in mods.items()}
+        merged_bytes_user = nbytes(orig.values())
+
+        @contextlib.contextmanager
+        def merged(idx):
+            per = user_factors[int(idx[0])]
+            with torch.no_grad():
+                for name, m in mods.items():
+                    a_, b_ = per[name]
+                    m.weight.copy_(orig[name] + scale * (b_.float() @ a_.float()).to(
+                        orig[name].dtype))
+            yield
+
+        mg = forward_pass(base_ctr, tokens, 1, amp, merged)
+        with torch.no_grad():
+            for name, m in mods.items():
+                m.weight.copy_(orig[name])
+        rows.append(("(b) merged weights per user (W + B_p A_p)", mg,
+                     "batch 1; merge timed with it"))
+    rows.append(("(c) one shared plain LoRA (no personalization)", shared_fwd,
+                 f"batches of {bs}"))
+
+    # observe, then score one user's request: on top of the forward itself.
+    one = {k: v[:1] for k, v in req.items()}
+    fork = rec.fork()
+    fork.score(one)
+    t = time.perf_counter()
+    fork.observe([{"user_id": one["user_id"][0], "item_id": one["item_id"][0],
+                   "timestamp": int(one["timestamp"][0]) - 1, "rating": 5}])
+    fork.score(one)
+    obs_total = time.perf_counter() - t
+    obs_extra = obs_total - fork.timings["llm_s"]
+
+    load_after = common.load_avg()
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
+    mem = {
+        "base forward (no adapter)": (0, 0),
+        "RecLoRA forward, per-row mixtures": (recl_bytes, recl_bytes),
+        "RecLoRA score end to end": (recl_bytes, recl_bytes),
+        "(a) PEFT adapter per user, mixed batch (adapter_names)":
+            (per_user_bytes * n, per_user_bytes * USERS_AT_SCALE),
+        "(a) PEFT adapter per user, switched per request":
+            (per_user_bytes * n, per_user_bytes * USERS_AT_SCALE),
+        "(b) merged weights per user (W + B_p A_p)":
+            (merged_bytes_user * n, merged_bytes_user * USERS_AT_SCALE),
+        "(c) one shared plain LoRA (no personalization)": (shared_bytes, shared_bytes),
+    }
+    prov = common.provenance(device)
+
+    def mib(b: float) -> str:
+        return f"{b / 2**20:,.1f} MiB" if b < 2**30 else f"{b / 2**30:,.1f} GiB"
+
+    lines = [
+        f"# Serving: {n} requests from {n} distinct users",
+        "",
+        f"`python benchmarks/bench_serving.py --requests {n} --batch-size {bs}` on "
+        f"{prov['device_name']} ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
+        f"threads), {prov['timestamp']}, commit {prov['commit']}; load average "
+        f"{load_before:.2f} before, {load_after:.2f} after (the CPU is shared: compare rows "
+        f"with each other, not with other days); peak RSS {peak_rss:,.0f} MiB. Model: "
+        f"SmolLM2-135M ({rec.cfg.model or 'shipped GGUF'}), amp {amp} "
+        f"({'bf16 autocast' if _bf16(device, amp) else 'float32'}), prompts of "
+        f"{mean_tokens:.0f} tokens on average; RecLoRA k = {rec.cfg.k}, r = {rec.cfg.r} on "
+        "q/v of every layer. One timed pass per row after a warm-up batch.",
+        "",
+        "| path | requests/s | vs base forward | adapter memory, "
+        f"{n} users | {USERS_AT_SCALE:,} users | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, sec, note in rows:
+        m64, m10k = mem[name]
+        lines.append(f"| {name} | {n / sec:.2f} | {base_fwd / sec:.2f}x | {mib(m64)} | "
+                     f"{mib(m10k)} | {note} |")
+    total = stages["total_s"]
+    keys = ("parse_s", "history_s", "retrieval_s", "crm_s", "prompts_s", "llm_s")
+    lines += ["", "Recommender.score, time by stage (the end-to-end row):", "",
+              "| stage | s | share |", "|---|---|---|"]
+    for k in keys:
+        lines.append(f"| {k[:-2]} | {stages[k]:.3f} | {100 * stages[k] / total:.1f}% |")
+    lines.append(f"| total | {total:.3f} | 100% |")
+    lines += [
+        "",
+        f"- score end to end at {e2e and (base_fwd / e2e):.2f}x the base forward's requests/s "
+        f"and {rec_fwd / e2e:.2f}x RecLoRA's own forward (target >= 0.85x the forward alone); "
+        f"against PEFT's mixed batch: {mixed / e2e:.2f}x (target >= 1).",
+        f"- observe then score for one user: {obs_total:.2f} s, of which "
+        f"{obs_extra:.3f} s on top of the forward itself (target < 0.5 s).",
+        f"- Adapter memory (from tensor sizes): RecLoRA {mib(recl_bytes)} for any number of "
+        f"users (banks + gates); one PEFT adapter per user {mib(per_user_bytes)} each, "
+        f"{mib(per_user_bytes * USERS_AT_SCALE)} for {USERS_AT_SCALE:,} users; merged q/v "
+        f"weights {mib(merged_bytes_user)} per user, "
+        f"{mib(merged_bytes_user * USERS_AT_SCALE)} for {USERS_AT_SCALE:,}.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(a.out) if a.out else common.RESULTS / f"serving_{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    plot([(nm, n / s) for nm, s, _ in rows], stages, out.with_suffix(".png"),
+         f"{prov['device_name']}, load {load_before:.1f}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _bf16(device, amp) -> bool:
+    from reclora.llm import bf16_supported
+
+    return amp in ("bf16", True) or (amp == "auto" and bf16_supported(device))
+
+
+def plot(rates: list[tuple[str, float]], stages: dict[str, float], path: Path,
+         title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 0.5 * len(rates) + 1.6),
+                                 gridspec_kw={"width_ratios": [3, 1]})
+    names = [n for n, _ in rates][::-1]
+    vals = [v for _, v in rates][::-1]
+    colors = ["tab:red" if "RecLoRA" in n else "tab:gray" if "base" in n else "tab:blue"
+              for n in names]
+    ax.barh(range(len(names)), vals, color=colors)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("requests / s")
+    ax.set_title(f"serving, distinct users per row ({title})", fontsize=9)
+    keys = ("parse_s", "history_s", "retrieval_s", "crm_s", "prompts_s", "llm_s")
+    bottom = 0.0
+    for k in keys:
+        bx.bar([0], [stages[k]], bottom=bottom, label=k[:-2])
+        bottom += stages[k]
+    bx.set_xticks([])
+    bx.set_ylabel("s")
+    bx.set_title("score: time by stage", fontsize=9)
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
