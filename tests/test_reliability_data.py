@@ -146,3 +146,27 @@ def test_reclora_data_without_ml100k_announces_the_installed_copy(monkeypatch, t
     err = capsys.readouterr().err
     assert f"no ml-100k folder in {tmp_path / 'empty'}" in err
     assert str(installed_ml100k_dir()) in err
+
+
+def test_embedding_cache_gets_the_umask_mode(tmp_path) -> None:
+    """The cache was written 0600 by safetensors (item 9); now through atomic_write."""
+    import os
+    import stat
+
+    from tiny_llm import tiny_llama, tiny_tokenizer
+
+    from reclora.data.embeddings import embedding_cache_path, item_embeddings
+
+    ds = load_dataset(write_ml1m(tmp_path / "d", make_synthetic()), min_history=1, core=1)
+    tok = tiny_tokenizer(ds.item_description)
+    model = tiny_llama(len(tok))
+    model.config._name_or_path = "tiny-test-llm"  # names the cache file
+    kw = {"model": model, "tokenizer": tok, "cache_dir": tmp_path / "cache",
+          "precision": "fp32", "progress": False}
+    emb = item_embeddings(ds, "llm", **kw)
+    path = embedding_cache_path(ds, "llm", model=model, cache_dir=tmp_path / "cache")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+    assert item_embeddings(ds, "llm", **kw).shape == emb.shape  # read back from the cache

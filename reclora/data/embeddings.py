@@ -242,11 +242,13 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
     seconds = time.perf_counter() - t0
     if path is None:
         return emb
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={
-        "dataset": dataset.name, "encoder": encoder, "tag": tag, "n_items": str(dataset.n_items),
-        "dim": str(emb.shape[1]), "precision": "bf16" if bf16 else "fp32",
-        "seconds": f"{seconds:.2f}"})
-    tmp.replace(path)
+    from reclora.checkpoint import atomic_write
+
+    meta = {"dataset": dataset.name, "encoder": encoder, "tag": tag,
+            "n_items": str(dataset.n_items), "dim": str(emb.shape[1]),
+            "precision": "bf16" if bf16 else "fp32", "seconds": f"{seconds:.2f}"}
+    # atomic_write: a temporary file per writer (two processes filling one cache do not
+    # share a ".part"), and the umask's mode rather than safetensors' 0600.
+    atomic_write(path, lambda tmp: save_file({"embeddings": emb.contiguous()}, tmp,
+                                             metadata=meta))
     return emb
