@@ -351,9 +351,19 @@ def load_llm(model: str | None, max_length: int, device: torch.device) -> tuple[
 def text_history(ds: Any, retriever: Any, samples: np.ndarray, mode: str, k_text: int) -> Any:
     """The prompt's history of each sample: the retriever's K_text items ("semantic") or the
     K_text most recent ("recent"), as a HistoryBatch."""
-    if mode == "semantic":
+    if mode != "semantic":
+        return ds.recent_history(samples, k_text)
+    # In chunks: the retriever pads each batch to its longest history (thousands of items
+    # on ML-25M), so one call over a whole split would hold [N, L_max] scores at once.
+    from reclora.data.base import HistoryBatch
+
+    parts = [retriever.batches(samples[a:a + 1024])[0] for a in range(0, samples.size, 1024)]
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
         return retriever.batches(samples)[0]
-    return ds.recent_history(samples, k_text)
+    return HistoryBatch(*(torch.cat([getattr(h, f) for h in parts])
+                          for f in ("items", "ratings", "times", "mask")))
 
 
 def prompt_tokens(ds: Any, builder: Any, ctr: Any, samples: np.ndarray, history: Any
@@ -506,7 +516,13 @@ class Run:
 
     # ---- stage 1
     def crm_stage(self, name: str) -> dict:
-        from reclora.crm import CRMBatch, CRMTrainConfig, load_crm, predict, train_crm_on_dataset
+        from reclora.crm import (
+            CRMTrainConfig,
+            SplitSamples,
+            load_crm,
+            predict,
+            train_crm_on_dataset,
+        )
 
         c = self.cfg
         ckpt = self.out / "crm" / f"{name}.pt"
@@ -534,8 +550,7 @@ class Run:
                                  checkpoint=str(ckpt), progress=c.progress)
             res = train_crm_on_dataset(name, self.ds, cfg)
             model = res.model
-            sub = CRMBatch.from_dataset(self.ds, self.test, k=c.k_id)
-            probs = predict(model, sub)
+            probs = predict(model, SplitSamples(self.ds, self.test, c.k_id))  # per 4096
             m = metrics.evaluate(self.ds.label[self.test], probs)
             result = {**m, "n_train": res.n_train, "n_test": int(self.test.size),
                       "train_s": res.train_s, "full_test": res.test, "valid": res.valid,
