@@ -3,7 +3,7 @@
 API (what the trainer and the pipeline use):
 
     from reclora.crm import (CRMBatch, CRMSchema, CRMTrainConfig, build_crm, load_crm,
-                             train_crm_on_dataset, dataset_batches, predict)
+                             train_crm_on_dataset, dataset_splits, predict)
 
     ds = load_dataset("ml-100k")
     res = train_crm_on_dataset("din", ds, CRMTrainConfig(checkpoint="out/crm_din.pt"))
@@ -26,8 +26,12 @@ API (what the trainer and the pipeline use):
 - Every CRM: `forward(batch) -> logits [B]`, `forward_hidden(batch) -> (logits, h [B, 256])`,
   `user_representation(batch) -> h_u [B, 256]` (no grad), `predict_proba(batch)`,
   `hidden_dim == 256`, `name` in {"din", "sim", "deepfm"}.
-- `train_crm(model, train_batch, valid_batch, test_batch, config)` is the generic loop
-  (AdamW, early stopping on validation AUC, best checkpoint kept, atomic writes).
+- `dataset_splits(ds, k)` -> {"train", "valid", "test"}: `SplitSamples`, the sample indices
+  of each split whose CRMBatches (targets + K_id history) are gathered per minibatch, so
+  memory grows with the batch, not the split (`dataset_batches` builds whole splits at once,
+  for small data; the same numbers for a fixed seed).
+- `train_crm(model, train, valid, test, config)` (CRMBatch or SplitSamples each) is the
+  generic loop (AdamW, early stopping on validation AUC, best checkpoint kept, atomic writes).
 - `python -m reclora.crm` trains DIN, SIM and DeepFM on ML-100K and prints test AUC with
   95% bootstrap intervals and paired differences. Measured here (1 thread, shared 2-core
   CPU): DIN 0.757 (33 s), SIM 0.757 (100 s), DeepFM 0.709 (4 s) test AUC.
@@ -41,11 +45,14 @@ from reclora.crm.train import (
     CRM_CLASSES,
     CRMTrainConfig,
     CRMTrainResult,
+    SplitSamples,
     build_crm,
     dataset_batches,
+    dataset_splits,
     load_crm,
     predict,
     save_crm,
+    take,
     train_crm,
     train_crm_on_dataset,
 )
@@ -62,13 +69,16 @@ __all__ = [
     "HIDDEN_DIM",
     "ItemUserEmbedder",
     "SIM",
+    "SplitSamples",
     "TargetAttention",
     "build_crm",
     "dataset_batches",
+    "dataset_splits",
     "general_search",
     "load_crm",
     "predict",
     "save_crm",
+    "take",
     "train_crm",
     "train_crm_on_dataset",
 ]

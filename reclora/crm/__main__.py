@@ -27,7 +27,7 @@ from reclora.cli import (
 from reclora.crm.train import (
     CRM_CLASSES,
     CRMTrainConfig,
-    dataset_batches,
+    dataset_splits,
     predict,
     train_crm_on_dataset,
 )
@@ -69,7 +69,7 @@ def _main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     ds = load_dataset(a.dataset)
     out.mkdir(parents=True, exist_ok=True)
-    batches = dataset_batches(ds, a.k_id)
+    batches = dataset_splits(ds, a.k_id)
     print(f"{ds.name}: train {ds.train.size}, valid {ds.valid.size}, test {ds.test.size} "
           f"samples, K_id {a.k_id} ({time.perf_counter() - t0:.1f} s)")
     labels = ds.label[ds.test]

@@ -39,11 +39,14 @@ __all__ = [
     "CRM_CLASSES",
     "CRMTrainConfig",
     "CRMTrainResult",
+    "SplitSamples",
     "build_crm",
     "dataset_batches",
+    "dataset_splits",
     "load_crm",
     "predict",
     "save_crm",
+    "take",
     "train_crm",
     "train_crm_on_dataset",
 ]
@@ -169,29 +172,74 @@ def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     return model.to(map_location).eval(), payload.get("meta", {})
 
 
-# -------------------------------------------------------------------- helpers
-@torch.no_grad()
-def predict(model: CRM, batch: CRMBatch, batch_size: int = 4096,
-            device: str | torch.device | None = None) -> np.ndarray:
-    """P(click) for every sample of `batch`, as float64 numpy, in eval mode."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        out = [torch.sigmoid(model(batch.select(slice(i, i + batch_size)).to(device))).cpu()
-               for i in range(0, len(batch), batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out).double().numpy() if out else np.zeros(0)
+# -------------------------------------------------------------------- data
+class SplitSamples:
+    """The samples of one split, gathered into CRMBatches one minibatch at a time.
+
+    Holds the sample indices only (8 bytes per sample): targets and the `history_len`
+    history items of each sample are read from the dataset's arrays when a minibatch is
+    asked for (`batch(index)`), so memory grows with the minibatch, not with the split
+    (ML-25M's training split as one CRMBatch with 60-item histories is ~24 GB).
+
+    history_fn(samples, k) -> HistoryBatch chooses the history items (e.g. the
+    LongShortRetriever's K_id items); the default is the k most recent ones
+    (`ds.recent_history`). `batch(index)` equals `dataset_batches(...)[split].select(index)`
+    value for value.
+    """
+
+    def __init__(self, ds: RecDataset, samples: np.ndarray | torch.Tensor | list[int],
+                 history_len: int = 60,
+                 history_fn: Callable[[np.ndarray, int], HistoryBatch] | None = None) -> None:
+        if history_len < 1:
+            raise ValueError(f"history_len must be >= 1, got {history_len}")
+        self.ds = ds
+        self.samples = ds.as_samples(samples)
+        self.history_len = history_len
+        self.history_fn = history_fn or ds.recent_history
+
+    def __len__(self) -> int:
+        return int(self.samples.size)
+
+    @property
+    def label(self) -> torch.Tensor:
+        """[N] int64 labels of the samples (cheap: no history)."""
+        return torch.from_numpy(self.ds.label[self.samples])
+
+    def _rows(self, index: torch.Tensor | np.ndarray | slice | None) -> np.ndarray:
+        if index is None:
+            return self.samples
+        if isinstance(index, slice):
+            return self.samples[index]
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        return self.samples[np.asarray(index, dtype=np.int64)]
+
+    def select(self, index: torch.Tensor | np.ndarray | slice) -> SplitSamples:
+        """The samples at `index` (positions into this split), still ungathered."""
+        return SplitSamples(self.ds, self._rows(index), self.history_len, self.history_fn)
+
+    def batch(self, index: torch.Tensor | np.ndarray | slice | None = None) -> CRMBatch:
+        """The CRMBatch of the samples at `index` (all of them if None: the whole split at
+        once, only for small splits)."""
+        s = self._rows(index)
+        return CRMBatch.from_history(self.ds.targets(s), self.history_fn(s, self.history_len))
 
 
-def _score(model: CRM, batch: CRMBatch, batch_size: int, device: torch.device
-           ) -> dict[str, float]:
-    if batch.label is None:
-        raise ValueError("batch.label is needed to score a split")
-    return metrics.evaluate(batch.label.numpy(), predict(model, batch, batch_size, device))
+
+def take(data: CRMBatch | SplitSamples, index: torch.Tensor | np.ndarray | slice) -> CRMBatch:
+    """The CRMBatch of the samples at `index` of a CRMBatch (a slice of it) or of a
+    SplitSamples (gathered now)."""
+    if isinstance(data, CRMBatch):
+        return data.select(index)
+    return data.batch(index)
+
+
+def dataset_splits(ds: RecDataset, history_len: int = 60,
+                   history_fn: Callable[[np.ndarray, int], HistoryBatch] | None = None,
+                   splits: tuple[str, ...] = ("train", "valid", "test")
+                   ) -> dict[str, SplitSamples]:
+    """One SplitSamples per split (gathered per minibatch by `train_crm` and `predict`)."""
+    return {s: SplitSamples(ds, ds.split(s), history_len, history_fn) for s in splits}
 
 
 def dataset_batches(ds: RecDataset, history_len: int = 60,
@@ -200,23 +248,53 @@ def dataset_batches(ds: RecDataset, history_len: int = 60,
                     ) -> dict[str, CRMBatch]:
     """One CRMBatch per split holding all its samples (ML-100K train: 75k x 60 history).
 
-    history_fn(samples, k) -> HistoryBatch chooses the K_id history items (e.g. the
+    The full-batch path: memory grows with the split (use `dataset_splits` beyond small
+    data). history_fn(samples, k) -> HistoryBatch chooses the K_id history items (e.g. the
     LongShortRetriever's); the default is the k most recent ones.
     """
-    fn = history_fn or ds.recent_history
-    return {s: CRMBatch.from_history(ds.targets(ds.split(s)), fn(ds.split(s), history_len))
-            for s in splits}
+    return {s: d.batch() for s, d in dataset_splits(ds, history_len, history_fn,
+                                                    splits).items()}
+
+
+# -------------------------------------------------------------------- helpers
+@torch.no_grad()
+def predict(model: CRM, batch: CRMBatch | SplitSamples, batch_size: int = 4096,
+            device: str | torch.device | None = None) -> np.ndarray:
+    """P(click) for every sample of `batch` (a CRMBatch, or a SplitSamples gathered
+    `batch_size` samples at a time), as float64 numpy, in eval mode."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.sigmoid(model(take(batch, slice(i, i + batch_size)).to(device))).cpu()
+               for i in range(0, len(batch), batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+def _score(model: CRM, batch: CRMBatch | SplitSamples, batch_size: int, device: torch.device
+           ) -> dict[str, float]:
+    if batch.label is None:
+        raise ValueError("batch.label is needed to score a split")
+    return metrics.evaluate(batch.label.numpy(), predict(model, batch, batch_size, device))
 
 
 # ------------------------------------------------------------------ training
-def train_crm(model: CRM, train: CRMBatch, valid: CRMBatch, test: CRMBatch | None = None,
+def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | SplitSamples,
+              test: CRMBatch | SplitSamples | None = None,
               config: CRMTrainConfig | None = None,
               on_epoch: Callable[[dict[str, float]], None] | None = None) -> CRMTrainResult:
     """Train `model` on `train` with AdamW and BCE; keep the epoch with the best validation
     AUC (stop after `patience` epochs in a row without a better one); score `test` once
     with it.
 
-    The returned model holds the best weights and is in eval mode. If config.checkpoint is
+    Each split is a CRMBatch (all in memory) or a SplitSamples (each minibatch's histories
+    gathered when it is drawn: memory bounded by the batch size); for a fixed seed both give
+    the same minibatches, so the same model. The returned model holds the best weights and
+    is in eval mode. If config.checkpoint is
     set, the best model is written there (atomically) each time validation improves.
     """
     cfg = config or CRMTrainConfig()
@@ -243,7 +321,7 @@ def train_crm(model: CRM, train: CRMBatch, valid: CRMBatch, test: CRMBatch | Non
         bar = tqdm(range(steps), desc=f"{model.name} epoch {epoch}", disable=not cfg.progress,
                    leave=False, mininterval=1.0)
         for step in bar:
-            b = train.select(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]).to(device)
+            b = take(train, perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]).to(device)
             loss = loss_fn(model(b), b.label.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -286,14 +364,15 @@ def train_crm(model: CRM, train: CRMBatch, valid: CRMBatch, test: CRMBatch | Non
 
 def train_crm_on_dataset(name: str, ds: RecDataset, config: CRMTrainConfig | None = None,
                          history_fn: Callable[[np.ndarray, int], HistoryBatch] | None = None,
-                         batches: dict[str, CRMBatch] | None = None,
+                         batches: dict[str, CRMBatch | SplitSamples] | None = None,
                          **model_kwargs: Any) -> CRMTrainResult:
     """Build the CRM `name` for `ds` and run `train_crm` on its train/valid/test splits.
 
-    batches: precomputed `dataset_batches(ds, ...)` to share between several CRMs.
+    batches: `dataset_splits(ds, ...)` (default: built here; histories gathered per
+    minibatch) or `dataset_batches(ds, ...)` (whole splits in memory) to share between CRMs.
     """
     cfg = config or CRMTrainConfig()
     torch.manual_seed(cfg.seed)  # the initial weights
     model = build_crm(name, CRMSchema.from_dataset(ds), **model_kwargs)
-    b = batches or dataset_batches(ds, cfg.history_len, history_fn)
+    b = batches or dataset_splits(ds, cfg.history_len, history_fn)
     return train_crm(model, b["train"], b["valid"], b["test"], cfg)

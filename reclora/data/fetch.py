@@ -17,8 +17,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from reclora.data.base import DataError, default_data_dir
-from reclora.data.movielens import MANIFEST, ML100K_FILES
+from reclora.data.errors import DataError
+from reclora.data.paths import MANIFEST, ML100K_FILES, default_data_dir
 
 RECBOLE_VERSION = "1.2.1"
 WHEEL_PREFIX = "recbole/dataset_example/ml-100k/"

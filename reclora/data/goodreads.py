@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from reclora.data.base import HOW_TO_GET, DataError
+from reclora.data.errors import DataError
+from reclora.data.paths import HOW_TO_GET
 from reclora.data.splits import RawData
 
 _MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug",

@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from reclora.data.base import HOW_TO_GET, DataError
+from reclora.data.errors import DataError
+from reclora.data.paths import HOW_TO_GET, MANIFEST, ML100K_FILES
 from reclora.data.splits import RawData
 from reclora.data.text import age_group
 
-ML100K_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
-MANIFEST = "MANIFEST.json"  # written by fetch.py: sha256 of each file it extracted
 ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                  "Romance", "Sci-Fi", "Thriller", "War", "Western")

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from reclora.data.base import HistoryBatch, RecDataset
+from reclora.data.dataset import HistoryBatch, RecDataset
 from reclora.data.text import pronouns
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

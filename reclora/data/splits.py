@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from reclora.data.base import DataError, RecDataset
+from reclora.data.dataset import RecDataset
+from reclora.data.errors import DataError
 from reclora.data.text import item_description, user_profile
 
 # (operator, threshold) of a positive label per format (RECLORA.md section 5; ML-100K as ML-1M).
