@@ -42,7 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-OP_TESTS = "tests/test_op.py tests/test_op_large.py tests/test_validation.py"
+OP_TESTS = "tests/test_validation.py tests/test_op.py tests/test_op_large.py"
 NATIVE_TESTS = ("tests/test_op.py tests/test_op_large.py tests/test_native.py -k "
                 "'not triton'")
 TRITON_TESTS = "tests/test_op.py tests/test_op_large.py tests/test_op_hostile.py -k triton"

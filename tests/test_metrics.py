@@ -44,6 +44,8 @@ def test_logloss_and_accuracy() -> None:
     assert metrics.logloss(y, p) == pytest.approx(expected)
     # Clipping keeps a confident mistake finite: -log(1e-7) = 16.1.
     assert metrics.logloss([1], [0.0]) == pytest.approx(-np.log(1e-7))
+    assert metrics.logloss([0], [1.0]) == pytest.approx(-np.log(1e-7))  # both ends clipped
+    assert metrics.logloss([0, 1], [1.0, 1.0]) == pytest.approx(-np.log(1e-7) / 2, rel=1e-6)
     assert metrics.accuracy(y, p) == pytest.approx(0.5)  # 0.5 >= 0.5 predicts 1
     with pytest.raises(ValueError, match="probs must lie in"):
         metrics.logloss([1, 0], [1.5, 0.2])
