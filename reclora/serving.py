@@ -79,7 +79,7 @@ def _rows_from(source: Any, what: str) -> tuple[list[dict[str, Any]], str, int]:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
-            with open(path, newline="", encoding="utf-8") as fh:
+            with open(path, newline="", encoding="utf-8-sig") as fh:  # a BOM is fine
                 reader = csv.reader(fh)
                 header = next(reader, None)
                 if header is None:
