@@ -219,17 +219,24 @@ print(json.dumps(sorted(m.split(".")[2] for m in sys.modules if m.startswith("re
 """
 
 
-@pytest.mark.parametrize("module", [m for m in ORDER if m != "__init__"])
-def test_each_data_module_imports_alone_in_a_fresh_interpreter(module) -> None:
+def test_each_data_module_imports_alone_in_a_fresh_interpreter() -> None:
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(DATA), module],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = set(json.loads(proc.stdout.strip().splitlines()[-1]))
-    assert module in loaded
-    above = loaded - set(ORDER[:ORDER.index(module) + 1])
-    assert not above, f"importing reclora.data.{module} loaded {sorted(above)}"
+    def child(m: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", _CHILD, str(DATA), m],
+                              capture_output=True, text=True, timeout=300)
+
+    modules = [m for m in ORDER if m != "__init__"]
+    with ThreadPoolExecutor(3) as pool:  # a few at a time: each pays for its torch import
+        procs = dict(zip(modules, pool.map(child, modules)))
+    for module, proc in procs.items():
+        out, err = proc.stdout, proc.stderr
+        assert proc.returncode == 0, f"reclora.data.{module}: {err[-2000:]}"
+        loaded = set(json.loads(out.strip().splitlines()[-1]))
+        assert module in loaded
+        above = loaded - set(ORDER[:ORDER.index(module) + 1])
+        assert not above, f"importing reclora.data.{module} loaded {sorted(above)}"
 
 
 def test_the_package_imports_in_a_fresh_interpreter() -> None:
