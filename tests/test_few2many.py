@@ -105,6 +105,33 @@ def test_gated_needs_user_reps() -> None:
         train_stage2(ctr, data, data, cfg)
 
 
+def test_the_best_step_on_valid_is_kept_not_the_last(monkeypatch) -> None:
+    """Validation scripted to peak at the first of three evaluations: the adapters left
+    loaded are those of that step (snapshotted when it was scored), not the last step's."""
+    import reclora.few2many as f2m
+
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=48, num_adapters=2, rank=4, gate_dim=16, gate_dropout=0.0,
+                       lr=5e-2, batch_size=8, eval_points=3, amp="off", progress=False)
+    inject_adapters(ctr, cfg)
+    scripted = iter([0.9, 0.6, 0.7])
+    snapshots = []
+
+    def fake_evaluate(model, data, **kw):
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()
+                          if p.requires_grad})
+        return {"auc": next(scripted), "logloss": 0.6, "accuracy": 0.5, "n": len(data)}, \
+            np.full(len(data), 0.5)
+
+    monkeypatch.setattr(f2m, "evaluate", fake_evaluate)
+    res = train_stage2(ctr, make_data(ctr, 48, 0), make_data(ctr, 16, 1), cfg)
+    assert len(snapshots) == 3 and res.best_step == 2 and res.valid["auc"] == 0.9
+    final = {n: p.detach() for n, p in ctr.named_parameters() if p.requires_grad}
+    for n, p in final.items():
+        assert torch.equal(p, snapshots[0][n]), n
+    assert any(not torch.equal(p, snapshots[-1][n]) for n, p in final.items())
+
+
 # ----------------------------------------------------------------------------- DDP
 DDP_CFG = {"n_train": 64, "num_adapters": 4, "rank": 4, "gate_dim": 16, "gate_dropout": 0.0,
            "lr": 1e-2, "eval_points": 2, "amp": "off", "progress": False}
