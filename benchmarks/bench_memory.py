@@ -52,19 +52,23 @@ def generate(folder: Path, n_ratings: int, seed: int = 0) -> dict:
     n_items = int(min(60_000, max(2_000, n_ratings // 170)))
     # Ratings per user: lognormal (median ~90, mean ~150, a long tail), at least 10.
     per_user = np.maximum(10, rng.lognormal(np.log(90), 1.0, n_users)).astype(np.int64)
-    per_user = np.minimum(per_user, n_items // 2)
+    per_user = np.minimum(per_user, n_items // 10)
     per_user = np.maximum(1, np.round(per_user * n_ratings / per_user.sum())).astype(np.int64)
     # Zipf-like item popularity (p ~ 1 / rank), ids shuffled so popularity is not id order.
     p = 1.0 / np.arange(1, n_items + 1)
-    p /= p.sum()
+    cdf = np.cumsum(p / p.sum())
     item_ids = rng.permutation(n_items) + 1
-    users = np.repeat(np.arange(n_users, dtype=np.int64), per_user)
-    # Draw with replacement, drop repeated (user, item) pairs, top up until the count holds.
-    key = np.empty(0, dtype=np.int64)
-    need = users.size
-    while key.size < need:
-        u = users if key.size == 0 else rng.choice(users, size=int((need - key.size) * 1.3))
-        it = rng.choice(n_items, size=u.size, p=p)
+    # Draw with replacement, drop repeated (user, item) pairs, top up (a few passes) until
+    # the count holds.
+    need = int(per_user.sum())
+    key = np.unique(np.repeat(np.arange(n_users, dtype=np.int64), per_user) * n_items
+                    + np.searchsorted(cdf, rng.random(need), side="right").clip(0, n_items - 1))
+    for _ in range(8):
+        if key.size >= need:
+            break
+        m = int((need - key.size) * 1.5) + 100
+        u = rng.integers(0, n_users, m)
+        it = np.searchsorted(cdf, rng.random(m), side="right").clip(0, n_items - 1)
         key = np.unique(np.concatenate([key, u * n_items + it]))
     key = rng.permutation(key)[:need]
     user, item = key // n_items, key % n_items
@@ -114,11 +118,21 @@ def _peak_mb() -> float:
 
 
 def measure(folder: Path, slice_n: int, valid_n: int, crm: str, batch_size: int,
-            k: int, seed: int) -> dict:
-    """Load + split + one CRM epoch over a fixed slice, in this process; numbers as a dict."""
+            k: int, seed: int, full_batch: bool = False) -> dict:
+    """Load + split + one CRM epoch over a fixed slice, in this process; numbers as a dict.
+
+    full_batch: build every split as one CRMBatch first (`dataset_batches`, the path before
+    issue 16), for comparison."""
     import torch
 
-    from reclora.crm import CRMSchema, CRMTrainConfig, build_crm, dataset_splits, train_crm
+    from reclora.crm import (
+        CRMSchema,
+        CRMTrainConfig,
+        build_crm,
+        dataset_batches,
+        dataset_splits,
+        train_crm,
+    )
     from reclora.data.base import load_dataset
 
     torch.set_num_threads(1)
@@ -130,7 +144,7 @@ def measure(folder: Path, slice_n: int, valid_n: int, crm: str, batch_size: int,
     out.update(interactions=ds.n_interactions, users=ds.n_users, items=ds.n_items,
                train=int(ds.train.size))
     t = time.perf_counter()
-    splits = dataset_splits(ds, k)
+    splits = (dataset_batches if full_batch else dataset_splits)(ds, k)
     rng = np.random.default_rng(seed)
     train = splits["train"].select(np.sort(rng.choice(len(splits["train"]),
                                                       min(slice_n, len(splits["train"])),
@@ -145,6 +159,7 @@ def measure(folder: Path, slice_n: int, valid_n: int, crm: str, batch_size: int,
     res = train_crm(model, train, valid, None, cfg)
     out["epoch_s"] = time.perf_counter() - t
     out.update(slice=len(train), valid=len(valid), valid_auc=res.valid["auc"],
+               path="full batch (before)" if full_batch else "per minibatch",
                rss_end_mb=_rss_mb(), peak_mb=_peak_mb())
     return out
 
@@ -177,20 +192,21 @@ def _table(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         f"{args.slice:,} training samples, scored on the first {args.valid:,} validation "
         "samples. Peak RSS: `getrusage(RUSAGE_SELF).ru_maxrss` of the child.",
         "",
-        "| ratings | csv MiB | users | items | train samples | load s | RSS after load MiB | "
-        "epoch s | peak RSS MiB | valid AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ratings | csv MiB | users | items | train samples | CRM data | load s | "
+        "RSS after load MiB | epoch s | peak RSS MiB | valid AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['ratings']:,} | {r['csv_mb']} | {r['users']:,} | {r['items']:,} | "
-            f"{r['train']:,} | {r['load_s']:.1f} | {r['rss_after_load_mb']:.0f} | "
+            f"{r['train']:,} | {r['path']} | {r['load_s']:.1f} | {r['rss_after_load_mb']:.0f} | "
             f"{r['epoch_s']:.1f} | {r['peak_mb']:.0f} | {r['valid_auc']:.3f} |")
-    if len(rows) >= 2:
-        g = rows[-1]["peak_mb"] / rows[0]["peak_mb"]
-        lines += ["", f"Peak RSS growth {rows[0]['ratings']:,} -> {rows[-1]['ratings']:,} "
-                  f"ratings: {g:.2f}x (target at most 3x); largest peak "
-                  f"{rows[-1]['peak_mb'] / 1024:.2f} GiB (target within 8 GiB)."]
+    new = [r for r in rows if r["path"] == "per minibatch"]
+    if len(new) >= 2:
+        g = new[-1]["peak_mb"] / new[0]["peak_mb"]
+        lines += ["", f"Peak RSS growth {new[0]['ratings']:,} -> {new[-1]['ratings']:,} "
+                  f"ratings, per-minibatch path: {g:.2f}x (target at most 3x); largest peak "
+                  f"{new[-1]['peak_mb'] / 1024:.2f} GiB (target within 8 GiB)."]
     return "\n".join(lines) + "\n"
 
 
@@ -207,13 +223,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the generated folders here (reused if present); default: a "
                    "temporary folder, removed at the end")
     p.add_argument("--out", default="benchmarks/results/memory.md", help="'-': stdout only")
+    p.add_argument("--full-batch-sizes", default="",
+                   help="comma list of sizes also run the old way: whole splits as one "
+                   "CRMBatch (dataset_batches), for comparison")
+    p.add_argument("--full-batch", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # child mode: a folder
     a = p.parse_args(argv)
     if a.measure:
         print(json.dumps(measure(Path(a.measure), a.slice, a.valid, a.crm, a.batch_size, a.k,
-                                 a.seed)))
+                                 a.seed, a.full_batch)))
         return 0
     sizes = [int(float(s)) for s in a.sizes.split(",") if s.strip()]
+    full_sizes = {int(float(s)) for s in a.full_batch_sizes.split(",") if s.strip()}
     root = Path(a.data_dir) if a.data_dir else Path(tempfile.mkdtemp(prefix="reclora-mem-"))
     rows = []
     try:
@@ -228,17 +249,19 @@ def main(argv: list[str] | None = None) -> int:
                 info["gen_s"] = time.perf_counter() - t
                 info_file.write_text(json.dumps(info))
             print(f"{n:,} ratings: {info}", file=sys.stderr, flush=True)
-            cmd = [sys.executable, __file__, "--measure", str(folder), "--slice", str(a.slice),
-                   "--valid", str(a.valid), "--crm", a.crm, "--batch-size", str(a.batch_size),
-                   "--k", str(a.k), "--seed", str(a.seed)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                return proc.returncode
-            r = {**info, **json.loads(proc.stdout.strip().splitlines()[-1])}
-            r["ratings"] = info["ratings"]
-            print(json.dumps(r), file=sys.stderr, flush=True)
-            rows.append(r)
+            for full in ([False, True] if n in full_sizes else [False]):
+                cmd = [sys.executable, __file__, "--measure", str(folder), "--slice",
+                       str(a.slice), "--valid", str(a.valid), "--crm", a.crm, "--batch-size",
+                       str(a.batch_size), "--k", str(a.k), "--seed", str(a.seed)]
+                proc = subprocess.run(cmd + (["--full-batch"] if full else []),
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return proc.returncode
+                r = {**info, **json.loads(proc.stdout.strip().splitlines()[-1])}
+                r["ratings"] = info["ratings"]
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                rows.append(r)
     finally:
         if not a.data_dir:
             shutil.rmtree(root, ignore_errors=True)
