@@ -86,6 +86,18 @@ constexpr int64_t kMinRun = 32, kMaxRun = 256;
 // Shorter runs (shuffled tokens, one-token rows) would turn the base into GEMVs: there the base
 // is one addmm over all tokens and the LoRA is added afterwards.
 constexpr int64_t kMinFusedRun = 16;
+// The backward's smaller passes (the per-row factor gradients, mixing them back into the bank,
+// the output mode's dw and scatter) run on one thread below this many multiply-adds: each
+// parallel region ends in a barrier, and on this 2-core machine shared with other jobs (load
+// average 8 while measuring) a barrier often waits out a scheduler time slice, milliseconds,
+// against ~0.3 ms for 16M multiply-adds on one core.
+constexpr int64_t kMinParallelWork = int64_t(1) << 24;
+
+// at::parallel_for's grain for n items that cost `work` multiply-adds in all: n (inline, no
+// parallel region) when the work is small, else 1.
+inline int64_t grain(int64_t work, int64_t n) {
+  return work < kMinParallelWork ? std::max<int64_t>(n, 1) : 1;
+}
 
 // One BLAS thread per call: the calls run inside at::parallel_for, and MKL, told by
 // torch.set_num_threads(2) to use 2 threads, otherwise opened a nested team per call; on
@@ -717,12 +729,12 @@ void mix_backward(const Tensor& dmix, const Tensor& bank, const Tensor& w, const
   const A* wp = w.data_ptr<A>();
   T* db = dbank.data_ptr<T>();
   A* dwp = dw.data_ptr<A>();
-  at::parallel_for(0, rows, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, rows, grain(rows * slots * size, rows), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t j = 0; j < slots; ++j)
         dwp[b * slots + j] += dot(dm + b * size, bk + source(idx, slots, b, j) * size, size);
   });
-  at::parallel_for(0, adapters, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, adapters, grain(rows * slots * size, adapters), [&](int64_t lo, int64_t hi) {
     std::vector<A> acc(size);
     for (int64_t i = lo; i < hi; ++i) {
       std::fill(acc.begin(), acc.end(), A(0));
@@ -828,7 +840,7 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     Tensor db_mix = at::zeros({R, d_out * r}, a.adapter_w.options());
     A* dap = da_mix.data_ptr<A>();
     A* dbp = db_mix.data_ptr<A>();
-    at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, R, grain(s.tokens * r * (d_in + d_out), R), [&](int64_t lo, int64_t hi) {
       std::vector<T> vbuf, sbuf;
       for (int64_t b = lo; b < hi; ++b) {
         for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
@@ -875,7 +887,7 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   A* dwp = dw.data_ptr<A>();
   Tensor u_t = at::empty({s.tokens, kr}, a.x.options());
   T* uw = u_t.data_ptr<T>();
-  at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, R, grain(s.tokens * kr * 2, R), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
         const Run& u = runs[q];
@@ -898,7 +910,7 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   Tensor db_cat = at::zeros({R, d_out * kr}, a.adapter_w.options());
   A* dac = da_cat.data_ptr<A>();
   A* dbc = db_cat.data_ptr<A>();
-  at::parallel_for(0, R, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, R, grain(s.tokens * kr * (d_in + d_out), R), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
         const Run& u = runs[q];
@@ -911,7 +923,7 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   const Users users = make_users(idx, R, k, s.adapters);
   T* dap = da.data_ptr<T>();
   T* dbp = db.data_ptr<T>();
-  at::parallel_for(0, s.adapters, 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, s.adapters, grain(R * kr * (d_in + d_out), s.adapters), [&](int64_t lo, int64_t hi) {
     std::vector<A> acc_a(r * d_in), acc_b(d_out * r);
     for (int64_t i = lo; i < hi; ++i) {
       std::fill(acc_a.begin(), acc_a.end(), A(0));
