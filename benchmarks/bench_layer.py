@@ -183,9 +183,10 @@ def variants(device: torch.device) -> list[str]:
     return out + ["RecLoRA [materialise+bmm]"]
 
 
-def make_steps(variant, device, dtype, rows, length, pool_n, seed):
+def make_steps(variant, device, dtype, rows, length, pool_n, seed, amp=False):
     """(train step, inference forward, trainable parameter count) closures over a pool of
-    input batches rotated call by call."""
+    input batches rotated call by call. amp: fp32 weights run under bf16 autocast, as the main
+    job runs its LLM where the CPU has bf16 (reclora.llm.amp_context)."""
     layer, rope, trainable, ctx = build(variant, device, dtype, seed)
     hidden = layer.input_layernorm.weight.shape[0]
     g = torch.Generator().manual_seed(seed + 1)
@@ -207,7 +208,9 @@ def make_steps(variant, device, dtype, rows, length, pool_n, seed):
         return h, cos_sin, routing
 
     def run(h, cos_sin):
-        out = layer(h, position_embeddings=cos_sin)
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if amp
+              else contextlib.nullcontext()):
+            out = layer(h, position_embeddings=cos_sin)
         return out[0] if isinstance(out, tuple) else out  # older transformers return tuples
 
     def train_step():
@@ -228,52 +231,20 @@ def make_steps(variant, device, dtype, rows, length, pool_n, seed):
     return train_step, forward, sum(p.numel() for p in trainable)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rows", type=int, default=None, help="batch rows (GPU 16, CPU 4)")
-    p.add_argument("--length", type=int, default=None, help="tokens per row (GPU 256, CPU 128)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--csv", type=Path, default=common.RESULTS / "bench_layer.csv")
-    p.add_argument("--no-csv", action="store_true")
-    p.add_argument(
-        "--markdown",
-        type=Path,
-        default=None,
-        help="default (full runs): benchmarks/results/layer_<device>.md",
-    )
-    args = p.parse_args(argv)
-
-    device = common.pick_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+def measure(args, device, dtype, amp, spec, rows, length, prov, cfg):
+    """Every variant at one dtype setting: (CSV rows, errors by variant)."""
     gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if gpu else torch.float32)
-    rows = args.rows or (16 if gpu else 4)
-    length = args.length or (256 if gpu else 128)
-    prov = common.provenance(device)
-    cfg = llama_config(device)
-    print(
-        f"device: {prov['device_name']}"
-        + (f", {prov['threads']} threads" if not gpu else "")
-        + f"; torch {prov['torch']}; block hidden {cfg.hidden_size}, MLP "
-        f"{cfg.intermediate_size}; batch {rows} x {length} tokens; {dtype}"
-    )
-
     results = []
     steps: dict[str, Callable[[], object]] = {}
     fwds: dict[str, Callable[[], object]] = {}
     params: dict[str, int] = {}
     errors: dict[str, str] = {}
-    start = time.perf_counter()
     # Rotate a few input batches on the GPU so activations come from DRAM, not L2.
     pool_n = 4 if gpu else 1
     for v in variants(device):
         try:
-            step, fwd, n = make_steps(v, device, dtype, rows, length, pool_n, args.seed)
+            step, fwd, n = make_steps(v, device, dtype, rows, length, pool_n, args.seed,
+                                      amp)
             step()  # builds AdamW's state, and a broken variant fails here
             steps[v], fwds[v], params[v] = step, fwd, n
         except Exception as e:  # noqa: BLE001 - one broken backend must not end the run
@@ -292,18 +263,16 @@ def main(argv: list[str] | None = None) -> int:
                 budget_s=0.0 if args.quick else 4.0,
             )
     peaks = {v: common.peak_memory_mb(f, device) for v, f in steps.items()}
-    elapsed = time.perf_counter() - start
 
     base_step = timings["train step"].get("no adapters")
     base_fwd = timings["forward"].get("no adapters")
     print(
-        f"\n{'variant':28s} {'trainable':>10s} {'step ms':>9s} {'p20-p80':>17s} "
+        f"\n[{spec}]\n{'variant':28s} {'trainable':>10s} {'step ms':>9s} {'p20-p80':>17s} "
         f"{'x none':>7s} {'fwd ms':>8s} {'x none':>7s} {'peak MiB':>9s}"
     )
     for v in variants(device):
         if v in errors:
             print(f"{v:28s} failed: {errors[v]}")
-            results.append({**prov, "variant": v, "error": errors[v]})
             continue
         t, f = timings["train step"][v], timings["forward"][v]
         r_step = common.paired_ratio(t, base_step) if base_step else math.nan
@@ -320,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 "hidden": cfg.hidden_size,
                 "rows": rows,
                 "length": length,
-                "dtype": str(dtype).replace("torch.", ""),
+                "dtype": spec,
                 "variant": v,
                 "trainable": params[v],
                 "step_median_ms": t.median_ms,
@@ -333,6 +302,60 @@ def main(argv: list[str] | None = None) -> int:
                 "error": "",
             }
         )
+    return results, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default=None, help="one dtype (overrides --dtypes)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated: float32, bfloat16 (weights in bf16) or bf16-autocast "
+                        "(fp32 weights under bf16 autocast, the main job's setting); default: "
+                        "bfloat16 on GPU, float32,bf16-autocast on CPU")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", type=int, default=None, help="batch rows (GPU 16, CPU 4)")
+    p.add_argument("--length", type=int, default=None, help="tokens per row (GPU 256, CPU 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--csv", type=Path, default=common.RESULTS / "bench_layer.csv")
+    p.add_argument("--no-csv", action="store_true")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="default (full runs): benchmarks/results/layer_<device>.md",
+    )
+    args = p.parse_args(argv)
+
+    device = common.pick_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    specs = ([args.dtype] if args.dtype
+             else (args.dtypes or ("bfloat16" if gpu else "float32,bf16-autocast")).split(","))
+    rows = args.rows or (16 if gpu else 4)
+    length = args.length or (256 if gpu else 128)
+    prov = common.provenance(device)
+    cfg = llama_config(device)
+    print(
+        f"device: {prov['device_name']}"
+        + (f", {prov['threads']} threads" if not gpu else "")
+        + f"; torch {prov['torch']}; block hidden {cfg.hidden_size}, MLP "
+        f"{cfg.intermediate_size}; batch {rows} x {length} tokens; {specs}"
+    )
+    load_start = common.load_avg()
+    start = time.perf_counter()
+    results: list[dict] = []
+    errors: dict[str, str] = {}
+    for spec in specs:
+        amp = spec == "bf16-autocast"
+        dtype = torch.float32 if amp else getattr(torch, spec)
+        res, errs = measure(args, device, dtype, amp, spec, rows, length, prov, cfg)
+        results += res
+        errors.update({f"{v} ({spec})": e for v, e in errs.items()})
+    elapsed = time.perf_counter() - start
+
     ok = [r for r in results if not r["error"]]
     if not args.no_csv and ok:
         common.append_csv(args.csv, ok)
@@ -343,27 +366,30 @@ def main(argv: list[str] | None = None) -> int:
             f"# bench_layer: one Llama decoder block, {'GPU' if gpu else 'CPU'}",
             "",
             f"- machine: {prov['device_name']}"
-            + (f", {prov['threads']} torch threads, 1-min load average "
-               f"{common.load_avg():.1f} at the end ({os.cpu_count()} cores)"
+            + (f", {prov['threads']} torch threads, 1-min load average {load_start:.1f} at "
+               f"the start, {common.load_avg():.1f} at the end ({os.cpu_count()} cores)"
                if not gpu else ""),
             f"- torch {prov['torch']}, commit {prov['commit'][:12]}, {prov['timestamp']}",
             f"- block: hidden {cfg.hidden_size}, MLP {cfg.intermediate_size}, heads "
-            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, random init, {dtype}; batch "
+            f"{cfg.num_attention_heads}/{cfg.num_key_value_heads}, random init, "
+            f"{', '.join(specs)} (bf16-autocast: fp32 weights under bf16 autocast, the main "
+            f"job's setting); batch "
             f"{rows} rows x {length} tokens; adapters on q_proj and v_proj",
             "- train step = forward + backward (to the input and the adapters) + AdamW; "
             "ratio to the block without adapters",
             "",
-            "| variant | trainable params | step ms (median) | p20-p80 | x none | "
+            "| variant | dtype | trainable params | step ms (median) | p20-p80 | x none | "
             "fwd ms | x none | peak MiB |",
-            "|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in ok:
             lines.append(
-                f"| {r['variant']} | {r['trainable']:,} | {r['step_median_ms']:.2f} | "
+                f"| {r['variant']} | {r['dtype']} | {r['trainable']:,} | "
+                f"{r['step_median_ms']:.2f} | "
                 f"{r['step_p20_ms']:.2f}-{r['step_p80_ms']:.2f} | {r['step_ratio']:.2f} | "
                 f"{r['fwd_median_ms']:.2f} | {r['fwd_ratio']:.2f} | {r['peak_mib']:.1f} |"
             )
-        lines += [f"| {v} | failed: {e} | | | | | | |" for v, e in errors.items()]
+        lines += [f"| {v} | | failed: {e} | | | | | | |" for v, e in errors.items()]
         md.write_text("\n".join(lines) + "\n")
         print(f"markdown: {md}")
     print(f"done in {elapsed:.0f} s")

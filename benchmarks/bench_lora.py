@@ -55,7 +55,7 @@ SCALE = 2.0  # RecLoRA: alpha 16 / r 8
 
 @dataclass(frozen=True)
 class Case:
-    suite: str  # spec | k1 | sweep-T | sweep-M
+    suite: str  # spec | smollm | k1 | sweep-T | sweep-M
     d_in: int
     d_out: int
     tokens: int  # T
@@ -102,6 +102,10 @@ def cases_for(device: torch.device, suites: list[str], quick: bool) -> list[Case
                 Case("spec", d, d, t, t // 128, 16, 16, 8, False)
                 for d, t in ((1024, 512), (2048, 512), (576, 1024))
             ]
+    if "smollm" in suites and not gpu:
+        # The main job's layer: SmolLM2-135M's q_proj/v_proj (576 -> 576), a training batch of
+        # 8 prompts of ~200 tokens, 16 meta-LoRAs of rank 8.
+        out.append(Case("smollm", 576, 576, 1600, 8, 16, 16, 8, False))
     if "k1" in suites:
         d, ts = (4096, (8192, 64)) if gpu else (1024, (512,))
         out += [Case("k1", d, d, t, 64, 16, 1, 8, True, unit_weights=True) for t in ts]
@@ -379,7 +383,8 @@ def run_case(
 
 
 def print_block(case: Case, mix: str, rows: list[Row]) -> None:
-    print(f"\n[{case.suite}] {case.label}  mix={mix}")
+    dt = rows[0].dtype if rows else ""
+    print(f"\n[{case.suite}] {case.label}  mix={mix}  {dt}")
     print(
         f"  {'mode':8s} {'implementation':30s} {'median ms':>10s} {'p20-p80 ms':>17s} "
         f"{'x base':>7s} {'peak MiB':>9s}"
@@ -421,25 +426,63 @@ def _cpu_ratio_verdict(ratio: float, limit: float) -> str:
     return _verdict(ratio <= limit)
 
 
+CPU_SIZES = ((1024, 512), (2048, 512), (576, 1024))
+# (dtype, mix, mode, limit): KERNEL_SPEC's CPU targets and issue 13's.
+CPU_TARGETS = (
+    ("bfloat16", "factor", "fwd", 1.20),
+    ("float32", "output", "fwd", 1.20),
+    ("float32", "factor", "fwd+bwd", 1.25),
+    ("float32", "factor", "fwd", 1.10),
+    ("bfloat16", "factor", "fwd+bwd", 1.30),
+)
+
+
+def issue13_table(rows: list[Row]) -> list[str]:
+    """Issue 13's table: per case, op[cpu] and materialise+bmm as ratios to F.linear in the
+    same dtype at the three CPU spec sizes. Output mode has no materialise+bmm of its own (the
+    reference code is factor-only): that column shows the factor path's ratio at the same
+    size, dtype and mode (as the issue's table did), and naive two-GEMM is shown beside it."""
+    out = ["", "## Issue 13's table: ratio to F.linear in the same dtype, "
+           "(d, T) = (1024, 512), (2048, 512), (576, 1024)", "",
+           "| case | op[cpu] | materialise+bmm (plain torch) | naive two-GEMM |",
+           "|---|---|---|---|"]
+    found = False
+    for dtype, mix, mode, _ in CPU_TARGETS:
+        cells: dict[str, list[str]] = {"op": [], "mat": [], "naive": []}
+        for d, t in CPU_SIZES:
+            sel = _pick(rows, suite="spec", d_in=d, tokens=t, dtype=dtype, mode=mode)
+            op = next((r for r in sel if r.mix == mix and r.impl == "lora_mix_linear[cpu]"), None)
+            mat = next((r for r in sel if r.impl == MATERIALISE), None)
+            naive = next((r for r in sel if r.mix == mix and r.impl == NAIVE), None)
+            for key, r in (("op", op), ("mat", mat), ("naive", naive)):
+                cells[key].append(f"{r.ratio_to_base:.2f}x" if r else "-")
+            found = found or op is not None
+        name = f"{dtype}, {mix}, {mode}"
+        out.append(f"| {name} | " + " | ".join(", ".join(cells[k]) for k in cells) + " |")
+    return out if found else []
+
+
 def check_targets(rows: list[Row], device: torch.device) -> list[str]:
     """One line per KERNEL_SPEC target and op backend, from this run's medians."""
     lines: list[str] = []
     if device.type == "cpu":
-        for d, t in ((1024, 512), (2048, 512), (576, 1024)):
-            sel = _pick(rows, suite="spec", d_in=d, tokens=t, mix="factor", mode="fwd")
-            mat = next((r for r in sel if r.impl == MATERIALISE), None)
-            for op in _ops(sel):
-                line = (
-                    f"CPU (d, T) = ({d}, {t}) factor fwd, {op.impl}: "
-                    f"{op.ratio_to_base:.2f}x F.linear (target <= 1.10x): "
-                    f"{_cpu_ratio_verdict(op.ratio_to_base, 1.10)}"
-                )
-                if mat:  # compared by the (paired) ratios the table shows
-                    line += (
-                        f"; vs materialise+bmm ({mat.ratio_to_base:.2f}x): "
-                        f"{_verdict(op.ratio_to_base < mat.ratio_to_base)}"
+        for dtype, mix, mode, limit in CPU_TARGETS:
+            for d, t in CPU_SIZES:
+                sel = _pick(rows, suite="spec", d_in=d, tokens=t, dtype=dtype, mode=mode)
+                mat = next((r for r in sel if r.impl == MATERIALISE), None)
+                for op in _ops([r for r in sel if r.mix == mix]):
+                    line = (
+                        f"CPU (d, T) = ({d}, {t}) {dtype} {mix} {mode}, {op.impl}: "
+                        f"{op.ratio_to_base:.2f}x F.linear (target <= {limit:.2f}x): "
+                        f"{_cpu_ratio_verdict(op.ratio_to_base, limit)}"
                     )
-                lines.append(line)
+                    if mat:  # compared by the (paired) ratios the table shows
+                        line += (
+                            f"; vs materialise+bmm{'' if mix == 'factor' else ' (factor)'} "
+                            f"({mat.ratio_to_base:.2f}x): "
+                            f"{_verdict(op.ratio_to_base < mat.ratio_to_base)}"
+                        )
+                    lines.append(line)
         return lines or ["no CPU spec rows in this run"]
     spec_t = dict(suite="spec", d_in=4096, tokens=8192, gathered=False)
     for mix, mode, limit in (
@@ -575,10 +618,11 @@ def write_markdown(
     if spec:
         lines += ["## KERNEL_SPEC sizes, ratio to F.linear", ""]
         impls = list(dict.fromkeys(r.impl for r in spec if r.impl != BASE))
-        lines.append("| size | mix | mode | base ms | " + " | ".join(impls) + " |")
-        lines.append("|---|---|---|---|" + "---|" * len(impls))
-        for case, mix, mode in dict.fromkeys((r.case, r.mix, r.mode) for r in spec):
-            sel = {r.impl: r for r in spec if (r.case, r.mix, r.mode) == (case, mix, mode)}
+        lines.append("| size | dtype | mix | mode | base ms | " + " | ".join(impls) + " |")
+        lines.append("|---|---|---|---|---|" + "---|" * len(impls))
+        for case, dt, mix, mode in dict.fromkeys((r.case, r.dtype, r.mix, r.mode) for r in spec):
+            sel = {r.impl: r for r in spec
+                   if (r.case, r.dtype, r.mix, r.mode) == (case, dt, mix, mode)}
             base = sel.get(BASE)
             cells = [
                 "n/a"
@@ -589,8 +633,11 @@ def write_markdown(
                 for i in impls
             ]
             base_ms = f"{base.median_ms:.2f}" if base and not base.error else "-"
-            lines.append(f"| {case} | {mix} | {mode} | {base_ms} | " + " | ".join(cells) + " |")
+            lines.append(f"| {case} | {dt} | {mix} | {mode} | {base_ms} | " + " | ".join(cells)
+                         + " |")
+        lines += issue13_table(rows)
     for suite, key, what in (
+        ("smollm", "case", "SmolLM2-135M layer (d = 576, 8 rows of 200 tokens)"),
         ("k1", "case", "k = 1 per-row multi-LoRA (w = 1)"),
         ("sweep-T", "tokens", "sweep over T"),
         ("sweep-M", "adapters", "sweep over M (gathered)"),
@@ -619,11 +666,13 @@ def _sweep_table(rows: list[Row], suite: str, key: str, what: str) -> list[str]:
         "",
         f"## {what}: {first.case.split(' ', 1)[0]}, ratio to F.linear",
         "",
-        f"| {key} | mix | mode | base ms | " + " | ".join(impls) + " |",
-        "|---|---|---|---|" + "---|" * len(impls),
+        f"| {key} | dtype | mix | mode | base ms | " + " | ".join(impls) + " |",
+        "|---|---|---|---|---|" + "---|" * len(impls),
     ]
-    for k, mix, mode in dict.fromkeys((getattr(r, key), r.mix, r.mode) for r in sel):
-        cell = {r.impl: r for r in sel if (getattr(r, key), r.mix, r.mode) == (k, mix, mode)}
+    for k, dt, mix, mode in dict.fromkeys((getattr(r, key), r.dtype, r.mix, r.mode)
+                                          for r in sel):
+        cell = {r.impl: r for r in sel
+                if (getattr(r, key), r.dtype, r.mix, r.mode) == (k, dt, mix, mode)}
         base = cell.get(BASE)
         vals = [
             "n/a"
@@ -634,7 +683,7 @@ def _sweep_table(rows: list[Row], suite: str, key: str, what: str) -> list[str]:
             for i in impls
         ]
         base_ms = f"{base.median_ms:.2f}" if base and not base.error else "-"
-        lines.append(f"| {k} | {mix} | {mode} | {base_ms} | " + " | ".join(vals) + " |")
+        lines.append(f"| {k} | {dt} | {mix} | {mode} | {base_ms} | " + " | ".join(vals) + " |")
     return lines
 
 
@@ -642,9 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute on CPU)")
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--dtype", default=None, help="one dtype (overrides --dtypes)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated; default: bfloat16 on GPU, float32,bfloat16 on CPU "
+                        "(the sweeps on CPU: the first only)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (KERNEL_SPEC: 2)")
-    p.add_argument("--suites", default="spec,k1,sweep-T,sweep-M")
+    p.add_argument("--suites", default="spec,smollm,k1,sweep-T,sweep-M")
     p.add_argument("--mixes", default="factor,output")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--impls", default="", help="comma-separated substrings of rows to keep")
@@ -671,11 +723,13 @@ def main(argv: list[str] | None = None) -> int:
     device = common.pick_device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    dtype = (
-        getattr(torch, args.dtype)
-        if args.dtype
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype_names = (
+        [args.dtype] if args.dtype
+        else (args.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16"))
+        .split(",")
     )
+    dtypes = [getattr(torch, n) for n in dtype_names]
+    dtype = dtypes[0]
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.budget = args.budget if args.budget is not None else (0.0 if args.quick else 1.5)
     args.rep_ms = args.rep_ms or (40 if args.quick else 100)
@@ -693,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = f", {prov['threads']} threads" if device.type == "cpu" else ""
     print(
         f"device: {prov['device_name']}{threads}; torch {prov['torch']}, triton "
-        f"{prov['triton']}, commit {prov['commit'][:12]}; dtype {dtype}; "
+        f"{prov['triton']}, commit {prov['commit'][:12]}; dtypes {dtype_names}; "
         f"backends timed: {bench_backends(device)}"
     )
     torch.manual_seed(args.seed)
@@ -710,8 +764,9 @@ def main(argv: list[str] | None = None) -> int:
             # the output mix is measured at the spec sizes and k = 1.
             case_mixes = ["factor"]
         args.rounds = min(full_rounds, 3) if sweep and device.type == "cpu" else full_rounds
-        for mix in case_mixes:
-            block = run_case(case, mix, modes, device, dtype, args)
+        case_dtypes = dtypes[:1] if sweep and device.type == "cpu" else dtypes
+        for dt, mix in ((dt, mix) for dt in case_dtypes for mix in case_mixes):
+            block = run_case(case, mix, modes, device, dt, args)
             print_block(case, mix, block)
             rows += block
             extra = {"quick": args.quick, "load_avg": round(common.load_avg(), 2)}
@@ -736,6 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if plot_path and plot_ratio_vs_tokens(rows, plot_path, title):
         print(f"plot: {plot_path}")
+    else:
+        plot_path = None
     md_path = args.markdown or (None if args.quick else common.RESULTS / f"{device.type}.md")
     if md_path:
         plot_rel = os.path.relpath(plot_path, md_path.parent) if plot_path else ""
