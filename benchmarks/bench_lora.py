@@ -20,6 +20,11 @@ RecLoRA training). Each row: median with p20 and p80 (ms), peak memory above the
 candidates run interleaved round by round, the median of the per-round ratios, so load from
 other processes that comes and goes between rounds cancels out.
 
+On a GPU, `--graphs` adds, for the forward, each implementation timed under CUDA-graph
+replay (rows "<impl> (graph replay)"; the op is capture-safe) and its host time per eager call
+(rows "<impl> (host us/call)", whose time column is host milliseconds per call), measured with
+benchmarks/timing.py: at decode sizes the launch path, not the GPU, sets the pace.
+
 Results are appended to benchmarks/results/bench_lora.csv (with device, torch, triton, git
 commit, CPU thread count and load); a full run also writes benchmarks/results/<device>.md and
 a plot of the ratio against T per implementation, benchmarks/results/bench_lora_<device>.png.
@@ -343,6 +348,13 @@ def run_case(
                     timings[name] = common.time_cuda(call, rep_ms=args.rep_ms)
                 except Exception as e:  # noqa: BLE001
                     errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        extra: dict[str, common.Timing] = {}
+        base_graph = base_host = None
+        if device.type == "cuda" and args.graphs and mode == "fwd":
+            extra = _graph_and_host_timings(calls, errors)
+            if BASE + " (graph replay)" in extra:
+                base_graph = extra[BASE + " (graph replay)"]
+                base_host = extra[BASE + " (host us/call)"]
         peaks = {}
         for name in timings:
             # One fresh input set per memory probe so earlier calls' outputs are not counted.
@@ -376,10 +388,37 @@ def run_case(
                     errors.get(name, ""),
                 )
             )
+        for name, t in extra.items():
+            ref = base_graph if name.endswith("(graph replay)") else base_host
+            rows.append(Row(
+                case.suite, case.label, case.d_in, case.d_out, case.tokens, case.rows,
+                case.adapters, case.slots, case.rank, case.gathered,
+                str(dtype).replace("torch.", ""), mix, mode, name, t.median_ms, t.p20_ms,
+                t.p80_ms, math.nan, common.paired_ratio(t, ref) if ref else math.nan,
+                errors.get(name, ""),
+            ))
         del calls
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
+
+
+def _graph_and_host_timings(calls: dict[str, Callable[[], object]],
+                            errors: dict[str, str]) -> dict[str, common.Timing]:
+    """CUDA-graph replay time and host time per eager call of every forward candidate."""
+    from benchmarks import timing
+
+    out: dict[str, common.Timing] = {}
+    for name, call in calls.items():
+        try:
+            g = timing.graph_replay_ms(call)
+            out[f"{name} (graph replay)"] = common.Timing(g.median, g.p20, g.p80, g.reps)
+            h = timing.host_us_per_call(call).us_per_call
+            out[f"{name} (host us/call)"] = common.Timing(h.median / 1e3, h.p20 / 1e3,
+                                                          h.p80 / 1e3, h.reps)
+        except Exception as e:  # noqa: BLE001 - a candidate that cannot be captured is noted
+            errors[f"{name} (graph replay)"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return out
 
 
 def print_block(case: Case, mix: str, rows: list[Row]) -> None:
@@ -704,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=None, help="CPU: seconds per measurement")
     p.add_argument("--rep-ms", type=int, default=None, help="GPU: do_bench rep time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graphs", action="store_true",
+                   help="GPU: also time the forward under CUDA-graph replay, and host us/call")
     p.add_argument("--csv", type=Path, default=common.RESULTS / "bench_lora.csv")
     p.add_argument("--no-csv", action="store_true")
     p.add_argument(
