@@ -6,9 +6,10 @@
 For each size, synthetic ratings are written in ML-25M's own files (``ratings.csv``:
 userId,movieId,rating,timestamp; ``movies.csv``: movieId,title,genres with "|", quoted
 titles) into a temporary folder, with a realistic skew: about 150 ratings per user on
-average but lognormal per user (a few users with thousands), Zipf-like item popularity
-(exponent 1), half-star ratings centred on 3.5-4, each user's ratings spread over their own
-active period. Then a fresh child process (so the sizes never share a peak) runs
+average but lognormal per user (up to a tenth of the items), Zipf-like item popularity
+(exponent 1), half-star ratings (a user bias plus an item quality plus noise, centred on
+3.6), each user's ratings spread over their own active period. Then a fresh child process
+(so the sizes never share a peak) runs
 
     load_dataset(folder)                 # reader + 5-core + labels + history + time split
     dataset_splits(ds, k=60)             # sample indices only; histories per minibatch
@@ -77,7 +78,10 @@ def generate(folder: Path, n_ratings: int, seed: int = 0) -> dict:
     start = rng.uniform(T0, T1, n_users)
     span = np.minimum(T1 - start, rng.exponential(2 * 365 * 86400, n_users))
     ts = (start[user] + rng.uniform(0, 1, user.size) * span[user]).astype(np.int64)
-    rating = np.clip(np.round(rng.normal(3.6, 1.0, user.size) * 2) / 2, 0.5, 5.0)
+    # Ratings: a user bias plus an item quality plus noise, so a CRM has something to learn.
+    quality, bias = rng.normal(0, 0.6, n_items), rng.normal(0, 0.4, n_users)
+    rating = np.clip(np.round((3.6 + bias[user] + quality[item] + rng.normal(0, 0.8, user.size))
+                              * 2) / 2, 0.5, 5.0)
     order = np.lexsort((ts, user))  # ML-25M's files are sorted by user, then time
     user, item, rating, ts = user[order] + 1, item_ids[item[order]], rating[order], ts[order]
     with open(folder / "ratings.csv", "w", encoding="utf-8") as fh:

@@ -93,6 +93,15 @@ def check_interactions(arr: np.ndarray, what: str) -> None:
         raise DataError(f"{what}: data row {i + 1}: rating {float(arr[i, 2])!r} is not "
                         "finite")
     user, item = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)
+    if user.size and user.min() >= 0 and item.min() >= 0 and \
+            (int(user.max()) + 1) * (int(item.max()) + 1) < 2**62:
+        # One int64 key per row, sorted in place: half the time and memory of the lexsort
+        # (10M rows); the lexsort below runs only to name the rows of a repeat.
+        key = user * (int(item.max()) + 1) + item
+        key.sort()
+        if not (key[1:] == key[:-1]).any():
+            return
+        del key
     order = np.lexsort((item, user))
     same = (np.diff(user[order]) == 0) & (np.diff(item[order]) == 0)
     if same.any():
