@@ -169,6 +169,22 @@ def measure(folder: Path, slice_n: int, valid_n: int, crm: str, batch_size: int,
 
 
 # ------------------------------------------------------------------ the table
+NOTES = """Notes:
+- About 690 MiB of every peak is the interpreter with torch imported (`rss_start`, before
+  any data); the rest is the dataset (about 95 bytes per rating after load: the interaction
+  arrays, the per-user history CSR and its gathered item/rating/time copies), the loader's
+  temporaries (the load peak is about 1.6x what it keeps) and one evaluation chunk of 4,096
+  samples x 60 history items (about 350 MiB in DIN's attention).
+- "per minibatch": `dataset_splits` (SplitSamples) hold sample indices only; each training
+  step and each evaluation chunk gathers its own histories. "full batch (before)": every
+  split built first as one CRMBatch with 60-item histories (`dataset_batches`, what
+  `train_crm_on_dataset` did before issue 16): at 1M ratings it doubles the peak; at 10M it
+  would need about 10x that extra (~13 GiB), past the 8 GiB target, so it is not run there.
+- Epoch times are of a shared 2-core machine under other users' load (load average above):
+  compare them only within one run. Valid AUC > 0.5 because the synthetic ratings carry a
+  user bias and an item quality."""
+
+
 def _table(rows: list[dict], args: argparse.Namespace, command: str) -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0)
     cpu = platform.processor() or platform.machine()
@@ -211,6 +227,7 @@ def _table(rows: list[dict], args: argparse.Namespace, command: str) -> str:
         lines += ["", f"Peak RSS growth {new[0]['ratings']:,} -> {new[-1]['ratings']:,} "
                   f"ratings, per-minibatch path: {g:.2f}x (target at most 3x); largest peak "
                   f"{new[-1]['peak_mb'] / 1024:.2f} GiB (target within 8 GiB)."]
+    lines += ["", NOTES]
     return "\n".join(lines) + "\n"
 
 
