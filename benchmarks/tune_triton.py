@@ -59,6 +59,11 @@ def sweep(table: dict, key: str, candidates: list[dict], fn) -> dict:
     return best
 
 
+def _forward(inputs, backend: str):
+    x, weight, a, b, w = inputs
+    return lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend=backend)
+
+
 def pick_auto(configs) -> dict:
     """The backend `auto` takes on this card, per size class ("decode": under 32 tokens per
     row on average, else "prefill"): the fastest of triton and cuda on the spec sizes, and
@@ -67,13 +72,9 @@ def pick_auto(configs) -> dict:
 
     chosen = {}
     for cls, (tokens, rows) in {"prefill": (8192, 64), "decode": (64, 8)}.items():
-        x, weight, a, b, w = problem(tokens, rows)
-        times = {}
-        for backend in [b_ for b_ in ("triton", "cuda") if b_ in available_backends()]:
-            times[backend] = timed(lambda backend=backend: lora_mix_linear(
-                x, weight, None, a, b, w, scale=2.0, backend=backend))
-        times["reference"] = timed(lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0,
-                                                           backend="reference"))
+        inputs = problem(tokens, rows)
+        backends = [b for b in ("triton", "cuda") if b in available_backends()] + ["reference"]
+        times = {backend: timed(_forward(inputs, backend)) for backend in backends}
         chosen[cls] = min(times, key=times.get)
         print(f"  auto[{cls}]: {chosen[cls]} ({ {k: round(v * 1e3, 1) for k, v in times.items()} }"
               " us)", flush=True)
