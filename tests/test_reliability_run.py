@@ -18,33 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tiny_llm import tiny_llama, tiny_tokenizer
+from tiny_llm import TINY_RUN, save_tiny_model
 
 from reclora import metrics
 from reclora.checkpoint import atomic_write
 from reclora.crm import load_crm
 from reclora.pipeline import LOCK_NAME, folder_lock, main
 
-TINY = ["--quick", "--crms", "din", "--n", "8", "--n-valid", "8", "--n-test", "24",
-        "--k-text", "2", "--k-id", "5", "--max-length", "160", "--no-progress"]
+TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama + word-level tokenizer saved as a transformers folder."""
-    from reclora.data import load_dataset
-
-    ds = load_dataset("ml-100k")
-    words = ds.item_title + (ds.user_profile or []) + [
-        "He She watched the following movies in order in the past , and rated them : stars "
-        "star Based on he has deduce if will like movie *** Note that more user liked You "
-        "should ONLY tell me yes or no . A chat between a curious user and an artificial "
-        "intelligence assistant The assistant gives helpful detailed polite answers to "
-        "questions USER ASSISTANT"]
-    tok = tiny_tokenizer(words)
     path = tmp_path_factory.mktemp("tiny_llm")
-    tiny_llama(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
+    save_tiny_model(path)
     return path
 
 

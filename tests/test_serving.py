@@ -20,30 +20,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from tiny_llm import tiny_llama, tiny_tokenizer
+from tiny_llm import TINY_RUN as TINY
+from tiny_llm import save_tiny_model
 
 from reclora.pipeline import main as run_main
 from reclora.serving import Recommender, RunFolderError, ServingError, read_table
 
-TINY = ["--quick", "--crms", "din", "--n", "8", "--n-valid", "8", "--n-test", "24",
-        "--k-text", "2", "--k-id", "5", "--max-length", "160", "--no-progress"]
-
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from reclora.data import load_dataset
-
-    ds = load_dataset("ml-100k")
-    words = ds.item_title + (ds.user_profile or []) + [
-        "He She watched the following movies in order in the past , and rated them : stars "
-        "star Based on he has deduce if will like movie *** Note that more user liked You "
-        "should ONLY tell me yes or no . A chat between a curious user and an artificial "
-        "intelligence assistant The assistant gives helpful detailed polite answers to "
-        "questions USER ASSISTANT has not any before"]
-    tok = tiny_tokenizer(words)
     model_dir = tmp_path_factory.mktemp("tiny_llm")
-    tiny_llama(len(tok)).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    save_tiny_model(model_dir)
     out = tmp_path_factory.mktemp("serve") / "run"
     assert run_main([*TINY, "--model", str(model_dir), "--output", str(out)]) == 0
     return out

@@ -48,3 +48,26 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+# `reclora run` options for a run of a few seconds (one CRM, 8 training samples, 24 test ones).
+TINY_RUN = ["--quick", "--crms", "din", "--n", "8", "--n-valid", "8", "--n-test", "24",
+            "--k-text", "2", "--k-id", "5", "--max-length", "160", "--no-progress"]
+# Every word of the run's prompt templates (and of serving's cold-start lines).
+PROMPT_WORDS = (
+    "He She watched the following movies in order in the past , and rated them : stars "
+    "star Based on he has deduce if will like movie *** Note that more user liked You "
+    "should ONLY tell me yes or no . A chat between a curious user and an artificial "
+    "intelligence assistant The assistant gives helpful detailed polite answers to "
+    "questions USER ASSISTANT has not any before")
+
+
+def save_tiny_model(path) -> None:
+    """A tiny random Llama with a tokenizer over ML-100K's titles, profiles and the prompt
+    words, saved as a transformers folder at `path` (what `reclora run --model` takes)."""
+    from reclora.data import load_dataset
+
+    ds = load_dataset("ml-100k")
+    tok = tiny_tokenizer(ds.item_title + (ds.user_profile or []) + [PROMPT_WORDS])
+    tiny_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
