@@ -290,7 +290,7 @@ def kernel_report(run: Run, case: roofline.Case, backend: str) -> list[str]:
     if not run.cuda:
         return [f"{title}: skipped: {timing.cuda_reason() or 'needs the GPU (--smoke)'}"]
     pool = run.pool(case)
-    call = timing.rotate(calls_for(candidate(backend, case), pool, case.mode))
+    call = timing.rotating(calls_for(candidate(backend, case), pool, case.mode))
     stats, err = _safe(timing.kernel_profile, call, calls=10)
     if err:
         return [f"{title}: {err}"]
@@ -324,7 +324,7 @@ def launches_line(run: Run, case: roofline.Case, backend: str) -> str:
         return (f"launches per call, {backend}, {case.label}: predicted {predicted}; measured: "
                 f"skipped ({timing.cuda_reason() or 'needs the GPU (--smoke)'})")
     pool = run.pool(case)
-    call = timing.rotate(calls_for(candidate(backend, case), pool, "fwd"))
+    call = timing.rotating(calls_for(candidate(backend, case), pool, "fwd"))
     got, err = _safe(timing.launches_per_call, call)
     shown = err or ", ".join(f"{k} {v:.1f}" for k, v in got.items())
     return f"launches per call, {backend}, {case.label}: predicted {predicted}; measured {shown}"

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from benchmarks.common import rotating  # one pool-rotation helper for every benchmark
+
 Call = Callable[[], object]
 
 
@@ -89,18 +91,6 @@ def pool_count(set_bytes: int, device: torch.device | str | None = None, *, time
     return max(1, min(cap, math.ceil(times * l2_bytes(device) / max(set_bytes, 1))))
 
 
-def rotate(calls: list[Call]) -> Call:
-    """One callable running the pool's calls in turn."""
-    state = {"i": 0}
-
-    def run():
-        i = state["i"]
-        state["i"] = (i + 1) % len(calls)
-        return calls[i]()
-
-    return run
-
-
 # --- CUDA events ------------------------------------------------------------------------------
 
 
@@ -108,7 +98,7 @@ def event_ms(calls: list[Call] | Call, *, warmup: int = 5, reps: int = 50) -> Ti
     """Median milliseconds of one call, a CUDA event pair around each, rotating the pool.
     Events are read after the last call, so the host does not sync between calls."""
     _need_cuda("event_ms")
-    fn = rotate(calls if isinstance(calls, list) else [calls])
+    fn = rotating(calls if isinstance(calls, list) else [calls])
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -125,7 +115,7 @@ def event_ms(calls: list[Call] | Call, *, warmup: int = 5, reps: int = 50) -> Ti
 def wall_ms(calls: list[Call] | Call, *, warmup: int = 3, reps: int = 20) -> Timing:
     """Median wall-clock milliseconds of one call (synchronizing around each when CUDA is
     in use): the CPU counterpart of `event_ms`."""
-    fn = rotate(calls if isinstance(calls, list) else [calls])
+    fn = rotating(calls if isinstance(calls, list) else [calls])
     for _ in range(warmup):
         fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() \
