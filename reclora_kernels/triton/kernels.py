@@ -38,18 +38,16 @@ def mix_factors_kernel(
     bank_ptr, w_ptr, idx_ptr, out_ptr,
     size, slots,
     s_bank_m, s_w_r, s_w_j, s_idx_r, s_idx_j,
-    DENSE: tl.constexpr, ACC64: tl.constexpr, BLOCK: tl.constexpr,
+    ACC64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """out[b, :] = sum_j w[b, j] * bank[idx[b, j], :]  over flattened factors of `size`."""
+    """out[b, :] = sum_j w[b, j] * bank[idx[b, j], :]  over flattened factors of `size`
+    (gathered mixtures; a dense mixture is one GEMM, launch.mix)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
     acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC64 else tl.float32)
     for j in range(0, slots):
-        if DENSE:
-            adapter = j
-        else:
-            adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j)
+        adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j)
         coef = tl.load(w_ptr + row * s_w_r + j * s_w_j).to(acc.dtype)
         vals = tl.load(bank_ptr + adapter.to(tl.int64) * s_bank_m + offs, mask=mask, other=0.0)
         acc += coef * vals.to(acc.dtype)

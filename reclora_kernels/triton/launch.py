@@ -132,12 +132,11 @@ def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     if rows == 0 or size == 0:
         return out.zero_()
     cfg = config("mix", bank.device)
-    idx, s_ir, s_ij = _sources(adapter_idx, rows, slots, bank.device)
     grid = (rows, triton.cdiv(size, cfg["BLOCK"]))
     kernels.mix_factors_kernel[grid](
-        bank, adapter_w, idx, out, size, slots,
-        bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), s_ir, s_ij,
-        DENSE=False, ACC64=bank.dtype == torch.float64, BLOCK=cfg["BLOCK"],
+        bank, adapter_w, adapter_idx, out, size, slots,
+        bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), adapter_idx.stride(0),
+        adapter_idx.stride(1), ACC64=bank.dtype == torch.float64, BLOCK=cfg["BLOCK"],
         **_launch_opts(cfg),
     )
     return out
