@@ -1,4 +1,5 @@
-"""CTR metrics: exact AUC, clipped LogLoss, accuracy, and bootstrap intervals over samples.
+"""CTR metrics: exact AUC, clipped LogLoss, accuracy, and bootstrap intervals over samples
+or over clusters of samples (users).
 
 Everything here is numpy on 1-d arrays (labels in {0, 1}, one score per sample), so the
 CRMs, the LLM and the report share one definition of every number.
@@ -9,6 +10,8 @@ CRMs, the LLM and the report share one definition of every number.
     bootstrap_auc(labels, scores)       AUC with a percentile interval over resampled samples
     paired_bootstrap_auc(labels, a, b)  AUC(a) - AUC(b) with its interval, the same resamples
                                         for both models (so shared noise cancels)
+    Both take groups= (e.g. each sample's user id): then whole groups are resampled, as a
+    test set of many samples from few users needs (its samples are not independent).
     rank_correlation(a, b)              Spearman's rho (Pearson on average ranks): how far
                                         two models order the same samples alike
 """
@@ -202,16 +205,30 @@ def _check_bootstrap_args(n_resamples: int, level: float) -> None:
         raise ValueError(f"level must be in (0, 1), got {level}")
 
 
+def _cluster_ids(groups: np.ndarray | list | None, n: int) -> np.ndarray | None:
+    """Each sample's cluster as 0..G-1 (None: every sample its own cluster)."""
+    if groups is None:
+        return None
+    g = np.asarray(groups)
+    if g.ndim != 1 or g.size != n:
+        raise ValueError(f"groups must be a 1-d array with one entry per sample ({n}), got "
+                         f"shape {g.shape}")
+    return np.unique(g, return_inverse=True)[1].reshape(-1)
+
+
 def _resampled_aucs(
-    y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int | None
+    y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int | None,
+    clusters: np.ndarray | None = None,
 ) -> np.ndarray:
     """AUC of every score set under the same `n_resamples` resamples: [len(sets), R].
 
-    Each resample draws n samples with replacement; a sample drawn c times weighs c.
+    Each resample draws n samples (or, with `clusters`, as many clusters as there are, each
+    bringing all its samples) with replacement; a sample drawn c times weighs c.
     Per score set the tie groups are computed once; a resample only changes the
     weights, so its AUC is one weighted bincount and a cumsum (no re-sorting).
     """
     n = y.size
+    units = n if clusters is None else (int(clusters.max()) + 1 if n else 0)
     rng = np.random.default_rng(seed)
     prepared = []
     for s in score_sets:
@@ -220,9 +237,12 @@ def _resampled_aucs(
     out = np.empty((len(score_sets), n_resamples))
     for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
         r = min(_BOOTSTRAP_CHUNK, n_resamples - start)
-        draws = rng.integers(0, n, size=(r, n))
-        counts = np.bincount((draws + np.arange(r)[:, None] * n).ravel(), minlength=r * n)
-        counts = counts.reshape(r, n).astype(np.float64)
+        draws = rng.integers(0, units, size=(r, units))
+        counts = np.bincount((draws + np.arange(r)[:, None] * units).ravel(),
+                             minlength=r * units)
+        counts = counts.reshape(r, units).astype(np.float64)
+        if clusters is not None:
+            counts = counts[:, clusters]  # a sample weighs what its cluster drew
         for k, (order, group, n_groups, ys) in enumerate(prepared):
             c = counts[:, order]
             # Row-offset the group ids so one bincount aggregates all r resamples.
@@ -241,8 +261,10 @@ def bootstrap_auc(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int | None = 0,
+    groups: np.ndarray | list | None = None,
 ) -> AUCInterval:
-    """AUC with a percentile bootstrap interval over the samples (resampled with replacement).
+    """AUC with a percentile bootstrap interval over the samples (resampled with replacement),
+    or over `groups` (one id per sample, e.g. its user: whole users are resampled).
 
     Resamples that happen to hold a single class are dropped (their AUC is undefined);
     with a few hundred samples or more that essentially never happens.
@@ -251,7 +273,7 @@ def bootstrap_auc(
     y = _as_labels(labels)
     s = _as_scores(scores, y.size, "scores")
     point = auc(y, s)
-    boot = _resampled_aucs(y, [s], n_resamples, seed)[0]
+    boot = _resampled_aucs(y, [s], n_resamples, seed, _cluster_ids(groups, y.size))[0]
     boot = boot[np.isfinite(boot)]
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(boot, [alpha, 1.0 - alpha])
@@ -265,8 +287,10 @@ def paired_bootstrap_auc(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int | None = 0,
+    groups: np.ndarray | list | None = None,
 ) -> AUCDifference:
-    """AUC(a) - AUC(b) for two models scored on the same samples, paired bootstrap.
+    """AUC(a) - AUC(b) for two models scored on the same samples, paired bootstrap (over
+    samples, or over `groups` as in bootstrap_auc).
 
     Both models see the same resamples, so per-sample difficulty shared by the two
     cancels and the interval is much tighter than comparing two separate intervals.
@@ -276,7 +300,7 @@ def paired_bootstrap_auc(
     a = _as_scores(scores_a, y.size, "scores_a")
     b = _as_scores(scores_b, y.size, "scores_b")
     point = auc(y, a) - auc(y, b)
-    boot = _resampled_aucs(y, [a, b], n_resamples, seed)
+    boot = _resampled_aucs(y, [a, b], n_resamples, seed, _cluster_ids(groups, y.size))
     diffs = boot[0] - boot[1]
     diffs = diffs[np.isfinite(diffs)]
     alpha = (1.0 - level) / 2.0

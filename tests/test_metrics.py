@@ -206,3 +206,70 @@ def test_paired_bootstrap_matches_its_definition(seed: int) -> None:
     assert d.p_value == pytest.approx(p, abs=1e-12)
     assert d.significant == (lo > 0 or hi < 0)
     assert d.as_dict()["significant"] == d.significant
+
+
+def _loop_cluster_resamples(y: np.ndarray, score_sets: list[np.ndarray], users: np.ndarray,
+                            n_resamples: int, seed: int) -> np.ndarray:
+    """The user-clustered bootstrap by hand: draw as many users as there are, with
+    replacement, and pool all their samples (a user drawn twice brings its samples twice)."""
+    ids = np.unique(users)
+    rng = np.random.default_rng(seed)
+    chunk = metrics._BOOTSTRAP_CHUNK
+    out = []
+    for start in range(0, n_resamples, chunk):
+        draws = rng.integers(0, ids.size, size=(min(chunk, n_resamples - start), ids.size))
+        for row in draws:
+            take = np.concatenate([np.flatnonzero(users == ids[u]) for u in row])
+            yy = y[take]
+            out.append([_brute_auc(yy, s[take]) if 0 < yy.sum() < yy.size else np.nan
+                        for s in score_sets])
+    return np.array(out).T
+
+
+def _clustered(n_users: int, per_user: int, seed: int):
+    """Samples from few users, each user with its own offset (correlated within a user)."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(rng.permutation(1000)[:n_users] * 7, per_user)  # ids not 0..G-1
+    bias = rng.normal(size=n_users).repeat(per_user)
+    y = (rng.random(users.size) < 1 / (1 + np.exp(-2 * bias))).astype(np.int64)
+    a = np.round(bias + 0.5 * y + rng.normal(size=users.size), 1)
+    b = np.round(bias + 0.3 * y + rng.normal(size=users.size), 1)
+    order = rng.permutation(users.size)  # users' samples interleaved
+    return users[order], y[order], a[order], b[order]
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_user_clustered_bootstrap_matches_a_loop_over_users(seed: int) -> None:
+    """groups=: whole users resampled; interval, paired interval and p-value equal the
+    brute-force loop that pools each drawn user's samples."""
+    users, y, a, b = _clustered(12, 9, seed)
+    ci = metrics.bootstrap_auc(y, a, n_resamples=120, seed=seed, groups=users)
+    boot = _loop_cluster_resamples(y, [a, b], users, 120, seed)
+    fin = boot[0][np.isfinite(boot[0])]
+    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(fin, [0.025, 0.975])),
+                                              abs=1e-12)
+    assert ci.auc == pytest.approx(_brute_auc(y, a), abs=1e-12)
+    d = metrics.paired_bootstrap_auc(y, a, b, n_resamples=120, seed=seed, groups=users)
+    diffs = boot[0] - boot[1]
+    diffs = diffs[np.isfinite(diffs)]
+    p = min(1.0, 2.0 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+    assert (d.low, d.high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])),
+                                            abs=1e-12)
+    assert d.p_value == pytest.approx(p, abs=1e-12)
+
+
+def test_user_clustered_bootstrap_is_wider_than_per_sample() -> None:
+    """Copies of each sample under one user: the clustered interval equals the per-sample
+    interval of the data without copies, while resampling the copies one by one would
+    claim a far narrower one (the mistake the groups= option exists for)."""
+    rng = np.random.default_rng(3)
+    y0 = rng.integers(0, 2, 80)
+    s0 = np.round(y0 * 0.7 + rng.normal(size=80), 1)
+    y, s, users = np.repeat(y0, 5), np.repeat(s0, 5), np.repeat(np.arange(80), 5)
+    plain = metrics.bootstrap_auc(y0, s0, n_resamples=300, seed=4)
+    grouped = metrics.bootstrap_auc(y, s, n_resamples=300, seed=4, groups=users)
+    naive = metrics.bootstrap_auc(y, s, n_resamples=300, seed=4)
+    assert (grouped.low, grouped.high) == pytest.approx((plain.low, plain.high), abs=1e-12)
+    assert naive.high - naive.low < 0.6 * (grouped.high - grouped.low)
+    with pytest.raises(ValueError, match="groups"):
+        metrics.bootstrap_auc(y, s, groups=users[:-1])
