@@ -13,14 +13,21 @@ input and the prompt's history differ):
     tallrec            plain LoRA (one adapter, no gate), K_text most recent items
     rella              plain LoRA, K_text items by semantic retrieval (ReLLa)
     reclora            k meta-LoRAs mixed per sample by gates fed the DIN's h_u, LSMR prompt
-  with --ablations:
+  with --ablations (each changes one thing of reclora):
     reclora-uniform    the same bank mixed uniformly (no gate)
-    reclora-no-lsmr    K_text most recent items in the prompt, and the DIN reads only those
-                       same K_text items (no long ID history) for h_u
+    reclora-recent-text  the K_text most recent items in the prompt instead of retrieved ones
+    reclora-short-id   the DIN reads only the K_text most recent items for h_u (no long ID
+                       history; the prompt unchanged)
     reclora-no-f2m     the gate fed by an untrained DIN (no Few2Many transfer)
 
-Every model is scored on the same test subset; the AUCs carry 95% bootstrap intervals, and
-each difference to RecLoRA a paired bootstrap interval ("beyond noise" when it excludes 0).
+The CRMs train on the training split without the stage-2 pool (the N samples the LLM models
+train on), so the h_u the gates learn from is out-of-sample, as it is at test.
+Every model is scored on the same test subset; the AUCs carry 95% bootstrap intervals over
+users (the test subset's samples come from few users, so whole users are resampled), and
+each difference to RecLoRA a paired interval the same way ("beyond noise" when it excludes
+0). --seeds N trains each LLM model N times (training seeds seed..seed+N-1: adapters'
+initialisation, batch order, dropout; the subsets stay); the table adds the mean and spread
+of the test AUC over the seeds, the intervals and comparisons are those of the first seed.
 Each stage writes its result to <output>/stages/<name>.json atomically, with a fingerprint
 of what shaped it (the options it depends on, the data, the subsets it read, and for RecLoRA
 the gate CRM's checkpoint; see Run.fingerprint). --resume skips a stage only when its file
@@ -80,16 +87,20 @@ from reclora.few2many import (
 CRM_NAMES = ("din", "sim", "deepfm")
 GATE_CRM = "din"  # the CRM whose h_u feeds RecLoRA's gates (the paper's choice on ML-1M)
 LLM_MODELS = ("zero-shot", "tallrec", "rella", "reclora")
-ABLATIONS = ("reclora-uniform", "reclora-no-lsmr", "reclora-no-f2m")
-GATED_BY_TRAINED_CRM = ("reclora", "reclora-no-lsmr")  # no-f2m: an untrained DIN
+ABLATIONS = ("reclora-uniform", "reclora-recent-text", "reclora-short-id", "reclora-no-f2m")
+# no-f2m: an untrained DIN
+GATED_BY_TRAINED_CRM = ("reclora", "reclora-recent-text", "reclora-short-id")
+PLAIN_LORA = ("tallrec", "rella")
+# --target-modules all: every attention and MLP projection of a Llama-style block.
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # The RunConfig options that shape each kind of stage (its fingerprint, see Run.fingerprint),
 # beside the data, the subsets it reads and, for RecLoRA, the gate CRM's checkpoint.
-CRM_OPTIONS = ("dataset", "n_test", "seed", "k_id", "crm_epochs", "crm_max_train")
+CRM_OPTIONS = ("dataset", "n_test", "seed", "n_train", "k_id", "crm_epochs", "crm_max_train")
 LLM_OPTIONS = ("dataset", "n_test", "model", "k_text", "k_id", "max_length", "amp",
-               "eval_batch_size")
-TRAIN_OPTIONS = ("seed", "n_train", "n_valid", "r", "alpha", "lr", "batch_size",
-                 "grad_accum", "epochs", "eval_points")
+               "eval_batch_size", "prompt_variant")
+TRAIN_OPTIONS = ("seed", "n_train", "n_valid", "r", "alpha", "lr", "plain_lr", "batch_size",
+                 "grad_accum", "epochs", "eval_points", "target_modules")
 MIXTURE_OPTIONS = ("k", "temperature", "gate_lr", "standardize_reps")
 DIGEST_KEYS = ("data", "test_subset", "train_subset", "valid_subset", "gate_crm_sha256")
 # What a stage file must hold to be reused (beside its fingerprint).
@@ -107,11 +118,15 @@ class RunConfig:
     0.60 s. Each trained LLM model then costs 512 x 0.60 (train) + 2 x 160 x 0.27
     (validation) + 800 x 0.27 (test) = 610 s, three of them 30.5 min, plus the zero-shot
     test pass (3.6 min), the CRMs (2.5 min) and loading (1 min): about 38 min (measured:
-    34.7 min, README).
+    34.7 min, README; the prompt since is the shorter "compact+summary", about 170 tokens).
     N = 512: with N = 1024 (128 steps) RecLoRA's validation AUC was already 0.747 at step 64
     and 0.746 at step 128, while the run took about an hour. lr 1e-3 (the paper's ML-1M
     value): on 128 samples it matched lr 2e-3 with a 10x gate lr in test AUC (0.788 vs 0.784
     on 200 test samples) with a better LogLoss (0.571 vs 0.615).
+    The plain-LoRA baselines train at plain_lr = 3e-4 on the "compact+summary" prompt: the
+    recipe search on validation (results/ml-100k/llm_recipe.md) found lr 1e-3 learned
+    nothing (validation AUC 0.50-0.51) and lr 3e-4 on that prompt the first upward trend
+    (0.586). Gate temperature 5: the paper's value on ML-1M.
     """
 
     output: str = "runs/default"
@@ -127,8 +142,9 @@ class RunConfig:
     k: int = 16  # meta-LoRAs per bank
     r: int = 8
     alpha: float = 16.0
-    temperature: float = 1.0
+    temperature: float = 5.0
     lr: float = 1e-3
+    plain_lr: float | None = 3e-4  # lr of the plain-LoRA baselines (None: lr)
     gate_lr: float | None = None
     batch_size: int = 8
     grad_accum: int = 1
@@ -136,6 +152,9 @@ class RunConfig:
     eval_points: int = 2
     eval_batch_size: int = 16
     max_length: int = 320  # prompt tokens; PromptBuilder drops the oldest history lines
+    prompt_variant: str = "compact+summary"  # reclora.data.prompts variants
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # the projections given adapters
+    seeds: int = 1  # training seeds per LLM model
     amp: str = "auto"
     threads: str = "auto"  # CPU threads: "auto" or a count (reclora.llm.ThreadPolicy)
     standardize_reps: bool = True  # z-score h_u per feature before the gates (see llm_stage)
@@ -152,11 +171,20 @@ class RunConfig:
     def stage2(self, **over: Any) -> Stage2Config:
         base = Stage2Config(
             n_train=self.n_train, num_adapters=self.k, rank=self.r, alpha=self.alpha,
+            target_modules=tuple(self.target_modules),
             temperature=self.temperature, lr=self.lr, gate_lr=self.gate_lr,
             batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
             eval_points=self.eval_points, eval_batch_size=self.eval_batch_size, amp=self.amp,
             seed=self.seed, progress=self.progress)
         return replace(base, **over)
+
+    def model_stage2(self, name: str, n_train: int, seed: int | None = None) -> Stage2Config:
+        """The Stage2Config LLM model `name` trains with (`n_train`: the drawn pool's size;
+        seed: its training seed, default the run's)."""
+        spec = llm_spec(name, self)
+        lr = self.plain_lr if name in PLAIN_LORA and self.plain_lr is not None else self.lr
+        return self.stage2(num_adapters=spec.adapters, gated=spec.gated, n_train=n_train,
+                           lr=lr, seed=self.seed if seed is None else seed)
 
 
 # --quick: every stage, on small subsets. CRMs on 6,000 training samples for 2 epochs
@@ -201,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=positive_float, default=None,
                    help=f"gate softmax temperature, > 0 ({d.temperature})")
     p.add_argument("--lr", type=positive_float, default=None, help=f"default {d.lr}")
+    p.add_argument("--plain-lr", type=positive_float, default=None,
+                   help=f"lr of the plain-LoRA baselines tallrec, rella (default {d.plain_lr})")
+    p.add_argument("--prompt-variant", default=None,
+                   help=f"prompt template: default, or flags of genres, summary, target-first, "
+                   f"compact joined by + (default {d.prompt_variant})")
+    p.add_argument("--target-modules", default=None,
+                   help=f"comma list of projections given adapters, or 'all' ("
+                   f"{','.join(ALL_PROJECTIONS)}); default {','.join(d.target_modules)}")
+    p.add_argument("--seeds", type=int_at_least(1), default=None,
+                   help=f"training seeds per LLM model: mean and spread in the table "
+                   f"(default {d.seeds})")
     p.add_argument("--gate-lr", type=positive_float, default=None, help="default: --lr")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--grad-accum", type=int, default=None, help=f"default {d.grad_accum}")
@@ -227,8 +266,23 @@ def config_from_args(argv: list[str]) -> RunConfig:
         cfg = replace(cfg, quick=True, output="runs/quick", **QUICK)
     over = {k: getattr(a, k) for k in (
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
-        "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed")
+        "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
+        "prompt_variant", "seeds")
         if getattr(a, k) is not None}
+    if "prompt_variant" in over:
+        from reclora.data.prompts import variant_flags
+
+        try:
+            variant_flags(over["prompt_variant"])
+        except ValueError as e:
+            raise SystemExit(f"reclora run: --prompt-variant: {e}") from None
+    if a.target_modules is not None:
+        names = ALL_PROJECTIONS if a.target_modules.strip() == "all" else tuple(
+            t.strip() for t in a.target_modules.split(",") if t.strip())
+        if not names or not all(t.replace("_", "").replace(".", "").isalnum() for t in names):
+            raise SystemExit(f"reclora run: --target-modules must be 'all' or a comma list of "
+                             f"module names, got {a.target_modules!r}")
+        over["target_modules"] = names
     if a.crms is not None:
         names = tuple(s.strip().lower() for s in a.crms.split(",") if s.strip())
         bad = [n for n in names if n not in CRM_NAMES]
@@ -330,21 +384,22 @@ def llm_spec(name: str, cfg: RunConfig) -> LLMSpec:
     """The inputs of LLM model `name` (one of LLM_MODELS + ABLATIONS) under `cfg`."""
     if name not in LLM_MODELS + ABLATIONS:
         raise ValueError(f"unknown LLM model {name!r}; choose from {LLM_MODELS + ABLATIONS}")
-    mode = "recent" if name in ("tallrec", "reclora-no-lsmr") else "semantic"
-    gated = name in ("reclora", "reclora-no-lsmr", "reclora-no-f2m")
-    adapters = 0 if name == "zero-shot" else 1 if name in ("tallrec", "rella") else cfg.k
-    # no-lsmr: no long ID history, the CRM reads the prompt's K_text items
-    k_hist = cfg.k_text if name == "reclora-no-lsmr" else cfg.k_id
+    mode = "recent" if name in ("tallrec", "reclora-recent-text") else "semantic"
+    gated = name in GATED_BY_TRAINED_CRM + ("reclora-no-f2m",)
+    adapters = 0 if name == "zero-shot" else 1 if name in PLAIN_LORA else cfg.k
+    # short-id: no long ID history, the CRM reads the K_text most recent items
+    k_hist = cfg.k_text if name == "reclora-short-id" else cfg.k_id
     return LLMSpec(mode, adapters, gated, k_hist, name == "reclora-no-f2m")
 
 
-def load_llm(model: str | None, max_length: int, device: torch.device) -> tuple[Any, Any]:
+def load_llm(model: str | None, max_length: int, device: torch.device,
+             prompt_variant: str = "default") -> tuple[Any, Any]:
     """(LLMCTR, PromptBuilder): the run's LLM and its prompt builder."""
     from reclora.data.prompts import PromptBuilder
     from reclora.llm import LLMCTR, load_causal_lm
 
     lm, tok = load_causal_lm(model, device=device)
-    builder = PromptBuilder(tok, max_tokens=max_length)
+    builder = PromptBuilder(tok, max_tokens=max_length, variant=prompt_variant)
     return LLMCTR(lm, tok, add_special_tokens=not builder.uses_chat_template), builder
 
 
@@ -428,16 +483,20 @@ class Run:
     def stage_path(self, name: str) -> Path:
         return self.out / "stages" / f"{name}.json"
 
-    def fingerprint(self, name: str) -> dict[str, Any]:
+    def fingerprint(self, name: str, train_seed: int | None = None) -> dict[str, Any]:
         """The options and inputs that shape stage `name` (stored with its result; a stage
-        whose stored fingerprint differs is redone on --resume). Left out on purpose: the
-        output folder, device, threads, progress bars and the bootstrap size (report only)."""
+        whose stored fingerprint differs is redone on --resume), trained with `train_seed`
+        (None: the run's seed). Left out on purpose: the output folder, device, threads,
+        progress bars, the bootstrap size (report only) and --seeds (each seed is a stage)."""
         c = self.cfg
         fp: dict[str, Any] = {"stage": name, "data": self.data_digest,
                               "test_subset": _digest(self.test)}
         if name.startswith("crm_"):
             fp.update({o: getattr(c, o) for o in CRM_OPTIONS})
+            fp["train_subset"] = _digest(self.train_pool)  # left out of the CRM's training
             return _plain(fp)
+        if train_seed is not None:
+            fp["train_seed"] = train_seed
         fp.update({o: getattr(c, o) for o in LLM_OPTIONS})
         if name != "zero-shot":
             fp.update({o: getattr(c, o) for o in TRAIN_OPTIONS})
@@ -548,7 +607,7 @@ class Run:
             cfg = CRMTrainConfig(epochs=c.crm_epochs, history_len=c.k_id,
                                  max_train_samples=c.crm_max_train, seed=c.seed,
                                  checkpoint=str(ckpt), progress=c.progress)
-            res = train_crm_on_dataset(name, self.ds, cfg)
+            res = train_crm_on_dataset(name, self.ds, cfg, batches=self.crm_splits())
             model = res.model
             probs = predict(model, SplitSamples(self.ds, self.test, c.k_id))  # per 4096
             m = metrics.evaluate(self.ds.label[self.test], probs)
@@ -567,6 +626,17 @@ class Run:
         self.crm_sha[name] = result["checkpoint_sha256"]
         return result
 
+    def crm_splits(self) -> dict[str, Any]:
+        """The CRMs' splits: the training split without the stage-2 pool, so that the h_u the
+        gates train on comes from a CRM that never saw those samples (out-of-sample, as at
+        test; an in-sample h_u is more confident than what the gate meets at test)."""
+        from reclora.crm import SplitSamples, dataset_splits
+
+        splits = dataset_splits(self.ds, self.cfg.k_id)
+        train = self.ds.train[~np.isin(self.ds.train, self.train_pool)]
+        splits["train"] = SplitSamples(self.ds, train, self.cfg.k_id)
+        return splits
+
     def user_reps(self, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
         """h_u [N, 256] from the CRM over each sample's k most recent history items."""
         return crm_user_reps(self.ds, crm, samples, k)
@@ -576,7 +646,8 @@ class Run:
     def ctr(self):
         if self._ctr is None:
             t = time.perf_counter()
-            self._ctr, self.builder = load_llm(self.cfg.model, self.cfg.max_length, self.device)
+            self._ctr, self.builder = load_llm(self.cfg.model, self.cfg.max_length, self.device,
+                                               self.cfg.prompt_variant)
             self.timings["llm_load_s"] = time.perf_counter() - t
             tok = self._ctr.tokenizer
             self.log(f"LLM loaded in {self.timings['llm_load_s']:.1f} s (answer tokens "
@@ -597,11 +668,14 @@ class Run:
         return CTRData(self.prompts(samples, mode), self.ds.label[samples], reps, samples)
 
     # ---- stage 2
-    def llm_stage(self, name: str) -> dict:
-        fingerprint = self.fingerprint(name)
-        prev = self.done(name, fingerprint)
+    def llm_stage(self, name: str, train_seed: int | None = None) -> dict:
+        """LLM model `name` trained with `train_seed` (None: the run's seed; another seed is
+        the stage "<name>@seed<s>" with its own folder)."""
+        stage = name if train_seed is None else f"{name}@seed{train_seed}"
+        fingerprint = self.fingerprint(name, train_seed)
+        prev = self.done(stage, fingerprint)
         if prev is not None:
-            self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
+            self.log(f"{stage}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
             return prev
         c = self.cfg
         ctr = self.ctr
@@ -618,10 +692,10 @@ class Run:
             self.save_stage(name, result)
             self.log(f"{name}: test AUC {m['auc']:.4f}")
             return result
-        gated, k = spec.gated, spec.adapters
+        gated = spec.gated
         # The pool already holds N samples (load_data resolved a fraction against the whole
         # training split); a fraction passed on would be applied to the pool a second time.
-        s2 = c.stage2(num_adapters=k, gated=gated, n_train=int(self.train_pool.size))
+        s2 = c.model_stage2(name, int(self.train_pool.size), train_seed)
         reps = {}
         if gated:
             crm = self.untrained_crm() if spec.untrained_crm else self.crms[GATE_CRM]
@@ -636,7 +710,7 @@ class Run:
         originals = _snapshot(ctr.model, s2.target_modules)
         inject_adapters(ctr, s2)
         try:
-            res = run_stage2(ctr, train, valid, test, s2, out_dir=self.out / name, name=name)
+            res = run_stage2(ctr, train, valid, test, s2, out_dir=self.out / stage, name=stage)
         finally:
             _restore(ctr.model, originals)
         assert res.test is not None and res.test_probs is not None
@@ -645,8 +719,8 @@ class Run:
                   "steps": res.steps, "stage_s": time.perf_counter() - t,
                   "history": res.history, "probs": res.test_probs,
                   "fingerprint": fingerprint}
-        self.save_stage(name, result)
-        self.log(f"{name}: test AUC {res.test['auc']:.4f}  logloss {res.test['logloss']:.4f} "
+        self.save_stage(stage, result)
+        self.log(f"{stage}: test AUC {res.test['auc']:.4f}  logloss {res.test['logloss']:.4f} "
                  f"(valid AUC {res.valid['auc']:.4f} at step {res.best_step}/{res.steps}; "
                  f"train {res.train_s:.0f} s)")
         return result
@@ -672,10 +746,13 @@ def _restore(model: torch.nn.Module, originals: dict[str, torch.nn.Module]) -> N
 
 
 # ------------------------------------------------------------------------ report
-def report(run: Run, results: dict[str, dict]) -> dict:
-    """results.json, results.md and results.png from the stage results."""
+def report(run: Run, results: dict[str, dict],
+           extra_seeds: dict[str, list[dict]] | None = None) -> dict:
+    """results.json, results.md and results.png from the stage results (extra_seeds: the
+    results of each LLM model's further training seeds)."""
     c = run.cfg
     y = run.ds.label[run.test]
+    users = run.ds.user[run.test]  # the bootstrap resamples users, not samples
     for name, r in results.items():
         # Every stage was checked (or made) against this test subset; a mismatch is a bug.
         if len(r["probs"]) != y.size or int(r["n_test"]) != y.size:
@@ -684,7 +761,8 @@ def report(run: Run, results: dict[str, dict]) -> dict:
     models: dict[str, dict] = {}
     for name, r in results.items():
         probs = np.asarray(r["probs"], dtype=np.float64)
-        ci = metrics.bootstrap_auc(y, probs, n_resamples=c.n_bootstrap, seed=c.seed)
+        ci = metrics.bootstrap_auc(y, probs, n_resamples=c.n_bootstrap, seed=c.seed,
+                                   groups=users)
         entry = {"auc": r["auc"], "logloss": r["logloss"], "n_train": int(r["n_train"]),
                  "n_test": int(r["n_test"]), "train_s": float(r["train_s"]),
                  "accuracy": r.get("accuracy"), "auc_ci95": [ci.low, ci.high]}
@@ -692,6 +770,14 @@ def report(run: Run, results: dict[str, dict]) -> dict:
             entry["full_test"] = r["full_test"]
         if "valid" in r and isinstance(r["valid"], dict):
             entry["valid_auc"] = r["valid"].get("auc")
+        more = (extra_seeds or {}).get(name, [])
+        if more:
+            aucs = [float(r["auc"])] + [float(m["auc"]) for m in more]
+            entry["seeds"] = {"seeds": [c.seed + i for i in range(len(aucs))], "auc": aucs,
+                              "logloss": [float(r["logloss"])] + [float(m["logloss"])
+                                                                  for m in more],
+                              "auc_mean": float(np.mean(aucs)),
+                              "auc_sd": float(np.std(aucs, ddof=1))}
         models[name] = entry
     comparisons = {}
     if "reclora" in results:
@@ -700,7 +786,8 @@ def report(run: Run, results: dict[str, dict]) -> dict:
             if name == "reclora":
                 continue
             d = metrics.paired_bootstrap_auc(y, ref, np.asarray(r["probs"], dtype=np.float64),
-                                             n_resamples=c.n_bootstrap, seed=c.seed)
+                                             n_resamples=c.n_bootstrap, seed=c.seed,
+                                             groups=users)
             comparisons[f"reclora vs {name}"] = d.as_dict()
     # How closely each model orders the test samples like the CRM behind RecLoRA's gates:
     # tells whether RecLoRA adds anything to that CRM's signal or passes it through.
@@ -713,6 +800,7 @@ def report(run: Run, results: dict[str, dict]) -> dict:
     out = {"models": models, "comparisons": comparisons,
            "rank_corr_with_gate_crm": {"crm": GATE_CRM, "spearman": rank_corr},
            "config": asdict(c), "n_test_used": int(y.size),
+           "n_test_users": int(np.unique(users).size), "bootstrap": "users",
            "device": str(run.device), "world_size": run.world, "wall_s": wall,
            "timings": run.timings, "dataset": run.ds.stats()}
     if run.main:
@@ -752,20 +840,32 @@ def write_predictions(run: Run, results: dict[str, dict]) -> None:
 
 def markdown(res: dict) -> str:
     c = res["config"]
+    seeds = any("seeds" in m for m in res["models"].values())
+    users = res.get("n_test_users")
     lines = [f"# reclora run: {res['dataset']['name']}",
              "",
-             f"Test subset: {res.get('n_test_used', c['n_test'])} samples (seed {c['seed']}); "
+             f"Test subset: {res.get('n_test_used', c['n_test'])} samples"
+             + (f" of {users} users" if users else "") + f" (seed {c['seed']}); "
              f"stage-2 N = {c['n_train']}, K_text = {c['k_text']}, K_id = {c['k_id']}, "
              f"k = {c['k']}, r = {c['r']}; device {res['device']}"
              + (f" x {res['world_size']}" if res['world_size'] > 1 else "")
              + f"; wall time {res['wall_s'] / 60:.1f} min.",
              "",
-             "| model | AUC | 95% CI | LogLoss | N train | N test | train s |",
-             "|---|---|---|---|---|---|---|"]
+             "Intervals: 95% bootstrap over " + ("users (all of a user's test samples "
+                                                  "together)" if users else "samples") + ".",
+             "",
+             "| model | AUC | 95% CI | LogLoss | N train | N test | train s |"
+             + (" AUC over seeds (mean ± sd, n) |" if seeds else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if seeds else "")]
     for name, m in res["models"].items():
         lo, hi = m["auc_ci95"]
-        lines.append(f"| {name} | {m['auc']:.4f} | [{lo:.4f}, {hi:.4f}] | {m['logloss']:.4f} "
-                     f"| {m['n_train']} | {m['n_test']} | {m['train_s']:.0f} |")
+        row = (f"| {name} | {m['auc']:.4f} | [{lo:.4f}, {hi:.4f}] | {m['logloss']:.4f} "
+               f"| {m['n_train']} | {m['n_test']} | {m['train_s']:.0f} |")
+        if seeds:
+            sd = m.get("seeds")
+            row += (f" {sd['auc_mean']:.4f} ± {sd['auc_sd']:.4f} ({len(sd['auc'])}) |" if sd
+                    else " |")
+        lines.append(row)
     crm_full = [(n, m["full_test"]) for n, m in res["models"].items() if m.get("full_test")]
     if crm_full:
         lines += ["", "CRMs on the full test split: " + "; ".join(
@@ -777,7 +877,8 @@ def markdown(res: dict) -> str:
                   f"{corr['crm']}'s (the CRM behind RecLoRA's gates): " + ", ".join(
                       f"{n} {v:.3f}" for n, v in corr["spearman"].items()) + "."]
     if res["comparisons"]:
-        lines += ["", "Paired bootstrap, RecLoRA minus each model (AUC, 95% interval):", "",
+        lines += ["", "Paired bootstrap, RecLoRA minus each model (AUC, 95% interval"
+                  + (" over users" if users else "") + "):", "",
                   "| comparison | ΔAUC | 95% CI | p | beyond noise |", "|---|---|---|---|---|"]
         for name, d in res["comparisons"].items():
             lines.append(f"| {name} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] "
@@ -864,21 +965,30 @@ def _run_stages(run: Run) -> dict:
     run.load_data()
     names = [f"crm_{n}" for n in cfg.crms] + list(LLM_MODELS) + (
         list(ABLATIONS) if cfg.ablations else [])
+    # Further training seeds of the trained LLM models run after every first seed, so that a
+    # run stopped early still has one of each.
+    names += [(n, cfg.seed + i) for i in range(1, cfg.seeds) for n in names
+              if not n.startswith("crm_") and n != "zero-shot"]
     results: dict[str, dict] = {}
+    extra_seeds: dict[str, list[dict]] = {}
     bar = tqdm(names, desc="stages", disable=not (cfg.progress and run.main), unit="stage",
                position=0)
     for stage in bar:
-        bar.set_postfix_str(stage)
+        name, seed = stage if isinstance(stage, tuple) else (stage, None)
+        bar.set_postfix_str(name if seed is None else f"{name}@seed{seed}")
         if run.policy is not None and run.device.type == "cpu":
             run.policy.probe()  # the CRM loops do not retune; pick the count per stage
-        if stage.startswith("crm_"):
-            results[stage[4:]] = run.crm_stage(stage[4:])
+        if name.startswith("crm_"):
+            results[name[4:]] = run.crm_stage(name[4:])
+            continue
+        if GATE_CRM not in run.crms and name.startswith("reclora"):
+            run.crm_stage(GATE_CRM)
+        if seed is None:
+            results[name] = run.llm_stage(name)
         else:
-            if GATE_CRM not in run.crms and stage.startswith("reclora"):
-                run.crm_stage(GATE_CRM)
-            results[stage] = run.llm_stage(stage)
+            extra_seeds.setdefault(name, []).append(run.llm_stage(name, seed))
     bar.close()
-    out = report(run, results)
+    out = report(run, results, extra_seeds)
     run.log(markdown(out))
     return out
 

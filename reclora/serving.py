@@ -416,7 +416,8 @@ class Recommender:
         if not progress:
             hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
-            self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device)
+            self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device,
+                                                 cfg.prompt_variant)
         except (OSError, ValueError) as e:
             raise RunFolderError(f"{run / 'run_config.json'}: model {cfg.model!r}: {e}"
                                  ) from None
@@ -427,9 +428,7 @@ class Recommender:
             folder = run / model
             s2_file = folder / "stage2_config.json"
             saved = _read_json(s2_file, "written by the model's stage")
-            expected = dataclasses.asdict(cfg.stage2(num_adapters=self.spec.adapters,
-                                                     gated=self.spec.gated,
-                                                     n_train=int(self.train_pool.size)))
+            expected = dataclasses.asdict(cfg.model_stage2(model, int(self.train_pool.size)))
             diff = [k for k in sorted(set(saved) | set(expected))
                     if pl._plain(saved.get(k)) != pl._plain(expected.get(k))
                     and k not in ("progress",)]
@@ -712,8 +711,9 @@ def _read_config(run: Path):
                                      f"missing options {', '.join(missing)}" if missing
                                      else "") if x)
         raise RunFolderError(f"{path}: made by another version of reclora ({what})")
-    if isinstance(raw.get("crms"), list):
-        raw["crms"] = tuple(raw["crms"])
+    for key in ("crms", "target_modules"):  # tuples, written as JSON lists
+        if isinstance(raw.get(key), list):
+            raw[key] = tuple(raw[key])
     try:
         return RunConfig(**raw)
     except (TypeError, ValueError) as e:

@@ -212,14 +212,15 @@ def _loop_cluster_resamples(y: np.ndarray, score_sets: list[np.ndarray], users: 
                             n_resamples: int, seed: int) -> np.ndarray:
     """The user-clustered bootstrap by hand: draw as many users as there are, with
     replacement, and pool all their samples (a user drawn twice brings its samples twice)."""
-    ids = np.unique(users)
+    members = [np.flatnonzero(users == u) for u in np.unique(users)]
     rng = np.random.default_rng(seed)
     chunk = metrics._BOOTSTRAP_CHUNK
     out = []
     for start in range(0, n_resamples, chunk):
-        draws = rng.integers(0, ids.size, size=(min(chunk, n_resamples - start), ids.size))
+        draws = rng.integers(0, len(members), size=(min(chunk, n_resamples - start),
+                                                     len(members)))
         for row in draws:
-            take = np.concatenate([np.flatnonzero(users == ids[u]) for u in row])
+            take = np.concatenate([members[u] for u in row])
             yy = y[take]
             out.append([_brute_auc(yy, s[take]) if 0 < yy.sum() < yy.size else np.nan
                         for s in score_sets])

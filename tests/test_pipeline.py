@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_metrics import _brute_auc, _loop_resamples
+from test_metrics import _brute_auc, _loop_cluster_resamples
 from tiny_llm import save_tiny_model
 
 from reclora import metrics
@@ -48,18 +48,32 @@ def quick_run(tiny_model_dir, tmp_path_factory):
         calls.append((stage["name"], np.asarray(samples).copy(), history))
         return build_batch(self, dataset, samples, history)
 
-    def spy_stage(self, name):
+    def spy_stage(self, name, train_seed=None):
         stage["name"] = name
         try:
-            return llm_stage(self, name)
+            return llm_stage(self, name, train_seed)
         finally:
             stage["name"] = None
 
+    crm_train: dict[str, np.ndarray] = {}
+
+    def spy_crm(name, ds, config=None, history_fn=None, batches=None, **kw):
+        crm_train[name] = batches["train"].samples.copy()
+        return train_crm(name, ds, config, history_fn, batches, **kw)
+
+    import reclora.crm as crm
+
+    train_crm = crm.train_crm_on_dataset
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(PromptBuilder, "build_batch", spy_build)
         mp.setattr(Run, "llm_stage", spy_stage)
+        mp.setattr(crm, "train_crm_on_dataset", spy_crm)
         assert main(_argv(out, tiny_model_dir)) == 0
+    quick_run_crm_train.update(crm_train)
     return out, calls
+
+
+quick_run_crm_train: dict[str, np.ndarray] = {}  # the CRMs' training samples, by name
 
 
 def _stage(out, name) -> dict:
@@ -93,7 +107,7 @@ def test_report_files(quick_run) -> None:
 def test_report_recomputed_from_stage_files(quick_run) -> None:
     """Every number of results.json from the stage files' probabilities and the test
     subset's labels, by brute force: pairwise AUC, LogLoss, the bootstrap percentiles over
-    the same resamples, the paired differences and their p-values."""
+    the same resamples of whole users, the paired differences and their p-values."""
     from reclora.data import load_dataset
 
     out, _ = quick_run
@@ -101,8 +115,9 @@ def test_report_recomputed_from_stage_files(quick_run) -> None:
     cfg = res["config"]
     ds = load_dataset("ml-100k")
     test = np.asarray(json.loads((out / "subsets.json").read_text())["test"])
-    y = ds.label[test]
+    y, users = ds.label[test], ds.user[test]
     assert 0 < y.sum() < y.size
+    assert res["n_test_users"] == np.unique(users).size < y.size
     probs = {}
     for name, m in res["models"].items():
         p = np.asarray(_stage(out, "crm_din" if name == "din" else name)["probs"])
@@ -110,13 +125,13 @@ def test_report_recomputed_from_stage_files(quick_run) -> None:
         probs[name] = p
         assert m["auc"] == pytest.approx(_brute_auc(y, p), abs=1e-9), name
         assert m["logloss"] == pytest.approx(_brute_logloss(y, p), rel=1e-6), name
-        boot = _loop_resamples(y, [p], cfg["n_bootstrap"], cfg["seed"])[0]
+        boot = _loop_cluster_resamples(y, [p], users, cfg["n_bootstrap"], cfg["seed"])[0]
         lo, hi = np.quantile(boot[np.isfinite(boot)], [0.025, 0.975])
         assert m["auc_ci95"] == pytest.approx([lo, hi], abs=1e-9), name
     for name, d in res["comparisons"].items():
         other = name.removeprefix("reclora vs ")
-        boot = _loop_resamples(y, [probs["reclora"], probs[other]], cfg["n_bootstrap"],
-                               cfg["seed"])
+        boot = _loop_cluster_resamples(y, [probs["reclora"], probs[other]], users,
+                                       cfg["n_bootstrap"], cfg["seed"])
         diffs = boot[0] - boot[1]
         diffs = diffs[np.isfinite(diffs)]
         lo, hi = np.quantile(diffs, [0.025, 0.975])
@@ -158,7 +173,7 @@ def test_each_model_gets_its_own_history_and_adapters(quick_run) -> None:
     cfg = json.loads((out / "run_config.json").read_text())
     semantic = LongShortRetriever(ds, item_embeddings(ds, progress=False), k_text=K_TEXT,
                                   k_id=cfg["k_id"])
-    recent_stages = {"tallrec", "reclora-no-lsmr"}
+    recent_stages = {"tallrec", "reclora-recent-text"}
     seen, differ = set(), 0
     for name, samples, hist in calls:
         assert name is not None, "a prompt built outside an LLM stage"
@@ -175,10 +190,29 @@ def test_each_model_gets_its_own_history_and_adapters(quick_run) -> None:
     for name, adapters, gated in (("tallrec", 1, False), ("rella", 1, False),
                                   ("reclora", cfg["k"], True),
                                   ("reclora-uniform", cfg["k"], False),
-                                  ("reclora-no-lsmr", cfg["k"], True),
+                                  ("reclora-recent-text", cfg["k"], True),
+                                  ("reclora-short-id", cfg["k"], True),
                                   ("reclora-no-f2m", cfg["k"], True)):
         s2 = json.loads((out / name / "stage2_config.json").read_text())
         assert (s2["num_adapters"], s2["gated"]) == (adapters, gated), name
+        # The plain-LoRA baselines train at their own lr (the recipe search's), the rest at lr.
+        assert s2["lr"] == (cfg["plain_lr"] if adapters == 1 else cfg["lr"]), name
+        assert s2["target_modules"] == list(cfg["target_modules"]), name
+    assert cfg["plain_lr"] != cfg["lr"]
+
+
+def test_crms_never_train_on_the_stage2_pool(quick_run) -> None:
+    """The gate's h_u on the stage-2 pool is out-of-sample: every CRM trains on the training
+    split less the pool (and on nothing else)."""
+    from reclora.data import load_dataset
+
+    out, _ = quick_run
+    ds = load_dataset("ml-100k")
+    pool = np.asarray(json.loads((out / "subsets.json").read_text())["train"])
+    assert set(quick_run_crm_train) == {"din"}
+    for name, samples in quick_run_crm_train.items():
+        assert not np.isin(pool, samples).any(), name
+        assert np.array_equal(np.sort(samples), np.setdiff1d(ds.train, pool)), name
 
 
 def test_resume_reads_stage_files_and_redoes_missing_ones(quick_run, tiny_model_dir) -> None:
@@ -230,16 +264,32 @@ def test_stage_files_are_reused_only_with_resume(quick_run, tiny_model_dir) -> N
                 assert got is None, f"{name}: stage file reused without --resume"
 
 
-def test_fractional_n_is_applied_once(tiny_model_dir, tmp_path) -> None:
-    """--n 0.0002 of ML-100K's 75,031 training samples is 15 samples for every LLM model."""
+def test_fractional_n_and_seeds(tiny_model_dir, tmp_path) -> None:
+    """--n 0.0002 of ML-100K's 75,031 training samples is 15 samples for every LLM model
+    (applied once). --seeds 2 (one run for both checks, to keep the suite short): every
+    trained LLM model is trained again with seed + 1 as its own stage and folder, and the
+    table gives the mean and sample standard deviation of the two test AUCs."""
     out = tmp_path / "frac"
     assert main(["--quick", "--output", str(out), "--model", str(tiny_model_dir), "--crms",
                  "din", "--n", "0.0002", "--n-valid", "8", "--n-test", "24", "--k-text", "2",
-                 "--max-length", "160", "--no-progress"]) == 0
+                 "--max-length", "160", "--no-progress", "--seeds", "2", "--seed", "3"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert round(0.0002 * res["dataset"]["train"]) == 15
     for name in ("tallrec", "rella", "reclora"):
         assert res["models"][name]["n_train"] == 15, name
+        first, second = _stage(out, name), _stage(out, f"{name}@seed4")
+        assert second["fingerprint"]["train_seed"] == 4
+        s2 = json.loads((out / f"{name}@seed4" / "stage2_config.json").read_text())
+        assert s2["seed"] == 4
+        assert first["probs"] != second["probs"], name  # another initialisation and order
+        seeds = res["models"][name]["seeds"]
+        aucs = [first["auc"], second["auc"]]
+        assert seeds["seeds"] == [3, 4] and seeds["auc"] == aucs
+        assert seeds["auc_mean"] == pytest.approx(sum(aucs) / 2)
+        assert seeds["auc_sd"] == pytest.approx(abs(aucs[0] - aucs[1]) / 2 ** 0.5)
+    assert "seeds" not in res["models"]["zero-shot"] and "seeds" not in res["models"]["din"]
+    assert not (out / "stages" / "zero-shot@seed4.json").exists()
+    assert "AUC over seeds (mean ± sd, n)" in (out / "results.md").read_text()
 
 
 def test_arguments_are_checked() -> None:
@@ -253,3 +303,13 @@ def test_arguments_are_checked() -> None:
         config_from_args(["--crms", "sim"])  # RecLoRA's gate needs the DIN
     with pytest.raises(SystemExit):
         config_from_args(["--k-text", "0"])
+    assert config_from_args(["--target-modules", "all"]).target_modules == (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert config_from_args(["--target-modules", "q_proj, o_proj"]).target_modules == (
+        "q_proj", "o_proj")
+    assert config_from_args(["--prompt-variant", "genres+summary"]).prompt_variant == \
+        "genres+summary"
+    for bad in (["--target-modules", ","], ["--target-modules", "q_proj;rm"],
+                ["--prompt-variant", "shouting"], ["--seeds", "0"]):
+        with pytest.raises(SystemExit):
+            config_from_args(bad)

@@ -59,7 +59,9 @@ PROMPT_WORDS = (
     "star Based on he has deduce if will like movie *** Note that more user liked You "
     "should ONLY tell me yes or no . A chat between a curious user and an artificial "
     "intelligence assistant The assistant gives helpful detailed polite answers to "
-    "questions USER ASSISTANT has not any before")
+    "questions USER ASSISTANT has not any before "
+    # the "compact+summary" template (the run's default prompt)
+    "Movies rated ( 1 - 5 ) Will like ? Answer these 4 or more average 0 2 3 6 7 8 9")
 
 
 def save_tiny_model(path) -> None:
