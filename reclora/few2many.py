@@ -26,10 +26,12 @@ gradients. A global batch is the same samples in the same order for any world si
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,14 +50,17 @@ __all__ = [
     "Stage2Config",
     "Stage2Result",
     "atomic_write_json",
+    "close_distributed",
     "dist_info",
     "evaluate",
     "has_gates",
     "init_distributed",
     "inject_adapters",
+    "main_first",
     "run_stage2",
     "sample_subset",
     "train_stage2",
+    "wait_for_main",
 ]
 
 
@@ -97,6 +102,8 @@ class Stage2Config:
     amp: str = "auto"
     seed: int = 0
     progress: bool = True
+    grad_ckpt: bool = False  # activation checkpointing of the decoder layers (reclora.llm)
+    fsdp: bool = False  # under torchrun: shard the frozen LLM with FSDP2 instead of DDP
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -245,6 +252,48 @@ def _barrier() -> None:
         dist.barrier()
 
 
+# How long the other ranks wait for rank 0's own work (a CRM, the embedding cache).
+WAIT_TIMEOUT = datetime.timedelta(days=7)
+_WAIT_GROUP: dict[int, Any] = {}
+
+
+def wait_for_main() -> None:
+    """Every rank waits here until all have arrived (a barrier), with no timeout a long
+    stage of rank 0 can hit: rank 0 may be training a CRM on ML-25M for hours while the
+    others wait. The barrier runs on a gloo group of its own, made with a 7-day timeout,
+    rather than on the default group: the default group keeps its short timeout, so a hang
+    in a collective of the LLM training (NCCL) is still reported in minutes, and a CPU
+    barrier holds no GPU while it waits. A rank that dies is not waited for that long:
+    torchrun ends the whole job when one rank fails. A no-op outside torch.distributed."""
+    rank, world = dist_info()
+    if world <= 1:
+        return
+    key = id(dist.group.WORLD)
+    if key not in _WAIT_GROUP:  # every rank reaches its first wait alike: made collectively
+        _WAIT_GROUP[key] = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    dist.barrier(group=_WAIT_GROUP[key])
+
+
+def close_distributed() -> None:
+    """Leave the process group (and the wait group with it), if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _WAIT_GROUP.clear()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block on rank 0 first while the other ranks wait (wait_for_main), then on
+    the others: for work that fills a cache file once (rank 0 computes and writes it
+    atomically, the others read it instead of computing and racing to write it)."""
+    rank, world = dist_info()
+    if world > 1 and rank != 0:
+        wait_for_main()
+    yield
+    if world > 1 and rank == 0:
+        wait_for_main()
+
+
 # ----------------------------------------------------------------------- adapters
 def inject_adapters(ctr: LLMCTR, cfg: Stage2Config) -> dict[str, nn.Module]:
     """PLoRA banks on cfg.target_modules of the LLM (+ gates when cfg.gated); the LLM freezes.
@@ -293,10 +342,17 @@ def evaluate(ctr: LLMCTR, data: CTRData, *, batch_size: int = 16, amp: str = "au
         data = data.with_user_reps(None)
     order = np.argsort([len(t) for t in data.tokens], kind="stable")
     mine = order[rank::world]
+    real = mine.size
+    if world > 1 and is_sharded(ctr) and n:
+        # Under FSDP every forward is collective (it all-gathers the layers' shards): every
+        # rank scores ceil(n / world) prompts, the short ones a repeat that is dropped.
+        want = -(-n // world)
+        mine = np.concatenate([mine, np.full(want - real, (mine[-1:] if real else order[:1])[0])])
     reps = None if data.user_reps is None else data.user_reps[torch.from_numpy(mine)]
     probs_mine = ctr.predict([data.tokens[i] for i in mine], batch_size=batch_size,
                              user_reps=reps, amp=amp, progress=progress and rank == 0,
                              desc=desc)
+    mine, probs_mine = mine[:real], probs_mine[:real]
     probs = np.empty(n, dtype=np.float64)
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -306,6 +362,59 @@ def evaluate(ctr: LLMCTR, data: CTRData, *, batch_size: int = 16, amp: str = "au
     else:
         probs[mine] = probs_mine
     return metrics.evaluate(data.labels, probs), probs
+
+
+# ----------------------------------------------------------------------- sharding
+def is_sharded(ctr: nn.Module) -> bool:
+    """Whether ctr was sharded with FSDP2 (shard_llm)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(ctr, FSDPModule)
+
+
+def _decoder_layers(ctr: LLMCTR) -> list[nn.Module]:
+    layers = getattr(ctr.body, "layers", None) or getattr(ctr.body, "h", None)
+    if layers is None:
+        raise ValueError(f"fsdp: cannot find the decoder layers of {type(ctr.model).__name__}"
+                         " (expected body.layers or body.h)")
+    return list(layers)
+
+
+def shard_llm(ctr: LLMCTR) -> None:
+    """Shard the frozen LLM of ctr across the ranks with FSDP2 (fully_shard): each decoder
+    layer is one unit (its weights all-gathered for its forward and again for the backward,
+    freed after), the embeddings, final norm and head the root unit. The trainable adapters
+    and gates stay whole on every rank (ignored_params; they are small) and train_stage2
+    averages their gradients itself, as DDP would. In place. A ctr sharded by an earlier
+    stage is left as it is: adapters injected since are new parameters outside every FSDP
+    unit (replicated, averaged the same way), and the projections they wrap keep the whole
+    weights the earlier stage's snapshot held (reclora.pipeline restores the original
+    modules after each stage); load the LLM afresh per stage to shard those too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if is_sharded(ctr):
+        return
+    _, world = dist_info()
+    trainable = {p for p in ctr.parameters() if p.requires_grad}
+    mesh = init_device_mesh(ctr.device.type, (world,))
+    for layer in _decoder_layers(ctr):
+        fully_shard(layer, mesh=mesh, ignored_params=trainable & set(layer.parameters()))
+    fully_shard(ctr, mesh=mesh, ignored_params=trainable)
+
+
+def _average_grads(params: list[nn.Parameter], world: int) -> None:
+    """All-reduce (mean) the gradients of params over the ranks, in one flat buffer."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
 
 
 # ----------------------------------------------------------------------- training
@@ -331,9 +440,9 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
     """Train the adapters of `ctr` (already injected) on `train`; keep the step with the best
     validation AUC and leave those adapters loaded. `train` is used whole (sample it first
     with sample_subset / CTRData.subset). Writes best.safetensors and train_log.json to
-    out_dir (rank 0, atomically)."""
-    from reclora.checkpoint import save_adapters
-
+    out_dir (rank 0, atomically). cfg.grad_ckpt: activation checkpointing for the
+    training steps; cfg.fsdp (under torchrun): shard the LLM with FSDP2 (shard_llm, in
+    place) instead of wrapping it in DDP."""
     rank, world = dist_info()
     if cfg.gated and (train.user_reps is None or valid.user_reps is None):
         raise ValueError("cfg.gated needs user_reps (the CRM's h_u) on train and valid data")
@@ -354,16 +463,44 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
     steps_per_epoch = n // global_batch + (1 if n % global_batch >= world else 0)
     if steps_per_epoch == 0:
         raise ValueError(f"train has {n} samples, fewer than the {world} processes")
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
-    evals = _eval_steps(total, cfg.eval_points)
     model: nn.Module = ctr
-    if world > 1:
+    sharded = cfg.fsdp and world > 1
+    if sharded:
+        shard_llm(ctr)
+    elif world > 1:
         # broadcast_buffers=False: the frozen LLM's buffers (rotary tables) are identical on
         # every rank; re-broadcasting them before each forward is wasted traffic.
         model = nn.parallel.DistributedDataParallel(
             ctr, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
+    if cfg.grad_ckpt:
+        from reclora.llm import enable_grad_ckpt
+
+        enable_grad_ckpt(ctr.model)
+    try:
+        return _train_loop(ctr, model, train, valid, cfg, out_dir, name, params, opt,
+                           sharded)
+    finally:
+        if cfg.grad_ckpt:
+            from reclora.llm import enable_grad_ckpt
+
+            enable_grad_ckpt(ctr.model, on=False)
+
+
+def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
+                cfg: Stage2Config, out_dir: str | os.PathLike | None, name: str,
+                params: list[nn.Parameter], opt: torch.optim.Optimizer,
+                sharded: bool) -> Stage2Result:
+    from reclora.checkpoint import save_adapters
+
+    rank, world = dist_info()
+    device = ctr.device
+    n = len(train)
+    global_batch = cfg.batch_size * cfg.grad_accum * world
+    steps_per_epoch = n // global_batch + (1 if n % global_batch >= world else 0)
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
+    evals = _eval_steps(total, cfg.eval_points)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed + 1000 * rank)  # gate dropout draws differ per rank, as in DDP
     out = Path(out_dir) if out_dir is not None else None
@@ -383,6 +520,14 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
             micro = [mine[j * cfg.batch_size:(j + 1) * cfg.batch_size]
                      for j in range(cfg.grad_accum)]
             micro = [m for m in micro if m.size]
+            weights = [m.size * world / batch.size for m in micro]
+            if sharded:
+                # Every forward and backward under FSDP is collective: every rank runs as
+                # many micro-batches as the fullest one, padding with a sample weighed 0.
+                most = math.ceil(math.ceil(batch.size / world) / cfg.batch_size)
+                while len(micro) < most:
+                    micro.append(batch[:1])
+                    weights.append(0.0)
             # Each micro-batch's loss weighs by its share of the global batch, so a short last
             # batch and an uneven split across ranks still average over samples.
             step_loss = torch.zeros((), dtype=torch.float64)
@@ -390,15 +535,16 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
                 enc = ctr.collate([train.tokens[i] for i in m])
                 labels = torch.as_tensor(train.labels[m], device=device)
                 reps = None if train.user_reps is None else train.user_reps[torch.from_numpy(m)]
-                sync = j == len(micro) - 1 or world == 1
+                sync = j == len(micro) - 1 or world == 1 or sharded
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, ctr.personalized(reps if cfg.gated else None), \
                         amp_context(device, cfg.amp):
                     logits = model(**enc)
                     loss = ctr.loss(logits, labels)
-                weight = m.size * world / batch.size
-                (loss * weight).backward()
-                step_loss += loss.detach().double().cpu() * m.size
+                (loss * weights[j]).backward()
+                step_loss += loss.detach().double().cpu() * (m.size if weights[j] else 0)
+            if sharded:  # the adapters are not sharded: average their gradients as DDP does
+                _average_grads(params, world)
             if world > 1:
                 buf = step_loss.to(torch.float32).to(device)
                 dist.all_reduce(buf)

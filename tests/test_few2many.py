@@ -4,6 +4,7 @@ selection on validation, checkpoints, and DDP (2 gloo processes) against one pro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,8 +142,10 @@ SGD_CFG = {**DDP_CFG, "n_train": 13, "lr": 0.5, "warmup_ratio": 0.0, "max_grad_n
            "eval_points": 1, "batch_size": 16}
 
 
-def _losses(cfg: Stage2Config) -> list[float]:
+def _losses(cfg: Stage2Config, keep: list | None = None) -> list[float]:
     ctr = make_ctr()
+    if keep is not None:
+        keep.append(ctr)
     inject_adapters(ctr, cfg)
     res = train_stage2(ctr, make_data(ctr, 64, 0), make_data(ctr, 32, 1), cfg)
     return [h["loss"] for h in res.history] + [res.valid["auc"]]
@@ -220,3 +223,116 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch) -> None:
     assert len(ddp) == len(single) == 5
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
     assert single[0] != pytest.approx(single[3], abs=1e-4)  # it did train
+
+
+# -------------------------------------------------------------- gradient checkpointing
+def _grads(ckpt: bool, seed: int = 0) -> tuple[dict[str, torch.Tensor], int]:
+    """Gradients of a gated bank (gate dropout on) over 6 users' prompts, backward() run
+    after the personalize block has exited (as train_stage2 does); and how many times the
+    first gated layer ran forward."""
+    from reclora.injection import reclora_layers
+    from reclora.llm import enable_grad_ckpt
+
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=8, num_adapters=4, rank=4, gate_dim=16, gate_dropout=0.3,
+                       amp="off", progress=False)
+    inject_adapters(ctr, cfg)
+    with torch.no_grad():  # B = 0 at init: give the banks values so every factor has a grad
+        for n, p in ctr.named_parameters():
+            if "lora_b" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    if ckpt:
+        enable_grad_ckpt(ctr.model)
+    layer = next(iter(reclora_layers(ctr.model).values()))
+    calls = [0]
+    layer.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    data = make_data(ctr, 6, 5)
+    ctr.train()
+    torch.manual_seed(seed)
+    with ctr.personalized(data.user_reps):
+        loss = ctr.loss(ctr(**ctr.collate(data.tokens)), torch.as_tensor(data.labels))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in ctr.named_parameters() if p.requires_grad}
+    return grads, calls[0]
+
+
+def test_grad_ckpt_recomputes_the_same_per_row_mixture() -> None:
+    """Checkpointed decoder layers recompute their forward during backward(), outside the
+    personalize block: the gradients of every bank and gate match the plain run's, so the
+    recomputation saw the same h_u per row and the same gate dropout mask."""
+    plain, n_plain = _grads(ckpt=False)
+    ckpt, n_ckpt = _grads(ckpt=True)
+    assert n_plain == 1 and n_ckpt == 2  # the layer did run again, in backward
+    assert set(plain) == set(ckpt) and any(".gate." in n for n in plain)
+    for n, g in plain.items():
+        assert g.abs().max() > 0, n
+        torch.testing.assert_close(ckpt[n], g, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_grad_ckpt_trains_like_no_ckpt() -> None:
+    """train_stage2 with grad_ckpt gives the same losses step by step, and leaves
+    checkpointing off afterwards."""
+    base = {**DDP_CFG, "n_train": 32, "gate_dropout": 0.1, "batch_size": 8}
+    plain = _losses(Stage2Config(**base))
+    ckpt = _losses(Stage2Config(**base, grad_ckpt=True))
+    assert ckpt == pytest.approx(plain, rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------------------ FSDP2 and waits
+def _fsdp_worker(rank: int, world: int, folder: str) -> None:
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from reclora.few2many import WAIT_TIMEOUT, main_first, wait_for_main
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        # main_first: rank 0 runs the block (slowly) before any other rank enters it.
+        with main_first():
+            if rank == 0:
+                time.sleep(1.0)
+                (Path(folder) / "cache").write_text("filled")
+            seen = (Path(folder) / "cache").read_text()
+        wait_for_main()
+        from torch.distributed.tensor import DTensor
+
+        from reclora.few2many import _WAIT_GROUP, is_sharded
+
+        backends = [dist.get_backend(g) for g in _WAIT_GROUP.values()]
+        keep: list = []
+        losses = _losses(Stage2Config(batch_size=8, grad_accum=1, fsdp=True, grad_ckpt=True,
+                                      **DDP_CFG), keep)
+        ctr = keep[0]
+        ctr.reshard()  # the root unit stays gathered after a forward until asked
+        # The frozen weights are sharded (DTensors), the adapters whole on every rank.
+        layout = {"sharded": is_sharded(ctr), "frozen_dtensor": all(
+            isinstance(p, DTensor) for p in ctr.parameters() if not p.requires_grad),
+            "trainable_plain": all(not isinstance(p, DTensor) for p in ctr.parameters()
+                                   if p.requires_grad)}
+        torch.save({"seen": seen, "losses": losses, "groups": backends, "layout": layout,
+                    "wait_s": WAIT_TIMEOUT.total_seconds()}, f"{folder}/fsdp_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(280)
+def test_fsdp_two_processes_match_one_process(tmp_path) -> None:
+    """FSDP2 (fully_shard over gloo on the CPU; the LLM's layers sharded, the adapters whole)
+    with gradient checkpointing, 2 ranks x batch 8 == 1 process x batch 8 x grad_accum 2,
+    losses step by step and the selected model's validation AUC (the evaluation pads the
+    shorter rank's share, since every FSDP forward is collective). And main_first: rank 1
+    enters the block only after rank 0 has left it."""
+    single = _losses(Stage2Config(batch_size=8, grad_accum=2, **DDP_CFG))
+    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"fsdp_rank{rank}.pt")
+        assert got["seen"] == "filled", rank
+        assert got["groups"] == ["gloo"] and got["wait_s"] >= 86400
+        assert got["layout"] == {"sharded": True, "frozen_dtensor": True,
+                                 "trainable_plain": True}
+        assert got["losses"] == pytest.approx(single, rel=1e-4, abs=1e-5), rank

@@ -135,3 +135,51 @@ def test_thread_policy() -> None:
             ThreadPolicy(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_weights_dtype_auto_bf16_fp32(tmp_path) -> None:
+    """--llm-dtype: "auto" is bf16 on CUDA and fp32 on the CPU (where the run autocasts);
+    "bf16" loads bf16 weights, and a RecLoRA bank on them trains in fp32 with a finite
+    gradient."""
+    from reclora.few2many import Stage2Config, inject_adapters
+    from reclora.llm import load_causal_lm, resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("fp32", "cuda") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("fp16", "cpu")
+    tok = tiny_tokenizer(PROMPTS)
+    tiny_llama(len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = load_causal_lm(tmp_path, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    model, tok2 = load_causal_lm(tmp_path, dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ctr = LLMCTR(model, tok2, add_special_tokens=True)
+    inject_adapters(ctr, Stage2Config(num_adapters=2, rank=4, gated=False))
+    trainable = [p for p in ctr.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.float32}
+    logits = ctr(**ctr.collate(ctr.encode(PROMPTS)))
+    assert logits.dtype == torch.float32
+    ctr.loss(logits, torch.tensor([1, 0, 1])).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
+
+
+def test_run_options_for_big_llms() -> None:
+    """--llm-dtype, --grad-ckpt, --fsdp reach RunConfig and the stage-2 config; the dtype is
+    part of the LLM stages' fingerprint, the two memory options (same results) are not."""
+    from reclora.pipeline import LLM_OPTIONS, TRAIN_OPTIONS, RunConfig, config_from_args
+
+    d = RunConfig()
+    assert (d.llm_dtype, d.grad_ckpt, d.fsdp) == ("auto", False, False)
+    assert not d.stage2().grad_ckpt and not d.stage2().fsdp
+    cfg = config_from_args(["--llm-dtype", "bf16", "--grad-ckpt", "--fsdp"])
+    assert (cfg.llm_dtype, cfg.grad_ckpt, cfg.fsdp) == ("bf16", True, True)
+    s2 = cfg.model_stage2("reclora", 8)
+    assert s2.grad_ckpt and s2.fsdp
+    assert "llm_dtype" in LLM_OPTIONS
+    assert not {"grad_ckpt", "fsdp"} & set(LLM_OPTIONS + TRAIN_OPTIONS)
+    with pytest.raises(SystemExit):
+        config_from_args(["--llm-dtype", "fp16"])
