@@ -740,7 +740,12 @@ class Run:
         try:
             res = run_stage2(ctr, train, valid, test, s2, out_dir=self.out / stage, name=stage)
         finally:
-            _restore(ctr.model, originals)
+            if s2.fsdp and self.world > 1:
+                # FSDP sharded this LLM in place; putting the base projections back would
+                # leave them whole on every rank, so the next stage loads the LLM afresh.
+                self._ctr = None
+            else:
+                _restore(ctr.model, originals)
         assert res.test is not None and res.test_probs is not None
         result = {**res.test, "n_train": res.n_train, "n_test": int(self.test.size),
                   "train_s": res.train_s, "valid": res.valid, "best_step": res.best_step,

@@ -417,7 +417,7 @@ class Recommender:
             hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
             self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device,
-                                                 cfg.prompt_variant)
+                                                 cfg.prompt_variant, cfg.llm_dtype)
         except (OSError, ValueError) as e:
             raise RunFolderError(f"{run / 'run_config.json'}: model {cfg.model!r}: {e}"
                                  ) from None
