@@ -16,6 +16,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["RECLORA_POISON"] = "1"
 
+# Under pytest-xdist (scripts/run_tests.sh runs one worker a core on a multi-core machine) the
+# workers share the cores: torch's own intra-op pool in each worker would oversubscribe them
+# (OpenMP threads spinning against each other). Tests that set a thread count restore it.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 def test_seed(nodeid: str) -> int:
     """The seed of a test: stable across runs and machines, different per test; override
@@ -62,6 +69,27 @@ def _temporary_data_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECLORA_DATA", str(root))
         yield root
+
+
+# The slowest files, slowest first (pytest --durations on the 2-core machine). Under
+# pytest-xdist with --dist loadfile --no-loadscope-reorder (scripts/run_tests.sh) files go to
+# the workers in collection order, each worker taking the next file as it finishes one:
+# starting with the long ones keeps a long file from running alone at the end.
+# test_few2many.py goes first, before any file that runs the pipeline in the same worker:
+# run after test_pipeline.py, test_serving.py or test_reliability_run.py in one process
+# (xdist or not), its test_grad_ckpt_trains_like_no_ckpt fails (losses off by ~5%: some
+# state a pipeline run leaves behind; not found yet). The serial order (alphabetical) has
+# always run it before them.
+SLOW_FILES = ("test_few2many.py", "test_reliability_run.py", "test_serving.py",
+              "test_pipeline.py", "test_torchrun.py", "test_op.py", "test_scale.py",
+              "test_op_large.py", "test_custom_ops.py", "test_inject.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # one process: the usual file order
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
 
 
 def pytest_terminal_summary(terminalreporter):
