@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reclora import metrics
-from reclora.llm import LLMCTR, amp_context, retune_threads
+from reclora.llm import LLMCTR, amp_context, enable_grad_ckpt, retune_threads
 
 __all__ = [
     "CTRData",
@@ -474,30 +474,25 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
             ctr, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)
     if cfg.grad_ckpt:
-        from reclora.llm import enable_grad_ckpt
-
         enable_grad_ckpt(ctr.model)
     try:
         return _train_loop(ctr, model, train, valid, cfg, out_dir, name, params, opt,
-                           sharded)
+                           sharded, steps_per_epoch)
     finally:
         if cfg.grad_ckpt:
-            from reclora.llm import enable_grad_ckpt
-
             enable_grad_ckpt(ctr.model, on=False)
 
 
 def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
                 cfg: Stage2Config, out_dir: str | os.PathLike | None, name: str,
                 params: list[nn.Parameter], opt: torch.optim.Optimizer,
-                sharded: bool) -> Stage2Result:
+                sharded: bool, steps_per_epoch: int) -> Stage2Result:
     from reclora.checkpoint import save_adapters
 
     rank, world = dist_info()
     device = ctr.device
     n = len(train)
     global_batch = cfg.batch_size * cfg.grad_accum * world
-    steps_per_epoch = n // global_batch + (1 if n % global_batch >= world else 0)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
     evals = _eval_steps(total, cfg.eval_points)

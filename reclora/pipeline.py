@@ -86,6 +86,7 @@ from reclora.few2many import (
     sample_subset,
     wait_for_main,
 )
+from reclora.llm import LLM_DTYPES
 
 CRM_NAMES = ("din", "sim", "deepfm")
 GATE_CRM = "din"  # the CRM whose h_u feeds RecLoRA's gates (the paper's choice on ML-1M)
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help=f"default {d.max_length}")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), default=None,
                    help="bf16 autocast: auto = where the device supports it")
-    p.add_argument("--llm-dtype", choices=("auto", "fp32", "bf16"), default=None,
+    p.add_argument("--llm-dtype", choices=LLM_DTYPES, default=None,
                    help="the LLM's weights: auto = bf16 on CUDA, fp32 on the CPU (default "
                    f"{d.llm_dtype})")
     p.add_argument("--grad-ckpt", action="store_true",
@@ -296,12 +297,13 @@ def config_from_args(argv: list[str]) -> RunConfig:
         except ValueError as e:
             raise SystemExit(f"reclora run: --prompt-variant: {e}") from None
     if a.target_modules is not None:
-        names = ALL_PROJECTIONS if a.target_modules.strip() == "all" else tuple(
+        modules = ALL_PROJECTIONS if a.target_modules.strip() == "all" else tuple(
             t.strip() for t in a.target_modules.split(",") if t.strip())
-        if not names or not all(t.replace("_", "").replace(".", "").isalnum() for t in names):
+        if not modules or not all(t.replace("_", "").replace(".", "").isalnum()
+                                  for t in modules):
             raise SystemExit(f"reclora run: --target-modules must be 'all' or a comma list of "
                              f"module names, got {a.target_modules!r}")
-        over["target_modules"] = names
+        over["target_modules"] = modules
     if a.crms is not None:
         names = tuple(s.strip().lower() for s in a.crms.split(",") if s.strip())
         bad = [n for n in names if n not in CRM_NAMES]
