@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import os
 import resource
+import shlex
 import sys
 import tempfile
 import time
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Serving: {n} requests from {n} distinct users",
         "",
-        f"`python benchmarks/bench_serving.py --requests {n} --batch-size {bs}` on "
+        f"`{shlex.join(['python', 'benchmarks/bench_serving.py', *sys.argv[1:]])}` on "
         f"{prov['device_name']} ({os.cpu_count()} cores, {torch.get_num_threads()} torch "
         f"threads), {prov['timestamp']}, commit {prov['commit']}; load average "
         f"{load_before:.2f} before, {load_after:.2f} after (the CPU is shared: compare rows "

