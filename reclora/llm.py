@@ -274,8 +274,11 @@ class ThreadPolicy:
     def probe(self) -> int:
         import time
 
-        x = torch.randn(512, 576)
-        w = torch.randn(1536, 576)
+        # Its own generator: a probe must not move the global RNG, or training randomness
+        # (gate dropout, batch order) would depend on when the policy probed.
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 576, generator=gen)
+        w = torch.randn(1536, 576, generator=gen)
         counts = sorted({1, self.max_threads})
         best, best_t = self.chosen, float("inf")
         for n in counts:

@@ -131,6 +131,12 @@ def test_thread_policy() -> None:
             auto.retune()
         assert auto.calls == 4 and auto.chosen in {1, auto.max_threads}
         assert torch.get_num_threads() == auto.chosen
+        # A probe leaves the global RNG where it was: training randomness (gate dropout, batch
+        # order) must not depend on when the policy probed (it once drew its test matrices
+        # from the global RNG, so grad-ckpt runs after a `reclora run` trained differently).
+        rng = torch.get_rng_state()
+        auto.probe()
+        assert torch.equal(torch.get_rng_state(), rng)
         with pytest.raises(ValueError, match="threads"):
             ThreadPolicy(0)
     finally:

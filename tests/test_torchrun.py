@@ -31,6 +31,15 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def single_process_run(tiny_model_dir, tmp_path_factory) -> dict:
+    """The tiny run in this process (the reference of both torchrun variants: --fsdp and
+    --grad-ckpt change neither results nor files in one process)."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    assert main([*OPTIONS, "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    return json.loads((out / "results.json").read_text())
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("extra", [
     pytest.param([], id="ddp"),
@@ -38,11 +47,12 @@ def tiny_model_dir(tmp_path_factory):
     # (the adapters of each stage replicated), with gradient checkpointing: the same run.
     pytest.param(["--fsdp", "--grad-ckpt"], id="fsdp", marks=pytest.mark.slow),
 ])
-def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path, extra) -> None:
+def test_torchrun_two_processes_match_one_process(tiny_model_dir, single_process_run, tmp_path,
+                                                  extra) -> None:
     """torchrun --nproc_per_node=2: the CRM trains on rank 0 while rank 1 waits, the LLM
     stages run data-parallel, rank 0 writes; every model's test AUC matches the one-process
     run within 1e-3, and the run folder holds no temporary file left by either rank."""
-    multi, single = tmp_path / "torchrun", tmp_path / "single"
+    multi = tmp_path / "torchrun"
     argv = [*OPTIONS, "--model", str(tiny_model_dir), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
@@ -55,10 +65,9 @@ def test_torchrun_two_processes_match_one_process(tiny_model_dir, tmp_path, extr
            "-m", "reclora.pipeline", *script, "--output", str(multi)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert main([*argv, "--output", str(single)]) == 0
 
     res_multi = json.loads((multi / "results.json").read_text())
-    res_single = json.loads((single / "results.json").read_text())
+    res_single = single_process_run
     assert res_multi["world_size"] == 2 and res_single["world_size"] == 1
     assert list(res_multi["models"]) == list(res_single["models"]) == list(MODELS)
     for name in MODELS:
