@@ -170,8 +170,12 @@ MUTANTS = [
            METRIC_TESTS, "LogLoss infinite for a confident negative"),
     # ---- trainer (Few2Many)
     Mutant("trainer", "reclora/few2many.py",
-           "weight = m.size * world / batch.size", "weight = m.size / batch.size",
+           "m.size * world / batch.size for m", "m.size / batch.size for m",
            TRAINER_TESTS, "DDP gradients scaled by 1/world (issue 18)"),
+    Mutant("trainer", "reclora/llm.py",
+           "x = torch.randn(512, 576, generator=gen)", "x = torch.randn(512, 576)",
+           TRAINER_TESTS + " tests/test_llm.py",
+           "the thread probe moves the global RNG (training randomness depends on it)"),
     Mutant("trainer", "reclora/few2many.py",
            "mine = np.array_split(batch, world)[rank]", "mine = np.array_split(batch, world)[0]",
            TRAINER_TESTS, "every rank trains on rank 0's share"),
