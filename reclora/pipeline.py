@@ -119,8 +119,8 @@ class RunConfig:
     default run's own log (idle machine, 2026-12-01, bf16 autocast, "compact+summary"
     prompts of about 170 tokens): a training step costs 0.27 s per sample (batch 8), an eval
     forward 0.11 s per sample; the CRMs 2 min, the zero-shot pass 1.5 min. N = 1536 (192
-    steps): each trained LLM model about 415 s of training + 125 s of scoring, the run
-    26.9 min. Chosen on validation against N = 512 (12.7 min): validation AUC tallrec 0.597
+    steps): each trained LLM model about 415-490 s of training + 125 s of scoring, the run
+    26.9-29.6 min. Chosen on validation against N = 512 (12.7 min): validation AUC tallrec 0.597
     vs 0.575, rella 0.511 vs 0.497, reclora 0.710 vs 0.698 (results/ml-100k/README.md).
     lr 1e-3 (the paper's ML-1M value): on 128 samples it matched lr 2e-3 with a 10x gate lr
     in test AUC (0.788 vs 0.784 on 200 test samples) with a better LogLoss (0.571 vs 0.615).
