@@ -166,23 +166,54 @@ def _one_sgd_step(cfg: Stage2Config) -> tuple[dict[str, torch.Tensor], float]:
     return params, res.history[0]["loss"]
 
 
-def _ddp_worker(rank: int, world: int, folder: str) -> None:
+def _two_rank_worker(rank: int, world: int, folder: str) -> None:
+    """Every two-process check in one spawn (each spawn costs two interpreters importing
+    torch and transformers, ~10 s on the 2-core CI machine): main_first, one DDP SGD step,
+    DDP AdamW losses, then FSDP2 with gradient checkpointing. Results go to files: a pipe
+    (SimpleQueue) fills up and blocks the worker until the parent reads, and the parent reads
+    only after join."""
     import datetime
+    import time
 
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from reclora.few2many import WAIT_TIMEOUT, main_first, wait_for_main
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
+        # main_first: rank 0 runs the block (slowly) before any other rank enters it.
+        with main_first():
+            if rank == 0:
+                time.sleep(1.0)
+                (Path(folder) / "cache").write_text("filled")
+            seen = (Path(folder) / "cache").read_text()
+        wait_for_main()
+        from reclora.few2many import _WAIT_GROUP, is_sharded
+
+        backends = [dist.get_backend(g) for g in _WAIT_GROUP.values()]
+
         torch.optim.AdamW = _sgd  # this process only (spawned)
         params, loss = _one_sgd_step(Stage2Config(**SGD_CFG))
-        # Results go to files: a pipe (SimpleQueue) fills up and blocks the worker until the
-        # parent reads, and the parent reads only after join.
         torch.save((params, loss), f"{folder}/step_rank{rank}.pt")
         torch.optim.AdamW = _ADAMW
         losses = _losses(Stage2Config(batch_size=8, grad_accum=1, **DDP_CFG))
         torch.save(losses, f"{folder}/losses_rank{rank}.pt")
+
+        keep: list = []
+        losses = _losses(Stage2Config(batch_size=8, grad_accum=1, fsdp=True, grad_ckpt=True,
+                                      **DDP_CFG), keep)
+        ctr = keep[0]
+        ctr.reshard()  # the root unit stays gathered after a forward until asked
+        # The frozen weights are sharded (DTensors), the adapters whole on every rank.
+        layout = {"sharded": is_sharded(ctr), "frozen_dtensor": all(
+            isinstance(p, DTensor) for p in ctr.parameters() if not p.requires_grad),
+            "trainable_plain": all(not isinstance(p, DTensor) for p in ctr.parameters()
+                                   if p.requires_grad)}
+        torch.save({"seen": seen, "losses": losses, "groups": backends, "layout": layout,
+                    "wait_s": WAIT_TIMEOUT.total_seconds()}, f"{folder}/fsdp_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -190,8 +221,24 @@ def _ddp_worker(rank: int, world: int, folder: str) -> None:
 _ADAMW = torch.optim.AdamW
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> Path:
+    """The folder of _two_rank_worker's result files (2 gloo processes, spawned once)."""
+    folder = tmp_path_factory.mktemp("two_ranks")
+    mp.start_processes(_two_rank_worker, args=(2, str(folder)), nprocs=2, join=True,
+                       start_method="spawn")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def one_process_losses() -> list[float]:
+    """1 process x batch 8 x grad_accum 2: the reference of both 2 x batch 8 runs."""
+    return _losses(Stage2Config(batch_size=8, grad_accum=2, **DDP_CFG))
+
+
 @pytest.mark.timeout(280)
-def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch) -> None:
+def test_ddp_two_processes_match_one_process(two_ranks, one_process_losses,
+                                             monkeypatch) -> None:
     """(1) One SGD step on 13 samples split 7/6 over 2 ranks leaves EVERY rank with the
     parameters of one process stepping on all 13 (the gradient of the mean loss: each rank's
     loss weighs by its share times the world, since DDP averages over ranks).
@@ -206,20 +253,17 @@ def test_ddp_two_processes_match_one_process(tmp_path, monkeypatch) -> None:
     before = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
     moved = max(float((single_params[n] - before[n]).abs().max()) for n in before)
     assert moved > 1e-4, "the step must move the parameters"
-    single = _losses(Stage2Config(batch_size=8, grad_accum=2, **DDP_CFG))
-
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    single = one_process_losses
     for rank in (0, 1):
-        params, loss = torch.load(tmp_path / f"step_rank{rank}.pt")
+        params, loss = torch.load(two_ranks / f"step_rank{rank}.pt")
         assert set(params) == set(single_params)
         assert loss == pytest.approx(single_loss, rel=1e-5), rank
         for n, p in params.items():
             step, ref = p - before[n], single_params[n] - before[n]
             err = float((step - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
             assert err < 1e-4, f"rank {rank}: {n} step off by {err:.2e} (relative)"
-    ddp = torch.load(tmp_path / "losses_rank0.pt")
-    assert torch.load(tmp_path / "losses_rank1.pt") == ddp  # every rank logs the same
+    ddp = torch.load(two_ranks / "losses_rank0.pt")
+    assert torch.load(two_ranks / "losses_rank1.pt") == ddp  # every rank logs the same
     assert len(ddp) == len(single) == 5
     assert ddp == pytest.approx(single, rel=1e-4, abs=1e-5)
     assert single[0] != pytest.approx(single[3], abs=1e-4)  # it did train
@@ -281,60 +325,17 @@ def test_grad_ckpt_trains_like_no_ckpt() -> None:
 
 
 # ------------------------------------------------------------------ FSDP2 and waits
-def _fsdp_worker(rank: int, world: int, folder: str) -> None:
-    import datetime
-    import time
-
-    import torch.distributed as dist
-
-    from reclora.few2many import WAIT_TIMEOUT, main_first, wait_for_main
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
-    try:
-        # main_first: rank 0 runs the block (slowly) before any other rank enters it.
-        with main_first():
-            if rank == 0:
-                time.sleep(1.0)
-                (Path(folder) / "cache").write_text("filled")
-            seen = (Path(folder) / "cache").read_text()
-        wait_for_main()
-        from torch.distributed.tensor import DTensor
-
-        from reclora.few2many import _WAIT_GROUP, is_sharded
-
-        backends = [dist.get_backend(g) for g in _WAIT_GROUP.values()]
-        keep: list = []
-        losses = _losses(Stage2Config(batch_size=8, grad_accum=1, fsdp=True, grad_ckpt=True,
-                                      **DDP_CFG), keep)
-        ctr = keep[0]
-        ctr.reshard()  # the root unit stays gathered after a forward until asked
-        # The frozen weights are sharded (DTensors), the adapters whole on every rank.
-        layout = {"sharded": is_sharded(ctr), "frozen_dtensor": all(
-            isinstance(p, DTensor) for p in ctr.parameters() if not p.requires_grad),
-            "trainable_plain": all(not isinstance(p, DTensor) for p in ctr.parameters()
-                                   if p.requires_grad)}
-        torch.save({"seen": seen, "losses": losses, "groups": backends, "layout": layout,
-                    "wait_s": WAIT_TIMEOUT.total_seconds()}, f"{folder}/fsdp_rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.timeout(280)
-def test_fsdp_two_processes_match_one_process(tmp_path) -> None:
+def test_fsdp_two_processes_match_one_process(two_ranks, one_process_losses) -> None:
     """FSDP2 (fully_shard over gloo on the CPU; the LLM's layers sharded, the adapters whole)
     with gradient checkpointing, 2 ranks x batch 8 == 1 process x batch 8 x grad_accum 2,
     losses step by step and the selected model's validation AUC (the evaluation pads the
     shorter rank's share, since every FSDP forward is collective). And main_first: rank 1
     enters the block only after rank 0 has left it."""
-    single = _losses(Stage2Config(batch_size=8, grad_accum=2, **DDP_CFG))
-    mp.start_processes(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
     for rank in (0, 1):
-        got = torch.load(tmp_path / f"fsdp_rank{rank}.pt")
+        got = torch.load(two_ranks / f"fsdp_rank{rank}.pt")
         assert got["seen"] == "filled", rank
         assert got["groups"] == ["gloo"] and got["wait_s"] >= 86400
         assert got["layout"] == {"sharded": True, "frozen_dtensor": True,
                                  "trainable_plain": True}
-        assert got["losses"] == pytest.approx(single, rel=1e-4, abs=1e-5), rank
+        assert got["losses"] == pytest.approx(one_process_losses, rel=1e-4, abs=1e-5), rank

@@ -32,6 +32,8 @@ TARGETS = {
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=None,
+                   help="LLM folder or .gguf file (default: the embedded SmolLM2-135M)")
     p.add_argument("--n", type=int, default=256, help="training samples")
     p.add_argument("--n-valid", type=int, default=200, help="validation subset size")
     p.add_argument("--valid-balance", choices=("natural", "balanced"), default="natural")
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_all = time.perf_counter()
     ds = load_dataset("ml-100k")
-    model, tok = load_causal_lm(None)
+    model, tok = load_causal_lm(a.model)
     builder = PromptBuilder(tok, max_tokens=a.max_length, variant=a.variant)
     ctr = LLMCTR(model, tok, add_special_tokens=not builder.uses_chat_template)
 
@@ -213,6 +215,8 @@ def log_row(a, res, best, last, s_per_sample, wall, mean_len, valid) -> None:
         path.write_text("# Plain-LoRA recipe search (issue 14 item 2), validation only\n\n"
                         + HEADER)
     prompt = f"{a.mode} K={a.k_text} {a.variant} ({mean_len:.0f} tok)"
+    if a.model:
+        prompt += f", {Path(a.model).name}"
     row = (f"| {a.tag} | {a.n} | {a.epochs} | {res.steps} | {a.lr:g} | {a.targets} | "
            f"{a.rank} | {prompt} | {len(valid)} ({valid.labels.mean():.2f}) | "
            f"{best['auc']:.4f} ({res.best_step}) | {best['logloss']:.4f} | "
