@@ -1,12 +1,13 @@
 """Serving throughput and adapter memory: RecLoRA's per-row mixtures against what a user would
 do instead, for requests drawn from many distinct users (issue 15 item 5).
 
-    python benchmarks/bench_serving.py                 # SmolLM2-135M, bf16 autocast, 64 users
+    python benchmarks/bench_serving.py                 # the run's default LLM, bf16, 64 users
     python benchmarks/bench_serving.py --run runs/default --requests 64 --batch-size 16
 
 The run folder (default runs/bench-serving) is made first when it has no RecLoRA stage: a
-`reclora run --quick` with N = 8 (SmolLM2-135M, K_text = 3, 171-token prompts; a couple of
-minutes). Its RecLoRA is what `score` serves; only speed and memory are measured here.
+`reclora run --quick` with N = 8 (the default LLM, Gemma-3-270M since 2026-12-01; K_text = 3,
+about 170-token prompts; a couple of minutes). Its RecLoRA is what `score` serves; only speed
+and memory are measured here.
 
 Requests: one test interaction from each of `--requests` distinct users, so no two rows of
 a batch share a user. Rows (requests per second, each path on the same token ids, batches of
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         f"threads), {prov['timestamp']}, commit {prov['commit']}; load average "
         f"{load_before:.2f} before, {load_after:.2f} after (the CPU is shared: compare rows "
         f"with each other, not with other days); peak RSS {peak_rss:,.0f} MiB. Model: "
-        f"SmolLM2-135M ({rec.cfg.model or 'shipped GGUF'}), amp {amp} "
+        f"{rec.cfg.model or 'smollm2-135m (the shipped GGUF)'}, amp {amp} "
         f"({'bf16 autocast' if _bf16(device, amp) else 'float32'}), prompts of "
         f"{mean_tokens:.0f} tokens on average; RecLoRA k = {rec.cfg.k}, r = {rec.cfg.r} on "
         "q/v of every layer. One timed pass per row, after one untimed score of the "
