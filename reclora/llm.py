@@ -100,11 +100,10 @@ def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, s
     with a config.json: a normal transformers folder. A folder with exactly one ``.gguf`` and
     no config.json: that file. Anything else is passed on as a hub name.
     """
-    if name_or_path is None or str(name_or_path).lower() == DEFAULT_MODEL:
-        gguf = shipped_smollm2()
-        return str(gguf.parent), gguf.name
-    if str(name_or_path).lower() == GEMMA3_MODEL:
-        gguf = shipped_gemma3()
+    shipped = {DEFAULT_MODEL: shipped_smollm2, GEMMA3_MODEL: shipped_gemma3}
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path).lower()
+    if name in shipped:
+        gguf = shipped[name]()
         return str(gguf.parent), gguf.name
     path = Path(name_or_path).expanduser()
     if path.is_file():
