@@ -90,6 +90,13 @@ MUTANTS = [
            OP_TESTS + " " + LAYER_TESTS,
            "mixture-weight gradient skipped when the banks are frozen"),
     # ---- the native cpu kernel (rebuilt in the copy)
+    Mutant("native", "csrc/cpu/thin_gemm.h",
+           "if (p < k) dots_step<TB, JB, false>(acc, ai, lda, bj, ldb, p, lanes(k - p));",
+           "if (p < k) dots_step<TB, JB, false>(acc, ai, lda, bj, ldb, p, lanes(k - p - 1));",
+           "tests/test_cpu_thin_gemm.py", "thin shrink drops the last element of a ragged row"),
+    Mutant("native", "csrc/cpu/thin_gemm.h",
+           "lanes(w - 8), k, alpha", "lanes(w - 7), k, alpha",
+           "tests/test_cpu_thin_gemm.py", "thin GEMM's tail store writes one column too many"),
     Mutant("native", "csrc/cpu/lora_mix_cpu.cpp",
            "for (int64_t e = 0; e < size; ++e) out[e] += wj * static_cast<Acc<T>>(src[e]);",
            "for (int64_t e = 0; e < size; ++e) out[e] = wj * static_cast<Acc<T>>(src[e]);",

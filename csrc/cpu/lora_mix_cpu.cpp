@@ -27,12 +27,16 @@
 // The small GEMMs call BLAS (?gemm_, exported by libtorch_cpu from its MKL) directly: an
 // ATen at::mm call costs a few microseconds of dispatch each, and with one run per row that
 // is several calls per row. The symbols are bound weakly; without them a plain loop runs.
+// fp32 GEMMs with a thin side (the rank) go instead to thin_gemm.h's AVX2 loops on non-Intel
+// CPUs, where MKL runs those shapes on its generic code path (see there).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -43,6 +47,7 @@
 #include <vector>
 
 #include "../lora_mix_common.h"
+#include "thin_gemm.h"
 
 #ifndef RECLORA_FUSED_EXPAND
 #define RECLORA_FUSED_EXPAND 0
@@ -88,16 +93,37 @@ constexpr int64_t kMinRun = 32, kMaxRun = 256;
 constexpr int64_t kMinFusedRun = 16;
 // The backward's smaller passes (the per-row factor gradients, mixing them back into the bank,
 // the output mode's dw and scatter) run on one thread below this many multiply-adds: each
-// parallel region ends in a barrier, and on this 2-core machine shared with other jobs (load
-// average 8 while measuring) a barrier often waits out a scheduler time slice, milliseconds,
-// against ~0.3 ms for 16M multiply-adds on one core.
-constexpr int64_t kMinParallelWork = int64_t(1) << 24;
+// parallel region ends in a barrier, and on a 2-core machine shared with other jobs (load
+// average 8 while measuring, 2026-11) a barrier often waits out a scheduler time slice,
+// milliseconds; 2^24 was chosen then. On the idle AMD EPYC (2026-12-01) 2^20 took the fp32
+// factor backward's LoRA part at d = 576, T = 1024 from 1.26 to 1.07 ms (9.4M multiply-adds
+// on two threads instead of one); a loaded machine may prefer the old value.
+constexpr int64_t kMinParallelWork = int64_t(1) << 20;
 
 // at::parallel_for's grain for n items that cost `work` multiply-adds in all: n (inline, no
 // parallel region) when the work is small, else 1.
 inline int64_t grain(int64_t work, int64_t n) {
   return work < kMinParallelWork ? std::max<int64_t>(n, 1) : 1;
 }
+
+// Whether fp32 GEMMs with a side of at most thin::kMaxThin go to thin_gemm.h's AVX2 loops (1)
+// or to BLAS (0). Default: the loops on CPUs with AVX2+FMA that are not Intel's, where MKL
+// takes its generic code path for such shapes (thin_gemm.h); on Intel CPUs MKL as before (not
+// re-measured there). RECLORA_CPU_THIN=avx2|blas overrides; reclora::cpu_thin_gemm switches
+// it at run time (the tests run both paths).
+int default_thin_mode() {
+  const char* env = std::getenv("RECLORA_CPU_THIN");
+  if (env != nullptr && std::strcmp(env, "blas") == 0) return 0;
+  if (!thin::cpu_has_avx2()) return 0;
+  if (env != nullptr && std::strcmp(env, "avx2") == 0) return 1;
+#if defined(__x86_64__) && defined(__GNUC__)
+  return __builtin_cpu_is("intel") ? 0 : 1;
+#else
+  return 0;
+#endif
+}
+std::atomic<int> g_thin_mode{default_thin_mode()};
+inline bool thin_on() { return g_thin_mode.load(std::memory_order_relaxed) == 1; }
 
 // One BLAS thread per call: the calls run inside at::parallel_for, and MKL, told by
 // torch.set_num_threads(2) to use 2 threads, otherwise opened a nested team per call; on
@@ -144,6 +170,10 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a
   const int LDA = static_cast<int>(std::max<int64_t>(ldb, 1));
   const int LDB = static_cast<int>(std::max<int64_t>(lda, 1));
   const int LDC = static_cast<int>(std::max<int64_t>(ldc, 1));
+  if constexpr (std::is_same_v<T, float>) {
+    if (thin_on() && thin::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+      return;
+  }
   OneBlasThread one_thread;
   if constexpr (std::is_same_v<T, float>) {
     if (sgemm_ != nullptr) {
@@ -415,6 +445,14 @@ void add_tile(T* dst, int64_t ld_dst, const Acc<T>* src, int64_t rows, int64_t c
 template <typename T>
 void mix_row(const T* bank, int64_t size, const Acc<T>* w, const int64_t* idx, int64_t slots,
              int64_t b, Acc<T>* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    // Dense: out = w[b, :] bank[M, size], one GEMM (out written once instead of k times).
+    if (idx == nullptr && thin_on()) {
+      gemm<float>(false, false, 1, size, slots, 1.f, w + b * slots, slots, bank, size, 0.f, out,
+                  size);
+      return;
+    }
+  }
   std::fill(out, out + size, Acc<T>(0));
   for (int64_t j = 0; j < slots; ++j) {
     const Acc<T> wj = w[b * slots + j];
@@ -606,14 +644,11 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
         } else {
           mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, ap + b * r * d_in);
         }
-        if constexpr (kFusedExpand<T>) {
-          // B_p^T [r, d_out] for the fused expand + epilogue below
-          std::vector<A> tmp(d_out * r);
-          mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, tmp.data());
-          transpose_into<A>(tmp.data(), d_out, r, bp + b * d_out * r);
-        } else {
-          mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, bp + b * d_out * r);
-        }
+        // B_p^T [r, d_out]: the expand s B_p^T is then a GEMM over contiguous rows of
+        // B_p^T (the form thin_gemm.h takes; the fused expand below reads it too)
+        std::vector<A> tmp(d_out * r);
+        mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, tmp.data());
+        transpose_into<A>(tmp.data(), d_out, r, bp + b * d_out * r);
       });
     };
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
@@ -635,12 +670,12 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
                          bp + u.row * d_out * r, r, d_out, tile.data());
         } else if constexpr (kHalf<T>) {
           tile.resize(u.len * d_out);
-          gemm<A>(false, true, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, r, A(0),
-                  tile.data(), d_out);
+          gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out,
+                  A(0), tile.data(), d_out);
           add_tile<T>(yp + u.first * d_out, d_out, tile.data(), u.len, d_out);
         } else {
-          gemm<A>(false, true, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, r, A(1),
-                  reinterpret_cast<A*>(yp) + u.first * d_out, d_out);
+          gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out,
+                  A(1), reinterpret_cast<A*>(yp) + u.first * d_out, d_out);
         }
       }
     });
@@ -709,6 +744,10 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
 
 template <typename A, typename T>
 A dot(const A* p, const T* q, int64_t n) {
+  if constexpr (std::is_same_v<A, float> && std::is_same_v<T, float>) {
+    float out;
+    if (thin_on() && thin::gemm(false, true, 1, 1, n, 1.f, p, n, q, n, 0.f, &out, 1)) return out;
+  }
   A acc = 0;
   for (int64_t e = 0; e < n; ++e) acc += p[e] * static_cast<A>(q[e]);
   return acc;
@@ -729,6 +768,14 @@ void mix_backward(const Tensor& dmix, const Tensor& bank, const Tensor& w, const
   const A* wp = w.data_ptr<A>();
   T* db = dbank.data_ptr<T>();
   A* dwp = dw.data_ptr<A>();
+  if constexpr (std::is_same_v<T, float>) {
+    if (idx == nullptr && thin_on()) {
+      // Dense: dbank = w^T dmix and dw += dmix bank^T, two GEMMs (k = R or n = M is thin).
+      gemm<float>(true, false, adapters, size, rows, 1.f, wp, slots, dm, size, 0.f, db, size);
+      gemm<float>(false, true, rows, slots, size, 1.f, dm, size, bk, size, 1.f, dwp, slots);
+      return;
+    }
+  }
   at::parallel_for(0, rows, grain(rows * slots * size, rows), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
       for (int64_t j = 0; j < slots; ++j)
@@ -980,6 +1027,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
 }
 
 }  // namespace
+
+// cpu_thin_gemm(mode): 1 = thin_gemm.h's loops, 0 = BLAS, -1 = leave as is; returns the mode
+// before the call. Not thread-safe against ops running at the same time (a test switch).
+int64_t cpu_thin_gemm(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "cpu_thin_gemm: mode must be -1, 0 or 1, got ", num(mode));
+  TORCH_CHECK(mode != 1 || thin::cpu_has_avx2(), "cpu_thin_gemm: this CPU has no AVX2+FMA");
+  return mode == -1 ? g_thin_mode.load() : g_thin_mode.exchange(static_cast<int>(mode));
+}
+
+// cpu_gemm_f32(c, a, b, ta, tb, alpha, beta): c = alpha op(a) op(b) + beta c through the op's
+// own fp32 gemm (thin loops or BLAS, by cpu_thin_gemm's mode), for the tests: 2-D float32
+// tensors with unit column stride and any row stride (slices of bigger ones).
+void cpu_gemm_f32(const Tensor& c, const Tensor& a, const Tensor& b, bool ta, bool tb,
+                  double alpha, double beta) {
+  for (const Tensor* t : {&c, &a, &b})
+    TORCH_CHECK(t->dim() == 2 && t->scalar_type() == at::kFloat && t->device().is_cpu() &&
+                    t->stride(1) == 1 && t->stride(0) >= t->size(1),
+                "cpu_gemm_f32: 2-D float32 CPU tensors with unit column stride expected");
+  const int64_t m = c.size(0), n = c.size(1), k = ta ? a.size(0) : a.size(1);
+  TORCH_CHECK((ta ? a.size(1) : a.size(0)) == m && (tb ? b.size(1) : b.size(0)) == k &&
+                  (tb ? b.size(0) : b.size(1)) == n,
+              "cpu_gemm_f32: shapes do not agree");
+  gemm<float>(ta, tb, m, n, k, static_cast<float>(alpha), a.data_ptr<float>(), a.stride(0),
+              b.data_ptr<float>(), b.stride(0), static_cast<float>(beta), c.data_ptr<float>(),
+              c.stride(0));
+}
+
+TORCH_LIBRARY_FRAGMENT(reclora, m) {
+  m.def("cpu_thin_gemm(int mode) -> int", &cpu_thin_gemm);
+  m.def("cpu_gemm_f32(Tensor(a!) c, Tensor a, Tensor b, bool ta, bool tb, float alpha, "
+        "float beta) -> ()", &cpu_gemm_f32);
+}
 
 TORCH_LIBRARY_IMPL(reclora, CPU, m) {
   m.impl("lora_mix_forward", &lora_mix_forward_cpu);
