@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -123,8 +124,72 @@ RECLORA_AVX2 inline void rows_x_rows(int64_t m, int64_t n, int64_t k, float alph
                                      const float* a, int64_t sa_i, int64_t sa_p, const float* b,
                                      int64_t ldb, float beta, float* c, int64_t ldc) {
   int64_t i = 0;
+  // One vector of C per row (n <= 8, as in v = g B_p): eight rows at a time, or the four
+  // accumulators' FMA latency bounds the loop.
+  if (n <= 8)
+    for (; i + 8 <= m; i += 8) rxr_rows<8>(i, n, k, alpha, a, sa_i, sa_p, b, ldb, beta, c, ldc);
   for (; i + 4 <= m; i += 4) rxr_rows<4>(i, n, k, alpha, a, sa_i, sa_p, b, ldb, beta, c, ldc);
   for (; i < m; ++i) rxr_rows<1>(i, n, k, alpha, a, sa_i, sa_p, b, ldb, beta, c, ldc);
+}
+
+// C = alpha A^T B + beta C for a few rows of C (m small, A stored [k, m], B [k, n]: the factor
+// gradient v^T x), or its transpose (transpose_out: C is [n, m], as in g^T s). rows_x_rows
+// walks B's columns down all k rows, and with B's rows 4 KB apart (d = 1024) those lines share
+// one L1 set: 27-33 GFLOP/s at d = 1024 against 43-55 at d = 1000. Here B is read along its
+// rows, a few rows (tokens) at a time, each row of the [m, n] result in a scratch buffer
+// (padded so that its rows do not share sets either) updated with the broadcast A values in
+// registers; then C gets alpha * buffer + beta * C.
+RECLORA_AVX2 inline void tn_rows(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                                 int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                                 int64_t ldc, bool transpose_out) {
+  const int64_t ldw = (n + 7) / 8 * 8 + 16;
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < m * ldw) scratch.resize(m * ldw);
+  float* w = scratch.data();
+  std::fill(w, w + m * ldw, 0.f);
+  const __m256i tail = lanes(n % 8);
+  const int64_t full = n / 8 * 8;
+  // Four rows of B at a time: with eight, the eight lines 4 KB apart and the scratch line
+  // overflowed the 8-way L1 set again (30 GFLOP/s at d = 1024).
+  constexpr int PB = 4;
+  for (int64_t p = 0; p < k; p += PB) {
+    const int64_t q_end = std::min<int64_t>(PB, k - p);
+    const float* bp = b + p * ldb;
+    for (int64_t i = 0; i < m; ++i) {
+      float* wi = w + i * ldw;
+      __m256 s[PB];
+      RECLORA_UNROLL for (int q = 0; q < PB; ++q)
+        s[q] = _mm256_set1_ps(q < q_end ? a[(p + q) * lda + i] : 0.f);
+      if (q_end == PB) {
+        for (int64_t j = 0; j < full; j += 8) {
+          __m256 acc0 = _mm256_fmadd_ps(s[0], _mm256_loadu_ps(bp + j), _mm256_loadu_ps(wi + j));
+          __m256 acc1 = _mm256_mul_ps(s[1], _mm256_loadu_ps(bp + ldb + j));
+          acc0 = _mm256_fmadd_ps(s[2], _mm256_loadu_ps(bp + 2 * ldb + j), acc0);
+          acc1 = _mm256_fmadd_ps(s[3], _mm256_loadu_ps(bp + 3 * ldb + j), acc1);
+          _mm256_storeu_ps(wi + j, _mm256_add_ps(acc0, acc1));
+        }
+      } else {
+        for (int64_t j = 0; j < full; j += 8) {
+          __m256 acc = _mm256_loadu_ps(wi + j);
+          for (int64_t q = 0; q < q_end; ++q)
+            acc = _mm256_fmadd_ps(s[q], _mm256_loadu_ps(bp + q * ldb + j), acc);
+          _mm256_storeu_ps(wi + j, acc);
+        }
+      }
+      if (full < n) {  // the ragged end of each row (the scratch row has room for 8)
+        __m256 acc = _mm256_loadu_ps(wi + full);
+        for (int64_t q = 0; q < q_end; ++q)
+          acc = _mm256_fmadd_ps(s[q], _mm256_maskload_ps(bp + q * ldb + full, tail), acc);
+        _mm256_storeu_ps(wi + full, acc);
+      }
+    }
+  }
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      float* out = transpose_out ? c + j * ldc + i : c + i * ldc + j;
+      const float v = alpha * w[i * ldw + j];
+      *out = beta == 0.f ? v : v + beta * *out;
+    }
 }
 
 // One step of dots_tile: p .. p + 8 of TB rows of A and JB rows of B.
@@ -194,6 +259,16 @@ inline bool gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha,
                  int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
 #if RECLORA_HAVE_AVX2_THIN
   if (std::min({m, n, k}) > kMaxThin || k == 0) return false;
+  if (ta && !tb && k > kMaxThin) {
+    if (m <= kMaxThin && n >= 64) {
+      tn_rows(m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, false);
+      return true;
+    }
+    if (n <= kMaxThin && m >= 64) {  // C^T = B^T A, the same form with A and B swapped
+      tn_rows(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc, true);
+      return true;
+    }
+  }
   if (!tb) {
     if (ta)
       rows_x_rows(m, n, k, alpha, a, 1, lda, b, ldb, beta, c, ldc);
