@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `
 from benchmarks import common  # noqa: E402
 
 
-def build(seed: int):
+def build(seed: int, model: str | None):
     from reclora.few2many import Stage2Config, inject_adapters
     from reclora.llm import LLMCTR
 
-    ctr = LLMCTR.from_pretrained()
+    ctr = LLMCTR.from_pretrained(model)
     cfg = Stage2Config(progress=False)
     inject_adapters(ctr, cfg)
     params = [p for p in ctr.parameters() if p.requires_grad]
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3, help="timed rounds after one warm-up")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None,
+                   help="an LLM as `reclora run --model` takes it (default: SmolLM2-135M)")
+    p.add_argument("--thin-ab", action="store_true",
+                   help="compare fp32 with the CPU op's thin GEMMs on BLAS vs csrc/cpu/"
+                        "thin_gemm.h's loops (reclora::cpu_thin_gemm) instead of fp32 vs bf16")
     p.add_argument("--markdown", type=Path, default=common.RESULTS / "llm_step_cpu.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -67,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from reclora.llm import amp_context, bf16_supported
 
-    ctr, cfg, opt, trainable = build(args.seed)
+    ctr, cfg, opt, trainable = build(args.seed, args.model)
     gen = torch.Generator().manual_seed(args.seed)
-    settings = {"fp32": "off", "bf16": "bf16"}
+    # name -> (amp, CPU thin-GEMM mode or None to leave it)
+    settings = {"fp32": ("off", None), "bf16": ("bf16", None)}
+    if args.thin_ab:
+        settings = {"fp32 BLAS": ("off", 0), "fp32 thin loops": ("off", 1)}
+    names = list(settings)
+
+    def run_setting(fn, setting) -> None:
+        amp, thin = setting
+        if thin is not None:
+            torch.ops.reclora.cpu_thin_gemm(thin)
+        fn(amp)
 
     def train_step(amp: str) -> None:
         enc = ctr.collate(prompts(ctr, args.train_batch, args.length, gen))
@@ -89,19 +104,19 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), ctr.personalized(reps), amp_context(device, amp):
             ctr(**enc)
 
-    jobs = {(kind, name): (fn, amp, batch)
+    jobs = {(kind, name): (fn, setting, batch)
             for kind, fn, batch in (("train step", train_step, args.train_batch),
                                     ("eval forward", eval_forward, args.eval_batch))
-            for name, amp in settings.items()}
+            for name, setting in settings.items()}
     load_start, start = common.load_avg(), time.perf_counter()
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     for round_ in range(args.rounds + 1):
         keys = list(jobs)
         shift = round_ % len(keys)
         for key in keys[shift:] + keys[:shift]:
-            fn, amp, batch = jobs[key]
+            fn, setting, batch = jobs[key]
             t0 = time.perf_counter()
-            fn(amp)
+            run_setting(fn, setting)
             if round_ > 0:  # round 0 is the warm-up
                 samples[key].append((time.perf_counter() - t0) / batch)
             print(f"round {round_} {key[0]:12s} {key[1]}: "
@@ -110,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prov = common.provenance(device)
     command = "python benchmarks/bench_llm_step.py " + " ".join(argv or sys.argv[1:])
+    model = args.model or "SmolLM2-135M"
     lines = [
-        "# The main job's per-sample cost: SmolLM2-135M + RecLoRA, fp32 vs bf16 autocast (CPU)",
+        f"# The main job's per-sample cost: {model} + RecLoRA, {names[0]} vs {names[1]} (CPU)",
         "",
         f"- machine: {prov['device_name']}, {args.threads} torch threads; torch "
         f"{prov['torch']}, commit {prov['commit'][:12]}, {prov['timestamp']}",
@@ -123,13 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens; RecLoRA on q_proj, v_proj (16 meta-LoRAs, r 8, gated), {trainable:,} "
         "trainable parameters; train step = forward + backward + AdamW",
         "",
-        "| | batch | fp32 s/sample | bf16 s/sample | bf16 / fp32 | rounds |",
+        f"| | batch | {names[0]} s/sample | {names[1]} s/sample | {names[1]} / {names[0]} "
+        "| rounds |",
         "|---|---|---|---|---|---|",
     ]
     print()
     for kind, batch in (("train step", args.train_batch), ("eval forward", args.eval_batch)):
-        f32 = samples[(kind, "fp32")]
-        b16 = samples[(kind, "bf16")]
+        f32 = samples[(kind, names[0])]
+        b16 = samples[(kind, names[1])]
         ratio = statistics.median(b / f for b, f in zip(b16, f32))
         row = (f"| {kind} | {batch} | {statistics.median(f32):.3f} | "
                f"{statistics.median(b16):.3f} | {ratio:.2f} | {len(f32)} |")

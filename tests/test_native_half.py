@@ -16,9 +16,55 @@ import pytest
 import torch
 from test_native import TOL, check, make
 
+from reclora_kernels import ops
 from reclora_kernels.reference import lora_mix_reference
 
 HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=["aten", "mkl"])
+def half_base(request):
+    """Both homes of the half base GEMM (reclora::cpu_half_base): ATen's, in the input dtype,
+    and MKL's half GEMM into the fp32 tile the LoRA part joins (the default where torch has no
+    oneDNN bf16)."""
+    before = torch.ops.reclora.cpu_half_base(1 if request.param == "mkl" else 0)
+    yield request.param
+    torch.ops.reclora.cpu_half_base(before)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return set()
+
+
+def test_half_gemm_probe_agrees_with_the_cpu():
+    """ATen's bf16 GEMM is oneDNN's where the CPU has AVX512 core (or AVX-NE-CONVERT), scalar
+    loops elsewhere; the probe that picks the op's half base must say which, on this machine."""
+    flags = _cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        assert ops.cpu_half_gemm_is_native()
+    elif flags and not {"avx512f", "avx_ne_convert"} & flags:
+        assert not ops.cpu_half_gemm_is_native()
+    else:
+        pytest.skip("no /proc/cpuinfo, or a CPU between the two cases")
+
+
+def test_default_half_base_follows_the_probe(monkeypatch):
+    monkeypatch.delenv("RECLORA_CPU_HALF_BASE", raising=False)
+    before = torch.ops.reclora.cpu_half_base(-1)
+    try:
+        ops._choose_cpu_half_base()
+        assert torch.ops.reclora.cpu_half_base(-1) == (0 if ops.cpu_half_gemm_is_native() else 1)
+        monkeypatch.setenv("RECLORA_CPU_HALF_BASE", "aten")
+        ops._choose_cpu_half_base()
+        assert torch.ops.reclora.cpu_half_base(-1) == 0
+        monkeypatch.setenv("RECLORA_CPU_HALF_BASE", "mkl")
+        ops._choose_cpu_half_base()
+        assert torch.ops.reclora.cpu_half_base(-1) == 1
+    finally:
+        torch.ops.reclora.cpu_half_base(before)
 
 CASES = {
     # long packed rows: each row is cut into several runs; both threads get work
@@ -39,7 +85,7 @@ CASES = {
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("mix", [0, 1], ids=["factor", "output"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_half_against_reference(case, mix, dtype):
+def test_half_against_reference(case, mix, dtype, half_base):
     check(make(**CASES[case], dtype=dtype), mix, dtype)
 
 
@@ -98,7 +144,8 @@ def _nan_inputs(dtype, mix_dense, bad_value, length):
 @pytest.mark.parametrize("mix", [0, 1], ids=["factor", "output"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("length", [1, 40])
-def test_bad_weight_non_finite_exactly_where_reference(dtype, dense, mix, bad, length):
+def test_bad_weight_non_finite_exactly_where_reference(dtype, dense, mix, bad, length,
+                                                       half_base):
     """Issue 17 item 8: fp32 output mode with a NaN weight returned finite values (the weight
     reached BLAS as alpha); rows of 40 tokens take the fused path, rows of 1 the other."""
     args = _nan_inputs(dtype, dense, bad, length)

@@ -125,6 +125,19 @@ int default_thin_mode() {
 std::atomic<int> g_thin_mode{default_thin_mode()};
 inline bool thin_on() { return g_thin_mode.load(std::memory_order_relaxed) == 1; }
 
+// Where the base GEMM of half inputs runs: 0 = ATen in the input dtype (what F.linear uses:
+// oneDNN on CPUs with AVX512/AMX bf16 support), 1 = MKL's gemm_bf16bf16f32 / gemm_f16f16f32
+// inside the op's parallel pass, into an fp32 tile that the LoRA part joins before one
+// rounding. reclora_kernels.ops sets 1 where torch reports no oneDNN bf16 support: there
+// ATen's half GEMM is a scalar loop (bf16 F.linear 56 ms at d = 1024, T = 512 on the AMD
+// EPYC, fp32 8.7 ms; MKL's bf16 GEMM 16 ms on one core, within 1.1x of fp32 sgemm).
+std::atomic<int> g_half_base_mode{0};
+inline bool half_base_in_mkl(at::ScalarType t) {
+  if (g_half_base_mode.load(std::memory_order_relaxed) != 1) return false;
+  return t == at::kBFloat16 ? cblas_gemm_bf16bf16f32 != nullptr
+                            : t == at::kHalf && cblas_gemm_f16f16f32 != nullptr;
+}
+
 // One BLAS thread per call: the calls run inside at::parallel_for, and MKL, told by
 // torch.set_num_threads(2) to use 2 threads, otherwise opened a nested team per call; on
 // this loaded 2-core machine that cost a 24 ms wake-up per call (the op at d = 64 took
@@ -608,6 +621,36 @@ void weigh(const Acc<T>* v, int64_t len, int64_t k, int64_t r, const Acc<T>* w_r
     }
 }
 
+// Half inputs with the base in MKL (half_base_in_mkl): for each stretch of runs in [lo, hi)
+// whose tokens follow each other, out = round(bias + in op(W) + LoRA) through one fp32 tile, so
+// the output is written once and rounded once. op(W) is W^T (W [n_dim, k_dim]; the forward)
+// or W (W [k_dim, n_dim]; dx in the backward). lora(run, dst) adds the run's LoRA part to dst
+// (fp32, [run.len, n_dim]).
+template <typename T, typename F>
+void half_stretches(const std::vector<Run>& runs, int64_t lo, int64_t hi, const T* in,
+                    int64_t k_dim, const T* w, bool w_t, int64_t n_dim, const T* bias, T* out,
+                    F&& lora) {
+  Scratch<float> tile;
+  for (int64_t q = lo; q < hi;) {
+    int64_t e = q + 1;
+    while (e < hi && runs[e].first == runs[e - 1].first + runs[e - 1].len) ++e;
+    const int64_t first = runs[q].first, len = runs[e - 1].first + runs[e - 1].len - first;
+    tile.resize(len * n_dim);
+    float* tp = tile.data();
+    float beta = 0.f;
+    if (bias != nullptr) {
+      for (int64_t n = 0; n < len; ++n)
+        for (int64_t o = 0; o < n_dim; ++o) tp[n * n_dim + o] = static_cast<float>(bias[o]);
+      beta = 1.f;
+    }
+    gemm_acc<T>(false, w_t, len, n_dim, k_dim, 1.f, in + first * k_dim, k_dim, w,
+                w_t ? k_dim : n_dim, beta, tp, n_dim);
+    for (int64_t u = q; u < e; ++u) lora(runs[u], tp + (runs[u].first - first) * n_dim);
+    round_to<T>(tp, len * n_dim, out + first * n_dim);
+    q = e;
+  }
+}
+
 // y += LoRA part. fp32/fp64: with fuse_base, y is uninitialised and each thread first computes
 // the base of its share of the runs; the expand accumulates into y (beta = 1). Half: y already
 // holds the base (the half GEMM); each run's LoRA part goes to an fp32 tile added in one pass.
@@ -652,7 +695,21 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
       });
     };
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
-      if constexpr (!kHalf<T>) {
+      if constexpr (kHalf<T>) {
+        if (fuse_base) {
+          half_stretches<T>(runs, lo, hi, x, d_in, a.weight.data_ptr<T>(), true, d_out,
+                            a.bias.defined() ? a.bias.data_ptr<T>() : nullptr, yp,
+                            [&](const Run& u, float* dst) {
+            ensure_mixed(u.row);
+            A* sr = sp + u.first * r;
+            gemm_acc<T>(false, true, u.len, r, d_in, A(1), x + u.first * d_in, d_in,
+                        ap + u.row * r * d_in, d_in, A(0), sr, r);
+            gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out,
+                    A(1), dst, d_out);
+          });
+          return;
+        }
+      } else {
         if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
       }
       Scratch<A> tile;
@@ -686,7 +743,24 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
   const int64_t kr = k * r;
   Concat<T> cat(s, a);
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
-    if constexpr (!kHalf<T>) {
+    if constexpr (kHalf<T>) {
+      if (fuse_base) {
+        std::vector<T> t;
+        half_stretches<T>(runs, lo, hi, x, d_in, a.weight.data_ptr<T>(), true, d_out,
+                          a.bias.defined() ? a.bias.data_ptr<T>() : nullptr, yp,
+                          [&](const Run& u, float* dst) {
+          cat.ensure(u.row);
+          A* sr = sp + u.first * kr;
+          gemm_acc<T>(false, true, u.len, kr, d_in, A(1), x + u.first * d_in, d_in,
+                      cat.a_of(u.row), d_in, A(0), sr, kr);
+          t.resize(u.len * kr);
+          weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
+          gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr,
+                      A(1), dst, d_out);
+        });
+        return;
+      }
+    } else {
       if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
     }
     Scratch<A> tile;
@@ -725,13 +799,14 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
   Tensor shrink = at::empty({s.tokens, slots_out, s.rank}, a.adapter_w.options());
   Plan plan;
   if (s.tokens > 0) plan = make_plan(row_ids.contiguous(), s.rows);
-  const bool fuse_base = !half && !plan.runs.empty() &&
+  const bool fuse_base = (!half || half_base_in_mkl(a.dtype)) && !plan.runs.empty() &&
                          s.tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
   Tensor y;
   if (fuse_base) {
     y = at::empty({s.tokens, s.d_out}, a.x.options());
   } else {
-    // Half: the base in the input dtype through the GEMM F.linear uses (oneDNN on this CPU).
+    // Half: the base in the input dtype through the GEMM F.linear uses (oneDNN where the CPU
+    // has bf16 support; see g_half_base_mode).
     y = a.bias.defined() ? at::addmm(a.bias, a.x, a.weight.t()) : at::mm(a.x, a.weight.t());
   }
   if (s.tokens > 0) {
@@ -811,7 +886,7 @@ const T* as_t(const Acc<T>* src, int64_t n, std::vector<T>& buf) {
 template <typename T>
 void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, const Sizes& s,
                    const Plan& plan, double scale_d, int64_t mix, bool need_x, bool need_lora,
-                   Tensor& dx, Tensor& da, Tensor& db, Tensor& dw) {
+                   bool fuse_dx, Tensor& dx, Tensor& da, Tensor& db, Tensor& dw) {
   using A = Acc<T>;
   const int64_t r = s.rank, k = s.slots, d_in = s.d_in, d_out = s.d_out, R = s.rows;
   const A scale = static_cast<A>(scale_d);
@@ -859,6 +934,20 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     };
     // v = g B_p, dx += scale * v A_p
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+      if constexpr (kHalf<T>) {
+        if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch (half_stretches)
+          half_stretches<T>(runs, lo, hi, g, d_out, a.weight.data_ptr<T>(), false, d_in, nullptr,
+                            dxp, [&](const Run& u, float* dst) {
+            ensure_mixed(u.row);
+            A* vr = v + u.first * r;
+            gemm_acc<T>(false, false, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
+                        bp + u.row * d_out * r, r, A(0), vr, r);
+            gemm<A>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, A(1),
+                    dst, d_in);
+          });
+          return;
+        }
+      }
       Scratch<A> tile;
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
@@ -913,6 +1002,22 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   Tensor t_t = at::empty({s.tokens, kr}, a.x.options());
   T* tw = t_t.data_ptr<T>();
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+    if constexpr (kHalf<T>) {
+      if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch (half_stretches)
+        half_stretches<T>(runs, lo, hi, g, d_out, a.weight.data_ptr<T>(), false, d_in, nullptr,
+                          dxp, [&](const Run& u, float* dst) {
+          cat.ensure(u.row);
+          A* vr = v + u.first * kr;
+          gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
+                      cat.b_of(u.row), kr, A(0), vr, kr);
+          T* tr = tw + u.first * kr;
+          weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
+          gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, A(1),
+                      dst, d_in);
+        });
+        return;
+      }
+    }
     Scratch<A> tile;
     for (int64_t q = lo; q < hi; ++q) {
       const Run& u = runs[q];
@@ -1005,8 +1110,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
   Args a = prepare(x, weight, std::nullopt, lora_a, lora_b, adapter_w, adapter_idx);
   check_adapter_idx(a.idx, s.adapters);
   Tensor g = grad_y.to(a.dtype).contiguous();
-  // dx's base through the half GEMM (in T) when T is half.
-  Tensor dx = need_x ? at::mm(g, a.weight) : Tensor();
+  Plan plan;
+  if (s.tokens > 0 && (need_x || need_lora)) plan = make_plan(row_ids.contiguous(), s.rows);
+  const bool half = a.dtype == at::kHalf || a.dtype == at::kBFloat16;
+  // Half with the base in MKL (g_half_base_mode) and rows in runs: dx's base joins the LoRA
+  // part in one fp32 tile per stretch; else dx's base through ATen in the input dtype.
+  const bool fuse_dx = need_x && half && half_base_in_mkl(a.dtype) && !plan.runs.empty() &&
+                       s.tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
+  Tensor dx;
+  if (need_x) dx = fuse_dx ? at::empty({s.tokens, s.d_in}, a.x.options()) : at::mm(g, a.weight);
   Tensor da, db, dw;
   if (need_lora) {
     da = at::zeros_like(a.lora_a);
@@ -1014,10 +1126,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
     dw = at::zeros_like(a.adapter_w);
   }
   if (s.tokens > 0 && (need_x || need_lora)) {
-    const Plan plan = make_plan(row_ids.contiguous(), s.rows);
     Tensor sh = shrink.to(a.adapter_w.scalar_type()).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "lora_mix_backward_cpu", [&] {
-      backward_lora<scalar_t>(a, g, sh, s, plan, scale, mix, need_x, need_lora, dx, da, db, dw);
+      backward_lora<scalar_t>(a, g, sh, s, plan, scale, mix, need_x, need_lora, fuse_dx, dx, da,
+                              db, dw);
     });
   }
   Tensor dweight = need_weight ? at::mm(g.t(), a.x) : none_like(x);
@@ -1054,8 +1166,18 @@ void cpu_gemm_f32(const Tensor& c, const Tensor& a, const Tensor& b, bool ta, bo
               c.stride(0));
 }
 
+// cpu_half_base(mode): where the base GEMM of half inputs runs (see g_half_base_mode): 1 = MKL,
+// 0 = ATen, -1 = leave as is; returns the mode before the call.
+int64_t cpu_half_base(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "cpu_half_base: mode must be -1, 0 or 1, got ", num(mode));
+  TORCH_CHECK(mode != 1 || cblas_gemm_bf16bf16f32 != nullptr,
+              "cpu_half_base: MKL's gemm_bf16bf16f32 is not in this torch");
+  return mode == -1 ? g_half_base_mode.load() : g_half_base_mode.exchange(static_cast<int>(mode));
+}
+
 TORCH_LIBRARY_FRAGMENT(reclora, m) {
   m.def("cpu_thin_gemm(int mode) -> int", &cpu_thin_gemm);
+  m.def("cpu_half_base(int mode) -> int", &cpu_half_base);
   m.def("cpu_gemm_f32(Tensor(a!) c, Tensor a, Tensor b, bool ta, bool tb, float alpha, "
         "float beta) -> ()", &cpu_gemm_f32);
 }
