@@ -246,6 +246,7 @@ RECLORA_AVX2 inline void dots(int64_t m, int64_t n, int64_t k, float alpha, cons
 // Whether this CPU can run the loops above.
 inline bool cpu_has_avx2() {
 #if RECLORA_HAVE_AVX2_THIN
+  __builtin_cpu_init();  // may run from a static initialiser (the default mode)
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
   return false;
