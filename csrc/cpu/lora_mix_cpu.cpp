@@ -1001,37 +1001,33 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   Concat<T> cat(s, a);
   Tensor t_t = at::empty({s.tokens, kr}, a.x.options());
   T* tw = t_t.data_ptr<T>();
+  // One run: v = g B_cat, t = scale * w * v; with dst, dst = t A_cat + beta * dst.
+  auto run_lora = [&](const Run& u, A* dst, A beta) {
+    cat.ensure(u.row);
+    A* vr = v + u.first * kr;
+    gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
+                cat.b_of(u.row), kr, A(0), vr, kr);
+    T* tr = tw + u.first * kr;
+    weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
+    if (dst != nullptr)
+      gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, beta, dst,
+                  d_in);
+  };
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
     if constexpr (kHalf<T>) {
       if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch (half_stretches)
         half_stretches<T>(runs, lo, hi, g, d_out, a.weight.data_ptr<T>(), false, d_in, nullptr,
-                          dxp, [&](const Run& u, float* dst) {
-          cat.ensure(u.row);
-          A* vr = v + u.first * kr;
-          gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
-                      cat.b_of(u.row), kr, A(0), vr, kr);
-          T* tr = tw + u.first * kr;
-          weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
-          gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, A(1),
-                      dst, d_in);
-        });
+                          dxp, [&](const Run& u, float* dst) { run_lora(u, dst, A(1)); });
         return;
       }
     }
     Scratch<A> tile;
     for (int64_t q = lo; q < hi; ++q) {
       const Run& u = runs[q];
-      cat.ensure(u.row);
-      A* vr = v + u.first * kr;
-      gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
-                  cat.b_of(u.row), kr, A(0), vr, kr);
-      T* tr = tw + u.first * kr;
-      weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
       if (need_x)
-        add_dx(u, [&](A* out, A beta) {
-          gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, beta,
-                      out, d_in);
-        }, tile);
+        add_dx(u, [&](A* out, A beta) { run_lora(u, out, beta); }, tile);
+      else
+        run_lora(u, nullptr, A(0));
     }
   });
   if (!need_lora) return;
