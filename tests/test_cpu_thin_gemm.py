@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from op_cases import Case
+from test_bf16_probe import read_cpu_flags
 from test_op import check_against_reference
 
 from reclora_kernels import ops
@@ -20,11 +21,7 @@ pytestmark = pytest.mark.skipif(not ops.NATIVE_CPU, reason="native CPU kernels n
 
 
 def _has_avx2() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
+    return {"avx2", "fma"} <= read_cpu_flags()
 
 
 MODES = ["blas"] + (["avx2"] if _has_avx2() else [])

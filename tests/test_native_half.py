@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_bf16_probe import read_cpu_flags
 from test_native import TOL, check, make
 
 from reclora_kernels import ops
@@ -32,17 +33,10 @@ def half_base(request):
     torch.ops.reclora.cpu_half_base(before)
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return set()
-
-
 def test_half_gemm_probe_agrees_with_the_cpu():
     """ATen's bf16 GEMM is oneDNN's where the CPU has AVX512 core (or AVX-NE-CONVERT), scalar
     loops elsewhere; the probe that picks the op's half base must say which, on this machine."""
-    flags = _cpu_flags()
+    flags = read_cpu_flags()
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
         assert ops.cpu_half_gemm_is_native()
     elif flags and not {"avx512f", "avx_ne_convert"} & flags:

@@ -213,6 +213,12 @@ struct Plan {
   std::vector<int64_t> run_start;
 };
 
+// Whether the runs are long enough on average (kMinFusedRun) for the base GEMM to go inside
+// the op's parallel pass, stretch by stretch of runs.
+inline bool long_runs(const Plan& plan, int64_t tokens) {
+  return !plan.runs.empty() && tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
+}
+
 Plan make_plan(const Tensor& row_ids, int64_t rows) {
   const int64_t tokens = row_ids.numel();
   const int64_t pieces = 2 * static_cast<int64_t>(at::get_num_threads());
@@ -694,19 +700,24 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
         transpose_into<A>(tmp.data(), d_out, r, bp + b * d_out * r);
       });
     };
+    // One run: s = x A_p^T (saved for backward), then dst = scale * s B_p^T + beta * dst
+    // (no dst: the shrink alone, for the fused bf16 expand). Returns s.
+    auto run_lora = [&](const Run& u, A* dst, A beta) -> const A* {
+      ensure_mixed(u.row);
+      A* sr = sp + u.first * r;
+      gemm_acc<T>(false, true, u.len, r, d_in, A(1), x + u.first * d_in, d_in,
+                  ap + u.row * r * d_in, d_in, A(0), sr, r);
+      if (dst != nullptr)
+        gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out, beta,
+                dst, d_out);
+      return sr;
+    };
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
       if constexpr (kHalf<T>) {
         if (fuse_base) {
           half_stretches<T>(runs, lo, hi, x, d_in, a.weight.data_ptr<T>(), true, d_out,
                             a.bias.defined() ? a.bias.data_ptr<T>() : nullptr, yp,
-                            [&](const Run& u, float* dst) {
-            ensure_mixed(u.row);
-            A* sr = sp + u.first * r;
-            gemm_acc<T>(false, true, u.len, r, d_in, A(1), x + u.first * d_in, d_in,
-                        ap + u.row * r * d_in, d_in, A(0), sr, r);
-            gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out,
-                    A(1), dst, d_out);
-          });
+                            [&](const Run& u, float* dst) { run_lora(u, dst, A(1)); });
           return;
         }
       } else {
@@ -716,23 +727,18 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
       if constexpr (kFusedExpand<T>) tile.resize(d_out);
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
-        ensure_mixed(u.row);
-        A* sr = sp + u.first * r;
-        gemm_acc<T>(false, true, u.len, r, d_in, A(1), x + u.first * d_in, d_in,
-                    ap + u.row * r * d_in, d_in, A(0), sr, r);
         if constexpr (kFusedExpand<T>) {
           // y_n = round(y_n + scale * s_n B_p^T), token by token: one pass over y, no tile
+          const A* sr = run_lora(u, nullptr, A(0));
           for (int64_t n = 0; n < u.len; ++n)
             RECLORA_PICK(expand_add_bf16, bits(yp + (u.first + n) * d_out), scale, sr + n * r,
                          bp + u.row * d_out * r, r, d_out, tile.data());
         } else if constexpr (kHalf<T>) {
           tile.resize(u.len * d_out);
-          gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out,
-                  A(0), tile.data(), d_out);
+          run_lora(u, tile.data(), A(0));
           add_tile<T>(yp + u.first * d_out, d_out, tile.data(), u.len, d_out);
         } else {
-          gemm<A>(false, false, u.len, d_out, r, scale, sr, r, bp + u.row * d_out * r, d_out,
-                  A(1), reinterpret_cast<A*>(yp) + u.first * d_out, d_out);
+          run_lora(u, reinterpret_cast<A*>(yp) + u.first * d_out, A(1));
         }
       }
     });
@@ -742,45 +748,39 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
   // to the [len, k*r] result, one expand GEMM over the k*r concatenated columns of B.
   const int64_t kr = k * r;
   Concat<T> cat(s, a);
+  // One run: s = x A_cat^T (saved), t = scale * w * s (in t, the thread's scratch), then
+  // dst = t B_cat^T + beta * dst.
+  auto run_lora = [&](const Run& u, std::vector<T>& t, A* dst, A beta) {
+    cat.ensure(u.row);
+    A* sr = sp + u.first * kr;
+    gemm_acc<T>(false, true, u.len, kr, d_in, A(1), x + u.first * d_in, d_in, cat.a_of(u.row),
+                d_in, A(0), sr, kr);
+    t.resize(u.len * kr);
+    weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
+    gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, beta,
+                dst, d_out);
+  };
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<T> t;
     if constexpr (kHalf<T>) {
       if (fuse_base) {
-        std::vector<T> t;
         half_stretches<T>(runs, lo, hi, x, d_in, a.weight.data_ptr<T>(), true, d_out,
                           a.bias.defined() ? a.bias.data_ptr<T>() : nullptr, yp,
-                          [&](const Run& u, float* dst) {
-          cat.ensure(u.row);
-          A* sr = sp + u.first * kr;
-          gemm_acc<T>(false, true, u.len, kr, d_in, A(1), x + u.first * d_in, d_in,
-                      cat.a_of(u.row), d_in, A(0), sr, kr);
-          t.resize(u.len * kr);
-          weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
-          gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr,
-                      A(1), dst, d_out);
-        });
+                          [&](const Run& u, float* dst) { run_lora(u, t, dst, A(1)); });
         return;
       }
     } else {
       if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
     }
     Scratch<A> tile;
-    std::vector<T> t;
     for (int64_t q = lo; q < hi; ++q) {
       const Run& u = runs[q];
-      cat.ensure(u.row);
-      A* sr = sp + u.first * kr;
-      gemm_acc<T>(false, true, u.len, kr, d_in, A(1), x + u.first * d_in, d_in, cat.a_of(u.row),
-                  d_in, A(0), sr, kr);
-      t.resize(u.len * kr);
-      weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
       if constexpr (kHalf<T>) {
         tile.resize(u.len * d_out);
-        gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, A(0),
-                    tile.data(), d_out);
+        run_lora(u, t, tile.data(), A(0));
         add_tile<T>(yp + u.first * d_out, d_out, tile.data(), u.len, d_out);
       } else {
-        gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, A(1),
-                    reinterpret_cast<A*>(yp) + u.first * d_out, d_out);
+        run_lora(u, t, reinterpret_cast<A*>(yp) + u.first * d_out, A(1));
       }
     }
   });
@@ -799,8 +799,7 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
   Tensor shrink = at::empty({s.tokens, slots_out, s.rank}, a.adapter_w.options());
   Plan plan;
   if (s.tokens > 0) plan = make_plan(row_ids.contiguous(), s.rows);
-  const bool fuse_base = (!half || half_base_in_mkl(a.dtype)) && !plan.runs.empty() &&
-                         s.tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
+  const bool fuse_base = (!half || half_base_in_mkl(a.dtype)) && long_runs(plan, s.tokens);
   Tensor y;
   if (fuse_base) {
     y = at::empty({s.tokens, s.d_out}, a.x.options());
@@ -932,30 +931,31 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
         }
       });
     };
-    // v = g B_p, dx += scale * v A_p
+    // One run: v = g B_p (saved for the factor gradients); with dst, dst = scale * v A_p +
+    // beta * dst (dx's LoRA part). Returns v.
+    auto run_lora = [&](const Run& u, A* dst, A beta) -> const A* {
+      ensure_mixed(u.row);
+      A* vr = v + u.first * r;
+      gemm_acc<T>(false, false, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
+                  bp + u.row * d_out * r, r, A(0), vr, r);
+      if (dst != nullptr)
+        gemm<A>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, beta,
+                dst, d_in);
+      return vr;
+    };
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
       if constexpr (kHalf<T>) {
         if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch (half_stretches)
           half_stretches<T>(runs, lo, hi, g, d_out, a.weight.data_ptr<T>(), false, d_in, nullptr,
-                            dxp, [&](const Run& u, float* dst) {
-            ensure_mixed(u.row);
-            A* vr = v + u.first * r;
-            gemm_acc<T>(false, false, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
-                        bp + u.row * d_out * r, r, A(0), vr, r);
-            gemm<A>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, A(1),
-                    dst, d_in);
-          });
+                            dxp, [&](const Run& u, float* dst) { run_lora(u, dst, A(1)); });
           return;
         }
       }
       Scratch<A> tile;
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
-        ensure_mixed(u.row);
-        A* vr = v + u.first * r;
-        gemm_acc<T>(false, false, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
-                    bp + u.row * d_out * r, r, A(0), vr, r);
         if constexpr (kFusedExpand<T>) {
+          const A* vr = run_lora(u, nullptr, A(0));
           if (need_x) {
             tile.resize(d_in);
             for (int64_t n = 0; n < u.len; ++n)
@@ -963,10 +963,9 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
                            ap + u.row * r * d_in, r, d_in, tile.data());
           }
         } else if (need_x) {
-          add_dx(u, [&](A* out, A beta) {
-            gemm<A>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, beta,
-                    out, d_in);
-          }, tile);
+          add_dx(u, [&](A* out, A beta) { run_lora(u, out, beta); }, tile);
+        } else {
+          run_lora(u, nullptr, A(0));
         }
       }
     });
@@ -1111,8 +1110,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
   const bool half = a.dtype == at::kHalf || a.dtype == at::kBFloat16;
   // Half with the base in MKL (g_half_base_mode) and rows in runs: dx's base joins the LoRA
   // part in one fp32 tile per stretch; else dx's base through ATen in the input dtype.
-  const bool fuse_dx = need_x && half && half_base_in_mkl(a.dtype) && !plan.runs.empty() &&
-                       s.tokens >= kMinFusedRun * static_cast<int64_t>(plan.runs.size());
+  const bool fuse_dx = need_x && half && half_base_in_mkl(a.dtype) && long_runs(plan, s.tokens);
   Tensor dx;
   if (need_x) dx = fuse_dx ? at::empty({s.tokens, s.d_in}, a.x.options()) : at::mm(g, a.weight);
   Tensor da, db, dw;
