@@ -231,8 +231,9 @@ NATIVE_LOADED, NATIVE_CPU, NATIVE_CUDA = _load_native()
 
 def cpu_half_gemm_is_native() -> bool:
     """Whether torch's own bf16 GEMM on this CPU is oneDNN's (AVX512/AMX bf16 support): where
-    it is not, ATen runs bf16 matmuls as scalar loops (measured on an AMD EPYC, AVX2: F.linear
-    56 ms in bf16 vs 8.7 ms in fp32 at d = 1024, T = 512; its backward 1.1 s)."""
+    it is not, ATen runs bf16 matmuls as scalar loops (AMD EPYC, AVX2, 2 threads: F.linear
+    53 ms in bf16 vs 7.8 ms in fp32 at d = 1024, T = 512, forward+backward 1.2 s in bf16;
+    benchmarks/results/cpu_issue13_amd_*.md)."""
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(probe()) if probe is not None else True

@@ -97,7 +97,8 @@ constexpr int64_t kMinFusedRun = 16;
 // average 8 while measuring, 2026-11) a barrier often waits out a scheduler time slice,
 // milliseconds; 2^24 was chosen then. On the idle AMD EPYC (2026-12-01) 2^20 took the fp32
 // factor backward's LoRA part at d = 576, T = 1024 from 1.26 to 1.07 ms (9.4M multiply-adds
-// on two threads instead of one); a loaded machine may prefer the old value.
+// on two threads instead of one; the backward op alone, median of 40 calls, a one-off
+// timing); a loaded machine may prefer the old value.
 constexpr int64_t kMinParallelWork = int64_t(1) << 20;
 
 // at::parallel_for's grain for n items that cost `work` multiply-adds in all: n (inline, no
@@ -129,8 +130,9 @@ inline bool thin_on() { return g_thin_mode.load(std::memory_order_relaxed) == 1;
 // oneDNN on CPUs with AVX512/AMX bf16 support), 1 = MKL's gemm_bf16bf16f32 / gemm_f16f16f32
 // inside the op's parallel pass, into an fp32 tile that the LoRA part joins before one
 // rounding. reclora_kernels.ops sets 1 where torch reports no oneDNN bf16 support: there
-// ATen's half GEMM is a scalar loop (bf16 F.linear 56 ms at d = 1024, T = 512 on the AMD
-// EPYC, fp32 8.7 ms; MKL's bf16 GEMM 16 ms on one core, within 1.1x of fp32 sgemm).
+// ATen's half GEMM is a scalar loop (AMD EPYC, d = 1024, T = 512: bf16 F.linear 53 ms, fp32
+// 7.8 ms, benchmarks/results/cpu_issue13_amd_*.md; on one core MKL's bf16 GEMM took 16 ms
+// against ATen's bf16 mm 113 ms, timed through ctypes, 2026-12-01).
 std::atomic<int> g_half_base_mode{0};
 inline bool half_base_in_mkl(at::ScalarType t) {
   if (g_half_base_mode.load(std::memory_order_relaxed) != 1) return false;

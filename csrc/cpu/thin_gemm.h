@@ -3,10 +3,10 @@
 // Every LoRA GEMM of the op has one small dimension, the rank r (8 in the benchmarks): the
 // shrink x A^T is [len, d] x [d, r], the expand s B^T [len, r] x [r, d], the factor gradients
 // v^T x [r, len] x [len, d] and g^T s [d, len] x [len, r]. MKL 2024.2 (inside torch 2.14.1)
-// runs these shapes at 4.5-30 GFLOP/s on the AMD EPYC (Zen 3, AVX2) of this project's
-// machine, against 69 for the base GEMM on one core and 60 once the thin side is 16 (perf:
-// mkl_blas_def_sgemm_pst, its generic code path), so the LoRA part of a d = 1024 backward
-// took 3.9 ms for ~34 MFLOP. These loops are written for that shape: vectorised along the
+// runs these shapes at 4.5-45 GFLOP/s at r = 8 on the AMD EPYC (Zen 3, AVX2) of this
+// project's machine, against 85 for the base GEMM on one core (perf: mkl_blas_def_sgemm_pst,
+// its generic code path; `python benchmarks/thin_gemm_rates.py`, results/thin_gemm_cpu.md),
+// so the LoRA part of a d = 1024 backward took 3.9 ms for ~34 MFLOP. These loops are written for that shape: vectorised along the
 // long side, the rank in registers, memory-bound as the shape is.
 //
 // Two forms cover every call (row-major; C is never read when beta = 0, so it may hold NaN):
@@ -30,10 +30,10 @@
 namespace reclora {
 namespace thin {
 
-// Shapes whose smallest side is at most this go to these loops. MKL's rate here (one core,
-// 128 tokens, d = 1024) by thin side: 4.5-30 GFLOP/s at 8, 54-60 at 16, 66-72 at 32; these
-// loops: 26-48 GFLOP/s at 8 (benchmarks/results/cpu_amd_epyc.md), so 16 is where MKL is
-// already about as fast; not tuned finer.
+// Shapes whose smallest side is at most this go to these loops. GFLOP/s on one core (128
+// tokens, d = 1024; benchmarks/results/thin_gemm_cpu.md), MKL vs these loops: at 8,
+// 4.5-45 vs 47-61; at 16, 28-61 vs 38-63 (the loops ahead for g^T s, behind for the expand);
+// at 32 MKL runs 39-84 and takes them. Not tuned finer.
 constexpr int64_t kMaxThin = 16;
 
 #if RECLORA_HAVE_AVX2_THIN
