@@ -47,6 +47,7 @@ __all__ = [
     "ThreadPolicy",
     "resolve_model_source",
     "retune_threads",
+    "scoped_threads",
     "set_thread_policy",
     "shipped_smollm2",
 ]
@@ -331,6 +332,22 @@ def set_thread_policy(threads: int | str = "auto", every: int = 16) -> ThreadPol
     global _THREADS
     _THREADS = ThreadPolicy(threads, every)
     return _THREADS
+
+
+@contextlib.contextmanager
+def scoped_threads() -> Iterator[None]:
+    """Whatever policy the block installs, and whatever thread count it sets, last only for
+    the block: on exit the caller's policy and torch's thread count come back. Why: a run's
+    "auto" policy left installed kept re-picking the thread count by timing in the caller's
+    later scoring (Recommender.score after pipeline.main in one process), and a float32
+    score changed in its last bits from one call to the next (CI, 2-core machine)."""
+    global _THREADS
+    policy, count = _THREADS, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        _THREADS = policy
+        torch.set_num_threads(count)
 
 
 def retune_threads() -> None:

@@ -86,7 +86,7 @@ from reclora.few2many import (
     sample_subset,
     wait_for_main,
 )
-from reclora.llm import LLM_DTYPES
+from reclora.llm import LLM_DTYPES, scoped_threads
 
 CRM_NAMES = ("din", "sim", "deepfm")
 GATE_CRM = "din"  # the CRM whose h_u feeds RecLoRA's gates (the paper's choice on ML-1M)
@@ -991,9 +991,10 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
-    run = Run(cfg)
-    with folder_lock(run.out) if run.main else contextlib.nullcontext():
-        return _run_stages(run)
+    with scoped_threads():  # the run's thread policy ends with the run
+        run = Run(cfg)
+        with folder_lock(run.out) if run.main else contextlib.nullcontext():
+            return _run_stages(run)
 
 
 def _run_stages(run: Run) -> dict:

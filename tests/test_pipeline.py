@@ -6,6 +6,7 @@ finished stages (and only with --resume)."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -64,16 +65,34 @@ def quick_run(tiny_model_dir, tmp_path_factory):
     import reclora.crm as crm
 
     train_crm = crm.train_crm_on_dataset
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PromptBuilder, "build_batch", spy_build)
-        mp.setattr(Run, "llm_stage", spy_stage)
-        mp.setattr(crm, "train_crm_on_dataset", spy_crm)
-        assert main(_argv(out, tiny_model_dir)) == 0
+    import reclora.llm as llm
+
+    threads, policy = torch.get_num_threads(), llm._THREADS
+    # A count the run's "auto" policy never picks (it chooses 1 or all cores), so that the
+    # test after the fixture sees whether the run gave the caller's count back.
+    torch.set_num_threads((os.cpu_count() or 1) + 1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(PromptBuilder, "build_batch", spy_build)
+            mp.setattr(Run, "llm_stage", spy_stage)
+            mp.setattr(crm, "train_crm_on_dataset", spy_crm)
+            assert main(_argv(out, tiny_model_dir)) == 0
+        quick_run_threads.update(count=torch.get_num_threads(),
+                                 same_policy=llm._THREADS is policy)
+    finally:
+        torch.set_num_threads(threads)
     quick_run_crm_train.update(crm_train)
     return out, calls
 
 
 quick_run_crm_train: dict[str, np.ndarray] = {}  # the CRMs' training samples, by name
+quick_run_threads: dict[str, object] = {}  # torch's thread count and policy after the run
+
+
+def test_a_run_gives_the_caller_back_its_threads(quick_run) -> None:
+    """The run's thread policy re-picks the count by timing; left installed, it went on doing
+    so in the caller's later scoring, whose float32 scores then moved in their last bits."""
+    assert quick_run_threads == {"count": (os.cpu_count() or 1) + 1, "same_policy": True}
 
 
 def _stage(out, name) -> dict:
