@@ -246,6 +246,12 @@ MUTANTS = [
     Mutant("native", "csrc/cpu/thin_gemm.h",
            "lanes(w - 8), k, alpha", "lanes(w - 7), k, alpha",
            "tests/test_cpu_thin_gemm.py", "thin GEMM's tail store writes one column too many"),
+    # ---- added 2026-12-01 (AMD machine, later): OnceFlags instead of std::call_once
+    Mutant("native", "csrc/cpu/lora_mix_cpu.cpp",
+           "        try {\n          work();",
+           "        st.store(kDone, std::memory_order_release);\n        try {\n          work();",
+           "tests/test_native.py -k thread_counts",
+           "a row's factors marked mixed before they are (other threads read stale scratch)"),
 ]
 
 

@@ -222,24 +222,40 @@ def test_auto_picks_cpu_for_cpu_tensors(monkeypatch):
     assert rk.resolve_backend("auto", torch.device("cpu")) == "cpu"
 
 
+@pytest.mark.parametrize("order", ["packed", "shuffled", "one-row"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
 @pytest.mark.parametrize("mix", [0, 1], ids=["factor", "output"])
-def test_cpu_kernels_agree_across_thread_counts(mix):
+def test_cpu_kernels_agree_across_thread_counts(mix, dense, order):
     """The CPU loops are OpenMP-parallel (built with -fopenmp): splitting rows, runs and
     adapters over threads must give the same values, forward and backward, up to the
     summation order of the whole-tensor BLAS calls (the base GEMMs for short runs, the
-    weight gradient), which is a few ulps in float64; a race would be far larger."""
-    args = make(300, 40, 36, 6, 4, 7, 3, dtype=torch.float64, order="packed", duplicate=True)
+    weight gradient), which is a few ulps in float64; a race would be far larger. Shuffled
+    tokens: a row's runs fall to several threads, which race to mix (or gather) its factors
+    first (OnceFlags); one row: its runs start on every thread at once. Before each call the
+    same shapes run on other values, so that a thread reading a row's scratch (the op's
+    internal buffers, reused by the allocator) before it is filled sees wrong values, not
+    the right ones a previous identical call left there."""
+    tokens, rows = (600, 1) if order == "one-row" else (300, 7)
+    shape = dict(dense=dense, dtype=torch.float64, duplicate=not dense,
+                 order="packed" if order == "one-row" else order)
+    # Banks big enough that mixing one row takes longer than the other threads take to start.
+    sizes = (tokens, 160, 150, 24, 8, rows, 3)
+    args, decoy = make(*sizes, **shape), make(*sizes, seed=1, **shape)
     x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = args
+
+    def run(a):
+        y, shrink = torch.ops.reclora.lora_mix_forward(*a, 0.5, mix)
+        grads = torch.ops.reclora.lora_mix_backward(
+            torch.cos(y), a[0], a[1], a[2], *a[4:], shrink, 0.5, mix, True, True, True, True)
+        return [y, shrink, *grads]
+
     before = torch.get_num_threads()
     outs = []
     try:
         for threads in (1, 3):
             torch.set_num_threads(threads)
-            y, shrink = torch.ops.reclora.lora_mix_forward(*args, 0.5, mix)
-            grads = torch.ops.reclora.lora_mix_backward(
-                torch.cos(y), x, row_ids, weight, lora_a, lora_b, adapter_w, idx, shrink, 0.5,
-                mix, True, True, True, True)
-            outs.append([y, shrink, *grads])
+            run(decoy)
+            outs.append(run(args))
     finally:
         torch.set_num_threads(before)
     names = ["y", "shrink", "grad_x", "grad_weight", "grad_bias", "grad_a", "grad_b", "grad_w"]

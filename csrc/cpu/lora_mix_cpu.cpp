@@ -43,7 +43,7 @@
 #endif
 #include <type_traits>
 #include <memory>
-#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "../lora_mix_common.h"
@@ -152,6 +152,43 @@ struct OneBlasThread {
   ~OneBlasThread() {
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(prev);
   }
+};
+
+// Per-item "run once" flags for work done by whichever thread first needs it (a row's mixed
+// factors, its concatenated adapters). Not std::call_once: glibc ends every call_once with a
+// futex wake syscall, waiters or not, i.e. one syscall per row per op call (strace: 2 a call
+// at R = 2). Here a done flag costs one atomic load; a thread that finds another mid-way
+// yields until it is done (the work is one row's mixing, microseconds). If the work throws,
+// the flag is released and the next thread that needs it tries again, as std::call_once does.
+class OnceFlags {
+ public:
+  explicit OnceFlags(int64_t n) : n_(std::max<int64_t>(n, 1)), state_(new std::atomic<int>[n_]) {
+    for (int64_t i = 0; i < n_; ++i) state_[i].store(kIdle, std::memory_order_relaxed);
+  }
+  template <typename F>
+  void run(int64_t i, F&& work) {
+    std::atomic<int>& st = state_[i];
+    for (;;) {
+      int seen = st.load(std::memory_order_acquire);
+      if (seen == kDone) return;
+      if (seen == kIdle && st.compare_exchange_strong(seen, kBusy, std::memory_order_acq_rel)) {
+        try {
+          work();
+        } catch (...) {
+          st.store(kIdle, std::memory_order_release);
+          throw;
+        }
+        st.store(kDone, std::memory_order_release);
+        return;
+      }
+      std::this_thread::yield();
+    }
+  }
+
+ private:
+  static constexpr int kIdle = 0, kBusy = 1, kDone = 2;
+  int64_t n_;
+  std::unique_ptr<std::atomic<int>[]> state_;
 };
 
 // C[m, n] = alpha * op(A) op(B) + beta * C, all row-major; op(A) is [m, k] (A stored [k, m]
@@ -569,8 +606,7 @@ struct Concat {
   const T* bank_b;
   const int64_t* idx;
   Tensor a_buf, b_buf;
-  std::vector<std::once_flag> ready;
-  std::once_flag dense_ready;
+  OnceFlags ready;  // per row when gathered; dense: flag 0 guards the one B repack
 
   Concat(const Sizes& s_, const Args& a) : s(s_), ready(s_.rows) {
     bank_a = a.lora_a.data_ptr<T>();
@@ -594,10 +630,10 @@ struct Concat {
   void ensure(int64_t b) {
     const int64_t kr = s.slots * s.rank;
     if (idx == nullptr) {
-      std::call_once(dense_ready, [&] { pack_b(0, b_buf.data_ptr<T>()); });
+      ready.run(0, [&] { pack_b(0, b_buf.data_ptr<T>()); });
       return;
     }
-    std::call_once(ready[b], [&] {
+    ready.run(b, [&] {
       T* ad = a_buf.data_ptr<T>() + b * kr * s.d_in;
       for (int64_t j = 0; j < s.slots; ++j) {
         const T* src = bank_a + idx[b * s.slots + j] * s.rank * s.d_in;
@@ -685,9 +721,9 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
     Tensor b_mix = at::empty({s.rows, d_out * r}, a.adapter_w.options());
     T* ap = a_mix.data_ptr<T>();
     A* bp = b_mix.data_ptr<A>();
-    std::vector<std::once_flag> mixed(s.rows);
+    OnceFlags mixed(s.rows);
     auto ensure_mixed = [&](int64_t b) {
-      std::call_once(mixed[b], [&] {
+      mixed.run(b, [&] {
         if constexpr (kHalf<T>) {
           std::vector<A> tmp(r * d_in);
           mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, tmp.data());
@@ -920,9 +956,9 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     Tensor b_mix = at::empty({R, d_out * r}, a.x.options());
     A* ap = a_mix.data_ptr<A>();
     T* bp = b_mix.data_ptr<T>();
-    std::vector<std::once_flag> mixed(R);
+    OnceFlags mixed(R);
     auto ensure_mixed = [&](int64_t b) {
-      std::call_once(mixed[b], [&] {
+      mixed.run(b, [&] {
         mix_row<T>(a.lora_a.data_ptr<T>(), r * d_in, wp, idx, k, b, ap + b * r * d_in);
         if constexpr (kHalf<T>) {
           std::vector<A> tmp(d_out * r);
