@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         f"average {common.load_avg():.2f} at the end, torch {torch.__version__}, commit "
         f"{common.git_commit()}. R = 2, L = 2, d = 16, M = 4, r = 2; best of {args.rounds} "
         f"rounds of {args.calls} calls. Command: `python benchmarks/bench_host.py "
-        f"--threads {args.threads}`.",
+        f"{shlex.join(sys.argv[1:] if argv is None else argv)}`.",
         "",
         "| call | us per call | above F.linear (us) |",
         "|---|---|---|",
