@@ -5,6 +5,9 @@
 At R = 2 rows of L = 2 tokens, d = 16, M = 4 adapters of rank 2 the arithmetic is nothing, so
 the time per call is the op's fixed cost: argument checks, backend choice, the custom op's
 dispatch (and its Python autograd layer when a gradient is needed), the kernel's own set-up.
+Inference calls on CPU tensors take the C++ shortcut (csrc/inference_call.cpp); the rows with
+a gradient take the checked Python path and the custom op's autograd. The module rows put
+nn.Linear beside a ReclLoRALinear with a set mixture, both under no_grad.
 KERNEL_SPEC's target: within 15 us of F.linear on the cpu backend. Each figure is the best of
 `rounds` rounds of `calls` back-to-back calls (the minimum is the host cost without the noise
 of other processes); every row is measured in the same run, interleaved round by round.
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import reclora_kernels as rk  # noqa: E402
+from reclora import ReclLoRALinear  # noqa: E402
 from reclora_kernels import row_plan  # noqa: E402
 
 
@@ -42,6 +46,20 @@ def cases(backends: list[str]) -> dict[str, object]:
     packed = x.reshape(-1, d)
     plan = row_plan(torch.arange(rows).repeat_interleave(length), rows)
     out = {"F.linear": lambda: F.linear(x, weight, bias)}
+    # The same sizes as modules, called as a model calls them (no_grad: the layer's base and
+    # bank are parameters).
+    linear = torch.nn.Linear(d, d)
+    layer = ReclLoRALinear(d, d, num_adapters=m, rank=r)
+    layer.set_mixture(w)
+
+    def in_no_grad(module):
+        def call():
+            with torch.no_grad():
+                return module(x)
+        return call
+
+    out["nn.Linear module, no_grad"] = in_no_grad(linear)
+    out["ReclLoRALinear module, no_grad"] = in_no_grad(layer)
     for backend in backends:
         out[f"op[{backend}] dense"] = lambda be=backend: rk.lora_mix_linear(
             x, weight, bias, a, b, w, scale=2.0, backend=be)

@@ -73,6 +73,12 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype if base_dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t.to(dtype), without the call when it would return t itself (~2 us a call on the AMD
+    EPYC, six calls a forward: most of the layer's host cost at decode sizes)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _check_positive_int(arg: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"RecLoRALinear: `{arg}` must be an int >= 1, got {value!r}")
@@ -315,7 +321,7 @@ class RecLoRALinear(nn.Module):
             # The op is not autocast-aware: cast its operands here as F.linear would be, and
             # run it with autocast off (a native kernel's internal matmuls must not be recast).
             dtype = torch.get_autocast_dtype(x.device.type)
-        x_in = x.to(dtype)
+        x_in = _in_dtype(x, dtype)
         d_in = self.in_features
         if x_in.shape[-1] != d_in:
             raise ValueError(f"RecLoRALinear: `x` must end in in_features={d_in}, got shape "
@@ -337,7 +343,8 @@ class RecLoRALinear(nn.Module):
             rows = x_op.shape[0]
         else:
             # first dim = rows (sizes spelled out: -1 is ambiguous for an empty batch)
-            x_op = x_in.reshape(x_in.shape[0], math.prod(x_in.shape[1:-1]), d_in)
+            x_op = x_in if x_in.dim() == 3 else x_in.reshape(
+                x_in.shape[0], math.prod(x_in.shape[1:-1]), d_in)
             rows = x_op.shape[0]
         if weights.shape[0] != rows:
             if weights.shape[0] != 1:
@@ -350,15 +357,19 @@ class RecLoRALinear(nn.Module):
             weights = weights.expand(rows, -1).contiguous()
             idx = None if idx is None else idx.expand(rows, -1).contiguous()
 
-        weight = self.weight.t() if self.fan_in_fan_out else self.weight
+        weight, bias = self.weight, self.bias
+        if self.fan_in_fan_out:
+            weight = weight.t()
+        device = x.device
         args = (
             x_op,
-            weight.to(dtype),
-            None if self.bias is None else self.bias.to(dtype),
-            self.lora_a.to(dtype),
-            self.lora_b.to(dtype),
-            weights.to(device=x.device, dtype=dtype),
-            None if idx is None else idx.to(x.device),
+            _in_dtype(weight, dtype),
+            None if bias is None else _in_dtype(bias, dtype),
+            _in_dtype(self.lora_a, dtype),
+            _in_dtype(self.lora_b, dtype),
+            weights if weights.dtype == dtype and weights.device == device
+            else weights.to(device=device, dtype=dtype),
+            idx if idx is None or idx.device == device else idx.to(device),
         )
         # The indices were checked by set_mixture or come from a gate's top-k (in range by
         # construction): no per-layer range check, so no per-layer host sync.
@@ -369,7 +380,7 @@ class RecLoRALinear(nn.Module):
                 y = lora_mix_linear(*args, **options)
         else:
             y = lora_mix_linear(*args, **options)
-        return y.reshape(*lead, self.out_features)
+        return y if y.shape[:-1] == lead else y.reshape(*lead, self.out_features)
 
     # --- description ------------------------------------------------------------------------
 

@@ -227,6 +227,18 @@ def _load_native() -> tuple[bool, bool, bool]:
 
 
 NATIVE_LOADED, NATIVE_CPU, NATIVE_CUDA = _load_native()
+# The inference shortcut on CPU tensors (csrc/inference_call.cpp): the checks of validate.py in
+# C++ and an unboxed call of the op; it returns NotImplemented for whatever it leaves to the
+# checked path below (which then names the bad argument).
+_INFERENCE_CALL = None
+if NATIVE_CPU:
+    from . import _C
+
+    _INFERENCE_CALL = getattr(_C, "forward_inference", None)
+_MIX_CODES = validate.MIX_MODES
+# $RECLORA_BACKEND, read once at import: os.environ.get costs ~1.4 us a call on the AMD EPYC,
+# a quarter of F.linear's whole call at tiny sizes.
+ENV_BACKEND = os.environ.get("RECLORA_BACKEND", "auto")
 
 
 def cpu_half_gemm_is_native() -> bool:
@@ -284,12 +296,13 @@ def available_backends() -> list[str]:
 
 def resolve_backend(backend: str, device: torch.device, tokens: int | None = None,
                     rows: int | None = None) -> str:
-    """'auto' (or $RECLORA_BACKEND): on CUDA tensors the backend measured fastest on this card
-    for the size class (reclora_kernels/configs/<card>.json "auto", written by
-    benchmarks/tune_triton.py), else the cuBLAS-anchored Triton path; never a backend measured
-    slower than plain torch. On CPU tensors the native cpu kernels, else the reference."""
+    """'auto' (or $RECLORA_BACKEND, read at import): on CUDA tensors the backend measured
+    fastest on this card for the size class (reclora_kernels/configs/<card>.json "auto",
+    written by benchmarks/tune_triton.py), else the cuBLAS-anchored Triton path; never a
+    backend measured slower than plain torch. On CPU tensors the native cpu kernels, else the
+    reference."""
     if backend == "auto":
-        backend = os.environ.get("RECLORA_BACKEND", "auto")
+        backend = ENV_BACKEND
     # Fast paths (this runs on every call): the common answers without listing the backends.
     if device.type == "cpu" and (backend == "cpu" or backend == "auto") and NATIVE_CPU:
         return "cpu"
@@ -366,14 +379,36 @@ def lora_mix_linear(
 
     k = 1 with weight 1 is per-row multi-LoRA; M = 1 is plain LoRA. Gradients flow to x,
     weight, bias, lora_a, lora_b and adapter_w (not to indices). `backend`: "auto", or one
-    of available_backends(); $RECLORA_BACKEND overrides "auto".
+    of available_backends(); $RECLORA_BACKEND (read when reclora_kernels is imported)
+    overrides "auto".
 
     Host syncs: none per call for x [R, L, d_in] or with a `plan` (reclora_kernels.row_plan,
     made once per batch and shared by every layer). Raw `row_ids` build a plan per call (one
     host read). adapter_idx is range-checked per call (eagerly on the CPU, by an asynchronous
     device assert on a GPU) unless `indices_checked` says the caller already did.
     `check_finite` also rejects NaN/inf mixture weights (a device sync).
+
+    Host cost: an inference call on CPU tensors (no gradient to record, not traced) takes a C++
+    shortcut for the checks and the dispatch (csrc/inference_call.cpp); anything it does not
+    accept goes through validate.py as before, which raises the error that names the argument.
     """
+    if (_INFERENCE_CALL is not None and row_ids is None and not check_finite
+            and (backend == "cpu" or (backend == "auto" and ENV_BACKEND in ("auto", "cpu")))
+            and not torch.compiler.is_compiling()):
+        # The inference shortcut (x on the CPU, no gradient to record, every argument valid):
+        # ~6 us above F.linear at tiny sizes instead of ~50 (benchmarks/bench_host.py).
+        if plan is None:
+            ids, plan_rows, plan_tokens = None, -1, -1
+        elif type(plan) is RowPlan and plan.row_ids is not None:
+            ids, plan_rows, plan_tokens = plan.row_ids, plan.rows, plan.tokens
+        else:
+            ids = False
+        if ids is not False:
+            code = _MIX_CODES.get(mix, -1) if type(mix) is str else -1
+            y = _INFERENCE_CALL(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
+                                code, ids, plan_rows, plan_tokens, indices_checked)
+            if y is not NotImplemented:
+                return y
     problem = validate.prepare(
         x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, row_ids,
         check_finite=check_finite, plan=plan, indices_checked=indices_checked,

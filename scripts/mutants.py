@@ -252,6 +252,26 @@ MUTANTS = [
            "        st.store(kDone, std::memory_order_release);\n        try {\n          work();",
            "tests/test_native.py -k thread_counts",
            "a row's factors marked mixed before they are (other threads read stale scratch)"),
+    # ---- added 2026-12-01 (AMD machine, fifth session): the inference shortcut
+    Mutant("native", "csrc/inference_call.cpp",
+           "for (int64_t n = 0; n < len; ++n) *p++ = b;",
+           "for (int64_t n = 0; n < len; ++n) *p++ = b > 0 ? b - 1 : 0;",
+           "tests/test_inference_call.py", "shortcut: implicit row ids off by one row"),
+    Mutant("native", "csrc/inference_call.cpp",
+           "if (!checked && !in_range(*idxp, adapters)) return decline();",
+           "if (!checked && !in_range(*idxp, adapters + 1)) return decline();",
+           "tests/test_inference_call.py tests/test_validation.py",
+           "shortcut: adapter index M let through (reads past the bank)"),
+    Mutant("native", "csrc/inference_call.cpp",
+           "if (at::impl::torch_function_mode_enabled()) return decline();", "",
+           "tests/test_inference_call.py", "shortcut: torch function modes bypassed"),
+    Mutant("native", "csrc/inference_call.cpp",
+           "  if (!(std::abs(v) <= dtype_max(dtype))) return std::nullopt;\n", "",
+           "tests/test_inference_call.py tests/test_validation.py",
+           "shortcut: an infinite scale reaches the kernel"),
+    Mutant("native", "csrc/inference_call.cpp",
+           "c10::default_included_set).empty())", "c10::default_included_set).empty() && false)",
+           "tests/test_inference_call.py", "shortcut: vmap and dispatch modes not declined"),
 ]
 
 

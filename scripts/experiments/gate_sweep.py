@@ -26,10 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     args, run_args = p.parse_known_args(argv)
     run_args = [a for a in run_args if a != "--"]
 
-    from reclora.pipeline import GATE_CRM, Run, config_from_args
+    from reclora.llm import scoped_threads
+    from reclora.pipeline import GATE_CRM, config_from_args
 
     cfg = config_from_args(["--output", args.output, "--crms", GATE_CRM, "--no-progress",
                             *run_args])
+    with scoped_threads():  # Run installs a thread policy: it ends with the sweep
+        return _sweep(cfg, args, run_args)
+
+
+def _sweep(cfg, args, run_args) -> int:
+    from reclora.pipeline import GATE_CRM, Run
+
     run = Run(cfg)
     run.load_data()
     run.crm_stage(GATE_CRM)

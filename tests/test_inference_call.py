@@ -1,0 +1,231 @@
+"""The inference shortcut on CPU tensors (csrc/inference_call.cpp, reclora_kernels._C.
+forward_inference): it gives the checked path's answer wherever it answers, declines
+(NotImplemented) whatever the checked path would reject or must see (gradients, subclasses,
+torch function modes), and still goes through the dispatcher (modes, profiler)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_cases import TOLERANCE, Case, make_inputs, rel_err
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import reclora_kernels as rk
+from reclora_kernels import ops, row_plan
+
+pytestmark = pytest.mark.skipif(ops._INFERENCE_CALL is None,
+                                reason="the native extension is not built")
+
+
+def shortcut(args, *, scale=0.7, mix=0, plan=None, indices_checked=False):
+    ids, rows, tokens = (None, -1, -1) if plan is None else (plan.row_ids, plan.rows,
+                                                            plan.tokens)
+    return ops._INFERENCE_CALL(args["x"], args["weight"], args["bias"], args["lora_a"],
+                               args["lora_b"], args["adapter_w"], args["adapter_idx"], scale,
+                               mix, ids, rows, tokens, indices_checked)
+
+
+class Spy:
+    """Counts the shortcut's calls and the calls it answered."""
+
+    def __init__(self, inner):
+        self.inner, self.calls, self.answered = inner, 0, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        out = self.inner(*args)
+        self.answered += out is not NotImplemented
+        return out
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    s = Spy(ops._INFERENCE_CALL)
+    monkeypatch.setattr(ops, "_INFERENCE_CALL", s)
+    return s
+
+
+LAYOUTS = ["rows", "one-token-rows", "sorted-plan", "shuffled-plan"]
+
+
+def layout_inputs(layout, case, dtype):
+    if layout == "rows":
+        return make_inputs(case, dtype=dtype), None
+    packed = Case(**{**case.__dict__, "packed": True})
+    args = make_inputs(packed, dtype=dtype)
+    if layout == "one-token-rows":
+        tokens = args["x"].shape[0]
+        args["adapter_w"] = torch.randn(tokens, args["adapter_w"].shape[1], dtype=dtype)
+        if args["adapter_idx"] is not None:
+            args["adapter_idx"] = torch.randint(0, case.adapters, (tokens, case.slots))
+        return args, None
+    ids = args["row_ids"]
+    if layout == "sorted-plan":
+        ids = ids.sort().values
+    return args, row_plan(ids, case.rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+def test_shortcut_answers_as_the_reference(spy, dense, mix, layout, dtype):
+    case = Case(dense=dense, mix=mix, bias=layout != "rows", duplicate=layout == "rows")
+    args, plan = layout_inputs(layout, case, dtype)
+    args.pop("row_ids")
+    ref_args = {k: (v.double() if v is not None and v.is_floating_point() else v)
+                for k, v in args.items()}
+    ref = rk.lora_mix_linear(**ref_args, scale=case.scale, mix=mix, plan=plan,
+                             backend="reference")
+    got = rk.lora_mix_linear(**args, scale=case.scale, mix=mix, plan=plan)
+    assert spy.answered == 1, "the shortcut declined a valid inference call"
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert rel_err(got, ref) <= TOLERANCE[dtype]
+
+
+def test_shortcut_handles_empty_batches_and_strided_operands(spy):
+    args = make_inputs(Case(rows=0))
+    assert rk.lora_mix_linear(**{k: v for k, v in args.items() if k != "row_ids"}).shape == (
+        0, 5, 23)
+    args = make_inputs(Case())
+    args.pop("row_ids")
+    ref = rk.lora_mix_linear(**args, backend="reference")
+    strided = dict(args, x=args["x"].transpose(0, 1).contiguous().transpose(0, 1),
+                   weight=args["weight"].t().contiguous().t())
+    assert not strided["x"].is_contiguous() and not strided["weight"].is_contiguous()
+    assert rel_err(rk.lora_mix_linear(**strided), ref) <= TOLERANCE[torch.float64]
+    assert spy.answered == 2
+
+
+# label -> the arguments it changes in a valid call
+DECLINED = {
+    "x requires grad": lambda a: dict(x=a["x"].detach().requires_grad_()),
+    "bank requires grad": lambda a: dict(lora_b=a["lora_b"].detach().requires_grad_()),
+    "bias requires grad": lambda a: dict(bias=a["bias"].detach().requires_grad_()),
+    "int32 adapter_idx": lambda a: dict(adapter_idx=a["adapter_idx"].int()),
+    "index out of range": lambda a: dict(adapter_idx=a["adapter_idx"].clone().fill_(6)),
+    "negative index": lambda a: dict(adapter_idx=a["adapter_idx"].clone().fill_(-1)),
+    "scale a bool": lambda a: dict(scale=True),
+    "scale a string": lambda a: dict(scale="0.5"),
+    "scale inf": lambda a: dict(scale=float("inf")),
+    "scale nan": lambda a: dict(scale=float("nan")),
+    "scale an int past a double": lambda a: dict(scale=10**400),
+    "mix code 2": lambda a: dict(mix=2),
+    "weight of another dtype": lambda a: dict(weight=a["weight"].float()),
+    "weight on meta": lambda a: dict(weight=a["weight"].to("meta")),
+    "x on meta": lambda a: dict(x=a["x"].to("meta")),
+    "x of ints": lambda a: dict(x=a["x"].long()),
+    "x 1-D": lambda a: dict(x=a["x"][0, 0]),
+    "weight's d_in": lambda a: dict(weight=a["weight"][:, :-1]),
+    "bias's d_out": lambda a: dict(bias=a["bias"][:-1]),
+    "lora_a's d_in": lambda a: dict(lora_a=a["lora_a"][..., :-1]),
+    "lora_a's rank 0": lambda a: dict(lora_a=a["lora_a"][:, :0], lora_b=a["lora_b"][..., :0]),
+    "lora_b's rank": lambda a: dict(lora_b=a["lora_b"][..., :-1]),
+    "lora_b's adapters": lambda a: dict(lora_b=a["lora_b"][:-1]),
+    "adapter_w's rows": lambda a: dict(adapter_w=a["adapter_w"][:-1]),
+    "adapter_w's slots": lambda a: dict(adapter_w=a["adapter_w"][:, :-1]),
+    "no slots": lambda a: dict(adapter_w=a["adapter_w"][:, :0],
+                               adapter_idx=a["adapter_idx"][:, :0]),
+    "adapter_idx's shape": lambda a: dict(adapter_idx=a["adapter_idx"][:, :-1]),
+    "dense with k != M": lambda a: dict(adapter_idx=None),
+    "a Tensor subclass": lambda a: dict(x=a["x"].as_subclass(Sub)),
+    "a subclass bias": lambda a: dict(bias=a["bias"].as_subclass(Sub)),
+    "a list for x": lambda a: dict(x=a["x"].tolist()),
+}
+
+
+class Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("label", sorted(DECLINED))
+def test_shortcut_declines_what_it_leaves_to_the_checked_path(label):
+    args = make_inputs(Case())
+    args.pop("row_ids")
+    changed = {**args, **DECLINED[label](args)}
+    scale, mix = changed.pop("scale", 0.7), changed.pop("mix", 0)
+    assert shortcut(changed, scale=scale, mix=mix) is NotImplemented
+    assert shortcut(args) is not NotImplemented  # the unchanged call is answered
+
+
+def test_out_of_range_index_still_raises_index_error_and_no_grad_is_answered(spy):
+    args = make_inputs(Case())
+    args.pop("row_ids")
+    with pytest.raises(IndexError, match="`adapter_idx`"):
+        rk.lora_mix_linear(**dict(args, adapter_idx=args["adapter_idx"].clone().fill_(6)))
+    x = args["x"].clone().requires_grad_()
+    with torch.no_grad():
+        rk.lora_mix_linear(**dict(args, x=x))
+    with torch.inference_mode():
+        rk.lora_mix_linear(**args)
+    assert spy.answered == 2
+
+
+def test_plans_that_do_not_fit_are_declined():
+    args = make_inputs(Case(packed=True))
+    ids = args.pop("row_ids")
+    plan = row_plan(ids, 3)
+    assert shortcut(args, plan=plan) is not NotImplemented
+    assert shortcut(args, plan=row_plan(ids, 4)) is NotImplemented  # rows != adapter_w's
+    assert shortcut(args, plan=row_plan(ids[:-1], 3)) is NotImplemented  # tokens != x's
+    assert shortcut(dict(args, x=args["x"].view(3, 5, 29)), plan=plan) is NotImplemented
+
+
+def test_a_kernel_error_comes_back_as_a_python_exception():
+    """Row ids vouched for (check=False) but out of range: the kernel's own check raises,
+    through the shortcut, as a RuntimeError (not a crash)."""
+    args = make_inputs(Case(packed=True))
+    ids = args.pop("row_ids").clone()
+    ids[4] = 3
+    with pytest.raises(RuntimeError, match="row_ids"):
+        shortcut(args, plan=row_plan(ids, 3, check=False))
+
+
+def test_modes_and_the_profiler_still_see_the_op(spy):
+    args = make_inputs(Case())
+    args.pop("row_ids")
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():  # a dispatch mode: the checked path
+        rk.lora_mix_linear(**args)
+    assert "reclora.lora_mix_forward.default" in seen and spy.answered == 0
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        rk.lora_mix_linear(**args)
+    assert "reclora::lora_mix_forward" in {e.key for e in prof.key_averages()}
+    assert spy.answered == 1
+
+    class Count(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        rk.lora_mix_linear(**args)
+    assert spy.answered == 1 and Count.calls > 0  # a torch function mode: the checked path
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_vmap_goes_through_the_checked_path(spy):
+    """Under vmap the tensors are functorch wrappers (no storage for the index check): the
+    shortcut declines, and vmap over x works as one call per sample."""
+    args = make_inputs(Case())
+    args.pop("row_ids")
+    xs = torch.stack([args["x"], 2 * args["x"]])
+
+    def one(x):
+        return rk.lora_mix_linear(**dict(args, x=x))
+
+    with torch.no_grad():
+        batched = torch.vmap(one)(xs)
+        singles = [one(x) for x in xs]
+    assert spy.calls == 3 and spy.answered == 2  # the vmapped call was declined
+    for got, want in zip(batched, singles):
+        assert torch.equal(got, want)
