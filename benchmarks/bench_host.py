@@ -4,10 +4,11 @@
 
 At R = 2 rows of L = 2 tokens, d = 16, M = 4 adapters of rank 2 the arithmetic is nothing, so
 the time per call is the op's fixed cost: argument checks, backend choice, the custom op's
-dispatch (and its Python autograd layer when a gradient is needed), the kernel's own set-up.
-Inference calls on CPU tensors take the C++ shortcut (csrc/inference_call.cpp); the rows with
-a gradient take the checked Python path and the custom op's autograd. The module rows put
-nn.Linear beside a ReclLoRALinear with a set mixture, both under no_grad.
+dispatch (and its autograd layer when a gradient is needed), the kernel's own set-up.
+Calls on CPU tensors take the C++ shortcut (csrc/direct_call.cpp), those with a gradient to
+record through the op's C++ autograd (csrc/autograd.cpp); the forward+backward rows take one
+gradient (W's for F.linear, lora_a's for the op). The module rows put nn.Linear beside a
+ReclLoRALinear with a set mixture, both under no_grad.
 KERNEL_SPEC's target: within 15 us of F.linear on the cpu backend. Each figure is the best of
 `rounds` rounds of `calls` back-to-back calls (the minimum is the host cost without the noise
 of other processes); every row is measured in the same run, interleaved round by round.
@@ -45,7 +46,11 @@ def cases(backends: list[str]) -> dict[str, object]:
     a_grad = a.clone().requires_grad_(True)
     packed = x.reshape(-1, d)
     plan = row_plan(torch.arange(rows).repeat_interleave(length), rows)
-    out = {"F.linear": lambda: F.linear(x, weight, bias)}
+    grad_y = torch.randn(rows, length, d)
+    weight_grad = weight.clone().requires_grad_(True)
+    out = {"F.linear": lambda: F.linear(x, weight, bias),
+           "F.linear forward+backward": lambda: torch.autograd.grad(
+               F.linear(x, weight_grad, bias), weight_grad, grad_y)}
     # The same sizes as modules, called as a model calls them (no_grad: the layer's base and
     # bank are parameters).
     linear = torch.nn.Linear(d, d)
@@ -71,6 +76,9 @@ def cases(backends: list[str]) -> dict[str, object]:
             packed, weight, bias, a, b, w, scale=2.0, backend=be, plan=plan)
         out[f"op[{backend}] forward with grad (autograd)"] = lambda be=backend: rk.lora_mix_linear(
             x, weight, bias, a_grad, b, w, scale=2.0, backend=be)
+        out[f"op[{backend}] forward+backward"] = lambda be=backend: torch.autograd.grad(
+            rk.lora_mix_linear(x, weight, bias, a_grad, b, w, scale=2.0, backend=be), a_grad,
+            grad_y)
     return out
 
 

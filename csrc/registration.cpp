@@ -19,13 +19,13 @@ TORCH_LIBRARY_FRAGMENT(reclora, m) {
 }
 
 // Registration happens in static initialisers when the shared object is loaded; the module
-// holds one function, the inference shortcut (csrc/inference_call.cpp). Plain CPython API
+// holds one function, the CPU shortcut (csrc/direct_call.cpp). Plain CPython API
 // instead of pybind11: torch/extension.h would cost about 25 s of compile time per file on this
 // machine (../shared/ENVIRONMENT.md).
-extern PyMethodDef reclora_inference_methods[];
+extern PyMethodDef reclora_direct_methods[];
 
 static struct PyModuleDef reclora_c_module = {
     PyModuleDef_HEAD_INIT, "_C", "Native kernels of reclora_kernels (ops in torch.ops.reclora).",
-    -1, reclora_inference_methods, nullptr, nullptr, nullptr, nullptr};
+    -1, reclora_direct_methods, nullptr, nullptr, nullptr, nullptr};
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&reclora_c_module); }

@@ -18,8 +18,9 @@ row_start; None where the layout makes them implicit) and row_len. `shrink` is s
 backward, float32 (float64 for float64 inputs) [T, k', r]:
 factor mode k' = 1 and shrink = A_p[row] x (unscaled); output mode k' = k and shrink[:, j] =
 A[idx[row, j]] x (unweighted). Gradients that are not needed come back as empty tensors.
-The Triton backend defines these in Python; the native backends (cpu, cuda) in C++
-(csrc/), and this module adds fake kernels and autograd to both alike.
+The Triton backend defines these and their autograd in Python; the native backends (cpu,
+cuda) in C++ (csrc/, autograd in csrc/autograd.cpp), and this module adds fake kernels to
+both alike.
 """
 
 from __future__ import annotations
@@ -64,49 +65,6 @@ def _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapte
         maybe(need_lora, lora_a),
         maybe(need_lora, lora_b),
         maybe(need_lora, adapter_w),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix = inputs
-    ctx.save_for_backward(x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, output[1])
-    ctx.scale, ctx.mix, ctx.has_bias = scale, mix, bias is not None
-
-
-def _make_backward(backward_op):
-    def backward(ctx, grad_y, _grad_shrink):
-        x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, shrink = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_lora = need[4] or need[5] or need[6]
-        dx, dweight, dbias, da, db, dw = backward_op(
-            grad_y.contiguous(), x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
-            shrink, ctx.scale, ctx.mix, need[0], need[2], need[3] and ctx.has_bias, need_lora,
-        )
-        return (
-            dx if need[0] else None,
-            None,
-            dweight if need[2] else None,
-            dbias if need[3] and ctx.has_bias else None,
-            da if need[4] else None,
-            db if need[5] else None,
-            dw if need[6] else None,
-            None,
-            None,
-            None,
-        )
-
-    return backward
-
-
-def _attach(forward_op, backward_op) -> None:
-    """Fake kernels and autograd for one backend's pair of ops."""
-    torch.library.register_fake(forward_op)(_fake_forward)
-    torch.library.register_fake(backward_op)(_fake_backward)
-    if isinstance(backward_op, str):  # a C++-defined op, named "ns::name"
-        namespace, name = backward_op.split("::")
-        backward_op = getattr(getattr(torch.ops, namespace), name).default
-    torch.library.register_autograd(
-        forward_op, _make_backward(backward_op), setup_context=_setup_context
     )
 
 
@@ -215,26 +173,28 @@ torch.library.register_autograd(triton_lora_mix_forward, _triton_backward,
 
 def _load_native() -> tuple[bool, bool, bool]:
     """Import the compiled extension once, at import time (a try/import inside a traced
-    region breaks torch.compile's graph); attach fake kernels and autograd to its ops.
+    region breaks torch.compile's graph); attach fake kernels to its ops.
     Returns (loaded, has CPU kernels, has CUDA kernels)."""
     try:
         from . import _C  # noqa: F401
     except ImportError:
         return False, False, False
-    _attach(NATIVE_FORWARD, NATIVE_BACKWARD)
+    # Autograd is C++ (csrc/autograd.cpp); the fake kernels, for torch.compile, are here.
+    torch.library.register_fake(NATIVE_FORWARD)(_fake_forward)
+    torch.library.register_fake(NATIVE_BACKWARD)(_fake_backward)
     has = torch._C._dispatch_has_kernel_for_dispatch_key
     return True, has(NATIVE_FORWARD, "CPU"), has(NATIVE_FORWARD, "CUDA")
 
 
 NATIVE_LOADED, NATIVE_CPU, NATIVE_CUDA = _load_native()
-# The inference shortcut on CPU tensors (csrc/inference_call.cpp): the checks of validate.py in
-# C++ and an unboxed call of the op; it returns NotImplemented for whatever it leaves to the
-# checked path below (which then names the bad argument).
-_INFERENCE_CALL = None
+# The shortcut on CPU tensors (csrc/direct_call.cpp): the checks of validate.py in C++ and an
+# unboxed call of the op; it returns NotImplemented for whatever it leaves to the checked path
+# below (which then names the bad argument).
+_DIRECT_CALL = None
 if NATIVE_CPU:
     from . import _C
 
-    _INFERENCE_CALL = getattr(_C, "forward_inference", None)
+    _DIRECT_CALL = getattr(_C, "lora_mix_direct", None)
 _MIX_CODES = validate.MIX_MODES
 # $RECLORA_BACKEND, read once at import: os.environ.get costs ~1.4 us a call on the AMD EPYC,
 # a quarter of F.linear's whole call at tiny sizes.
@@ -388,15 +348,15 @@ def lora_mix_linear(
     device assert on a GPU) unless `indices_checked` says the caller already did.
     `check_finite` also rejects NaN/inf mixture weights (a device sync).
 
-    Host cost: an inference call on CPU tensors (no gradient to record, not traced) takes a C++
-    shortcut for the checks and the dispatch (csrc/inference_call.cpp); anything it does not
-    accept goes through validate.py as before, which raises the error that names the argument.
+    Host cost: a call on CPU tensors (not traced) takes a C++ shortcut for the checks and the
+    dispatch (csrc/direct_call.cpp); anything it does not accept goes through validate.py as
+    before, which raises the error that names the argument.
     """
-    if (_INFERENCE_CALL is not None and row_ids is None and not check_finite
+    if (_DIRECT_CALL is not None and row_ids is None and not check_finite
             and (backend == "cpu" or (backend == "auto" and ENV_BACKEND in ("auto", "cpu")))
             and not torch.compiler.is_compiling()):
-        # The inference shortcut (x on the CPU, no gradient to record, every argument valid):
-        # ~6 us above F.linear at tiny sizes instead of ~50 (benchmarks/bench_host.py).
+        # The shortcut (x on the CPU, every argument valid): ~6 us above F.linear at tiny
+        # sizes instead of ~50 (benchmarks/bench_host.py).
         if plan is None:
             ids, plan_rows, plan_tokens = None, -1, -1
         elif type(plan) is RowPlan and plan.row_ids is not None:
@@ -405,8 +365,8 @@ def lora_mix_linear(
             ids = False
         if ids is not False:
             code = _MIX_CODES.get(mix, -1) if type(mix) is str else -1
-            y = _INFERENCE_CALL(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
-                                code, ids, plan_rows, plan_tokens, indices_checked)
+            y = _DIRECT_CALL(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
+                             code, ids, plan_rows, plan_tokens, indices_checked)
             if y is not NotImplemented:
                 return y
     problem = validate.prepare(
@@ -431,8 +391,8 @@ def lora_mix_linear(
         if _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w):
             y2d = op(*args)[0]
         else:
-            # Inference: straight to the kernel, past the custom op's Python autograd layer
-            # (about 4.5 us per call on this CPU at tiny sizes).
+            # Inference: straight to the kernel, past the op's autograd layer (Triton's is
+            # Python: about 4.5 us per call on this CPU at tiny sizes).
             with torch._C._AutoDispatchBelowAutograd():
                 y2d = op(*args)[0]
     return y2d.view(*p.lead_shape, p.d_out)

@@ -1,7 +1,8 @@
-"""The inference shortcut on CPU tensors (csrc/inference_call.cpp, reclora_kernels._C.
-forward_inference): it gives the checked path's answer wherever it answers, declines
-(NotImplemented) whatever the checked path would reject or must see (gradients, subclasses,
-torch function modes), and still goes through the dispatcher (modes, profiler)."""
+"""The shortcut on CPU tensors (csrc/direct_call.cpp, reclora_kernels._C.lora_mix_direct) and
+the op's C++ autograd (csrc/autograd.cpp): the shortcut gives the checked path's answer
+wherever it answers, forward and gradients, declines (NotImplemented) whatever the checked
+path would reject or must see (subclasses, torch function and dispatch modes, vmap), and still
+goes through the dispatcher (the profiler)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import reclora_kernels as rk
 from reclora_kernels import ops, row_plan
 
-pytestmark = pytest.mark.skipif(ops._INFERENCE_CALL is None,
-                                reason="the native extension is not built")
+pytestmark = pytest.mark.skipif(not ops.NATIVE_CPU, reason="the native extension is not built")
+
+
+def test_a_built_extension_has_the_shortcut_and_the_cpp_autograd():
+    """Not a silent skip: an extension built from this tree has both."""
+    assert ops._DIRECT_CALL is not None
+    args = make_inputs(Case())
+    args.pop("row_ids")
+    y = rk.lora_mix_linear(**dict(args, x=args["x"].requires_grad_()), backend="cpu")
+    node = y.grad_fn.next_functions[0][0]  # below the view back to [R, L, d_out]
+    assert "CppNode<reclora::" in node.name() and "LoraMix" in node.name()
 
 
 def shortcut(args, *, scale=0.7, mix=0, plan=None, indices_checked=False):
     ids, rows, tokens = (None, -1, -1) if plan is None else (plan.row_ids, plan.rows,
                                                             plan.tokens)
-    return ops._INFERENCE_CALL(args["x"], args["weight"], args["bias"], args["lora_a"],
+    return ops._DIRECT_CALL(args["x"], args["weight"], args["bias"], args["lora_a"],
                                args["lora_b"], args["adapter_w"], args["adapter_idx"], scale,
                                mix, ids, rows, tokens, indices_checked)
 
@@ -41,8 +51,8 @@ class Spy:
 
 @pytest.fixture
 def spy(monkeypatch):
-    s = Spy(ops._INFERENCE_CALL)
-    monkeypatch.setattr(ops, "_INFERENCE_CALL", s)
+    s = Spy(ops._DIRECT_CALL)
+    monkeypatch.setattr(ops, "_DIRECT_CALL", s)
     return s
 
 
@@ -100,9 +110,6 @@ def test_shortcut_handles_empty_batches_and_strided_operands(spy):
 
 # label -> the arguments it changes in a valid call
 DECLINED = {
-    "x requires grad": lambda a: dict(x=a["x"].detach().requires_grad_()),
-    "bank requires grad": lambda a: dict(lora_b=a["lora_b"].detach().requires_grad_()),
-    "bias requires grad": lambda a: dict(bias=a["bias"].detach().requires_grad_()),
     "int32 adapter_idx": lambda a: dict(adapter_idx=a["adapter_idx"].int()),
     "index out of range": lambda a: dict(adapter_idx=a["adapter_idx"].clone().fill_(6)),
     "negative index": lambda a: dict(adapter_idx=a["adapter_idx"].clone().fill_(-1)),
@@ -156,10 +163,54 @@ def test_out_of_range_index_still_raises_index_error_and_no_grad_is_answered(spy
         rk.lora_mix_linear(**dict(args, adapter_idx=args["adapter_idx"].clone().fill_(6)))
     x = args["x"].clone().requires_grad_()
     with torch.no_grad():
-        rk.lora_mix_linear(**dict(args, x=x))
+        assert rk.lora_mix_linear(**dict(args, x=x)).grad_fn is None
     with torch.inference_mode():
         rk.lora_mix_linear(**args)
     assert spy.answered == 2
+
+
+DIFF = ("x", "weight", "bias", "lora_a", "lora_b", "adapter_w")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+@pytest.mark.parametrize("needs", ["all", "x", "bank", "mixture"])
+def test_gradients_through_the_shortcut(spy, needs, dense, mix, layout):
+    """Recorded calls go through the C++ autograd kernel: every gradient asked for matches
+    the reference's, in float64, whichever subset of the inputs requires grad (the backward
+    op is told which to compute)."""
+    case = Case(dense=dense, mix=mix, duplicate=layout == "rows")
+    args, plan = layout_inputs(layout, case, torch.float64)
+    args.pop("row_ids")
+    wanted = {"all": DIFF, "x": ("x",), "bank": ("lora_a", "lora_b"),
+              "mixture": ("adapter_w", "bias")}[needs]
+    outs = {}
+    for backend in ("reference", "cpu"):
+        leaves = {k: args[k].detach().clone().requires_grad_(k in wanted) for k in DIFF}
+        y = rk.lora_mix_linear(**{**args, **leaves}, scale=case.scale, mix=mix, plan=plan,
+                               backend=backend)
+        grad_y = torch.randn_like(y, generator=torch.Generator().manual_seed(3))
+        grads = torch.autograd.grad(y, [leaves[k] for k in wanted], grad_y)
+        outs[backend] = (y, dict(zip(wanted, grads)))
+    assert spy.answered >= 1, "the shortcut declined a call that records a gradient"
+    (y_ref, g_ref), (y_cpu, g_cpu) = outs["reference"], outs["cpu"]
+    assert rel_err(y_cpu, y_ref) <= TOLERANCE[torch.float64]
+    for k in wanted:
+        assert rel_err(g_cpu[k], g_ref[k]) <= TOLERANCE[torch.float64], k
+
+
+def test_gradcheck_through_the_shortcut(spy):
+    case = Case(tokens_per_row=2, rows=2, d_in=5, d_out=4, adapters=3, rank=2, slots=2)
+    args = make_inputs(case)
+    args.pop("row_ids")
+    leaves = [args[k].detach().clone().requires_grad_() for k in DIFF]
+
+    def f(*tensors):
+        return rk.lora_mix_linear(**{**args, **dict(zip(DIFF, tensors))}, scale=0.6)
+
+    assert torch.autograd.gradcheck(f, leaves)
+    assert spy.answered > 0 and spy.answered == spy.calls
 
 
 def test_plans_that_do_not_fit_are_declined():

@@ -1,17 +1,18 @@
-// reclora_kernels._C.forward_inference: lora_mix_linear's inference call on CPU tensors, with
-// no Python argument checks and no boxed dispatch.
+// reclora_kernels._C.lora_mix_direct: lora_mix_linear's call on CPU tensors with no Python
+// argument checks and no boxed dispatch.
 //
 // At tiny sizes the op's cost is fixed cost: reclora_kernels/validate.py's ~40 attribute
 // reads and the boxed torch.ops call (parsing ten arguments into IValues, two outputs back)
 // took ~25 us a call on the AMD EPYC, against F.linear's 5.7 us in all. Here the same checks
-// run in C++ and the op is called unboxed through the dispatcher (so the profiler and
-// inference mode see it as before).
+// run in C++ and the op is called unboxed through the dispatcher, below autograd when there
+// is no gradient to record, else through its C++ autograd kernel (csrc/autograd.cpp); the
+// profiler and inference mode see it as before.
 //
 // One home for the error messages: anything this does not accept as valid (a wrong shape,
 // dtype or device, an index out of range, a Tensor subclass, a torch function or dispatch
-// mode, vmap, a gradient to record, a layout it leaves to Python) returns NotImplemented, and Python then
-// takes the checked path, whose error names the argument. So this is only ever a shortcut for
-// calls that would succeed there; tests/test_inference_call.py holds it to that.
+// mode, vmap, a layout it leaves to Python) returns NotImplemented, and Python then takes the
+// checked path, whose error names the argument. So this is only ever a shortcut for calls
+// that would succeed there; tests/test_direct_call.py holds it to that.
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -99,14 +100,14 @@ const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
   return op;
 }
 
-// forward_inference(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix,
-//                   row_ids, plan_rows, plan_tokens, indices_checked) -> Tensor | NotImplemented
+// lora_mix_direct(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix,
+//                 row_ids, plan_rows, plan_tokens, indices_checked) -> Tensor | NotImplemented
 // mix: 0 factor, 1 output, anything else is left to Python. row_ids: a packed plan's row ids
 // (x [T, d_in]) with the plan's row and token counts, or None.
-PyObject* forward_inference(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
+PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 13) {
-    PyErr_SetString(PyExc_TypeError, "forward_inference takes 13 arguments");
+    PyErr_SetString(PyExc_TypeError, "lora_mix_direct takes 13 arguments");
     return nullptr;
   }
   auto decline = [] { Py_RETURN_NOTIMPLEMENTED; };
@@ -131,10 +132,12 @@ PyObject* forward_inference(PyObject* /*self*/, PyObject* const* args, Py_ssize_
 
   const at::ScalarType dtype = x.scalar_type();
   if (!x.device().is_cpu() || !float_dtype(dtype)) return decline();
-  if (at::GradMode::is_enabled() &&
-      (x.requires_grad() || weight.requires_grad() || lora_a.requires_grad() ||
-       lora_b.requires_grad() || adapter_w.requires_grad() || (biasp && biasp->requires_grad())))
-    return decline();  // autograd: the custom op's Python autograd layer
+  // A gradient to record: the call goes through the op's autograd kernel (csrc/autograd.cpp);
+  // otherwise straight below it.
+  const bool record = at::GradMode::is_enabled() &&
+                      (x.requires_grad() || weight.requires_grad() || lora_a.requires_grad() ||
+                       lora_b.requires_grad() || adapter_w.requires_grad() ||
+                       (biasp && biasp->requires_grad()));
   const std::optional<double> scale = scale_of(args[7], dtype);
   const long mix = PyLong_Check(args[8]) ? PyLong_AsLong(args[8]) : -1;
   if (!scale || (mix != 0 && mix != 1)) return decline();
@@ -195,7 +198,8 @@ PyObject* forward_inference(PyObject* /*self*/, PyObject* const* args, Py_ssize_
   Tensor y;
   {
     pybind11::gil_scoped_release no_gil;  // as torch's own ops: other Python threads run
-    at::AutoDispatchBelowAutograd below_autograd;
+    std::optional<at::AutoDispatchBelowAutograd> below_autograd;
+    if (!record) below_autograd.emplace();
     y = std::get<0>(forward_op().call(x2d, row_ids, weight, bias, lora_a, lora_b, adapter_w,
                                       idx, *scale, mix));
     if (x.dim() == 3) y = y.view({x.size(0), x.size(1), d_out});
@@ -206,8 +210,8 @@ PyObject* forward_inference(PyObject* /*self*/, PyObject* const* args, Py_ssize_
 
 }  // namespace
 
-PyMethodDef reclora_inference_methods[] = {
-    {"forward_inference", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
-                              forward_inference)),
-     METH_FASTCALL, "lora_mix_linear's inference call on CPU tensors (see csrc/inference_call.cpp)."},
+PyMethodDef reclora_direct_methods[] = {
+    {"lora_mix_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
+                              lora_mix_direct)),
+     METH_FASTCALL, "lora_mix_linear's call on CPU tensors (see csrc/direct_call.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
