@@ -315,12 +315,12 @@ class RecLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, idx, plan = self._resolve_mixture()
-        dtype = x.dtype
-        autocast = torch.is_autocast_enabled(x.device.type)
+        dtype, device = x.dtype, x.device
+        autocast = torch.is_autocast_enabled(device.type)
         if autocast:
             # The op is not autocast-aware: cast its operands here as F.linear would be, and
             # run it with autocast off (a native kernel's internal matmuls must not be recast).
-            dtype = torch.get_autocast_dtype(x.device.type)
+            dtype = torch.get_autocast_dtype(device.type)
         x_in = _in_dtype(x, dtype)
         d_in = self.in_features
         if x_in.shape[-1] != d_in:
@@ -360,7 +360,6 @@ class RecLoRALinear(nn.Module):
         weight, bias = self.weight, self.bias
         if self.fan_in_fan_out:
             weight = weight.t()
-        device = x.device
         args = (
             x_op,
             _in_dtype(weight, dtype),
@@ -376,7 +375,7 @@ class RecLoRALinear(nn.Module):
         options = {"scale": self.scale, "mix": self.mix, "plan": plan, "backend": self.backend,
                    "indices_checked": True}
         if autocast:
-            with torch.autocast(x.device.type, enabled=False):
+            with torch.autocast(device.type, enabled=False):
                 y = lora_mix_linear(*args, **options)
         else:
             y = lora_mix_linear(*args, **options)

@@ -280,3 +280,32 @@ def test_vmap_goes_through_the_checked_path(spy):
     assert spy.calls == 3 and spy.answered == 2  # the vmapped call was declined
     for got, want in zip(batched, singles):
         assert torch.equal(got, want)
+
+
+def test_threads_calling_at_once_get_their_own_answers(spy):
+    """The shortcut releases the GIL around the kernel (as torch's own ops do): calls from
+    several Python threads at once each get their own inputs' answer."""
+    import threading
+
+    cases = []
+    for seed in range(4):
+        args = make_inputs(Case(tokens_per_row=40, d_in=64, d_out=48), seed=seed)
+        args.pop("row_ids")
+        cases.append((args, rk.lora_mix_linear(**args, backend="reference")))
+    errors = []
+
+    def worker(args, ref):
+        try:
+            for _ in range(25):
+                got = rk.lora_mix_linear(**args)
+                assert rel_err(got, ref) <= TOLERANCE[torch.float64]
+        except Exception as exc:  # noqa: BLE001 - reported below, from the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=case) for case in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert spy.answered == 100
