@@ -8,40 +8,17 @@
 // stay in C++, as torchvision's ops do. The fake kernels stay in Python (ops.py), which is what
 // torch.compile needs to trace through this.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <optional>
+#include "op_handles.h"
 
 namespace reclora {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                             const OptTensor&, const Tensor&, const Tensor&,
-                                             const Tensor&, const OptTensor&, double, int64_t);
-using BackwardFn = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-    const Tensor&, const OptTensor&, const Tensor&, double, int64_t, bool, bool, bool, bool);
-
-const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("reclora::lora_mix_forward", "")
-                             .typed<ForwardFn>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardFn>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("reclora::lora_mix_backward", "")
-                             .typed<BackwardFn>();
-  return op;
-}
 
 class LoraMix : public torch::autograd::Function<LoraMix> {
  public:

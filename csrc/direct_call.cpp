@@ -15,10 +15,11 @@
 // that would succeed there; tests/test_direct_call.py holds it to that.
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+
+#include "op_handles.h"
 
 #include <cfloat>
 #include <cmath>
@@ -27,7 +28,8 @@
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using reclora::forward_op;
+using reclora::OptTensor;
 
 // A plain torch.Tensor (or Parameter) argument; subclasses may override __torch_function__.
 const Tensor* plain_tensor(PyObject* o) {
@@ -87,17 +89,6 @@ Tensor implicit_rows(int64_t rows, int64_t len) {
   for (int64_t b = 0; b < rows; ++b)
     for (int64_t n = 0; n < len; ++n) *p++ = b;
   return ids;
-}
-
-using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                             const OptTensor&, const Tensor&, const Tensor&,
-                                             const Tensor&, const OptTensor&, double, int64_t);
-
-const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("reclora::lora_mix_forward", "")
-                             .typed<ForwardFn>();
-  return op;
 }
 
 // lora_mix_direct(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix,
