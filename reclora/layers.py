@@ -74,8 +74,9 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 
 def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """t.to(dtype), without the call when it would return t itself (~2 us a call on the AMD
-    EPYC, six calls a forward: most of the layer's host cost at decode sizes)."""
+    """t.to(dtype), without the call when it would return t itself: ~2 us a call on the AMD
+    EPYC, and the forward made six (the layer's host cost at tiny sizes went from 65 to ~45
+    us with this; benchmarks/bench_host.py)."""
     return t if t.dtype == dtype else t.to(dtype)
 
 
