@@ -131,6 +131,7 @@ PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
                        (biasp && biasp->requires_grad()));
   const std::optional<double> scale = scale_of(args[7], dtype);
   const long mix = PyLong_Check(args[8]) ? PyLong_AsLong(args[8]) : -1;
+  if (mix == -1 && PyErr_Occurred()) PyErr_Clear();  // an int past a long: not 0 or 1
   if (!scale || (mix != 0 && mix != 1)) return decline();
 
   // Shapes, as validate.prepare checks them.

@@ -119,6 +119,7 @@ DECLINED = {
     "scale nan": lambda a: dict(scale=float("nan")),
     "scale an int past a double": lambda a: dict(scale=10**400),
     "mix code 2": lambda a: dict(mix=2),
+    "mix code past a long": lambda a: dict(mix=2**70),
     "weight of another dtype": lambda a: dict(weight=a["weight"].float()),
     "weight on meta": lambda a: dict(weight=a["weight"].to("meta")),
     "x on meta": lambda a: dict(x=a["x"].to("meta")),
