@@ -21,8 +21,8 @@
 
 #include "op_handles.h"
 
-#include <cfloat>
 #include <cmath>
+#include <limits>
 #include <optional>
 
 namespace {
@@ -44,10 +44,10 @@ bool float_dtype(at::ScalarType t) {
 // round it to inf).
 double dtype_max(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return 65504.0;
-    case at::kBFloat16: return 3.3895313892515355e38;
-    case at::kFloat: return FLT_MAX;
-    default: return DBL_MAX;
+    case at::kHalf: return static_cast<double>(std::numeric_limits<c10::Half>::max());
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<c10::BFloat16>::max());
+    case at::kFloat: return std::numeric_limits<float>::max();
+    default: return std::numeric_limits<double>::max();
   }
 }
 

@@ -32,8 +32,8 @@ def shortcut(args, *, scale=0.7, mix=0, plan=None, indices_checked=False):
     ids, rows, tokens = (None, -1, -1) if plan is None else (plan.row_ids, plan.rows,
                                                             plan.tokens)
     return ops._DIRECT_CALL(args["x"], args["weight"], args["bias"], args["lora_a"],
-                               args["lora_b"], args["adapter_w"], args["adapter_idx"], scale,
-                               mix, ids, rows, tokens, indices_checked)
+                            args["lora_b"], args["adapter_w"], args["adapter_idx"], scale,
+                            mix, ids, rows, tokens, indices_checked)
 
 
 class Spy:
