@@ -8,7 +8,8 @@ dispatch (and its autograd layer when a gradient is needed), the kernel's own se
 Calls on CPU tensors take the C++ shortcut (csrc/direct_call.cpp), those with a gradient to
 record through the op's C++ autograd (csrc/autograd.cpp); the forward+backward rows take one
 gradient (W's for F.linear, lora_a's for the op). The module rows put nn.Linear beside a
-ReclLoRALinear with a set mixture, both under no_grad.
+ReclLoRALinear with a set mixture, both under no_grad, and the layer once more recording the
+bank's gradient (a training forward).
 KERNEL_SPEC's target: within 15 us of F.linear on the cpu backend. Each figure is the best of
 `rounds` rounds of `calls` back-to-back calls (the minimum is the host cost without the noise
 of other processes); every row is measured in the same run, interleaved round by round.
@@ -65,6 +66,7 @@ def cases(backends: list[str]) -> dict[str, object]:
 
     out["nn.Linear module, no_grad"] = in_no_grad(linear)
     out["ReclLoRALinear module, no_grad"] = in_no_grad(layer)
+    out["ReclLoRALinear module, forward with grad"] = lambda: layer(x)  # the bank's
     for backend in backends:
         out[f"op[{backend}] dense"] = lambda be=backend: rk.lora_mix_linear(
             x, weight, bias, a, b, w, scale=2.0, backend=be)

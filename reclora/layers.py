@@ -80,6 +80,12 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _registered(module: nn.Module, params: dict, name: str):
+    """module.<name>, from its _parameters dict when registered there (see _operands)."""
+    value = params.get(name)
+    return getattr(module, name) if value is None else value
+
+
 def _check_positive_int(arg: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"RecLoRALinear: `{arg}` must be an int >= 1, got {value!r}")
@@ -316,41 +322,47 @@ class RecLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, idx, plan = self._resolve_mixture()
-        dtype, device = x.dtype, x.device
-        autocast = torch.is_autocast_enabled(device.type)
-        if autocast:
+        device = x.device
+        if torch.is_autocast_enabled(device.type):
             # The op is not autocast-aware: cast its operands here as F.linear would be, and
             # run it with autocast off (a native kernel's internal matmuls must not be recast).
             dtype = torch.get_autocast_dtype(device.type)
-        x_in = _in_dtype(x, dtype)
-        d_in = self.in_features
-        if x_in.shape[-1] != d_in:
+            with torch.autocast(device.type, enabled=False):
+                return self._mixed_linear(_in_dtype(x, dtype), weights, idx, plan, device)
+        return self._mixed_linear(x, weights, idx, plan, device)
+
+    def _mixed_linear(self, x, weights, idx, plan, device) -> torch.Tensor:
+        """The op on x (already in the compute dtype) with this forward's mixture.
+        Written for the host cost at decode sizes: sizes through dim()/size() (no torch.Size
+        objects) and the parameters read from _parameters (see _operands)."""
+        d_in, ndim = self.in_features, x.dim()
+        if ndim == 0 or x.size(-1) != d_in:
             raise ValueError(f"RecLoRALinear: `x` must end in in_features={d_in}, got shape "
                              f"{list(x.shape)}")
-        lead = x_in.shape[:-1]
         if plan is not None:
-            x_op = x_in.reshape(-1, d_in)
-            if plan.tokens != x_op.shape[0]:
+            x_op = x.reshape(-1, d_in)
+            if plan.tokens != x_op.size(0):
                 raise ValueError(
                     f"RecLoRALinear: the batch's `row_ids` cover {plan.tokens} tokens but x has "
-                    f"{x_op.shape[0]} (shape {list(x.shape)})"
+                    f"{x_op.size(0)} (shape {list(x.shape)})"
                 )
             rows = plan.rows
-            if weights.shape[0] == 1 and rows != 1:
+            if weights.size(0) == 1 and rows != 1:
                 # One mixture for every token: the packed input is a single row.
                 x_op, plan, rows = x_op.unsqueeze(0), None, 1
-        elif x_in.dim() <= 2:
-            x_op = x_in.reshape(-1, d_in)  # one token per row
-            rows = x_op.shape[0]
+        elif ndim == 3:
+            x_op, rows = x, x.size(0)
+        elif ndim < 3:
+            x_op = x.reshape(-1, d_in)  # one token per row
+            rows = x_op.size(0)
         else:
             # first dim = rows (sizes spelled out: -1 is ambiguous for an empty batch)
-            x_op = x_in if x_in.dim() == 3 else x_in.reshape(
-                x_in.shape[0], math.prod(x_in.shape[1:-1]), d_in)
-            rows = x_op.shape[0]
-        if weights.shape[0] != rows:
-            if weights.shape[0] != 1:
+            x_op = x.reshape(x.size(0), math.prod(x.shape[1:-1]), d_in)
+            rows = x_op.size(0)
+        if weights.size(0) != rows:
+            if weights.size(0) != 1:
                 raise ValueError(
-                    f"RecLoRALinear: the mixture has {weights.shape[0]} rows but the input has "
+                    f"RecLoRALinear: the mixture has {weights.size(0)} rows but the input has "
                     f"{rows} (x's first dim; one per token for a 2-D x); give one mixture row "
                     "per input row, or a single row for all"
                 )
@@ -358,29 +370,33 @@ class RecLoRALinear(nn.Module):
             weights = weights.expand(rows, -1).contiguous()
             idx = None if idx is None else idx.expand(rows, -1).contiguous()
 
-        weight, bias = self.weight, self.bias
+        dtype = x.dtype
+        weight, bias, lora_a, lora_b = self._operands()
         if self.fan_in_fan_out:
             weight = weight.t()
-        args = (
-            x_op,
-            _in_dtype(weight, dtype),
-            None if bias is None else _in_dtype(bias, dtype),
-            _in_dtype(self.lora_a, dtype),
-            _in_dtype(self.lora_b, dtype),
-            weights if weights.dtype == dtype and weights.device == device
-            else weights.to(device=device, dtype=dtype),
-            idx if idx is None or idx.device == device else idx.to(device),
-        )
+        if weights.dtype != dtype or weights.device != device:
+            weights = weights.to(device=device, dtype=dtype)
+        if idx is not None and idx.device != device:
+            idx = idx.to(device)
         # The indices were checked by set_mixture or come from a gate's top-k (in range by
         # construction): no per-layer range check, so no per-layer host sync.
-        options = {"scale": self.scale, "mix": self.mix, "plan": plan, "backend": self.backend,
-                   "indices_checked": True}
-        if autocast:
-            with torch.autocast(device.type, enabled=False):
-                y = lora_mix_linear(*args, **options)
-        else:
-            y = lora_mix_linear(*args, **options)
-        return y if y.shape[:-1] == lead else y.reshape(*lead, self.out_features)
+        y = lora_mix_linear(
+            x_op, _in_dtype(weight, dtype), None if bias is None else _in_dtype(bias, dtype),
+            _in_dtype(lora_a, dtype), _in_dtype(lora_b, dtype), weights, idx,
+            scale=self.scale, mix=self.mix, plan=plan, backend=self.backend,
+            indices_checked=True,
+        )
+        # A 3-D x without a plan is the op's own layout: y has x's leading shape already.
+        return y if x_op is x else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(weight, bias, lora_a, lora_b), read from _parameters where they are registered:
+        `self.weight` goes through nn.Module.__getattr__, which on Python 3.11 is reached only
+        after an AttributeError has been raised and cleared (~1 us a read on the AMD EPYC).
+        Anything else (a bias of None, a parametrized weight, which is a property) by getattr."""
+        params = self._parameters
+        return (_registered(self, params, "weight"), _registered(self, params, "bias"),
+                _registered(self, params, "lora_a"), _registered(self, params, "lora_b"))
 
     # --- description ------------------------------------------------------------------------
 

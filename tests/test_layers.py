@@ -211,6 +211,34 @@ def test_row_mapping_shapes():
         layer(torch.randn(4, 6, d + 1, dtype=F64))
 
 
+def test_parametrized_weight_and_bank_are_used():
+    """The forward reads registered parameters straight from _parameters (host cost); a
+    parametrized one (torch.nn.utils.parametrize makes it a property) must still be read
+    through its parametrization, for the base and for the bank alike."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, t):
+            return 2.0 * t
+
+    layer = make_layer()
+    w = torch.randn(4, layer.num_adapters, dtype=F64)
+    layer.set_mixture(w)
+    x = torch.randn(4, 3, layer.in_features, dtype=F64)
+    plain = layer(x)
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    parametrize.register_parametrization(layer, "lora_b", Doubled())
+    assert "weight" not in layer._parameters  # the case the fallback exists for
+    torch.testing.assert_close(layer(x), manual(layer, x, w), rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(layer(x), plain)
+
+
+def test_scalar_input_is_rejected():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="`x` must end in in_features=13"):
+        layer(torch.tensor(1.0, dtype=F64))
+
+
 def test_packed_rows():
     """Varlen rows packed HF-style into [1, T, d] with shuffled row_ids equal each row run on
     its own."""
