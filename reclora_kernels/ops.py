@@ -236,6 +236,31 @@ except ImportError:
     TRITON_IMPORTED = False
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def interpreter_problem(triton_version: str | None = None,
+                        numpy_version: str | None = None) -> str | None:
+    """Why Triton's CPU interpreter (TRITON_INTERPRET=1) cannot run the kernels with these
+    versions, or None. triton 3.6's interpreter turns size-1 arrays into ints, which numpy 2.4
+    made an error: every kernel then fails with an InterpreterError (measured with torch 2.11's
+    pinned triton 3.6.0: fails under numpy 2.4.0 and 2.5.5, passes under 2.3.5; triton 3.7.1
+    and 3.8.0 pass under 2.4)."""
+    import numpy
+
+    if triton_version is None:
+        if not TRITON_IMPORTED:
+            return None
+        triton_version = triton.__version__
+    numpy_version = numpy_version or numpy.__version__
+    if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
+        return (f"Triton's interpreter in triton {triton_version} does not run under numpy "
+                f"{numpy_version}: install numpy<2.4 or triton>=3.7")
+    return None
+
+
 def _triton_usable() -> bool:
     return TRITON_IMPORTED and (
         torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
@@ -290,6 +315,10 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
                          f"{device}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"lora_mix_linear: `backend` 'cpu' needs CPU tensors, got x on {device}")
+    if backend == "triton" and device.type == "cpu":
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(f"lora_mix_linear: `backend` 'triton' on CPU tensors: {problem}")
     return backend
 
 

@@ -28,9 +28,11 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     if DOT_FP32:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
+    # out_dtype spelled out: triton 3.6 asserts it equals a float64 acc's dtype (it defaults to
+    # float32), where 3.8 takes it from acc.
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit
