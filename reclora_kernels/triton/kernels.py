@@ -76,9 +76,15 @@ def _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len,
 
 @triton.jit
 def _row_of(rows_ptr, p, row_len, IMPLICIT: tl.constexpr):
+    # One return of one type: Triton's compiler types every return of a function, the one
+    # after a constexpr `if` included, and rejected int32 (p // row_len) beside int64 (a
+    # loaded row id) for every implicit-rows specialization (scripts/triton_aot_check.py; the
+    # interpreter runs the Python and never saw it).
     if IMPLICIT:
-        return p // row_len
-    return tl.load(rows_ptr + p)
+        row = (p // row_len).to(tl.int64)
+    else:
+        row = tl.load(rows_ptr + p).to(tl.int64)
+    return row
 
 
 @triton.jit

@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""Compile every Triton kernel the op launches for a GPU, on a machine without one.
+
+    python scripts/triton_aot_check.py [--arch 90] [--out FILE]
+
+The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not the compiler: a kernel can
+pass every CPU test and still fail to compile for a GPU (an op the MLIR lowering rejects, a
+shared-memory budget overrun, a dtype rule of the installed triton). A GPU session has 15
+minutes in all, so that failure should show here. This runs the op through the interpreter on
+small CPU tensors (forward and backward, factor and output mixes, dense and gathered, implicit
+and packed rows; fp32, bf16, fp16), records each kernel launch's argument types and constexpr
+values, and compiles each distinct specialization with triton.compile for a CUDA target
+(`--arch`, default 90 = H100/H200) with the ptxas bundled in triton's wheel. Prints one line a
+specialization (ok with its registers, spills and shared memory per program, or the error)
+and exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the value
+specialisations the JIT adds on a GPU (1, multiples of 16), so the GPU's own compile may take
+a variant of each; the code paths are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+if "--record" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit decorates the kernels
+else:
+    os.environ.pop("TRITON_INTERPRET", None)  # compiling needs real JITFunctions
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+          torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
+          torch.uint8: "u8", torch.bool: "i1"}
+
+
+def record_launches() -> list[tuple]:
+    """Run the op's cases through the interpreter; return (python fn, args, kwargs) of each
+    kernel launch."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import reclora_kernels as rk  # noqa: F401 - kernels decorated under the interpreter
+
+    launches = []
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        launches.append((self.fn, args, kwargs))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        for case in cases():
+            case()
+    finally:
+        InterpretedFunction.run = original
+    return launches
+
+
+def cases():
+    """Small calls that reach every kernel: each mix x layout x dtype, forward and backward."""
+    import reclora_kernels as rk
+
+    rows, length, d_in, d_out, m, r, k = 3, 5, 40, 24, 6, 4, 2
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for mix in ("factor", "output"):
+            for layout in ("implicit", "packed", "gathered"):
+                def call(dtype=dtype, mix=mix, layout=layout):
+                    g = torch.Generator().manual_seed(0)
+
+                    def rand(*shape, grad=True):
+                        t = torch.randn(*shape, generator=g).to(dtype)
+                        return t.requires_grad_(grad)
+
+                    weight, bias = rand(d_out, d_in), rand(d_out)
+                    lora_a, lora_b = rand(m, r, d_in), rand(m, d_out, r)
+                    if layout == "gathered":
+                        idx = torch.randint(0, m, (rows, k), generator=g)
+                        w = rand(rows, k)
+                    else:
+                        idx, w = None, rand(rows, m)
+                    kwargs = {"mix": mix, "scale": 0.5, "backend": "triton"}
+                    if layout == "packed":
+                        row_ids = torch.randint(0, rows, (rows * length,), generator=g)
+                        x = rand(rows * length, d_in)
+                        kwargs["plan"] = rk.row_plan(row_ids, rows)
+                    else:
+                        x = rand(rows, length, d_in)
+                    y = rk.lora_mix_linear(x, weight, bias, lora_a, lora_b, w, idx, **kwargs)
+                    y.float().square().sum().backward()
+                yield call
+
+
+def signature_of(jit, args, kwargs) -> tuple[dict, dict]:
+    """A JITFunction's compile signature and constexpr values for one launch's arguments."""
+    names = [p.name for p in jit.params]
+    bound = dict(zip(names, args, strict=False)) | kwargs
+    signature, constexprs = {}, {}
+    for p in jit.params:
+        value = bound.get(p.name, p.default if p.has_default else None)
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+        elif value is None:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = None
+        elif isinstance(value, torch.Tensor):
+            signature[p.name] = "*" + _TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[p.name] = "i1"
+        elif isinstance(value, int):
+            signature[p.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[p.name] = "fp32"
+        else:
+            raise TypeError(f"{jit.__name__}: argument {p.name} of type {type(value).__name__}")
+    return signature, constexprs
+
+
+def record() -> list[dict]:
+    """(In a child process under the interpreter.) The distinct specializations launched."""
+    from triton.runtime.jit import JITFunction
+
+    seen = {}
+    for fn, a, kw in record_launches():
+        signature, constexprs = signature_of(JITFunction(fn), a, kw)
+        spec = {"kernel": fn.__name__, "signature": signature, "constexprs": constexprs}
+        seen.setdefault(json.dumps(spec, sort_keys=True), spec)
+    return list(seen.values())
+
+
+def compile_all(specs: list[dict], arch: int) -> tuple[list[str], int]:
+    """(In this process, no interpreter: the interpreter patches triton.language while it
+    runs, so compiling must happen where it never ran.)"""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from reclora_kernels.triton import kernels
+
+    target = GPUTarget("cuda", arch, 32)
+    lines, failed = [], 0
+    for spec in sorted(specs, key=lambda s: json.dumps(s, sort_keys=True)):
+        name, signature, constexprs = spec["kernel"], spec["signature"], spec["constexprs"]
+        dtypes = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
+        consts = " ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None)
+        try:
+            compiled = triton.compile(ASTSource(getattr(kernels, name), signature, constexprs),
+                                      target=target)
+            meta = compiled.metadata
+            regs = getattr(compiled, "n_regs", None)
+            lines.append(f"ok    {name} [{dtypes}] {consts}: shared {meta.shared} B, "
+                         f"{meta.num_warps} warps"
+                         + (f", {regs} regs, {compiled.n_spills} spills" if regs else ""))
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status
+            failed += 1
+            detail = " | ".join(str(e).strip().splitlines()[-3:]) or type(e).__name__
+            lines.append(f"FAIL  {name} [{dtypes}] {consts}: {type(e).__name__}: {detail[:600]}")
+    return lines, failed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--out", type=Path, default=None, help="also write the lines here")
+    p.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.record:
+        print(json.dumps(record()))
+        return 0
+    child = subprocess.run([sys.executable, __file__, "--record"], capture_output=True,
+                           text=True, env=os.environ | {"TRITON_INTERPRET": "1"})
+    if child.returncode != 0:
+        print(child.stderr[-3000:], file=sys.stderr)
+        return 2
+    specs = json.loads(child.stdout.strip().splitlines()[-1])
+    lines, failed = compile_all(specs, args.arch)
+    lines.insert(0, f"triton {triton.__version__}, torch {torch.__version__}, target "
+                    f"sm_{args.arch}: {len(specs)} distinct specializations launched, "
+                    f"{failed} failed to compile")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
