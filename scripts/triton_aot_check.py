@@ -8,11 +8,13 @@ pass every CPU test and still fail to compile for a GPU (an op the MLIR lowering
 shared-memory budget overrun, a dtype rule of the installed triton). A GPU session has 15
 minutes in all, so that failure should show here. This runs the op through the interpreter on
 small CPU tensors (forward and backward, factor and output mixes, dense and gathered, implicit
-and packed rows; fp32, bf16, fp16), records each kernel launch's argument types and constexpr
-values, and compiles each distinct specialization with triton.compile for a CUDA target
-(`--arch`, default 90 = H100/H200) with the ptxas bundled in triton's wheel. Prints one line a
-specialization (ok with its registers, spills and shared memory per program, or the error)
-and exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the value
+and packed rows, short and long rows; fp32, bf16, fp16) with the tile table and launch options
+of `--card` (reclora_kernels/configs), records each kernel launch's argument types, constexpr
+values and num_warps / num_stages, and compiles each distinct specialization with
+triton.compile for a CUDA target (`--arch`, default 90 = H100/H200) with the ptxas bundled in
+triton's wheel. Prints one line a specialization (ok with its shared memory, warps and stages,
+or the error; shared memory past the 227 KiB a block can get on sm_90 is a failure too) and
+exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the value
 specialisations the JIT adds on a GPU (1, multiples of 16), so the GPU's own compile may take
 a variant of each; the code paths are the same.
 """
@@ -20,6 +22,7 @@ a variant of each; the code paths are the same.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -36,23 +39,50 @@ else:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
+# Shared memory a block may opt into on an H100 / H200 (sm_90): 227 KiB.
+SMEM_PER_BLOCK_OPTIN = 232_448
+
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
           torch.uint8: "u8", torch.bool: "i1"}
 
 
-def record_launches() -> list[tuple]:
-    """Run the op's cases through the interpreter; return (python fn, args, kwargs) of each
-    kernel launch."""
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def use_card_tables(card: str) -> None:
+    """Make the launch code pick `card`'s tile table (reclora_kernels/configs, as on that GPU)
+    and pass its num_warps / num_stages, though the tensors are on the CPU."""
+    from reclora_kernels.triton import configs, launch
+
+    def card_config(kernel, device, tokens=None, rows=None):
+        table = configs._table(card)
+        short = f"{kernel}_short_rows"
+        if tokens is not None and rows and short in table:
+            if tokens / rows < table.get("short_rows_below", 0):
+                return dict(table[short])
+        return dict(table[kernel])
+
+    launch.config = card_config
+    launch.interpreting = lambda: False
+    launch._smem_budget = lambda device: int(0.8 * SMEM_PER_BLOCK_OPTIN)
+
+
+def record_launches(card: str) -> list[tuple]:
+    """Run the op's cases through the interpreter; return (python fn, args, kwargs, launch
+    options) of each kernel launch."""
     from triton.runtime.interpreter import InterpretedFunction
 
     import reclora_kernels as rk  # noqa: F401 - kernels decorated under the interpreter
 
+    if card != "interpret":
+        use_card_tables(card)
     launches = []
     original = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        launches.append((self.fn, args, kwargs))
+        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+        launches.append((self.fn, args, kwargs, options))
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
@@ -68,11 +98,14 @@ def cases():
     """Small calls that reach every kernel: each mix x layout x dtype, forward and backward."""
     import reclora_kernels as rk
 
-    rows, length, d_in, d_out, m, r, k = 3, 5, 40, 24, 6, 4, 2
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    rows, d_in, d_out, m, r, k = 3, 40, 24, 6, 4, 2
+    # 5 and 40 tokens a row: both size classes of a card table (its "_short_rows" entries
+    # apply below short_rows_below = 32 tokens a row).
+    for dtype, length in itertools.product((torch.float32, torch.bfloat16, torch.float16),
+                                           (5, 40)):
         for mix in ("factor", "output"):
             for layout in ("implicit", "packed", "gathered"):
-                def call(dtype=dtype, mix=mix, layout=layout):
+                def call(dtype=dtype, length=length, mix=mix, layout=layout):
                     g = torch.Generator().manual_seed(0)
 
                     def rand(*shape, grad=True):
@@ -124,14 +157,15 @@ def signature_of(jit, args, kwargs) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def record() -> list[dict]:
+def record(card: str) -> list[dict]:
     """(In a child process under the interpreter.) The distinct specializations launched."""
     from triton.runtime.jit import JITFunction
 
     seen = {}
-    for fn, a, kw in record_launches():
+    for fn, a, kw, options in record_launches(card):
         signature, constexprs = signature_of(JITFunction(fn), a, kw)
-        spec = {"kernel": fn.__name__, "signature": signature, "constexprs": constexprs}
+        spec = {"kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+                "options": options}
         seen.setdefault(json.dumps(spec, sort_keys=True), spec)
     return list(seen.values())
 
@@ -150,14 +184,18 @@ def compile_all(specs: list[dict], arch: int) -> tuple[list[str], int]:
         name, signature, constexprs = spec["kernel"], spec["signature"], spec["constexprs"]
         dtypes = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
         consts = " ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None)
+        consts += "".join(f" {k}={v}" for k, v in spec["options"].items())
         try:
             compiled = triton.compile(ASTSource(getattr(kernels, name), signature, constexprs),
-                                      target=target)
+                                      target=target, options=spec["options"])
             meta = compiled.metadata
-            regs = getattr(compiled, "n_regs", None)
-            lines.append(f"ok    {name} [{dtypes}] {consts}: shared {meta.shared} B, "
-                         f"{meta.num_warps} warps"
-                         + (f", {regs} regs, {compiled.n_spills} spills" if regs else ""))
+            line = (f"{name} [{dtypes}] {consts}: shared {meta.shared} B, "
+                    f"{meta.num_warps} warps, {meta.num_stages} stages")
+            if meta.shared > SMEM_PER_BLOCK_OPTIN:  # the launch would fail: out of resources
+                failed += 1
+                lines.append(f"FAIL  {line} (over the {SMEM_PER_BLOCK_OPTIN} B a block gets)")
+            else:
+                lines.append(f"ok    {line}")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status
             failed += 1
             detail = " | ".join(str(e).strip().splitlines()[-3:]) or type(e).__name__
@@ -169,20 +207,27 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--out", type=Path, default=None, help="also write the lines here")
+    p.add_argument("--card", default="NVIDIA H100 80GB HBM3",
+                   help="whose tile table the launches use, as torch.cuda.get_device_name "
+                        "spells it (a card without reclora_kernels/configs/<card>.json gets "
+                        "default.json's cuda table, e.g. 'NVIDIA H200'), or 'interpret' for "
+                        "the CPU interpreter's")
     p.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.record:
-        print(json.dumps(record()))
+        print(json.dumps(record(args.card)))
         return 0
-    child = subprocess.run([sys.executable, __file__, "--record"], capture_output=True,
-                           text=True, env=os.environ | {"TRITON_INTERPRET": "1"})
+    child = subprocess.run([sys.executable, __file__, "--record", "--card", args.card],
+                           capture_output=True, text=True,
+                           env=os.environ | {"TRITON_INTERPRET": "1"})
     if child.returncode != 0:
         print(child.stderr[-3000:], file=sys.stderr)
         return 2
     specs = json.loads(child.stdout.strip().splitlines()[-1])
     lines, failed = compile_all(specs, args.arch)
     lines.insert(0, f"triton {triton.__version__}, torch {torch.__version__}, target "
-                    f"sm_{args.arch}: {len(specs)} distinct specializations launched, "
+                    f"sm_{args.arch}, {args.card} tables: {len(specs)} distinct "
+                    f"specializations launched, "
                     f"{failed} failed to compile")
     text = "\n".join(lines)
     print(text)
