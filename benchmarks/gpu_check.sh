@@ -11,7 +11,8 @@
 #   bash benchmarks/gpu_check.sh --smoke    # on a CPU: no build, no GPU tests, targets --smoke
 #
 # That machine has python3 3.12, torch 2.11+cu130, triton 3.6, pytest, no registry (before a
-# session, `bash scripts/compile_against_torch.sh` compiles csrc/ against 2.11's headers here). Wheels the
+# session, `bash scripts/compile_against_torch.sh` compiles csrc/ against 2.11's headers here,
+# and `python scripts/triton_aot_check.py` every Triton kernel the op launches for sm_90). Wheels the
 # tests need and it lacks (hypothesis and its dependencies) travel in .whl/ (carry it):
 # `pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl hypothesis
 # sortedcontainers attrs`.
