@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile every Triton kernel the op launches for a GPU, on a machine without one.
 
-    python scripts/triton_aot_check.py [--arch 90] [--out FILE]
+    python scripts/triton_aot_check.py [--card "NVIDIA H200"] [--arch 90] [--out FILE]
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not the compiler: a kernel can
 pass every CPU test and still fail to compile for a GPU (an op the MLIR lowering rejects, a
@@ -55,15 +55,8 @@ def use_card_tables(card: str) -> None:
     and pass its num_warps / num_stages, though the tensors are on the CPU."""
     from reclora_kernels.triton import configs, launch
 
-    def card_config(kernel, device, tokens=None, rows=None):
-        table = configs._table(card)
-        short = f"{kernel}_short_rows"
-        if tokens is not None and rows and short in table:
-            if tokens / rows < table.get("short_rows_below", 0):
-                return dict(table[short])
-        return dict(table[kernel])
-
-    launch.config = card_config
+    launch.config = lambda kernel, device, tokens=None, rows=None: configs.card_config(
+        card, kernel, tokens, rows)
     launch.interpreting = lambda: False
     launch._smem_budget = lambda device: int(0.8 * SMEM_PER_BLOCK_OPTIN)
 

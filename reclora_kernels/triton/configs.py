@@ -48,7 +48,13 @@ def config(kernel: str, device: torch.device, tokens: int | None = None,
     """
     if device.type != "cuda":
         return dict(_table("interpret")[kernel])
-    table = _table(_device_name(device.index))
+    return card_config(_device_name(device.index), kernel, tokens, rows)
+
+
+def card_config(card: str, kernel: str, tokens: int | None = None,
+                rows: int | None = None) -> dict:
+    """config() on a CUDA card named `card` (as torch.cuda.get_device_name spells it)."""
+    table = _table(card)
     short = f"{kernel}_short_rows"
     if tokens is not None and rows and short in table:
         if tokens / rows < table.get("short_rows_below", 0):
