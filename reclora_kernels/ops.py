@@ -26,11 +26,12 @@ both alike.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 
 from . import reference, validate
-from .plan import RowPlan
+from .plan import RowPlan, _has_cuda
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 NATIVE_FORWARD = "reclora::lora_mix_forward"
@@ -254,17 +255,23 @@ def interpreter_problem(triton_version: str | None = None,
         if not TRITON_IMPORTED:
             return None
         triton_version = triton.__version__
-    numpy_version = numpy_version or numpy.__version__
+    return _interpreter_problem(triton_version, numpy_version or numpy.__version__)
+
+
+@lru_cache(maxsize=8)
+def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     if _version(triton_version) < (3, 7) and _version(numpy_version) >= (2, 4):
         return (f"Triton's interpreter in triton {triton_version} does not run under numpy "
                 f"{numpy_version}: install numpy<2.4 or triton>=3.7")
     return None
 
 
+# Read at import, as triton reads it when it decorates the kernels.
+_INTERPRET_ENV = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _triton_usable() -> bool:
-    return TRITON_IMPORTED and (
-        torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-    )
+    return TRITON_IMPORTED and (_has_cuda() or _INTERPRET_ENV)
 
 
 def available_backends() -> list[str]:
@@ -274,7 +281,7 @@ def available_backends() -> list[str]:
         found.append("triton")
     if NATIVE_CPU:
         found.append("cpu")
-    if torch.cuda.is_available() and NATIVE_CUDA:
+    if _has_cuda() and NATIVE_CUDA:
         found.append("cuda")
     return found
 
@@ -292,6 +299,8 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
     if device.type == "cpu" and (backend == "cpu" or backend == "auto") and NATIVE_CPU:
         return "cpu"
     if backend == "reference":
+        return backend
+    if backend == "triton" and device.type == "cuda" and TRITON_IMPORTED:
         return backend
     if backend not in ("auto", *BACKENDS):
         raise ValueError(
@@ -320,6 +329,14 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
         if problem is not None:
             raise RuntimeError(f"lora_mix_linear: `backend` 'triton' on CPU tensors: {problem}")
     return backend
+
+
+@lru_cache(maxsize=1)
+def _triton_eager():
+    """reclora_kernels.triton.eager, imported on first use (it imports triton)."""
+    from .triton import eager
+
+    return eager
 
 
 def _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w) -> bool:
@@ -409,6 +426,12 @@ def lora_mix_linear(
         y2d = reference.lora_mix_reference(p.x2d, pl.token_rows(x.device), weight, bias, lora_a,
                                            lora_b, adapter_w, p.adapter_idx, float(scale), p.mix)
     else:
+        if chosen == "triton" and _triton_eager().eager_ok(x, weight, bias, lora_a, lora_b,
+                                                            adapter_w, p.adapter_idx):
+            y2d = _triton_eager().forward(
+                p.x2d, weight, bias, lora_a, lora_b, adapter_w, p.adapter_idx, pl,
+                float(scale), p.mix, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w))
+            return y2d.view(*p.lead_shape, p.d_out)
         if chosen == "triton":
             op = triton_lora_mix_forward
             args = (p.x2d, pl.row_ids, pl.order, pl.sorted_rows, pl.row_start, pl.row_len)

@@ -1,0 +1,197 @@
+"""Python host cost of the Triton path (the GPU default), measured on a CPU: issue 12's decode
+row asks for <= 60 us of eager host time per call at T = 64 in 8 rows.
+
+    python benchmarks/bench_host_triton.py [--calls 2000] [--rounds 15] [--out FILE]
+
+There is no GPU here, so every Triton kernel launch is replaced by a counter (the kernels
+themselves are checked elsewhere: the op suite under the interpreter, scripts/
+triton_aot_check.py for sm_90). What is left is everything the op does on the host for a
+CUDA call except Triton's own launcher and the CUDA driver: the argument checks, the backend
+choice, the custom op's wrappers, the launch plan (configs, grids, strides), and torch's
+calls for the mixing GEMMs, cuBLAS's base and the buffers (here running on tiny CPU tensors,
+d = 16, so their arithmetic is nothing). On the GPU add, per launch, Triton's launcher and
+the driver: the table's launch counts say how many.
+
+Launch counts: Triton kernels counted by the stubs; torch kernels by a TorchDispatchMode
+(each aten op that computes is one GPU kernel launch; views and allocations excluded).
+Timing as bench_host.py: the best of `rounds` rounds of `calls` back-to-back calls, all rows
+interleaved round by round, one thread. Writes a markdown table with the machine's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's path on CPU tensors; see docstring
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import reclora_kernels as rk  # noqa: E402
+from reclora_kernels import row_plan  # noqa: E402
+from reclora_kernels.triton import kernels, launch  # noqa: E402
+
+# aten ops that launch no kernel on a GPU (views, metadata, allocation without a fill).
+_NO_LAUNCH = ("view", "reshape", "_reshape_alias", "t", "transpose", "expand", "as_strided",
+              "empty", "empty_like", "new_empty", "empty_strided", "detach", "alias",
+              "_unsafe_view", "unsqueeze", "squeeze", "select", "slice", "permute",
+              "lift_fresh", "_local_scalar_dense", "sym_size", "sym_stride", "is_same_size")
+
+
+class _Stub:
+    """Stands in for a Triton kernel: `kernel[grid](...)` counts a launch and does nothing."""
+
+    def __init__(self, counts: dict[str, int], name: str):
+        self.counts, self.name = counts, name
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.counts[self.name] = self.counts.get(self.name, 0) + 1
+        return launch
+
+
+def stub_kernels() -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name in dir(kernels):
+        if name.endswith("_kernel"):
+            setattr(kernels, name, _Stub(counts, name))
+    return counts
+
+
+class _CountKernels(TorchDispatchMode):
+    """Counts the aten ops that would each launch a GPU kernel (not views or allocations).
+    The op's own custom op is one opaque op to a mode outside it; `count_inside` puts
+    another inside the Triton launch plan."""
+
+    def __init__(self, names: list[str]):
+        super().__init__()
+        self.names = names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "aten" and name not in _NO_LAUNCH:
+            if not (name == "to" and out is args[0]):  # a `to` that changes nothing is free
+                self.names.append(name)
+        return out
+
+
+def count_inside(names: list[str]) -> None:
+    """Wrap launch.forward / launch.backward so the ops they run are counted into `names`."""
+    for attr in ("forward", "backward"):
+        inner = getattr(launch, attr)
+
+        def counted(*args, _inner=inner, **kwargs):
+            with _CountKernels(names):
+                return _inner(*args, **kwargs)
+        setattr(launch, attr, counted)
+
+
+def cases() -> dict[str, object]:
+    """T = 64 tokens in 8 rows (the decode row of issue 12) at d = 16: host cost only."""
+    torch.manual_seed(0)
+    rows, length, d, m, r, k = 8, 8, 16, 16, 8, 4
+    x = torch.randn(rows, length, d)
+    weight, bias = torch.randn(d, d), torch.randn(d)
+    a, b, w = torch.randn(m, r, d), torch.randn(m, d, r), torch.randn(rows, m)
+    idx, wk = torch.randint(0, m, (rows, k)), torch.randn(rows, k)
+    packed = x.reshape(-1, d)
+    plan = row_plan(torch.arange(rows).repeat_interleave(length), rows)
+    a_grad = a.clone().requires_grad_(True)
+    grad_y = torch.randn(rows, length, d)
+
+    def op(*args, **kw):
+        return rk.lora_mix_linear(*args, scale=2.0, backend="triton", **kw)
+
+    return {
+        "F.linear": lambda: F.linear(x, weight, bias),
+        "op[triton] dense factor": lambda: op(x, weight, bias, a, b, w),
+        "op[triton] dense output": lambda: op(x, weight, bias, a, b, w, mix="output"),
+        "op[triton] gathered k=4, idx checked once": lambda: op(
+            x, weight, bias, a, b, wk, idx, indices_checked=True),
+        "op[triton] gathered k=4, unchecked idx": lambda: op(x, weight, bias, a, b, wk, idx),
+        "op[triton] packed with a plan": lambda: op(packed, weight, bias, a, b, w, plan=plan),
+        "op[triton] forward with grad (autograd)": lambda: op(x, weight, bias, a_grad, b, w),
+        "op[triton] forward+backward": lambda: torch.autograd.grad(
+            op(x, weight, bias, a_grad, b, w), a_grad, grad_y),
+    }
+
+
+def launches(fn, triton_counts: dict[str, int]) -> tuple[int, int]:
+    """(Triton launches, torch kernel launches) of one call."""
+    fn()  # the launch plan's caches (index tables, constants) filled, as in the timed calls
+    triton_counts.clear()
+    names: list[str] = []
+    count_inside(names)
+    try:
+        with _CountKernels(names):
+            fn()
+    finally:
+        importlib.reload(launch)  # the timed calls run unwrapped
+    return sum(triton_counts.values()), len(names)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--out", type=Path, default=common.RESULTS / "host_overhead_triton_cpu.md")
+    args = p.parse_args(argv)
+    if "triton" not in rk.available_backends():
+        print("bench_host_triton: needs triton (TRITON_INTERPRET=1 on a CPU)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    counts = stub_kernels()
+    fns = cases()
+    launch_counts = {name: launches(fn, counts) for name, fn in fns.items()}
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():  # warm-up
+        for _ in range(200):
+            fn()
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / args.calls * 1e6)
+    base = best["F.linear"]
+    lines = [
+        "# Host cost per call of the Triton path, its kernel launches stubbed (CPU proxy)",
+        "",
+        f"Machine: {common.cpu_name()} ({platform.node()}), 1 thread, load average "
+        f"{common.load_avg():.2f} at the end, torch {torch.__version__}, triton "
+        f"{common.triton_version()}, commit {common.git_commit()}. T = 64 tokens in R = 8 rows "
+        f"(issue 12's decode row) at d = 16, M = 16, r = 8; best of {args.rounds} rounds of "
+        f"{args.calls} calls. Command: `python benchmarks/bench_host_triton.py "
+        f"{shlex.join(sys.argv[1:] if argv is None else argv)}`.",
+        "",
+        "Not a GPU figure: Triton's launcher and the driver's launch cost (per launch, times "
+        "the counts here) come on top on a GPU; benchmarks/gpu_targets.py measures the whole.",
+        "",
+        "| call | host us per call | above F.linear (us) | Triton launches | torch kernels |",
+        "|---|---|---|---|---|",
+    ]
+    for name, us in best.items():
+        tri, tor = launch_counts[name]
+        lines.append(f"| {name} | {us:.1f} | {us - base:+.1f} | {tri} | {tor} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
