@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import reclora_kernels as rk  # noqa: E402
+from reclora import ReclLoRALinear  # noqa: E402
 from reclora_kernels import row_plan  # noqa: E402
 from reclora_kernels.triton import kernels, launch  # noqa: E402
 
@@ -114,6 +115,18 @@ def cases() -> dict[str, object]:
     def op(*args, **kw):
         return rk.lora_mix_linear(*args, scale=2.0, backend="triton", **kw)
 
+    # As a model calls them: nn.Linear beside a ReclLoRALinear with a set mixture (its bank's
+    # factors mixed per row), both under no_grad.
+    linear = torch.nn.Linear(d, d)
+    layer = ReclLoRALinear(d, d, num_adapters=m, rank=r, backend="triton")
+    layer.set_mixture(w)
+
+    def in_no_grad(module):
+        def call():
+            with torch.no_grad():
+                return module(x)
+        return call
+
     return {
         "F.linear": lambda: F.linear(x, weight, bias),
         "op[triton] dense factor": lambda: op(x, weight, bias, a, b, w),
@@ -125,6 +138,8 @@ def cases() -> dict[str, object]:
         "op[triton] forward with grad (autograd)": lambda: op(x, weight, bias, a_grad, b, w),
         "op[triton] forward+backward": lambda: torch.autograd.grad(
             op(x, weight, bias, a_grad, b, w), a_grad, grad_y),
+        "nn.Linear module, no_grad": in_no_grad(linear),
+        "ReclLoRALinear module (triton), no_grad": in_no_grad(layer),
     }
 
 
