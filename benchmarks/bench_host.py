@@ -22,7 +22,6 @@ import argparse
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -58,14 +57,8 @@ def cases(backends: list[str]) -> dict[str, object]:
     layer = ReclLoRALinear(d, d, num_adapters=m, rank=r)
     layer.set_mixture(w)
 
-    def in_no_grad(module):
-        def call():
-            with torch.no_grad():
-                return module(x)
-        return call
-
-    out["nn.Linear module, no_grad"] = in_no_grad(linear)
-    out["ReclLoRALinear module, no_grad"] = in_no_grad(layer)
+    out["nn.Linear module, no_grad"] = common.no_grad_call(linear, x)
+    out["ReclLoRALinear module, no_grad"] = common.no_grad_call(layer, x)
     out["ReclLoRALinear module, forward with grad"] = lambda: layer(x)  # the bank's
     for backend in backends:
         out[f"op[{backend}] dense"] = lambda be=backend: rk.lora_mix_linear(
@@ -94,16 +87,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     backends = [b for b in ("cpu", "reference") if b in rk.available_backends()]
     fns = cases(backends)
-    best = dict.fromkeys(fns, float("inf"))
-    for fn in fns.values():  # warm-up
-        for _ in range(200):
-            fn()
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / args.calls * 1e6)
+    best = common.best_us_per_call(fns, rounds=args.rounds, calls=args.calls)
     base = best["F.linear"]
     lines = [
         "# Host cost per call at tiny sizes (CPU)",
@@ -119,11 +103,7 @@ def main(argv=None) -> int:
     ]
     for name, us in best.items():
         lines.append(f"| {name} | {us:.1f} | {us - base:+.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    common.write_markdown(args.out, lines)
     return 0
 
 

@@ -26,7 +26,6 @@ import os
 import platform
 import shlex
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's path on CPU tensors; see docstring
@@ -121,12 +120,6 @@ def cases() -> dict[str, object]:
     layer = ReclLoRALinear(d, d, num_adapters=m, rank=r, backend="triton")
     layer.set_mixture(w)
 
-    def in_no_grad(module):
-        def call():
-            with torch.no_grad():
-                return module(x)
-        return call
-
     return {
         "F.linear": lambda: F.linear(x, weight, bias),
         "op[triton] dense factor": lambda: op(x, weight, bias, a, b, w),
@@ -138,8 +131,8 @@ def cases() -> dict[str, object]:
         "op[triton] forward with grad (autograd)": lambda: op(x, weight, bias, a_grad, b, w),
         "op[triton] forward+backward": lambda: torch.autograd.grad(
             op(x, weight, bias, a_grad, b, w), a_grad, grad_y),
-        "nn.Linear module, no_grad": in_no_grad(linear),
-        "ReclLoRALinear module (triton), no_grad": in_no_grad(layer),
+        "nn.Linear module, no_grad": common.no_grad_call(linear, x),
+        "ReclLoRALinear module (triton), no_grad": common.no_grad_call(layer, x),
     }
 
 
@@ -170,16 +163,7 @@ def main(argv=None) -> int:
     counts = stub_kernels()
     fns = cases()
     launch_counts = {name: launches(fn, counts) for name, fn in fns.items()}
-    best = dict.fromkeys(fns, float("inf"))
-    for fn in fns.values():  # warm-up
-        for _ in range(200):
-            fn()
-    for _ in range(args.rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                fn()
-            best[name] = min(best[name], (time.perf_counter() - start) / args.calls * 1e6)
+    best = common.best_us_per_call(fns, rounds=args.rounds, calls=args.calls)
     base = best["F.linear"]
     lines = [
         "# Host cost per call of the Triton path, its kernel launches stubbed (CPU proxy)",
@@ -200,11 +184,7 @@ def main(argv=None) -> int:
     for name, us in best.items():
         tri, tor = launch_counts[name]
         lines.append(f"| {name} | {us:.1f} | {us - base:+.1f} | {tri} | {tor} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(f"wrote {args.out}")
+    common.write_markdown(args.out, lines)
     return 0
 
 

@@ -258,6 +258,41 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float:
     return peak / 2**20
 
 
+def best_us_per_call(fns: dict[str, Callable[[], object]], *, rounds: int, calls: int,
+                     warmup: int = 200) -> dict[str, float]:
+    """Host microseconds per call of each function: the best of `rounds` rounds of `calls`
+    back-to-back calls (the minimum is the fixed cost without other processes' noise), every
+    function timed in each round, interleaved, after `warmup` calls each."""
+    best = dict.fromkeys(fns, float("inf"))
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def no_grad_call(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """module(x) under no_grad, as a model is called for inference."""
+    def call():
+        with torch.no_grad():
+            return module(x)
+    return call
+
+
+def write_markdown(path: Path, lines: list[str]) -> None:
+    """Print a results table and write it to `path` (its folder made if missing)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(f"wrote {path}")
+
+
 def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
     """Append rows (header written once, when the file is new); columns from the first row."""
     import csv
