@@ -22,13 +22,21 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton's path on CPU tensors; see docstring
+# Triton's path on CPU tensors (see the docstring); the --with-launcher child process keeps
+# real JITFunctions instead, so it must decide before triton decorates the kernels.
+WITH_LAUNCHER = "--with-launcher" in sys.argv
+if WITH_LAUNCHER:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -98,6 +106,70 @@ def count_inside(names: list[str]) -> None:
         setattr(launch, attr, counted)
 
 
+# The card whose tile table the --with-launcher run uses, with its SM count and the shared
+# memory a block may opt into (an H200: what the GPU machine has).
+CARD, CARD_SMS, CARD_SMEM = "NVIDIA H200", 132, 232_448
+
+
+class _FakeDriver:
+    """Triton's driver as an H200's would answer, for the Python side of a launch."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+class _NoKernel:
+    """A compiled kernel whose launch does nothing (no cuLaunchKernel here)."""
+
+    function = packed_metadata = None
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        pass
+
+
+def fake_gpu_launches() -> None:
+    """Real Triton JITFunction launches (argument binding, specialization, cache key, kernel
+    lookup) with a driver that pretends to be an H200's and a compile that returns a kernel
+    whose launch does nothing; the launch plan uses the H200's tile table."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from reclora_kernels import ops
+    from reclora_kernels.triton import configs
+
+    def compile_nothing(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = _NoKernel()
+        self.device_caches[device][0][key] = kernel  # cached, as a compiled kernel is
+        return kernel
+
+    driver.set_active(_FakeDriver())
+    JITFunction._do_compile = compile_nothing
+    ops._INTERPRET_ENV = True  # the triton backend takes CPU tensors
+    configs._INTERPRETING = False
+    launch.config = lambda kernel, device, tokens=None, rows=None: configs.card_config(
+        CARD, kernel, tokens, rows)
+    launch._smem_budget = lambda device: int(0.8 * CARD_SMEM)
+    launch._num_sms = lambda device: CARD_SMS
+
+
+def with_launcher(calls: int, rounds: int) -> dict[str, float]:
+    """The cases' host us per call with Triton's own launch path, from a child process."""
+    run = subprocess.run([sys.executable, __file__, "--with-launcher", "--calls", str(calls),
+                          "--rounds", str(rounds)], capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.splitlines()[-1])
+
+
 def cases() -> dict[str, object]:
     """T = 64 tokens in 8 rows (the decode row of issue 12) at d = 16: host cost only."""
     torch.manual_seed(0)
@@ -155,15 +227,23 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=2000)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", type=Path, default=common.RESULTS / "host_overhead_triton_cpu.md")
+    p.add_argument("--with-launcher", action="store_true",
+                   help="(internal) time the cases with Triton's launch path; print JSON")
     args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.with_launcher:
+        fake_gpu_launches()
+        print(json.dumps(common.best_us_per_call(cases(), rounds=args.rounds,
+                                                 calls=args.calls)))
+        return 0
     if "triton" not in rk.available_backends():
         print("bench_host_triton: needs triton (TRITON_INTERPRET=1 on a CPU)", file=sys.stderr)
         return 2
-    torch.set_num_threads(1)
     counts = stub_kernels()
     fns = cases()
     launch_counts = {name: launches(fn, counts) for name, fn in fns.items()}
     best = common.best_us_per_call(fns, rounds=args.rounds, calls=args.calls)
+    launcher = with_launcher(args.calls, args.rounds)
     base = best["F.linear"]
     lines = [
         "# Host cost per call of the Triton path, its kernel launches stubbed (CPU proxy)",
@@ -178,12 +258,20 @@ def main(argv=None) -> int:
         "Not a GPU figure: Triton's launcher and the driver's launch cost (per launch, times "
         "the counts here) come on top on a GPU; benchmarks/gpu_targets.py measures the whole.",
         "",
-        "| call | host us per call | above F.linear (us) | Triton launches | torch kernels |",
-        "|---|---|---|---|---|",
+        "The last column runs the same calls through Triton's own launch path (argument "
+        "binding, specialization, cache key, kernel lookup: real JITFunctions, a driver that "
+        f"answers as an {CARD}'s and a compiled kernel whose launch does nothing, the "
+        f"{CARD}'s tile table), in a process without the interpreter: all of a GPU call's "
+        "host time but the C launcher and the CUDA driver's.",
+        "",
+        "| call | host us per call, launches stubbed | above F.linear (us) | Triton launches "
+        "| torch kernels | host us with Triton's launch path |",
+        "|---|---|---|---|---|---|",
     ]
     for name, us in best.items():
         tri, tor = launch_counts[name]
-        lines.append(f"| {name} | {us:.1f} | {us - base:+.1f} | {tri} | {tor} |")
+        lines.append(f"| {name} | {us:.1f} | {us - base:+.1f} | {tri} | {tor} "
+                     f"| {launcher[name]:.1f} |")
     common.write_markdown(args.out, lines)
     return 0
 
