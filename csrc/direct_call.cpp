@@ -1,5 +1,6 @@
-// reclora_kernels._C.lora_mix_direct: lora_mix_linear's call on CPU tensors with no Python
-// argument checks and no boxed dispatch.
+// reclora_kernels._C.lora_mix_direct: lora_mix_linear's call on CPU tensors (and on CUDA
+// tensors when the backend is the native cuda one) with no Python argument checks and no
+// boxed dispatch.
 //
 // At tiny sizes the op's cost is fixed cost: reclora_kernels/validate.py's ~40 attribute
 // reads and the boxed torch.ops call (parsing ten arguments into IValues, two outputs back)
@@ -13,6 +14,11 @@
 // mode, vmap, a layout it leaves to Python) returns NotImplemented, and Python then takes the
 // checked path, whose error names the argument. So this is only ever a shortcut for calls
 // that would succeed there; tests/test_direct_call.py holds it to that.
+//
+// CUDA tensors (issue 12's decode sizes, where host time is the whole cost): the same
+// shortcut for the native cuda backend, which launches its kernels from C++. Not yet run on
+// a GPU; tests/test_direct_call.py's `cuda` tests (benchmarks/gpu_check.sh) compare it to the
+// checked path bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -52,7 +58,7 @@ double dtype_max(at::ScalarType t) {
 }
 
 bool same_kind(const Tensor& t, const Tensor& x) {
-  return t.scalar_type() == x.scalar_type() && t.device().is_cpu();
+  return t.scalar_type() == x.scalar_type() && t.device() == x.device();
 }
 
 // What validate.prepare accepts for a Python number `scale`: a float or int (not bool),
@@ -92,13 +98,17 @@ Tensor implicit_rows(int64_t rows, int64_t len) {
 }
 
 // lora_mix_direct(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix,
-//                 row_ids, plan_rows, plan_tokens, indices_checked) -> Tensor | NotImplemented
+//                 row_ids, plan_rows, plan_tokens, indices_checked, cuda_ok)
+//     -> Tensor | NotImplemented
 // mix: 0 factor, 1 output, anything else is left to Python. row_ids: a packed plan's row ids
-// (x [T, d_in]) with the plan's row and token counts, or None.
+// (x [T, d_in]) with the plan's row and token counts, or None. cuda_ok: x may be a CUDA
+// tensor (Python chose the cuda backend); then row_ids is always given, on x's device (for
+// x [R, L, d_in] and one-token rows, the implicit plan's cached ids: no launch to make them),
+// and indices are never read here (an unchecked adapter_idx goes to Python's device assert).
 PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 13) {
-    PyErr_SetString(PyExc_TypeError, "lora_mix_direct takes 13 arguments");
+  if (nargs != 14) {
+    PyErr_SetString(PyExc_TypeError, "lora_mix_direct takes 14 arguments");
     return nullptr;
   }
   auto decline = [] { Py_RETURN_NOTIMPLEMENTED; };
@@ -122,7 +132,11 @@ PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
   const Tensor x = *xp, weight = *wp, lora_a = *ap, lora_b = *bp, adapter_w = *gp;
 
   const at::ScalarType dtype = x.scalar_type();
-  if (!x.device().is_cpu() || !float_dtype(dtype)) return decline();
+  const int cuda_ok = PyObject_IsTrue(args[13]);
+  if (cuda_ok < 0) return nullptr;
+  const bool on_cuda = x.device().is_cuda();
+  if (!(x.device().is_cpu() || (on_cuda && cuda_ok)) || !float_dtype(dtype)) return decline();
+  if (on_cuda && dtype == at::kDouble) return decline();  // no float64 CUDA kernels: Python says
   // A gradient to record: the call goes through the op's autograd kernel (csrc/autograd.cpp);
   // otherwise straight below it.
   const bool record = at::GradMode::is_enabled() &&
@@ -151,20 +165,30 @@ PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
   const int64_t rows = adapter_w.size(0), slots = adapter_w.size(1);
   if (slots < 1) return decline();
 
-  Tensor x2d, row_ids;
-  if (x.dim() == 3) {
-    if (ridp || x.size(0) != rows) return decline();
-    x2d = x.reshape({rows * x.size(1), d_in});
-    row_ids = implicit_rows(rows, x.size(1));
-  } else if (ridp) {
+  // A plan's row ids (on x's device) for x2d's tokens; on CUDA also the implicit ones.
+  auto plan_fits = [&](int64_t tokens) {
     const long plan_rows = PyLong_AsLong(args[10]), plan_tokens = PyLong_AsLong(args[11]);
     if (PyErr_Occurred()) {
       PyErr_Clear();
-      return decline();
+      return false;
     }
-    if (plan_rows != rows || plan_tokens != x.size(0) || ridp->scalar_type() != at::kLong ||
-        ridp->dim() != 1 || ridp->size(0) != x.size(0) || !ridp->device().is_cpu())
-      return decline();
+    return plan_rows == rows && plan_tokens == tokens && ridp->scalar_type() == at::kLong &&
+           ridp->dim() == 1 && ridp->size(0) == tokens && ridp->device() == x.device();
+  };
+  if (on_cuda && !ridp) return decline();
+  Tensor x2d, row_ids;
+  if (x.dim() == 3) {
+    if (x.size(0) != rows) return decline();
+    x2d = x.reshape({rows * x.size(1), d_in});
+    if (on_cuda) {
+      if (!plan_fits(rows * x.size(1))) return decline();
+      row_ids = *ridp;
+    } else {
+      if (ridp) return decline();
+      row_ids = implicit_rows(rows, x.size(1));
+    }
+  } else if (ridp) {
+    if (!plan_fits(x.size(0))) return decline();
     x2d = x;
     row_ids = *ridp;
   } else {
@@ -176,12 +200,14 @@ PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
   const OptTensor bias = biasp ? OptTensor(*biasp) : std::nullopt;
   OptTensor idx;
   if (idxp) {
-    if (idxp->scalar_type() != at::kLong || !idxp->device().is_cpu() || idxp->dim() != 2 ||
+    if (idxp->scalar_type() != at::kLong || idxp->device() != x.device() || idxp->dim() != 2 ||
         idxp->size(0) != rows || idxp->size(1) != slots)
       return decline();
     const int checked = PyObject_IsTrue(args[12]);
     if (checked < 0) return nullptr;
-    if (!checked && !in_range(*idxp, adapters)) return decline();  // Python raises IndexError
+    // Unchecked: Python raises the IndexError (CPU) or queues its device assert (CUDA; reading
+    // the indices here would be a host sync).
+    if (!checked && (on_cuda || !in_range(*idxp, adapters))) return decline();
     idx = *idxp;
   } else if (slots != adapters) {
     return decline();
@@ -205,5 +231,5 @@ PyObject* lora_mix_direct(PyObject* /*self*/, PyObject* const* args, Py_ssize_t 
 PyMethodDef reclora_direct_methods[] = {
     {"lora_mix_direct", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(
                               lora_mix_direct)),
-     METH_FASTCALL, "lora_mix_linear's call on CPU tensors (see csrc/direct_call.cpp)."},
+     METH_FASTCALL, "lora_mix_linear's call without Python checks (see csrc/direct_call.cpp)."},
     {nullptr, nullptr, 0, nullptr}};

@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 
 from . import reference, validate
-from .plan import RowPlan, _has_cuda
+from .plan import RowPlan, _has_cuda, implicit_plan
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 NATIVE_FORWARD = "reclora::lora_mix_forward"
@@ -331,6 +331,32 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
     return backend
 
 
+def _cuda_shortcut(x, adapter_w, backend: str) -> bool:
+    """Whether a call on CUDA tensors may take the C++ shortcut: the backend is the native
+    cuda one, asked for or chosen by `auto` for this card and size class."""
+    if not NATIVE_CUDA or type(x) is not torch.Tensor or not x.is_cuda:
+        return False
+    if backend == "cuda" or (backend == "auto" and ENV_BACKEND == "cuda"):
+        return True
+    if backend != "auto" or ENV_BACKEND != "auto" or not isinstance(adapter_w, torch.Tensor):
+        return False
+    tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0] if x.dim() else 0
+    rows = adapter_w.shape[0] if adapter_w.dim() else 0
+    return resolve_backend("auto", x.device, tokens, rows) == "cuda"
+
+
+def _implicit_ids(x) -> tuple[torch.Tensor | None, int, int]:
+    """(row ids, rows, tokens) of x's implicit plan on its device, for the CUDA shortcut:
+    x [R, L, d_in] is R rows of L tokens, a packed x one token per row (cached per size)."""
+    if x.dim() == 3:
+        plan = implicit_plan(x.shape[0], x.shape[1])
+    elif x.dim() == 2:
+        plan = implicit_plan(x.shape[0], 1)
+    else:
+        return None, -1, -1  # the shortcut declines; the checked path names `x`
+    return plan.token_rows(x.device), plan.rows, plan.tokens
+
+
 @lru_cache(maxsize=1)
 def _triton_eager():
     """reclora_kernels.triton.eager, imported on first use (it imports triton)."""
@@ -399,22 +425,26 @@ def lora_mix_linear(
     before, which raises the error that names the argument.
     """
     if (_DIRECT_CALL is not None and row_ids is None and not check_finite
-            and (backend == "cpu" or (backend == "auto" and ENV_BACKEND in ("auto", "cpu")))
             and not torch.compiler.is_compiling()):
-        # The shortcut (x on the CPU, every argument valid): ~6 us above F.linear at tiny
-        # sizes instead of ~50 (benchmarks/bench_host.py).
-        if plan is None:
-            ids, plan_rows, plan_tokens = None, -1, -1
-        elif type(plan) is RowPlan and plan.row_ids is not None:
-            ids, plan_rows, plan_tokens = plan.row_ids, plan.rows, plan.tokens
-        else:
-            ids = False
-        if ids is not False:
-            code = _MIX_CODES.get(mix, -1) if type(mix) is str else -1
-            y = _DIRECT_CALL(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
-                             code, ids, plan_rows, plan_tokens, indices_checked)
-            if y is not NotImplemented:
-                return y
+        cuda_ok = _cuda_shortcut(x, adapter_w, backend)
+        if cuda_ok or backend == "cpu" or (backend == "auto" and ENV_BACKEND in ("auto", "cpu")):
+            # The shortcut (x on the CPU, or on a GPU for the cuda backend; every argument
+            # valid): ~4 us above F.linear at tiny sizes on the CPU instead of ~50
+            # (benchmarks/bench_host.py).
+            if plan is None:
+                ids, plan_rows, plan_tokens = (_implicit_ids(x) if cuda_ok
+                                               else (None, -1, -1))
+            elif type(plan) is RowPlan and plan.row_ids is not None:
+                ids, plan_rows, plan_tokens = plan.row_ids, plan.rows, plan.tokens
+            else:
+                ids = False
+            if ids is not False:
+                code = _MIX_CODES.get(mix, -1) if type(mix) is str else -1
+                y = _DIRECT_CALL(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                                 scale, code, ids, plan_rows, plan_tokens, indices_checked,
+                                 cuda_ok)
+                if y is not NotImplemented:
+                    return y
     problem = validate.prepare(
         x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, row_ids,
         check_finite=check_finite, plan=plan, indices_checked=indices_checked,

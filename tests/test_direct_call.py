@@ -33,7 +33,7 @@ def shortcut(args, *, scale=0.7, mix=0, plan=None, indices_checked=False):
                                                             plan.tokens)
     return ops._DIRECT_CALL(args["x"], args["weight"], args["bias"], args["lora_a"],
                             args["lora_b"], args["adapter_w"], args["adapter_idx"], scale,
-                            mix, ids, rows, tokens, indices_checked)
+                            mix, ids, rows, tokens, indices_checked, False)
 
 
 class Spy:
@@ -310,3 +310,73 @@ def test_threads_calling_at_once_get_their_own_answers(spy):
         t.join()
     assert not errors, errors[0]
     assert spy.answered == 100
+
+
+# --- the shortcut on CUDA tensors, for the native cuda backend ------------------------------
+
+def test_the_cuda_shortcut_is_asked_for_only_where_the_cuda_backend_runs():
+    """CPU tensors never take the CUDA branch; `_implicit_ids` is the implicit plan's ids."""
+    x = torch.randn(3, 4, 5)
+    w = torch.randn(3, 2)
+    assert not ops._cuda_shortcut(x, w, "cuda")
+    assert not ops._cuda_shortcut(x, w, "auto")
+    ids, rows, tokens = ops._implicit_ids(x)
+    assert (rows, tokens) == (3, 12) and ids.tolist() == [b for b in range(3) for _ in range(4)]
+    ids, rows, tokens = ops._implicit_ids(x.reshape(12, 5))
+    assert (rows, tokens) == (12, 12) and ids.tolist() == list(range(12))
+    assert ops._implicit_ids(torch.randn(())) == (None, -1, -1)
+
+
+CUDA_NATIVE = pytest.mark.skipif(not (torch.cuda.is_available() and ops.NATIVE_CUDA),
+                                 reason="needs a CUDA device and the CUDA kernels")
+
+
+def _cuda_layout_inputs(layout, case):
+    args, plan = layout_inputs(layout, case, torch.float32)
+    args.pop("row_ids")
+    args = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    if plan is not None:
+        plan = row_plan(plan.row_ids.cuda(), case.rows)
+    return args, plan
+
+
+@pytest.mark.cuda
+@CUDA_NATIVE
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+def test_cuda_shortcut_answers_as_the_checked_path(spy, monkeypatch, dense, mix, layout):
+    """backend="cuda": the shortcut answers valid calls, forward and gradients, with what the
+    checked path gives (the same kernels on the same arguments: equal to the bit)."""
+    case = Case(dense=dense, mix=mix)
+    args, plan = _cuda_layout_inputs(layout, case)
+    outs = []
+    for shortcut_on in (True, False):
+        if not shortcut_on:
+            monkeypatch.setattr(ops, "_DIRECT_CALL", None)
+        leaves = {k: args[k].detach().clone().requires_grad_(True) for k in DIFF}
+        y = rk.lora_mix_linear(**{**args, **leaves}, scale=case.scale, mix=mix, plan=plan,
+                               backend="cuda", indices_checked=True)
+        grads = torch.autograd.grad(y, [leaves[k] for k in DIFF], torch.ones_like(y))
+        outs.append((y, grads))
+    assert spy.answered == 1, "the shortcut declined a valid call on CUDA tensors"
+    (y_short, g_short), (y_checked, g_checked) = outs
+    torch.testing.assert_close(y_short, y_checked, rtol=0, atol=0)
+    for got, want in zip(g_short, g_checked):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@CUDA_NATIVE
+def test_cuda_shortcut_leaves_unchecked_indices_and_float64_to_python(spy):
+    case = Case()
+    args, _ = _cuda_layout_inputs("rows", case)
+    y = rk.lora_mix_linear(**args, backend="cuda")  # unchecked: Python's device assert
+    assert spy.calls == 1 and spy.answered == 0
+    torch.testing.assert_close(
+        y, rk.lora_mix_linear(**args, backend="cuda", indices_checked=True), rtol=0, atol=0)
+    doubles = {k: (v.double() if v is not None and v.is_floating_point() else v)
+               for k, v in args.items()}
+    with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
+        rk.lora_mix_linear(**doubles, backend="cuda", indices_checked=True)
+    assert spy.answered == 0
