@@ -106,9 +106,9 @@ def count_inside(names: list[str]) -> None:
         setattr(launch, attr, counted)
 
 
-# The card whose tile table the --with-launcher run uses, with its SM count and the shared
-# memory a block may opt into (an H200: what the GPU machine has).
-CARD, CARD_SMS, CARD_SMEM = "NVIDIA H200", 132, 232_448
+# The card whose tile table the --with-launcher run uses, with its SM count (an H200: what
+# the GPU machine has).
+CARD, CARD_SMS = "NVIDIA H200", 132
 
 
 class _FakeDriver:
@@ -146,7 +146,7 @@ def fake_gpu_launches() -> None:
     from triton.runtime.jit import JITFunction
 
     from reclora_kernels import ops
-    from reclora_kernels.triton import configs
+    from reclora_kernels.triton.card_plan import use_card_tables
 
     def compile_nothing(self, key, signature, device, constexprs, options, attrs, warmup):
         kernel = _NoKernel()
@@ -155,12 +155,8 @@ def fake_gpu_launches() -> None:
 
     driver.set_active(_FakeDriver())
     JITFunction._do_compile = compile_nothing
-    ops._INTERPRET_ENV = True  # the triton backend takes CPU tensors
-    configs._INTERPRETING = False
-    launch.config = lambda kernel, device, tokens=None, rows=None: configs.card_config(
-        CARD, kernel, tokens, rows)
-    launch._smem_budget = lambda device: int(0.8 * CARD_SMEM)
-    launch._num_sms = lambda device: CARD_SMS
+    ops._triton_usable = lambda: True  # the triton backend takes CPU tensors
+    use_card_tables(CARD, sms=CARD_SMS)
 
 
 def with_launcher(calls: int, rounds: int) -> dict[str, float]:

@@ -32,6 +32,7 @@ import torch
 
 from . import reference, validate
 from .plan import RowPlan, _has_cuda, implicit_plan
+from .triton.configs import auto_backend, auto_may_pick, interpreting
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
 NATIVE_FORWARD = "reclora::lora_mix_forward"
@@ -266,12 +267,8 @@ def _interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     return None
 
 
-# Read at import, as triton reads it when it decorates the kernels.
-_INTERPRET_ENV = os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _triton_usable() -> bool:
-    return TRITON_IMPORTED and (_has_cuda() or _INTERPRET_ENV)
+    return TRITON_IMPORTED and (_has_cuda() or interpreting())
 
 
 def available_backends() -> list[str]:
@@ -309,8 +306,6 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
     usable = available_backends()
     if backend == "auto":
         if device.type == "cuda":
-            from .triton.configs import auto_backend
-
             order = (auto_backend(device, tokens, rows), "triton", "reference")
         else:
             order = ("cpu", "reference")
@@ -339,6 +334,8 @@ def _cuda_shortcut(x, adapter_w, backend: str) -> bool:
     if backend == "cuda" or (backend == "auto" and ENV_BACKEND == "cuda"):
         return True
     if backend != "auto" or ENV_BACKEND != "auto" or not isinstance(adapter_w, torch.Tensor):
+        return False
+    if not auto_may_pick(x.device, "cuda"):  # the usual answer, without resolving twice a call
         return False
     tokens = x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0] if x.dim() else 0
     rows = adapter_w.shape[0] if adapter_w.dim() else 0
@@ -456,9 +453,10 @@ def lora_mix_linear(
         y2d = reference.lora_mix_reference(p.x2d, pl.token_rows(x.device), weight, bias, lora_a,
                                            lora_b, adapter_w, p.adapter_idx, float(scale), p.mix)
     else:
-        if chosen == "triton" and _triton_eager().eager_ok(x, weight, bias, lora_a, lora_b,
-                                                            adapter_w, p.adapter_idx):
-            y2d = _triton_eager().forward(
+        eager = _triton_eager() if chosen == "triton" else None
+        if eager is not None and eager.eager_ok(x, weight, bias, lora_a, lora_b, adapter_w,
+                                                p.adapter_idx):
+            y2d = eager.forward(
                 p.x2d, weight, bias, lora_a, lora_b, adapter_w, p.adapter_idx, pl,
                 float(scale), p.mix, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w))
             return y2d.view(*p.lead_shape, p.d_out)

@@ -39,9 +39,6 @@ else:
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-# Shared memory a block may opt into on an H100 / H200 (sm_90): 227 KiB.
-SMEM_PER_BLOCK_OPTIN = 232_448
-
 _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
           torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.int8: "i8",
           torch.uint8: "u8", torch.bool: "i1"}
@@ -50,26 +47,16 @@ _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-def use_card_tables(card: str) -> None:
-    """Make the launch code pick `card`'s tile table (reclora_kernels/configs, as on that GPU)
-    and pass its num_warps / num_stages, though the tensors are on the CPU."""
-    from reclora_kernels.triton import configs, launch
-
-    launch.config = lambda kernel, device, tokens=None, rows=None: configs.card_config(
-        card, kernel, tokens, rows)
-    launch.interpreting = lambda: False
-    launch._smem_budget = lambda device: int(0.8 * SMEM_PER_BLOCK_OPTIN)
-
-
 def record_launches(card: str) -> list[tuple]:
     """Run the op's cases through the interpreter; return (python fn, args, kwargs, launch
     options) of each kernel launch."""
     from triton.runtime.interpreter import InterpretedFunction
 
     import reclora_kernels as rk  # noqa: F401 - kernels decorated under the interpreter
+    from reclora_kernels.triton.card_plan import use_card_tables
 
     if card != "interpret":
-        use_card_tables(card)
+        use_card_tables(card)  # the H200's / H100's tile table, num_warps and num_stages
     launches = []
     original = InterpretedFunction.run
 
@@ -170,6 +157,7 @@ def compile_all(specs: list[dict], arch: int) -> tuple[list[str], int]:
     from triton.compiler import ASTSource
 
     from reclora_kernels.triton import kernels
+    from reclora_kernels.triton.card_plan import SMEM_PER_BLOCK_OPTIN
 
     target = GPUTarget("cuda", arch, 32)
     lines, failed = [], 0

@@ -78,3 +78,14 @@ def auto_backend(device: torch.device, tokens: int | None = None,
     decode = bool(tokens is not None and rows and tokens / rows < table.get("short_rows_below",
                                                                               0))
     return chosen.get("decode" if decode else "prefill", "triton")
+
+
+@cache
+def _auto_choices(card: str) -> frozenset[str]:
+    return frozenset(_table(card).get("auto", {}).values())
+
+
+def auto_may_pick(device: torch.device, backend: str) -> bool:
+    """Whether `backend="auto"` picks `backend` on this CUDA card for some size class (its
+    table's "auto" entry; cached per card)."""
+    return backend in _auto_choices(_device_name(device.index))
