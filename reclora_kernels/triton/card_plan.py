@@ -1,5 +1,6 @@
 """Plan the Triton launches as on a named GPU, for tools that check or time the GPU path on a
-machine without that GPU (scripts/triton_aot_check.py, benchmarks/bench_host_triton.py).
+machine without that GPU (scripts/triton_aot_check.py, benchmarks/bench_host_triton.py,
+tests/fast_launch_check.py); `stand_in_launches` also runs Triton's launch path there.
 
 The launch plan (reclora_kernels/triton/launch.py) then takes `card`'s tile table
 (reclora_kernels/configs), passes its num_warps / num_stages and sizes the pipeline for the
@@ -24,3 +25,37 @@ def use_card_tables(card: str, sms: int | None = None) -> None:
     launch._smem_budget = lambda device: int(0.8 * SMEM_PER_BLOCK_OPTIN)
     if sms is not None:
         launch._num_sms = lambda device: sms
+
+
+class _StandInDriver:
+    """Triton's driver as an sm_90 card's (H100 / H200) would answer, for the Python side of
+    a launch: device 0, stream 0."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def stand_in_launches(make_kernel) -> None:
+    """Real JITFunction launches without a GPU (argument binding, specialization, cache key,
+    kernel lookup, then the compiled kernel's `run`): the driver answers as an sm_90 card's
+    and compiling a kernel returns `make_kernel(key)` instead, cached under Triton's key as
+    a compiled kernel is. The process must run without TRITON_INTERPRET. For the host-cost
+    benchmark and the fast-launch tests; never used by the op itself."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    def compile_stand_in(self, key, signature, device, constexprs, options, attrs, warmup):
+        kernel = make_kernel(key)
+        self.device_caches[device][0][key] = kernel
+        return kernel
+
+    driver.set_active(_StandInDriver())
+    JITFunction._do_compile = compile_stand_in

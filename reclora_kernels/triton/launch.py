@@ -34,6 +34,7 @@ from ..plan import tracing as _tracing
 from ..poison import new_output
 from . import kernels
 from .configs import config, interpreting
+from .fast_launch import launch_meta, run_kernel
 
 
 # Host-side integer helpers: triton.cdiv / next_power_of_2 are constexpr functions in triton
@@ -132,15 +133,30 @@ def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     out = new_output((rows, *bank.shape[1:]), device=bank.device, dtype=out_dtype)
     if rows == 0 or size == 0:
         return out.zero_()
-    cfg = config("mix", bank.device)
-    grid = (rows, _cdiv(size, cfg["BLOCK"]))
-    kernels.mix_factors_kernel[grid](
-        bank, adapter_w, adapter_idx, out, size, slots,
-        bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), adapter_idx.stride(0),
-        adapter_idx.stride(1), ACC64=bank.dtype == torch.float64, BLOCK=cfg["BLOCK"],
-        **_launch_opts(cfg),
-    )
+    block, meta = _mix_spec(bank.device, bank.dtype == torch.float64)
+    run_kernel(meta, (rows, _cdiv(size, block)),
+               bank, adapter_w, adapter_idx, out, size, slots,
+               bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), adapter_idx.stride(0),
+               adapter_idx.stride(1))
     return out
+
+
+@lru_cache(maxsize=64)
+def _mix_spec(device: torch.device, acc64: bool):
+    """(BLOCK, LaunchMeta) of a gathered mixing launch."""
+    cfg = config("mix", device)
+    return cfg["BLOCK"], launch_meta(kernels.mix_factors_kernel, ACC64=acc64, BLOCK=cfg["BLOCK"],
+                                     **_launch_opts(cfg))
+
+
+@lru_cache(maxsize=64)
+def _bank_grad_specs(device: torch.device):
+    """(BLOCK, bank_grad LaunchMeta, mix_weight_grad LaunchMeta) of a gathered mixing's
+    backward."""
+    cfg = config("mix", device)
+    opts = _launch_opts(cfg)
+    return (cfg["BLOCK"], launch_meta(kernels.bank_grad_kernel, BLOCK=cfg["BLOCK"], **opts),
+            launch_meta(kernels.mix_weight_grad_kernel, BLOCK=cfg["BLOCK"], **opts))
 
 
 @cache
@@ -153,8 +169,8 @@ def _num_sms(device: torch.device) -> int:
 @lru_cache(maxsize=1024)
 def _shrink_spec(tokens: int, depth: int, width: int, rows: int, ordered: bool,
                  implicit: bool, dtype: torch.dtype, device: torch.device):
-    """(grid, split, keyword arguments) of a shrink launch: worked out once per shape and
-    layout (the config lookups, grid and flags cost ~15 us of Python a launch)."""
+    """(grid, split, LaunchMeta) of a shrink launch: worked out once per shape and layout
+    (the config lookups, grid and flags cost ~15 us of Python a launch)."""
     cfg = config("shrink", device, tokens, rows)
     block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
     tiles = _cdiv(tokens, cfg["BLOCK_T"]) * _cdiv(width, block_r)
@@ -165,9 +181,10 @@ def _shrink_spec(tokens: int, depth: int, width: int, rows: int, ordered: bool,
     split = max(1, min(split, chunks))
     grid = (_cdiv(tokens, cfg["BLOCK_T"]), _cdiv(width, block_r), split)
     stage_bytes = (cfg["BLOCK_T"] + block_r) * cfg["BLOCK_K"] * dtype.itemsize
-    meta = dict(BLOCK_T=cfg["BLOCK_T"], BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split,
-                ORDERED=ordered, IMPLICIT=implicit, **_flags(dtype),
-                **_launch_opts(cfg, stage_bytes, device))
+    meta = launch_meta(kernels.shrink_kernel, BLOCK_T=cfg["BLOCK_T"], BLOCK_R=block_r,
+                       BLOCK_K=cfg["BLOCK_K"], SPLIT_K=split, ORDERED=ordered,
+                       IMPLICIT=implicit, **_flags(dtype),
+                       **_launch_opts(cfg, stage_bytes, device))
     return grid, split, meta
 
 
@@ -183,11 +200,10 @@ def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_d
     if tokens == 0 or depth == 0:
         return out
     order, sorted_rows = _plan_ptrs(plan, table)
-    kernels.shrink_kernel[grid](
-        x, fac, table, out, order, sorted_rows,
-        tokens, depth, rank, width, max(plan.row_len, 1),
-        x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0), **meta,
-    )
+    run_kernel(meta, grid,
+               x, fac, table, out, order, sorted_rows,
+               tokens, depth, rank, width, max(plan.row_len, 1),
+               x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0))
     return out
 
 
@@ -195,13 +211,14 @@ def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_d
 def _expand_spec(tokens: int, n_out: int, width: int, rows: int, ordered: bool, implicit: bool,
                  accumulate: bool, has_bias: bool, has_coef: bool, dtype: torch.dtype,
                  device: torch.device):
-    """(grid, keyword arguments) of an expand launch, once per shape and layout."""
+    """(grid, LaunchMeta) of an expand launch, once per shape and layout."""
     cfg = config("expand", device, tokens, rows)
     block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
     grid = (_cdiv(tokens, cfg["BLOCK_T"]), _cdiv(n_out, cfg["BLOCK_N"]))
-    meta = dict(ACCUMULATE=accumulate, HAS_BIAS=has_bias, HAS_COEF=has_coef, ORDERED=ordered,
-                IMPLICIT=implicit, BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"],
-                BLOCK_R=block_r, **_flags(dtype), **_launch_opts(cfg))
+    meta = launch_meta(kernels.expand_kernel, ACCUMULATE=accumulate, HAS_BIAS=has_bias,
+                       HAS_COEF=has_coef, ORDERED=ordered, IMPLICIT=implicit,
+                       BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
+                       **_flags(dtype), **_launch_opts(cfg))
     return grid, meta
 
 
@@ -217,15 +234,13 @@ def expand(y, bias, u, fac, fac_strides, src, coef, plan: RowPlan, slots: int, r
                               plan.implicit, accumulate, bias is not None, coef is not None,
                               y.dtype, y.device)
     order, sorted_rows = _plan_ptrs(plan, table)
-    kernels.expand_kernel[grid](
-        y, bias if bias is not None else y, u, fac, table, coef if coef is not None else u,
-        order, sorted_rows, _scale_tensor(scale, y),
-        tokens, n_out, rank, width, max(plan.row_len, 1),
-        y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0, u.stride(0),
-        *fac_strides, s_sr, s_sj,
-        coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
-        **meta,
-    )
+    run_kernel(meta, grid,
+               y, bias if bias is not None else y, u, fac, table, coef if coef is not None else u,
+               order, sorted_rows, _scale_tensor(scale, y),
+               tokens, n_out, rank, width, max(plan.row_len, 1),
+               y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0, u.stride(0),
+               *fac_strides, s_sr, s_sj,
+               coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0)
     return y
 
 
@@ -255,14 +270,15 @@ def lora_linear(x, weight, w_t: bool, bias, u, fac, fac_strides, src, coef, plan
 @lru_cache(maxsize=1024)
 def _outer_spec(tokens: int, rows: int, width: int, width_o: int, ordered: bool,
                 implicit: bool, has_coef: bool, dtype: torch.dtype, device: torch.device):
-    """(grid, keyword arguments) of a segment_outer launch, once per shape and layout."""
+    """(grid, LaunchMeta) of a segment_outer launch, once per shape and layout."""
     cfg = config("outer", device, tokens, rows)
     block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
     grid = (rows, _cdiv(width, block_r), _cdiv(width_o, cfg["BLOCK_O"]))
     stage_bytes = (cfg["BLOCK_O"] + block_r) * cfg["BLOCK_T"] * dtype.itemsize
-    meta = dict(HAS_COEF=has_coef, ORDERED=ordered, IMPLICIT=implicit, BLOCK_T=cfg["BLOCK_T"],
-                BLOCK_O=cfg["BLOCK_O"], BLOCK_R=block_r, **_flags(dtype),
-                **_launch_opts(cfg, stage_bytes, device))
+    meta = launch_meta(kernels.segment_outer_kernel, HAS_COEF=has_coef, ORDERED=ordered,
+                       IMPLICIT=implicit, BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
+                       BLOCK_R=block_r, **_flags(dtype),
+                       **_launch_opts(cfg, stage_bytes, device))
     return grid, meta
 
 
@@ -278,13 +294,12 @@ def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, 
                              plan.implicit, coef is not None, p.dtype, p.device)
     order = plan.order if plan.order is not None else table
     row_start = plan.row_start if plan.row_start is not None else table
-    kernels.segment_outer_kernel[grid](
-        p, q, table, coef if coef is not None else q, out, order, row_start,
-        _scale_tensor(scale, out), width_o, rank, width, max(plan.row_len, 1),
-        p.stride(0), p.stride(1), q.stride(0), s_sr, s_sj,
-        coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
-        *out_strides, **meta,
-    )
+    run_kernel(meta, grid,
+               p, q, table, coef if coef is not None else q, out, order, row_start,
+               _scale_tensor(scale, out), width_o, rank, width, max(plan.row_len, 1),
+               p.stride(0), p.stride(1), q.stride(0), s_sr, s_sj,
+               coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
+               *out_strides)
     return out
 
 
@@ -300,7 +315,7 @@ def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx
     pair_order = torch.argsort(pairs, stable=True).to(torch.int32)
     bounds = torch.arange(num + 1, device=pairs.device)
     seg_start = torch.searchsorted(pairs[pair_order.long()], bounds).to(torch.int32)
-    cfg = config("mix", lora_a.device)
+    block, bank_meta, weight_meta = _bank_grad_specs(lora_a.device)
     dw = torch.zeros(rows, slots, device=lora_a.device, dtype=acc)
     grads = []
     for dmix, bank in ((da_mix, lora_a), (db_mix, lora_b)):
@@ -310,16 +325,13 @@ def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx
         if size == 0:
             grads.append(dbank.zero_())
             continue
-        kernels.bank_grad_kernel[(num, _cdiv(size, cfg["BLOCK"]))](
-            dmix, adapter_w, pair_order, seg_start, dbank, size, slots,
-            adapter_w.stride(0), adapter_w.stride(1), BLOCK=cfg["BLOCK"], **_launch_opts(cfg),
-        )
+        run_kernel(bank_meta, (num, _cdiv(size, block)),
+                   dmix, adapter_w, pair_order, seg_start, dbank, size, slots,
+                   adapter_w.stride(0), adapter_w.stride(1))
         if rows:
-            kernels.mix_weight_grad_kernel[(rows, _cdiv(size, cfg["BLOCK"]))](
-                dmix, bank, adapter_idx, dw, size, slots, bank.stride(0),
-                adapter_idx.stride(0), adapter_idx.stride(1), BLOCK=cfg["BLOCK"],
-                **_launch_opts(cfg),
-            )
+            run_kernel(weight_meta, (rows, _cdiv(size, block)),
+                       dmix, bank, adapter_idx, dw, size, slots, bank.stride(0),
+                       adapter_idx.stride(0), adapter_idx.stride(1))
         grads.append(dbank)
     return grads[0], grads[1], dw.to(lora_a.dtype)
 
