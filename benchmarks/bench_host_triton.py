@@ -106,9 +106,9 @@ def count_inside(names: list[str]) -> None:
         setattr(launch, attr, counted)
 
 
-# The card whose tile table the --with-launcher run uses, with its SM count (an H200: what
-# the GPU machine has).
-CARD, CARD_SMS = "NVIDIA H200", 132
+# The card whose tile table and SM count the --with-launcher run uses (an H200: what the GPU
+# machine has).
+CARD = "NVIDIA H200"
 
 
 class _NoKernel:
@@ -132,7 +132,7 @@ def fake_gpu_launches() -> None:
 
     stand_in_launches(lambda key: _NoKernel())
     ops._triton_usable = lambda: True  # the triton backend takes CPU tensors
-    use_card_tables(CARD, sms=CARD_SMS)
+    use_card_tables(CARD)
 
 
 def with_launcher(calls: int, rounds: int, tritons_run: bool) -> dict[str, float]:

@@ -22,7 +22,6 @@ a variant of each; the code paths are the same.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import subprocess
@@ -78,14 +77,20 @@ def cases():
     """Small calls that reach every kernel: each mix x layout x dtype, forward and backward."""
     import reclora_kernels as rk
 
-    rows, d_in, d_out, m, r, k = 3, 40, 24, 6, 4, 2
+    m, r, k = 6, 4, 2
     # 5 and 40 tokens a row: both size classes of a card table (its "_short_rows" entries
-    # apply below short_rows_below = 32 tokens a row).
-    for dtype, length in itertools.product((torch.float32, torch.bfloat16, torch.float16),
-                                           (5, 40)):
+    # apply below short_rows_below = 32 tokens a row). Then decode: one token in each of 8
+    # rows at d = 512, so few tiles that the shrinks split d (SPLIT_K > 1: the atomic path).
+    sizes = [(dtype, length, 3, 40, 24, layouts)
+             for dtype in (torch.float32, torch.bfloat16, torch.float16) for length in (5, 40)
+             for layouts in [("implicit", "packed", "gathered")]]
+    sizes += [(dtype, 1, 8, 512, 512, ("implicit", "gathered"))
+              for dtype in (torch.float32, torch.bfloat16)]
+    for dtype, length, rows, d_in, d_out, layouts in sizes:
         for mix in ("factor", "output"):
-            for layout in ("implicit", "packed", "gathered"):
-                def call(dtype=dtype, length=length, mix=mix, layout=layout):
+            for layout in layouts:
+                def call(dtype=dtype, length=length, rows=rows, d_in=d_in, d_out=d_out,
+                         mix=mix, layout=layout):
                     g = torch.Generator().manual_seed(0)
 
                     def rand(*shape, grad=True):

@@ -167,7 +167,7 @@ def check_op_launches() -> None:
     run the kernels Triton's own key picks, and after the first call of a shape none goes
     through JITFunction.run."""
     slow = checked_launches()
-    use_card_tables("NVIDIA H200", sms=132)
+    use_card_tables("NVIDIA H200")
     ops._triton_usable = lambda: True  # the triton backend takes CPU tensors
     torch.manual_seed(0)
     rows, length, d, m, r, k = 8, 8, 32, 16, 8, 4

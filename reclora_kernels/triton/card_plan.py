@@ -15,10 +15,15 @@ from . import configs, launch
 # Shared memory a block may opt into on an H100 / H200 (sm_90): 227 KiB.
 SMEM_PER_BLOCK_OPTIN = 232_448
 
+# SM counts (torch.cuda.get_device_properties(...).multi_processor_count on each card): the
+# split-K choice at decode sizes depends on them.
+CARD_SMS = {"NVIDIA H100 80GB HBM3": 132, "NVIDIA H200": 132}
+
 
 def use_card_tables(card: str, sms: int | None = None) -> None:
-    """Launch as on `card`; `sms`: its SM count for the split-K choice (None keeps the
-    tensors' device's, 1 on a CPU)."""
+    """Launch as on `card`; `sms`: its SM count for the split-K choice (None: CARD_SMS's
+    entry, or, for a card not in it, the tensors' device's, 1 on a CPU)."""
+    sms = CARD_SMS.get(card) if sms is None else sms
     launch.config = lambda kernel, device, tokens=None, rows=None: configs.card_config(
         card, kernel, tokens, rows)
     launch.interpreting = lambda: False
