@@ -11,6 +11,7 @@ Every fast backend exposes the same two ops (names differ by backend):
         -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dlora_a, Tensor dlora_b,
             Tensor dadapter_w)
 
+(The Triton backward takes need_a, need_b, need_w, one per LoRA gradient, for need_lora.)
 x is packed [T, d_in], row_ids [T] int64 (any order), adapter_idx [R, k] int64 or None
 (dense), mix 0 = factor, 1 = output. The Triton ops take the batch's RowPlan
 (reclora_kernels.plan) in place of row_ids, as its tensors (row_ids, order, sorted_rows,
@@ -103,7 +104,7 @@ def triton_lora_mix_backward(
     lora_a: torch.Tensor, lora_b: torch.Tensor, adapter_w: torch.Tensor,
     adapter_idx: torch.Tensor | None, shrink: torch.Tensor, a_mix: torch.Tensor,
     b_mix: torch.Tensor, scale: float, mix: int,
-    need_x: bool, need_weight: bool, need_bias: bool, need_lora: bool,
+    need_x: bool, need_weight: bool, need_bias: bool, need_a: bool, need_b: bool, need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from .triton import launch
 
@@ -111,7 +112,7 @@ def triton_lora_mix_backward(
                     row_start)
     return launch.backward(grad_y, x, plan, weight, lora_a, lora_b, adapter_w, adapter_idx,
                            shrink, (a_mix, b_mix), scale, mix, need_x, need_weight, need_bias,
-                           need_lora)
+                           need_a, need_b, need_w)
 
 
 def _triton_fake_forward(x, row_ids, order, sorted_rows, row_start, row_len, weight, bias,
@@ -129,9 +130,13 @@ def _triton_fake_forward(x, row_ids, order, sorted_rows, row_start, row_len, wei
 
 def _triton_fake_backward(grad_y, x, row_ids, order, sorted_rows, row_start, row_len, weight,
                           lora_a, lora_b, adapter_w, adapter_idx, shrink, a_mix, b_mix, scale,
-                          mix, need_x, need_weight, need_bias, need_lora):
-    return _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx,
-                          shrink, scale, mix, need_x, need_weight, need_bias, need_lora)
+                          mix, need_x, need_weight, need_bias, need_a, need_b, need_w):
+    dx, dweight, dbias, da, db, dw = _fake_backward(
+        grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, shrink, scale, mix,
+        need_x, need_weight, need_bias, True)
+    # The Triton backward asks for each LoRA gradient on its own.
+    return (dx, dweight, dbias, da if need_a else x.new_empty(0),
+            db if need_b else x.new_empty(0), dw if need_w else x.new_empty(0))
 
 
 def _triton_setup_context(ctx, inputs, output):
@@ -146,12 +151,10 @@ def _triton_backward(ctx, grad_y, *_grad_saved):
     (x, row_ids, order, sorted_rows, row_start, weight, lora_a, lora_b, adapter_w, adapter_idx,
      shrink, a_mix, b_mix) = ctx.saved_tensors
     need = ctx.needs_input_grad
-    need_lora = need[8] or need[9] or need[10]
     dx, dweight, dbias, da, db, dw = triton_lora_mix_backward(
         grad_y.contiguous(), x, row_ids, order, sorted_rows, row_start, ctx.row_len, weight,
         lora_a, lora_b, adapter_w, adapter_idx, shrink, a_mix, b_mix, ctx.scale, ctx.mix, need[0],
-        need[6],
-        need[7] and ctx.has_bias, need_lora,
+        need[6], need[7] and ctx.has_bias, need[8], need[9], need[10],
     )
     return (
         dx if need[0] else None, None, None, None, None, None,

@@ -85,8 +85,8 @@ MUTANTS = [
     Mutant("op", "reclora_kernels/validate.py",
            "idx = adapter_idx.long()", "idx = adapter_idx",
            OP_TESTS, "int32 adapter indices not widened (backends assume int64)"),
-    Mutant("op", "reclora_kernels/ops.py",
-           "need_lora = need[4] or need[5] or need[6]", "need_lora = need[4] or need[5]",
+    Mutant("op", "reclora_kernels/triton/eager.py",
+           "need[4], need[5])", "need[4], need[4])",
            OP_TESTS + " " + LAYER_TESTS,
            "mixture-weight gradient skipped when the banks are frozen"),
     # ---- the native cpu kernel (rebuilt in the copy)

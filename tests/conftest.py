@@ -1,7 +1,7 @@
 """Test-session setup: Triton runs through its interpreter when there is no GPU, every
 Python-backend output is NaN-poisoned before a kernel writes it, every test starts from
 global RNGs seeded by its node id (the seed is printed with a failure), and datasets and
-caches live in a session temporary folder, never in ~/.cache/reclora."""
+caches (torch.compile's too) live in a session temporary folder, never in ~/.cache/reclora."""
 
 import os
 import random
@@ -68,6 +68,10 @@ def _temporary_data_dir(tmp_path_factory):
     copy_installed_ml100k(root)  # None (nothing copied) without the wheel: those tests skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECLORA_DATA", str(root))
+        # torch.compile's caches too: their keys leave out a custom op's schema, so a graph
+        # compiled before the op gained an argument came back from /tmp/torchinductor_$USER
+        # and called the op with the old arguments (2026-12-02).
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor_cache")))
         yield root
 
 

@@ -202,11 +202,13 @@ def test_fuzz_shapes(rows, tokens, d_in, d_out, adapters, rank, slots, mix, dens
 
 @pytest.mark.parametrize("backend,device", PAIRS + [("reference", "cpu")])
 @pytest.mark.parametrize("mix", ["factor", "output"])
-@pytest.mark.parametrize("only", ["adapter_w", "lora_b", "x"])
-def test_one_requested_grad_matches_all(backend, device, mix, only):
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+@pytest.mark.parametrize("only", ["adapter_w", "lora_a", "lora_b", "x"])
+def test_one_requested_grad_matches_all(backend, device, mix, dense, only):
     """A single input requiring grad (a gate trained over a frozen bank: adapter_w only) gets
-    the same gradient as when every input requires one."""
-    case = Case(mix=mix)
+    the same gradient as when every input requires one (the Triton backward computes only
+    the asked-for ones)."""
+    case = Case(mix=mix, dense=dense)
     inputs = make_inputs(case, dtype=torch.float32, device=device)
     grad_out = torch.randn(case.rows, case.tokens_per_row, case.d_out, device=device)
     _, all_grads = run(inputs, case, backend, grad_out)

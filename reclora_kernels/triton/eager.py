@@ -56,8 +56,8 @@ class _LoraMix(torch.autograd.Function):
         need_bias = need[2] and ctx.has_bias
         dx, dweight, dbias, da, db, dw = launch.backward(
             grad_y.contiguous(), x, ctx.plan, weight, lora_a, lora_b, adapter_w, adapter_idx,
-            shrink, (a_mix, b_mix), ctx.scale, ctx.mix, need[0], need[1], need_bias,
-            need[3] or need[4] or need[5])
+            shrink, (a_mix, b_mix), ctx.scale, ctx.mix, need[0], need[1], need_bias, need[3],
+            need[4], need[5])
         return (dx if need[0] else None, dweight if need[1] else None,
                 dbias if need_bias else None, da if need[3] else None,
                 db if need[4] else None, dw if need[5] else None, None, None, None, None)

@@ -303,37 +303,41 @@ def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, 
     return out
 
 
-def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx):
+def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx,
+                          need_a: bool, need_b: bool, need_w: bool):
     """The transpose of a gathered mixing: dA[m] = sum of w * dA_p over the pairs that
     picked m (likewise dB), and dw[b, j] = <dA_p[b], A[i_j]> + <dB_p[b], B[i_j]>. The bank
     gradients are summed per adapter over pairs sorted by adapter and written once in the
-    bank's dtype (no fp32 copy of the bank)."""
+    bank's dtype (no fp32 copy of the bank). Only the asked-for gradients are computed (a
+    mixed factor's gradient is None when neither its bank's nor the weights' is asked)."""
     rows, slots = adapter_w.shape
     num = lora_a.shape[0]
-    acc = da_mix.dtype
-    pairs = adapter_idx.reshape(-1)
-    pair_order = torch.argsort(pairs, stable=True).to(torch.int32)
-    bounds = torch.arange(num + 1, device=pairs.device)
-    seg_start = torch.searchsorted(pairs[pair_order.long()], bounds).to(torch.int32)
+    acc = (da_mix if da_mix is not None else db_mix).dtype
+    if need_a or need_b:
+        pairs = adapter_idx.reshape(-1)
+        pair_order = torch.argsort(pairs, stable=True).to(torch.int32)
+        bounds = torch.arange(num + 1, device=pairs.device)
+        seg_start = torch.searchsorted(pairs[pair_order.long()], bounds).to(torch.int32)
     block, bank_meta, weight_meta = _bank_grad_specs(lora_a.device)
-    dw = torch.zeros(rows, slots, device=lora_a.device, dtype=acc)
+    dw = torch.zeros(rows, slots, device=lora_a.device, dtype=acc) if need_w else None
     grads = []
-    for dmix, bank in ((da_mix, lora_a), (db_mix, lora_b)):
+    for dmix, bank, need_bank in ((da_mix, lora_a, need_a), (db_mix, lora_b, need_b)):
         bank = bank.contiguous()
         size = bank[0].numel()
-        dbank = new_output(bank.shape, device=bank.device, dtype=bank.dtype)
+        dbank = new_output(bank.shape, device=bank.device, dtype=bank.dtype) if need_bank else None
         if size == 0:
-            grads.append(dbank.zero_())
+            grads.append(dbank.zero_() if need_bank else None)
             continue
-        run_kernel(bank_meta, (num, _cdiv(size, block)),
-                   dmix, adapter_w, pair_order, seg_start, dbank, size, slots,
-                   adapter_w.stride(0), adapter_w.stride(1))
-        if rows:
+        if need_bank:
+            run_kernel(bank_meta, (num, _cdiv(size, block)),
+                       dmix, adapter_w, pair_order, seg_start, dbank, size, slots,
+                       adapter_w.stride(0), adapter_w.stride(1))
+        if need_w and rows:
             run_kernel(weight_meta, (rows, _cdiv(size, block)),
                        dmix, bank, adapter_idx, dw, size, slots, bank.stride(0),
                        adapter_idx.stride(0), adapter_idx.stride(1))
         grads.append(dbank)
-    return grads[0], grads[1], dw.to(lora_a.dtype)
+    return grads[0], grads[1], dw.to(lora_a.dtype) if need_w else None
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -356,19 +360,23 @@ def _b_as_shrink(b):  # B^T: F[f, c = rank, k = d_out]
     return (b.stride(0), b.stride(2), b.stride(1))
 
 
-def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w):
-    """dA = w^T dA_p, dB = w^T dB_p, dw = dA_p A^T + dB_p B^T (flattened factors)."""
+def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, need_a: bool,
+                        need_b: bool, need_w: bool):
+    """dA = w^T dA_p, dB = w^T dB_p, dw = dA_p A^T + dB_p B^T (flattened factors), each only
+    when asked (None otherwise)."""
     rows, num = adapter_w.shape
-    acc = da_mix.dtype
-    w_t = adapter_w.to(acc).t()
-    flat_da = da_mix.reshape(rows, da_mix[0].numel() if rows else lora_a[0].numel())
-    flat_db = db_mix.reshape(rows, db_mix[0].numel() if rows else lora_b[0].numel())
-    da = (w_t @ flat_da).view(lora_a.shape)
-    db = (w_t @ flat_db).view(lora_b.shape)
-    dw = (flat_da @ lora_a.reshape(num, flat_da.shape[1]).to(acc).t()
-          + flat_db @ lora_b.reshape(num, flat_db.shape[1]).to(acc).t())
+    acc = (da_mix if da_mix is not None else db_mix).dtype
     dtype = lora_a.dtype
-    return da.to(dtype), db.to(dtype), dw.to(dtype)
+    w_t = adapter_w.to(acc).t()
+    flat_da = None if da_mix is None else da_mix.reshape(rows, lora_a[0].numel())
+    flat_db = None if db_mix is None else db_mix.reshape(rows, lora_b[0].numel())
+    da = (w_t @ flat_da).view(lora_a.shape).to(dtype) if need_a else None
+    db = (w_t @ flat_db).view(lora_b.shape).to(dtype) if need_b else None
+    dw = None
+    if need_w:
+        dw = torch.addmm(flat_da @ lora_a.reshape(num, flat_da.shape[1]).to(acc).t(),
+                         flat_db, lora_b.reshape(num, flat_db.shape[1]).to(acc).t()).to(dtype)
+    return da, db, dw
 
 
 def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
@@ -393,46 +401,58 @@ def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_i
 
 
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
-             scale, mix_mode, need_x, need_weight, need_bias, need_lora):
+             scale, mix_mode, need_x, need_weight, need_bias, need_a, need_b, need_w):
+    """The gradients asked for (need_*: x, weight, bias, lora_a, lora_b, adapter_w); the
+    others come back as empty tensors, and nothing is computed only for them."""
     rows, slots = adapter_w.shape
     num_adapters, rank, d_in = lora_a.shape
     acc = _acc_dtype(x.dtype)
     g = grad_y
-    # Custom-op outputs may not alias each other: one fresh empty tensor per missing grad.
-    dx, da, db, dw = (x.new_empty(0) for _ in range(4))
+    dx = da = db = dw = None
 
-    if mix_mode == 0 and (need_x or need_lora):
+    if mix_mode == 0:
         a_mix, b_mix = mixed  # saved by the forward
         own = _row_sources(rows, x.device)
-        v = shrink(g, b_mix, _b_as_shrink(b_mix), own, plan, 1, rank, acc)  # B_p^T g
+        need_da_mix, need_db_mix = need_a or need_w, need_b or need_w
+        if need_x or need_da_mix:
+            v = shrink(g, b_mix, _b_as_shrink(b_mix), own, plan, 1, rank, acc)  # B_p^T g
         if need_x:
             dx = lora_linear(g, weight, True, None, v, a_mix, _a_as_expand(a_mix), own, None,
                              plan, 1, rank, scale)
-        if need_lora:
-            da_mix = torch.zeros(rows, rank, d_in, device=x.device, dtype=acc)
+        da_mix = db_mix = None
+        if need_db_mix:
             db_mix = torch.zeros(rows, weight.shape[0], rank, device=x.device, dtype=acc)
             segment_outer(g, s, own, None, plan, db_mix, _b_as_expand(db_mix), 1, rank, scale)
+        if need_da_mix:
+            da_mix = torch.zeros(rows, rank, d_in, device=x.device, dtype=acc)
             segment_outer(x, v, own, None, plan, da_mix, _a_as_expand(da_mix), 1, rank, scale)
+        if need_a or need_b or need_w:
             if adapter_idx is None:
-                # Dense: the transpose of the mixing is two GEMMs over the bank. (The atomic
+                # Dense: the transpose of the mixing is GEMMs over the bank. (The atomic
                 # kernel took 115 us per bank here on an H100 at R=64, M=16, r=8, d=4096.)
-                da, db, dw = _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w)
+                da, db, dw = _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w,
+                                                 need_a, need_b, need_w)
             else:
                 da, db, dw = gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w,
-                                                   adapter_idx)
-    elif mix_mode == 1 and (need_x or need_lora):
+                                                   adapter_idx, need_a, need_b, need_w)
+    else:
         src = _sources(adapter_idx, rows, slots, x.device)
-        v = shrink(g, lora_b, _b_as_shrink(lora_b), src, plan, slots, rank, acc)  # B_j^T g
+        if need_x or need_a or need_w:
+            v = shrink(g, lora_b, _b_as_shrink(lora_b), src, plan, slots, rank, acc)  # B_j^T g
         if need_x:
             dx = lora_linear(g, weight, True, None, v, lora_a, _a_as_expand(lora_a), src,
                              adapter_w, plan, slots, rank, scale)
-        if need_lora:
-            da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
+        if need_b:
             db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
             segment_outer(g, s, src, adapter_w, plan, db32, _b_as_expand(db32), slots, rank,
                           scale)
+            db = db32.to(x.dtype)
+        if need_a:
+            da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
             segment_outer(x, v, src, adapter_w, plan, da32, _a_as_expand(da32), slots, rank,
                           scale)
+            da = da32.to(x.dtype)
+        if need_w:
             # dw[b, j] = scale * sum_{n in b} <B_j^T g_n, A_j x_n>: T*k*r values, torch glue.
             per_token = (v * s).sum(-1) * scale
             if plan.implicit:
@@ -440,8 +460,9 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
             else:
                 dw = torch.zeros(rows, slots, device=x.device, dtype=acc)
                 dw.index_add_(0, plan.row_ids, per_token)
-            da, db, dw = da32.to(x.dtype), db32.to(x.dtype), dw.to(x.dtype)
+            dw = dw.to(x.dtype)
 
-    dweight = (g.t() @ x) if need_weight else x.new_empty(0)
-    dbias = g.sum(0, dtype=acc).to(x.dtype) if need_bias else x.new_empty(0)
-    return dx, dweight, dbias, da, db, dw
+    dweight = (g.t() @ x) if need_weight else None
+    dbias = g.sum(0, dtype=acc).to(x.dtype) if need_bias else None
+    # Custom-op outputs may not alias each other: one fresh empty tensor per missing grad.
+    return tuple(x.new_empty(0) if t is None else t for t in (dx, dweight, dbias, da, db, dw))
