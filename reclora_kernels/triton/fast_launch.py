@@ -2,7 +2,7 @@
 
 JITFunction.run binds the arguments, specializes each one (dtype, 16-byte alignment, integers
 equal to 1 or divisible by 16), hashes a cache key and checks the kernel's globals on every
-launch: ~20 us a launch on the AMD EPYC (benchmarks/bench_host_triton.py), more than the
+launch: 15-28 us a launch on the AMD EPYC (benchmarks/bench_host_triton.py), more than the
 kernel takes at decode sizes. Here the first launch of a kind goes through JITFunction.run,
 which compiles (or loads) the kernel and returns it; later launches with the same key call
 that kernel's launcher directly, with the arguments JITFunction.run would give it.
@@ -81,7 +81,7 @@ def _slow(meta: LaunchMeta, grid, args):
 
 def run_kernel(meta: LaunchMeta, grid: tuple, *args) -> None:
     """meta.fn[grid](*args, **meta.kwargs), as Triton would run it: tensors first, then
-    Python ints, in the kernel's parameter order."""
+    Python ints (never bools: True would share int 1's key), in the parameter order."""
     runtime = knobs.runtime
     if (meta.constexprs is None or interpreting() or not _quiet(runtime.launch_enter_hook)
             or not _quiet(runtime.launch_exit_hook)
