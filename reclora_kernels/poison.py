@@ -1,8 +1,8 @@
 """Output allocation shared by the Python backends.
 
-With RECLORA_POISON=1 at import (the test suite sets it) every output is NaN-filled before a kernel
-writes it, so an element a kernel forgets to write fails the comparison instead of passing
-on leftover memory that happened to be right.
+With RECLORA_POISON=1 at import (the test suite sets it) every output is NaN-filled before a
+kernel writes it, so an element a kernel forgets to write fails the comparison instead of
+passing on leftover memory that happened to be right.
 """
 
 from __future__ import annotations

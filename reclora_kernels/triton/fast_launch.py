@@ -12,7 +12,7 @@ The key holds everything Triton specializes on, and more: the constexprs and lau
 and 16-byte alignment, the device and Triton's debug and instrumentation switches. So a hit
 reuses only the kernel Triton itself would pick; tests/test_fast_launch.py checks that
 against Triton's own binder and key. Launch hooks (a profiler's), pre-run hooks and the
-interpreter take Triton's own path every time.
+interpreter's kernels (not JITFunctions) take Triton's own path every time.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from triton import knobs
 from triton.knobs import HookChain
 from triton.runtime import driver
 from triton.runtime.jit import JITFunction
-
-from .configs import interpreting
 
 
 class LaunchMeta:
@@ -37,10 +35,10 @@ class LaunchMeta:
     def __init__(self, fn, kwargs: dict):
         self.fn, self.kwargs = fn, kwargs
         self.token = (id(fn), *sorted(kwargs.items()))
-        params = getattr(fn, "params", None)
-        if params is None:  # the interpreter's function, or a test's stand-in: no fast path
+        if not isinstance(fn, JITFunction):  # the interpreter's, or a stand-in: no fast path
             self.constexprs, self.pointers = None, 0
             return
+        params = fn.params
         runtime = [p for p in params if not p.is_constexpr]
         if any(p.is_constexpr for p in params[:len(runtime)]):
             raise ValueError(f"{fn}: the fast launch needs the constexprs after every "
@@ -83,7 +81,7 @@ def run_kernel(meta: LaunchMeta, grid: tuple, *args) -> None:
     """meta.fn[grid](*args, **meta.kwargs), as Triton would run it: tensors first, then
     Python ints (never bools: True would share int 1's key), in the parameter order."""
     runtime = knobs.runtime
-    if (meta.constexprs is None or interpreting() or not _quiet(runtime.launch_enter_hook)
+    if (meta.constexprs is None or not _quiet(runtime.launch_enter_hook)
             or not _quiet(runtime.launch_exit_hook)
             or runtime.add_stages_inspection_hook is not None or meta.fn.pre_run_hooks):
         _slow(meta, grid, args)
@@ -96,7 +94,7 @@ def run_kernel(meta: LaunchMeta, grid: tuple, *args) -> None:
     kernel = _KERNELS.get(key)
     if kernel is None:
         kernel = _slow(meta, grid, args)  # compiles (or finds) Triton's own choice
-        if isinstance(meta.fn, JITFunction) and kernel is not None:
+        if kernel is not None:
             if len(_KERNELS) >= _MAX_KEYS:
                 _KERNELS.clear()
             _KERNELS[key] = kernel
