@@ -445,6 +445,20 @@ def lora_mix_linear(
                                  cuda_ok)
                 if y is not NotImplemented:
                     return y
+    key = None
+    if (row_ids is None and plan is None and not check_finite and TRITON_IMPORTED
+            and (backend == "triton" or (backend == "auto" and type(x) is torch.Tensor
+                                         and x.is_cuda))):
+        # A repeat of an eager Triton call seen before: its checks and launch plan are kept
+        # (triton/eager.py; 3x less host time at decode sizes, bench_host_triton.py).
+        eager = _triton_eager()
+        key = eager.call_key(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
+                             mix, backend, indices_checked)
+        if key is not None:
+            y = eager.replay(key, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                             scale, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w))
+            if y is not None:
+                return y
     problem = validate.prepare(
         x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, row_ids,
         check_finite=check_finite, plan=plan, indices_checked=indices_checked,
@@ -459,9 +473,13 @@ def lora_mix_linear(
         eager = _triton_eager() if chosen == "triton" else None
         if eager is not None and eager.eager_ok(x, weight, bias, lora_a, lora_b, adapter_w,
                                                 p.adapter_idx):
+            fplan = (None if key is None else
+                     eager.remember(key, p, weight, bias, lora_a, lora_b, adapter_w,
+                                    indices_checked))
             y2d = eager.forward(
                 p.x2d, weight, bias, lora_a, lora_b, adapter_w, p.adapter_idx, pl,
-                float(scale), p.mix, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w))
+                float(scale), p.mix, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w),
+                fplan)
             return y2d.view(*p.lead_shape, p.d_out)
         if chosen == "triton":
             op = triton_lora_mix_forward

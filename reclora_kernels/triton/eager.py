@@ -7,14 +7,23 @@ cost ~50-90 us of host time per call, the autograd layer ~190 us more, on the AM
 eager call of plain tensors runs launch.forward itself, or, with a gradient to record, a
 torch.autograd.Function over launch.forward / launch.backward. Both paths run the same
 launch code; tests/test_triton_eager.py holds them to the same results.
+
+Repeated calls: a call whose arguments have the metadata of an earlier call that passed the
+checks (the same shapes, strides, dtypes, devices, scale, mix and backend: `call_key`) skips
+validate.prepare and the launch plan, and runs the plan kept for it (`replay`). Whether it is
+valid depends on nothing else, so the hit is only a shortcut: data-dependent checks (an
+unchecked adapter_idx's range) still run on every call.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..plan import RowPlan
+from ..validate import _check_adapter_range
 from . import launch
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -39,9 +48,9 @@ class _LoraMix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan: RowPlan,
-                scale: float, mix: int):
-        y, shrink, a_mix, b_mix = launch.forward(x, plan, weight, bias, lora_a, lora_b,
-                                                 adapter_w, adapter_idx, scale, mix)
+                scale: float, mix: int, fplan: launch.ForwardPlan):
+        y, shrink, a_mix, b_mix = launch.run_forward(fplan, x, plan, weight, bias, lora_a,
+                                                     lora_b, adapter_w, adapter_idx, scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, adapter_w, adapter_idx, shrink, a_mix,
                               b_mix)
         ctx.plan, ctx.scale, ctx.mix, ctx.has_bias = plan, scale, mix, bias is not None
@@ -60,24 +69,103 @@ class _LoraMix(torch.autograd.Function):
             need[4], need[5])
         return (dx if need[0] else None, dweight if need[1] else None,
                 dbias if need_bias else None, da if need[3] else None,
-                db if need[4] else None, dw if need[5] else None, None, None, None, None)
+                db if need[4] else None, dw if need[5] else None, None, None, None, None, None)
 
 
 def forward(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan: RowPlan,
-            scale: float, mix: int, record_grad: bool) -> torch.Tensor:
-    """y [T, d_out] of packed x [T, d_in]; `record_grad`: through the autograd Function."""
+            scale: float, mix: int, record_grad: bool,
+            fplan: launch.ForwardPlan | None = None) -> torch.Tensor:
+    """y [T, d_out] of packed x [T, d_in]; `record_grad`: through the autograd Function;
+    `fplan`: the call's launch.ForwardPlan if known."""
+    if fplan is None:
+        fplan = launch.forward_plan_of(x, plan, weight, bias, lora_a, lora_b, adapter_w,
+                                       adapter_idx, mix)
     if torch._C._autograd._profiler_enabled():  # a profile still names the op
         with torch.profiler.record_function(_OP_NAME):
             return _run(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan, scale,
-                        mix, record_grad)
+                        mix, record_grad, fplan)
     return _run(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan, scale, mix,
-                record_grad)
+                record_grad, fplan)
 
 
 def _run(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan, scale, mix,
-         record_grad):
+         record_grad, fplan):
     if record_grad:
         return _LoraMix.apply(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan,
-                              scale, mix)
-    return launch.forward(x, plan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
-                          mix)[0]
+                              scale, mix, fplan)
+    return launch.run_forward(fplan, x, plan, weight, bias, lora_a, lora_b, adapter_w,
+                              adapter_idx, scale)[0]
+
+
+# --- repeated calls --------------------------------------------------------------------------
+
+class _Call(NamedTuple):
+    """What validate.prepare and the launch plan made of a call, for its signature."""
+
+    plan: RowPlan  # implicit (x's layout): no tensors
+    tokens: int
+    d_in: int
+    lead_shape: tuple
+    d_out: int
+    mix: int
+    check_range: int  # > 0: the bank size an unchecked adapter_idx is checked against
+    fplan: launch.ForwardPlan
+
+
+# call_key -> _Call. Keys hold only metadata (sizes, strides, dtypes, devices); emptied when
+# full, as fast_launch's table is.
+_CALLS: dict[tuple, _Call] = {}
+_MAX_CALLS = 4096
+
+
+def _meta(t) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def call_key(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, backend,
+             indices_checked) -> tuple | None:
+    """The signature of an eager Triton call with implicit rows (no row_ids or plan, no
+    finiteness check), or None for a call that must take the checked path every time.
+    A bool scale (equal to 1 or 0 as a key) is left to the checks, which refuse it."""
+    if (type(mix) is not str or type(scale) not in (float, int) or type(backend) is not str
+            or type(indices_checked) is not bool
+            or not eager_ok(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx)):
+        return None
+    try:
+        return (backend, mix, scale, indices_checked, _meta(x), weight.shape,
+                weight.dtype, weight.device, None if bias is None else _meta(bias),
+                _meta(lora_a), _meta(lora_b), _meta(adapter_w),
+                None if adapter_idx is None else _meta(adapter_idx))
+    except RuntimeError:  # a layout without strides (sparse): the checked path says what
+        return None
+
+
+def remember(key: tuple, problem, weight, bias, lora_a, lora_b, adapter_w,
+             indices_checked: bool) -> launch.ForwardPlan:
+    """Keep what a call that passed validate.prepare (`problem`) needs to be replayed;
+    returns its ForwardPlan."""
+    p = problem
+    fplan = launch.forward_plan_of(p.x2d, p.plan, weight, bias, lora_a, lora_b, adapter_w,
+                                   p.adapter_idx, p.mix)
+    if len(_CALLS) >= _MAX_CALLS:
+        _CALLS.clear()
+    check = p.adapters if p.adapter_idx is not None and not indices_checked else 0
+    _CALLS[key] = _Call(p.plan, p.x2d.shape[0], p.d_in, p.lead_shape, p.d_out, p.mix, check,
+                        fplan)
+    return fplan
+
+
+def replay(key: tuple, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
+           record_grad: bool) -> torch.Tensor | None:
+    """The call's output if its signature was seen (and passed the checks) before, else
+    None."""
+    call = _CALLS.get(key)
+    if call is None:
+        return None
+    if adapter_idx is not None:
+        if call.check_range:
+            _check_adapter_range(adapter_idx, call.check_range)
+        adapter_idx = adapter_idx.long()
+    y = forward(x.reshape(call.tokens, call.d_in), weight, bias, lora_a, lora_b, adapter_w,
+                adapter_idx, call.plan, float(scale), call.mix, record_grad, call.fplan)
+    return y.view(*call.lead_shape, call.d_out)

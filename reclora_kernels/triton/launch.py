@@ -26,6 +26,7 @@ here.
 from __future__ import annotations
 
 from functools import cache, lru_cache
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +35,7 @@ from ..plan import tracing as _tracing
 from ..poison import new_output
 from . import kernels
 from .configs import config, interpreting
-from .fast_launch import launch_meta, run_kernel
+from .fast_launch import LaunchMeta, launch_meta, run_kernel
 
 
 # Host-side integer helpers: triton.cdiv / next_power_of_2 are constexpr functions in triton
@@ -104,32 +105,40 @@ def _plan_ptrs(plan: RowPlan, like: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return order, rows
 
 
+def _index_table(n: int, device) -> torch.Tensor:
+    """0..n-1 (the dense slot table, the rows' own factors): cached, or fresh while tracing."""
+    if _tracing():
+        return torch.arange(n, device=device, dtype=torch.int64)
+    return _arange(n, device)
+
+
 def _sources(adapter_idx, rows: int, slots: int, device) -> tuple[torch.Tensor, int, int]:
     """Factor index table src[row, slot] with its strides; dense uses slot j = adapter j."""
     if adapter_idx is None:
-        return (_arange(slots, device) if not _tracing()
-                else torch.arange(slots, device=device, dtype=torch.int64)), 0, 1
+        return _index_table(slots, device), 0, 1
     return adapter_idx, adapter_idx.stride(0), adapter_idx.stride(1)
 
 
 def _row_sources(rows: int, device) -> tuple[torch.Tensor, int, int]:
     """src[row, 0] = row: each row's own mixed factor."""
-    n = max(rows, 1)
-    table = _arange(n, device) if not _tracing() else torch.arange(n, device=device,
-                                                                   dtype=torch.int64)
-    return table, 1, 0
+    return _index_table(max(rows, 1), device), 1, 0
 
 
 def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
-    """[M, *shape] bank -> [R, *shape] per-row mixtures sum_j w[b, j] bank[idx[b, j]]."""
+    """[M, p, q] bank -> [R, p, q] per-row mixtures sum_j w[b, j] bank[idx[b, j]]."""
     rows, slots = adapter_w.shape
+    size = bank.shape[1] * bank.shape[2]
     if adapter_idx is None:
         # Dense: one GEMM w [R, M] @ bank [M, size] reads the bank once (a kernel per row
-        # would read it R times).
-        flat = adapter_w.to(bank.dtype) @ bank.reshape(bank.shape[0], bank[0].numel())
-        return flat.to(out_dtype).view(rows, *bank.shape[1:])
+        # would read it R times). torch.mm, and no .to() where the dtypes agree (the op's
+        # case): ~5 us less host time a mix at decode sizes.
+        if adapter_w.dtype != bank.dtype:
+            adapter_w = adapter_w.to(bank.dtype)
+        flat = torch.mm(adapter_w, bank.reshape(bank.shape[0], size))
+        if flat.dtype != out_dtype:
+            flat = flat.to(out_dtype)
+        return flat.view(rows, bank.shape[1], bank.shape[2])
     bank = bank.contiguous()
-    size = bank[0].numel()
     out = new_output((rows, *bank.shape[1:]), device=bank.device, dtype=out_dtype)
     if rows == 0 or size == 0:
         return out.zero_()
@@ -188,22 +197,53 @@ def _shrink_spec(tokens: int, depth: int, width: int, rows: int, ordered: bool,
     return grid, split, meta
 
 
+class Launch(NamedTuple):
+    """One kernel launch worked out from shapes and strides: its LaunchMeta, grid and
+    integer arguments (they follow the tensors)."""
+
+    meta: LaunchMeta
+    grid: tuple
+    ints: tuple
+
+
+def _shrink_launch(tokens: int, depth: int, x_strides: tuple, fac_strides: tuple,
+                   src_strides: tuple, plan_key: tuple, slots: int, rank: int,
+                   dtype: torch.dtype, device: torch.device) -> tuple[Launch | None, bool]:
+    """(the shrink's Launch, or None when there is nothing to compute; whether its output
+    must start zeroed: split-K partial sums are added atomically)."""
+    rows, row_len, ordered, implicit = plan_key
+    width = slots * rank
+    grid, split, meta = _shrink_spec(tokens, depth, width, rows, ordered, implicit, dtype,
+                                     device)
+    zeroed = split > 1 or depth == 0
+    if tokens == 0 or depth == 0:
+        return None, zeroed
+    # out [T, slots, rank] is made contiguous: its row stride is the width.
+    ints = (tokens, depth, rank, width, max(row_len, 1), *x_strides, *fac_strides,
+            *src_strides, width)
+    return Launch(meta, grid, ints), zeroed
+
+
+def _run_shrink(launch: Launch, x, fac, table, out, plan: RowPlan) -> None:
+    order, sorted_rows = _plan_ptrs(plan, table)
+    run_kernel(launch.meta, launch.grid, x, fac, table, out, order, sorted_rows, *launch.ints)
+
+
+def _plan_key(plan: RowPlan) -> tuple:
+    return plan.rows, plan.row_len, plan.order is not None, plan.implicit
+
+
 def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_dtype):
     """out[n, j, c] = sum_k x[n, k] F[src[row(n), j], c, k]; fac_strides = (s_f, s_c, s_k)."""
     tokens, depth = x.shape
-    width = slots * rank
     table, s_sr, s_sj = src
-    grid, split, meta = _shrink_spec(tokens, depth, width, plan.rows, plan.order is not None,
-                                     plan.implicit, x.dtype, x.device)
-    alloc = torch.zeros if split > 1 or depth == 0 else new_output
+    launch, zeroed = _shrink_launch(tokens, depth, (x.stride(0), x.stride(1)), fac_strides,
+                                    (s_sr, s_sj), _plan_key(plan), slots, rank, x.dtype,
+                                    x.device)
+    alloc = torch.zeros if zeroed else new_output
     out = alloc((tokens, slots, rank), device=x.device, dtype=acc_dtype)
-    if tokens == 0 or depth == 0:
-        return out
-    order, sorted_rows = _plan_ptrs(plan, table)
-    run_kernel(meta, grid,
-               x, fac, table, out, order, sorted_rows,
-               tokens, depth, rank, width, max(plan.row_len, 1),
-               x.stride(0), x.stride(1), *fac_strides, s_sr, s_sj, out.stride(0))
+    if launch is not None:
+        _run_shrink(launch, x, fac, table, out, plan)
     return out
 
 
@@ -222,25 +262,44 @@ def _expand_spec(tokens: int, n_out: int, width: int, rows: int, ordered: bool, 
     return grid, meta
 
 
+def _expand_launch(tokens: int, n_out: int, bias_stride: int | None, fac_strides: tuple,
+                   src_strides: tuple, coef_strides: tuple | None, plan_key: tuple, slots: int,
+                   rank: int, accumulate: bool, dtype: torch.dtype,
+                   device: torch.device) -> Launch | None:
+    """The expand's Launch into a contiguous y [T, N] from a shrink's output u (contiguous
+    [T, slots, rank]); None when y is empty. bias_stride / coef_strides: None without."""
+    if tokens == 0 or n_out == 0:
+        return None
+    rows, row_len, ordered, implicit = plan_key
+    width = slots * rank
+    grid, meta = _expand_spec(tokens, n_out, width, rows, ordered, implicit, accumulate,
+                              bias_stride is not None, coef_strides is not None, dtype, device)
+    ints = (tokens, n_out, rank, width, max(row_len, 1), n_out, 1,
+            0 if bias_stride is None else bias_stride, width, *fac_strides, *src_strides,
+            *(coef_strides if coef_strides is not None else (0, 0)))
+    return Launch(meta, grid, ints)
+
+
+def _run_expand(launch: Launch, y, bias, u, fac, table, coef, plan: RowPlan, scale_t) -> None:
+    order, sorted_rows = _plan_ptrs(plan, table)
+    run_kernel(launch.meta, launch.grid, y, bias if bias is not None else y, u, fac, table,
+               coef if coef is not None else u, order, sorted_rows, scale_t, *launch.ints)
+
+
+def _strides(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else tuple(t.stride())
+
+
 def expand(y, bias, u, fac, fac_strides, src, coef, plan: RowPlan, slots: int, rank: int,
            scale: float, accumulate: bool):
-    """y[n] (+)= bias + scale * sum_j coef_j F[src_j] u_j over y [T, N] (N = fac's o axis)."""
-    tokens, n_out = y.shape
-    if tokens == 0 or n_out == 0:
-        return y
+    """y[n] (+)= bias + scale * sum_j coef_j F[src_j] u_j over y [T, N] (N = fac's o axis);
+    y and u contiguous."""
     table, s_sr, s_sj = src
-    width = slots * rank
-    grid, meta = _expand_spec(tokens, n_out, width, plan.rows, plan.order is not None,
-                              plan.implicit, accumulate, bias is not None, coef is not None,
-                              y.dtype, y.device)
-    order, sorted_rows = _plan_ptrs(plan, table)
-    run_kernel(meta, grid,
-               y, bias if bias is not None else y, u, fac, table, coef if coef is not None else u,
-               order, sorted_rows, _scale_tensor(scale, y),
-               tokens, n_out, rank, width, max(plan.row_len, 1),
-               y.stride(0), y.stride(1), bias.stride(0) if bias is not None else 0, u.stride(0),
-               *fac_strides, s_sr, s_sj,
-               coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0)
+    launch = _expand_launch(y.shape[0], y.shape[1], None if bias is None else bias.stride(0),
+                            fac_strides, (s_sr, s_sj), _strides(coef), _plan_key(plan), slots,
+                            rank, accumulate, y.dtype, y.device)
+    if launch is not None:
+        _run_expand(launch, y, bias, u, fac, table, coef, plan, _scale_tensor(scale, y))
     return y
 
 
@@ -249,22 +308,37 @@ def _base_first(device: torch.device, tokens: int, rows: int) -> bool:
     return bool(config("expand", device, tokens, rows).get("base_first", False))
 
 
+def _base_and_expand(x, weight, w_t: bool, bias, base_first: bool, launch: Launch | None,
+                     n_out: int, u, fac, table, coef, plan: RowPlan, scale: float):
+    """lora_linear with its expand Launch worked out (`launch` None: nothing to expand)."""
+    mat = weight if w_t else weight.t()
+    if base_first:
+        y = torch.addmm(bias, x, mat) if bias is not None else x @ mat
+        if launch is not None:
+            _run_expand(launch, y, None, u, fac, table, coef, plan, _scale_tensor(scale, y))
+        return y
+    y = new_output((x.shape[0], n_out), device=x.device, dtype=x.dtype)
+    if n_out == 0:
+        return y
+    if launch is not None:
+        _run_expand(launch, y, bias, u, fac, table, coef, plan, _scale_tensor(scale, y))
+    return y.addmm_(x, mat)
+
+
 def lora_linear(x, weight, w_t: bool, bias, u, fac, fac_strides, src, coef, plan: RowPlan,
                 slots: int, rank: int, scale: float) -> torch.Tensor:
     """x W^T (or x W with w_t) + bias + the expand of u: the GEMM by cuBLAS, the expand by
     Triton, into one output. Order per config: the expand writes y and cuBLAS accumulates
     into it (addmm_, beta = 1), or cuBLAS first and the expand reads and adds."""
     tokens = x.shape[0]
-    mat = weight if w_t else weight.t()
-    n_out = mat.shape[1]
-    if _base_first(x.device, tokens, plan.rows):
-        y = torch.addmm(bias, x, mat) if bias is not None else x @ mat
-        return expand(y, None, u, fac, fac_strides, src, coef, plan, slots, rank, scale, True)
-    y = new_output((tokens, n_out), device=x.device, dtype=x.dtype)
-    if n_out == 0:
-        return y
-    expand(y, bias, u, fac, fac_strides, src, coef, plan, slots, rank, scale, False)
-    return y.addmm_(x, mat)
+    n_out = weight.shape[1] if w_t else weight.shape[0]
+    base_first = _base_first(x.device, tokens, plan.rows)
+    table, s_sr, s_sj = src
+    launch = _expand_launch(tokens, n_out, None if base_first or bias is None else bias.stride(0),
+                            fac_strides, (s_sr, s_sj), _strides(coef), _plan_key(plan), slots,
+                            rank, base_first, x.dtype, x.device)
+    return _base_and_expand(x, weight, w_t, bias, base_first, launch, n_out, u, fac, table, coef,
+                            plan, scale)
 
 
 @lru_cache(maxsize=1024)
@@ -344,20 +418,30 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _a_as_shrink(a):  # A[f, c, k] over [M|R, r, d_in]
-    return (a.stride(0), a.stride(1), a.stride(2))
+# A factor's strides as the shrink (F[f, c, k]) or the expand (F[f, o, c]) reads it.
+def _a_as_shrink(s):  # A[f, c, k] over [M|R, r, d_in]
+    return (s[0], s[1], s[2])
 
 
-def _a_as_expand(a):  # A^T: F[f, o = d_in, c = rank]
-    return (a.stride(0), a.stride(2), a.stride(1))
+def _a_as_expand(s):  # A^T: F[f, o = d_in, c = rank]
+    return (s[0], s[2], s[1])
 
 
-def _b_as_expand(b):  # B[f, o = d_out, c = rank]
-    return (b.stride(0), b.stride(1), b.stride(2))
+def _b_as_expand(s):  # B[f, o = d_out, c = rank]
+    return (s[0], s[1], s[2])
 
 
-def _b_as_shrink(b):  # B^T: F[f, c = rank, k = d_out]
-    return (b.stride(0), b.stride(2), b.stride(1))
+def _b_as_shrink(s):  # B^T: F[f, c = rank, k = d_out]
+    return (s[0], s[2], s[1])
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    """torch's strides of a contiguous tensor of `shape` (a size-0 dim steps as 1)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, need_a: bool,
@@ -379,25 +463,88 @@ def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, need_a: bool,
     return da, db, dw
 
 
+class ForwardPlan(NamedTuple):
+    """What a forward does, worked out from shapes, strides, dtypes and the row layout alone
+    (forward_plan, cached per signature): then run on each call's tensors (run_forward).
+    At decode sizes the working-out was most of a call's host time."""
+
+    mix_mode: int
+    s_shape: tuple  # the shrink's output [T, slots (1 in factor mode), r], fp32 or fp64
+    s_zeroed: bool  # split-K partial sums are added into it
+    acc: torch.dtype
+    shrink: Launch | None
+    base_first: bool
+    expand: Launch | None
+    d_out: int
+
+
+@lru_cache(maxsize=1024)
+def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out: int,
+                 bias_stride: int | None, a_shape: tuple, a_strides: tuple, b_strides: tuple,
+                 w_shape: tuple, w_strides: tuple, idx_strides: tuple | None, plan_key: tuple,
+                 dtype: torch.dtype, device: torch.device) -> ForwardPlan:
+    """The ForwardPlan of forward()'s arguments with these metadata (idx_strides None: dense;
+    plan_key: _plan_key of the RowPlan)."""
+    rank = a_shape[1]
+    rows, slots = w_shape
+    if mix_mode == 0:
+        # Each row's own mixed factors (made contiguous by mix), one slot.
+        a_strides = _contiguous_strides((rows, rank, d_in))
+        b_strides = _contiguous_strides((rows, d_out, rank))
+        src, slots, coef = (1, 0), 1, None
+    else:
+        src, coef = ((0, 1) if idx_strides is None else idx_strides), w_strides
+    shrink_, zeroed = _shrink_launch(tokens, d_in, x_strides, _a_as_shrink(a_strides), src,
+                                     plan_key, slots, rank, dtype, device)
+    base_first = _base_first(device, tokens, rows)
+    expand_ = _expand_launch(tokens, d_out, None if base_first else bias_stride,
+                             _b_as_expand(b_strides), src, coef, plan_key, slots, rank,
+                             base_first, dtype, device)
+    return ForwardPlan(mix_mode, (tokens, slots, rank), zeroed, _acc_dtype(dtype), shrink_,
+                       base_first, expand_, d_out)
+
+
+def forward_plan_of(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                    mix_mode: int) -> ForwardPlan:
+    """forward_plan for these tensors."""
+    return forward_plan(mix_mode, x.shape[0], x.shape[1], tuple(x.stride()), weight.shape[0],
+                        None if bias is None else bias.stride(0), tuple(lora_a.shape),
+                        tuple(lora_a.stride()), tuple(lora_b.stride()), tuple(adapter_w.shape),
+                        tuple(adapter_w.stride()), _strides(adapter_idx), _plan_key(plan),
+                        x.dtype, x.device)
+
+
+def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w,
+                adapter_idx, scale: float):
+    """(y, s, A_p, B_p) of a planned forward; the mixed factors are None in output mode."""
+    if fp.mix_mode == 0:
+        fa = mix(lora_a, adapter_w, adapter_idx, x.dtype)
+        fb = mix(lora_b, adapter_w, adapter_idx, x.dtype)
+        table, coef = _index_table(max(adapter_w.shape[0], 1), x.device), None
+    else:
+        fa, fb, coef = lora_a, lora_b, adapter_w
+        table = (adapter_idx if adapter_idx is not None
+                 else _index_table(adapter_w.shape[1], x.device))
+    s = (torch.zeros if fp.s_zeroed else new_output)(fp.s_shape, device=x.device, dtype=fp.acc)
+    if fp.shrink is not None:
+        _run_shrink(fp.shrink, x, fa, table, s, plan)
+    y = _base_and_expand(x, weight, False, bias, fp.base_first, fp.expand, fp.d_out, s, fb,
+                         table, coef, plan, scale)
+    if fp.mix_mode == 0:
+        return y, s, fa, fb  # the mixed factors are saved: the backward does not re-mix
+    return y, s, None, None
+
+
 def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
             mix_mode):
-    rows, slots = adapter_w.shape
-    rank = lora_a.shape[1]
-    acc = _acc_dtype(x.dtype)
-    if mix_mode == 0:
-        a_mix = mix(lora_a, adapter_w, adapter_idx, x.dtype)
-        b_mix = mix(lora_b, adapter_w, adapter_idx, x.dtype)
-        own = _row_sources(rows, x.device)
-        s = shrink(x, a_mix, _a_as_shrink(a_mix), own, plan, 1, rank, acc)
-        y = lora_linear(x, weight, False, bias, s, b_mix, _b_as_expand(b_mix), own, None, plan,
-                        1, rank, scale)
-        return y, s, a_mix, b_mix  # the mixed factors are saved: the backward does not re-mix
-    else:
-        src = _sources(adapter_idx, rows, slots, x.device)
-        s = shrink(x, lora_a, _a_as_shrink(lora_a), src, plan, slots, rank, acc)
-        y = lora_linear(x, weight, False, bias, s, lora_b, _b_as_expand(lora_b), src, adapter_w,
-                        plan, slots, rank, scale)
-    return y, s, x.new_empty(0), x.new_empty(0)
+    """(y, s, A_p, B_p): factor mode saves the mixed factors for the backward; output mode
+    returns empty tensors in their place (custom-op outputs are tensors)."""
+    fp = forward_plan_of(x, plan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, mix_mode)
+    y, s, a_mix, b_mix = run_forward(fp, x, plan, weight, bias, lora_a, lora_b, adapter_w,
+                                     adapter_idx, scale)
+    if a_mix is None:
+        return y, s, x.new_empty(0), x.new_empty(0)
+    return y, s, a_mix, b_mix
 
 
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
@@ -415,17 +562,20 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
         own = _row_sources(rows, x.device)
         need_da_mix, need_db_mix = need_a or need_w, need_b or need_w
         if need_x or need_da_mix:
-            v = shrink(g, b_mix, _b_as_shrink(b_mix), own, plan, 1, rank, acc)  # B_p^T g
+            v = shrink(g, b_mix, _b_as_shrink(b_mix.stride()), own, plan, 1, rank,
+                       acc)  # B_p^T g
         if need_x:
-            dx = lora_linear(g, weight, True, None, v, a_mix, _a_as_expand(a_mix), own, None,
-                             plan, 1, rank, scale)
+            dx = lora_linear(g, weight, True, None, v, a_mix, _a_as_expand(a_mix.stride()),
+                             own, None, plan, 1, rank, scale)
         da_mix = db_mix = None
         if need_db_mix:
             db_mix = torch.zeros(rows, weight.shape[0], rank, device=x.device, dtype=acc)
-            segment_outer(g, s, own, None, plan, db_mix, _b_as_expand(db_mix), 1, rank, scale)
+            segment_outer(g, s, own, None, plan, db_mix, _b_as_expand(db_mix.stride()), 1,
+                          rank, scale)
         if need_da_mix:
             da_mix = torch.zeros(rows, rank, d_in, device=x.device, dtype=acc)
-            segment_outer(x, v, own, None, plan, da_mix, _a_as_expand(da_mix), 1, rank, scale)
+            segment_outer(x, v, own, None, plan, da_mix, _a_as_expand(da_mix.stride()), 1,
+                          rank, scale)
         if need_a or need_b or need_w:
             if adapter_idx is None:
                 # Dense: the transpose of the mixing is GEMMs over the bank. (The atomic
@@ -438,19 +588,20 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     else:
         src = _sources(adapter_idx, rows, slots, x.device)
         if need_x or need_a or need_w:
-            v = shrink(g, lora_b, _b_as_shrink(lora_b), src, plan, slots, rank, acc)  # B_j^T g
+            v = shrink(g, lora_b, _b_as_shrink(lora_b.stride()), src, plan, slots, rank,
+                       acc)  # B_j^T g
         if need_x:
-            dx = lora_linear(g, weight, True, None, v, lora_a, _a_as_expand(lora_a), src,
-                             adapter_w, plan, slots, rank, scale)
+            dx = lora_linear(g, weight, True, None, v, lora_a, _a_as_expand(lora_a.stride()),
+                             src, adapter_w, plan, slots, rank, scale)
         if need_b:
             db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
-            segment_outer(g, s, src, adapter_w, plan, db32, _b_as_expand(db32), slots, rank,
-                          scale)
+            segment_outer(g, s, src, adapter_w, plan, db32, _b_as_expand(db32.stride()), slots,
+                          rank, scale)
             db = db32.to(x.dtype)
         if need_a:
             da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
-            segment_outer(x, v, src, adapter_w, plan, da32, _a_as_expand(da32), slots, rank,
-                          scale)
+            segment_outer(x, v, src, adapter_w, plan, da32, _a_as_expand(da32.stride()), slots,
+                          rank, scale)
             da = da32.to(x.dtype)
         if need_w:
             # dw[b, j] = scale * sum_{n in b} <B_j^T g_n, A_j x_n>: T*k*r values, torch glue.

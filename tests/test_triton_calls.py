@@ -1,0 +1,179 @@
+"""Repeated eager Triton calls (reclora_kernels/triton/eager.py: call_key, remember, replay).
+
+A call with the metadata of an earlier call that passed the checks skips validate.prepare and
+the launch plan. A repeat must give what the checked path gives, on fresh data (outputs are
+NaN-poisoned before the kernels write them: conftest sets RECLORA_POISON), every metadata
+change must take the checked path again, and a call the checks reject must still be rejected.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from op_cases import TOLERANCE, Case, make_inputs, rel_err
+
+import reclora_kernels as rk
+from reclora_kernels import validate
+
+pytestmark = pytest.mark.skipif("triton" not in rk.available_backends(),
+                                reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float32 if DEVICE == "cuda" else torch.float64
+
+
+@pytest.fixture(autouse=True)
+def no_kept_calls():
+    from reclora_kernels.triton import eager
+
+    eager._CALLS.clear()
+    yield
+    eager._CALLS.clear()
+
+
+@pytest.fixture
+def prepared(monkeypatch) -> list[int]:
+    """validate.prepare's calls, counted (a repeat must not make one)."""
+    calls = []
+    real = validate.prepare
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validate, "prepare", counting)
+    return calls
+
+
+def _op(inp, case: Case, backend="triton", **kw):
+    kw.setdefault("scale", case.scale)
+    kw.setdefault("mix", case.mix)
+    return rk.lora_mix_linear(inp["x"], inp["weight"], inp["bias"], inp["lora_a"],
+                              inp["lora_b"], inp["adapter_w"], inp["adapter_idx"],
+                              backend=backend, **kw)
+
+
+def _check(inp, case: Case, y, **kw):
+    ref = _op(inp, case, backend="reference", **kw)
+    assert y.shape == ref.shape
+    assert rel_err(y, ref) <= TOLERANCE[DTYPE]
+
+
+CASES = [
+    Case(mix=mix, dense=dense, bias=bias, noncontiguous=strided, tokens_per_row=3, d_in=19,
+         d_out=17)
+    for mix in ("factor", "output") for dense in (True, False) for bias in (True, False)
+    for strided in (False, True)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: (
+    f"{c.mix}-{'dense' if c.dense else 'gathered'}-{'bias' if c.bias else 'nobias'}"
+    f"-{'strided' if c.noncontiguous else 'contig'}"))
+def test_a_repeat_skips_the_checks_and_matches_the_oracle(prepared, case):
+    first = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    _check(first, case, _op(first, case))
+    assert len(prepared) == 2  # the triton call, then the reference's
+    again = make_inputs(case, dtype=DTYPE, device=DEVICE)  # fresh data, same metadata
+    y = _op(again, case)
+    assert len(prepared) == 2, "a repeated call must not run validate.prepare again"
+    _check(again, case, y)
+    from reclora_kernels.triton import eager
+
+    eager._CALLS.clear()
+    checked = _op(again, case)
+    assert len(prepared) == 4
+    torch.testing.assert_close(y, checked, rtol=0, atol=0)
+
+
+def test_one_token_rows_and_a_repeat():
+    """A 2-D x without a plan is one token per row."""
+    case = Case(rows=5, dense=False)
+    inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    inp["x"] = inp["x"][:, 0]
+    for _ in range(2):
+        _check(inp, case, _op(inp, case))
+
+
+def _variants(inp):
+    """Calls with the first call's shapes but other metadata (name, inputs, op kwargs)."""
+    x_t = inp["x"].transpose(0, 1).contiguous().transpose(0, 1)  # same shape, other strides
+    lora_b_t = inp["lora_b"].transpose(0, 2).contiguous().transpose(0, 2)
+    yield "x strides", dict(inp, x=x_t), {}
+    yield "lora_b strides", dict(inp, lora_b=lora_b_t), {}
+    yield "scale", inp, {"scale": 0.25}
+    yield "integer scale", inp, {"scale": 2}
+    yield "int32 indices", dict(inp, adapter_idx=inp["adapter_idx"].int()), {}
+    yield "no bias", dict(inp, bias=None), {}
+    yield "output mode", inp, {"mix": "output"}
+    yield "float32", {k: v if v is None or not v.is_floating_point() else v.float()
+                      for k, v in inp.items()}, {}
+
+
+@pytest.mark.parametrize("variant", [v[0] for v in _variants(make_inputs(Case()))])
+def test_other_metadata_takes_the_checked_path(prepared, variant):
+    case = Case(mix="factor", dense=False)
+    inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    _op(inp, case)
+    _, changed, kw = next(v for v in _variants(inp) if v[0] == variant)
+    before = len(prepared)
+    y = _op(changed, case, **kw)
+    assert len(prepared) == before + 1, f"a call with other {variant} must be checked anew"
+    dtype = changed["x"].dtype
+    ref = _op(changed, case, backend="reference", **kw)
+    assert rel_err(y, ref) <= TOLERANCE[dtype]
+
+
+def test_a_repeat_the_checks_reject_still_fails():
+    case = Case(dense=False, scale=1.0)
+    inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    _op(inp, case)
+    with pytest.raises(TypeError, match="`scale`"):
+        _op(inp, case, scale=True)  # hashes and compares equal to 1 (and 1.0)
+    with pytest.raises(ValueError, match="`scale`"):
+        _op(inp, case, scale=math.inf)
+    with pytest.raises(ValueError, match="`scale`"):
+        _op(inp, case, scale=math.nan)
+    with pytest.raises(TypeError, match="`weight`"):
+        _op(dict(inp, weight=inp["weight"].to(torch.float16)), case)
+    with pytest.raises(ValueError, match="`mix`"):
+        _op(inp, case, mix="factors")
+
+
+def test_unchecked_indices_are_checked_on_every_repeat():
+    """The range of adapter_idx is data: a repeat with indices_checked=False still reads it
+    (eagerly on the CPU, by a device assert on a GPU)."""
+    case = Case(dense=False)
+    inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    _op(inp, case)
+    _op(inp, case)
+    bad = inp["adapter_idx"].clone()
+    bad[1, 2] = case.adapters
+    if DEVICE == "cpu":
+        with pytest.raises(IndexError, match="`adapter_idx`"):
+            _op(dict(inp, adapter_idx=bad), case)
+    # Vouched for: the caller's word is taken, on a repeat as on the first call.
+    _op(inp, case, indices_checked=True)
+    y = _op(inp, case, indices_checked=True)
+    _check(inp, case, y)
+
+
+@pytest.mark.parametrize("mix", ["factor", "output"])
+def test_a_repeat_with_gradients(prepared, mix):
+    """A repeat that records a gradient runs the same plan through the autograd Function."""
+    case = Case(mix=mix, dense=False, tokens_per_row=2)
+    names = ("x", "weight", "bias", "lora_a", "lora_b", "adapter_w")
+    with torch.no_grad():
+        _op(make_inputs(case, dtype=DTYPE, device=DEVICE), case)
+    inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaves = {n: inp[n].detach().clone().requires_grad_(True) for n in names}
+        before = len(prepared)
+        y = _op(dict(inp, **leaves), case, backend=backend)
+        assert len(prepared) == before + (backend == "reference")
+        grad_y = torch.ones_like(y)
+        grads[backend] = torch.autograd.grad(y, list(leaves.values()), grad_y)
+    for got, want in zip(grads["triton"], grads["reference"]):
+        assert rel_err(got, want) <= TOLERANCE[DTYPE]
