@@ -12,6 +12,10 @@ calls for the mixing GEMMs, cuBLAS's base and the buffers (here running on tiny 
 d = 16, so their arithmetic is nothing). On the GPU add, per launch, Triton's launcher and
 the driver: the table's launch counts say how many.
 
+Each case repeats one call with the same shapes, as decode steps do: the op then replays the
+checks and the launch plan it kept for that signature (reclora_kernels/triton/eager.py); the
+"signature not seen before" row forgets them before every call.
+
 Launch counts: Triton kernels counted by the stubs; torch kernels by a TorchDispatchMode
 (each aten op that computes is one GPU kernel launch; views and allocations excluded).
 Timing as bench_host.py: the best of `rounds` rounds of `calls` back-to-back calls, all rows
@@ -48,6 +52,7 @@ import common  # noqa: E402
 import reclora_kernels as rk  # noqa: E402
 from reclora import ReclLoRALinear  # noqa: E402
 from reclora_kernels import row_plan  # noqa: E402
+from reclora_kernels.triton import eager as triton_eager  # noqa: E402
 from reclora_kernels.triton import kernels, launch  # noqa: E402
 
 # aten ops that launch no kernel on a GPU (views, metadata, allocation without a fill).
@@ -173,10 +178,17 @@ def cases() -> dict[str, object]:
     layer = ReclLoRALinear(d, d, num_adapters=m, rank=r, backend="triton")
     layer.set_mixture(w)
 
+    def unseen_output():
+        # A repeat replays the checks and the launch plan kept for its signature
+        # (reclora_kernels/triton/eager.py); forgetting them times a first call's path.
+        triton_eager._CALLS.clear()
+        return op(x, weight, bias, a, b, w, mix="output")
+
     return {
         "F.linear": lambda: F.linear(x, weight, bias),
         "op[triton] dense factor": lambda: op(x, weight, bias, a, b, w),
         "op[triton] dense output": lambda: op(x, weight, bias, a, b, w, mix="output"),
+        "op[triton] dense output, signature not seen before": unseen_output,
         "op[triton] gathered k=4, idx checked once": lambda: op(
             x, weight, bias, a, b, wk, idx, indices_checked=True),
         "op[triton] gathered k=4, unchecked idx": lambda: op(x, weight, bias, a, b, wk, idx),
