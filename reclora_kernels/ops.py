@@ -446,17 +446,18 @@ def lora_mix_linear(
                 if y is not NotImplemented:
                     return y
     key = None
-    if (row_ids is None and plan is None and not check_finite and TRITON_IMPORTED
+    if (row_ids is None and not check_finite and TRITON_IMPORTED
             and (backend == "triton" or (backend == "auto" and type(x) is torch.Tensor
                                          and x.is_cuda))):
         # A repeat of an eager Triton call seen before: its checks and launch plan are kept
         # (triton/eager.py; 3x less host time at decode sizes, bench_host_triton.py).
         eager = _triton_eager()
         key = eager.call_key(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
-                             mix, backend, indices_checked)
+                             mix, backend, indices_checked, plan)
         if key is not None:
             y = eager.replay(key, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
-                             scale, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w))
+                             scale, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w),
+                             plan)
             if y is not None:
                 return y
     problem = validate.prepare(

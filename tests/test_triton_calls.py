@@ -177,3 +177,43 @@ def test_a_repeat_with_gradients(prepared, mix):
         grads[backend] = torch.autograd.grad(y, list(leaves.values()), grad_y)
     for got, want in zip(grads["triton"], grads["reference"]):
         assert rel_err(got, want) <= TOLERANCE[DTYPE]
+
+
+def _packed(case: Case, ids: torch.Tensor):
+    inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+    inp["x"] = inp["x"].reshape(-1, case.d_in)
+    return inp, rk.row_plan(ids.to(DEVICE), case.rows)
+
+
+def _ids(case: Case, sort: bool, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, case.rows, (case.rows * case.tokens_per_row,), generator=gen)
+    return ids.sort().values if sort else ids
+
+
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("sort", [True, False], ids=["sorted", "unsorted"])
+def test_a_repeat_takes_the_calls_own_plan(prepared, mix, sort):
+    """A packed call's plan enters the signature by its layout: a repeat with another batch's
+    plan of the same layout reuses the launch plan and runs on the new plan's rows."""
+    case = Case(mix=mix, dense=False, rows=4, tokens_per_row=3)
+    for seed in (1, 2):
+        inp, plan = _packed(case, _ids(case, sort, seed))
+        y = _op(inp, case, plan=plan)
+        ref = _op(inp, case, backend="reference", plan=plan)
+        assert rel_err(y, ref) <= TOLERANCE[DTYPE]
+    assert len(prepared) == 3, "the second batch's call must be a repeat"
+
+
+def test_a_plan_of_another_layout_is_checked_anew(prepared):
+    case = Case(dense=False, rows=4, tokens_per_row=3)
+    inp, plan = _packed(case, _ids(case, True, 1))
+    _op(inp, case, plan=plan)
+    inp, unsorted = _packed(case, torch.tensor([3, 0, 2, 1] * 3))
+    before = len(prepared)
+    y = _op(inp, case, plan=unsorted)
+    assert len(prepared) == before + 1
+    assert rel_err(y, _op(inp, case, backend="reference", plan=unsorted)) <= TOLERANCE[DTYPE]
+    short = rk.row_plan(torch.arange(4, device=DEVICE).repeat(2), case.rows)  # 8 tokens, not 12
+    with pytest.raises(ValueError, match="`plan`"):
+        _op(inp, case, plan=short)

@@ -102,7 +102,7 @@ def _run(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, plan, scale, m
 class _Call(NamedTuple):
     """What validate.prepare and the launch plan made of a call, for its signature."""
 
-    plan: RowPlan  # implicit (x's layout): no tensors
+    plan: RowPlan | None  # x's implicit plan (no tensors); None: the call gives its plan
     tokens: int
     d_in: int
     lead_shape: tuple
@@ -123,16 +123,22 @@ def _meta(t) -> tuple:
 
 
 def call_key(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, backend,
-             indices_checked) -> tuple | None:
-    """The signature of an eager Triton call with implicit rows (no row_ids or plan, no
-    finiteness check), or None for a call that must take the checked path every time.
-    A bool scale (equal to 1 or 0 as a key) is left to the checks, which refuse it."""
+             indices_checked, plan: RowPlan | None) -> tuple | None:
+    """The signature of an eager Triton call without row_ids or a finiteness check, or None
+    for a call that must take the checked path every time. A given plan enters by its
+    layout (the launches take its tensors from the call). A bool scale (equal to 1 or 0 as a
+    key) is left to the checks, which refuse it."""
     if (type(mix) is not str or type(scale) not in (float, int) or type(backend) is not str
             or type(indices_checked) is not bool
             or not eager_ok(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx)):
         return None
+    layout = None
+    if plan is not None:
+        if type(plan) is not RowPlan:
+            return None
+        layout = (plan.rows, plan.tokens, plan.row_len, plan.order is not None, plan.device)
     try:
-        return (backend, mix, scale, indices_checked, _meta(x), weight.shape,
+        return (backend, mix, scale, indices_checked, layout, _meta(x), weight.shape,
                 weight.dtype, weight.device, None if bias is None else _meta(bias),
                 _meta(lora_a), _meta(lora_b), _meta(adapter_w),
                 None if adapter_idx is None else _meta(adapter_idx))
@@ -150,13 +156,15 @@ def remember(key: tuple, problem, weight, bias, lora_a, lora_b, adapter_w,
     if len(_CALLS) >= _MAX_CALLS:
         _CALLS.clear()
     check = p.adapters if p.adapter_idx is not None and not indices_checked else 0
-    _CALLS[key] = _Call(p.plan, p.x2d.shape[0], p.d_in, p.lead_shape, p.d_out, p.mix, check,
+    # A packed plan is the batch's (its tensors are not kept here): replay takes the call's.
+    implicit = p.plan if p.plan.row_ids is None else None
+    _CALLS[key] = _Call(implicit, p.x2d.shape[0], p.d_in, p.lead_shape, p.d_out, p.mix, check,
                         fplan)
     return fplan
 
 
 def replay(key: tuple, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
-           record_grad: bool) -> torch.Tensor | None:
+           record_grad: bool, plan: RowPlan | None) -> torch.Tensor | None:
     """The call's output if its signature was seen (and passed the checks) before, else
     None."""
     call = _CALLS.get(key)
@@ -167,5 +175,6 @@ def replay(key: tuple, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, 
             _check_adapter_range(adapter_idx, call.check_range)
         adapter_idx = adapter_idx.long()
     y = forward(x.reshape(call.tokens, call.d_in), weight, bias, lora_a, lora_b, adapter_w,
-                adapter_idx, call.plan, float(scale), call.mix, record_grad, call.fplan)
+                adapter_idx, call.plan if plan is None else plan, float(scale), call.mix,
+                record_grad, call.fplan)
     return y.view(*call.lead_shape, call.d_out)
