@@ -217,3 +217,28 @@ def test_a_plan_of_another_layout_is_checked_anew(prepared):
     short = rk.row_plan(torch.arange(4, device=DEVICE).repeat(2), case.rows)  # 8 tokens, not 12
     with pytest.raises(ValueError, match="`plan`"):
         _op(inp, case, plan=short)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+def test_repeats_on_a_gpu_equal_the_checked_path(prepared, dense, mix, dtype):
+    """On a GPU (benchmarks/gpu_check.sh's `-m cuda` step), at decode sizes: a repeat is a
+    repeat (no validate.prepare) and gives the checked path's output bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from reclora_kernels.triton import eager
+
+    case = Case(mix=mix, dense=dense, rows=8, tokens_per_row=1, d_in=96, d_out=80)
+    inp = make_inputs(case, dtype=dtype, device="cuda")
+    _op(inp, case)
+    calls = len(prepared)
+    again = make_inputs(case, dtype=dtype, device="cuda")
+    y = _op(again, case)
+    assert len(prepared) == calls
+    eager._CALLS.clear()
+    torch.testing.assert_close(y, _op(again, case), rtol=0, atol=0)
+    ref = _op({k: v if v is None or not v.is_floating_point() else v.double()
+               for k, v in again.items()}, case, backend="reference")
+    assert rel_err(y, ref) <= TOLERANCE[dtype]
