@@ -9,10 +9,10 @@ torch.autograd.Function over launch.forward / launch.backward. Both paths run th
 launch code; tests/test_triton_eager.py holds them to the same results.
 
 Repeated calls: a call whose arguments have the metadata of an earlier call that passed the
-checks (the same shapes, strides, dtypes, devices, scale, mix and backend: `call_key`) skips
-validate.prepare and the launch plan, and runs the plan kept for it (`replay`). Whether it is
-valid depends on nothing else, so the hit is only a shortcut: data-dependent checks (an
-unchecked adapter_idx's range) still run on every call.
+checks (the same shapes, strides, dtypes, devices, scale, mix, backend and a given plan's
+layout: `call_key`) skips validate.prepare and the launch plan, and runs the plan kept for it
+(`replay`). Those checks read nothing else, so a repeat would pass them too; the checks that
+read data (an unchecked adapter_idx's range) still run on every call.
 """
 
 from __future__ import annotations
