@@ -242,3 +242,19 @@ def test_repeats_on_a_gpu_equal_the_checked_path(prepared, dense, mix, dtype):
     ref = _op({k: v if v is None or not v.is_floating_point() else v.double()
                for k, v in again.items()}, case, backend="reference")
     assert rel_err(y, ref) <= TOLERANCE[dtype]
+
+
+def test_new_tile_tables_forget_the_kept_plans(monkeypatch):
+    """card_plan.use_card_tables replaces the tile tables the plans were made from: the kept
+    calls and launch plans go with them."""
+    from reclora_kernels.triton import card_plan, eager, launch
+
+    for name in ("config", "interpreting", "_smem_budget", "_num_sms"):
+        monkeypatch.setattr(launch, name, getattr(launch, name))  # restored after the test
+    case = Case(dense=False)
+    _op(make_inputs(case, dtype=DTYPE, device=DEVICE), case)
+    assert eager._CALLS and launch.forward_plan.cache_info().currsize
+    card_plan.use_card_tables("NVIDIA H200")
+    assert not eager._CALLS
+    assert launch.forward_plan.cache_info().currsize == 0
+    assert launch._shrink_spec.cache_info().currsize == 0

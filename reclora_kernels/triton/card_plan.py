@@ -10,7 +10,7 @@ used by the op itself: it replaces launch.py's lookups for the rest of the proce
 
 from __future__ import annotations
 
-from . import configs, launch
+from . import configs, eager, launch
 
 # Shared memory a block may opt into on an H100 / H200 (sm_90): 227 KiB.
 SMEM_PER_BLOCK_OPTIN = 232_448
@@ -30,6 +30,9 @@ def use_card_tables(card: str, sms: int | None = None) -> None:
     launch._smem_budget = lambda device: int(0.8 * SMEM_PER_BLOCK_OPTIN)
     if sms is not None:
         launch._num_sms = lambda device: sms
+    # Plans made before were made with the old tables.
+    launch.clear_plans()
+    eager._CALLS.clear()
 
 
 class _StandInDriver:

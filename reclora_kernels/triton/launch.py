@@ -617,3 +617,11 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     dbias = g.sum(0, dtype=acc).to(x.dtype) if need_bias else None
     # Custom-op outputs may not alias each other: one fresh empty tensor per missing grad.
     return tuple(x.new_empty(0) if t is None else t for t in (dx, dweight, dbias, da, db, dw))
+
+
+def clear_plans() -> None:
+    """Forget every launch plan worked out so far: they depend on the tile tables, which
+    card_plan.use_card_tables replaces."""
+    for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _base_first,
+                    _outer_spec, forward_plan):
+        planned.cache_clear()
