@@ -422,7 +422,9 @@ def lora_mix_linear(
 
     Host cost: a call on CPU tensors (not traced) takes a C++ shortcut for the checks and the
     dispatch (csrc/direct_call.cpp); anything it does not accept goes through validate.py as
-    before, which raises the error that names the argument.
+    before, which raises the error that names the argument. An eager Triton call with the
+    metadata of one that passed the checks before replays what they and the launch plan made
+    of it (reclora_kernels/triton/eager.py); data checks still run on every call.
     """
     if (_DIRECT_CALL is not None and row_ids is None and not check_finite
             and not torch.compiler.is_compiling()):
