@@ -146,3 +146,57 @@ def test_tensor_subclass_takes_the_custom_op(monkeypatch):
     with torch.no_grad():
         want, _ = _run(plain, case, ())
     torch.testing.assert_close(y.as_subclass(torch.Tensor), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_launches_run_with_the_tensors_device_current(monkeypatch, path):
+    """Triton launches on the current CUDA device and its stream: a call on tensors of another
+    device (a model split over GPUs) makes theirs current for its forward and its backward.
+    Checked on any machine with a stand-in for torch.cuda.device that records the device and
+    makes it "current"."""
+    from reclora_kernels.triton import launch
+
+    entered = []
+
+    class Current:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+            monkeypatch.setattr(launch, "off_current_device", lambda t: False)
+
+        def __exit__(self, *exc):
+            monkeypatch.setattr(launch, "off_current_device", lambda t: True)
+
+    monkeypatch.setattr(launch, "off_current_device", lambda t: True)
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    case = Case(mix="factor", dense=False, tokens_per_row=3)
+    inp = _inputs(case, GRAD_SETS["all"])
+    grad_y = torch.randn(*inp["x"].shape[:-1], case.d_out, dtype=DTYPE, device=DEVICE)
+    if path == "eager":
+        y, grads = _run(inp, case, GRAD_SETS["all"], grad_y)
+    else:
+        with _PassThrough():
+            y, grads = _run(inp, case, GRAD_SETS["all"], grad_y)
+    assert entered == [inp["x"].device] * 2, "the forward and the backward, each once"
+    monkeypatch.undo()
+    want, want_grads = _run(inp, case, GRAD_SETS["all"], grad_y)
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_a_call_on_a_second_gpu():
+    """On a machine with two GPUs: the op on cuda:1 while cuda:0 is current gives what it
+    gives with cuda:1 current (its kernels on cuda:1's stream)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    case = Case(mix="output", dense=False, tokens_per_row=3)
+    inp = make_inputs(case, dtype=torch.float32, device="cuda:1")
+    with torch.cuda.device(0):
+        y, _ = _run(inp, case, ())
+    with torch.cuda.device(1):
+        want, _ = _run(inp, case, ())
+    torch.testing.assert_close(y, want, rtol=0, atol=0)

@@ -514,9 +514,22 @@ def forward_plan_of(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, a
                         x.dtype, x.device)
 
 
+def off_current_device(t: torch.Tensor) -> bool:
+    """Whether t is on a CUDA device other than the current one. Triton launches on the
+    current device and its stream, while torch's ops run on their tensors' device: with a
+    model split over GPUs (transformers' device_map="auto") the kernels would run on another
+    device's stream than the GEMMs around them. The launch plans then make t's device current
+    for the call (~1 us a call to ask)."""
+    return t.is_cuda and t.get_device() != torch.cuda.current_device()
+
+
 def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w,
                 adapter_idx, scale: float):
     """(y, s, A_p, B_p) of a planned forward; the mixed factors are None in output mode."""
+    if off_current_device(x):
+        with torch.cuda.device(x.device):
+            return run_forward(fp, x, plan, weight, bias, lora_a, lora_b, adapter_w,
+                               adapter_idx, scale)
     if fp.mix_mode == 0:
         fa = mix(lora_a, adapter_w, adapter_idx, x.dtype)
         fb = mix(lora_b, adapter_w, adapter_idx, x.dtype)
@@ -551,6 +564,11 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
              scale, mix_mode, need_x, need_weight, need_bias, need_a, need_b, need_w):
     """The gradients asked for (need_*: x, weight, bias, lora_a, lora_b, adapter_w); the
     others come back as empty tensors, and nothing is computed only for them."""
+    if off_current_device(x):  # see off_current_device
+        with torch.cuda.device(x.device):
+            return backward(grad_y, x, plan, weight, lora_a, lora_b, adapter_w, adapter_idx, s,
+                            mixed, scale, mix_mode, need_x, need_weight, need_bias, need_a,
+                            need_b, need_w)
     rows, slots = adapter_w.shape
     num_adapters, rank, d_in = lora_a.shape
     acc = _acc_dtype(x.dtype)
