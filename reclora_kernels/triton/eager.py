@@ -4,9 +4,10 @@ The custom op (reclora::triton_lora_mix_forward, ops.py) is what torch.compile, 
 modes, tensor subclasses and functorch see. An eager call needs none of its machinery, and it
 cost ~50-90 us of host time per call, the autograd layer ~190 us more, on the AMD EPYC
 (benchmarks/bench_host_triton.py): at decode sizes that is more than the GPU's work. So an
-eager call of plain tensors runs launch.forward itself, or, with a gradient to record, a
-torch.autograd.Function over launch.forward / launch.backward. Both paths run the same
-launch code; tests/test_triton_eager.py holds them to the same results.
+eager call of plain tensors runs the launch plan itself (launch.run_forward), or, with a
+gradient to record, a torch.autograd.Function over launch.run_forward / launch.backward.
+Both paths run the same launch code; tests/test_triton_eager.py holds them to the same
+results.
 
 Repeated calls: a call whose arguments have the metadata of an earlier call that passed the
 checks (the same shapes, strides, dtypes, devices, scale, mix, backend and a given plan's
