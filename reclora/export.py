@@ -48,6 +48,8 @@ def merged_factors(
 
 def _row_mixture(layer: RecLoRALinear, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     weights, idx, _ = layer._resolve_mixture()
+    if weights is None:  # the uniform 1/M over the bank
+        weights = layer.lora_a.new_full((1, layer.num_adapters), 1.0 / layer.num_adapters)
     rows = weights.shape[0]
     if rows != 1 and not 0 <= row < rows:
         raise ValueError(f"export_peft: `row` must lie in [0, {rows}), got {row}")

@@ -34,11 +34,13 @@ import math
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from reclora_kernels import RowPlan, lora_mix_linear, row_plan
+from reclora_kernels.plan import tracing
 
 from .gates import PersonalizedGate
 
@@ -78,6 +80,28 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     EPYC, and the forward made six (the layer's host cost at tiny sizes went from 65 to ~45
     us with this; benchmarks/bench_host.py)."""
     return t if t.dtype == dtype else t.to(dtype)
+
+
+@lru_cache(maxsize=64)
+def _cached_uniform(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: torch.dtype,
+                    device: torch.device) -> torch.Tensor:
+    return _make_uniform(rows, adapters, bank_dtype, dtype, device)
+
+
+def _make_uniform(rows, adapters, bank_dtype, dtype, device) -> torch.Tensor:
+    # 1/M in the bank's dtype, then the compute dtype: the values the layer always used.
+    return torch.full((rows, adapters), 1.0 / adapters, dtype=bank_dtype,
+                      device=device).to(dtype)
+
+
+def _uniform_mixture(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: torch.dtype,
+                     device: torch.device) -> torch.Tensor:
+    """The default mixture [rows, M] of 1/M, made once per size and never written: made per
+    forward it was a fill, an expand copy and a cast, each a kernel launch on a GPU. Made
+    fresh while tracing (a tensor made during CUDA-graph capture holds nothing until replay)."""
+    if tracing():
+        return _make_uniform(rows, adapters, bank_dtype, dtype, device)
+    return _cached_uniform(rows, adapters, bank_dtype, dtype, device)
 
 
 def _registered(module: nn.Module, params: dict, name: str):
@@ -296,8 +320,10 @@ class RecLoRALinear(nn.Module):
                         f"{self.num_adapters}) (adapters in the bank), got [{lo}, {hi}]")
         return weights, idx
 
-    def _resolve_mixture(self) -> tuple[torch.Tensor, torch.Tensor | None, RowPlan | None]:
-        """(weights [R or 1, k], idx or None, plan or None) for this forward."""
+    def _resolve_mixture(self) -> tuple[torch.Tensor | None, torch.Tensor | None,
+                                        RowPlan | None]:
+        """(weights [R or 1, k], idx or None, plan or None) for this forward; weights None:
+        the uniform 1/M over the bank."""
         personal = (ACTIVE_PERSONALIZATION.get() or {}).get(self)
         if personal is not None:
             if self.gate is None:
@@ -315,8 +341,7 @@ class RecLoRALinear(nn.Module):
                 "forward inside `with reclora.personalize(model, user_reps):` or call "
                 "set_mixture(weights, idx)"
             )
-        weights = self.lora_a.new_full((1, self.num_adapters), 1.0 / self.num_adapters)
-        return weights, None, None
+        return None, None, None  # uniform: _mixed_linear makes it for the input's rows
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -359,7 +384,10 @@ class RecLoRALinear(nn.Module):
             # first dim = rows (sizes spelled out: -1 is ambiguous for an empty batch)
             x_op = x.reshape(x.size(0), math.prod(x.shape[1:-1]), d_in)
             rows = x_op.size(0)
-        if weights.size(0) != rows:
+        if weights is None:
+            weights = _uniform_mixture(rows, self.num_adapters, self.lora_a.dtype, x.dtype,
+                                       device)
+        elif weights.size(0) != rows:
             if weights.size(0) != 1:
                 raise ValueError(
                     f"RecLoRALinear: the mixture has {weights.size(0)} rows but the input has "

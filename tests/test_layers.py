@@ -110,6 +110,37 @@ def test_no_mixture_is_uniform_and_plain_lora_for_one_adapter():
     torch.testing.assert_close(layer(x), manual(layer, x, uniform), rtol=1e-12, atol=1e-12)
 
 
+def test_the_uniform_mixture_is_made_once_per_size(monkeypatch):
+    """Without a gate or a mixture the layer passes 1/M for each input row; the tensor is made
+    once per (rows, M, dtypes, device), not per forward, and no call writes it."""
+    import reclora.layers as layers
+
+    seen = []
+    real = layers.lora_mix_linear
+
+    def recording(*args, **kwargs):
+        seen.append(args[5])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "lora_mix_linear", recording)
+    layer = make_layer(m=4)
+    layer.lora_a.requires_grad_(True)
+    for rows in (3, 3, 2, 3):
+        x = torch.randn(rows, 5, layer.in_features, dtype=F64, requires_grad=True)
+        layer(x).sum().backward()
+    assert [tuple(w.shape) for w in seen] == [(3, 4), (3, 4), (2, 4), (3, 4)]
+    assert seen[0] is seen[1] is seen[3] and seen[2] is not seen[0]
+    for w in seen:
+        assert not w.requires_grad
+        torch.testing.assert_close(w, torch.full_like(w, 0.25), rtol=0, atol=0)
+    # Half compute dtypes get 1/M as the float32 bank holds it, rounded once.
+    half = RecLoRALinear(8, 8, num_adapters=3, rank=2, dtype=torch.bfloat16)
+    half(torch.randn(2, 1, 8, dtype=torch.bfloat16))
+    want = torch.full((2, 3), 1 / 3, dtype=torch.float32).to(torch.bfloat16)
+    assert seen[-1].dtype == torch.bfloat16
+    torch.testing.assert_close(seen[-1], want, rtol=0, atol=0)
+
+
 def test_reference_code_factor_formula():
     """RECLORA.md section 1, the way the reference code computes it: the bank is two Linear
     maps from the M gate outputs to flattened factors, the gate is LayerNorm -> Linear(h,60)
