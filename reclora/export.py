@@ -24,7 +24,7 @@ from torch import nn
 
 from .checkpoint import atomic_write
 from .injection import personalize, reclora_layers
-from .layers import RecLoRALinear
+from .layers import RecLoRALinear, uniform_mixture
 
 
 def merged_factors(
@@ -49,7 +49,8 @@ def merged_factors(
 def _row_mixture(layer: RecLoRALinear, row: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     weights, idx, _ = layer._resolve_mixture()
     if weights is None:  # the uniform 1/M over the bank
-        weights = layer.lora_a.new_full((1, layer.num_adapters), 1.0 / layer.num_adapters)
+        bank = layer.lora_a
+        weights = uniform_mixture(1, layer.num_adapters, bank.dtype, bank.dtype, bank.device)
     rows = weights.shape[0]
     if rows != 1 and not 0 <= row < rows:
         raise ValueError(f"export_peft: `row` must lie in [0, {rows}), got {row}")

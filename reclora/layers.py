@@ -82,19 +82,16 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-@lru_cache(maxsize=64)
-def _cached_uniform(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: torch.dtype,
-                    device: torch.device) -> torch.Tensor:
-    return _make_uniform(rows, adapters, bank_dtype, dtype, device)
-
-
 def _make_uniform(rows, adapters, bank_dtype, dtype, device) -> torch.Tensor:
     # 1/M in the bank's dtype, then the compute dtype: the values the layer always used.
     return torch.full((rows, adapters), 1.0 / adapters, dtype=bank_dtype,
                       device=device).to(dtype)
 
 
-def _uniform_mixture(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: torch.dtype,
+_cached_uniform = lru_cache(maxsize=64)(_make_uniform)
+
+
+def uniform_mixture(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: torch.dtype,
                      device: torch.device) -> torch.Tensor:
     """The default mixture [rows, M] of 1/M, made once per size and never written: made per
     forward it was a fill, an expand copy and a cast, each a kernel launch on a GPU. Made
@@ -385,7 +382,7 @@ class RecLoRALinear(nn.Module):
             x_op = x.reshape(x.size(0), math.prod(x.shape[1:-1]), d_in)
             rows = x_op.size(0)
         if weights is None:
-            weights = _uniform_mixture(rows, self.num_adapters, self.lora_a.dtype, x.dtype,
+            weights = uniform_mixture(rows, self.num_adapters, self.lora_a.dtype, x.dtype,
                                        device)
         elif weights.size(0) != rows:
             if weights.size(0) != 1:

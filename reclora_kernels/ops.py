@@ -456,12 +456,11 @@ def lora_mix_linear(
         eager = _triton_eager()
         key = eager.call_key(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
                              mix, backend, indices_checked, plan)
-        if key is not None:
-            y = eager.replay(key, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
-                             scale, _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w),
-                             plan)
-            if y is not None:
-                return y
+        call = None if key is None else eager.kept(key)
+        if call is not None:
+            return eager.replay(call, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                                scale, _needs_autograd(x, weight, bias, lora_a, lora_b,
+                                                       adapter_w), plan)
     problem = validate.prepare(
         x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix, row_ids,
         check_finite=check_finite, plan=plan, indices_checked=indices_checked,

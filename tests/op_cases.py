@@ -111,6 +111,20 @@ def run(inputs: dict, case: Case, backend: str, grad_out=None):
     return y, grads
 
 
+def count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Replace owner.<name> (for the test) by a wrapper that appends 1 to the returned list
+    per call."""
+    calls = []
+    real = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
 def _strided(t: torch.Tensor) -> torch.Tensor:
     """The same values as a non-contiguous view: every other column of a wider tensor."""
     return torch.repeat_interleave(t, 2, dim=-1)[..., ::2]

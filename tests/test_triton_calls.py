@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from op_cases import TOLERANCE, Case, make_inputs, rel_err
+from op_cases import TOLERANCE, Case, count_calls, make_inputs, rel_err
 
 import reclora_kernels as rk
 from reclora_kernels import validate
@@ -35,15 +35,7 @@ def no_kept_calls():
 @pytest.fixture
 def prepared(monkeypatch) -> list[int]:
     """validate.prepare's calls, counted (a repeat must not make one)."""
-    calls = []
-    real = validate.prepare
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(validate, "prepare", counting)
-    return calls
+    return count_calls(monkeypatch, validate, "prepare")
 
 
 def _op(inp, case: Case, backend="triton", **kw):

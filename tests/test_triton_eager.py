@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import Case, make_inputs
+from op_cases import Case, count_calls, make_inputs
 from torch.overrides import TorchFunctionMode
 
 import reclora_kernels as rk
@@ -37,15 +37,7 @@ class _PassThrough(TorchFunctionMode):
 
 
 def _count_custom_op_calls(monkeypatch) -> list[int]:
-    calls = []
-    real = ops.triton_lora_mix_forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ops, "triton_lora_mix_forward", counting)
-    return calls
+    return count_calls(monkeypatch, ops, "triton_lora_mix_forward")
 
 
 def _inputs(case: Case, needs: tuple[str, ...]):

@@ -12,7 +12,7 @@ results.
 Repeated calls: a call whose arguments have the metadata of an earlier call that passed the
 checks (the same shapes, strides, dtypes, devices, scale, mix, backend and a given plan's
 layout: `call_key`) skips validate.prepare and the launch plan, and runs the plan kept for it
-(`replay`). Those checks read nothing else, so a repeat would pass them too; the checks that
+(`kept`, `replay`). Those checks read nothing else, so a repeat would pass them too; the checks that
 read data (an unchecked adapter_idx's range) still run on every call.
 """
 
@@ -164,13 +164,14 @@ def remember(key: tuple, problem, weight, bias, lora_a, lora_b, adapter_w,
     return fplan
 
 
-def replay(key: tuple, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
-           record_grad: bool, plan: RowPlan | None) -> torch.Tensor | None:
-    """The call's output if its signature was seen (and passed the checks) before, else
-    None."""
-    call = _CALLS.get(key)
-    if call is None:
-        return None
+def kept(key: tuple) -> _Call | None:
+    """What was kept for a call with this signature that passed the checks, or None."""
+    return _CALLS.get(key)
+
+
+def replay(call: _Call, x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale,
+           record_grad: bool, plan: RowPlan | None) -> torch.Tensor:
+    """The output of a repeat of `call` (kept(key) of its signature)."""
     if adapter_idx is not None:
         if call.check_range:
             _check_adapter_range(adapter_idx, call.check_range)
