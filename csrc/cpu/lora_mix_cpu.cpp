@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../lora_mix_common.h"
+#include "bf16_gemm.h"
 #include "thin_gemm.h"
 
 #ifndef RECLORA_FUSED_EXPAND
@@ -334,7 +335,15 @@ using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr bool kHalf = !std::is_same_v<T, Acc<T>>;
 
-// C (Acc) = alpha * op(A) op(B) + beta * C with A, B in T (see gemm for the layout).
+// Whether T's thin GEMMs take bf16_gemm.h's AVX512-BF16 loops (bf16 on a CPU that has them).
+template <typename T>
+inline bool bf16_loops() {
+  if constexpr (std::is_same_v<T, at::BFloat16>) return bf16::on();
+  return false;
+}
+
+// C (Acc) = alpha * op(A) op(B) + beta * C with A, B in T (see gemm for the layout); A B^T of
+// bf16 in bf16_gemm.h's loops where bf16_loops.
 template <typename T>
 void gemm_acc(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Acc<T> alpha, const T* a,
               int64_t lda, const T* b, int64_t ldb, Acc<T> beta, Acc<T>* c, int64_t ldc) {
@@ -346,6 +355,11 @@ void gemm_acc(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Acc<T> alpha, c
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < n; ++j)
           c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+      return;
+    }
+    if (bf16_loops<T>() && !ta && tb) {
+      bf16::dots(m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
+                 reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
       return;
     }
     auto fn = std::is_same_v<T, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
@@ -890,8 +904,14 @@ void mix_backward(const Tensor& dmix, const Tensor& bank, const Tensor& w, const
   }
   at::parallel_for(0, rows, grain(rows * slots * size, rows), [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b)
-      for (int64_t j = 0; j < slots; ++j)
-        dwp[b * slots + j] += dot(dm + b * size, bk + source(idx, slots, b, j) * size, size);
+      for (int64_t j = 0; j < slots; ++j) {
+        const T* bank_j = bk + source(idx, slots, b, j) * size;
+        dwp[b * slots + j] +=
+            bf16_loops<T>()
+                ? bf16::dot_f32_bf16(reinterpret_cast<const float*>(dm + b * size),
+                                     reinterpret_cast<const uint16_t*>(bank_j), size)
+                : dot(dm + b * size, bank_j, size);
+      }
   });
   at::parallel_for(0, adapters, grain(rows * slots * size, adapters), [&](int64_t lo, int64_t hi) {
     std::vector<A> acc(size);
@@ -901,7 +921,11 @@ void mix_backward(const Tensor& dmix, const Tensor& bank, const Tensor& w, const
         const int64_t q = users.pair[p];
         const A wq = wp[q];
         const A* g = dm + (q / slots) * size;
-        for (int64_t e = 0; e < size; ++e) acc[e] += wq * g[e];
+        if (bf16_loops<T>())
+          bf16::axpy_f32(reinterpret_cast<float*>(acc.data()), static_cast<float>(wq),
+                         reinterpret_cast<const float*>(g), size);
+        else
+          for (int64_t e = 0; e < size; ++e) acc[e] += wq * g[e];
       }
       round_to<T>(acc.data(), size, db + i * size);
     }
@@ -951,7 +975,9 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
 
   if (mix == 0) {
     // Per-row factors, mixed lazily inside the pass: A_p in Acc (dx's operand), B_p in T
-    // (g is T: v = g B_p is a T x T GEMM with fp32 accumulation).
+    // (g is T: v = g B_p is a T x T GEMM with fp32 accumulation). With the bf16 loops B_p is
+    // kept transposed, [r, d_out], so that v is their dots form (g B_p = g (B_p^T)^T).
+    const bool loops = bf16_loops<T>();
     Tensor a_mix = at::empty({R, r * d_in}, a.adapter_w.options());
     Tensor b_mix = at::empty({R, d_out * r}, a.x.options());
     A* ap = a_mix.data_ptr<A>();
@@ -963,6 +989,11 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
         if constexpr (kHalf<T>) {
           std::vector<A> tmp(d_out * r);
           mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, tmp.data());
+          if (loops) {
+            std::vector<A> tmp_t(d_out * r);
+            transpose_into<A>(tmp.data(), d_out, r, tmp_t.data());
+            tmp.swap(tmp_t);
+          }
           round_to<T>(tmp.data(), d_out * r, bp + b * d_out * r);
         } else {
           mix_row<T>(a.lora_b.data_ptr<T>(), d_out * r, wp, idx, k, b, bp + b * d_out * r);
@@ -974,8 +1005,8 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     auto run_lora = [&](const Run& u, A* dst, A beta) -> const A* {
       ensure_mixed(u.row);
       A* vr = v + u.first * r;
-      gemm_acc<T>(false, false, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
-                  bp + u.row * d_out * r, r, A(0), vr, r);
+      gemm_acc<T>(false, loops, u.len, r, d_out, A(1), g + u.first * d_out, d_out,
+                  bp + u.row * d_out * r, loops ? d_out : r, A(0), vr, r);
       if (dst != nullptr)
         gemm<A>(false, false, u.len, d_in, r, scale, vr, r, ap + u.row * r * d_in, d_in, beta,
                 dst, d_in);
@@ -1015,7 +1046,26 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     A* dbp = db_mix.data_ptr<A>();
     at::parallel_for(0, R, grain(s.tokens * r * (d_in + d_out), R), [&](int64_t lo, int64_t hi) {
       std::vector<T> vbuf, sbuf;
+      std::vector<float> db_t;
       for (int64_t b = lo; b < hi; ++b) {
+        if (loops) {
+          // v and s in fp32 as they are (no rounding to bf16); dB_p^T = s^T g, [r, d_out],
+          // summed over the row's runs, then transposed into dB_p's [d_out, r].
+          db_t.assign(r * d_out, 0.f);
+          for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
+            const Run& u = runs[q];
+            bf16::outer(r, d_in, u.len, static_cast<float>(scale),
+                        reinterpret_cast<const float*>(v + u.first * r), r,
+                        reinterpret_cast<const uint16_t*>(x + u.first * d_in), d_in,
+                        reinterpret_cast<float*>(dap + b * r * d_in), d_in);
+            bf16::outer(r, d_out, u.len, static_cast<float>(scale),
+                        reinterpret_cast<const float*>(sh + u.first * r), r,
+                        reinterpret_cast<const uint16_t*>(g + u.first * d_out), d_out,
+                        db_t.data(), d_out);
+          }
+          transpose_into<float>(db_t.data(), r, d_out, reinterpret_cast<float*>(dbp + b * d_out * r));
+          continue;
+        }
         for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
           const Run& u = runs[q];
           const T* vt = as_t<T>(v + u.first * r, u.len * r, vbuf);
@@ -1198,6 +1248,53 @@ void cpu_gemm_f32(const Tensor& c, const Tensor& a, const Tensor& b, bool ta, bo
               c.stride(0));
 }
 
+// cpu_bf16_gemm(mode): 1 = bf16_gemm.h's AVX512-BF16 loops, 0 = MKL, -1 = leave as is;
+// returns the mode before the call. Not thread-safe against ops running at the same time (a
+// test switch).
+int64_t cpu_bf16_gemm(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "cpu_bf16_gemm: mode must be -1, 0 or 1, got ", num(mode));
+  TORCH_CHECK(mode != 1 || bf16::cpu_has_avx512_bf16(),
+              "cpu_bf16_gemm: this CPU has no AVX512-BF16");
+  return mode == -1 ? bf16::g_mode.load() : bf16::g_mode.exchange(static_cast<int>(mode));
+}
+
+// For the tests: 2-D CPU tensors with unit column stride and any row stride.
+static void check_test_operand(const Tensor& t, at::ScalarType dtype, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == dtype && t.device().is_cpu() &&
+                  t.stride(1) == 1 && t.stride(0) >= t.size(1),
+              name, ": 2-D ", dtype, " CPU tensors with unit column stride expected");
+}
+
+// cpu_gemm_bf16(c, a, b, ta, tb, alpha, beta): c (fp32) = alpha op(a) op(b) + beta c with a, b
+// bf16, through the op's own gemm_acc (the AVX512-BF16 loops or MKL, by cpu_bf16_gemm's mode).
+void cpu_gemm_bf16(const Tensor& c, const Tensor& a, const Tensor& b, bool ta, bool tb,
+                   double alpha, double beta) {
+  check_test_operand(c, at::kFloat, "cpu_gemm_bf16");
+  check_test_operand(a, at::kBFloat16, "cpu_gemm_bf16");
+  check_test_operand(b, at::kBFloat16, "cpu_gemm_bf16");
+  const int64_t m = c.size(0), n = c.size(1), k = ta ? a.size(0) : a.size(1);
+  TORCH_CHECK((ta ? a.size(1) : a.size(0)) == m && (tb ? b.size(1) : b.size(0)) == k &&
+                  (tb ? b.size(0) : b.size(1)) == n,
+              "cpu_gemm_bf16: shapes do not agree");
+  gemm_acc<at::BFloat16>(ta, tb, m, n, k, static_cast<float>(alpha),
+                         a.data_ptr<at::BFloat16>(), a.stride(0), b.data_ptr<at::BFloat16>(),
+                         b.stride(0), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+}
+
+// cpu_outer_bf16(c, p, q, alpha): c [m, n] += alpha p^T q with p fp32 [k, m], q bf16 [k, n]
+// (bf16_gemm.h's outer, the factor gradients' loop; needs the AVX512-BF16 loops on).
+void cpu_outer_bf16(const Tensor& c, const Tensor& p, const Tensor& q, double alpha) {
+  check_test_operand(c, at::kFloat, "cpu_outer_bf16");
+  check_test_operand(p, at::kFloat, "cpu_outer_bf16");
+  check_test_operand(q, at::kBFloat16, "cpu_outer_bf16");
+  TORCH_CHECK(p.size(0) == q.size(0) && p.size(1) == c.size(0) && q.size(1) == c.size(1),
+              "cpu_outer_bf16: shapes do not agree");
+  TORCH_CHECK(bf16::on(), "cpu_outer_bf16: the AVX512-BF16 loops are off (cpu_bf16_gemm)");
+  bf16::outer(c.size(0), c.size(1), p.size(0), static_cast<float>(alpha), p.data_ptr<float>(),
+              p.stride(0), reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
+              q.stride(0), c.data_ptr<float>(), c.stride(0));
+}
+
 // cpu_half_base(mode): where the base GEMM of half inputs runs (see g_half_base_mode): 1 = MKL,
 // 0 = ATen, -1 = leave as is; returns the mode before the call.
 int64_t cpu_half_base(int64_t mode) {
@@ -1210,6 +1307,10 @@ int64_t cpu_half_base(int64_t mode) {
 TORCH_LIBRARY_FRAGMENT(reclora, m) {
   m.def("cpu_thin_gemm(int mode) -> int", &cpu_thin_gemm);
   m.def("cpu_half_base(int mode) -> int", &cpu_half_base);
+  m.def("cpu_bf16_gemm(int mode) -> int", &cpu_bf16_gemm);
+  m.def("cpu_gemm_bf16(Tensor(a!) c, Tensor a, Tensor b, bool ta, bool tb, float alpha, "
+        "float beta) -> ()", &cpu_gemm_bf16);
+  m.def("cpu_outer_bf16(Tensor(a!) c, Tensor p, Tensor q, float alpha) -> ()", &cpu_outer_bf16);
   m.def("cpu_gemm_f32(Tensor(a!) c, Tensor a, Tensor b, bool ta, bool tb, float alpha, "
         "float beta) -> ()", &cpu_gemm_f32);
 }

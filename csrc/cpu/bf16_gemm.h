@@ -1,0 +1,249 @@
+// Thin bf16 GEMMs with fp32 accumulation in AVX512-BF16 (vdpbf16ps), for the CPU op's LoRA
+// part on CPUs that have it.
+//
+// The op's bf16 LoRA GEMMs went to MKL's cblas_gemm_bf16bf16f32, which on AMD CPUs takes its
+// generic code path (perf on the AMD EPYC, Zen 5 with AVX512-BF16, of this project's machine,
+// 2026-12-02: mkl_blas_def_xgemm_bf16bf16f32 and mkl_blas_def_sgemm_pst were 9.6% of a bf16
+// factor forward at d = 576, T = 1024, whose base GEMM was 49%; torch's own bmm for the same
+// shrink costs 0.10x F.linear). These loops are written for the LoRA shapes: one side is the
+// rank (or k * r), the work is a pass over x or g.
+//
+// Two forms cover the op's calls (row-major; beta = 0 never reads C, so C may hold NaN):
+//   dots:  C[i, j] = alpha * sum_p A[i, p] B[j, p] + beta * C   A, B bf16 (A B^T, p long);
+//          32 products per instruction along p, one horizontal sum per output. The shrinks
+//          x A^T and, with B kept transposed, g B.
+//   outer: C[i, j] += alpha * sum_p P[p, i] Q[p, j]             P fp32 (i thin), Q bf16;
+//          vectorised along j, P broadcast. The factor gradients v^T x and s^T g.
+// Both accumulate in fp32 and round nothing: the products of two bf16 values are exact in
+// fp32, so the results differ from an fp32 GEMM on the same values only by summation order.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define RECLORA_HAVE_BF16_DOTS 1
+#else
+#define RECLORA_HAVE_BF16_DOTS 0
+#endif
+
+namespace reclora {
+namespace bf16 {
+
+// Whether this CPU runs vdpbf16ps (AVX512-BF16 with the AVX512 subsets the loops use).
+inline bool cpu_has_avx512_bf16() {
+#if RECLORA_HAVE_BF16_DOTS
+  __builtin_cpu_init();  // may run from a static initialiser (the default mode)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+// 1 = these loops, 0 = MKL's gemm_bf16bf16f32 (as before). Default: the loops wherever the CPU
+// has AVX512-BF16; RECLORA_CPU_BF16=mkl|avx512 overrides; reclora::cpu_bf16_gemm switches it at
+// run time (the tests run both paths).
+inline int default_mode() {
+  const char* env = std::getenv("RECLORA_CPU_BF16");
+  if (env != nullptr && std::strcmp(env, "mkl") == 0) return 0;
+  return cpu_has_avx512_bf16() ? 1 : 0;
+}
+inline std::atomic<int> g_mode{default_mode()};
+inline bool on() { return g_mode.load(std::memory_order_relaxed) == 1; }
+
+#if RECLORA_HAVE_BF16_DOTS
+#define RECLORA_BF16DP __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+// Register tiles are arrays indexed by small loops; unrolled so that GCC keeps them in
+// registers (see thin_gemm.h).
+#define RECLORA_BF16_UNROLL _Pragma("GCC unroll 16")
+
+// Mask of the first n (< 32) 16-bit lanes.
+RECLORA_BF16DP inline __mmask32 first32(int64_t n) {
+  return _cvtu32_mask32(n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1u);
+}
+RECLORA_BF16DP inline __mmask16 first16(int64_t n) {
+  return _cvtu32_mask16(n >= 16 ? 0xFFFFu : (1u << std::max<int64_t>(n, 0)) - 1u);
+}
+
+// The sums of v[0..8) (each 16 lanes), as 8 lanes: halves added, then a transpose by hadds.
+RECLORA_BF16DP inline __m256 sums8(const __m512* v) {
+  __m256 h[8];
+  RECLORA_BF16_UNROLL
+  for (int j = 0; j < 8; ++j)
+    h[j] = _mm256_add_ps(_mm512_castps512_ps256(v[j]), _mm512_extractf32x8_ps(v[j], 1));
+  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+// One step of dots_tile: 32 values of p (lanes of m; masked lanes load as zeros).
+template <int MI, int NJ>
+RECLORA_BF16DP inline __attribute__((always_inline)) void dots_step(
+    __m512 (&acc)[MI][8], const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb,
+    int64_t p, __mmask32 m) {
+  __m512bh av[MI];
+  RECLORA_BF16_UNROLL
+  for (int i = 0; i < MI; ++i) av[i] = (__m512bh)_mm512_maskz_loadu_epi16(m, a + i * lda + p);
+  RECLORA_BF16_UNROLL
+  for (int j = 0; j < NJ; ++j) {
+    const __m512bh bv = (__m512bh)_mm512_maskz_loadu_epi16(m, b + j * ldb + p);
+    RECLORA_BF16_UNROLL
+    for (int i = 0; i < MI; ++i) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av[i], bv);
+  }
+}
+
+// dots on MI rows of C from a, NJ (<= 8) columns from b.
+template <int MI, int NJ>
+RECLORA_BF16DP void dots_tile(int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                              const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  __m512 acc[MI][8];
+  RECLORA_BF16_UNROLL
+  for (int i = 0; i < MI; ++i)
+    RECLORA_BF16_UNROLL
+    for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + 32 <= k; p += 32) dots_step<MI, NJ>(acc, a, lda, b, ldb, p, first32(32));
+  if (p < k) dots_step<MI, NJ>(acc, a, lda, b, ldb, p, first32(k - p));
+  const __mmask8 m = _cvtu32_mask8((1u << NJ) - 1u);
+  RECLORA_BF16_UNROLL
+  for (int i = 0; i < MI; ++i) {
+    __m256 out = _mm256_mul_ps(_mm256_set1_ps(alpha), sums8(acc[i]));
+    float* ci = c + i * ldc;
+    if (beta != 0.f)
+      out = _mm256_fmadd_ps(_mm256_set1_ps(beta), _mm256_maskz_loadu_ps(m, ci), out);
+    _mm256_mask_storeu_ps(ci, m, out);
+  }
+}
+
+template <int MI>
+RECLORA_BF16DP void dots_rows(int64_t nj, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                              const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  switch (nj) {
+    case 1: return dots_tile<MI, 1>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    case 2: return dots_tile<MI, 2>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    case 3: return dots_tile<MI, 3>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    case 4: return dots_tile<MI, 4>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    case 5: return dots_tile<MI, 5>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    case 6: return dots_tile<MI, 6>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    case 7: return dots_tile<MI, 7>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+    default: return dots_tile<MI, 8>(k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+}
+
+// C [m, n] = alpha * A [m, k] B [n, k]^T + beta * C. Three rows of A at a time against every
+// 8 rows of B (24 accumulators): the three rows stay in L1 while B streams.
+RECLORA_BF16DP inline void dots(int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                                int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+                                int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 3 <= m; i += 3)
+    for (int64_t j = 0; j < n; j += 8)
+      dots_rows<3>(std::min<int64_t>(8, n - j), k, alpha, a + i * lda, lda, b + j * ldb, ldb,
+                   beta, c + i * ldc + j, ldc);
+  for (; i < m; ++i)
+    for (int64_t j = 0; j < n; j += 8)
+      dots_rows<1>(std::min<int64_t>(8, n - j), k, alpha, a + i * lda, lda, b + j * ldb, ldb,
+                   beta, c + i * ldc + j, ldc);
+}
+
+// 32 bf16 values (lanes of m16 in each half) as two fp32 vectors.
+RECLORA_BF16DP inline void widen32(const uint16_t* q, __mmask16 lo, __mmask16 hi, __m512& v0,
+                                   __m512& v1) {
+  v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lo, q)), 16));
+  v1 = _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(hi, q + 16)), 16));
+}
+
+// outer on MI (<= 8) rows of C, columns [j, j + 32) masked by lo/hi.
+template <int MI>
+RECLORA_BF16DP void outer_tile(int64_t k, float alpha, const float* p, int64_t ldp,
+                               const uint16_t* q, int64_t ldq, float* c, int64_t ldc,
+                               __mmask16 lo, __mmask16 hi) {
+  __m512 acc[MI][2];
+  RECLORA_BF16_UNROLL
+  for (int i = 0; i < MI; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < k; ++t) {
+    __m512 v0, v1;
+    widen32(q + t * ldq, lo, hi, v0, v1);
+    RECLORA_BF16_UNROLL
+    for (int i = 0; i < MI; ++i) {
+      const __m512 s = _mm512_set1_ps(p[t * ldp + i]);
+      acc[i][0] = _mm512_fmadd_ps(s, v0, acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(s, v1, acc[i][1]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  RECLORA_BF16_UNROLL
+  for (int i = 0; i < MI; ++i) {
+    float* ci = c + i * ldc;
+    _mm512_mask_storeu_ps(ci, lo, _mm512_fmadd_ps(va, acc[i][0], _mm512_maskz_loadu_ps(lo, ci)));
+    _mm512_mask_storeu_ps(ci + 16, hi,
+                          _mm512_fmadd_ps(va, acc[i][1], _mm512_maskz_loadu_ps(hi, ci + 16)));
+  }
+}
+
+// C [m, n] += alpha * P [k, m]^T Q [k, n]: 32 columns at a time, 8 rows of C per pass over Q's
+// columns (the whole k; Q's 64-byte column stripe is read once per 8 rows of C).
+RECLORA_BF16DP inline void outer(int64_t m, int64_t n, int64_t k, float alpha, const float* p,
+                                 int64_t ldp, const uint16_t* q, int64_t ldq, float* c,
+                                 int64_t ldc) {
+  for (int64_t j = 0; j < n; j += 32) {
+    const __mmask16 lo = first16(n - j), hi = first16(n - j - 16);
+    for (int64_t i = 0; i < m; i += 8) {
+      const float* pi = p + i;
+      float* ci = c + i * ldc + j;
+      switch (std::min<int64_t>(8, m - i)) {
+        case 1: outer_tile<1>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        case 2: outer_tile<2>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        case 3: outer_tile<3>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        case 4: outer_tile<4>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        case 5: outer_tile<5>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        case 6: outer_tile<6>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        case 7: outer_tile<7>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+        default: outer_tile<8>(k, alpha, pi, ldp, q + j, ldq, ci, ldc, lo, hi); break;
+      }
+    }
+  }
+}
+
+// sum_e p[e] * bf16(q[e]).
+RECLORA_BF16DP inline float dot_f32_bf16(const float* p, const uint16_t* q, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 m = first16(n - e);
+    const __m512 qv = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q + e)), 16));
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p + e), qv, acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// out[e] += w * g[e] (fp32).
+RECLORA_BF16DP inline void axpy_f32(float* out, float w, const float* g, int64_t n) {
+  const __m512 vw = _mm512_set1_ps(w);
+  for (int64_t e = 0; e < n; e += 16) {
+    const __mmask16 m = first16(n - e);
+    _mm512_mask_storeu_ps(out + e, m,
+                          _mm512_fmadd_ps(vw, _mm512_maskz_loadu_ps(m, g + e),
+                                          _mm512_maskz_loadu_ps(m, out + e)));
+  }
+}
+#else
+// Without the intrinsics on() is always false and these are never called.
+inline void dots(int64_t, int64_t, int64_t, float, const uint16_t*, int64_t, const uint16_t*,
+                 int64_t, float, float*, int64_t) { std::abort(); }
+inline void outer(int64_t, int64_t, int64_t, float, const float*, int64_t, const uint16_t*,
+                  int64_t, float*, int64_t) { std::abort(); }
+inline float dot_f32_bf16(const float*, const uint16_t*, int64_t) { std::abort(); }
+inline void axpy_f32(float*, float, const float*, int64_t) { std::abort(); }
+#endif  // RECLORA_HAVE_BF16_DOTS
+
+}  // namespace bf16
+}  // namespace reclora
