@@ -58,7 +58,25 @@ inline std::atomic<int> g_mode{default_mode()};
 inline bool on() { return g_mode.load(std::memory_order_relaxed) == 1; }
 
 #if RECLORA_HAVE_BF16_DOTS
+// AVX512 without BF16 (the conversions; lora_mix_cpu.cpp's AVX512 loops use them too), and with.
+#define RECLORA_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
 #define RECLORA_BF16DP __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// 16 bf16 values (lanes of m; the others 0) as fp32.
+RECLORA_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// v rounded to bf16 into the lanes of m of p: to nearest even, a NaN kept a NaN, denormals kept
+// (as c10::BFloat16 rounds; vcvtneps2bf16 would flush denormals).
+RECLORA_AVX512 inline void narrow16(uint16_t* p, __m512 v, __mmask16 m) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
 // Register tiles are arrays indexed by small loops; unrolled so that GCC keeps them in
 // registers (see thin_gemm.h).
 #define RECLORA_BF16_UNROLL _Pragma("GCC unroll 16")
@@ -67,7 +85,7 @@ inline bool on() { return g_mode.load(std::memory_order_relaxed) == 1; }
 RECLORA_BF16DP inline __mmask32 first32(int64_t n) {
   return _cvtu32_mask32(n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1u);
 }
-RECLORA_BF16DP inline __mmask16 first16(int64_t n) {
+RECLORA_AVX512 inline __mmask16 first16(int64_t n) {
   return _cvtu32_mask16(n >= 16 ? 0xFFFFu : (1u << std::max<int64_t>(n, 0)) - 1u);
 }
 
@@ -153,14 +171,6 @@ RECLORA_BF16DP inline void dots(int64_t m, int64_t n, int64_t k, float alpha, co
                    beta, c + i * ldc + j, ldc);
 }
 
-// 32 bf16 values (lanes of m16 in each half) as two fp32 vectors.
-RECLORA_BF16DP inline void widen32(const uint16_t* q, __mmask16 lo, __mmask16 hi, __m512& v0,
-                                   __m512& v1) {
-  v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lo, q)), 16));
-  v1 = _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(hi, q + 16)), 16));
-}
-
 // outer on MI (<= 8) rows of C, columns [j, j + 32) masked by lo/hi.
 template <int MI>
 RECLORA_BF16DP void outer_tile(int64_t k, float alpha, const float* p, int64_t ldp,
@@ -170,8 +180,7 @@ RECLORA_BF16DP void outer_tile(int64_t k, float alpha, const float* p, int64_t l
   RECLORA_BF16_UNROLL
   for (int i = 0; i < MI; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   for (int64_t t = 0; t < k; ++t) {
-    __m512 v0, v1;
-    widen32(q + t * ldq, lo, hi, v0, v1);
+    const __m512 v0 = widen16(q + t * ldq, lo), v1 = widen16(q + t * ldq + 16, hi);
     RECLORA_BF16_UNROLL
     for (int i = 0; i < MI; ++i) {
       const __m512 s = _mm512_set1_ps(p[t * ldp + i]);
@@ -213,14 +222,104 @@ RECLORA_BF16DP inline void outer(int64_t m, int64_t n, int64_t k, float alpha, c
   }
 }
 
+// y [len, n] (bf16) = round(y + alpha * s [len, rank] bt [rank, n]) with s and bt fp32: the
+// expand and its add into the bf16 output in one pass, MT tokens by V vectors of 16 outputs
+// in registers (bt's rows are read once per MT tokens).
+template <int MT, int V>
+RECLORA_BF16DP void expand_tile(int64_t rank, float alpha, const float* s, int64_t lds,
+                                const float* bt, int64_t ldb, uint16_t* y, int64_t ldy,
+                                const __mmask16* m) {
+  __m512 acc[MT][V];
+  RECLORA_BF16_UNROLL
+  for (int t = 0; t < MT; ++t)
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < rank; ++c) {
+    __m512 b[V];
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v < V; ++v) b[v] = _mm512_maskz_loadu_ps(m[v], bt + c * ldb + 16 * v);
+    RECLORA_BF16_UNROLL
+    for (int t = 0; t < MT; ++t) {
+      const __m512 st = _mm512_set1_ps(s[t * lds + c]);
+      RECLORA_BF16_UNROLL
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm512_fmadd_ps(st, b[v], acc[t][v]);
+    }
+  }
+  // y's new values rounded 32 at a time (vcvtne2ps2bf16: to nearest even, as oneDNN rounds
+  // the base GEMM's bf16 output; the integer rounding of narrow16 took as many instructions as
+  // the products here)
+  const __m512 va = _mm512_set1_ps(alpha);
+  RECLORA_BF16_UNROLL
+  for (int t = 0; t < MT; ++t) {
+    uint16_t* yt = y + t * ldy;
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v + 1 < V; v += 2) {
+      const __m512 lo = _mm512_fmadd_ps(va, acc[t][v], widen16(yt + 16 * v, m[v]));
+      const __m512 hi = _mm512_fmadd_ps(va, acc[t][v + 1], widen16(yt + 16 * v + 16, m[v + 1]));
+      _mm512_mask_storeu_epi16(yt + 16 * v, _mm512_kunpackw(m[v + 1], m[v]),
+                               (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    if constexpr (V % 2 == 1) {
+      const __m512 last = _mm512_fmadd_ps(va, acc[t][V - 1], widen16(yt + 16 * (V - 1), m[V - 1]));
+      _mm256_mask_storeu_epi16(yt + 16 * (V - 1), m[V - 1], (__m256i)_mm512_cvtneps_pbh(last));
+    }
+  }
+}
+
+template <int MT>
+RECLORA_BF16DP void expand_tokens(int64_t n, int64_t rank, float alpha, const float* s,
+                                  int64_t lds, const float* bt, int64_t ldb, uint16_t* y,
+                                  int64_t ldy) {
+  for (int64_t j = 0; j < n; j += 64) {
+    const __mmask16 m[4] = {first16(n - j), first16(n - j - 16), first16(n - j - 32),
+                            first16(n - j - 48)};
+    const float* bj = bt + j;
+    uint16_t* yj = y + j;
+    switch ((std::min<int64_t>(64, n - j) + 15) / 16) {
+      case 1: expand_tile<MT, 1>(rank, alpha, s, lds, bj, ldb, yj, ldy, m); break;
+      case 2: expand_tile<MT, 2>(rank, alpha, s, lds, bj, ldb, yj, ldy, m); break;
+      case 3: expand_tile<MT, 3>(rank, alpha, s, lds, bj, ldb, yj, ldy, m); break;
+      default: expand_tile<MT, 4>(rank, alpha, s, lds, bj, ldb, yj, ldy, m); break;
+    }
+  }
+}
+
+RECLORA_BF16DP inline void expand_add(int64_t len, int64_t n, int64_t rank, float alpha,
+                                      const float* s, int64_t lds, const float* bt, int64_t ldb,
+                                      uint16_t* y, int64_t ldy) {
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4)
+    expand_tokens<4>(n, rank, alpha, s + t * lds, lds, bt, ldb, y + t * ldy, ldy);
+  for (; t < len; ++t) expand_tokens<1>(n, rank, alpha, s + t * lds, lds, bt, ldb, y + t * ldy, ldy);
+}
+
+// out [size] (fp32) = sum_j w[j] src_j, src_j = bank + adapter(j) * size in bf16 (adapter(j)
+// = idx[j], or j when idx is null): 64 outputs in registers across all slots, so out is
+// written once rather than once per slot.
+RECLORA_AVX512 inline void mix(float* out, const uint16_t* bank, int64_t size, const float* w,
+                               const int64_t* idx, int64_t slots) {
+  for (int64_t e = 0; e < size; e += 64) {
+    const __mmask16 m[4] = {first16(size - e), first16(size - e - 16), first16(size - e - 32),
+                            first16(size - e - 48)};
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    for (int64_t j = 0; j < slots; ++j) {
+      const uint16_t* src = bank + (idx != nullptr ? idx[j] : j) * size + e;
+      const __m512 wj = _mm512_set1_ps(w[j]);
+      RECLORA_BF16_UNROLL
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_fmadd_ps(wj, widen16(src + 16 * v, m[v]), acc[v]);
+    }
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v < 4; ++v) _mm512_mask_storeu_ps(out + e + 16 * v, m[v], acc[v]);
+  }
+}
+
 // sum_e p[e] * bf16(q[e]).
 RECLORA_BF16DP inline float dot_f32_bf16(const float* p, const uint16_t* q, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t e = 0; e < n; e += 16) {
     const __mmask16 m = first16(n - e);
-    const __m512 qv = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q + e)), 16));
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p + e), qv, acc);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, p + e), widen16(q + e, m), acc);
   }
   return _mm512_reduce_add_ps(acc);
 }
@@ -243,6 +342,11 @@ inline void outer(int64_t, int64_t, int64_t, float, const float*, int64_t, const
                   int64_t, float*, int64_t) { std::abort(); }
 inline float dot_f32_bf16(const float*, const uint16_t*, int64_t) { std::abort(); }
 inline void axpy_f32(float*, float, const float*, int64_t) { std::abort(); }
+inline void expand_add(int64_t, int64_t, int64_t, float, const float*, int64_t, const float*,
+                       int64_t, uint16_t*, int64_t) { std::abort(); }
+inline void mix(float*, const uint16_t*, int64_t, const float*, const int64_t*, int64_t) {
+  std::abort();
+}
 #endif  // RECLORA_HAVE_BF16_DOTS
 
 }  // namespace bf16

@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -49,10 +50,6 @@
 #include "../lora_mix_common.h"
 #include "bf16_gemm.h"
 #include "thin_gemm.h"
-
-#ifndef RECLORA_FUSED_EXPAND
-#define RECLORA_FUSED_EXPAND 0
-#endif
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
@@ -139,6 +136,16 @@ inline bool half_base_in_mkl(at::ScalarType t) {
   if (g_half_base_mode.load(std::memory_order_relaxed) != 1) return false;
   return t == at::kBFloat16 ? cblas_gemm_bf16bf16f32 != nullptr
                             : t == at::kHalf && cblas_gemm_f16f16f32 != nullptr;
+}
+
+// Else, with the bf16 loops on (bf16_gemm.h), the base GEMM still goes through ATen, but one
+// stretch of runs at a time inside the op's parallel pass (aten_base_runs), the LoRA part added
+// into y right after, while its rows are in cache, and one parallel region instead of two. AMD
+// EPYC (Zen 5), 2 threads, factor forward at issue 13's sizes (d, T) = (1024, 512), (2048, 512),
+// (576, 1024), bench_lora.py in one run each: 1.21x, 1.07x, 1.22x F.linear with a separate
+// at::mm, 1.12x, 1.03x, 1.15x inside the pass (2026-12-02).
+inline bool half_base_in_pass(at::ScalarType t) {
+  return !half_base_in_mkl(t) && t == at::kBFloat16 && bf16::on();
 }
 
 // One BLAS thread per call: the calls run inside at::parallel_for, and MKL, told by
@@ -413,53 +420,16 @@ inline uint16_t f_bf16(float f) {
   }                                                                                             \
   ATTR static void add_bf16##SUFFIX(uint16_t* dst, const float* src, int64_t n) {             \
     for (int64_t e = 0; e < n; ++e) dst[e] = f_bf16(bf16_f(dst[e]) + src[e]);                   \
-  }                                                                                             \
-  /* dst[o] = round(dst[o] + alpha * sum_c s[c] * bt[c * n + o]), acc: n floats of scratch */   \
-  ATTR static void expand_add_bf16##SUFFIX(uint16_t* dst, float alpha, const float* s,        \
-                                           const float* bt, int64_t rank, int64_t n,          \
-                                           float* acc) {                                        \
-    for (int64_t o = 0; o < n; ++o) acc[o] = 0.f;                                               \
-    for (int64_t c = 0; c < rank; ++c) {                                                        \
-      const float sc = s[c];                                                                    \
-      const float* row = bt + c * n;                                                            \
-      for (int64_t o = 0; o < n; ++o) acc[o] += sc * row[o];                                    \
-    }                                                                                           \
-    for (int64_t o = 0; o < n; ++o) dst[o] = f_bf16(bf16_f(dst[o]) + alpha * acc[o]);          \
   }
 
 RECLORA_BF16_LOOPS(, _base)
 #if defined(__x86_64__) && defined(__GNUC__)
-RECLORA_BF16_LOOPS(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))), _auto512)
-#define RECLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-RECLORA_AVX512 static inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-RECLORA_AVX512 static inline void store_bf16(uint16_t* p, __m512 v, __mmask16 m) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
-}
+RECLORA_BF16_LOOPS(RECLORA_AVX512, _auto512)
+// (RECLORA_AVX512 and the conversions are bf16_gemm.h's)
 RECLORA_AVX512 static void add_bf16_avx512(uint16_t* dst, const float* src, int64_t n) {
   for (int64_t o = 0; o < n; o += 16) {
-    const __mmask16 m = n - o >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - o)) - 1);
-    store_bf16(dst + o, _mm512_add_ps(load_bf16(dst + o, m), _mm512_maskz_loadu_ps(m, src + o)), m);
-  }
-}
-// Register-blocked: 16 outputs at a time, the rank loop in registers.
-RECLORA_AVX512 static void expand_add_bf16_avx512(uint16_t* dst, float alpha, const float* s,
-                                                  const float* bt, int64_t rank, int64_t n,
-                                                  float*) {
-  const __m512 va = _mm512_set1_ps(alpha);
-  for (int64_t o = 0; o < n; o += 16) {
-    const __mmask16 m = n - o >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - o)) - 1);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < rank; ++c)
-      acc = _mm512_fmadd_ps(_mm512_set1_ps(s[c]), _mm512_maskz_loadu_ps(m, bt + c * n + o), acc);
-    store_bf16(dst + o, _mm512_fmadd_ps(va, acc, load_bf16(dst + o, m)), m);
+    const __mmask16 m = bf16::first16(n - o);
+    bf16::narrow16(dst + o, _mm512_add_ps(bf16::widen16(dst + o, m), _mm512_maskz_loadu_ps(m, src + o)), m);
   }
 }
 static void axpy_bf16_avx512(float* out, float w, const uint16_t* src, int64_t n) {
@@ -489,11 +459,6 @@ struct Scratch {
   A* data() { return p.get(); }
 };
 
-// bf16 factor mode: the expand fused with the epilogue token by token (AVX512, B_p^T in
-// registers) instead of an sgemm into a tile and one add pass. Measured here (perf, 1 thread,
-// d = 1024, T = 512): 9.9% of the op's samples against 7.7% for sgemm + add: off.
-template <typename T>
-constexpr bool kFusedExpand = std::is_same_v<T, at::BFloat16> && RECLORA_FUSED_EXPAND;
 
 inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
@@ -524,6 +489,12 @@ void mix_row(const T* bank, int64_t size, const Acc<T>* w, const int64_t* idx, i
                   size);
       return;
     }
+  }
+  if (bf16_loops<T>()) {
+    bf16::mix(reinterpret_cast<float*>(out), reinterpret_cast<const uint16_t*>(bank), size,
+              reinterpret_cast<const float*>(w + b * slots),
+              idx != nullptr ? idx + b * slots : nullptr, slots);
+    return;
   }
   std::fill(out, out + size, Acc<T>(0));
   for (int64_t j = 0; j < slots; ++j) {
@@ -605,6 +576,26 @@ void base_runs(const Args& a, const Sizes& s, const std::vector<Run>& runs, int6
     while (e < hi && runs[e].first == runs[e - 1].first + runs[e - 1].len) ++e;
     const int64_t len = runs[e - 1].first + runs[e - 1].len - runs[q].first;
     base_run<T>(a, s, Run{runs[q].row, runs[q].first, len}, y);
+    q = e;
+  }
+}
+
+// out = bias + in w_op for the tokens of runs[lo, hi), through ATen in the input dtype (oneDNN,
+// the GEMM F.linear uses), one call per stretch of consecutive tokens, inside the caller's
+// parallel pass (where ATen runs it on the calling thread). w_op is W^T for the forward's base
+// and W for dx's.
+void aten_base_runs(const Tensor& in, const Tensor& w_op, const Tensor& bias,
+                    const std::vector<Run>& runs, int64_t lo, int64_t hi, Tensor& out) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads: plain kernels only
+  for (int64_t q = lo; q < hi;) {
+    int64_t e = q + 1;
+    while (e < hi && runs[e].first == runs[e - 1].first + runs[e - 1].len) ++e;
+    const int64_t first = runs[q].first, len = runs[e - 1].first + runs[e - 1].len - first;
+    Tensor out_s = out.narrow(0, first, len);
+    if (bias.defined())
+      at::addmm_out(out_s, bias, in.narrow(0, first, len), w_op);
+    else
+      at::mm_out(out_s, in.narrow(0, first, len), w_op);
     q = e;
   }
 }
@@ -766,7 +757,9 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
     };
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
       if constexpr (kHalf<T>) {
-        if (fuse_base) {
+        if (fuse_base && !half_base_in_mkl(a.dtype)) {
+          aten_base_runs(a.x, a.weight.t(), a.bias, runs, lo, hi, y);
+        } else if (fuse_base) {
           half_stretches<T>(runs, lo, hi, x, d_in, a.weight.data_ptr<T>(), true, d_out,
                             a.bias.defined() ? a.bias.data_ptr<T>() : nullptr, yp,
                             [&](const Run& u, float* dst) { run_lora(u, dst, A(1)); });
@@ -776,15 +769,15 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
         if (fuse_base) base_runs<T>(a, s, runs, lo, hi, yp);
       }
       Scratch<A> tile;
-      if constexpr (kFusedExpand<T>) tile.resize(d_out);
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
-        if constexpr (kFusedExpand<T>) {
-          // y_n = round(y_n + scale * s_n B_p^T), token by token: one pass over y, no tile
+        if (bf16_loops<T>()) {
+          // y = round(y + scale * s B_p^T) in one pass over y (no fp32 tile)
           const A* sr = run_lora(u, nullptr, A(0));
-          for (int64_t n = 0; n < u.len; ++n)
-            RECLORA_PICK(expand_add_bf16, bits(yp + (u.first + n) * d_out), scale, sr + n * r,
-                         bp + u.row * d_out * r, r, d_out, tile.data());
+          bf16::expand_add(u.len, d_out, r, static_cast<float>(scale),
+                           reinterpret_cast<const float*>(sr), r,
+                           reinterpret_cast<const float*>(bp + u.row * d_out * r), d_out,
+                           reinterpret_cast<uint16_t*>(yp + u.first * d_out), d_out);
         } else if constexpr (kHalf<T>) {
           tile.resize(u.len * d_out);
           run_lora(u, tile.data(), A(0));
@@ -815,7 +808,9 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> t;
     if constexpr (kHalf<T>) {
-      if (fuse_base) {
+      if (fuse_base && !half_base_in_mkl(a.dtype)) {
+        aten_base_runs(a.x, a.weight.t(), a.bias, runs, lo, hi, y);  // then the LoRA part below
+      } else if (fuse_base) {
         half_stretches<T>(runs, lo, hi, x, d_in, a.weight.data_ptr<T>(), true, d_out,
                           a.bias.defined() ? a.bias.data_ptr<T>() : nullptr, yp,
                           [&](const Run& u, float* dst) { run_lora(u, t, dst, A(1)); });
@@ -851,13 +846,14 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
   Tensor shrink = at::empty({s.tokens, slots_out, s.rank}, a.adapter_w.options());
   Plan plan;
   if (s.tokens > 0) plan = make_plan(row_ids.contiguous(), s.rows);
-  const bool fuse_base = (!half || half_base_in_mkl(a.dtype)) && long_runs(plan, s.tokens);
+  const bool fuse_base =
+      (!half || half_base_in_mkl(a.dtype) || half_base_in_pass(a.dtype)) && long_runs(plan, s.tokens);
   Tensor y;
   if (fuse_base) {
     y = at::empty({s.tokens, s.d_out}, a.x.options());
   } else {
     // Half: the base in the input dtype through the GEMM F.linear uses (oneDNN where the CPU
-    // has bf16 support; see g_half_base_mode).
+    // has bf16 support; see g_half_base_mode and half_base_in_pass).
     y = a.bias.defined() ? at::addmm(a.bias, a.x, a.weight.t()) : at::mm(a.x, a.weight.t());
   }
   if (s.tokens > 0) {
@@ -879,55 +875,94 @@ A dot(const A* p, const T* q, int64_t n) {
   return acc;
 }
 
-// Factor mode: gradients of the mixed factors (Acc) -> bank gradients (T) and mixture weights.
+// One factor's part in mix_backward: the gradient of its mixed per-row factors (Acc, [R, size]),
+// its bank and the bank's gradient.
+struct FactorGrad {
+  const Tensor& dmix;
+  const Tensor& bank;
+  Tensor& dbank;
+};
+
+// Factor mode: gradients of the mixed factors (Acc) -> bank gradients (T) and mixture weights,
+// for both factors at once.
 //   dbank[i] = sum_{(b, j) using i} w[b, j] dmix[b];  dw[b, j] += <dmix[b], bank[i_j]>
 // Dense rows are pairs (b, j) with i = j, so both modes share one loop; each adapter is summed
-// in an Acc buffer and rounded once.
+// in an Acc buffer and rounded once. The work items (a row's dw, an adapter's dbank) are split
+// between the threads by their multiply-adds, in one parallel region (each is a barrier).
 template <typename T>
-void mix_backward(const Tensor& dmix, const Tensor& bank, const Tensor& w, const int64_t* idx,
-                  const Users& users, Tensor& dbank, Tensor& dw) {
+void mix_backward(const std::array<FactorGrad, 2>& factors, const Tensor& w, const int64_t* idx,
+                  const Users& users, Tensor& dw) {
   using A = Acc<T>;
-  const int64_t rows = w.size(0), slots = w.size(1), adapters = bank.size(0);
-  const int64_t size = bank[0].numel();
-  const A* dm = dmix.data_ptr<A>();
-  const T* bk = bank.data_ptr<T>();
+  const int64_t rows = w.size(0), slots = w.size(1), adapters = factors[0].bank.size(0);
   const A* wp = w.data_ptr<A>();
-  T* db = dbank.data_ptr<T>();
   A* dwp = dw.data_ptr<A>();
   if constexpr (std::is_same_v<T, float>) {
     if (idx == nullptr && thin_on()) {
       // Dense: dbank = w^T dmix and dw += dmix bank^T, two GEMMs (k = R or n = M is thin).
-      gemm<float>(true, false, adapters, size, rows, 1.f, wp, slots, dm, size, 0.f, db, size);
-      gemm<float>(false, true, rows, slots, size, 1.f, dm, size, bk, size, 1.f, dwp, slots);
+      for (const FactorGrad& f : factors) {
+        const int64_t size = f.bank[0].numel();
+        const float* dm = f.dmix.data_ptr<float>();
+        gemm<float>(true, false, adapters, size, rows, 1.f, wp, slots, dm, size, 0.f,
+                    f.dbank.data_ptr<float>(), size);
+        gemm<float>(false, true, rows, slots, size, 1.f, dm, size, f.bank.data_ptr<float>(), size,
+                    1.f, dwp, slots);
+      }
       return;
     }
   }
-  at::parallel_for(0, rows, grain(rows * slots * size, rows), [&](int64_t lo, int64_t hi) {
-    for (int64_t b = lo; b < hi; ++b)
+  const int64_t size_sum = factors[0].bank[0].numel() + factors[1].bank[0].numel();
+  auto row_dw = [&](int64_t b) {
+    for (const FactorGrad& f : factors) {
+      const int64_t size = f.bank[0].numel();
+      const A* dm = f.dmix.data_ptr<A>() + b * size;
       for (int64_t j = 0; j < slots; ++j) {
-        const T* bank_j = bk + source(idx, slots, b, j) * size;
+        const T* bank_j = f.bank.data_ptr<T>() + source(idx, slots, b, j) * size;
         dwp[b * slots + j] +=
-            bf16_loops<T>()
-                ? bf16::dot_f32_bf16(reinterpret_cast<const float*>(dm + b * size),
-                                     reinterpret_cast<const uint16_t*>(bank_j), size)
-                : dot(dm + b * size, bank_j, size);
+            bf16_loops<T>() ? bf16::dot_f32_bf16(reinterpret_cast<const float*>(dm),
+                                                 reinterpret_cast<const uint16_t*>(bank_j), size)
+                            : dot(dm, bank_j, size);
       }
-  });
-  at::parallel_for(0, adapters, grain(rows * slots * size, adapters), [&](int64_t lo, int64_t hi) {
-    std::vector<A> acc(size);
-    for (int64_t i = lo; i < hi; ++i) {
-      std::fill(acc.begin(), acc.end(), A(0));
+    }
+  };
+  auto adapter_dbank = [&](int64_t i, std::vector<A>& acc) {
+    for (const FactorGrad& f : factors) {
+      const int64_t size = f.bank[0].numel();
+      acc.assign(size, A(0));
       for (int64_t p = users.start[i]; p < users.start[i + 1]; ++p) {
         const int64_t q = users.pair[p];
-        const A wq = wp[q];
-        const A* g = dm + (q / slots) * size;
+        const A* g = f.dmix.data_ptr<A>() + (q / slots) * size;
         if (bf16_loops<T>())
-          bf16::axpy_f32(reinterpret_cast<float*>(acc.data()), static_cast<float>(wq),
+          bf16::axpy_f32(reinterpret_cast<float*>(acc.data()), static_cast<float>(wp[q]),
                          reinterpret_cast<const float*>(g), size);
         else
-          for (int64_t e = 0; e < size; ++e) acc[e] += wq * g[e];
+          for (int64_t e = 0; e < size; ++e) acc[e] += wp[q] * g[e];
       }
-      round_to<T>(acc.data(), size, db + i * size);
+      round_to<T>(acc.data(), size, f.dbank.data_ptr<T>() + i * size);
+    }
+  };
+  // items [0, rows) are rows, [rows, rows + adapters) adapters; cost[q] = work before item q
+  const int64_t items = rows + adapters;
+  std::vector<int64_t> cost(items + 1, 0);
+  for (int64_t q = 0; q < items; ++q)
+    cost[q + 1] = cost[q] + size_sum * (q < rows ? slots
+                                                  : users.start[q - rows + 1] - users.start[q - rows]);
+  const int64_t parts = cost[items] < kMinParallelWork ? 1 : at::get_num_threads();
+  at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<A> acc;
+    for (int64_t t = lo; t < hi; ++t) {
+      // this part's items: those whose work starts in [t, t + 1) / parts of the total (the
+      // last part takes the rest, items without work included)
+      auto start_of = [&](int64_t part) -> int64_t {
+        if (part == parts) return items;
+        return std::lower_bound(cost.begin(), cost.end() - 1, cost[items] * part / parts) -
+               cost.begin();
+      };
+      for (int64_t q = start_of(t); q < start_of(t + 1); ++q) {
+        if (q < rows)
+          row_dw(q);
+        else
+          adapter_dbank(q - rows, acc);
+      }
     }
   });
 }
@@ -1014,7 +1049,9 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     };
     at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
       if constexpr (kHalf<T>) {
-        if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch (half_stretches)
+        if (fuse_dx && !half_base_in_mkl(a.dtype)) {
+          aten_base_runs(g_t, a.weight, Tensor(), runs, lo, hi, dx);  // then the LoRA part below
+        } else if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch
           half_stretches<T>(runs, lo, hi, g, d_out, a.weight.data_ptr<T>(), false, d_in, nullptr,
                             dxp, [&](const Run& u, float* dst) { run_lora(u, dst, A(1)); });
           return;
@@ -1023,14 +1060,14 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
       Scratch<A> tile;
       for (int64_t q = lo; q < hi; ++q) {
         const Run& u = runs[q];
-        if constexpr (kFusedExpand<T>) {
+        if (bf16_loops<T>()) {
+          // dx = round(dx + scale * v A_p) in one pass over dx
           const A* vr = run_lora(u, nullptr, A(0));
-          if (need_x) {
-            tile.resize(d_in);
-            for (int64_t n = 0; n < u.len; ++n)
-              RECLORA_PICK(expand_add_bf16, bits(dxp + (u.first + n) * d_in), scale, vr + n * r,
-                           ap + u.row * r * d_in, r, d_in, tile.data());
-          }
+          if (need_x)
+            bf16::expand_add(u.len, d_in, r, static_cast<float>(scale),
+                             reinterpret_cast<const float*>(vr), r,
+                             reinterpret_cast<const float*>(ap + u.row * r * d_in), d_in,
+                             reinterpret_cast<uint16_t*>(dxp + u.first * d_in), d_in);
         } else if (need_x) {
           add_dx(u, [&](A* out, A beta) { run_lora(u, out, beta); }, tile);
         } else {
@@ -1078,8 +1115,8 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
       }
     });
     const Users users = make_users(idx, R, k, s.adapters);
-    mix_backward<T>(da_mix, a.lora_a, a.adapter_w, idx, users, da, dw);
-    mix_backward<T>(db_mix, a.lora_b, a.adapter_w, idx, users, db, dw);
+    mix_backward<T>({FactorGrad{da_mix, a.lora_a, da}, FactorGrad{db_mix, a.lora_b, db}},
+                    a.adapter_w, idx, users, dw);
     return;
   }
 
@@ -1102,7 +1139,9 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   };
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
     if constexpr (kHalf<T>) {
-      if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch (half_stretches)
+      if (fuse_dx && !half_base_in_mkl(a.dtype)) {
+        aten_base_runs(g_t, a.weight, Tensor(), runs, lo, hi, dx);  // then the LoRA part below
+      } else if (fuse_dx) {  // dx = round(g W + LoRA part), stretch by stretch
         half_stretches<T>(runs, lo, hi, g, d_out, a.weight.data_ptr<T>(), false, d_in, nullptr,
                           dxp, [&](const Run& u, float* dst) { run_lora(u, dst, A(1)); });
         return;
@@ -1196,9 +1235,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
   Plan plan;
   if (s.tokens > 0 && (need_x || need_lora)) plan = make_plan(row_ids.contiguous(), s.rows);
   const bool half = a.dtype == at::kHalf || a.dtype == at::kBFloat16;
-  // Half with the base in MKL (g_half_base_mode) and rows in runs: dx's base joins the LoRA
-  // part in one fp32 tile per stretch; else dx's base through ATen in the input dtype.
-  const bool fuse_dx = need_x && half && half_base_in_mkl(a.dtype) && long_runs(plan, s.tokens);
+  // Half with rows in runs: with the base in MKL (g_half_base_mode) dx's base joins the LoRA
+  // part in one fp32 tile per stretch; with the bf16 loops (half_base_in_pass) it goes through
+  // ATen stretch by stretch inside the pass; else through ATen in the input dtype before it.
+  const bool fuse_dx = need_x && half && (half_base_in_mkl(a.dtype) || half_base_in_pass(a.dtype)) &&
+                       long_runs(plan, s.tokens);
   Tensor dx;
   if (need_x) dx = fuse_dx ? at::empty({s.tokens, s.d_in}, a.x.options()) : at::mm(g, a.weight);
   Tensor da, db, dw;
