@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thin-ab", action="store_true",
                    help="compare fp32 with the CPU op's thin GEMMs on BLAS vs csrc/cpu/"
                         "thin_gemm.h's loops (reclora::cpu_thin_gemm) instead of fp32 vs bf16")
+    p.add_argument("--bf16-ab", action="store_true",
+                   help="compare bf16 with the CPU op's bf16 GEMMs in MKL vs csrc/cpu/"
+                        "bf16_gemm.h's AVX512-BF16 loops (reclora::cpu_bf16_gemm)")
     p.add_argument("--markdown", type=Path, default=common.RESULTS / "llm_step_cpu.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -74,16 +77,20 @@ def main(argv: list[str] | None = None) -> int:
 
     ctr, cfg, opt, trainable = build(args.seed, args.model)
     gen = torch.Generator().manual_seed(args.seed)
-    # name -> (amp, CPU thin-GEMM mode or None to leave it)
-    settings = {"fp32": ("off", None), "bf16": ("bf16", None)}
+    # name -> (amp, {CPU op switch: mode} set before each run)
+    settings = {"fp32": ("off", {}), "bf16": ("bf16", {})}
     if args.thin_ab:
-        settings = {"fp32 BLAS": ("off", 0), "fp32 thin loops": ("off", 1)}
+        settings = {"fp32 BLAS": ("off", {"cpu_thin_gemm": 0}),
+                    "fp32 thin loops": ("off", {"cpu_thin_gemm": 1})}
+    if args.bf16_ab:
+        settings = {"bf16 MKL": ("bf16", {"cpu_bf16_gemm": 0}),
+                    "bf16 AVX512-BF16 loops": ("bf16", {"cpu_bf16_gemm": 1})}
     names = list(settings)
 
     def run_setting(fn, setting) -> None:
-        amp, thin = setting
-        if thin is not None:
-            torch.ops.reclora.cpu_thin_gemm(thin)
+        amp, switches = setting
+        for switch, mode in switches.items():
+            getattr(torch.ops.reclora, switch)(mode)
         fn(amp)
 
     def train_step(amp: str) -> None:

@@ -881,6 +881,8 @@ struct FactorGrad {
   const Tensor& dmix;
   const Tensor& bank;
   Tensor& dbank;
+  // elements per adapter, without indexing the Tensor (each bank[i] is an aten::select call)
+  int64_t size() const { return bank.size(0) == 0 ? 0 : bank.numel() / bank.size(0); }
 };
 
 // Factor mode: gradients of the mixed factors (Acc) -> bank gradients (T) and mixture weights,
@@ -900,7 +902,7 @@ void mix_backward(const std::array<FactorGrad, 2>& factors, const Tensor& w, con
     if (idx == nullptr && thin_on()) {
       // Dense: dbank = w^T dmix and dw += dmix bank^T, two GEMMs (k = R or n = M is thin).
       for (const FactorGrad& f : factors) {
-        const int64_t size = f.bank[0].numel();
+        const int64_t size = f.size();
         const float* dm = f.dmix.data_ptr<float>();
         gemm<float>(true, false, adapters, size, rows, 1.f, wp, slots, dm, size, 0.f,
                     f.dbank.data_ptr<float>(), size);
@@ -910,10 +912,10 @@ void mix_backward(const std::array<FactorGrad, 2>& factors, const Tensor& w, con
       return;
     }
   }
-  const int64_t size_sum = factors[0].bank[0].numel() + factors[1].bank[0].numel();
+  const int64_t size_sum = factors[0].size() + factors[1].size();
   auto row_dw = [&](int64_t b) {
     for (const FactorGrad& f : factors) {
-      const int64_t size = f.bank[0].numel();
+      const int64_t size = f.size();
       const A* dm = f.dmix.data_ptr<A>() + b * size;
       for (int64_t j = 0; j < slots; ++j) {
         const T* bank_j = f.bank.data_ptr<T>() + source(idx, slots, b, j) * size;
@@ -926,7 +928,7 @@ void mix_backward(const std::array<FactorGrad, 2>& factors, const Tensor& w, con
   };
   auto adapter_dbank = [&](int64_t i, std::vector<A>& acc) {
     for (const FactorGrad& f : factors) {
-      const int64_t size = f.bank[0].numel();
+      const int64_t size = f.size();
       acc.assign(size, A(0));
       for (int64_t p = users.start[i]; p < users.start[i + 1]; ++p) {
         const int64_t q = users.pair[p];
