@@ -204,3 +204,36 @@ def test_the_loops_agree_with_mkl_on_the_op(loops_on):
     for name, got, want in [("y", y_loops, y_mkl)] + [(k, g_loops[k], g_mkl[k]) for k in g_mkl]:
         err = (got.double() - want.double()).abs().max().item()
         assert err <= 2 ** -7 * want.double().abs().max().item(), (name, err)
+
+
+# (m, n, k) for A B through the pairs layout: k odd and even (the last pair half empty), n
+# across the 16- and 64-wide column blocks, m across the 4-row tiles.
+PAIRS_SHAPES = [(1, 1, 1), (4, 16, 2), (5, 17, 3), (9, 64, 128), (7, 65, 27), (3, 130, 8),
+                (13, 8, 577), (0, 5, 4), (3, 0, 4)]
+
+
+@needs_loops
+@pytest.mark.parametrize("b_t", [False, True])
+@pytest.mark.parametrize("m,n,k", PAIRS_SHAPES)
+def test_pairs_gemm_matches_float64(loops_on, m, n, k, b_t):
+    """A's rows and B's rows are padded with inf past their end: an odd k's empty half-pair must
+    be neither read from A nor filled from B's last row (0 * inf would be NaN)."""
+    gen = torch.Generator().manual_seed(m * 7 + n * 13 + k + b_t)
+    a_full = torch.full((m, k + 3), float("inf")).bfloat16()
+    a_full[:, :k] = torch.randn(m, k, generator=gen).bfloat16()
+    b_shape = (n, k) if b_t else (k, n)
+    b_full = torch.full((b_shape[0], b_shape[1] + 5), float("inf")).bfloat16()
+    b_full[:, :b_shape[1]] = torch.randn(*b_shape, generator=gen).bfloat16()
+    a, b = a_full[:, :k], b_full[:, :b_shape[1]]
+    want_ab = a.double() @ (b.double().t() if b_t else b.double())
+    for alpha, beta in [(1.0, 0.0), (-0.5, 1.0)]:
+        c = torch.full((m, n + 2), 9.0)[:, :n]
+        if beta == 0.0:
+            c.fill_(float("nan"))
+        c_before = c.double().clone()
+        torch.ops.reclora.cpu_pairs_gemm_bf16(c, a, b, b_t, alpha, beta)
+        if c.numel() == 0:
+            continue
+        want = alpha * want_ab + (beta * c_before if beta != 0.0 else 0.0)
+        err = (c.double() - want).abs().max().item()
+        assert err <= 1e-5 * (1 + want.abs().max().item()) * max(k, 1) ** 0.5, (err, b_t)

@@ -57,6 +57,25 @@ inline int default_mode() {
 inline std::atomic<int> g_mode{default_mode()};
 inline bool on() { return g_mode.load(std::memory_order_relaxed) == 1; }
 
+// Pairs layout: B [k, n] (bf16, row-major) as [ceil(k / 2), n, 2], rows 2q and 2q + 1
+// interleaved (the last one paired with zeros when k is odd), so that one 512-bit load holds
+// two rows of 16 columns, vdpbf16ps's operand (pack_pairs, pairs_gemm).
+inline int64_t pairs_size(int64_t k, int64_t n) { return (k + 1) / 2 * n * 2; }
+
+// B^T in the pairs layout from B [n, k] (row-major, row stride ld): B's rows hold the pairs
+// side by side, so this is a transpose of 32-bit words (k * n / 2 of them, once per row's
+// adapters; AVX512 gathers where the words are whole, pack_pairs_t below).
+inline void pack_pairs_t_scalar(const uint16_t* src, int64_t ld, int64_t k, int64_t n,
+                                uint16_t* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint16_t* row = src + j * ld;
+    for (int64_t q = 0; 2 * q < k; ++q) {
+      dst[(q * n + j) * 2] = row[2 * q];
+      dst[(q * n + j) * 2 + 1] = 2 * q + 1 < k ? row[2 * q + 1] : uint16_t(0);
+    }
+  }
+}
+
 #if RECLORA_HAVE_BF16_DOTS
 // AVX512 without BF16 (the conversions; lora_mix_cpu.cpp's AVX512 loops use them too), and with.
 #define RECLORA_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
@@ -314,6 +333,118 @@ RECLORA_AVX512 inline void mix(float* out, const uint16_t* bank, int64_t size, c
   }
 }
 
+RECLORA_AVX512 inline void pack_pairs(const uint16_t* src, int64_t ld, int64_t k, int64_t n,
+                                      uint16_t* dst) {
+  // output lane l of the low half takes column l / 2 of row 2q + l % 2; the high half + 16
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int l = 0; l < 32; ++l) {
+    lo_idx[l] = static_cast<uint16_t>((l % 2) * 32 + l / 2);
+    hi_idx[l] = static_cast<uint16_t>((l % 2) * 32 + 16 + l / 2);
+  }
+  const __m512i vlo = _mm512_load_si512(lo_idx), vhi = _mm512_load_si512(hi_idx);
+  for (int64_t q = 0; 2 * q < k; ++q) {
+    const uint16_t* r0 = src + 2 * q * ld;
+    const uint16_t* r1 = 2 * q + 1 < k ? r0 + ld : nullptr;
+    uint16_t* out = dst + q * n * 2;
+    for (int64_t j = 0; j < n; j += 32) {
+      const __mmask32 m = first32(n - j);
+      const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + j);
+      const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
+      _mm512_mask_storeu_epi32(out + 2 * j, first16(n - j), _mm512_permutex2var_epi16(a, vlo, b));
+      _mm512_mask_storeu_epi32(out + 2 * j + 32, first16(n - j - 16),
+                               _mm512_permutex2var_epi16(a, vhi, b));
+    }
+  }
+}
+
+// pairs_gemm on MT rows of C, columns [0, 16 V) of the pointers given (lanes of m).
+template <int MT, int V>
+RECLORA_BF16DP void pairs_tile(int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                               const uint16_t* bp, int64_t n, float beta, float* c, int64_t ldc,
+                               const __mmask16* m) {
+  __m512 acc[MT][V];
+  RECLORA_BF16_UNROLL
+  for (int t = 0; t < MT; ++t)
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  for (int64_t q = 0; 2 * q < k; ++q) {
+    __m512bh b[V];
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v < V; ++v)
+      b[v] = (__m512bh)_mm512_maskz_loadu_epi32(m[v], bp + (q * n + 16 * v) * 2);
+    const bool whole = 2 * q + 1 < k;  // else the pair's second value is 0, not read
+    RECLORA_BF16_UNROLL
+    for (int t = 0; t < MT; ++t) {
+      uint32_t pair = a[t * lda + 2 * q];  // A's two values, little-endian
+      if (whole) std::memcpy(&pair, a + t * lda + 2 * q, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      RECLORA_BF16_UNROLL
+      for (int v = 0; v < V; ++v) acc[t][v] = _mm512_dpbf16_ps(acc[t][v], av, b[v]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  RECLORA_BF16_UNROLL
+  for (int t = 0; t < MT; ++t)
+    RECLORA_BF16_UNROLL
+    for (int v = 0; v < V; ++v) {
+      float* ct = c + t * ldc + 16 * v;
+      __m512 out = _mm512_mul_ps(va, acc[t][v]);
+      if (beta != 0.f)
+        out = _mm512_fmadd_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(m[v], ct), out);
+      _mm512_mask_storeu_ps(ct, m[v], out);
+    }
+}
+
+template <int MT>
+RECLORA_BF16DP void pairs_rows(int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+                               const uint16_t* bp, float beta, float* c, int64_t ldc) {
+  for (int64_t j = 0; j < n; j += 64) {
+    const __mmask16 m[4] = {first16(n - j), first16(n - j - 16), first16(n - j - 32),
+                            first16(n - j - 48)};
+    const uint16_t* bj = bp + 2 * j;
+    float* cj = c + j;
+    switch ((std::min<int64_t>(64, n - j) + 15) / 16) {
+      case 1: pairs_tile<MT, 1>(k, alpha, a, lda, bj, n, beta, cj, ldc, m); break;
+      case 2: pairs_tile<MT, 2>(k, alpha, a, lda, bj, n, beta, cj, ldc, m); break;
+      case 3: pairs_tile<MT, 3>(k, alpha, a, lda, bj, n, beta, cj, ldc, m); break;
+      default: pairs_tile<MT, 4>(k, alpha, a, lda, bj, n, beta, cj, ldc, m); break;
+    }
+  }
+}
+
+// C [m, n] = alpha * A [m, k] B [k, n] + beta * C, A bf16, B bf16 in the pairs layout
+// (pack_pairs); 4 rows by 64 columns in registers. For the LoRA GEMMs whose short side is
+// the inner one (k * r) or whose B is reused by every token (g B_cat).
+RECLORA_BF16DP inline void pairs_gemm(int64_t m, int64_t n, int64_t k, float alpha,
+                                      const uint16_t* a, int64_t lda, const uint16_t* bp,
+                                      float beta, float* c, int64_t ldc) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) pairs_rows<4>(n, k, alpha, a + i * lda, lda, bp, beta, c + i * ldc, ldc);
+  for (; i < m; ++i) pairs_rows<1>(n, k, alpha, a + i * lda, lda, bp, beta, c + i * ldc, ldc);
+}
+
+// pack_pairs_t: with k and ld even (every pair a whole 32-bit word of B) 16 words of one
+// column of pairs at a time by a gather (a scalar loop took ~0.3 ms a call at d_out = 2048,
+// k * r = 128: more than the expand it feeds).
+RECLORA_AVX512 inline void pack_pairs_t(const uint16_t* src, int64_t ld, int64_t k, int64_t n,
+                                        uint16_t* dst) {
+  if (k % 2 != 0 || ld % 2 != 0 || reinterpret_cast<uintptr_t>(src) % 4 != 0 || n * ld / 2 > INT32_MAX)
+    return pack_pairs_t_scalar(src, ld, k, n, dst);
+  const int* words = reinterpret_cast<const int*>(src);
+  const __m512i lane = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5,
+                                                           4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(static_cast<int>(ld / 2)));
+  for (int64_t q = 0; q < k / 2; ++q) {
+    int* out = reinterpret_cast<int*>(dst) + q * n;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = first16(n - j);
+      const __m512i at = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j * ld / 2 + q)));
+      _mm512_mask_storeu_epi32(out + j, m,
+                               _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, at, words, 4));
+    }
+  }
+}
+
 // sum_e p[e] * bf16(q[e]).
 RECLORA_BF16DP inline float dot_f32_bf16(const float* p, const uint16_t* q, int64_t n) {
   __m512 acc = _mm512_setzero_ps();
@@ -347,6 +478,12 @@ inline void expand_add(int64_t, int64_t, int64_t, float, const float*, int64_t, 
 inline void mix(float*, const uint16_t*, int64_t, const float*, const int64_t*, int64_t) {
   std::abort();
 }
+inline void pack_pairs(const uint16_t*, int64_t, int64_t, int64_t, uint16_t*) { std::abort(); }
+inline void pack_pairs_t(const uint16_t* src, int64_t ld, int64_t k, int64_t n, uint16_t* dst) {
+  pack_pairs_t_scalar(src, ld, k, n, dst);
+}
+inline void pairs_gemm(int64_t, int64_t, int64_t, float, const uint16_t*, int64_t,
+                       const uint16_t*, float, float*, int64_t) { std::abort(); }
 #endif  // RECLORA_HAVE_BF16_DOTS
 
 }  // namespace bf16

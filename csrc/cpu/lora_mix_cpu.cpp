@@ -604,26 +604,61 @@ void aten_base_runs(const Tensor& in, const Tensor& w_op, const Tensor& bias,
 // is read once for all k slots and the expand is one GEMM. Dense: A is the bank itself viewed
 // [M*r, d_in] and B is repacked once; gathered: both copied per row (k*r*(d_in + d_out) values
 // per row, in the input dtype), by whichever thread first meets the row.
+// With the bf16 loops the GEMMs whose B is A_cat or B_cat read them in bf16_gemm.h's pairs
+// layout as well: the backward A_cat [k*r, d_in] (dx's t A_cat) and B_cat [d_out, k*r]
+// (v = g B_cat), the forward B_cat^T (the expand t B_cat^T).
+enum class Pairs { none, backward, forward };
+
 template <typename T>
 struct Concat {
   const Sizes& s;
   const T* bank_a;
   const T* bank_b;
   const int64_t* idx;
-  Tensor a_buf, b_buf;
+  const Pairs pairs;
+  Tensor a_buf, b_buf, a_pairs, b_pairs;
   OnceFlags ready;  // per row when gathered; dense: flag 0 guards the one B repack
 
-  Concat(const Sizes& s_, const Args& a) : s(s_), ready(s_.rows) {
+  Concat(const Sizes& s_, const Args& a, Pairs pairs_ = Pairs::none)
+      : s(s_), pairs(pairs_), ready(s_.rows) {
     bank_a = a.lora_a.data_ptr<T>();
     bank_b = a.lora_b.data_ptr<T>();
     idx = a.idx.defined() ? a.idx.data_ptr<int64_t>() : nullptr;
     const int64_t kr = s.slots * s.rank;
+    const int64_t copies = idx == nullptr ? 1 : s.rows;
     if (idx == nullptr) {
       b_buf = at::empty({s.d_out, kr}, a.lora_b.options());
     } else {
       a_buf = at::empty({s.rows, kr * s.d_in}, a.lora_a.options());
       b_buf = at::empty({s.rows, s.d_out * kr}, a.lora_b.options());
     }
+    if (pairs == Pairs::backward) {
+      a_pairs = at::empty({copies, bf16::pairs_size(kr, s.d_in)}, a.lora_a.options());
+      b_pairs = at::empty({copies, bf16::pairs_size(s.d_out, kr)}, a.lora_b.options());
+    } else if (pairs == Pairs::forward) {
+      b_pairs = at::empty({copies, bf16::pairs_size(kr, s.d_out)}, a.lora_b.options());
+    }
+  }
+  // the row's copy (dense: the one shared copy) in the pairs layout
+  void pack_pairs(int64_t b) {
+    const int64_t kr = s.slots * s.rank, c = idx == nullptr ? 0 : b;
+    auto raw = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
+    uint16_t* bp = reinterpret_cast<uint16_t*>(b_pairs.data_ptr<T>()) + c * b_pairs.size(1);
+    if (pairs == Pairs::forward) {
+      bf16::pack_pairs_t(raw(b_of(b)), kr, kr, s.d_out, bp);
+      return;
+    }
+    bf16::pack_pairs(raw(a_of(b)), s.d_in, kr, s.d_in,
+                     reinterpret_cast<uint16_t*>(a_pairs.data_ptr<T>()) + c * a_pairs.size(1));
+    bf16::pack_pairs(raw(b_of(b)), kr, s.d_out, kr, bp);
+  }
+  const uint16_t* a_pairs_of(int64_t b) const {
+    return reinterpret_cast<const uint16_t*>(a_pairs.data_ptr<T>()) +
+           (idx == nullptr ? 0 : b) * a_pairs.size(1);
+  }
+  const uint16_t* b_pairs_of(int64_t b) const {
+    return reinterpret_cast<const uint16_t*>(b_pairs.data_ptr<T>()) +
+           (idx == nullptr ? 0 : b) * b_pairs.size(1);
   }
   void pack_b(int64_t b, T* dst) const {
     const int64_t r = s.rank, k = s.slots, kr = k * r;
@@ -635,7 +670,10 @@ struct Concat {
   void ensure(int64_t b) {
     const int64_t kr = s.slots * s.rank;
     if (idx == nullptr) {
-      ready.run(0, [&] { pack_b(0, b_buf.data_ptr<T>()); });
+      ready.run(0, [&] {
+        pack_b(0, b_buf.data_ptr<T>());
+        if (pairs != Pairs::none) pack_pairs(0);
+      });
       return;
     }
     ready.run(b, [&] {
@@ -645,6 +683,7 @@ struct Concat {
         std::copy(src, src + s.rank * s.d_in, ad + j * s.rank * s.d_in);
       }
       pack_b(b, b_buf.data_ptr<T>() + b * s.d_out * kr);
+      if (pairs != Pairs::none) pack_pairs(b);
     });
   }
   const T* a_of(int64_t b) const {
@@ -792,7 +831,8 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
   // Output mode: one shrink GEMM over the row's k*r concatenated rows of A, the weights applied
   // to the [len, k*r] result, one expand GEMM over the k*r concatenated columns of B.
   const int64_t kr = k * r;
-  Concat<T> cat(s, a);
+  const bool loops = bf16_loops<T>();  // the expand as pairs_gemm
+  Concat<T> cat(s, a, loops ? Pairs::forward : Pairs::none);
   // One run: s = x A_cat^T (saved), t = scale * w * s (in t, the thread's scratch), then
   // dst = t B_cat^T + beta * dst.
   auto run_lora = [&](const Run& u, std::vector<T>& t, A* dst, A beta) {
@@ -802,8 +842,13 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
                 d_in, A(0), sr, kr);
     t.resize(u.len * kr);
     weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
-    gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, beta,
-                dst, d_out);
+    if (loops)
+      bf16::pairs_gemm(u.len, d_out, kr, 1.f, reinterpret_cast<const uint16_t*>(t.data()), kr,
+                       cat.b_pairs_of(u.row), static_cast<float>(beta),
+                       reinterpret_cast<float*>(dst), d_out);
+    else
+      gemm_acc<T>(false, true, u.len, d_out, kr, A(1), t.data(), kr, cat.b_of(u.row), kr, beta,
+                  dst, d_out);
   };
   at::parallel_for(0, nruns, 1, [&](int64_t lo, int64_t hi) {
     std::vector<T> t;
@@ -1124,18 +1169,28 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
 
   // Output mode. v = g B_cat (one GEMM over the row's k*r columns); t = scale * w * v;
   // dx += t A_cat (one GEMM). t is kept (in T) for dA.
-  Concat<T> cat(s, a);
+  const bool loops = bf16_loops<T>();  // both GEMMs below as pairs_gemm
+  Concat<T> cat(s, a, loops ? Pairs::backward : Pairs::none);
   Tensor t_t = at::empty({s.tokens, kr}, a.x.options());
   T* tw = t_t.data_ptr<T>();
+  auto raw = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
   // One run: v = g B_cat, t = scale * w * v; with dst, dst = t A_cat + beta * dst.
   auto run_lora = [&](const Run& u, A* dst, A beta) {
     cat.ensure(u.row);
     A* vr = v + u.first * kr;
-    gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
-                cat.b_of(u.row), kr, A(0), vr, kr);
+    if (loops)
+      bf16::pairs_gemm(u.len, kr, d_out, 1.f, raw(g + u.first * d_out), d_out,
+                       cat.b_pairs_of(u.row), 0.f, reinterpret_cast<float*>(vr), kr);
+    else
+      gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
+                  cat.b_of(u.row), kr, A(0), vr, kr);
     T* tr = tw + u.first * kr;
     weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
-    if (dst != nullptr)
+    if (dst == nullptr) return;
+    if (loops)
+      bf16::pairs_gemm(u.len, d_in, kr, 1.f, raw(tr), kr, cat.a_pairs_of(u.row),
+                       static_cast<float>(beta), reinterpret_cast<float*>(dst), d_in);
+    else
       gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, beta, dst,
                   d_in);
   };
@@ -1338,6 +1393,29 @@ void cpu_outer_bf16(const Tensor& c, const Tensor& p, const Tensor& q, double al
               q.stride(0), c.data_ptr<float>(), c.stride(0));
 }
 
+// cpu_pairs_gemm_bf16(c, a, b, b_t, alpha, beta): c (fp32) = alpha a op(b) + beta c with a, b
+// bf16 through bf16_gemm.h's pairs layout and pairs_gemm: b [k, n] packed by pack_pairs, or with
+// b_t b [n, k] packed transposed by pack_pairs_t (needs the AVX512-BF16 loops on).
+void cpu_pairs_gemm_bf16(const Tensor& c, const Tensor& a, const Tensor& b, bool b_t,
+                         double alpha, double beta) {
+  check_test_operand(c, at::kFloat, "cpu_pairs_gemm_bf16");
+  check_test_operand(a, at::kBFloat16, "cpu_pairs_gemm_bf16");
+  check_test_operand(b, at::kBFloat16, "cpu_pairs_gemm_bf16");
+  const int64_t m = c.size(0), n = c.size(1), k = a.size(1);
+  TORCH_CHECK(a.size(0) == m && b.size(b_t ? 1 : 0) == k && b.size(b_t ? 0 : 1) == n,
+              "cpu_pairs_gemm_bf16: shapes do not agree");
+  TORCH_CHECK(bf16::on(), "cpu_pairs_gemm_bf16: the AVX512-BF16 loops are off (cpu_bf16_gemm)");
+  std::vector<uint16_t> packed(bf16::pairs_size(k, n));
+  const auto* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+  if (b_t)
+    bf16::pack_pairs_t(bp, b.stride(0), k, n, packed.data());
+  else
+    bf16::pack_pairs(bp, b.stride(0), k, n, packed.data());
+  bf16::pairs_gemm(m, n, k, static_cast<float>(alpha),
+                   reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()), a.stride(0),
+                   packed.data(), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
+}
+
 // cpu_half_base(mode): where the base GEMM of half inputs runs (see g_half_base_mode): 1 = MKL,
 // 0 = ATen, -1 = leave as is; returns the mode before the call.
 int64_t cpu_half_base(int64_t mode) {
@@ -1354,6 +1432,8 @@ TORCH_LIBRARY_FRAGMENT(reclora, m) {
   m.def("cpu_gemm_bf16(Tensor(a!) c, Tensor a, Tensor b, bool ta, bool tb, float alpha, "
         "float beta) -> ()", &cpu_gemm_bf16);
   m.def("cpu_outer_bf16(Tensor(a!) c, Tensor p, Tensor q, float alpha) -> ()", &cpu_outer_bf16);
+  m.def("cpu_pairs_gemm_bf16(Tensor(a!) c, Tensor a, Tensor b, bool b_t, float alpha, "
+        "float beta) -> ()", &cpu_pairs_gemm_bf16);
   m.def("cpu_gemm_f32(Tensor(a!) c, Tensor a, Tensor b, bool ta, bool tb, float alpha, "
         "float beta) -> ()", &cpu_gemm_f32);
 }
