@@ -79,7 +79,8 @@ inline void pack_pairs_t_scalar(const uint16_t* src, int64_t ld, int64_t k, int6
 #if RECLORA_HAVE_BF16_DOTS
 // AVX512 without BF16 (the conversions; lora_mix_cpu.cpp's AVX512 loops use them too), and with.
 #define RECLORA_AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")))
-#define RECLORA_BF16DP __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define RECLORA_BF16DP \
+  __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 // 16 bf16 values (lanes of m; the others 0) as fp32.
 RECLORA_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
@@ -91,7 +92,8 @@ RECLORA_AVX512 inline __m512 widen16(const uint16_t* p, __mmask16 m) {
 RECLORA_AVX512 inline void narrow16(uint16_t* p, __m512 v, __mmask16 m) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  const __m512i biased = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+  __m512i r = _mm512_srli_epi32(biased, 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
@@ -309,7 +311,8 @@ RECLORA_BF16DP inline void expand_add(int64_t len, int64_t n, int64_t rank, floa
   int64_t t = 0;
   for (; t + 4 <= len; t += 4)
     expand_tokens<4>(n, rank, alpha, s + t * lds, lds, bt, ldb, y + t * ldy, ldy);
-  for (; t < len; ++t) expand_tokens<1>(n, rank, alpha, s + t * lds, lds, bt, ldb, y + t * ldy, ldy);
+  for (; t < len; ++t)
+    expand_tokens<1>(n, rank, alpha, s + t * lds, lds, bt, ldb, y + t * ldy, ldy);
 }
 
 // out [size] (fp32) = sum_j w[j] src_j, src_j = bank + adapter(j) * size in bf16 (adapter(j)
@@ -349,7 +352,8 @@ RECLORA_AVX512 inline void pack_pairs(const uint16_t* src, int64_t ld, int64_t k
     for (int64_t j = 0; j < n; j += 32) {
       const __mmask32 m = first32(n - j);
       const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + j);
-      const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
+      const __m512i b =
+          r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + j) : _mm512_setzero_si512();
       _mm512_mask_storeu_epi32(out + 2 * j, first16(n - j), _mm512_permutex2var_epi16(a, vlo, b));
       _mm512_mask_storeu_epi32(out + 2 * j + 32, first16(n - j - 16),
                                _mm512_permutex2var_epi16(a, vhi, b));

@@ -429,7 +429,9 @@ RECLORA_BF16_LOOPS(RECLORA_AVX512, _auto512)
 RECLORA_AVX512 static void add_bf16_avx512(uint16_t* dst, const float* src, int64_t n) {
   for (int64_t o = 0; o < n; o += 16) {
     const __mmask16 m = bf16::first16(n - o);
-    bf16::narrow16(dst + o, _mm512_add_ps(bf16::widen16(dst + o, m), _mm512_maskz_loadu_ps(m, src + o)), m);
+    bf16::narrow16(dst + o,
+                   _mm512_add_ps(bf16::widen16(dst + o, m), _mm512_maskz_loadu_ps(m, src + o)),
+                   m);
   }
 }
 static void axpy_bf16_avx512(float* out, float w, const uint16_t* src, int64_t n) {
@@ -458,7 +460,6 @@ struct Scratch {
   }
   A* data() { return p.get(); }
 };
-
 
 inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
 inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
@@ -891,8 +892,8 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
   Tensor shrink = at::empty({s.tokens, slots_out, s.rank}, a.adapter_w.options());
   Plan plan;
   if (s.tokens > 0) plan = make_plan(row_ids.contiguous(), s.rows);
-  const bool fuse_base =
-      (!half || half_base_in_mkl(a.dtype) || half_base_in_pass(a.dtype)) && long_runs(plan, s.tokens);
+  const bool base_in_pass = !half || half_base_in_mkl(a.dtype) || half_base_in_pass(a.dtype);
+  const bool fuse_base = base_in_pass && long_runs(plan, s.tokens);
   Tensor y;
   if (fuse_base) {
     y = at::empty({s.tokens, s.d_out}, a.x.options());
@@ -990,9 +991,10 @@ void mix_backward(const std::array<FactorGrad, 2>& factors, const Tensor& w, con
   // items [0, rows) are rows, [rows, rows + adapters) adapters; cost[q] = work before item q
   const int64_t items = rows + adapters;
   std::vector<int64_t> cost(items + 1, 0);
-  for (int64_t q = 0; q < items; ++q)
-    cost[q + 1] = cost[q] + size_sum * (q < rows ? slots
-                                                  : users.start[q - rows + 1] - users.start[q - rows]);
+  for (int64_t q = 0; q < items; ++q) {
+    const int64_t pairs = q < rows ? slots : users.start[q - rows + 1] - users.start[q - rows];
+    cost[q + 1] = cost[q] + size_sum * pairs;
+  }
   const int64_t parts = cost[items] < kMinParallelWork ? 1 : at::get_num_threads();
   at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
     std::vector<A> acc;
@@ -1147,7 +1149,8 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
                         reinterpret_cast<const uint16_t*>(g + u.first * d_out), d_out,
                         db_t.data(), d_out);
           }
-          transpose_into<float>(db_t.data(), r, d_out, reinterpret_cast<float*>(dbp + b * d_out * r));
+          transpose_into<float>(db_t.data(), r, d_out,
+                                reinterpret_cast<float*>(dbp + b * d_out * r));
           continue;
         }
         for (int64_t q = plan.run_start[b]; q < plan.run_start[b + 1]; ++q) {
@@ -1295,7 +1298,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
   // Half with rows in runs: with the base in MKL (g_half_base_mode) dx's base joins the LoRA
   // part in one fp32 tile per stretch; with the bf16 loops (half_base_in_pass) it goes through
   // ATen stretch by stretch inside the pass; else through ATen in the input dtype before it.
-  const bool fuse_dx = need_x && half && (half_base_in_mkl(a.dtype) || half_base_in_pass(a.dtype)) &&
+  const bool fuse_dx = need_x && half &&
+                       (half_base_in_mkl(a.dtype) || half_base_in_pass(a.dtype)) &&
                        long_runs(plan, s.tokens);
   Tensor dx;
   if (need_x) dx = fuse_dx ? at::empty({s.tokens, s.d_in}, a.x.options()) : at::mm(g, a.weight);

@@ -25,6 +25,7 @@ here.
 
 from __future__ import annotations
 
+import math
 from functools import cache, lru_cache
 from typing import NamedTuple
 
@@ -397,7 +398,7 @@ def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx
     grads = []
     for dmix, bank, need_bank in ((da_mix, lora_a, need_a), (db_mix, lora_b, need_b)):
         bank = bank.contiguous()
-        size = bank[0].numel()
+        size = math.prod(bank.shape[1:])  # not bank[0].numel(): an indexing op a call
         dbank = new_output(bank.shape, device=bank.device, dtype=bank.dtype) if need_bank else None
         if size == 0:
             grads.append(dbank.zero_() if need_bank else None)
@@ -452,8 +453,8 @@ def _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, need_a: bool,
     acc = (da_mix if da_mix is not None else db_mix).dtype
     dtype = lora_a.dtype
     w_t = adapter_w.to(acc).t()
-    flat_da = None if da_mix is None else da_mix.reshape(rows, lora_a[0].numel())
-    flat_db = None if db_mix is None else db_mix.reshape(rows, lora_b[0].numel())
+    flat_da = None if da_mix is None else da_mix.reshape(rows, math.prod(lora_a.shape[1:]))
+    flat_db = None if db_mix is None else db_mix.reshape(rows, math.prod(lora_b.shape[1:]))
     da = (w_t @ flat_da).view(lora_a.shape).to(dtype) if need_a else None
     db = (w_t @ flat_db).view(lora_b.shape).to(dtype) if need_b else None
     dw = None
