@@ -8,14 +8,21 @@
 // shrink costs 0.10x F.linear). These loops are written for the LoRA shapes: one side is the
 // rank (or k * r), the work is a pass over x or g.
 //
-// Two forms cover the op's calls (row-major; beta = 0 never reads C, so C may hold NaN):
-//   dots:  C[i, j] = alpha * sum_p A[i, p] B[j, p] + beta * C   A, B bf16 (A B^T, p long);
-//          32 products per instruction along p, one horizontal sum per output. The shrinks
-//          x A^T and, with B kept transposed, g B.
-//   outer: C[i, j] += alpha * sum_p P[p, i] Q[p, j]             P fp32 (i thin), Q bf16;
-//          vectorised along j, P broadcast. The factor gradients v^T x and s^T g.
-// Both accumulate in fp32 and round nothing: the products of two bf16 values are exact in
-// fp32, so the results differ from an fp32 GEMM on the same values only by summation order.
+// The forms (row-major; beta = 0 never reads C, so C may hold NaN):
+//   dots:       C[i, j] = alpha * sum_p A[i, p] B[j, p] + beta * C   A, B bf16 (A B^T, p long);
+//               32 products per instruction along p, one horizontal sum per output. The
+//               shrinks x A^T and, with B kept transposed, g B.
+//   outer:      C[i, j] += alpha * sum_p P[p, i] Q[p, j]   P fp32 (i thin), Q bf16; along j,
+//               P broadcast. The factor gradients v^T x and s^T g.
+//   pairs_gemm: C = alpha * A B + beta * C, A bf16, B bf16 in the pairs layout (pack_pairs,
+//               pack_pairs_t); a broadcast pair of A against 16 columns of two B rows. Output
+//               mode's k*r-wide GEMMs (t B_cat^T, g B_cat, t A_cat).
+//   expand_add: y (bf16) = round(y + alpha * s bt), s and bt fp32: the factor expand fused
+//               with its add into y or dx.
+//   mix, dot_f32_bf16, axpy_f32: the factors' mixing and its backward.
+// All accumulate in fp32. The products of two bf16 values are exact in fp32, so the GEMMs
+// differ from an fp32 GEMM on the same values only by summation order; only expand_add
+// rounds, once, to the bf16 output.
 #pragma once
 
 #include <algorithm>
@@ -47,8 +54,8 @@ inline bool cpu_has_avx512_bf16() {
 }
 
 // 1 = these loops, 0 = MKL's gemm_bf16bf16f32 (as before). Default: the loops wherever the CPU
-// has AVX512-BF16; RECLORA_CPU_BF16=mkl|avx512 overrides; reclora::cpu_bf16_gemm switches it at
-// run time (the tests run both paths).
+// has AVX512-BF16 (measured on AMD only; not on an Intel CPU); RECLORA_CPU_BF16=mkl turns them
+// off; reclora::cpu_bf16_gemm switches them at run time (the tests run both paths).
 inline int default_mode() {
   const char* env = std::getenv("RECLORA_CPU_BF16");
   if (env != nullptr && std::strcmp(env, "mkl") == 0) return 0;
