@@ -10,10 +10,7 @@ gradient against the float64 reference, both mixes, dense and gathered) in both 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
+import native_switch
 import pytest
 import torch
 from op_cases import Case
@@ -31,46 +28,28 @@ needs_loops = pytest.mark.skipif(not HAS_LOOPS, reason="this CPU has no AVX512-B
 
 @pytest.fixture(params=MODES)
 def bf16_mode(request):
-    switch = torch.ops.reclora.cpu_bf16_gemm
-    before = switch(1 if request.param == "avx512" else 0)
-    yield request.param
-    switch(before)
+    with native_switch.mode(torch.ops.reclora.cpu_bf16_gemm, int(request.param == "avx512")):
+        yield request.param
 
 
 @pytest.fixture
 def loops_on():
-    switch = torch.ops.reclora.cpu_bf16_gemm
-    before = switch(1)
-    yield
-    switch(before)
+    with native_switch.mode(torch.ops.reclora.cpu_bf16_gemm, 1):
+        yield
 
 
 def test_mode_switch_round_trips_and_rejects_bad_modes():
-    switch = torch.ops.reclora.cpu_bf16_gemm
-    now = switch(-1)
-    assert now in (0, 1)
-    assert switch(0) == now
-    assert switch(-1) == 0
-    switch(now)
-    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):
-        switch(2)
+    native_switch.check_round_trip(torch.ops.reclora.cpu_bf16_gemm)
     if not HAS_LOOPS:
         with pytest.raises(RuntimeError, match="no AVX512-BF16"):
-            switch(1)
+            torch.ops.reclora.cpu_bf16_gemm(1)
 
 
 def test_default_mode_follows_the_cpu():
     """The loops by default exactly where the CPU has AVX512-BF16 (a probe that quietly says no
     would leave this machine on MKL's generic path); RECLORA_CPU_BF16=mkl turns them off."""
-    code = "import torch, reclora_kernels; print(torch.ops.reclora.cpu_bf16_gemm(-1))"
-    for value, expected in {None: int(HAS_LOOPS), "mkl": 0}.items():
-        env = dict(os.environ)
-        env.pop("RECLORA_CPU_BF16", None)
-        if value is not None:
-            env["RECLORA_CPU_BF16"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=120, check=True).stdout.split()[-1]
-        assert int(out) == expected, (value, out)
+    native_switch.default_modes("cpu_bf16_gemm", "RECLORA_CPU_BF16",
+                                {None: int(HAS_LOOPS), "mkl": 0})
 
 
 def _strided(rows, cols, gen, pad, dtype):
@@ -161,14 +140,10 @@ def test_outer_matches_float64(loops_on, m, n, k):
 
 
 def test_outer_refuses_to_run_with_the_loops_off():
-    switch = torch.ops.reclora.cpu_bf16_gemm
-    before = switch(0)
-    try:
+    with native_switch.mode(torch.ops.reclora.cpu_bf16_gemm, 0):
         with pytest.raises(RuntimeError, match="loops are off"):
             torch.ops.reclora.cpu_outer_bf16(torch.zeros(2, 3), torch.zeros(4, 2),
                                              torch.zeros(4, 3).bfloat16(), 1.0)
-    finally:
-        switch(before)
 
 
 # Op shapes for the bf16 path: the op suite's own cases plus the tails of the loops' tiles and
@@ -195,11 +170,8 @@ def test_the_loops_agree_with_mkl_on_the_op(loops_on):
     inputs = make_inputs(case, dtype=torch.bfloat16, seed=11)
     grad_out = torch.randn(3, 50, 150).bfloat16()
     y_loops, g_loops = run(inputs, case, "cpu", grad_out)
-    before = torch.ops.reclora.cpu_bf16_gemm(0)
-    try:
+    with native_switch.mode(torch.ops.reclora.cpu_bf16_gemm, 0):
         y_mkl, g_mkl = run(inputs, case, "cpu", grad_out)
-    finally:
-        torch.ops.reclora.cpu_bf16_gemm(before)
     # one bf16 rounding step apart at most (the loops keep v and s in fp32 for the gradients)
     for name, got, want in [("y", y_loops, y_mkl)] + [(k, g_loops[k], g_mkl[k]) for k in g_mkl]:
         err = (got.double() - want.double()).abs().max().item()

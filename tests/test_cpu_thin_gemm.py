@@ -9,6 +9,7 @@ gradient against the float64 reference) on shapes that route through them.
 
 from __future__ import annotations
 
+import native_switch
 import pytest
 import torch
 from op_cases import Case
@@ -29,40 +30,20 @@ MODES = ["blas"] + (["avx2"] if _has_avx2() else [])
 
 @pytest.fixture(params=MODES)
 def thin_mode(request):
-    switch = torch.ops.reclora.cpu_thin_gemm
-    before = switch(1 if request.param == "avx2" else 0)
-    yield request.param
-    switch(before)
+    with native_switch.mode(torch.ops.reclora.cpu_thin_gemm, int(request.param == "avx2")):
+        yield request.param
 
 
 def test_mode_switch_round_trips_and_rejects_bad_modes():
-    switch = torch.ops.reclora.cpu_thin_gemm
-    now = switch(-1)
-    assert now in (0, 1)
-    assert switch(0) == now
-    assert switch(-1) == 0
-    switch(now)
-    with pytest.raises(RuntimeError, match="mode must be -1, 0 or 1"):
-        switch(2)
+    native_switch.check_round_trip(torch.ops.reclora.cpu_thin_gemm)
 
 
 @pytest.mark.skipif(not _has_avx2(), reason="this CPU has no AVX2+FMA")
 def test_default_mode_follows_the_cpu_vendor():
     """The loops by default where MKL takes its generic path (non-Intel CPUs), BLAS on Intel."""
-    import subprocess
-    import sys
-
     intel = "GenuineIntel" in open("/proc/cpuinfo").read()
-    code = "import torch, reclora_kernels; print(torch.ops.reclora.cpu_thin_gemm(-1))"
-    env_runs = {None: 0 if intel else 1, "blas": 0, "avx2": 1}
-    for value, expected in env_runs.items():
-        env = dict(__import__("os").environ)
-        env.pop("RECLORA_CPU_THIN", None)
-        if value is not None:
-            env["RECLORA_CPU_THIN"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=120, check=True).stdout.split()[-1]
-        assert int(out) == expected, (value, out)
+    native_switch.default_modes("cpu_thin_gemm", "RECLORA_CPU_THIN",
+                                {None: 0 if intel else 1, "blas": 0, "avx2": 1})
 
 
 def _strided(rows, cols, gen, pad):

@@ -117,6 +117,15 @@ RECLORA_AVX512 inline __mmask16 first16(int64_t n) {
   return _cvtu32_mask16(n >= 16 ? 0xFFFFu : (1u << std::max<int64_t>(n, 0)) - 1u);
 }
 
+// A register tile of accumulators set to 0.
+template <int M, int N>
+RECLORA_AVX512 inline __attribute__((always_inline)) void zero_tile(__m512 (&acc)[M][N]) {
+  RECLORA_BF16_UNROLL
+  for (int i = 0; i < M; ++i)
+    RECLORA_BF16_UNROLL
+    for (int j = 0; j < N; ++j) acc[i][j] = _mm512_setzero_ps();
+}
+
 // The sums of v[0..8) (each 16 lanes), as 8 lanes: halves added, then a transpose by hadds.
 RECLORA_BF16DP inline __m256 sums8(const __m512* v) {
   __m256 h[8];
@@ -150,10 +159,7 @@ template <int MI, int NJ>
 RECLORA_BF16DP void dots_tile(int64_t k, float alpha, const uint16_t* a, int64_t lda,
                               const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   __m512 acc[MI][8];
-  RECLORA_BF16_UNROLL
-  for (int i = 0; i < MI; ++i)
-    RECLORA_BF16_UNROLL
-    for (int j = 0; j < 8; ++j) acc[i][j] = _mm512_setzero_ps();
+  zero_tile(acc);
   int64_t p = 0;
   for (; p + 32 <= k; p += 32) dots_step<MI, NJ>(acc, a, lda, b, ldb, p, first32(32));
   if (p < k) dots_step<MI, NJ>(acc, a, lda, b, ldb, p, first32(k - p));
@@ -258,10 +264,7 @@ RECLORA_BF16DP void expand_tile(int64_t rank, float alpha, const float* s, int64
                                 const float* bt, int64_t ldb, uint16_t* y, int64_t ldy,
                                 const __mmask16* m) {
   __m512 acc[MT][V];
-  RECLORA_BF16_UNROLL
-  for (int t = 0; t < MT; ++t)
-    RECLORA_BF16_UNROLL
-    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  zero_tile(acc);
   for (int64_t c = 0; c < rank; ++c) {
     __m512 b[V];
     RECLORA_BF16_UNROLL
@@ -374,10 +377,7 @@ RECLORA_BF16DP void pairs_tile(int64_t k, float alpha, const uint16_t* a, int64_
                                const uint16_t* bp, int64_t n, float beta, float* c, int64_t ldc,
                                const __mmask16* m) {
   __m512 acc[MT][V];
-  RECLORA_BF16_UNROLL
-  for (int t = 0; t < MT; ++t)
-    RECLORA_BF16_UNROLL
-    for (int v = 0; v < V; ++v) acc[t][v] = _mm512_setzero_ps();
+  zero_tile(acc);
   for (int64_t q = 0; 2 * q < k; ++q) {
     __m512bh b[V];
     RECLORA_BF16_UNROLL
