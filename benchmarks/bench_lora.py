@@ -465,8 +465,10 @@ def _own_half_base(dtype: str) -> bool:
     """Whether the native cpu op's base GEMM for `dtype` is MKL's rather than F.linear's."""
     from reclora_kernels import ops
 
-    return (dtype in ("bfloat16", "float16") and ops.NATIVE_CPU
-            and torch.ops.reclora.cpu_half_base(-1) == 1)
+    if dtype not in ("bfloat16", "float16") or not ops.NATIVE_CPU:
+        return False
+    mode = torch.ops.reclora.cpu_half_base(-1)  # 1: MKL for both, 2: for float16 only
+    return mode == 1 or (mode == 2 and dtype == "float16")
 
 
 def _cpu_ratio_verdict(ratio: float, limit: float, own_base: bool = False) -> str:

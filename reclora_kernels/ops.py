@@ -206,12 +206,14 @@ _MIX_CODES = validate.MIX_MODES
 ENV_BACKEND = os.environ.get("RECLORA_BACKEND", "auto")
 
 
-def cpu_half_gemm_is_native() -> bool:
-    """Whether torch's own bf16 GEMM on this CPU is oneDNN's (AVX512/AMX bf16 support): where
-    it is not, ATen runs bf16 matmuls as scalar loops (AMD EPYC, AVX2, 2 threads: F.linear
-    53 ms in bf16 vs 7.8 ms in fp32 at d = 1024, T = 512, forward+backward 1.2 s in bf16;
-    benchmarks/results/cpu_issue13_amd_*.md)."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+def cpu_half_gemm_is_native(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether torch's own GEMM in `dtype` (bfloat16 or float16) on this CPU is oneDNN's: where
+    it is not, ATen runs it far slower than fp32 (AMD EPYC Zen 3, AVX2, 2 threads: bf16
+    F.linear 53 ms vs 7.8 ms in fp32 at d = 1024, T = 512, benchmarks/results/
+    cpu_issue13_amd_*.md; Zen 5, AVX512-BF16 without AVX512-FP16: fp16 F.linear 20.5 ms vs
+    5.1 in fp32, bf16 1.4)."""
+    name = "_is_mkldnn_fp16_supported" if dtype == torch.float16 else "_is_mkldnn_bf16_supported"
+    probe = getattr(torch.ops.mkldnn, name, None)
     try:
         return bool(probe()) if probe is not None else True
     except RuntimeError:
@@ -219,15 +221,20 @@ def cpu_half_gemm_is_native() -> bool:
 
 
 def _choose_cpu_half_base() -> None:
-    """The native cpu op's half base GEMM: ATen's (as F.linear) where it is oneDNN's, else MKL's
-    gemm_bf16bf16f32 / gemm_f16f16f32 (fp32 accumulation, no fp32 copy of W or x).
-    RECLORA_CPU_HALF_BASE=aten|mkl overrides."""
+    """The native cpu op's half base GEMM, per dtype: ATen's (as F.linear) where it is
+    oneDNN's, else MKL's gemm_bf16bf16f32 / gemm_f16f16f32 (fp32 accumulation, no fp32 copy of
+    W or x): mode 1 for both, 2 for fp16 only. RECLORA_CPU_HALF_BASE=aten|mkl overrides (0 or
+    1)."""
     if not NATIVE_CPU or not hasattr(torch.ops.reclora, "cpu_half_base"):
         return
     choice = os.environ.get("RECLORA_CPU_HALF_BASE", "auto")
-    use_mkl = choice == "mkl" or (choice == "auto" and not cpu_half_gemm_is_native())
+    if choice == "auto":
+        mode = (1 if not cpu_half_gemm_is_native(torch.bfloat16)
+                else 2 if not cpu_half_gemm_is_native(torch.float16) else 0)
+    else:
+        mode = 1 if choice == "mkl" else 0
     try:
-        torch.ops.reclora.cpu_half_base(1 if use_mkl else 0)
+        torch.ops.reclora.cpu_half_base(mode)
     except RuntimeError:  # this torch has no MKL half GEMM: ATen's it is
         torch.ops.reclora.cpu_half_base(0)
 

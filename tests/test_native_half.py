@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_cases import Case
 from test_bf16_probe import read_cpu_flags
 from test_native import TOL, check, make
+from test_op import check_against_reference
 
 from reclora_kernels import ops
 from reclora_kernels.reference import lora_mix_reference
@@ -45,12 +47,43 @@ def test_half_gemm_probe_agrees_with_the_cpu():
         pytest.skip("no /proc/cpuinfo, or a CPU between the two cases")
 
 
+def test_fp16_gemm_probe_agrees_with_the_cpu():
+    """oneDNN's fp16 GEMM needs AVX512-FP16, AMX-FP16 or AVX-NE-CONVERT: where the CPU has none
+    (the Zen 5 EPYC: AVX512-BF16 only) the fp16 base goes to MKL, and the probe must say so."""
+    flags = read_cpu_flags()
+    if not flags:
+        pytest.skip("no /proc/cpuinfo")
+    if "avx512_fp16" in flags:
+        assert ops.cpu_half_gemm_is_native(torch.float16)
+    elif not {"avx512_fp16", "amx_fp16", "avx_ne_convert"} & flags:
+        assert not ops.cpu_half_gemm_is_native(torch.float16)
+    else:
+        pytest.skip("a CPU between the two cases")
+
+
+@pytest.fixture
+def fp16_only_mode():
+    before = torch.ops.reclora.cpu_half_base(2)
+    yield
+    torch.ops.reclora.cpu_half_base(before)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+def test_fp16_only_mode_matches_the_reference(fp16_only_mode, dtype, mix):
+    """Mode 2 (MKL's base for fp16, ATen's for bf16): each dtype's op against float64."""
+    case = Case(mix=mix, rows=3, tokens_per_row=40, d_in=70, d_out=33, rank=8)
+    check_against_reference(case, "cpu", "cpu", dtype)
+
+
 def test_default_half_base_follows_the_probe(monkeypatch):
     monkeypatch.delenv("RECLORA_CPU_HALF_BASE", raising=False)
     before = torch.ops.reclora.cpu_half_base(-1)
     try:
         ops._choose_cpu_half_base()
-        assert torch.ops.reclora.cpu_half_base(-1) == (0 if ops.cpu_half_gemm_is_native() else 1)
+        expected = (1 if not ops.cpu_half_gemm_is_native(torch.bfloat16)
+                    else 2 if not ops.cpu_half_gemm_is_native(torch.float16) else 0)
+        assert torch.ops.reclora.cpu_half_base(-1) == expected
         monkeypatch.setenv("RECLORA_CPU_HALF_BASE", "aten")
         ops._choose_cpu_half_base()
         assert torch.ops.reclora.cpu_half_base(-1) == 0
@@ -170,3 +203,22 @@ def test_nan_weight_backward_stays_in_its_row(mix):
         False, True)
     assert torch.isfinite(dx[row_ids != 2]).all()
     assert torch.isfinite(dw[torch.arange(6) != 2]).all()
+
+
+@pytest.mark.parametrize("dtype, same_as", [(torch.float16, 1), (torch.bfloat16, 0)])
+def test_fp16_only_mode_routes_each_dtype(dtype, same_as):
+    """Mode 2 runs fp16's base in MKL (bit for bit mode 1's result: one rounding of base + LoRA)
+    and bf16's in ATen (mode 0's); the two homes round differently, so a swap shows."""
+    from op_cases import make_inputs, run
+
+    case = Case(rows=2, tokens_per_row=64, d_in=96, d_out=80, rank=8)
+    inputs = make_inputs(case, dtype=dtype, seed=5)
+    out = {}
+    for mode in (0, 1, 2):
+        before = torch.ops.reclora.cpu_half_base(mode)
+        try:
+            out[mode] = run(inputs, case, "cpu")[0]
+        finally:
+            torch.ops.reclora.cpu_half_base(before)
+    assert not torch.equal(out[0], out[1])  # else this case could not tell them apart
+    assert torch.equal(out[2], out[same_as])

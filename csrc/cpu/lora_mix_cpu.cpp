@@ -130,10 +130,14 @@ inline bool thin_on() { return g_thin_mode.load(std::memory_order_relaxed) == 1;
 // rounding. reclora_kernels.ops sets 1 where torch reports no oneDNN bf16 support: there
 // ATen's half GEMM is a scalar loop (AMD EPYC, d = 1024, T = 512: bf16 F.linear 53 ms, fp32
 // 7.8 ms, benchmarks/results/cpu_issue13_amd_*.md; on one core MKL's bf16 GEMM took 16 ms
-// against ATen's bf16 mm 113 ms, timed through ctypes, 2026-12-01).
+// against ATen's bf16 mm 113 ms, timed through ctypes, 2026-12-01). 2 = MKL for fp16 only,
+// where torch has oneDNN bf16 but not fp16 (Zen 5 EPYC, AVX512-BF16 without AVX512-FP16, 2
+// threads, d = 1024, T = 512, 2026-12-02: fp16 F.linear 20.5 ms, the op with MKL's fp16 base
+// 8.1 ms, fp32 F.linear 5.1 ms; medians of 10 calls).
 std::atomic<int> g_half_base_mode{0};
 inline bool half_base_in_mkl(at::ScalarType t) {
-  if (g_half_base_mode.load(std::memory_order_relaxed) != 1) return false;
+  const int mode = g_half_base_mode.load(std::memory_order_relaxed);
+  if (mode == 0 || (mode == 2 && t != at::kHalf)) return false;
   return t == at::kBFloat16 ? cblas_gemm_bf16bf16f32 != nullptr
                             : t == at::kHalf && cblas_gemm_f16f16f32 != nullptr;
 }
@@ -1421,11 +1425,14 @@ void cpu_pairs_gemm_bf16(const Tensor& c, const Tensor& a, const Tensor& b, bool
 }
 
 // cpu_half_base(mode): where the base GEMM of half inputs runs (see g_half_base_mode): 1 = MKL,
-// 0 = ATen, -1 = leave as is; returns the mode before the call.
+// 2 = MKL for fp16 only, 0 = ATen, -1 = leave as is; returns the mode before the call.
 int64_t cpu_half_base(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "cpu_half_base: mode must be -1, 0 or 1, got ", num(mode));
+  TORCH_CHECK(mode >= -1 && mode <= 2, "cpu_half_base: mode must be -1, 0, 1 or 2, got ",
+              num(mode));
   TORCH_CHECK(mode != 1 || cblas_gemm_bf16bf16f32 != nullptr,
               "cpu_half_base: MKL's gemm_bf16bf16f32 is not in this torch");
+  TORCH_CHECK(mode != 2 || cblas_gemm_f16f16f32 != nullptr,
+              "cpu_half_base: MKL's gemm_f16f16f32 is not in this torch");
   return mode == -1 ? g_half_base_mode.load() : g_half_base_mode.exchange(static_cast<int>(mode));
 }
 
