@@ -117,6 +117,12 @@ RECLORA_AVX512 inline __mmask16 first16(int64_t n) {
   return _cvtu32_mask16(n >= 16 ? 0xFFFFu : (1u << std::max<int64_t>(n, 0)) - 1u);
 }
 
+// The lane masks of four 16-wide vectors from the start of a row with n values left.
+RECLORA_AVX512 inline __attribute__((always_inline)) void first64(int64_t n, __mmask16 (&m)[4]) {
+  RECLORA_BF16_UNROLL
+  for (int v = 0; v < 4; ++v) m[v] = first16(n - 16 * v);
+}
+
 // A register tile of accumulators set to 0.
 template <int M, int N>
 RECLORA_AVX512 inline __attribute__((always_inline)) void zero_tile(__m512 (&acc)[M][N]) {
@@ -211,8 +217,7 @@ RECLORA_BF16DP void outer_tile(int64_t k, float alpha, const float* p, int64_t l
                                const uint16_t* q, int64_t ldq, float* c, int64_t ldc,
                                __mmask16 lo, __mmask16 hi) {
   __m512 acc[MI][2];
-  RECLORA_BF16_UNROLL
-  for (int i = 0; i < MI; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  zero_tile(acc);
   for (int64_t t = 0; t < k; ++t) {
     const __m512 v0 = widen16(q + t * ldq, lo), v1 = widen16(q + t * ldq + 16, hi);
     RECLORA_BF16_UNROLL
@@ -302,8 +307,8 @@ RECLORA_BF16DP void expand_tokens(int64_t n, int64_t rank, float alpha, const fl
                                   int64_t lds, const float* bt, int64_t ldb, uint16_t* y,
                                   int64_t ldy) {
   for (int64_t j = 0; j < n; j += 64) {
-    const __mmask16 m[4] = {first16(n - j), first16(n - j - 16), first16(n - j - 32),
-                            first16(n - j - 48)};
+    __mmask16 m[4];
+    first64(n - j, m);
     const float* bj = bt + j;
     uint16_t* yj = y + j;
     switch ((std::min<int64_t>(64, n - j) + 15) / 16) {
@@ -331,8 +336,8 @@ RECLORA_BF16DP inline void expand_add(int64_t len, int64_t n, int64_t rank, floa
 RECLORA_AVX512 inline void mix(float* out, const uint16_t* bank, int64_t size, const float* w,
                                const int64_t* idx, int64_t slots) {
   for (int64_t e = 0; e < size; e += 64) {
-    const __mmask16 m[4] = {first16(size - e), first16(size - e - 16), first16(size - e - 32),
-                            first16(size - e - 48)};
+    __mmask16 m[4];
+    first64(size - e, m);
     __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                      _mm512_setzero_ps()};
     for (int64_t j = 0; j < slots; ++j) {
@@ -410,8 +415,8 @@ template <int MT>
 RECLORA_BF16DP void pairs_rows(int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
                                const uint16_t* bp, float beta, float* c, int64_t ldc) {
   for (int64_t j = 0; j < n; j += 64) {
-    const __mmask16 m[4] = {first16(n - j), first16(n - j - 16), first16(n - j - 32),
-                            first16(n - j - 48)};
+    __mmask16 m[4];
+    first64(n - j, m);
     const uint16_t* bj = bp + 2 * j;
     float* cj = c + j;
     switch ((std::min<int64_t>(64, n - j) + 15) / 16) {

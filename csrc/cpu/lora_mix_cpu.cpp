@@ -346,6 +346,13 @@ using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
 template <typename T>
 constexpr bool kHalf = !std::is_same_v<T, Acc<T>>;
 
+// A 16-bit type's raw bits, for the loops written on them (bf16_gemm.h and below). Templated
+// so that code shared by every T compiles; only bf16 and fp16 pointers reach it at run time.
+template <typename T>
+inline const uint16_t* bits(const T* p) { return reinterpret_cast<const uint16_t*>(p); }
+template <typename T>
+inline uint16_t* bits(T* p) { return reinterpret_cast<uint16_t*>(p); }
+
 // Whether T's thin GEMMs take bf16_gemm.h's AVX512-BF16 loops (bf16 on a CPU that has them).
 template <typename T>
 inline bool bf16_loops() {
@@ -369,16 +376,16 @@ void gemm_acc(bool ta, bool tb, int64_t m, int64_t n, int64_t k, Acc<T> alpha, c
       return;
     }
     if (bf16_loops<T>() && !ta && tb) {
-      bf16::dots(m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda,
-                 reinterpret_cast<const uint16_t*>(b), ldb, beta, c, ldc);
+      bf16::dots(m, n, k, alpha, bits(a), lda,
+                 bits(b), ldb, beta, c, ldc);
       return;
     }
     auto fn = std::is_same_v<T, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
     if (fn != nullptr) {
       OneBlasThread one_thread;
       fn(101 /* row major */, ta ? 112 : 111, tb ? 112 : 111, static_cast<int>(m),
-         static_cast<int>(n), static_cast<int>(k), alpha, reinterpret_cast<const uint16_t*>(a),
-         static_cast<int>(std::max<int64_t>(lda, 1)), reinterpret_cast<const uint16_t*>(b),
+         static_cast<int>(n), static_cast<int>(k), alpha, bits(a),
+         static_cast<int>(std::max<int64_t>(lda, 1)), bits(b),
          static_cast<int>(std::max<int64_t>(ldb, 1)), beta, c,
          static_cast<int>(std::max<int64_t>(ldc, 1)));
       return;
@@ -465,8 +472,6 @@ struct Scratch {
   A* data() { return p.get(); }
 };
 
-inline const uint16_t* bits(const at::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
-inline uint16_t* bits(at::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
 
 // dst (T, rows of `cols` at stride ld_dst) = round(dst + src) for half T (the epilogue that adds
 // a LoRA tile to the base the half GEMM wrote).
@@ -496,7 +501,7 @@ void mix_row(const T* bank, int64_t size, const Acc<T>* w, const int64_t* idx, i
     }
   }
   if (bf16_loops<T>()) {
-    bf16::mix(reinterpret_cast<float*>(out), reinterpret_cast<const uint16_t*>(bank), size,
+    bf16::mix(reinterpret_cast<float*>(out), bits(bank), size,
               reinterpret_cast<const float*>(w + b * slots),
               idx != nullptr ? idx + b * slots : nullptr, slots);
     return;
@@ -647,22 +652,21 @@ struct Concat {
   // the row's copy (dense: the one shared copy) in the pairs layout
   void pack_pairs(int64_t b) {
     const int64_t kr = s.slots * s.rank, c = idx == nullptr ? 0 : b;
-    auto raw = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
-    uint16_t* bp = reinterpret_cast<uint16_t*>(b_pairs.data_ptr<T>()) + c * b_pairs.size(1);
+    uint16_t* bp = bits(b_pairs.data_ptr<T>()) + c * b_pairs.size(1);
     if (pairs == Pairs::forward) {
-      bf16::pack_pairs_t(raw(b_of(b)), kr, kr, s.d_out, bp);
+      bf16::pack_pairs_t(bits(b_of(b)), kr, kr, s.d_out, bp);
       return;
     }
-    bf16::pack_pairs(raw(a_of(b)), s.d_in, kr, s.d_in,
-                     reinterpret_cast<uint16_t*>(a_pairs.data_ptr<T>()) + c * a_pairs.size(1));
-    bf16::pack_pairs(raw(b_of(b)), kr, s.d_out, kr, bp);
+    bf16::pack_pairs(bits(a_of(b)), s.d_in, kr, s.d_in,
+                     bits(a_pairs.data_ptr<T>()) + c * a_pairs.size(1));
+    bf16::pack_pairs(bits(b_of(b)), kr, s.d_out, kr, bp);
   }
   const uint16_t* a_pairs_of(int64_t b) const {
-    return reinterpret_cast<const uint16_t*>(a_pairs.data_ptr<T>()) +
+    return bits(a_pairs.data_ptr<T>()) +
            (idx == nullptr ? 0 : b) * a_pairs.size(1);
   }
   const uint16_t* b_pairs_of(int64_t b) const {
-    return reinterpret_cast<const uint16_t*>(b_pairs.data_ptr<T>()) +
+    return bits(b_pairs.data_ptr<T>()) +
            (idx == nullptr ? 0 : b) * b_pairs.size(1);
   }
   void pack_b(int64_t b, T* dst) const {
@@ -821,7 +825,7 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
           bf16::expand_add(u.len, d_out, r, static_cast<float>(scale),
                            reinterpret_cast<const float*>(sr), r,
                            reinterpret_cast<const float*>(bp + u.row * d_out * r), d_out,
-                           reinterpret_cast<uint16_t*>(yp + u.first * d_out), d_out);
+                           bits(yp + u.first * d_out), d_out);
         } else if constexpr (kHalf<T>) {
           tile.resize(u.len * d_out);
           run_lora(u, tile.data(), A(0));
@@ -848,7 +852,7 @@ void forward_lora(const Args& a, const Sizes& s, const Plan& plan, double scale_
     t.resize(u.len * kr);
     weigh<T>(sr, u.len, k, r, wp + u.row * k, scale, t.data());
     if (loops)
-      bf16::pairs_gemm(u.len, d_out, kr, 1.f, reinterpret_cast<const uint16_t*>(t.data()), kr,
+      bf16::pairs_gemm(u.len, d_out, kr, 1.f, bits(t.data()), kr,
                        cat.b_pairs_of(u.row), static_cast<float>(beta),
                        reinterpret_cast<float*>(dst), d_out);
     else
@@ -971,7 +975,7 @@ void mix_backward(const std::array<FactorGrad, 2>& factors, const Tensor& w, con
         const T* bank_j = f.bank.data_ptr<T>() + source(idx, slots, b, j) * size;
         dwp[b * slots + j] +=
             bf16_loops<T>() ? bf16::dot_f32_bf16(reinterpret_cast<const float*>(dm),
-                                                 reinterpret_cast<const uint16_t*>(bank_j), size)
+                                                 bits(bank_j), size)
                             : dot(dm, bank_j, size);
       }
     }
@@ -1120,7 +1124,7 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
             bf16::expand_add(u.len, d_in, r, static_cast<float>(scale),
                              reinterpret_cast<const float*>(vr), r,
                              reinterpret_cast<const float*>(ap + u.row * r * d_in), d_in,
-                             reinterpret_cast<uint16_t*>(dxp + u.first * d_in), d_in);
+                             bits(dxp + u.first * d_in), d_in);
         } else if (need_x) {
           add_dx(u, [&](A* out, A beta) { run_lora(u, out, beta); }, tile);
         } else {
@@ -1146,11 +1150,11 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
             const Run& u = runs[q];
             bf16::outer(r, d_in, u.len, static_cast<float>(scale),
                         reinterpret_cast<const float*>(v + u.first * r), r,
-                        reinterpret_cast<const uint16_t*>(x + u.first * d_in), d_in,
+                        bits(x + u.first * d_in), d_in,
                         reinterpret_cast<float*>(dap + b * r * d_in), d_in);
             bf16::outer(r, d_out, u.len, static_cast<float>(scale),
                         reinterpret_cast<const float*>(sh + u.first * r), r,
-                        reinterpret_cast<const uint16_t*>(g + u.first * d_out), d_out,
+                        bits(g + u.first * d_out), d_out,
                         db_t.data(), d_out);
           }
           transpose_into<float>(db_t.data(), r, d_out,
@@ -1180,13 +1184,12 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
   Concat<T> cat(s, a, loops ? Pairs::backward : Pairs::none);
   Tensor t_t = at::empty({s.tokens, kr}, a.x.options());
   T* tw = t_t.data_ptr<T>();
-  auto raw = [](const T* p) { return reinterpret_cast<const uint16_t*>(p); };
   // One run: v = g B_cat, t = scale * w * v; with dst, dst = t A_cat + beta * dst.
   auto run_lora = [&](const Run& u, A* dst, A beta) {
     cat.ensure(u.row);
     A* vr = v + u.first * kr;
     if (loops)
-      bf16::pairs_gemm(u.len, kr, d_out, 1.f, raw(g + u.first * d_out), d_out,
+      bf16::pairs_gemm(u.len, kr, d_out, 1.f, bits(g + u.first * d_out), d_out,
                        cat.b_pairs_of(u.row), 0.f, reinterpret_cast<float*>(vr), kr);
     else
       gemm_acc<T>(false, false, u.len, kr, d_out, A(1), g + u.first * d_out, d_out,
@@ -1195,7 +1198,7 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
     weigh<T>(vr, u.len, k, r, wp + u.row * k, scale, tr);
     if (dst == nullptr) return;
     if (loops)
-      bf16::pairs_gemm(u.len, d_in, kr, 1.f, raw(tr), kr, cat.a_pairs_of(u.row),
+      bf16::pairs_gemm(u.len, d_in, kr, 1.f, bits(tr), kr, cat.a_pairs_of(u.row),
                        static_cast<float>(beta), reinterpret_cast<float*>(dst), d_in);
     else
       gemm_acc<T>(false, false, u.len, d_in, kr, A(1), tr, kr, cat.a_of(u.row), d_in, beta, dst,
@@ -1397,7 +1400,7 @@ void cpu_outer_bf16(const Tensor& c, const Tensor& p, const Tensor& q, double al
               "cpu_outer_bf16: shapes do not agree");
   TORCH_CHECK(bf16::on(), "cpu_outer_bf16: the AVX512-BF16 loops are off (cpu_bf16_gemm)");
   bf16::outer(c.size(0), c.size(1), p.size(0), static_cast<float>(alpha), p.data_ptr<float>(),
-              p.stride(0), reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>()),
+              p.stride(0), bits(q.data_ptr<at::BFloat16>()),
               q.stride(0), c.data_ptr<float>(), c.stride(0));
 }
 
@@ -1414,13 +1417,13 @@ void cpu_pairs_gemm_bf16(const Tensor& c, const Tensor& a, const Tensor& b, bool
               "cpu_pairs_gemm_bf16: shapes do not agree");
   TORCH_CHECK(bf16::on(), "cpu_pairs_gemm_bf16: the AVX512-BF16 loops are off (cpu_bf16_gemm)");
   std::vector<uint16_t> packed(bf16::pairs_size(k, n));
-  const auto* bp = reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>());
+  const auto* bp = bits(b.data_ptr<at::BFloat16>());
   if (b_t)
     bf16::pack_pairs_t(bp, b.stride(0), k, n, packed.data());
   else
     bf16::pack_pairs(bp, b.stride(0), k, n, packed.data());
   bf16::pairs_gemm(m, n, k, static_cast<float>(alpha),
-                   reinterpret_cast<const uint16_t*>(a.data_ptr<at::BFloat16>()), a.stride(0),
+                   bits(a.data_ptr<at::BFloat16>()), a.stride(0),
                    packed.data(), static_cast<float>(beta), c.data_ptr<float>(), c.stride(0));
 }
 
