@@ -312,6 +312,20 @@ MUTANTS = [
            "need_bias ? dbias : Tensor()", "Tensor()",
            "tests/test_direct_call.py tests/test_op.py -k 'not triton'",
            "C++ autograd: the bias gradient dropped"),
+    # ---- added 2026-12-02 (eleventh session): the Triton backward planned once per signature
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "weight.shape[0], x.stride(), g.stride(),",
+           "weight.shape[0], (x.shape[1], 1), g.stride(),",
+           "tests/test_triton_calls.py -k backward",
+           "backward plan: x assumed contiguous (a strided x reuses a contiguous x's plan)"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "_run_outer(bp.db, g, s, table, coef, db_fac, plan, scale_t)",
+           "_run_outer(bp.db, g, s, table, None, db_fac, plan, scale_t)",
+           TRITON_TESTS, "backward: dB's segment sums without the mixture weights"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "_outer_spec, forward_plan, backward_plan):", "_outer_spec, forward_plan):",
+           "tests/test_triton_calls.py -k forget",
+           "new tile tables keep the backward plans made with the old ones"),
 ]
 
 

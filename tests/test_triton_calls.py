@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from op_cases import TOLERANCE, Case, count_calls, make_inputs, rel_err
+from op_cases import TOLERANCE, Case, count_calls, make_inputs, rel_err, run
 
 import reclora_kernels as rk
 from reclora_kernels import validate
@@ -171,6 +171,31 @@ def test_a_repeat_with_gradients(prepared, mix):
         assert rel_err(got, want) <= TOLERANCE[DTYPE]
 
 
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [True, False], ids=["dense", "gathered"])
+def test_a_repeated_backward_replays_its_plan(mix, dense):
+    """The backward is planned once per signature (launch.backward_plan): a second backward
+    with the same metadata on fresh data runs the kept plan, and one with strided x (other
+    strides) is planned anew; every gradient matches the float64 oracle each time."""
+    from reclora_kernels.triton import launch
+
+    contiguous = Case(mix=mix, dense=dense, tokens_per_row=3, d_in=19, d_out=17)
+    strided = Case(mix=mix, dense=dense, tokens_per_row=3, d_in=19, d_out=17,
+                   noncontiguous=True)
+    launch.backward_plan.cache_clear()
+    for case, plans in ((contiguous, 1), (contiguous, 1), (strided, 2)):
+        inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
+        grad_y = torch.randn(case.rows, case.tokens_per_row, case.d_out, dtype=torch.float64)
+        _, got = run(inp, case, "triton", grad_y)
+        ref_inp = {k: v if v is None or not v.is_floating_point() else v.double()
+                   for k, v in inp.items()}
+        _, want = run(ref_inp, case, "reference", grad_y)
+        assert got.keys() == want.keys() and len(got) == 6
+        for name in want:
+            assert rel_err(got[name], want[name]) <= TOLERANCE[DTYPE], name
+        assert launch.backward_plan.cache_info().currsize == plans
+
+
 def _packed(case: Case, ids: torch.Tensor):
     inp = make_inputs(case, dtype=DTYPE, device=DEVICE)
     inp["x"] = inp["x"].reshape(-1, case.d_in)
@@ -245,8 +270,12 @@ def test_new_tile_tables_forget_the_kept_plans(monkeypatch):
         monkeypatch.setattr(launch, name, getattr(launch, name))  # restored after the test
     case = Case(dense=False)
     _op(make_inputs(case, dtype=DTYPE, device=DEVICE), case)
+    run(make_inputs(case, dtype=DTYPE, device=DEVICE), case, "triton",
+        torch.ones(case.rows, case.tokens_per_row, case.d_out))
     assert eager._CALLS and launch.forward_plan.cache_info().currsize
+    assert launch.backward_plan.cache_info().currsize
     card_plan.use_card_tables("NVIDIA H200")
     assert not eager._CALLS
     assert launch.forward_plan.cache_info().currsize == 0
+    assert launch.backward_plan.cache_info().currsize == 0
     assert launch._shrink_spec.cache_info().currsize == 0

@@ -234,20 +234,6 @@ def _plan_key(plan: RowPlan) -> tuple:
     return plan.rows, plan.row_len, plan.order is not None, plan.implicit
 
 
-def shrink(x, fac, fac_strides, src, plan: RowPlan, slots: int, rank: int, acc_dtype):
-    """out[n, j, c] = sum_k x[n, k] F[src[row(n), j], c, k]; fac_strides = (s_f, s_c, s_k)."""
-    tokens, depth = x.shape
-    table, s_sr, s_sj = src
-    launch, zeroed = _shrink_launch(tokens, depth, (x.stride(0), x.stride(1)), fac_strides,
-                                    (s_sr, s_sj), _plan_key(plan), slots, rank, x.dtype,
-                                    x.device)
-    alloc = torch.zeros if zeroed else new_output
-    out = alloc((tokens, slots, rank), device=x.device, dtype=acc_dtype)
-    if launch is not None:
-        _run_shrink(launch, x, fac, table, out, plan)
-    return out
-
-
 @lru_cache(maxsize=1024)
 def _expand_spec(tokens: int, n_out: int, width: int, rows: int, ordered: bool, implicit: bool,
                  accumulate: bool, has_bias: bool, has_coef: bool, dtype: torch.dtype,
@@ -287,23 +273,6 @@ def _run_expand(launch: Launch, y, bias, u, fac, table, coef, plan: RowPlan, sca
                coef if coef is not None else u, order, sorted_rows, scale_t, *launch.ints)
 
 
-def _strides(t: torch.Tensor | None) -> tuple | None:
-    return None if t is None else t.stride()
-
-
-def expand(y, bias, u, fac, fac_strides, src, coef, plan: RowPlan, slots: int, rank: int,
-           scale: float, accumulate: bool):
-    """y[n] (+)= bias + scale * sum_j coef_j F[src_j] u_j over y [T, N] (N = fac's o axis);
-    y and u contiguous."""
-    table, s_sr, s_sj = src
-    launch = _expand_launch(y.shape[0], y.shape[1], None if bias is None else bias.stride(0),
-                            fac_strides, (s_sr, s_sj), _strides(coef), _plan_key(plan), slots,
-                            rank, accumulate, y.dtype, y.device)
-    if launch is not None:
-        _run_expand(launch, y, bias, u, fac, table, coef, plan, _scale_tensor(scale, y))
-    return y
-
-
 @lru_cache(maxsize=256)
 def _base_first(device: torch.device, tokens: int, rows: int) -> bool:
     return bool(config("expand", device, tokens, rows).get("base_first", False))
@@ -326,22 +295,6 @@ def _base_and_expand(x, weight, w_t: bool, bias, base_first: bool, launch: Launc
     return y.addmm_(x, mat)
 
 
-def lora_linear(x, weight, w_t: bool, bias, u, fac, fac_strides, src, coef, plan: RowPlan,
-                slots: int, rank: int, scale: float) -> torch.Tensor:
-    """x W^T (or x W with w_t) + bias + the expand of u: the GEMM by cuBLAS, the expand by
-    Triton, into one output. Order per config: the expand writes y and cuBLAS accumulates
-    into it (addmm_, beta = 1), or cuBLAS first and the expand reads and adds."""
-    tokens = x.shape[0]
-    n_out = weight.shape[1] if w_t else weight.shape[0]
-    base_first = _base_first(x.device, tokens, plan.rows)
-    table, s_sr, s_sj = src
-    launch = _expand_launch(tokens, n_out, None if base_first or bias is None else bias.stride(0),
-                            fac_strides, (s_sr, s_sj), _strides(coef), _plan_key(plan), slots,
-                            rank, base_first, x.dtype, x.device)
-    return _base_and_expand(x, weight, w_t, bias, base_first, launch, n_out, u, fac, table, coef,
-                            plan, scale)
-
-
 @lru_cache(maxsize=1024)
 def _outer_spec(tokens: int, rows: int, width: int, width_o: int, ordered: bool,
                 implicit: bool, has_coef: bool, dtype: torch.dtype, device: torch.device):
@@ -357,25 +310,29 @@ def _outer_spec(tokens: int, rows: int, width: int, width_o: int, ordered: bool,
     return grid, meta
 
 
-def segment_outer(p, q, src, coef, plan: RowPlan, out, out_strides, slots: int, rank: int,
-                  scale: float):
-    """out[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] q[n, j, c]."""
-    tokens, width_o = p.shape
-    if tokens == 0 or plan.rows == 0 or width_o == 0:
-        return out
-    table, s_sr, s_sj = src
+def _outer_launch(tokens: int, width_o: int, p_strides: tuple, q_row_stride: int,
+                  src_strides: tuple, coef_strides: tuple | None, plan_key: tuple, slots: int,
+                  rank: int, out_strides: tuple, dtype: torch.dtype,
+                  device: torch.device) -> Launch | None:
+    """The Launch of out[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o]
+    q[n, j, c] (p [T, width_o], q [T, slots, rank]); None when there is nothing to add.
+    out_strides: out's (f, o, c) strides; coef_strides None: no coefficients."""
+    rows, row_len, ordered, implicit = plan_key
+    if tokens == 0 or rows == 0 or width_o == 0:
+        return None
     width = slots * rank
-    grid, meta = _outer_spec(tokens, plan.rows, width, width_o, plan.order is not None,
-                             plan.implicit, coef is not None, p.dtype, p.device)
+    grid, meta = _outer_spec(tokens, rows, width, width_o, ordered, implicit,
+                             coef_strides is not None, dtype, device)
+    ints = (width_o, rank, width, max(row_len, 1), *p_strides, q_row_stride, *src_strides,
+            *(coef_strides if coef_strides is not None else (0, 0)), *out_strides)
+    return Launch(meta, grid, ints)
+
+
+def _run_outer(launch: Launch, p, q, table, coef, out, plan: RowPlan, scale_t) -> None:
     order = plan.order if plan.order is not None else table
     row_start = plan.row_start if plan.row_start is not None else table
-    run_kernel(meta, grid,
-               p, q, table, coef if coef is not None else q, out, order, row_start,
-               _scale_tensor(scale, out), width_o, rank, width, max(plan.row_len, 1),
-               p.stride(0), p.stride(1), q.stride(0), s_sr, s_sj,
-               coef.stride(0) if coef is not None else 0, coef.stride(1) if coef is not None else 0,
-               *out_strides)
-    return out
+    run_kernel(launch.meta, launch.grid, p, q, table, coef if coef is not None else q, out,
+               order, row_start, scale_t, *launch.ints)
 
 
 def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx,
@@ -505,6 +462,10 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
                        base_first, expand_, d_out)
 
 
+def _strides(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else t.stride()
+
+
 def forward_plan_of(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
                     mix_mode: int) -> ForwardPlan:
     """forward_plan for these tensors."""
@@ -560,6 +521,51 @@ def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_i
     return y, s, a_mix, b_mix
 
 
+class BackwardPlan(NamedTuple):
+    """What a backward launches, worked out from metadata alone (backward_plan, cached per
+    signature) as the forward's ForwardPlan is, then run on each call's tensors. The factors
+    are the row's mixed ones in factor mode (slots = 1), the bank's in output mode."""
+
+    v_shape: tuple  # v = B^T g [T, slots, r], fp32 or fp64
+    v_zeroed: bool  # split-K partial sums are added into it
+    v: Launch | None  # the shrink over g
+    base_first: bool  # dx: cuBLAS's g W first, the expand adds into it
+    dx: Launch | None  # the expand of v through A^T
+    db_shape: tuple  # the factor gradient buffers, zeroed: segment sums are added into them
+    db: Launch | None  # sum over each row's tokens of g (x) s
+    da_shape: tuple
+    da: Launch | None  # sum over each row's tokens of x (x) v
+
+
+@lru_cache(maxsize=1024)
+def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: tuple,
+                  g_strides: tuple, s_row_stride: int, a_shape: tuple, a_strides: tuple,
+                  b_strides: tuple, w_shape: tuple, w_strides: tuple, idx_strides: tuple | None,
+                  plan_key: tuple, dtype: torch.dtype, device: torch.device) -> BackwardPlan:
+    """The BackwardPlan of backward()'s arguments with these metadata (a_strides / b_strides:
+    the factors the backward reads, the saved mixed ones in factor mode; a_shape: the bank's)."""
+    num, rank, _ = a_shape
+    rows, slots = w_shape
+    if mix_mode == 0:
+        src, slots, coef = (1, 0), 1, None  # each row's own mixed factors
+        da_shape, db_shape = (rows, rank, d_in), (rows, d_out, rank)
+    else:
+        src, coef = ((0, 1) if idx_strides is None else idx_strides), w_strides
+        da_shape, db_shape = (num, rank, d_in), (num, d_out, rank)
+    v, v_zeroed = _shrink_launch(tokens, d_out, g_strides, _b_as_shrink(b_strides), src,
+                                 plan_key, slots, rank, dtype, device)
+    base_first = _base_first(device, tokens, rows)
+    dx = _expand_launch(tokens, d_in, None, _a_as_expand(a_strides), src, coef, plan_key, slots,
+                        rank, base_first, dtype, device)
+    db = _outer_launch(tokens, d_out, g_strides, s_row_stride, src, coef, plan_key, slots, rank,
+                       _b_as_expand(_contiguous_strides(db_shape)), dtype, device)
+    v_shape = (tokens, slots, rank)  # made contiguous
+    da = _outer_launch(tokens, d_in, x_strides, _contiguous_strides(v_shape)[0], src, coef,
+                       plan_key, slots, rank, _a_as_expand(_contiguous_strides(da_shape)),
+                       dtype, device)
+    return BackwardPlan(v_shape, v_zeroed, v, base_first, dx, db_shape, db, da_shape, da)
+
+
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
              scale, mix_mode, need_x, need_weight, need_bias, need_a, need_b, need_w):
     """The gradients asked for (need_*: x, weight, bias, lora_a, lora_b, adapter_w); the
@@ -570,57 +576,52 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
                             mixed, scale, mix_mode, need_x, need_weight, need_bias, need_a,
                             need_b, need_w)
     rows, slots = adapter_w.shape
-    num_adapters, rank, d_in = lora_a.shape
     acc = _acc_dtype(x.dtype)
     g = grad_y
-    dx = da = db = dw = None
+    if mix_mode == 0:
+        fa, fb = mixed  # saved by the forward: the backward does not mix again
+        table, coef = _row_sources(rows, x.device)[0], None
+        need_da, need_db = need_a or need_w, need_b or need_w  # dA_p, dB_p
+    else:
+        fa, fb, coef = lora_a, lora_b, adapter_w
+        table = _sources(adapter_idx, rows, slots, x.device)[0]
+        need_da, need_db = need_a, need_b
+    bp = backward_plan(mix_mode, x.shape[0], x.shape[1], weight.shape[0], x.stride(), g.stride(),
+                       s.stride(0), lora_a.shape, fa.stride(), fb.stride(), adapter_w.shape,
+                       adapter_w.stride(), _strides(adapter_idx), _plan_key(plan), x.dtype,
+                       x.device)
+    scale_t = _scale_tensor(scale, x)
+    dx = da = db = dw = da_fac = db_fac = None
+
+    if need_x or need_da or need_w:
+        v = (torch.zeros if bp.v_zeroed else new_output)(bp.v_shape, device=x.device, dtype=acc)
+        if bp.v is not None:
+            _run_shrink(bp.v, g, fb, table, v, plan)  # B^T g
+    if need_x:
+        dx = _base_and_expand(g, weight, True, None, bp.base_first, bp.dx, x.shape[1], v, fa,
+                              table, coef, plan, scale)
+    if need_db:
+        db_fac = torch.zeros(bp.db_shape, device=x.device, dtype=acc)
+        if bp.db is not None:
+            _run_outer(bp.db, g, s, table, coef, db_fac, plan, scale_t)
+    if need_da:
+        da_fac = torch.zeros(bp.da_shape, device=x.device, dtype=acc)
+        if bp.da is not None:
+            _run_outer(bp.da, x, v, table, coef, da_fac, plan, scale_t)
 
     if mix_mode == 0:
-        a_mix, b_mix = mixed  # saved by the forward
-        own = _row_sources(rows, x.device)
-        need_da_mix, need_db_mix = need_a or need_w, need_b or need_w
-        if need_x or need_da_mix:
-            v = shrink(g, b_mix, _b_as_shrink(b_mix.stride()), own, plan, 1, rank,
-                       acc)  # B_p^T g
-        if need_x:
-            dx = lora_linear(g, weight, True, None, v, a_mix, _a_as_expand(a_mix.stride()),
-                             own, None, plan, 1, rank, scale)
-        da_mix = db_mix = None
-        if need_db_mix:
-            db_mix = torch.zeros(rows, weight.shape[0], rank, device=x.device, dtype=acc)
-            segment_outer(g, s, own, None, plan, db_mix, _b_as_expand(db_mix.stride()), 1,
-                          rank, scale)
-        if need_da_mix:
-            da_mix = torch.zeros(rows, rank, d_in, device=x.device, dtype=acc)
-            segment_outer(x, v, own, None, plan, da_mix, _a_as_expand(da_mix.stride()), 1,
-                          rank, scale)
         if need_a or need_b or need_w:
             if adapter_idx is None:
                 # Dense: the transpose of the mixing is GEMMs over the bank. (The atomic
                 # kernel took 115 us per bank here on an H100 at R=64, M=16, r=8, d=4096.)
-                da, db, dw = _dense_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w,
+                da, db, dw = _dense_mix_backward(da_fac, db_fac, lora_a, lora_b, adapter_w,
                                                  need_a, need_b, need_w)
             else:
-                da, db, dw = gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w,
+                da, db, dw = gathered_mix_backward(da_fac, db_fac, lora_a, lora_b, adapter_w,
                                                    adapter_idx, need_a, need_b, need_w)
     else:
-        src = _sources(adapter_idx, rows, slots, x.device)
-        if need_x or need_a or need_w:
-            v = shrink(g, lora_b, _b_as_shrink(lora_b.stride()), src, plan, slots, rank,
-                       acc)  # B_j^T g
-        if need_x:
-            dx = lora_linear(g, weight, True, None, v, lora_a, _a_as_expand(lora_a.stride()),
-                             src, adapter_w, plan, slots, rank, scale)
-        if need_b:
-            db32 = torch.zeros(lora_b.shape, device=x.device, dtype=acc)
-            segment_outer(g, s, src, adapter_w, plan, db32, _b_as_expand(db32.stride()), slots,
-                          rank, scale)
-            db = db32.to(x.dtype)
-        if need_a:
-            da32 = torch.zeros(lora_a.shape, device=x.device, dtype=acc)
-            segment_outer(x, v, src, adapter_w, plan, da32, _a_as_expand(da32.stride()), slots,
-                          rank, scale)
-            da = da32.to(x.dtype)
+        da = da_fac.to(x.dtype) if need_a else None
+        db = db_fac.to(x.dtype) if need_b else None
         if need_w:
             # dw[b, j] = scale * sum_{n in b} <B_j^T g_n, A_j x_n>: T*k*r values, torch glue.
             per_token = (v * s).sum(-1) * scale
@@ -641,5 +642,5 @@ def clear_plans() -> None:
     """Forget every launch plan worked out so far: they depend on the tile tables, which
     card_plan.use_card_tables replaces."""
     for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _base_first,
-                    _outer_spec, forward_plan):
+                    _outer_spec, forward_plan, backward_plan):
         planned.cache_clear()
