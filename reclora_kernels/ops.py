@@ -145,6 +145,9 @@ def _triton_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, row_ids, order, sorted_rows, row_start, weight, lora_a, lora_b,
                           adapter_w, adapter_idx, *output[1:])
     ctx.scale, ctx.mix, ctx.has_bias, ctx.row_len = scale, mix, bias is not None, row_len
+    # Only y's gradient is read: zero-filled gradients of the saved outputs (s, A_p, B_p)
+    # would be three memset launches a backward.
+    ctx.set_materialize_grads(False)
 
 
 def _triton_backward(ctx, grad_y, *_grad_saved):

@@ -210,15 +210,17 @@ def segment_outer_kernel(
     p_ptr, q_ptr, src_ptr, coef_ptr, d_ptr, order_ptr, row_start_ptr, scale_ptr,
     O, rank, width, row_len,
     s_p_t, s_p_o, s_q_t, s_src_r, s_src_j, s_coef_r, s_coef_j, s_d_f, s_d_o, s_d_c,
-    HAS_COEF: tl.constexpr, ORDERED: tl.constexpr, IMPLICIT: tl.constexpr,
+    HAS_COEF: tl.constexpr, ORDERED: tl.constexpr, IMPLICIT: tl.constexpr, OWNED: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
 ):
     """D[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o] * q[n, j*r + c]
 
     One program per (row, column block, o tile): the row's tokens are one contiguous run of
-    sorted positions (implicit rows: [b*L, (b+1)*L)), and the result is added atomically,
-    since rows that share an adapter meet in D.
+    sorted positions (implicit rows: [b*L, (b+1)*L)). Rows that share an adapter meet in D,
+    so the result is added atomically into a zeroed D; with OWNED (factor mode: row b writes
+    only its own mixed factor's gradient D[b]) each program owns its block of D and stores
+    it, zeros for a row without tokens: D needs no zeroing and no atomics.
     """
     row = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -229,37 +231,39 @@ def segment_outer_kernel(
     else:
         start = tl.load(row_start_ptr + row)
         end = tl.load(row_start_ptr + row + 1)
-    if end > start:
-        acc_type = tl.float64 if ACC64 else tl.float32
-        o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-        o_mask = o < O
-        col = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
-        c_mask = col < width
-        slot = col // rank
-        f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
-        f = f.to(tl.int64)
-        mult = tl.zeros([BLOCK_R], dtype=acc_type) + tl.load(scale_ptr).to(acc_type)
-        if HAS_COEF:
-            mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
-                            other=0.0).to(acc_type)
-        tt = tl.arange(0, BLOCK_T)
-        acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=acc_type)
-        for t0 in range(start, end, BLOCK_T):
-            pos = t0 + tt
-            t_mask = pos < end
-            if ORDERED:
-                tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
-            else:
-                tok = tl.where(t_mask, pos, 0).to(tl.int64)
-            pt = tl.load(p_ptr + tok[None, :] * s_p_t + o[:, None] * s_p_o,
-                         mask=t_mask[None, :] & o_mask[:, None], other=0.0)
-            qt = tl.load(q_ptr + tok[:, None] * s_q_t + col[None, :],
-                         mask=t_mask[:, None] & c_mask[None, :], other=0.0)
-            acc = _dot(pt, qt.to(pt.dtype), acc, DOT_FP32, IEEE)
-        tl.atomic_add(d_ptr + f[None, :] * s_d_f + o[:, None] * s_d_o
-                      + (col % rank)[None, :] * s_d_c,
-                      (acc * mult[None, :]).to(d_ptr.dtype.element_ty),
-                      mask=o_mask[:, None] & c_mask[None, :])
+    acc_type = tl.float64 if ACC64 else tl.float32
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = o < O
+    col = pid_c * BLOCK_R + tl.arange(0, BLOCK_R)
+    c_mask = col < width
+    slot = col // rank
+    f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
+    f = f.to(tl.int64)
+    mult = tl.zeros([BLOCK_R], dtype=acc_type) + tl.load(scale_ptr).to(acc_type)
+    if HAS_COEF:
+        mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
+                        other=0.0).to(acc_type)
+    tt = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=acc_type)
+    for t0 in range(start, end, BLOCK_T):
+        pos = t0 + tt
+        t_mask = pos < end
+        if ORDERED:
+            tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+        else:
+            tok = tl.where(t_mask, pos, 0).to(tl.int64)
+        pt = tl.load(p_ptr + tok[None, :] * s_p_t + o[:, None] * s_p_o,
+                     mask=t_mask[None, :] & o_mask[:, None], other=0.0)
+        qt = tl.load(q_ptr + tok[:, None] * s_q_t + col[None, :],
+                     mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _dot(pt, qt.to(pt.dtype), acc, DOT_FP32, IEEE)
+    d_ptrs = d_ptr + f[None, :] * s_d_f + o[:, None] * s_d_o + (col % rank)[None, :] * s_d_c
+    d_vals = (acc * mult[None, :]).to(d_ptr.dtype.element_ty)
+    d_mask = o_mask[:, None] & c_mask[None, :]
+    if OWNED:
+        tl.store(d_ptrs, d_vals, mask=d_mask)
+    elif end > start:
+        tl.atomic_add(d_ptrs, d_vals, mask=d_mask)
 
 
 @triton.jit

@@ -297,32 +297,35 @@ def _base_and_expand(x, weight, w_t: bool, bias, base_first: bool, launch: Launc
 
 @lru_cache(maxsize=1024)
 def _outer_spec(tokens: int, rows: int, width: int, width_o: int, ordered: bool,
-                implicit: bool, has_coef: bool, dtype: torch.dtype, device: torch.device):
+                implicit: bool, has_coef: bool, owned: bool, dtype: torch.dtype,
+                device: torch.device):
     """(grid, LaunchMeta) of a segment_outer launch, once per shape and layout."""
     cfg = config("outer", device, tokens, rows)
     block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
     grid = (rows, _cdiv(width, block_r), _cdiv(width_o, cfg["BLOCK_O"]))
     stage_bytes = (cfg["BLOCK_O"] + block_r) * cfg["BLOCK_T"] * dtype.itemsize
     meta = launch_meta(kernels.segment_outer_kernel, HAS_COEF=has_coef, ORDERED=ordered,
-                       IMPLICIT=implicit, BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"],
-                       BLOCK_R=block_r, **_flags(dtype),
+                       IMPLICIT=implicit, OWNED=owned, BLOCK_T=cfg["BLOCK_T"],
+                       BLOCK_O=cfg["BLOCK_O"], BLOCK_R=block_r, **_flags(dtype),
                        **_launch_opts(cfg, stage_bytes, device))
     return grid, meta
 
 
 def _outer_launch(tokens: int, width_o: int, p_strides: tuple, q_row_stride: int,
                   src_strides: tuple, coef_strides: tuple | None, plan_key: tuple, slots: int,
-                  rank: int, out_strides: tuple, dtype: torch.dtype,
+                  rank: int, out_strides: tuple, owned: bool, dtype: torch.dtype,
                   device: torch.device) -> Launch | None:
     """The Launch of out[src[b, j], o, c] += scale * coef[b, j] * sum_{n in row b} p[n, o]
     q[n, j, c] (p [T, width_o], q [T, slots, rank]); None when there is nothing to add.
-    out_strides: out's (f, o, c) strides; coef_strides None: no coefficients."""
+    out_strides: out's (f, o, c) strides; coef_strides None: no coefficients; owned: src[b]
+    is b (each row's own factor), so the kernel stores into an unzeroed out instead of
+    adding atomically."""
     rows, row_len, ordered, implicit = plan_key
     if tokens == 0 or rows == 0 or width_o == 0:
         return None
     width = slots * rank
     grid, meta = _outer_spec(tokens, rows, width, width_o, ordered, implicit,
-                             coef_strides is not None, dtype, device)
+                             coef_strides is not None, owned, dtype, device)
     ints = (width_o, rank, width, max(row_len, 1), *p_strides, q_row_stride, *src_strides,
             *(coef_strides if coef_strides is not None else (0, 0)), *out_strides)
     return Launch(meta, grid, ints)
@@ -348,7 +351,7 @@ def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx
     if need_a or need_b:
         pairs = adapter_idx.reshape(-1)
         pair_order = torch.argsort(pairs, stable=True).to(torch.int32)
-        bounds = torch.arange(num + 1, device=pairs.device)
+        bounds = _index_table(num + 1, pairs.device)  # cached: no launch a call
         seg_start = torch.searchsorted(pairs[pair_order.long()], bounds).to(torch.int32)
     block, bank_meta, weight_meta = _bank_grad_specs(lora_a.device)
     dw = torch.zeros(rows, slots, device=lora_a.device, dtype=acc) if need_w else None
@@ -521,6 +524,17 @@ def forward(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, adapter_i
     return y, s, a_mix, b_mix
 
 
+def _factor_grad(launch: Launch | None, shape: tuple, owned: bool, dtype, device, p, q, table,
+                 coef, plan: RowPlan, scale_t) -> torch.Tensor:
+    """A factor's gradient by segment sums: stored by the kernel when `owned` (zeros where
+    there is nothing to sum), else added into zeros."""
+    if launch is None:
+        return torch.zeros(shape, device=device, dtype=dtype)
+    out = (new_output if owned else torch.zeros)(shape, device=device, dtype=dtype)
+    _run_outer(launch, p, q, table, coef, out, plan, scale_t)
+    return out
+
+
 class BackwardPlan(NamedTuple):
     """What a backward launches, worked out from metadata alone (backward_plan, cached per
     signature) as the forward's ForwardPlan is, then run on each call's tensors. The factors
@@ -531,7 +545,8 @@ class BackwardPlan(NamedTuple):
     v: Launch | None  # the shrink over g
     base_first: bool  # dx: cuBLAS's g W first, the expand adds into it
     dx: Launch | None  # the expand of v through A^T
-    db_shape: tuple  # the factor gradient buffers, zeroed: segment sums are added into them
+    fac_owned: bool  # factor mode: the segment sums store each row's block (no zeroing)
+    db_shape: tuple  # the factor gradient buffers (zeroed first unless fac_owned)
     db: Launch | None  # sum over each row's tokens of g (x) s
     da_shape: tuple
     da: Launch | None  # sum over each row's tokens of x (x) v
@@ -557,13 +572,15 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
     base_first = _base_first(device, tokens, rows)
     dx = _expand_launch(tokens, d_in, None, _a_as_expand(a_strides), src, coef, plan_key, slots,
                         rank, base_first, dtype, device)
+    owned = mix_mode == 0
     db = _outer_launch(tokens, d_out, g_strides, s_row_stride, src, coef, plan_key, slots, rank,
-                       _b_as_expand(_contiguous_strides(db_shape)), dtype, device)
+                       _b_as_expand(_contiguous_strides(db_shape)), owned, dtype, device)
     v_shape = (tokens, slots, rank)  # made contiguous
     da = _outer_launch(tokens, d_in, x_strides, _contiguous_strides(v_shape)[0], src, coef,
                        plan_key, slots, rank, _a_as_expand(_contiguous_strides(da_shape)),
-                       dtype, device)
-    return BackwardPlan(v_shape, v_zeroed, v, base_first, dx, db_shape, db, da_shape, da)
+                       owned, dtype, device)
+    return BackwardPlan(v_shape, v_zeroed, v, base_first, dx, owned, db_shape, db, da_shape,
+                        da)
 
 
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
@@ -600,14 +617,16 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     if need_x:
         dx = _base_and_expand(g, weight, True, None, bp.base_first, bp.dx, x.shape[1], v, fa,
                               table, coef, plan, scale)
+    # Dense factor mode: the row's factor gradients go straight into GEMMs over the bank
+    # (_dense_mix_backward), so they are stored in x's dtype, as the forward's mixed factors
+    # are: no fp32 buffers and no casts of the bank, of dA_p, dB_p, or of the results.
+    fac_dtype = x.dtype if bp.fac_owned and adapter_idx is None else acc
     if need_db:
-        db_fac = torch.zeros(bp.db_shape, device=x.device, dtype=acc)
-        if bp.db is not None:
-            _run_outer(bp.db, g, s, table, coef, db_fac, plan, scale_t)
+        db_fac = _factor_grad(bp.db, bp.db_shape, bp.fac_owned, fac_dtype, x.device, g, s,
+                              table, coef, plan, scale_t)
     if need_da:
-        da_fac = torch.zeros(bp.da_shape, device=x.device, dtype=acc)
-        if bp.da is not None:
-            _run_outer(bp.da, x, v, table, coef, da_fac, plan, scale_t)
+        da_fac = _factor_grad(bp.da, bp.da_shape, bp.fac_owned, fac_dtype, x.device, x, v,
+                              table, coef, plan, scale_t)
 
     if mix_mode == 0:
         if need_a or need_b or need_w:
