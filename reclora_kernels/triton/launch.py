@@ -545,8 +545,7 @@ class BackwardPlan(NamedTuple):
     v: Launch | None  # the shrink over g
     base_first: bool  # dx: cuBLAS's g W first, the expand adds into it
     dx: Launch | None  # the expand of v through A^T
-    fac_owned: bool  # factor mode: the segment sums store each row's block (no zeroing)
-    db_shape: tuple  # the factor gradient buffers (zeroed first unless fac_owned)
+    db_shape: tuple  # the factor gradient buffers (zeroed first, but in factor mode)
     db: Launch | None  # sum over each row's tokens of g (x) s
     da_shape: tuple
     da: Launch | None  # sum over each row's tokens of x (x) v
@@ -579,8 +578,7 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
     da = _outer_launch(tokens, d_in, x_strides, _contiguous_strides(v_shape)[0], src, coef,
                        plan_key, slots, rank, _a_as_expand(_contiguous_strides(da_shape)),
                        owned, dtype, device)
-    return BackwardPlan(v_shape, v_zeroed, v, base_first, dx, owned, db_shape, db, da_shape,
-                        da)
+    return BackwardPlan(v_shape, v_zeroed, v, base_first, dx, db_shape, db, da_shape, da)
 
 
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
@@ -620,12 +618,13 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     # Dense factor mode: the row's factor gradients go straight into GEMMs over the bank
     # (_dense_mix_backward), so they are stored in x's dtype, as the forward's mixed factors
     # are: no fp32 buffers and no casts of the bank, of dA_p, dB_p, or of the results.
-    fac_dtype = x.dtype if bp.fac_owned and adapter_idx is None else acc
+    owned = mix_mode == 0  # each row's own factor: the segment sums store (backward_plan)
+    fac_dtype = x.dtype if owned and adapter_idx is None else acc
     if need_db:
-        db_fac = _factor_grad(bp.db, bp.db_shape, bp.fac_owned, fac_dtype, x.device, g, s,
+        db_fac = _factor_grad(bp.db, bp.db_shape, owned, fac_dtype, x.device, g, s,
                               table, coef, plan, scale_t)
     if need_da:
-        da_fac = _factor_grad(bp.da, bp.da_shape, bp.fac_owned, fac_dtype, x.device, x, v,
+        da_fac = _factor_grad(bp.da, bp.da_shape, owned, fac_dtype, x.device, x, v,
                               table, coef, plan, scale_t)
 
     if mix_mode == 0:
