@@ -47,7 +47,48 @@ def test_new_forward_launches():
     assert base.epilogue_bytes == 2 * T * D * 2  # beta = 1: y read, then written
     expand = by_name(launches, "expand")
     assert expand.hbm_bytes == T * RANK * 4 + R * D * RANK * 2 + T * D * 2
-    assert rl.launches_per_call(launches) == 8
+    # launch.run_forward, dense factor: 2 mixing GEMMs, the split-K memset, shrink, expand,
+    # addmm_ (the index tables and the scale tensor are cached: no launch).
+    assert [x.name.split()[0] for x in launches] == ["mix", "mix", "zeros", "shrink", "expand",
+                                                     "base"]
+    output = rl.predict(rl.Case("o", tokens=T, rows=R, mix="output"), "new", rl.H100)
+    assert [x.name.split()[0] for x in output] == ["zeros", "shrink", "expand", "base"]
+
+
+def test_new_backward_launches():
+    case = rl.Case("fb", tokens=T, rows=R, mode="fwd+bwd")
+    bwd = [x for x in rl.predict(case, "new", rl.H100) if x.phase == "bwd"]
+    # launch.backward, dense factor, grads to x, banks and w: memset v, shrink of g, dx
+    # expand, dx addmm_, two owned segment sums, 4 GEMMs of the mixing's transpose.
+    assert len(bwd) == 10 and rl.launches_per_call(bwd) == 10
+    assert not [x for x in bwd if x.engine == "torch" and not x.name.startswith("zeros v")]
+    db = by_name(bwd, "dB_p")
+    assert db.hbm_bytes == T * D * 2 + T * RANK * 4 + R * D * RANK * 2  # stored in bf16
+    dw = by_name(bwd, "dw += dB_p")
+    assert dw.epilogue_bytes == 2 * R * M * 2  # addmm into dA_p A^T: beta = 1
+    assert by_name(bwd, "dA = w^T").flops == 2 * M * RANK * D * R
+
+
+def test_fused_design_and_its_break_even():
+    launches = rl.predict(SPEC, "fused", rl.H100)
+    fused = by_name(launches, "fused")
+    # The expand in the GEMM's epilogue: y written once, never read back; B_p and s read.
+    assert fused.epilogue_bytes == T * D * 2
+    assert fused.hbm_bytes == (T * D + D * D) * 2 + T * RANK * 4 + R * D * RANK * 2
+    assert fused.flops == 2 * T * D * D + 2 * T * RANK * D
+    assert not [x for x in launches if x.name.startswith(("expand", "base"))]
+    assert rl.launches_per_call(launches) == 5
+    assert rl.ratio(SPEC, "fused", rl.H100) < rl.ratio(SPEC, "new", rl.H100)
+    # The break-even rate meets the limit, and a rate 1% below it does not.
+    need = rl.fused_break_even(SPEC, rl.H200, 1.10)
+    assert 0.5 < need < 1.0 / rl.CUBLAS_EFF
+    base = rl.total_us(rl.predict(SPEC, "base", rl.H200), rl.H200)
+    at = rl.total_us(rl._with_fused_eff(rl.predict(SPEC, "fused", rl.H200), need), rl.H200)
+    below = rl.total_us(rl._with_fused_eff(rl.predict(SPEC, "fused", rl.H200), need * 0.99),
+                        rl.H200)
+    assert at <= 1.10 * base < below
+    assert rl.fused_break_even(SPEC, rl.H100, 0.9) is None  # not even at the bf16 peak
+    assert rl.shrink_in_loop_ratio(SPEC, rl.H100) < rl.ratio(SPEC, "fused", rl.H100)
 
 
 def test_gathered_mix_reads_distinct_adapters_from_dram():
