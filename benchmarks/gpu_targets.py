@@ -44,6 +44,10 @@ from reclora_kernels import available_backends, lora_mix_linear  # noqa: E402
 SCALE = 2.0  # RecLoRA: alpha 16 / r 8
 MATERIALISE = "materialise+bmm"
 BASE = "base"
+# The triton backend with its fused GEMM forced on (card_plan.force_fused), measured beside
+# "triton" as the card's table has it: the data that turns expand.fused on for a card.
+FUSED = "triton-fused"
+_FUSED_NOW: list[bool | None] = [None]  # the mode the plans were last made in
 INTERRUPTED: list[bool] = []  # set once a SIGINT arrived during a measurement
 
 
@@ -130,7 +134,27 @@ def make_pool(case: roofline.Case, dtype, device, sets: int, seed: int = 0) -> l
     return out
 
 
+def _use_fused(on: bool | None, device: torch.device) -> None:
+    """Plan the triton calls with the fused GEMM forced on (True) or as the card's table
+    says (None); switching clears the plans, so it happens once per candidate (its first,
+    warm-up call), not per timed call."""
+    if _FUSED_NOW[0] is not on:
+        from reclora_kernels.triton import configs
+        from reclora_kernels.triton.card_plan import force_fused
+
+        force_fused(on, configs.table_key(device))
+        _FUSED_NOW[0] = on
+
+
 def candidate(name: str, case: roofline.Case) -> Callable[[Inputs], torch.Tensor]:
+    if name in ("triton", FUSED):
+        fused = True if name == FUSED else None
+
+        def call(i):
+            _use_fused(fused, i.x.device)
+            return lora_mix_linear(i.x, i.weight, None, i.lora_a, i.lora_b, i.adapter_w,
+                                   i.adapter_idx, scale=SCALE, mix=case.mix, backend="triton")
+        return call
     if name == BASE:
         return lambda i: F.linear(i.x, i.weight)
     if name == MATERIALISE:
@@ -177,6 +201,8 @@ class Run:
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         wanted = ("triton", "cuda") if self.cuda else ("cpu",)
         self.backends = [b for b in available_backends() if b in wanted]
+        if "triton" in self.backends:
+            self.backends.insert(self.backends.index("triton") + 1, FUSED)
         if not self.backends:
             self.backends = ["reference"]
         self.card = roofline.card_for(torch.cuda.get_device_name() if self.cuda else "")
@@ -276,13 +302,20 @@ CUBLAS_NAMES = ("nvjet", "gemm", "gemv", "xmma", "cutlass", "splitk", "kernel2")
 KINDS = [
     ("Triton shrink (fwd s, bwd v)", lambda k: "shrink_kernel" in k, lambda x: "shrink" in x.name),
     ("Triton expand (fwd y, bwd dx)", lambda k: "expand_kernel" in k,
-     lambda x: "expand" in x.name),
+     lambda x: x.name.startswith(("expand", "dx = scale"))),
+    ("Triton fused GEMM (base + expand)", lambda k: "fused_linear" in k,
+     lambda x: x.name.startswith("fused")),
     ("Triton segment sums", lambda k: "segment_outer" in k, lambda x: "segment sums" in x.name),
     ("Triton gathered mix", lambda k: "mix_factors" in k, lambda x: "Triton gather" in x.name),
     ("cuBLAS GEMMs (base, dx, mixing)", lambda k: any(n in k.lower() for n in CUBLAS_NAMES),
      lambda x: x.engine == "cuBLAS"),
     ("memsets", lambda k: k.startswith("Memset"), lambda x: x.name.startswith("zeros")),
 ]
+
+
+def _design(backend: str) -> str:
+    """The roofline design a backend's launches are set beside."""
+    return "fused" if backend == FUSED else "new"
 
 
 def kernel_report(run: Run, case: roofline.Case, backend: str) -> list[str]:
@@ -294,7 +327,7 @@ def kernel_report(run: Run, case: roofline.Case, backend: str) -> list[str]:
     stats, err = _safe(timing.kernel_profile, call, calls=10)
     if err:
         return [f"{title}: {err}"]
-    predicted = roofline.predict(case, "new", run.card)
+    predicted = roofline.predict(case, _design(backend), run.card)
     lines = [title + " (torch.profiler, 10 calls)", *timing.profile_table(stats), "",
              f"  measured vs roofline ({run.card.name}), per call:",
              f"  {'kind':34s} {'pred us':>8s} {'meas us':>8s} {'meas/pred':>9s} {'HBM frac':>8s}"]
@@ -319,7 +352,7 @@ def kernel_report(run: Run, case: roofline.Case, backend: str) -> list[str]:
 
 
 def launches_line(run: Run, case: roofline.Case, backend: str) -> str:
-    predicted = roofline.launches_per_call(roofline.predict(case, "new", run.card))
+    predicted = roofline.launches_per_call(roofline.predict(case, _design(backend), run.card))
     if not run.cuda:
         return (f"launches per call, {backend}, {case.label}: predicted {predicted}; measured: "
                 f"skipped ({timing.cuda_reason() or 'needs the GPU (--smoke)'})")
@@ -343,19 +376,21 @@ def _cell(value, limit: float, unit: str = "x") -> str:
     return f"{value:.2f}{unit} {verdict}"
 
 
-def predicted(run: Run, row: Row) -> str:
+def predicted(run: Run, row: Row, design: str = "new") -> str:
     if row.kind == "host":
         return "n/a (GPU-time model)"
     try:
-        return f"{roofline.ratio(row.case, 'new', run.card):.2f}x"
+        return f"{roofline.ratio(row.case, design, run.card):.2f}x"
     except NotImplementedError:
         return "n/a"
 
 
 def target_table(run: Run, results: dict[str, dict]) -> list[str]:
     cols = [*run.backends, MATERIALISE]
-    lines = [f"| case | target | {' | '.join(cols)} | roofline new ({run.card.name}) |",
-             "|---|---|" + "---|" * len(cols) + "---|"]
+    designs = ["new"] + (["fused"] if FUSED in run.backends else [])
+    heads = " | ".join(f"roofline {d} ({run.card.name})" for d in designs)
+    lines = [f"| case | target | {' | '.join(cols)} | {heads} |",
+             "|---|---|" + "---|" * (len(cols) + len(designs))]
     for row in run.rows:
         got = results.get(row.key, {})
         unit = " us" if row.kind == "host" else "x"
@@ -364,7 +399,8 @@ def target_table(run: Run, results: dict[str, dict]) -> list[str]:
         label = row.key
         if row.kind == "host" and isinstance(got.get(BASE), float):
             label += f" (F.linear: {got[BASE]:.0f} us)"
-        lines.append(f"| {label} | {target} | {' | '.join(cells)} | {predicted(run, row)} |")
+        preds = " | ".join(predicted(run, row, d) for d in designs)
+        lines.append(f"| {label} | {target} | {' | '.join(cells)} | {preds} |")
     for row in run.rows:  # the op's time above the base against materialise+bmm's
         got = results.get(row.key, {})
         mat = got.get(MATERIALISE)
@@ -373,10 +409,11 @@ def target_table(run: Run, results: dict[str, dict]) -> list[str]:
         cells = [_cell((got[b] - 1) / (mat - 1), roofline.ABOVE_BASE_FRACTION, "")
                  if isinstance(got.get(b), float) else str(got.get(b, "n/a"))
                  for b in run.backends]
-        pred = ((roofline.ratio(row.case, "new", run.card) - 1)
-                / (roofline.ratio(row.case, MATERIALISE, run.card) - 1))
+        mat_pred = roofline.ratio(row.case, MATERIALISE, run.card) - 1
+        preds = " | ".join(f"{(roofline.ratio(row.case, d, run.card) - 1) / mat_pred:.2f}"
+                           for d in designs)
         lines.append(f"| {row.key}: above base / materialise's | <= 0.25 | "
-                     f"{' | '.join(cells)} | 1 | {pred:.2f} |")
+                     f"{' | '.join(cells)} | 1 | {preds} |")
     return lines
 
 
@@ -423,8 +460,11 @@ def main(argv=None) -> int:
             results[row.key] = {}
     run.say()
     spec = run.rows[0].case
-    for case in (spec, replace(spec, mode="fwd+bwd")):
-        backend = "triton" if "triton" in run.backends else run.backends[0]
+    profiled = [(case, "triton" if "triton" in run.backends else run.backends[0])
+                for case in (spec, replace(spec, mode="fwd+bwd"))]
+    if FUSED in run.backends:
+        profiled.append((spec, FUSED))
+    for case, backend in profiled:
         lines = [run.out_of_time()] if run.out_of_time() else kernel_report(run, case, backend)
         for line in lines:
             run.say(line)

@@ -5,7 +5,8 @@
 Times the whole forward of lora_mix_linear (bf16, d = 4096, 16 meta-LoRAs of rank 8, dense
 factor mode; KERNEL_SPEC.md's sizes) at T = 8192 in 64 rows (long rows) and T = 64 in 64
 rows (decode: one token per row), and the forward+backward at T = 8192 for the shrink and
-outer kernels. Medians from triton.testing.do_bench. GPU only.
+outer kernels; the fused GEMM (expand.fused) is swept too and kept on per size class only
+where its forward beats cuBLAS + the expand. Medians from triton.testing.do_bench. GPU only.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import triton
 from triton.testing import do_bench
 
 from reclora_kernels import lora_mix_linear
-from reclora_kernels.triton import configs
+from reclora_kernels.triton import configs, eager, launch
 
 D, M, RANK = 4096, 16, 8
 
@@ -46,17 +47,41 @@ def timed(fn) -> float:
         return float("inf")
 
 
+def set_entry(table: dict, key: str, value: dict) -> None:
+    """table[key] = value, and the launch plans made with the old entry forgotten (they are
+    cached per signature: without this every candidate would time the first one's plan)."""
+    table[key] = value
+    launch.clear_plans()
+    eager._CALLS.clear()
+
+
 def sweep(table: dict, key: str, candidates: list[dict], fn) -> dict:
     best, best_ms = dict(table[key]), float("inf")
     for cand in candidates:
-        table[key] = cand
+        set_entry(table, key, cand)
         ms = timed(fn)
         print(f"  {key} {cand} -> {ms * 1e3:.1f} us", flush=True)
         if ms < best_ms:
             best, best_ms = cand, ms
-    table[key] = best
+    set_entry(table, key, best)
     print(f"  best {key}: {best} ({best_ms * 1e3:.1f} us)", flush=True)
     return best
+
+
+def choose_fused(table: dict, expand_key: str, fused_key: str, fused_tiles: list[dict],
+                 fn) -> None:
+    """Sweep the fused GEMM's tiles with expand.fused on, then keep it on only if its best
+    beats the best unfused expand (already in table[expand_key]) on `fn`."""
+    unfused = dict(table[expand_key], fused=False)
+    set_entry(table, expand_key, unfused)
+    unfused_ms = timed(fn)
+    set_entry(table, expand_key, dict(unfused, fused=True))
+    sweep(table, fused_key, fused_tiles, fn)
+    fused_ms = timed(fn)
+    on = fused_ms < unfused_ms
+    set_entry(table, expand_key, dict(unfused, fused=on))
+    print(f"  {expand_key}.fused = {on}: fused {fused_ms * 1e3:.1f} us, cuBLAS + expand "
+          f"{unfused_ms * 1e3:.1f} us", flush=True)
 
 
 def _forward(inputs, backend: str):
@@ -102,7 +127,11 @@ def main(argv=None) -> int:
     fwd = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
     winners["expand"] = sweep(table, "expand", grid(
         BLOCK_T=[32, 64, 128], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4, 8],
-        base_first=[False, True]), fwd)
+        base_first=[False, True], fused=[False]), fwd)
+    choose_fused(table, "expand", "fused", grid(
+        BLOCK_T=[64, 128], BLOCK_N=[128, 256], BLOCK_K=[64], GROUP_T=[8], MAX_BLOCK_R=[64],
+        num_warps=[4, 8], num_stages=[3, 4]), fwd)
+    winners["expand"], winners["fused"] = table["expand"], table["fused"]
     g = torch.randn(64, 128, D, device="cuda", dtype=torch.bfloat16)
 
     def fwd_bwd():
@@ -120,7 +149,12 @@ def main(argv=None) -> int:
     dec = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
     winners["expand_short_rows"] = sweep(table, "expand_short_rows", grid(
         BLOCK_T=[16, 32], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4],
-        base_first=[False, True]), dec)
+        base_first=[False, True], fused=[False]), dec)
+    choose_fused(table, "expand_short_rows", "fused_short_rows", grid(
+        BLOCK_T=[16, 32], BLOCK_N=[32, 64, 128], BLOCK_K=[128], GROUP_T=[8], MAX_BLOCK_R=[64],
+        num_warps=[4], num_stages=[3, 4]), dec)
+    winners["expand_short_rows"] = table["expand_short_rows"]
+    winners["fused_short_rows"] = table["fused_short_rows"]
     winners["auto"] = pick_auto(configs)
 
     winners["_about"] = (f"Tuned by benchmarks/tune_triton.py on {name} (torch "

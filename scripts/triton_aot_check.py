@@ -8,15 +8,15 @@ pass every CPU test and still fail to compile for a GPU (an op the MLIR lowering
 shared-memory budget overrun, a dtype rule of the installed triton). A GPU session has 15
 minutes in all, so that failure should show here. This runs the op through the interpreter on
 small CPU tensors (forward and backward, factor and output mixes, dense and gathered, implicit
-and packed rows, short and long rows; fp32, bf16, fp16) with the tile table and launch options
-of `--card` (reclora_kernels/configs), records each kernel launch's argument types, constexpr
-values and num_warps / num_stages, and compiles each distinct specialization with
-triton.compile for a CUDA target (`--arch`, default 90 = H100/H200) with the ptxas bundled in
-triton's wheel. Prints one line a specialization (ok with its shared memory, warps and stages,
-or the error; shared memory past the 227 KiB a block can get on sm_90 is a failure too) and
-exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the value
-specialisations the JIT adds on a GPU (1, multiples of 16), so the GPU's own compile may take
-a variant of each; the code paths are the same.
+and packed rows, short and long rows; fp32, bf16, fp16; the fused GEMM off, then on) with the
+tile table and launch options of `--card` (reclora_kernels/configs), records each kernel
+launch's argument types, constexpr values and num_warps / num_stages, and compiles each distinct
+specialization with triton.compile for a CUDA target (`--arch`, default 90 = H100/H200) with the
+ptxas bundled in triton's wheel. Prints one line a specialization (ok with its shared memory,
+warps and stages, or the error; shared memory past the 227 KiB a block can get on sm_90 is a
+failure too) and exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the
+value specialisations the JIT adds on a GPU (1, multiples of 16), so the GPU's own compile may
+take a variant of each; the code paths are the same.
 """
 
 from __future__ import annotations
@@ -66,6 +66,13 @@ def record_launches(card: str) -> list[tuple]:
 
     InterpretedFunction.run = run
     try:
+        for case in cases():
+            case()
+        # Again with the fused GEMM (expand.fused) on in every size class: off by default,
+        # it must compile for the card that a measurement may turn it on for.
+        from reclora_kernels.triton.card_plan import force_fused
+
+        force_fused(True, card)
         for case in cases():
             case()
     finally:

@@ -35,6 +35,20 @@ def use_card_tables(card: str, sms: int | None = None) -> None:
     eager._CALLS.clear()
 
 
+def force_fused(on: bool | None, table: str) -> None:
+    """Force the fused GEMM (expand.fused) on or off in every size class of the tile table
+    `table` (configs.table_key: a card's name, or "interpret"); None: every table as its file
+    says. For benchmarks and tests that compare the two paths; the op never calls it."""
+    configs._table.cache_clear()
+    if on is not None:
+        entries = configs._table(table)
+        for key in ("expand", "expand_short_rows"):
+            if key in entries:
+                entries[key] = dict(entries[key], fused=on)
+    launch.clear_plans()
+    eager._CALLS.clear()
+
+
 class _StandInDriver:
     """Triton's driver as an sm_90 card's (H100 / H200) would answer, for the Python side of
     a launch: device 0, stream 0."""

@@ -43,6 +43,12 @@ def _device_name(index: int | None) -> str:
     return torch.cuda.get_device_name(index)
 
 
+def table_key(device: torch.device) -> str:
+    """The tile table `device` plans with: "interpret" for CPU tensors, else the card's
+    name as torch.cuda.get_device_name spells it."""
+    return "interpret" if device.type != "cuda" else _device_name(device.index)
+
+
 def config(kernel: str, device: torch.device, tokens: int | None = None,
            rows: int | None = None) -> dict:
     """The launch parameters of `kernel` ("fused", "shrink", "outer", "mix") on `device`.

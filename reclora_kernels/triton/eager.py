@@ -139,8 +139,9 @@ def call_key(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx, scale, mix
             return None
         layout = (plan.rows, plan.tokens, plan.row_len, plan.order is not None, plan.device)
     try:
-        return (backend, mix, scale, indices_checked, layout, _meta(x), weight.shape,
-                weight.dtype, weight.device, None if bias is None else _meta(bias),
+        # weight by its strides too: the fused GEMM's plan reads it through them.
+        return (backend, mix, scale, indices_checked, layout, _meta(x), _meta(weight),
+                None if bias is None else _meta(bias),
                 _meta(lora_a), _meta(lora_b), _meta(adapter_w),
                 None if adapter_idx is None else _meta(adapter_idx))
     except RuntimeError:  # a layout without strides (sparse): the checked path says what

@@ -145,6 +145,41 @@ def shrink_kernel(
 
 
 @triton.jit
+def _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask,
+              u_ptr, fac_ptr, src_ptr, coef_ptr, scale, rank, width,
+              s_u_t, s_f, s_n, s_c, s_src_r, s_src_j, s_coef_r, s_coef_j,
+              HAS_COEF: tl.constexpr, BLOCK_R: tl.constexpr,
+              DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """acc[n, o] + scale * sum_{j, c} coef[row, j] * u[n, j*r + c] * F[src[row, j], o, c] for
+    a tile of tokens (rows row_lo .. row_hi) and output columns o: the expand's sum, shared
+    by the expand kernel and the fused GEMM's epilogue."""
+    cc = tl.arange(0, BLOCK_R)
+    for row in range(row_lo, row_hi + 1):
+        in_row = t_mask & (tok_row == row)
+        part = tl.zeros_like(acc)
+        for c0 in range(0, width, BLOCK_R):
+            col = c0 + cc
+            c_mask = col < width
+            slot = col // rank
+            f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
+            f = f.to(tl.int64)
+            mult = tl.zeros([BLOCK_R], dtype=acc.dtype) + scale
+            if HAS_COEF:
+                mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
+                                other=0.0).to(acc.dtype)
+            ut = tl.load(u_ptr + tok[:, None] * s_u_t + col[None, :],
+                         mask=in_row[:, None] & c_mask[None, :], other=0.0)
+            rk = col % rank
+            ft = tl.load(fac_ptr + f[:, None] * s_f + o[None, :] * s_n + rk[:, None] * s_c,
+                         mask=o_mask[None, :] & c_mask[:, None], other=0.0)
+            ut = (ut * mult[None, :]).to(ft.dtype)
+            part = _dot(ut, ft, part, DOT_FP32, IEEE)
+        # tl.where, not a zero operand: 0 x NaN would carry one row's NaN into the others.
+        acc += tl.where(in_row[:, None], part, 0.0)
+    return acc
+
+
+@triton.jit
 def expand_kernel(
     y_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, order_ptr, rows_ptr, scale_ptr,
     n_tokens, N, rank, width, row_len,
@@ -167,35 +202,15 @@ def expand_kernel(
     o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = o < N
     acc_type = tl.float64 if ACC64 else tl.float32
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
     first = pid_t * BLOCK_T
     row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
     row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len, IMPLICIT)
     # scale comes as a tensor: a Python float argument would be rounded to fp32.
     scale = tl.load(scale_ptr).to(acc_type)
-    cc = tl.arange(0, BLOCK_R)
-    for row in range(row_lo, row_hi + 1):
-        in_row = t_mask & (tok_row == row)
-        part = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
-        for c0 in range(0, width, BLOCK_R):
-            col = c0 + cc
-            c_mask = col < width
-            slot = col // rank
-            f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
-            f = f.to(tl.int64)
-            mult = tl.zeros([BLOCK_R], dtype=acc_type) + scale
-            if HAS_COEF:
-                mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
-                                other=0.0).to(acc_type)
-            ut = tl.load(u_ptr + tok[:, None] * s_u_t + col[None, :],
-                         mask=in_row[:, None] & c_mask[None, :], other=0.0)
-            rk = col % rank
-            ft = tl.load(fac_ptr + f[:, None] * s_f + o[None, :] * s_n + rk[:, None] * s_c,
-                         mask=o_mask[None, :] & c_mask[:, None], other=0.0)
-            ut = (ut * mult[None, :]).to(ft.dtype)
-            part = _dot(ut, ft, part, DOT_FP32, IEEE)
-        acc += tl.where(in_row[:, None], part, 0.0)
-
+    acc = _add_lora(tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type), tok, tok_row, t_mask,
+                    row_lo, row_hi, o, o_mask, u_ptr, fac_ptr, src_ptr, coef_ptr, scale, rank,
+                    width, s_u_t, s_f, s_n, s_c, s_src_r, s_src_j, s_coef_r, s_coef_j,
+                    HAS_COEF, BLOCK_R, DOT_FP32, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)[None, :]
     y_ptrs = y_ptr + tok[:, None] * s_y_t + o[None, :] * s_y_n
@@ -203,6 +218,72 @@ def expand_kernel(
     if ACCUMULATE:
         acc += tl.load(y_ptrs, mask=mask, other=0.0).to(acc_type)
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fused_linear_kernel(
+    y_ptr, x_ptr, w_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, order_ptr, rows_ptr,
+    scale_ptr,
+    n_tokens, N, K, rank, width, row_len,
+    s_x_t, s_x_k, s_w_k, s_w_n, s_y_t, s_bias, s_u_t, s_f, s_n, s_c, s_src_r, s_src_j,
+    s_coef_r, s_coef_j,
+    HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr, ORDERED: tl.constexpr,
+    IMPLICIT: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
+):
+    """y[n, o] = sum_k x[n, k] W[k, o] + bias[o] + the expand's LoRA sum (see _add_lora).
+
+    The base GEMM and the expand in one kernel (the config's `fused`; a second path beside
+    cuBLAS + the expand, chosen per card by measurement): y is written once and never read
+    back. W[k, o] is addressed through two strides (the forward's W^T, the backward's W).
+    Programs run token tiles in groups of GROUP_T per column block, so a group's x tiles and
+    W's column blocks stay in L2 across it. Tokens are visited in row-sorted positions, as
+    in the expand: x is gathered through `order` when the row ids were not sorted.
+    """
+    pid = tl.program_id(0)
+    tiles_t = tl.cdiv(n_tokens, BLOCK_T)
+    per_group = GROUP_T * tl.cdiv(N, BLOCK_N)
+    first_t = (pid // per_group) * GROUP_T
+    group_rows = tl.minimum(tiles_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = pos < n_tokens
+    tok, tok_row = _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len, ORDERED, IMPLICIT)
+    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = o < N
+    # Past the edges the main loop reads token 0 and column 0 (never stored), so its loads
+    # need a mask only for a ragged K.
+    o_in = tl.where(o_mask, o, 0).to(tl.int64)
+    kk = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + tok[:, None] * s_x_t + kk[None, :] * s_x_k
+    w_ptrs = w_ptr + kk[:, None] * s_w_k + o_in[None, :] * s_w_n
+    acc_type = tl.float64 if ACC64 else tl.float32
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            wt = tl.load(w_ptrs)
+        else:
+            k_in = (k0 + kk) < K
+            xt = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+        acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
+        x_ptrs += BLOCK_K * s_x_k
+        w_ptrs += BLOCK_K * s_w_k
+    first = pid_t * BLOCK_T
+    row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
+    row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len, IMPLICIT)
+    scale = tl.load(scale_ptr).to(acc_type)
+    acc = _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask, u_ptr, fac_ptr,
+                    src_ptr, coef_ptr, scale, rank, width, s_u_t, s_f, s_n, s_c, s_src_r,
+                    s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R, DOT_FP32, IEEE)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)[None, :]
+    tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=t_mask[:, None] & o_mask[None, :])
 
 
 @triton.jit

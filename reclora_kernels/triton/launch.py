@@ -11,10 +11,12 @@ Forward, factor mode (each row's factors mixed once, then two thin passes):
 Forward, output mode: s[:, j] = A[i_j] x (one shrink over the k*r slot columns, x read once),
 then the expand writes bias + scale * sum_j w_j B[i_j] s_j, and cuBLAS adds the base.
 (`base_first` in the config: y = x W^T + bias by cuBLAS first and the expand adds into y; the
-same bytes move, so which is faster is measured per card.)
+same bytes move, so which is faster is measured per card. `fused`: one Triton GEMM computes
+x W^T and adds bias + the expand in its epilogue, y written once and never read back; a
+second path, on for a card only where it measured faster.)
 
 Backward, with the mixed factors the forward saved (not mixed again): v = B_p^T g (a shrink
-over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1), per-row segment sums for dA_p
+over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1; or the fused GEMM), per-row segment sums for dA_p
 and dB_p, and the transpose of the mixing (dense: GEMMs; gathered: one fp32 sum per adapter
 over the pairs sorted by adapter, written once in the bank's dtype). dW = g^T x and
 dbias = sum g only when asked (cuBLAS/MKL are at the roofline there).
@@ -278,11 +280,96 @@ def _base_first(device: torch.device, tokens: int, rows: int) -> bool:
     return bool(config("expand", device, tokens, rows).get("base_first", False))
 
 
-def _base_and_expand(x, weight, w_t: bool, bias, base_first: bool, launch: Launch | None,
+@lru_cache(maxsize=256)
+def _fused(device: torch.device, tokens: int, rows: int) -> bool:
+    """Whether the card's table takes the fused GEMM (base + expand in one Triton kernel)
+    for this size class; it wins over base_first."""
+    return bool(config("expand", device, tokens, rows).get("fused", False))
+
+
+@lru_cache(maxsize=1024)
+def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, ordered: bool,
+                implicit: bool, has_bias: bool, has_coef: bool, dtype: torch.dtype,
+                device: torch.device):
+    """(grid, LaunchMeta) of a fused GEMM launch, once per shape and layout."""
+    cfg = config("fused", device, tokens, rows)
+    block_t, block_n, block_k = cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    grid = (_cdiv(tokens, block_t) * _cdiv(n_out, block_n),)
+    stage_bytes = (block_t + block_n) * block_k * dtype.itemsize
+    meta = launch_meta(kernels.fused_linear_kernel, HAS_BIAS=has_bias, HAS_COEF=has_coef,
+                       ORDERED=ordered, IMPLICIT=implicit, EVEN_K=depth % block_k == 0,
+                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+                       BLOCK_R=_pow2_block(width, cfg["MAX_BLOCK_R"]), GROUP_T=cfg["GROUP_T"],
+                       **_flags(dtype), **_launch_opts(cfg, stage_bytes, device))
+    return grid, meta
+
+
+def _fused_launch(tokens: int, n_out: int, depth: int, x_strides: tuple, w_kn_strides: tuple,
+                  bias_stride: int | None, fac_strides: tuple, src_strides: tuple,
+                  coef_strides: tuple | None, plan_key: tuple, slots: int, rank: int,
+                  dtype: torch.dtype, device: torch.device) -> Launch | None:
+    """The fused GEMM's Launch: y [T, N] (contiguous) = x W + bias + the expand of u
+    (contiguous [T, slots, rank]); w_kn_strides: W[k, o]'s strides. None when y is empty."""
+    if tokens == 0 or n_out == 0:
+        return None
+    rows, row_len, ordered, implicit = plan_key
+    width = slots * rank
+    grid, meta = _fused_spec(tokens, n_out, depth, width, rows, ordered, implicit,
+                             bias_stride is not None, coef_strides is not None, dtype, device)
+    ints = (tokens, n_out, depth, rank, width, max(row_len, 1), *x_strides, *w_kn_strides,
+            n_out, 0 if bias_stride is None else bias_stride, width, *fac_strides,
+            *src_strides, *(coef_strides if coef_strides is not None else (0, 0)))
+    return Launch(meta, grid, ints)
+
+
+def _run_fused(launch: Launch, y, x, weight, bias, u, fac, table, coef, plan: RowPlan,
+               scale_t) -> None:
+    order, sorted_rows = _plan_ptrs(plan, table)
+    run_kernel(launch.meta, launch.grid, y, x, weight, bias if bias is not None else y, u, fac,
+               table, coef if coef is not None else u, order, sorted_rows, scale_t,
+               *launch.ints)
+
+
+# How a plan makes y = base + LoRA: the expand writes y and cuBLAS adds x W^T (beta = 1);
+# cuBLAS first and the expand adds into y; or one fused Triton GEMM. Per card and size class
+# (the config's expand.base_first / expand.fused), by measurement.
+ORDER_EXPAND_FIRST, ORDER_BASE_FIRST, ORDER_FUSED = "expand-first", "base-first", "fused"
+
+
+def _order(device: torch.device, tokens: int, rows: int) -> str:
+    if _fused(device, tokens, rows):
+        return ORDER_FUSED
+    return ORDER_BASE_FIRST if _base_first(device, tokens, rows) else ORDER_EXPAND_FIRST
+
+
+def _lora_output_launch(order: str, tokens: int, n_out: int, depth: int, x_strides: tuple,
+                        w_kn_strides: tuple, bias_stride: int | None, fac_strides: tuple,
+                        src_strides: tuple, coef_strides: tuple | None, plan_key: tuple,
+                        slots: int, rank: int, dtype: torch.dtype,
+                        device: torch.device) -> Launch | None:
+    """The Launch that writes the LoRA part (and the bias, but base first) of y for `order`."""
+    if order == ORDER_FUSED:
+        return _fused_launch(tokens, n_out, depth, x_strides, w_kn_strides, bias_stride,
+                             fac_strides, src_strides, coef_strides, plan_key, slots, rank,
+                             dtype, device)
+    base_first = order == ORDER_BASE_FIRST
+    return _expand_launch(tokens, n_out, None if base_first else bias_stride, fac_strides,
+                          src_strides, coef_strides, plan_key, slots, rank, base_first, dtype,
+                          device)
+
+
+def _base_and_expand(x, weight, w_t: bool, bias, order: str, launch: Launch | None,
                      n_out: int, u, fac, table, coef, plan: RowPlan, scale: float):
-    """lora_linear with its expand Launch worked out (`launch` None: nothing to expand)."""
+    """lora_linear with its expand (or fused GEMM) Launch worked out (`launch` None: nothing
+    to launch); `order` is a plan's ORDER_* choice."""
     mat = weight if w_t else weight.t()
-    if base_first:
+    if order == ORDER_FUSED:
+        y = new_output((x.shape[0], n_out), device=x.device, dtype=x.dtype)
+        if launch is not None:
+            _run_fused(launch, y, x, weight, bias, u, fac, table, coef, plan,
+                       _scale_tensor(scale, y))
+        return y
+    if order == ORDER_BASE_FIRST:
         y = torch.addmm(bias, x, mat) if bias is not None else x @ mat
         if launch is not None:
             _run_expand(launch, y, None, u, fac, table, coef, plan, _scale_tensor(scale, y))
@@ -434,18 +521,19 @@ class ForwardPlan(NamedTuple):
     s_zeroed: bool  # split-K partial sums are added into it
     acc: torch.dtype
     shrink: Launch | None
-    base_first: bool
-    expand: Launch | None
+    order: str  # ORDER_*: how the base and the LoRA part meet in y
+    expand: Launch | None  # the expand, or the fused GEMM (ORDER_FUSED)
     d_out: int
 
 
 @lru_cache(maxsize=1024)
 def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out: int,
-                 bias_stride: int | None, a_shape: tuple, a_strides: tuple, b_strides: tuple,
-                 w_shape: tuple, w_strides: tuple, idx_strides: tuple | None, plan_key: tuple,
-                 dtype: torch.dtype, device: torch.device) -> ForwardPlan:
-    """The ForwardPlan of forward()'s arguments with these metadata (idx_strides None: dense;
-    plan_key: _plan_key of the RowPlan)."""
+                 weight_strides: tuple, bias_stride: int | None, a_shape: tuple,
+                 a_strides: tuple, b_strides: tuple, w_shape: tuple, w_strides: tuple,
+                 idx_strides: tuple | None, plan_key: tuple, dtype: torch.dtype,
+                 device: torch.device) -> ForwardPlan:
+    """The ForwardPlan of forward()'s arguments with these metadata (w_*: adapter_w's;
+    idx_strides None: dense; plan_key: _plan_key of the RowPlan)."""
     rank = a_shape[1]
     rows, slots = w_shape
     if mix_mode == 0:
@@ -457,12 +545,13 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
         src, coef = ((0, 1) if idx_strides is None else idx_strides), w_strides
     shrink_, zeroed = _shrink_launch(tokens, d_in, x_strides, _a_as_shrink(a_strides), src,
                                      plan_key, slots, rank, dtype, device)
-    base_first = _base_first(device, tokens, rows)
-    expand_ = _expand_launch(tokens, d_out, None if base_first else bias_stride,
-                             _b_as_expand(b_strides), src, coef, plan_key, slots, rank,
-                             base_first, dtype, device)
+    order = _order(device, tokens, rows)
+    # y = x W^T: the fused GEMM reads W[k, o] = weight[o, k].
+    expand_ = _lora_output_launch(order, tokens, d_out, d_in, x_strides, weight_strides[::-1],
+                                  bias_stride, _b_as_expand(b_strides), src, coef, plan_key,
+                                  slots, rank, dtype, device)
     return ForwardPlan(mix_mode, (tokens, slots, rank), zeroed, _acc_dtype(dtype), shrink_,
-                       base_first, expand_, d_out)
+                       order, expand_, d_out)
 
 
 def _strides(t: torch.Tensor | None) -> tuple | None:
@@ -473,9 +562,10 @@ def forward_plan_of(x, plan: RowPlan, weight, bias, lora_a, lora_b, adapter_w, a
                     mix_mode: int) -> ForwardPlan:
     """forward_plan for these tensors."""
     return forward_plan(mix_mode, x.shape[0], x.shape[1], x.stride(), weight.shape[0],
-                        None if bias is None else bias.stride(0), lora_a.shape, lora_a.stride(),
-                        lora_b.stride(), adapter_w.shape, adapter_w.stride(),
-                        _strides(adapter_idx), _plan_key(plan), x.dtype, x.device)
+                        weight.stride(), None if bias is None else bias.stride(0),
+                        lora_a.shape, lora_a.stride(), lora_b.stride(), adapter_w.shape,
+                        adapter_w.stride(), _strides(adapter_idx), _plan_key(plan), x.dtype,
+                        x.device)
 
 
 def off_current_device(t: torch.Tensor) -> bool:
@@ -505,7 +595,7 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
     s = (torch.zeros if fp.s_zeroed else new_output)(fp.s_shape, device=x.device, dtype=fp.acc)
     if fp.shrink is not None:
         _run_shrink(fp.shrink, x, fa, table, s, plan)
-    y = _base_and_expand(x, weight, False, bias, fp.base_first, fp.expand, fp.d_out, s, fb,
+    y = _base_and_expand(x, weight, False, bias, fp.order, fp.expand, fp.d_out, s, fb,
                          table, coef, plan, scale)
     if fp.mix_mode == 0:
         return y, s, fa, fb  # the mixed factors are saved: the backward does not re-mix
@@ -543,8 +633,8 @@ class BackwardPlan(NamedTuple):
     v_shape: tuple  # v = B^T g [T, slots, r], fp32 or fp64
     v_zeroed: bool  # split-K partial sums are added into it
     v: Launch | None  # the shrink over g
-    base_first: bool  # dx: cuBLAS's g W first, the expand adds into it
-    dx: Launch | None  # the expand of v through A^T
+    order: str  # ORDER_*: how dx's g W and its LoRA part meet
+    dx: Launch | None  # the expand of v through A^T (or the fused GEMM)
     db_shape: tuple  # the factor gradient buffers (zeroed first, but in factor mode)
     db: Launch | None  # sum over each row's tokens of g (x) s
     da_shape: tuple
@@ -553,9 +643,10 @@ class BackwardPlan(NamedTuple):
 
 @lru_cache(maxsize=1024)
 def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: tuple,
-                  g_strides: tuple, s_row_stride: int, a_shape: tuple, a_strides: tuple,
-                  b_strides: tuple, w_shape: tuple, w_strides: tuple, idx_strides: tuple | None,
-                  plan_key: tuple, dtype: torch.dtype, device: torch.device) -> BackwardPlan:
+                  g_strides: tuple, weight_strides: tuple, s_row_stride: int, a_shape: tuple,
+                  a_strides: tuple, b_strides: tuple, w_shape: tuple, w_strides: tuple,
+                  idx_strides: tuple | None, plan_key: tuple, dtype: torch.dtype,
+                  device: torch.device) -> BackwardPlan:
     """The BackwardPlan of backward()'s arguments with these metadata (a_strides / b_strides:
     the factors the backward reads, the saved mixed ones in factor mode; a_shape: the bank's)."""
     num, rank, _ = a_shape
@@ -568,9 +659,11 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
         da_shape, db_shape = (num, rank, d_in), (num, d_out, rank)
     v, v_zeroed = _shrink_launch(tokens, d_out, g_strides, _b_as_shrink(b_strides), src,
                                  plan_key, slots, rank, dtype, device)
-    base_first = _base_first(device, tokens, rows)
-    dx = _expand_launch(tokens, d_in, None, _a_as_expand(a_strides), src, coef, plan_key, slots,
-                        rank, base_first, dtype, device)
+    order = _order(device, tokens, rows)
+    # dx = g W: the fused GEMM reads W[k, o] = weight[k, o].
+    dx = _lora_output_launch(order, tokens, d_in, d_out, g_strides, weight_strides, None,
+                             _a_as_expand(a_strides), src, coef, plan_key, slots, rank, dtype,
+                             device)
     owned = mix_mode == 0
     db = _outer_launch(tokens, d_out, g_strides, s_row_stride, src, coef, plan_key, slots, rank,
                        _b_as_expand(_contiguous_strides(db_shape)), owned, dtype, device)
@@ -578,7 +671,7 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
     da = _outer_launch(tokens, d_in, x_strides, _contiguous_strides(v_shape)[0], src, coef,
                        plan_key, slots, rank, _a_as_expand(_contiguous_strides(da_shape)),
                        owned, dtype, device)
-    return BackwardPlan(v_shape, v_zeroed, v, base_first, dx, db_shape, db, da_shape, da)
+    return BackwardPlan(v_shape, v_zeroed, v, order, dx, db_shape, db, da_shape, da)
 
 
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
@@ -602,9 +695,9 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
         table = _sources(adapter_idx, rows, slots, x.device)[0]
         need_da, need_db = need_a, need_b
     bp = backward_plan(mix_mode, x.shape[0], x.shape[1], weight.shape[0], x.stride(), g.stride(),
-                       s.stride(0), lora_a.shape, fa.stride(), fb.stride(), adapter_w.shape,
-                       adapter_w.stride(), _strides(adapter_idx), _plan_key(plan), x.dtype,
-                       x.device)
+                       weight.stride(), s.stride(0), lora_a.shape, fa.stride(), fb.stride(),
+                       adapter_w.shape, adapter_w.stride(), _strides(adapter_idx),
+                       _plan_key(plan), x.dtype, x.device)
     scale_t = _scale_tensor(scale, x)
     dx = da = db = dw = da_fac = db_fac = None
 
@@ -613,7 +706,7 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
         if bp.v is not None:
             _run_shrink(bp.v, g, fb, table, v, plan)  # B^T g
     if need_x:
-        dx = _base_and_expand(g, weight, True, None, bp.base_first, bp.dx, x.shape[1], v, fa,
+        dx = _base_and_expand(g, weight, True, None, bp.order, bp.dx, x.shape[1], v, fa,
                               table, coef, plan, scale)
     # Dense factor mode: the row's factor gradients go straight into GEMMs over the bank
     # (_dense_mix_backward), so they are stored in x's dtype, as the forward's mixed factors
@@ -660,5 +753,5 @@ def clear_plans() -> None:
     """Forget every launch plan worked out so far: they depend on the tile tables, which
     card_plan.use_card_tables replaces."""
     for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _base_first,
-                    _outer_spec, forward_plan, backward_plan):
+                    _fused, _fused_spec, _outer_spec, forward_plan, backward_plan):
         planned.cache_clear()

@@ -1,0 +1,126 @@
+"""The Triton backend's fused GEMM (the config's expand.fused: x W^T, the bias and the LoRA
+expand in one kernel, forward and dx), turned on for these tests: the op suite's cases
+against the float64 oracle (NaN-poisoned outputs), gradcheck, hostile inputs, and that the
+fused kernel is what ran. Off by default until a card's measurement turns it on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from op_cases import Case, count_calls, make_inputs, rel_err, run
+from test_op import CASES, check_against_reference
+from test_op_hostile import inputs as hostile_inputs
+from test_op_hostile import same_as_reference
+
+import reclora_kernels as rk
+from reclora_kernels.triton import configs, launch
+from reclora_kernels.triton.card_plan import force_fused
+
+pytestmark = pytest.mark.skipif("triton" not in rk.available_backends(),
+                                reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+TABLE = configs.table_key(torch.device(DEVICE))
+
+
+@pytest.fixture(autouse=True)
+def fused_on():
+    force_fused(True, TABLE)
+    yield
+    force_fused(None, TABLE)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """(fused GEMM launches, expand launches) made during the test."""
+    return (count_calls(monkeypatch, launch, "_run_fused"),
+            count_calls(monkeypatch, launch, "_run_expand"))
+
+
+def test_the_fused_kernel_runs_forward_and_dx(kernel_calls):
+    fused, expand = kernel_calls
+    check_against_reference(Case(dense=True), "triton", DEVICE, torch.float32)
+    # Forward and backward of the triton call (the reference takes its own path): two fused
+    # launches (y, then dx), and no expand.
+    assert len(fused) == 2 and not expand
+    # Turned off again (a new table, plans cleared, as card_plan.use_card_tables does): the
+    # same call takes the expand + cuBLAS path.
+    force_fused(False, TABLE)
+    check_against_reference(Case(dense=True), "triton", DEVICE, torch.float32)
+    assert len(fused) == 2 and len(expand) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(dtype, name):
+    check_against_reference(CASES[name], "triton", DEVICE, dtype)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="float64 is not a GPU target")
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+def test_float64_and_gradcheck(mix, dense):
+    case = Case(packed=True, rows=3, tokens_per_row=3, d_in=5, d_out=4, adapters=3, rank=2,
+                slots=2, mix=mix, dense=dense)
+    check_against_reference(case, "triton", DEVICE, torch.float64)
+    inp = make_inputs(case, dtype=torch.float64, device=DEVICE)
+    names = ["x", "weight", "bias", "lora_a", "lora_b", "adapter_w"]
+
+    def fn(*tensors):
+        args = dict(inp, **dict(zip(names, tensors)))
+        return rk.lora_mix_linear(args["x"], args["weight"], args["bias"], args["lora_a"],
+                                  args["lora_b"], args["adapter_w"], args["adapter_idx"],
+                                  scale=case.scale, mix=mix, row_ids=args["row_ids"],
+                                  backend="triton")
+
+    leaves = [inp[n].detach().clone().requires_grad_(True) for n in names]
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
+def test_a_strided_weight_is_planned_by_its_strides():
+    """The fused GEMM reads W through its strides, so a repeat of a call with W given as a
+    transposed view (same shape and dtype) must not replay the contiguous W's plan."""
+    case = Case(dense=True, d_in=40, d_out=24)
+    dtype = torch.float32
+    inp = make_inputs(case, dtype=dtype, device=DEVICE)
+    y_contig, _ = run(inp, case, "triton")
+    inp_t = dict(inp, weight=inp["weight"].t().contiguous().t())
+    assert not inp_t["weight"].is_contiguous()
+    y_strided, _ = run(inp_t, case, "triton")
+    ref, _ = run({k: (v.double() if v is not None and v.is_floating_point() else v)
+                  for k, v in inp.items()}, case, "reference")
+    assert rel_err(y_contig.double(), ref) < 2e-5
+    assert rel_err(y_strided.double(), ref) < 2e-5
+
+
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("where", ["x", "adapter_w"])
+def test_nan_stays_in_its_row(mix, where):
+    """One-token rows, so a GEMM tile holds nine rows: a NaN in one row's activations or
+    mixture weights gives NaN in that row's output only."""
+    p = hostile_inputs(1, rows=9, length=1)
+    bad_row = 4
+    if where == "x":
+        p["x"][bad_row, 0, 3] = float("nan")
+    else:
+        p["adapter_w"][bad_row, 1] = float("nan")
+    p = {k: (v.to(DEVICE) if v is not None else v) for k, v in p.items()}
+    same_as_reference(p, mix, backends=["triton"])
+    y = rk.lora_mix_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
+                           p["adapter_w"], p["adapter_idx"], scale=0.7, mix=mix,
+                           backend="triton")
+    assert torch.isnan(y).flatten(1).any(1).tolist() == [r == bad_row for r in range(9)]
+
+
+def test_ragged_edges_and_zero_width():
+    """Sizes off every tile edge (tokens, d_out, d_in not multiples of the tiles), and
+    d_in = 0 (y = bias)."""
+    for case in (Case(rows=3, tokens_per_row=23, d_in=37, d_out=71, dense=True),
+                 Case(rows=1, tokens_per_row=1, d_in=1, d_out=1, rank=1, slots=1)):
+        check_against_reference(case, "triton", DEVICE, torch.float32)
+    p = hostile_inputs(3, d_in=0)
+    p = {k: (v.to(DEVICE) if v is not None else v) for k, v in p.items()}
+    y = rk.lora_mix_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
+                           p["adapter_w"], p["adapter_idx"], backend="triton")
+    assert torch.equal(y, p["bias"].expand_as(y))
