@@ -77,6 +77,12 @@ PY
     tests/test_op.py "tests/test_custom_ops.py::test_cuda_graph_replay" \
     -k "not (float64 and cuda)"
   step tests_cuda 40 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 -m cuda tests
+  # The fused GEMM (off by default; gpu_targets times it as triton-fused) against the
+  # oracle on the GPU, only while the targets' 140 s stay free.
+  if [ "$(left)" -gt 180 ]; then
+    step tests_fused 40 "$PY" -m pytest -q -p no:cacheprovider --maxfail=5 \
+      tests/test_fused_gemm.py -k "runs or main_loop or nan or ragged or strided"
+  fi
   # gpu_targets stops measuring 20 s before its limit, so its table is always printed.
   TLIMIT=140; [ "$(left)" -lt "$TLIMIT" ] && TLIMIT=$(left)
   step targets "$TLIMIT" "$PY" benchmarks/gpu_targets.py --out "$LOG_DIR" \
@@ -87,7 +93,7 @@ echo
 echo "---------------- gpu_check summary ($((SECONDS - START)) s) ----------------"
 printf '%-11s %-10s %6s\n' step status time
 for s in "${STEPS[@]}"; do echo "$s"; done
-for t in tests tests_cuda; do
+for t in tests tests_cuda tests_fused; do
   [ -f "$LOG_DIR/${SLUG}_$t.log" ] && echo "$t: $(grep -hE '(passed|failed|error)' \
     "$LOG_DIR/${SLUG}_$t.log" | tail -1)"
 done

@@ -17,10 +17,12 @@ Designs modelled:
   first, then the expand reads y and adds into it.
 - "new-ideal": the floor of "new": streaming kernels at 100% of peak HBM, no fixed cost per
   launch, cuBLAS's beta = 1 read of C hidden.
-- "fused": "new" with the expand (and the bias) in the epilogue of a Triton GEMM that
-  computes x W^T itself, so y is written once and never read back; the backward's dx the
-  same way. Its main loop is modelled at cuBLAS's rate (its best case, unmeasured);
-  `fused_break_even` gives the rate each target needs.
+- "fused-epilogue": "new" with the expand (and the bias) in the epilogue of a Triton GEMM
+  that computes x W^T itself, so y is written once and never read back; the backward's dx
+  the same way. "fused": the same with the shrink in that GEMM's main loop too where
+  launch.py plans it so (factor mode, x [R, L, d], L a multiple of the token tile). Their
+  main loop is modelled at cuBLAS's rate (the best case, unmeasured); `fused_break_even`
+  gives the rate each target needs.
 - "materialise+bmm": benchmarks/baselines.materialise_bmm (the RecLoRA reference code's path),
   eager torch, and "base" (F.linear), the denominator of every ratio.
 
@@ -347,10 +349,25 @@ def _dense_mix_backward(case: Case, phase: str, design: str) -> list[Launch]:
     return out
 
 
-def _new_forward(case: Case, card: Card, base_first: bool, fused: bool = False) -> list[Launch]:
-    """launch.run_forward: (mix A, mix B,) [zeros s,] shrink, then expand + addmm_ (or, fused,
-    one Triton GEMM whose epilogue adds bias + scale B_p s). The index tables and the scale
-    tensor are cached: no launch a call."""
+# default.json's cuda "fused" tile (the fused GEMM's tokens x columns) and tl.dot's least
+# width: with the shrink in its main loop each column tile computes the tile's s again, the
+# rank padded to MMA_MIN_N columns of MMA.
+FUSED_TILE_T, FUSED_TILE_N, MMA_MIN_N = 128, 256, 16
+
+
+def shrink_in_loop(case: Case) -> bool:
+    """Whether launch.forward_plan runs the shrink inside the fused GEMM (SHRINK): factor
+    mode over implicit rows whose length is a multiple of the token tile."""
+    length = case.tokens // case.rows
+    return (case.mix == "factor" and not case.packed and length > 0
+            and case.tokens % case.rows == 0 and length % FUSED_TILE_T == 0)
+
+
+def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "") -> list[Launch]:
+    """launch.run_forward: (mix A, mix B,) [zeros s,] shrink, then expand + addmm_; or, fused
+    ("fused" / "fused-epilogue"), one Triton GEMM whose epilogue adds bias + scale B_p s, the
+    shrink in its main loop where shrink_in_loop (never for "fused-epilogue"). The index
+    tables and the scale tensor are cached: no launch a call."""
     T, R, di, do, r, e = case.tokens, case.rows, case.d_in, case.d_out, case.rank, case.itemsize
     out: list[Launch] = []
     plan_bytes = 0.0
@@ -366,14 +383,25 @@ def _new_forward(case: Case, card: Card, base_first: bool, fused: bool = False) 
         width = case.k * r
         a_bytes = case.distinct_adapters() * r * di * e
         b_bytes = case.distinct_adapters() * do * r * e
+    in_loop = fused == "fused" and shrink_in_loop(case)
     split = _split_k(case, card, width)
-    if split > 1:
+    if split > 1 and not in_loop:
         out.append(_memset("fwd", f"zeros s (split-K {split})", T * width * 4))
-    out.append(_stream("fwd", f"shrink s = A x over {width} columns", "Triton",
-                       T * di * e + a_bytes + T * width * 4 * split + plan_bytes,
-                       flops=2.0 * T * width * di))
+    if not in_loop:
+        out.append(_stream("fwd", f"shrink s = A x over {width} columns", "Triton",
+                           T * di * e + a_bytes + T * width * 4 * split + plan_bytes,
+                           flops=2.0 * T * width * di))
     expand_in = T * width * 4 + b_bytes + plan_bytes + (do * e if case.bias else 0)
-    if fused:
+    if in_loop:
+        # A_p read (from L2 after the first tile of a row), s written by one column block.
+        redo = math.ceil(do / FUSED_TILE_N)
+        gemm = _gemm("fwd", "fused y = x W^T + bias + scale B_p (A_p x) (Triton GEMM, the "
+                     "shrink in its main loop, the expand in its epilogue)", T, do, di, e,
+                     eff=FUSED_EFF, engine="Triton")
+        out.append(replace(gemm, hbm_bytes=gemm.hbm_bytes + a_bytes + expand_in,
+                           flops=gemm.flops + 2.0 * T * MMA_MIN_N * di * redo
+                           + 2.0 * T * width * do))
+    elif fused:
         gemm = _gemm("fwd", "fused y = x W^T + bias + scale B_p s (Triton GEMM, expand in "
                      "the epilogue)", T, do, di, e, eff=FUSED_EFF, engine="Triton")
         out.append(replace(gemm, hbm_bytes=gemm.hbm_bytes + expand_in,
@@ -467,7 +495,9 @@ def _base(case: Case) -> list[Launch]:
     return out
 
 
-DESIGNS = ("base", "old", "new", "new-base-first", "new-ideal", "fused", "materialise+bmm")
+DESIGNS = ("base", "old", "new", "new-base-first", "new-ideal", "fused", "fused-epilogue",
+           "materialise+bmm")
+FUSED_DESIGNS = ("fused", "fused-epilogue")
 
 
 def _ideal(launches: list[Launch], case: Case) -> list[Launch]:
@@ -494,10 +524,11 @@ def predict(case: Case, design: str, card: Card = H100) -> list[Launch]:
         raise NotImplementedError("backward modelled for the dense factor mode only")
     if design == "old":
         return _old_forward(case) + (_old_backward(case) if case.mode == "fwd+bwd" else [])
-    if design in ("new", "new-base-first", "new-ideal", "fused"):
-        fused = design == "fused"
+    if design in ("new", "new-base-first", "new-ideal", *FUSED_DESIGNS):
+        fused = design if design in FUSED_DESIGNS else ""
         fwd = _new_forward(case, card, base_first=design == "new-base-first", fused=fused)
-        launches = fwd + (_new_backward(case, card, fused) if case.mode == "fwd+bwd" else [])
+        launches = fwd + (_new_backward(case, card, bool(fused)) if case.mode == "fwd+bwd"
+                          else [])
         return _ideal(launches, case) if design == "new-ideal" else launches
     raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
 
@@ -650,27 +681,6 @@ def fused_break_even(case: Case, card: Card, limit: float) -> float | None:
     return hi
 
 
-# A fused GEMM's N tile (its columns of y): with the shrink in its main loop each N tile
-# computes the tile's s again, the rank padded to tl.dot's 16 columns.
-FUSED_TILE_N, MMA_MIN_N = 256, 16
-
-
-def shrink_in_loop_ratio(case: Case, card: Card) -> float:
-    """`fused` with the shrink inside the GEMM's main loop too (x read once for both): the
-    shrink launch and its memset go, the GEMM does d_out / FUSED_TILE_N copies of a
-    MMA_MIN_N-column shrink more."""
-    launches = []
-    for x in predict(case, "fused", card):
-        if x.phase == "fwd" and x.name.startswith(("shrink", "zeros s")):
-            continue
-        if x.phase == "fwd" and x.name.startswith("fused"):
-            extra = 2.0 * case.tokens * MMA_MIN_N * case.d_in * math.ceil(
-                case.d_out / FUSED_TILE_N)
-            x = replace(x, flops=x.flops + extra)
-        launches.append(x)
-    return total_us(launches, card) / total_us(predict(case, "base", card), card)
-
-
 def _break_even_text(case: Case, limit: float) -> str:
     parts = []
     for card in (H100, H200):
@@ -712,19 +722,21 @@ def findings() -> list[str]:
         "fused kernel the issue allows as a second path. Output mode and the gathered mode add "
         "only small launches (the k*r = 128-column shrink is still one pass over x; the "
         "gathered mix reads ~248 distinct adapters, 16 MB per bank).",
-        f"- The fused design (`fused`: the expand and the bias in a Triton GEMM's epilogue, so "
-        f"y is written once and never read back; the shrink still one pass over x), with its "
-        f"main loop at cuBLAS's rate: dense factor forward {ratio(dense, 'fused', H100):.2f}x "
-        f"(H100), {ratio(dense, 'fused', H200):.2f}x (H200). The main-loop rate it needs, as "
-        f"a fraction of cuBLAS's: {_break_even_text(dense, t['dense factor fwd'].limit)} for "
-        f"the 1.10x forward; {_break_even_text(fb, t['dense factor fwd+bwd'].limit)} for the "
-        f"1.25x forward+backward (dx fused the same way). The old Triton GEMM reached "
-        f"{OLD_TRITON_GEMM_EFF / CUBLAS_EFF:.0%} (with x gathered through the sort order). "
-        f"With the shrink inside the main loop as well (x read once for both; each "
-        f"{FUSED_TILE_N}-column tile redoes it at {MMA_MIN_N} MMA columns, "
-        f"{MMA_MIN_N / FUSED_TILE_N:.1%} more tensor work): "
-        f"{shrink_in_loop_ratio(dense, H100):.2f}x (H100), "
-        f"{shrink_in_loop_ratio(dense, H200):.2f}x (H200) at cuBLAS's rate.",
+        f"- The fused GEMM with only the expand (and the bias) in its epilogue "
+        f"(`fused-epilogue`: y written once and never read back; the shrink still a pass over "
+        f"x), its main loop at cuBLAS's rate: dense factor forward "
+        f"{ratio(dense, 'fused-epilogue', H100):.2f}x (H100), "
+        f"{ratio(dense, 'fused-epilogue', H200):.2f}x (H200). With the shrink in its main loop "
+        f"too (`fused`, as launch.py plans it for x [R, L, d] with L a multiple of "
+        f"{FUSED_TILE_T}: x read once for both, each {FUSED_TILE_N}-column tile redoing the "
+        f"shrink at {MMA_MIN_N} MMA columns, {MMA_MIN_N / FUSED_TILE_N:.1%} more tensor "
+        f"work): {ratio(dense, 'fused', H100):.2f}x (H100), {ratio(dense, 'fused', H200):.2f}x "
+        f"(H200). The main-loop rate `fused` needs, as a fraction of cuBLAS's: "
+        f"{_break_even_text(dense, t['dense factor fwd'].limit)} for the 1.10x forward; "
+        f"{_break_even_text(fb, t['dense factor fwd+bwd'].limit)} for the 1.25x "
+        f"forward+backward (dx fused too, its shrink of g still a launch: v is needed whole "
+        f"by the segment sums). The old Triton GEMM reached "
+        f"{OLD_TRITON_GEMM_EFF / CUBLAS_EFF:.0%} (with x gathered through the sort order).",
         f"- Forward+backward: the backward makes five more passes (the shrink of g, the dx "
         f"expand's write, addmm_'s read of dx, the segment sums over g and over x), in "
         f"{launches_per_call(predict(fb, 'new', H100))} launches in all: "

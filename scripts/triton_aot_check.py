@@ -93,6 +93,9 @@ def cases():
              for layouts in [("implicit", "packed", "gathered")]]
     sizes += [(dtype, 1, 8, 512, 512, ("implicit", "gathered"))
               for dtype in (torch.float32, torch.bfloat16)]
+    # Rows of 128 tokens (a card's fused token tile): the fused GEMM's in-loop shrink.
+    sizes += [(dtype, 128, 2, 40, 24, ("implicit", "gathered"))
+              for dtype in (torch.float32, torch.bfloat16, torch.float16)]
     for dtype, length, rows, d_in, d_out, layouts in sizes:
         for mix in ("factor", "output"):
             for layout in layouts:

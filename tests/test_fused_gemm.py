@@ -124,3 +124,32 @@ def test_ragged_edges_and_zero_width():
     y = rk.lora_mix_linear(p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"],
                            p["adapter_w"], p["adapter_idx"], backend="triton")
     assert torch.equal(y, p["bias"].expand_as(y))
+
+
+@pytest.fixture
+def shrinks(monkeypatch):
+    return count_calls(monkeypatch, launch, "_run_shrink")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+@pytest.mark.parametrize("length", [64, 128])
+def test_shrink_in_the_main_loop(shrinks, dtype, dense, length):
+    """Factor mode over x [R, L, d] with L a multiple of the token tile (the interpreter's
+    fused tile: 64 tokens): the fused GEMM runs the shrink itself and writes s (poisoned
+    before), so the forward launches no shrink, and the backward, which reads that s, gives
+    the oracle's gradients. d_in 70: a ragged K (the A tile's mask)."""
+    if DEVICE == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is not a GPU target")
+    case = Case(rows=2, tokens_per_row=length, d_in=70, d_out=90, dense=dense)
+    check_against_reference(case, "triton", DEVICE, dtype)
+    assert len(shrinks) == 1  # the backward's v = B_p^T g only
+
+
+@pytest.mark.parametrize("case", [Case(rows=2, tokens_per_row=64, packed=True),
+                                  Case(rows=2, tokens_per_row=64, mix="output"),
+                                  Case(rows=2, tokens_per_row=40)],
+                         ids=["packed", "output-mode", "rows-off-the-tile"])
+def test_no_shrink_in_the_loop_where_a_tile_may_span_rows(shrinks, case):
+    check_against_reference(case, "triton", DEVICE, torch.float32)
+    assert len(shrinks) == 2  # the forward's and the backward's

@@ -69,16 +69,30 @@ def test_new_backward_launches():
     assert by_name(bwd, "dA = w^T").flops == 2 * M * RANK * D * R
 
 
-def test_fused_design_and_its_break_even():
-    launches = rl.predict(SPEC, "fused", rl.H100)
+def test_fused_designs_and_their_break_even():
+    launches = rl.predict(SPEC, "fused-epilogue", rl.H100)
     fused = by_name(launches, "fused")
     # The expand in the GEMM's epilogue: y written once, never read back; B_p and s read.
     assert fused.epilogue_bytes == T * D * 2
     assert fused.hbm_bytes == (T * D + D * D) * 2 + T * RANK * 4 + R * D * RANK * 2
     assert fused.flops == 2 * T * D * D + 2 * T * RANK * D
     assert not [x for x in launches if x.name.startswith(("expand", "base"))]
-    assert rl.launches_per_call(launches) == 5
-    assert rl.ratio(SPEC, "fused", rl.H100) < rl.ratio(SPEC, "new", rl.H100)
+    assert rl.launches_per_call(launches) == 5  # 2 mixes, memset, shrink, fused
+    assert rl.ratio(SPEC, "fused-epilogue", rl.H100) < rl.ratio(SPEC, "new", rl.H100)
+    # 128-token rows: the shrink runs in the GEMM's main loop (no shrink, no memset), each
+    # of the 16 column tiles redoing it at 16 MMA columns; A_p read too.
+    assert rl.shrink_in_loop(SPEC)
+    in_loop = rl.predict(SPEC, "fused", rl.H100)
+    assert [x.name.split()[0] for x in in_loop] == ["mix", "mix", "fused"]
+    gemm = by_name(in_loop, "fused")
+    assert gemm.flops == 2 * T * D * D + 2 * T * 16 * D * (D // 256) + 2 * T * RANK * D
+    assert gemm.hbm_bytes == fused.hbm_bytes + R * RANK * D * 2
+    assert rl.ratio(SPEC, "fused", rl.H100) < rl.ratio(SPEC, "fused-epilogue", rl.H100)
+    for case in (rl.Case("p", tokens=T, rows=R, packed=True),
+                 rl.Case("o", tokens=T, rows=R, mix="output"),
+                 rl.Case("s", tokens=T, rows=128)):  # 64-token rows: off the 128 tile
+        assert not rl.shrink_in_loop(case)
+        assert any(x.name.startswith("shrink") for x in rl.predict(case, "fused", rl.H100))
     # The break-even rate meets the limit, and a rate 1% below it does not.
     need = rl.fused_break_even(SPEC, rl.H200, 1.10)
     assert 0.5 < need < 1.0 / rl.CUBLAS_EFF
@@ -88,7 +102,6 @@ def test_fused_design_and_its_break_even():
                         rl.H200)
     assert at <= 1.10 * base < below
     assert rl.fused_break_even(SPEC, rl.H100, 0.9) is None  # not even at the bf16 peak
-    assert rl.shrink_in_loop_ratio(SPEC, rl.H100) < rl.ratio(SPEC, "fused", rl.H100)
 
 
 def test_gathered_mix_reads_distinct_adapters_from_dram():

@@ -223,12 +223,12 @@ def expand_kernel(
 @triton.jit
 def fused_linear_kernel(
     y_ptr, x_ptr, w_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, order_ptr, rows_ptr,
-    scale_ptr,
+    scale_ptr, a_ptr,
     n_tokens, N, K, rank, width, row_len,
     s_x_t, s_x_k, s_w_k, s_w_n, s_y_t, s_bias, s_u_t, s_f, s_n, s_c, s_src_r, s_src_j,
-    s_coef_r, s_coef_j,
+    s_coef_r, s_coef_j, s_a_f, s_a_c, s_a_k,
     HAS_BIAS: tl.constexpr, HAS_COEF: tl.constexpr, ORDERED: tl.constexpr,
-    IMPLICIT: tl.constexpr, EVEN_K: tl.constexpr,
+    IMPLICIT: tl.constexpr, EVEN_K: tl.constexpr, SHRINK: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
@@ -241,6 +241,11 @@ def fused_linear_kernel(
     Programs run token tiles in groups of GROUP_T per column block, so a group's x tiles and
     W's column blocks stay in L2 across it. Tokens are visited in row-sorted positions, as
     in the expand: x is gathered through `order` when the row ids were not sorted.
+
+    SHRINK (factor mode, every token tile inside one row): the shrink runs in the main loop
+    too, u = x A[src[row]]^T from the x tiles the GEMM loads anyway (x is read once for both),
+    and the expand in the epilogue takes it from registers; the programs of the first column
+    block store u (the backward's s). Otherwise u comes from a shrink launched before.
     """
     pid = tl.program_id(0)
     tiles_t = tl.cdiv(n_tokens, BLOCK_T)
@@ -262,6 +267,14 @@ def fused_linear_kernel(
     w_ptrs = w_ptr + kk[:, None] * s_w_k + o_in[None, :] * s_w_n
     acc_type = tl.float64 if ACC64 else tl.float32
     acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
+    first = pid_t * BLOCK_T
+    row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
+    cc = tl.arange(0, BLOCK_R)
+    c_mask = cc < rank
+    # SHRINK: the tile's one row, its factor and u's accumulator (unused otherwise).
+    f = tl.load(src_ptr + row_lo * s_src_r).to(tl.int64)
+    a_ptrs = a_ptr + f * s_a_f + cc[None, :] * s_a_c + kk[:, None] * s_a_k
+    u_acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=acc_type)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs)
@@ -271,15 +284,31 @@ def fused_linear_kernel(
             xt = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
             wt = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
         acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
+        if SHRINK:
+            if EVEN_K:
+                at = tl.load(a_ptrs, mask=c_mask[None, :], other=0.0)
+            else:
+                at = tl.load(a_ptrs, mask=c_mask[None, :] & k_in[:, None], other=0.0)
+            u_acc = _dot(xt, at, u_acc, DOT_FP32, IEEE)
+            a_ptrs += BLOCK_K * s_a_k
         x_ptrs += BLOCK_K * s_x_k
         w_ptrs += BLOCK_K * s_w_k
-    first = pid_t * BLOCK_T
-    row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
-    row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len, IMPLICIT)
     scale = tl.load(scale_ptr).to(acc_type)
-    acc = _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask, u_ptr, fac_ptr,
-                    src_ptr, coef_ptr, scale, rank, width, s_u_t, s_f, s_n, s_c, s_src_r,
-                    s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R, DOT_FP32, IEEE)
+    if SHRINK:
+        if pid_n == 0:
+            tl.store(u_ptr + tok[:, None] * s_u_t + cc[None, :],
+                     u_acc.to(u_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+        ft = tl.load(fac_ptr + f * s_f + o[None, :] * s_n + cc[:, None] * s_c,
+                     mask=o_mask[None, :] & c_mask[:, None], other=0.0)
+        # Rounded as the expand rounds u (stored in u's dtype, scaled, then ft's dtype).
+        ut = u_acc.to(u_ptr.dtype.element_ty).to(acc_type) * scale
+        acc = _dot(ut.to(ft.dtype), ft, acc, DOT_FP32, IEEE)
+    else:
+        row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len,
+                         IMPLICIT)
+        acc = _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask, u_ptr, fac_ptr,
+                        src_ptr, coef_ptr, scale, rank, width, s_u_t, s_f, s_n, s_c, s_src_r,
+                        s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R, DOT_FP32, IEEE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)[None, :]
     tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :], acc.to(y_ptr.dtype.element_ty),

@@ -16,10 +16,10 @@ x W^T and adds bias + the expand in its epilogue, y written once and never read 
 second path, on for a card only where it measured faster.)
 
 Backward, with the mixed factors the forward saved (not mixed again): v = B_p^T g (a shrink
-over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1; or the fused GEMM), per-row segment sums for dA_p
-and dB_p, and the transpose of the mixing (dense: GEMMs; gathered: one fp32 sum per adapter
-over the pairs sorted by adapter, written once in the bank's dtype). dW = g^T x and
-dbias = sum g only when asked (cuBLAS/MKL are at the roofline there).
+over g), dx = scale * A_p^T v then dx += g W (cuBLAS, beta = 1; or the fused GEMM), per-row
+segment sums for dA_p and dB_p, and the transpose of the mixing (dense: GEMMs; gathered: one
+fp32 sum per adapter over the pairs sorted by adapter, written once in the bank's dtype). dW =
+g^T x and dbias = sum g only when asked (cuBLAS/MKL are at the roofline there).
 
 Rows come as a RowPlan (reclora_kernels.plan), made once per batch: no sort and no host sync
 here.
@@ -289,8 +289,8 @@ def _fused(device: torch.device, tokens: int, rows: int) -> bool:
 
 @lru_cache(maxsize=1024)
 def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, ordered: bool,
-                implicit: bool, has_bias: bool, has_coef: bool, dtype: torch.dtype,
-                device: torch.device):
+                implicit: bool, has_bias: bool, has_coef: bool, shrink: bool,
+                dtype: torch.dtype, device: torch.device):
     """(grid, LaunchMeta) of a fused GEMM launch, once per shape and layout."""
     cfg = config("fused", device, tokens, rows)
     block_t, block_n, block_k = cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_K"]
@@ -298,7 +298,7 @@ def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, orde
     stage_bytes = (block_t + block_n) * block_k * dtype.itemsize
     meta = launch_meta(kernels.fused_linear_kernel, HAS_BIAS=has_bias, HAS_COEF=has_coef,
                        ORDERED=ordered, IMPLICIT=implicit, EVEN_K=depth % block_k == 0,
-                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+                       SHRINK=shrink, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
                        BLOCK_R=_pow2_block(width, cfg["MAX_BLOCK_R"]), GROUP_T=cfg["GROUP_T"],
                        **_flags(dtype), **_launch_opts(cfg, stage_bytes, device))
     return grid, meta
@@ -307,27 +307,41 @@ def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, orde
 def _fused_launch(tokens: int, n_out: int, depth: int, x_strides: tuple, w_kn_strides: tuple,
                   bias_stride: int | None, fac_strides: tuple, src_strides: tuple,
                   coef_strides: tuple | None, plan_key: tuple, slots: int, rank: int,
-                  dtype: torch.dtype, device: torch.device) -> Launch | None:
+                  dtype: torch.dtype, device: torch.device,
+                  a_strides: tuple | None = None) -> Launch | None:
     """The fused GEMM's Launch: y [T, N] (contiguous) = x W + bias + the expand of u
-    (contiguous [T, slots, rank]); w_kn_strides: W[k, o]'s strides. None when y is empty."""
+    (contiguous [T, slots, rank]); w_kn_strides: W[k, o]'s strides. a_strides: A[f, c, k]'s,
+    to run the shrink in the main loop (the kernel's SHRINK; it writes u). None when y is
+    empty."""
     if tokens == 0 or n_out == 0:
         return None
     rows, row_len, ordered, implicit = plan_key
     width = slots * rank
     grid, meta = _fused_spec(tokens, n_out, depth, width, rows, ordered, implicit,
-                             bias_stride is not None, coef_strides is not None, dtype, device)
+                             bias_stride is not None, coef_strides is not None,
+                             a_strides is not None, dtype, device)
     ints = (tokens, n_out, depth, rank, width, max(row_len, 1), *x_strides, *w_kn_strides,
             n_out, 0 if bias_stride is None else bias_stride, width, *fac_strides,
-            *src_strides, *(coef_strides if coef_strides is not None else (0, 0)))
+            *src_strides, *(coef_strides if coef_strides is not None else (0, 0)),
+            *(a_strides if a_strides is not None else (0, 0, 0)))
     return Launch(meta, grid, ints)
 
 
+@lru_cache(maxsize=256)
+def _shrink_in_loop(device: torch.device, tokens: int, rows: int, row_len: int) -> bool:
+    """Whether the fused GEMM may run the shrink in its main loop for implicit rows of
+    row_len tokens: the card's fused entry asks for it (SHRINK) and every token tile lies
+    inside one row."""
+    cfg = config("fused", device, tokens, rows)
+    return bool(cfg.get("SHRINK", False)) and row_len > 0 and row_len % cfg["BLOCK_T"] == 0
+
+
 def _run_fused(launch: Launch, y, x, weight, bias, u, fac, table, coef, plan: RowPlan,
-               scale_t) -> None:
+               scale_t, a=None) -> None:
     order, sorted_rows = _plan_ptrs(plan, table)
     run_kernel(launch.meta, launch.grid, y, x, weight, bias if bias is not None else y, u, fac,
                table, coef if coef is not None else u, order, sorted_rows, scale_t,
-               *launch.ints)
+               a if a is not None else u, *launch.ints)
 
 
 # How a plan makes y = base + LoRA: the expand writes y and cuBLAS adds x W^T (beta = 1);
@@ -345,13 +359,14 @@ def _order(device: torch.device, tokens: int, rows: int) -> str:
 def _lora_output_launch(order: str, tokens: int, n_out: int, depth: int, x_strides: tuple,
                         w_kn_strides: tuple, bias_stride: int | None, fac_strides: tuple,
                         src_strides: tuple, coef_strides: tuple | None, plan_key: tuple,
-                        slots: int, rank: int, dtype: torch.dtype,
-                        device: torch.device) -> Launch | None:
-    """The Launch that writes the LoRA part (and the bias, but base first) of y for `order`."""
+                        slots: int, rank: int, dtype: torch.dtype, device: torch.device,
+                        a_strides: tuple | None = None) -> Launch | None:
+    """The Launch that writes the LoRA part (and the bias, but base first) of y for `order`
+    (a_strides: the fused GEMM's in-loop shrink, see _fused_launch)."""
     if order == ORDER_FUSED:
         return _fused_launch(tokens, n_out, depth, x_strides, w_kn_strides, bias_stride,
                              fac_strides, src_strides, coef_strides, plan_key, slots, rank,
-                             dtype, device)
+                             dtype, device, a_strides)
     base_first = order == ORDER_BASE_FIRST
     return _expand_launch(tokens, n_out, None if base_first else bias_stride, fac_strides,
                           src_strides, coef_strides, plan_key, slots, rank, base_first, dtype,
@@ -359,15 +374,16 @@ def _lora_output_launch(order: str, tokens: int, n_out: int, depth: int, x_strid
 
 
 def _base_and_expand(x, weight, w_t: bool, bias, order: str, launch: Launch | None,
-                     n_out: int, u, fac, table, coef, plan: RowPlan, scale: float):
+                     n_out: int, u, fac, table, coef, plan: RowPlan, scale: float, a=None):
     """lora_linear with its expand (or fused GEMM) Launch worked out (`launch` None: nothing
-    to launch); `order` is a plan's ORDER_* choice."""
+    to launch); `order` is a plan's ORDER_* choice; `a`: the factors of a fused GEMM that
+    runs the shrink in its main loop (it then writes u)."""
     mat = weight if w_t else weight.t()
     if order == ORDER_FUSED:
         y = new_output((x.shape[0], n_out), device=x.device, dtype=x.dtype)
         if launch is not None:
             _run_fused(launch, y, x, weight, bias, u, fac, table, coef, plan,
-                       _scale_tensor(scale, y))
+                       _scale_tensor(scale, y), a)
         return y
     if order == ORDER_BASE_FIRST:
         y = torch.addmm(bias, x, mat) if bias is not None else x @ mat
@@ -543,13 +559,21 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
         src, slots, coef = (1, 0), 1, None
     else:
         src, coef = ((0, 1) if idx_strides is None else idx_strides), w_strides
-    shrink_, zeroed = _shrink_launch(tokens, d_in, x_strides, _a_as_shrink(a_strides), src,
-                                     plan_key, slots, rank, dtype, device)
     order = _order(device, tokens, rows)
+    _, row_len, _, implicit = plan_key
+    # Factor mode over implicit rows: the fused GEMM may run the shrink itself (x read once).
+    in_loop = (order == ORDER_FUSED and mix_mode == 0 and implicit and tokens > 0
+               and d_out > 0 and _shrink_in_loop(device, tokens, rows, row_len))
+    if in_loop:
+        shrink_, zeroed = None, False  # the fused GEMM writes s
+    else:
+        shrink_, zeroed = _shrink_launch(tokens, d_in, x_strides, _a_as_shrink(a_strides), src,
+                                         plan_key, slots, rank, dtype, device)
     # y = x W^T: the fused GEMM reads W[k, o] = weight[o, k].
     expand_ = _lora_output_launch(order, tokens, d_out, d_in, x_strides, weight_strides[::-1],
                                   bias_stride, _b_as_expand(b_strides), src, coef, plan_key,
-                                  slots, rank, dtype, device)
+                                  slots, rank, dtype, device,
+                                  _a_as_shrink(a_strides) if in_loop else None)
     return ForwardPlan(mix_mode, (tokens, slots, rank), zeroed, _acc_dtype(dtype), shrink_,
                        order, expand_, d_out)
 
@@ -596,7 +620,7 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
     if fp.shrink is not None:
         _run_shrink(fp.shrink, x, fa, table, s, plan)
     y = _base_and_expand(x, weight, False, bias, fp.order, fp.expand, fp.d_out, s, fb,
-                         table, coef, plan, scale)
+                         table, coef, plan, scale, fa)
     if fp.mix_mode == 0:
         return y, s, fa, fb  # the mixed factors are saved: the backward does not re-mix
     return y, s, None, None
@@ -753,5 +777,6 @@ def clear_plans() -> None:
     """Forget every launch plan worked out so far: they depend on the tile tables, which
     card_plan.use_card_tables replaces."""
     for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _base_first,
-                    _fused, _fused_spec, _outer_spec, forward_plan, backward_plan):
+                    _fused, _fused_spec, _shrink_in_loop,
+                    _outer_spec, forward_plan, backward_plan):
         planned.cache_clear()
