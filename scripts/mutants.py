@@ -230,7 +230,7 @@ MUTANTS = [
            TRITON_TESTS, "expand: every output tile writes columns 0-63 (d_out > 64)", nth=0),
     Mutant("triton", "reclora_kernels/triton/kernels.py",
            "o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)", "o = tl.arange(0, BLOCK_O)",
-           TRITON_TESTS, "bank gradient: every o tile writes rows 0-63 (d > 64)"),
+           TRITON_TESTS, "bank gradient: every o tile writes rows 0-63 (d > 64)", nth=0),
     Mutant("triton", "reclora_kernels/triton/launch.py",
            "x.shape[0], x.shape[1], x.stride(), weight.shape[0],",
            "x.shape[0], x.shape[1], (x.stride(0), 1), weight.shape[0],",
@@ -373,6 +373,18 @@ MUTANTS = [
            ' and row_len % cfg["BLOCK_T"] == 0', "",
            "tests/test_fused_gemm.py",
            "in-loop shrink where a token tile spans rows (one row's factor for all)"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "        tl.atomic_add(v_ptr + tok[:, None] * s_v_t + cc[None, :],",
+           "        tl.store(v_ptr + tok[:, None] * s_v_t + cc[None, :],",
+           "tests/test_grad_pass.py", "one pass over g: v stored per o tile, not summed"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "             (acc * scale).to(d_ptr.dtype.element_ty), mask=o_mask[:, None]",
+           "             acc.to(d_ptr.dtype.element_ty), mask=o_mask[:, None]",
+           "tests/test_grad_pass.py", "one pass over g: dB_p unscaled"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "        v = torch.zeros(bp.v_shape, device=x.device, dtype=acc)\n",
+           "        v = new_output(bp.v_shape, device=x.device, dtype=acc)\n",
+           "tests/test_grad_pass.py", "one pass over g: v summed into an unzeroed buffer"),
 ]
 
 

@@ -128,7 +128,10 @@ def test_ragged_edges_and_zero_width():
 
 @pytest.fixture
 def shrinks(monkeypatch):
-    return count_calls(monkeypatch, launch, "_run_shrink")
+    """Launches that shrink x or g: the shrink kernel's, and the backward's one pass over g
+    (v with dB_p, factor mode)."""
+    return (count_calls(monkeypatch, launch, "_run_shrink"),
+            count_calls(monkeypatch, launch, "_run_grad_pass"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -143,7 +146,7 @@ def test_shrink_in_the_main_loop(shrinks, dtype, dense, length):
         pytest.skip("float64 is not a GPU target")
     case = Case(rows=2, tokens_per_row=length, d_in=70, d_out=90, dense=dense)
     check_against_reference(case, "triton", DEVICE, dtype)
-    assert len(shrinks) == 1  # the backward's v = B_p^T g only
+    assert sum(map(len, shrinks)) == 1  # the backward's v = B_p^T g only
 
 
 @pytest.mark.parametrize("case", [Case(rows=2, tokens_per_row=64, packed=True),
@@ -152,4 +155,4 @@ def test_shrink_in_the_main_loop(shrinks, dtype, dense, length):
                          ids=["packed", "output-mode", "rows-off-the-tile"])
 def test_no_shrink_in_the_loop_where_a_tile_may_span_rows(shrinks, case):
     check_against_reference(case, "triton", DEVICE, torch.float32)
-    assert len(shrinks) == 2  # the forward's and the backward's
+    assert sum(map(len, shrinks)) == 2  # the forward's and the backward's

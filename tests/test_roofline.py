@@ -58,12 +58,17 @@ def test_new_forward_launches():
 def test_new_backward_launches():
     case = rl.Case("fb", tokens=T, rows=R, mode="fwd+bwd")
     bwd = [x for x in rl.predict(case, "new", rl.H100) if x.phase == "bwd"]
-    # launch.backward, dense factor, grads to x, banks and w: memset v, shrink of g, dx
-    # expand, dx addmm_, two owned segment sums, 4 GEMMs of the mixing's transpose.
-    assert len(bwd) == 10 and rl.launches_per_call(bwd) == 10
+    # launch.backward, dense factor, grads to x, banks and w: memset v, the one pass over g
+    # (v and dB_p), dx expand, dx addmm_, dA_p's owned segment sum, 4 GEMMs of the mixing's
+    # transpose.
+    assert len(bwd) == 9 and rl.launches_per_call(bwd) == 9
     assert not [x for x in bwd if x.engine == "torch" and not x.name.startswith("zeros v")]
-    db = by_name(bwd, "dB_p")
-    assert db.hbm_bytes == T * D * 2 + T * RANK * 4 + R * D * RANK * 2  # stored in bf16
+    one_pass = by_name(bwd, "v = B_p^T g, dB_p")
+    # g once, B_p read, s read, dB_p stored in bf16; v's atomic adds (one per o tile of the
+    # H100's 64 columns) land in L2.
+    assert one_pass.hbm_bytes == T * D * 2 + R * D * RANK * 2 + T * RANK * 4 + R * D * RANK * 2
+    assert one_pass.l2_bytes == T * RANK * 4 * (D // 64)
+    assert not [x for x in bwd if x.name.startswith(("dB_p", "v = B_p^T g (shrink"))]
     dw = by_name(bwd, "dw += dB_p")
     assert dw.epilogue_bytes == 2 * R * M * 2  # addmm into dA_p A^T: beta = 1
     assert by_name(bwd, "dA = w^T").flops == 2 * M * RANK * D * R

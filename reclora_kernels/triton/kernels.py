@@ -377,6 +377,62 @@ def segment_outer_kernel(
 
 
 @triton.jit
+def grad_pass_kernel(
+    g_ptr, s_ptr, fac_ptr, src_ptr, v_ptr, d_ptr, order_ptr, row_start_ptr, scale_ptr,
+    O, rank, row_len,
+    s_g_t, s_g_o, s_s_t, s_src_r, s_f, s_n, s_c, s_v_t, s_d_f, s_d_o, s_d_c,
+    ORDERED: tl.constexpr, IMPLICIT: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
+):
+    """Factor mode's one pass over the output gradient g, per (row b, o tile):
+
+        v[n, c] += sum_{o in tile} g[n, o] F[src[b], o, c]          (n in row b)
+        D[b, o, c] = scale * sum_{n in row b} g[n, o] s[n, c]
+
+    v (the shrink of g, unscaled) gets one atomic add per o tile into a zeroed buffer; D (the
+    row's factor gradient dB_p) is the program's own block, stored. The two read the same g
+    tiles, so g is read once where the shrink and the segment sums read it twice.
+    """
+    row = tl.program_id(0)
+    pid_o = tl.program_id(1)
+    if IMPLICIT:
+        start = row * row_len
+        end = start + row_len
+    else:
+        start = tl.load(row_start_ptr + row)
+        end = tl.load(row_start_ptr + row + 1)
+    acc_type = tl.float64 if ACC64 else tl.float32
+    o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_mask = o < O
+    cc = tl.arange(0, BLOCK_R)
+    c_mask = cc < rank
+    f = tl.load(src_ptr + row * s_src_r).to(tl.int64)
+    ft = tl.load(fac_ptr + f * s_f + o[:, None] * s_n + cc[None, :] * s_c,
+                 mask=o_mask[:, None] & c_mask[None, :], other=0.0)
+    tt = tl.arange(0, BLOCK_T)
+    acc = tl.zeros([BLOCK_O, BLOCK_R], dtype=acc_type)
+    for t0 in range(start, end, BLOCK_T):
+        pos = t0 + tt
+        t_mask = pos < end
+        if ORDERED:
+            tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+        else:
+            tok = tl.where(t_mask, pos, 0).to(tl.int64)
+        gt = tl.load(g_ptr + tok[:, None] * s_g_t + o[None, :] * s_g_o,
+                     mask=t_mask[:, None] & o_mask[None, :], other=0.0)
+        st = tl.load(s_ptr + tok[:, None] * s_s_t + cc[None, :],
+                     mask=t_mask[:, None] & c_mask[None, :], other=0.0)
+        acc = _dot(tl.trans(gt), st.to(gt.dtype), acc, DOT_FP32, IEEE)
+        vt = _dot(gt, ft, tl.zeros([BLOCK_T, BLOCK_R], dtype=acc_type), DOT_FP32, IEEE)
+        tl.atomic_add(v_ptr + tok[:, None] * s_v_t + cc[None, :],
+                      vt.to(v_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
+    scale = tl.load(scale_ptr).to(acc_type)
+    tl.store(d_ptr + f * s_d_f + o[:, None] * s_d_o + cc[None, :] * s_d_c,
+             (acc * scale).to(d_ptr.dtype.element_ty), mask=o_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
 def mix_weight_grad_kernel(
     dmix_ptr, bank_ptr, idx_ptr, dw_ptr, size, slots, s_bank_m, s_idx_r, s_idx_j,
     BLOCK: tl.constexpr,

@@ -441,6 +441,48 @@ def _run_outer(launch: Launch, p, q, table, coef, out, plan: RowPlan, scale_t) -
                order, row_start, scale_t, *launch.ints)
 
 
+@lru_cache(maxsize=1024)
+def _grad_pass_spec(tokens: int, rows: int, rank: int, d_out: int, ordered: bool,
+                    implicit: bool, dtype: torch.dtype, device: torch.device):
+    """(grid, LaunchMeta) of a grad_pass launch (the outer kernel's tiles), or None where the
+    card's outer entry turns the one pass off (ONE_PASS)."""
+    cfg = config("outer", device, tokens, rows)
+    if not cfg.get("ONE_PASS", False):
+        return None
+    block_r = _pow2_block(rank, cfg["MAX_BLOCK_R"])
+    grid = (rows, _cdiv(d_out, cfg["BLOCK_O"]))
+    stage_bytes = (cfg["BLOCK_O"] + block_r) * cfg["BLOCK_T"] * dtype.itemsize
+    meta = launch_meta(kernels.grad_pass_kernel, ORDERED=ordered, IMPLICIT=implicit,
+                       BLOCK_T=cfg["BLOCK_T"], BLOCK_O=cfg["BLOCK_O"], BLOCK_R=block_r,
+                       **_flags(dtype), **_launch_opts(cfg, stage_bytes, device))
+    return grid, meta
+
+
+def _grad_pass_launch(tokens: int, d_out: int, g_strides: tuple, s_row_stride: int,
+                      b_strides: tuple, plan_key: tuple, rank: int, db_strides: tuple,
+                      dtype: torch.dtype, device: torch.device) -> Launch | None:
+    """Factor mode's one pass over g (grad_pass_kernel): v += B_p^T g into a zeroed
+    contiguous v [T, 1, rank] and dB_p [R, d_out, rank] (db_strides) stored; b_strides: the
+    mixed B_p's. None where there is nothing to sum or the card's table turns it off."""
+    rows, row_len, ordered, implicit = plan_key
+    if tokens == 0 or rows == 0 or d_out == 0:
+        return None
+    spec = _grad_pass_spec(tokens, rows, rank, d_out, ordered, implicit, dtype, device)
+    if spec is None:
+        return None
+    grid, meta = spec
+    ints = (d_out, rank, max(row_len, 1), *g_strides, s_row_stride, 1, *b_strides, rank,
+            *db_strides)
+    return Launch(meta, grid, ints)
+
+
+def _run_grad_pass(launch: Launch, g, s, fac, table, v, d, plan: RowPlan, scale_t) -> None:
+    order = plan.order if plan.order is not None else table
+    row_start = plan.row_start if plan.row_start is not None else table
+    run_kernel(launch.meta, launch.grid, g, s, fac, table, v, d, order, row_start, scale_t,
+               *launch.ints)
+
+
 def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx,
                           need_a: bool, need_b: bool, need_w: bool):
     """The transpose of a gathered mixing: dA[m] = sum of w * dA_p over the pairs that
@@ -663,6 +705,7 @@ class BackwardPlan(NamedTuple):
     db: Launch | None  # sum over each row's tokens of g (x) s
     da_shape: tuple
     da: Launch | None  # sum over each row's tokens of x (x) v
+    vdb: Launch | None  # factor mode: v and dB_p in one pass over g (replaces v and db)
 
 
 @lru_cache(maxsize=1024)
@@ -695,7 +738,12 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
     da = _outer_launch(tokens, d_in, x_strides, _contiguous_strides(v_shape)[0], src, coef,
                        plan_key, slots, rank, _a_as_expand(_contiguous_strides(da_shape)),
                        owned, dtype, device)
-    return BackwardPlan(v_shape, v_zeroed, v, order, dx, db_shape, db, da_shape, da)
+    vdb = None
+    if mix_mode == 0:
+        vdb = _grad_pass_launch(tokens, d_out, g_strides, s_row_stride, b_strides, plan_key,
+                                rank, _b_as_expand(_contiguous_strides(db_shape)), dtype,
+                                device)
+    return BackwardPlan(v_shape, v_zeroed, v, order, dx, db_shape, db, da_shape, da, vdb)
 
 
 def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapter_idx, s, mixed,
@@ -725,19 +773,25 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     scale_t = _scale_tensor(scale, x)
     dx = da = db = dw = da_fac = db_fac = None
 
-    if need_x or need_da or need_w:
+    # Dense factor mode: the row's factor gradients go straight into GEMMs over the bank
+    # (_dense_mix_backward), so they are stored in x's dtype, as the forward's mixed factors
+    # are: no fp32 buffers and no casts of the bank, of dA_p, dB_p, or of the results.
+    owned = mix_mode == 0  # each row's own factor: the segment sums store (backward_plan)
+    fac_dtype = x.dtype if owned and adapter_idx is None else acc
+    need_v = need_x or need_da or need_w
+    one_pass = bp.vdb is not None and need_v and need_db
+    if one_pass:  # factor mode: v and dB_p from one read of g
+        v = torch.zeros(bp.v_shape, device=x.device, dtype=acc)
+        db_fac = new_output(bp.db_shape, device=x.device, dtype=fac_dtype)
+        _run_grad_pass(bp.vdb, g, s, fb, table, v, db_fac, plan, scale_t)
+    elif need_v:
         v = (torch.zeros if bp.v_zeroed else new_output)(bp.v_shape, device=x.device, dtype=acc)
         if bp.v is not None:
             _run_shrink(bp.v, g, fb, table, v, plan)  # B^T g
     if need_x:
         dx = _base_and_expand(g, weight, True, None, bp.order, bp.dx, x.shape[1], v, fa,
                               table, coef, plan, scale)
-    # Dense factor mode: the row's factor gradients go straight into GEMMs over the bank
-    # (_dense_mix_backward), so they are stored in x's dtype, as the forward's mixed factors
-    # are: no fp32 buffers and no casts of the bank, of dA_p, dB_p, or of the results.
-    owned = mix_mode == 0  # each row's own factor: the segment sums store (backward_plan)
-    fac_dtype = x.dtype if owned and adapter_idx is None else acc
-    if need_db:
+    if need_db and not one_pass:
         db_fac = _factor_grad(bp.db, bp.db_shape, owned, fac_dtype, x.device, g, s,
                               table, coef, plan, scale_t)
     if need_da:
@@ -777,6 +831,6 @@ def clear_plans() -> None:
     """Forget every launch plan worked out so far: they depend on the tile tables, which
     card_plan.use_card_tables replaces."""
     for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _base_first,
-                    _fused, _fused_spec, _shrink_in_loop,
+                    _fused, _fused_spec, _shrink_in_loop, _grad_pass_spec,
                     _outer_spec, forward_plan, backward_plan):
         planned.cache_clear()
