@@ -88,6 +88,19 @@ def _row_of(rows_ptr, p, row_len, IMPLICIT: tl.constexpr):
 
 
 @triton.jit
+def _row_span(row_start_ptr, row, row_len, IMPLICIT: tl.constexpr):
+    """[start, end) of row `row`'s sorted positions: [row*L, (row+1)*L) for implicit rows,
+    else row_start[row], row_start[row + 1]. One type on both branches (see _row_of)."""
+    if IMPLICIT:
+        start = (row * row_len).to(tl.int64)
+        end = start + row_len
+    else:
+        start = tl.load(row_start_ptr + row).to(tl.int64)
+        end = tl.load(row_start_ptr + row + 1).to(tl.int64)
+    return start, end
+
+
+@triton.jit
 def shrink_kernel(
     x_ptr, fac_ptr, src_ptr, out_ptr, order_ptr, rows_ptr,
     n_tokens, K, rank, width, row_len,
@@ -335,12 +348,7 @@ def segment_outer_kernel(
     row = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_o = tl.program_id(2)
-    if IMPLICIT:
-        start = row * row_len
-        end = start + row_len
-    else:
-        start = tl.load(row_start_ptr + row)
-        end = tl.load(row_start_ptr + row + 1)
+    start, end = _row_span(row_start_ptr, row, row_len, IMPLICIT)
     acc_type = tl.float64 if ACC64 else tl.float32
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < O
@@ -396,12 +404,7 @@ def grad_pass_kernel(
     """
     row = tl.program_id(0)
     pid_o = tl.program_id(1)
-    if IMPLICIT:
-        start = row * row_len
-        end = start + row_len
-    else:
-        start = tl.load(row_start_ptr + row)
-        end = tl.load(row_start_ptr + row + 1)
+    start, end = _row_span(row_start_ptr, row, row_len, IMPLICIT)
     acc_type = tl.float64 if ACC64 else tl.float32
     o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_mask = o < O
