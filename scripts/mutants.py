@@ -356,7 +356,7 @@ MUTANTS = [
            "d_in, x_strides, weight_strides[::-1],", "d_in, x_strides, weight_strides,",
            "tests/test_fused_gemm.py", "fused forward: W read untransposed"),
     Mutant("triton", "reclora_kernels/triton/launch.py",
-           "_fused, _fused_spec, _shrink_in_loop,", "_fused_spec, _shrink_in_loop,",
+           "_expand_spec, _order,", "_expand_spec,",
            "tests/test_fused_gemm.py -k runs",
            "new tile tables keep the fused/unfused choice made with the old ones"),
     Mutant("triton", "reclora_kernels/triton/kernels.py",

@@ -58,15 +58,23 @@ def mix_factors_kernel(
 
 
 @triton.jit
+def _token_ids(order_ptr, pos, t_mask, ORDERED: tl.constexpr):
+    """Token ids (int64) of sorted positions `pos`: the argsort order's entries when the row
+    ids were not sorted, else the positions themselves; masked-off positions get token 0."""
+    if ORDERED:
+        tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
+    else:
+        tok = tl.where(t_mask, pos, 0).to(tl.int64)
+    return tok
+
+
+@triton.jit
 def _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len,
                 ORDERED: tl.constexpr, IMPLICIT: tl.constexpr):
     """(token id, row) of sorted positions `pos`. Implicit rows (x [R, L, d]) need no memory:
     token = pos, row = pos // L. Sorted packed rows read the row ids; unsorted ones also the
     argsort order. Masked-off positions get row -1."""
-    if ORDERED:
-        tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
-    else:
-        tok = tl.where(t_mask, pos, 0).to(tl.int64)
+    tok = _token_ids(order_ptr, pos, t_mask, ORDERED)
     if IMPLICIT:
         row = tl.where(t_mask, pos // row_len, -1)
     else:
@@ -366,10 +374,7 @@ def segment_outer_kernel(
     for t0 in range(start, end, BLOCK_T):
         pos = t0 + tt
         t_mask = pos < end
-        if ORDERED:
-            tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
-        else:
-            tok = tl.where(t_mask, pos, 0).to(tl.int64)
+        tok = _token_ids(order_ptr, pos, t_mask, ORDERED)
         pt = tl.load(p_ptr + tok[None, :] * s_p_t + o[:, None] * s_p_o,
                      mask=t_mask[None, :] & o_mask[:, None], other=0.0)
         qt = tl.load(q_ptr + tok[:, None] * s_q_t + col[None, :],
@@ -418,10 +423,7 @@ def grad_pass_kernel(
     for t0 in range(start, end, BLOCK_T):
         pos = t0 + tt
         t_mask = pos < end
-        if ORDERED:
-            tok = tl.load(order_ptr + pos, mask=t_mask, other=0).to(tl.int64)
-        else:
-            tok = tl.where(t_mask, pos, 0).to(tl.int64)
+        tok = _token_ids(order_ptr, pos, t_mask, ORDERED)
         gt = tl.load(g_ptr + tok[:, None] * s_g_t + o[None, :] * s_g_o,
                      mask=t_mask[:, None] & o_mask[None, :], other=0.0)
         st = tl.load(s_ptr + tok[:, None] * s_s_t + cc[None, :],

@@ -275,18 +275,6 @@ def _run_expand(launch: Launch, y, bias, u, fac, table, coef, plan: RowPlan, sca
                coef if coef is not None else u, order, sorted_rows, scale_t, *launch.ints)
 
 
-@lru_cache(maxsize=256)
-def _base_first(device: torch.device, tokens: int, rows: int) -> bool:
-    return bool(config("expand", device, tokens, rows).get("base_first", False))
-
-
-@lru_cache(maxsize=256)
-def _fused(device: torch.device, tokens: int, rows: int) -> bool:
-    """Whether the card's table takes the fused GEMM (base + expand in one Triton kernel)
-    for this size class; it wins over base_first."""
-    return bool(config("expand", device, tokens, rows).get("fused", False))
-
-
 @lru_cache(maxsize=1024)
 def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, ordered: bool,
                 implicit: bool, has_bias: bool, has_coef: bool, shrink: bool,
@@ -350,10 +338,13 @@ def _run_fused(launch: Launch, y, x, weight, bias, u, fac, table, coef, plan: Ro
 ORDER_EXPAND_FIRST, ORDER_BASE_FIRST, ORDER_FUSED = "expand-first", "base-first", "fused"
 
 
+@lru_cache(maxsize=256)
 def _order(device: torch.device, tokens: int, rows: int) -> str:
-    if _fused(device, tokens, rows):
+    """The card's ORDER_* for this size class (expand.fused wins over expand.base_first)."""
+    cfg = config("expand", device, tokens, rows)
+    if cfg.get("fused", False):
         return ORDER_FUSED
-    return ORDER_BASE_FIRST if _base_first(device, tokens, rows) else ORDER_EXPAND_FIRST
+    return ORDER_BASE_FIRST if cfg.get("base_first", False) else ORDER_EXPAND_FIRST
 
 
 def _lora_output_launch(order: str, tokens: int, n_out: int, depth: int, x_strides: tuple,
@@ -434,9 +425,16 @@ def _outer_launch(tokens: int, width_o: int, p_strides: tuple, q_row_stride: int
     return Launch(meta, grid, ints)
 
 
+def _segment_ptrs(plan: RowPlan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, row_start) pointers of the per-row kernels; a dummy where the layout needs
+    none (never read)."""
+    order = plan.order if plan.order is not None else like
+    row_start = plan.row_start if plan.row_start is not None else like
+    return order, row_start
+
+
 def _run_outer(launch: Launch, p, q, table, coef, out, plan: RowPlan, scale_t) -> None:
-    order = plan.order if plan.order is not None else table
-    row_start = plan.row_start if plan.row_start is not None else table
+    order, row_start = _segment_ptrs(plan, table)
     run_kernel(launch.meta, launch.grid, p, q, table, coef if coef is not None else q, out,
                order, row_start, scale_t, *launch.ints)
 
@@ -477,8 +475,7 @@ def _grad_pass_launch(tokens: int, d_out: int, g_strides: tuple, s_row_stride: i
 
 
 def _run_grad_pass(launch: Launch, g, s, fac, table, v, d, plan: RowPlan, scale_t) -> None:
-    order = plan.order if plan.order is not None else table
-    row_start = plan.row_start if plan.row_start is not None else table
+    order, row_start = _segment_ptrs(plan, table)
     run_kernel(launch.meta, launch.grid, g, s, fac, table, v, d, order, row_start, scale_t,
                *launch.ints)
 
@@ -830,7 +827,7 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
 def clear_plans() -> None:
     """Forget every launch plan worked out so far: they depend on the tile tables, which
     card_plan.use_card_tables replaces."""
-    for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _base_first,
-                    _fused, _fused_spec, _shrink_in_loop, _grad_pass_spec,
+    for planned in (_mix_spec, _bank_grad_specs, _shrink_spec, _expand_spec, _order,
+                    _fused_spec, _shrink_in_loop, _grad_pass_spec,
                     _outer_spec, forward_plan, backward_plan):
         planned.cache_clear()
