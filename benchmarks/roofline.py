@@ -7,14 +7,18 @@ FLOPs from the sizes, and its predicted time on an H100 SXM and an H200 (issue 1
 Designs modelled:
 - "old": the Triton backend at a52e29a (a Triton GEMM fusing base + expand; an argsort row
   plan built in every forward and again in the backward; per-row mixing kernels).
-- "new": the cuBLAS-anchored design as the code stands (65d7597): mix A, mix B (dense: two
-  GEMMs), a Triton shrink (one pass over x; a memset first where d_in is split), a Triton
+- "new": the cuBLAS-anchored design as the code stands: mix A, mix B (dense: one Triton
+  launch for both, which also zeroes the shrink's split-K accumulator; gathered: a Triton
+  gather each), a Triton shrink (one pass over x; a memset first where d_in is split and the
+  mixing did not zero it), a Triton
   expand that writes y once (bias + LoRA), then cuBLAS y.addmm_(x, W^T), beta = 1. The
   backward uses the saved mixed factors, stores the factor gradients in x's dtype from the
   program that owns the row, and transposes the mixing in 4 GEMMs. Cached index tables and
   scale tensors cost no launch.
 - "new-base-first": the same with the config switch `base_first`: y = x W^T (+ bias) by cuBLAS
   first, then the expand reads y and adds into it.
+- "new-gemm-mix": "new" with the config switch mix.ONE_LAUNCH off: the dense mixing as two
+  cuBLAS GEMMs and the split-K zeros as a memset (the design before the one-launch mix).
 - "new-ideal": the floor of "new": streaming kernels at 100% of peak HBM, no fixed cost per
   launch, cuBLAS's beta = 1 read of C hidden.
 - "fused-epilogue": "new" with the expand (and the bias) in the epilogue of a Triton GEMM
@@ -142,6 +146,11 @@ OLD_OUTER_EFF = _bw_eff(OLD_OUTER_US, PASS_BYTES + SPEC_T * SPEC_RANK * 4
 # L2 read bandwidth: the old mix kernel read the 1 MB bank 64 times (67.1 MB from L2) and wrote
 # 4.2 MB in 5.35 us: ~13 TB/s (HBM alone could not: 71 MB / 5.35 us = 13 TB/s > 3.35).
 L2_TBS = SPEC_R * SPEC_M * SPEC_RANK * SPEC_D * 2 / ((OLD_MIX_US - LAUNCH_US) * 1e-6) / 1e12
+# The one-launch dense mix multiplies on the CUDA cores: 67 TFLOP/s of fp32 FMA (H100 SXM and
+# H200 datasheets), as a fraction of the bf16 tensor peak the Launch model divides by.
+FMA_EFF = 67.0 / 989.4
+# default.json's cuda mix.MAX_ROWS: the rows that share one read of a bank block.
+DENSE_MIX_ROWS = 32
 
 
 # --- launches ---------------------------------------------------------------------------------
@@ -287,6 +296,20 @@ def _mix_launches(case: Case, phase: str, design: str) -> list[Launch]:
     return out
 
 
+def _one_launch_mix(case: Case, zero_bytes: float) -> Launch:
+    """launch._dense_mix_launch: A_p and B_p in one Triton launch (each bank block read once
+    per MAX_ROWS rows, from L2 after the first) that also zeroes the split-K accumulator."""
+    e = case.itemsize
+    size = case.rank * (case.d_in + case.d_out)  # A's and B's factor of one adapter
+    bank = case.adapters * size * e
+    rereads = math.ceil(case.rows / DENSE_MIX_ROWS) - 1
+    mix = _stream("fwd", "mix A and B: w @ bank (one Triton launch" + (", zeroes s)" if zero_bytes
+                                                                      else ")"),
+                  "Triton", bank + case.rows * size * e + zero_bytes,
+                  flops=2.0 * case.rows * case.adapters * size, l2=rereads * bank)
+    return replace(mix, flop_eff=FMA_EFF)  # FMAs on the CUDA cores, not tensor cores
+
+
 def _old_plan(phase: str) -> list[Launch]:
     return [
         Launch(phase, "row plan: argsort (cub radix sort)", "cub", count=9,
@@ -364,8 +387,11 @@ def shrink_in_loop(case: Case) -> bool:
             and case.tokens % case.rows == 0 and length % FUSED_TILE_T == 0)
 
 
-def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "") -> list[Launch]:
-    """launch.run_forward: (mix A, mix B,) [zeros s,] shrink, then expand + addmm_; or, fused
+def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "",
+                 one_launch_mix: bool = True) -> list[Launch]:
+    """launch.run_forward: (mix A, mix B,) [zeros s,] shrink, then expand + addmm_ (dense
+    factor mode: the mixing and the zeros of s in one launch, unless `one_launch_mix` is
+    False: two cuBLAS GEMMs and a memset, the tile table's mix.ONE_LAUNCH off); or, fused
     ("fused" / "fused-epilogue"), one Triton GEMM whose epilogue adds bias + scale B_p s, the
     shrink in its main loop where shrink_in_loop (never for "fused-epilogue"). The index
     tables and the scale tensor are cached: no launch a call."""
@@ -377,7 +403,6 @@ def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "") -> l
                           hbm_bytes=T * 8 * 4, count=6))
         plan_bytes = T * 8  # order and sorted_rows (int32), read by each kernel
     if case.mix == "factor":
-        out += _mix_launches(case, "fwd", "new")
         width, a_bytes = r, R * r * di * e
         b_bytes = R * do * r * e
     else:
@@ -386,7 +411,13 @@ def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "") -> l
         b_bytes = case.distinct_adapters() * do * r * e
     in_loop = fused == "fused" and shrink_in_loop(case)
     split = _split_k(case, card, width)
-    if split > 1 and not in_loop:
+    zeroed = split > 1 and not in_loop
+    one_launch = case.mix == "factor" and case.dense and one_launch_mix
+    if one_launch:
+        out.append(_one_launch_mix(case, T * width * 4 if zeroed else 0))
+    elif case.mix == "factor":
+        out += _mix_launches(case, "fwd", "new")
+    if zeroed and not one_launch:
         out.append(_memset("fwd", f"zeros s (split-K {split})", T * width * 4))
     if not in_loop:
         out.append(_stream("fwd", f"shrink s = A x over {width} columns", "Triton",
@@ -494,8 +525,8 @@ def _base(case: Case) -> list[Launch]:
     return out
 
 
-DESIGNS = ("base", "old", "new", "new-base-first", "new-ideal", "fused", "fused-epilogue",
-           "materialise+bmm")
+DESIGNS = ("base", "old", "new", "new-base-first", "new-ideal", "new-gemm-mix", "fused",
+           "fused-epilogue", "materialise+bmm")
 FUSED_DESIGNS = ("fused", "fused-epilogue")
 
 
@@ -523,9 +554,10 @@ def predict(case: Case, design: str, card: Card = H100) -> list[Launch]:
         raise NotImplementedError("backward modelled for the dense factor mode only")
     if design == "old":
         return _old_forward(case) + (_old_backward(case) if case.mode == "fwd+bwd" else [])
-    if design in ("new", "new-base-first", "new-ideal", *FUSED_DESIGNS):
+    if design in ("new", "new-base-first", "new-ideal", "new-gemm-mix", *FUSED_DESIGNS):
         fused = design if design in FUSED_DESIGNS else ""
-        fwd = _new_forward(case, card, base_first=design == "new-base-first", fused=fused)
+        fwd = _new_forward(case, card, base_first=design == "new-base-first", fused=fused,
+                           one_launch_mix=design != "new-gemm-mix")
         launches = fwd + (_new_backward(case, card, bool(fused)) if case.mode == "fwd+bwd"
                           else [])
         return _ideal(launches, case) if design == "new-ideal" else launches
@@ -649,12 +681,6 @@ def constants() -> list[str]:
     ]
 
 
-def _without(case: Case, card: Card, drop) -> float:
-    """Ratio of the new design with the launches `drop` picks left out."""
-    kept = [x for x in predict(case, "new", card) if not drop(x)]
-    return total_us(kept, card) / total_us(predict(case, "base", card), card)
-
-
 def _with_fused_eff(launches: list[Launch], fraction: float) -> list[Launch]:
     """The fused design's launches with its Triton GEMM's main loop at `fraction` of
     cuBLAS's."""
@@ -705,9 +731,11 @@ def findings() -> list[str]:
             f"GEMM ({base:.0f} us). The cuBLAS-anchored forward adds three such passes to the "
             f"base (the shrink reads x; the expand writes y; addmm_ with beta = 1 reads y back, "
             f"or, base first, the expand reads and writes y: the same bytes), in "
-            f"{launches_per_call(predict(dense, 'new', card))} launches (2 mixing GEMMs, the "
-            f"split-K memset, shrink, expand, addmm_): {ratio(dense, 'new', card):.2f}x "
-            f"predicted. Its floor (streaming at 100% of peak, no launch cost, the C read "
+            f"{launches_per_call(predict(dense, 'new', card))} launches (the one-launch mix "
+            f"of A and B, which zeroes the split-K accumulator too, shrink, expand, addmm_): "
+            f"{ratio(dense, 'new', card):.2f}x predicted "
+            f"({ratio(dense, 'new-gemm-mix', card):.2f}x with the mixing as two cuBLAS GEMMs "
+            f"and a memset). Its floor (streaming at 100% of peak, no launch cost, the C read "
             f"hidden in cuBLAS's main loop) is {ratio(dense, 'new-ideal', card):.2f}x.")
     slow = [replace(x, bw_eff=OLD_SHRINK_EFF) if x.engine == "Triton" else x
             for x in predict(dense, "new", H100)]
@@ -748,16 +776,13 @@ def findings() -> list[str]:
         f"{total_us(predict(decode, 'base', H100), H100):.0f} us (H100); the op's "
         f"{launches_per_call(predict(decode, 'new', H100))} launches at {LAUNCH_US} us each "
         f"are most of its excess: {ratio(decode, 'new', H100):.2f}x (H100), "
-        f"{ratio(decode, 'new', H200):.2f}x (H200); without the split-K memset: "
-        f"{_without(decode, H100, _memsets):.2f}x (H100), "
-        f"{_without(decode, H200, _memsets):.2f}x (H200). The H200 ratio is worse: its base "
-        f"is faster, the launch costs are not.",
+        f"{ratio(decode, 'new', H200):.2f}x (H200). The one-launch mix is worth 2 of the "
+        f"{launches_per_call(predict(decode, 'new-gemm-mix', H100))} launches of the mixing as "
+        f"two cuBLAS GEMMs and a memset ({ratio(decode, 'new-gemm-mix', H100):.2f}x H100, "
+        f"{ratio(decode, 'new-gemm-mix', H200):.2f}x H200, short of 2x there). The H200 ratio "
+        f"is worse than the H100's: its base is faster, the launch costs are not.",
     ]
     return lines
-
-
-def _memsets(x: Launch) -> bool:
-    return x.name.startswith("zeros")
 
 
 def report() -> str:

@@ -6,7 +6,8 @@ Times the whole forward of lora_mix_linear (bf16, d = 4096, 16 meta-LoRAs of ran
 factor mode; KERNEL_SPEC.md's sizes) at T = 8192 in 64 rows (long rows) and T = 64 in 64
 rows (decode: one token per row), and the forward+backward at T = 8192 for the shrink and
 outer kernels; the fused GEMM (expand.fused) is swept too and kept on per size class only
-where its forward beats cuBLAS + the expand. Medians from triton.testing.do_bench. GPU only.
+where its forward beats cuBLAS + the expand, and the dense mixing's one launch (mix.ONE_LAUNCH)
+against two cuBLAS GEMMs and a memset. Medians from triton.testing.do_bench. GPU only.
 """
 
 from __future__ import annotations
@@ -155,6 +156,20 @@ def main(argv=None) -> int:
         num_warps=[4], num_stages=[3, 4]), dec)
     winners["expand_short_rows"] = table["expand_short_rows"]
     winners["fused_short_rows"] = table["fused_short_rows"]
+
+    # The dense mixing: one Triton launch (which also zeroes s) or two cuBLAS GEMMs and a
+    # memset (ONE_LAUNCH false), timed over a prefill and a decode forward together (the
+    # entry has no size class).
+    x8, weight8, a8, b8, w8 = problem(64, 8)
+
+    def both():
+        fwd()
+        lora_mix_linear(x8, weight8, None, a8, b8, w8, scale=2.0, backend="triton")
+
+    mix_base = {k: v for k, v in table["mix"].items() if k in ("BLOCK", "num_warps")}
+    winners["mix"] = sweep(table, "mix", [dict(mix_base, ONE_LAUNCH=False)] + [
+        dict(mix_base, ONE_LAUNCH=True, DENSE_TILE=tile, MAX_ROWS=rows)
+        for tile in (2048, 4096, 8192) for rows in (16, 32, 64)], both)
     winners["auto"] = pick_auto(configs)
 
     winners["_about"] = (f"Tuned by benchmarks/tune_triton.py on {name} (torch "

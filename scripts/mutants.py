@@ -385,6 +385,18 @@ MUTANTS = [
            "        v = torch.zeros(bp.v_shape, device=x.device, dtype=acc)\n",
            "        v = new_output(bp.v_shape, device=x.device, dtype=acc)\n",
            "tests/test_grad_pass.py", "one pass over g: v summed into an unzeroed buffer"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "mask=offs < n_zero)", "mask=offs < n_zero - 1)",
+           "tests/test_dense_mix.py", "one-launch mix: the accumulator's last element not zeroed"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "    row0 = tl.program_id(1) * BLOCK_ROWS\n", "    row0 = 0\n",
+           "tests/test_dense_mix.py", "one-launch mix: every row block mixes the first rows"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "        coefs += s_w_j\n", "        coefs += 1\n",
+           "tests/test_dense_mix.py", "one-launch mix: adapter_w's slot stride taken as 1"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "tokens * rank if zeroed else 0", "0",
+           "tests/test_dense_mix.py", "one-launch mix: the split-K accumulator left unzeroed"),
 ]
 
 

@@ -39,18 +39,29 @@ def test_new_forward_launches():
     # (the H100 tile: 64 tiles of 128 tokens, split until 2 programs per SM on 132 SMs).
     assert shrink.hbm_bytes == T * D * 2 + R * RANK * D * 2 + T * RANK * 4 * 5
     assert shrink.flops == 2 * T * RANK * D
-    mix_a = by_name(launches, "mix A")
+    # The one-launch mix: both banks read once (R = 64 rows in 2 blocks of 32: the second
+    # block's read from L2), both mixtures written, s zeroed; FMAs at the fp32 rate.
+    mix = by_name(launches, "mix A and B")
+    size = RANK * 2 * D
+    assert mix.flops == 2 * R * M * size and mix.flop_eff == rl.FMA_EFF
+    assert mix.hbm_bytes == M * size * 2 + R * size * 2 + T * RANK * 4
+    assert mix.l2_bytes == M * size * 2
+    gemms = rl.predict(SPEC, "new-gemm-mix", rl.H100)  # mix.ONE_LAUNCH off
+    mix_a = by_name(gemms, "mix A:")
     assert mix_a.flops == 2 * R * (RANK * D) * M
     assert mix_a.hbm_bytes == (R * M + M * RANK * D) * 2
     assert mix_a.epilogue_bytes == R * RANK * D * 2
+    assert [x.name.split()[0] for x in gemms] == ["mix", "mix", "zeros", "shrink", "expand",
+                                                  "base"]
+    assert rl.ratio(SPEC, "new", rl.H100) < rl.ratio(SPEC, "new-gemm-mix", rl.H100)
     base = by_name(launches, "base y.addmm_")
     assert base.epilogue_bytes == 2 * T * D * 2  # beta = 1: y read, then written
     expand = by_name(launches, "expand")
     assert expand.hbm_bytes == T * RANK * 4 + R * D * RANK * 2 + T * D * 2
-    # launch.run_forward, dense factor: 2 mixing GEMMs, the split-K memset, shrink, expand,
-    # addmm_ (the index tables and the scale tensor are cached: no launch).
-    assert [x.name.split()[0] for x in launches] == ["mix", "mix", "zeros", "shrink", "expand",
-                                                     "base"]
+    # launch.run_forward, dense factor: the one-launch mix (it zeroes s for the split-K
+    # shrink), shrink, expand, addmm_ (the index tables and the scale tensor are cached: no
+    # launch).
+    assert [x.name.split()[0] for x in launches] == ["mix", "shrink", "expand", "base"]
     output = rl.predict(rl.Case("o", tokens=T, rows=R, mix="output"), "new", rl.H100)
     assert [x.name.split()[0] for x in output] == ["zeros", "shrink", "expand", "base"]
 
@@ -82,13 +93,14 @@ def test_fused_designs_and_their_break_even():
     assert fused.hbm_bytes == (T * D + D * D) * 2 + T * RANK * 4 + R * D * RANK * 2
     assert fused.flops == 2 * T * D * D + 2 * T * RANK * D
     assert not [x for x in launches if x.name.startswith(("expand", "base"))]
-    assert rl.launches_per_call(launches) == 5  # 2 mixes, memset, shrink, fused
+    assert rl.launches_per_call(launches) == 3  # the one-launch mix (zeroing s), shrink, fused
     assert rl.ratio(SPEC, "fused-epilogue", rl.H100) < rl.ratio(SPEC, "new", rl.H100)
     # 128-token rows: the shrink runs in the GEMM's main loop (no shrink, no memset), each
     # of the 16 column tiles redoing it at 16 MMA columns; A_p read too.
     assert rl.shrink_in_loop(SPEC)
     in_loop = rl.predict(SPEC, "fused", rl.H100)
-    assert [x.name.split()[0] for x in in_loop] == ["mix", "mix", "fused"]
+    assert [x.name.split()[0] for x in in_loop] == ["mix", "fused"]
+    assert "zeroes s" not in in_loop[0].name  # the fused GEMM writes s: nothing to zero
     gemm = by_name(in_loop, "fused")
     assert gemm.flops == 2 * T * D * D + 2 * T * 16 * D * (D // 256) + 2 * T * RANK * D
     assert gemm.hbm_bytes == fused.hbm_bytes + R * RANK * D * 2

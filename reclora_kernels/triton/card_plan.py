@@ -35,18 +35,30 @@ def use_card_tables(card: str, sms: int | None = None) -> None:
     eager._CALLS.clear()
 
 
+def _force(table: str, keys: tuple, switch: str, on: bool | None) -> None:
+    """entries[key][switch] = on for each key of the tile table `table` that has it (None:
+    every table as its file says); the plans made with the old entries are forgotten."""
+    configs._table.cache_clear()
+    if on is not None:
+        entries = configs._table(table)
+        for key in keys:
+            if key in entries:
+                entries[key] = dict(entries[key], **{switch: on})
+    launch.clear_plans()
+    eager._CALLS.clear()
+
+
 def force_fused(on: bool | None, table: str) -> None:
     """Force the fused GEMM (expand.fused) on or off in every size class of the tile table
     `table` (configs.table_key: a card's name, or "interpret"); None: every table as its file
     says. For benchmarks and tests that compare the two paths; the op never calls it."""
-    configs._table.cache_clear()
-    if on is not None:
-        entries = configs._table(table)
-        for key in ("expand", "expand_short_rows"):
-            if key in entries:
-                entries[key] = dict(entries[key], fused=on)
-    launch.clear_plans()
-    eager._CALLS.clear()
+    _force(table, ("expand", "expand_short_rows"), "fused", on)
+
+
+def force_one_launch_mix(on: bool | None, table: str) -> None:
+    """Force the one-launch dense mix (mix.ONE_LAUNCH) on or off in the tile table `table`,
+    as force_fused does for the fused GEMM."""
+    _force(table, ("mix",), "ONE_LAUNCH", on)
 
 
 class _StandInDriver:

@@ -171,6 +171,41 @@ def _bank_grad_specs(device: torch.device):
             launch_meta(kernels.mix_weight_grad_kernel, BLOCK=cfg["BLOCK"], **opts))
 
 
+def _flat_factors(shape: tuple, strides: tuple) -> bool:
+    """Whether each adapter's [p, q] factor of a bank with these strides is one flat run."""
+    return strides[2] == 1 and (shape[1] <= 1 or strides[1] == shape[2])
+
+
+def _dense_mix_launch(rows: int, slots: int, a_shape: tuple, a_strides: tuple, d_out: int,
+                      b_strides: tuple, w_strides: tuple, n_zero: int, dtype: torch.dtype,
+                      device: torch.device) -> Launch | None:
+    """The one-launch dense mix (dense_mix_kernel: A_p, B_p and the zeros of s), or None where
+    the card's table keeps the two GEMMs (mix.ONE_LAUNCH), a bank's factors are not flat, or
+    there are no rows."""
+    cfg = config("mix", device)
+    rank, d_in = a_shape[1], a_shape[2]
+    if (not cfg.get("ONE_LAUNCH", False) or rows == 0
+            or not _flat_factors(a_shape, a_strides)
+            or not _flat_factors((a_shape[0], d_out, rank), b_strides)):
+        return None
+    # BLOCK_ROWS rows share each bank block a program reads; DENSE_TILE elements per program.
+    block_rows = min(1 << (rows - 1).bit_length(), cfg["MAX_ROWS"])
+    block = max(16, cfg["DENSE_TILE"] // block_rows)
+    size_a, size_b = rank * d_in, d_out * rank
+    a_blocks = _cdiv(size_a, block)
+    ab_blocks = a_blocks + _cdiv(size_b, block)
+    meta = launch_meta(kernels.dense_mix_kernel, ACC64=dtype == torch.float64, BLOCK=block,
+                       BLOCK_ROWS=block_rows, **_launch_opts(cfg))
+    ints = (rows, slots, size_a, size_b, a_blocks, ab_blocks, n_zero, a_strides[0],
+            b_strides[0], *w_strides)
+    return Launch(meta, (max(ab_blocks, 1), _cdiv(rows, block_rows)), ints)
+
+
+def _run_dense_mix(launch: Launch, lora_a, lora_b, adapter_w, a_out, b_out, s) -> None:
+    run_kernel(launch.meta, launch.grid, lora_a, lora_b, adapter_w, a_out, b_out, s,
+               *launch.ints)
+
+
 @cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -579,6 +614,7 @@ class ForwardPlan(NamedTuple):
     order: str  # ORDER_*: how the base and the LoRA part meet in y
     expand: Launch | None  # the expand, or the fused GEMM (ORDER_FUSED)
     d_out: int
+    mix: Launch | None  # dense factor mode: both mixtures (and s's zeros) in one launch
 
 
 @lru_cache(maxsize=1024)
@@ -591,6 +627,7 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
     idx_strides None: dense; plan_key: _plan_key of the RowPlan)."""
     rank = a_shape[1]
     rows, slots = w_shape
+    a_strides_bank, b_strides_bank = a_strides, b_strides
     if mix_mode == 0:
         # Each row's own mixed factors (made contiguous by mix), one slot.
         a_strides = _contiguous_strides((rows, rank, d_in))
@@ -613,8 +650,13 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
                                   bias_stride, _b_as_expand(b_strides), src, coef, plan_key,
                                   slots, rank, dtype, device,
                                   _a_as_shrink(a_strides) if in_loop else None)
+    mix_ = None
+    if mix_mode == 0 and idx_strides is None:
+        mix_ = _dense_mix_launch(rows, w_shape[1], a_shape, a_strides_bank, d_out,
+                                 b_strides_bank, w_strides, tokens * rank if zeroed else 0,
+                                 dtype, device)
     return ForwardPlan(mix_mode, (tokens, slots, rank), zeroed, _acc_dtype(dtype), shrink_,
-                       order, expand_, d_out)
+                       order, expand_, d_out, mix_)
 
 
 def _strides(t: torch.Tensor | None) -> tuple | None:
@@ -647,15 +689,25 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
         with torch.cuda.device(x.device):
             return run_forward(fp, x, plan, weight, bias, lora_a, lora_b, adapter_w,
                                adapter_idx, scale)
-    if fp.mix_mode == 0:
+    s = None
+    if fp.mix is not None:  # one launch mixes both factors and zeroes s
+        rows, rank = adapter_w.shape[0], lora_a.shape[1]
+        fa = new_output((rows, rank, x.shape[1]), device=x.device, dtype=x.dtype)
+        fb = new_output((rows, fp.d_out, rank), device=x.device, dtype=x.dtype)
+        s = new_output(fp.s_shape, device=x.device, dtype=fp.acc)
+        _run_dense_mix(fp.mix, lora_a, lora_b, adapter_w, fa, fb, s)
+    elif fp.mix_mode == 0:
         fa = mix(lora_a, adapter_w, adapter_idx, x.dtype)
         fb = mix(lora_b, adapter_w, adapter_idx, x.dtype)
+    if fp.mix_mode == 0:
         table, coef = _index_table(max(adapter_w.shape[0], 1), x.device), None
     else:
         fa, fb, coef = lora_a, lora_b, adapter_w
         table = (adapter_idx if adapter_idx is not None
                  else _index_table(adapter_w.shape[1], x.device))
-    s = (torch.zeros if fp.s_zeroed else new_output)(fp.s_shape, device=x.device, dtype=fp.acc)
+    if s is None:
+        s = (torch.zeros if fp.s_zeroed else new_output)(fp.s_shape, device=x.device,
+                                                         dtype=fp.acc)
     if fp.shrink is not None:
         _run_shrink(fp.shrink, x, fa, table, s, plan)
     y = _base_and_expand(x, weight, False, bias, fp.order, fp.expand, fp.d_out, s, fb,
