@@ -168,3 +168,17 @@ def test_backward_and_report():
         rl.predict(rl.Case("o", tokens=T, rows=R, mix="output", mode="fwd+bwd"), "new")
     text = rl.report()
     assert "| dense factor fwd |" in text and "H200" in text
+
+
+def test_tile_constants_follow_the_cuda_table():
+    """The model's copies of default.json's cuda tiles (the fused GEMM's tile, the one-launch
+    mix's rows per bank read, the shrink's tile) are the table's: a retuned default moves
+    the prediction with it or fails here."""
+    from reclora_kernels.triton import configs
+
+    table = configs._table("a card without its own file")
+    assert (rl.FUSED_TILE_T, rl.FUSED_TILE_N) == (table["fused"]["BLOCK_T"],
+                                                  table["fused"]["BLOCK_N"])
+    assert rl.DENSE_MIX_ROWS == table["mix"]["MAX_ROWS"]
+    assert table["mix"]["ONE_LAUNCH"]  # "new" models the one-launch mix as the default
+    assert rl.H200.shrink_tile == (table["shrink"]["BLOCK_T"], table["shrink"]["BLOCK_K"])
