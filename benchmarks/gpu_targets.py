@@ -307,7 +307,7 @@ KINDS = [
      lambda x: x.name.startswith("fused")),
     ("Triton segment sums", lambda k: "segment_outer" in k, lambda x: "segment sums" in x.name),
     ("Triton gathered mix", lambda k: "mix_factors" in k, lambda x: "Triton gather" in x.name),
-    ("Triton dense mix (A, B, zeros of s)", lambda k: "dense_mix" in k,
+    ("Triton mix of A and B (zeros of s)", lambda k: "mix_pair" in k,
      lambda x: x.name.startswith("mix A and B")),
     ("cuBLAS GEMMs (base, dx, mixing)", lambda k: any(n in k.lower() for n in CUBLAS_NAMES),
      lambda x: x.engine == "cuBLAS"),

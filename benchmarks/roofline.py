@@ -7,18 +7,18 @@ FLOPs from the sizes, and its predicted time on an H100 SXM and an H200 (issue 1
 Designs modelled:
 - "old": the Triton backend at a52e29a (a Triton GEMM fusing base + expand; an argsort row
   plan built in every forward and again in the backward; per-row mixing kernels).
-- "new": the cuBLAS-anchored design as the code stands: mix A, mix B (dense: one Triton
-  launch for both, which also zeroes the shrink's split-K accumulator; gathered: a Triton
-  gather each), a Triton shrink (one pass over x; a memset first where d_in is split and the
-  mixing did not zero it), a Triton
+- "new": the cuBLAS-anchored design as the code stands: mix A and mix B in one Triton
+  launch (dense or gathered), which also zeroes the shrink's split-K accumulator, a Triton
+  shrink (one pass over x; a memset first in output mode, where d_in is split), a Triton
   expand that writes y once (bias + LoRA), then cuBLAS y.addmm_(x, W^T), beta = 1. The
   backward uses the saved mixed factors, stores the factor gradients in x's dtype from the
   program that owns the row, and transposes the mixing in 4 GEMMs. Cached index tables and
   scale tensors cost no launch.
 - "new-base-first": the same with the config switch `base_first`: y = x W^T (+ bias) by cuBLAS
   first, then the expand reads y and adds into it.
-- "new-gemm-mix": "new" with the config switch mix.ONE_LAUNCH off: the dense mixing as two
-  cuBLAS GEMMs and the split-K zeros as a memset (the design before the one-launch mix).
+- "new-gemm-mix": "new" with the config switch mix.ONE_LAUNCH off: a mix per factor (dense:
+  two cuBLAS GEMMs; gathered: a Triton gather each) and the split-K zeros as a memset (the
+  design before the one-launch mix).
 - "new-ideal": the floor of "new": streaming kernels at 100% of peak HBM, no fixed cost per
   launch, cuBLAS's beta = 1 read of C hidden.
 - "fused-epilogue": "new" with the expand (and the bias) in the epilogue of a Triton GEMM
@@ -297,16 +297,23 @@ def _mix_launches(case: Case, phase: str, design: str) -> list[Launch]:
 
 
 def _one_launch_mix(case: Case, zero_bytes: float) -> Launch:
-    """launch._dense_mix_launch: A_p and B_p in one Triton launch (each bank block read once
-    per MAX_ROWS rows, from L2 after the first) that also zeroes the split-K accumulator."""
+    """launch._mix_pair_launch: A_p and B_p in one Triton launch that also zeroes the split-K
+    accumulator. Dense: each bank block read once per MAX_ROWS rows (from L2 after the
+    first), FMAs on the CUDA cores; gathered: each row's k factors, the distinct adapters
+    from DRAM and the rest from L2, as the gather per factor does."""
     e = case.itemsize
     size = case.rank * (case.d_in + case.d_out)  # A's and B's factor of one adapter
-    bank = case.adapters * size * e
-    rereads = math.ceil(case.rows / DENSE_MIX_ROWS) - 1
-    mix = _stream("fwd", "mix A and B: w @ bank (one Triton launch" + (", zeroes s)" if zero_bytes
-                                                                      else ")"),
-                  "Triton", bank + case.rows * size * e + zero_bytes,
-                  flops=2.0 * case.rows * case.adapters * size, l2=rereads * bank)
+    write = case.rows * size * e
+    if case.dense:
+        bank = case.adapters * size * e
+        dram, l2 = bank, (math.ceil(case.rows / DENSE_MIX_ROWS) - 1) * bank
+    else:
+        dram = case.distinct_adapters() * size * e
+        l2 = case.rows * case.k * size * e - dram
+    mix = _stream("fwd", "mix A and B: " + ("w @ bank" if case.dense else "gather")
+                  + " (one Triton launch" + (", zeroes s)" if zero_bytes else ")"),
+                  "Triton", dram + write + zero_bytes,
+                  flops=2.0 * case.rows * case.k * size, l2=l2)
     return replace(mix, flop_eff=FMA_EFF)  # FMAs on the CUDA cores, not tensor cores
 
 
@@ -389,9 +396,10 @@ def shrink_in_loop(case: Case) -> bool:
 
 def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "",
                  one_launch_mix: bool = True) -> list[Launch]:
-    """launch.run_forward: (mix A, mix B,) [zeros s,] shrink, then expand + addmm_ (dense
-    factor mode: the mixing and the zeros of s in one launch, unless `one_launch_mix` is
-    False: two cuBLAS GEMMs and a memset, the tile table's mix.ONE_LAUNCH off); or, fused
+    """launch.run_forward: (mix A, mix B,) [zeros s,] shrink, then expand + addmm_ (factor
+    mode: the mixing and the zeros of s in one launch, unless `one_launch_mix` is False: a
+    mix per factor, dense two cuBLAS GEMMs, and a memset: the tile table's mix.ONE_LAUNCH
+    off); or, fused
     ("fused" / "fused-epilogue"), one Triton GEMM whose epilogue adds bias + scale B_p s, the
     shrink in its main loop where shrink_in_loop (never for "fused-epilogue"). The index
     tables and the scale tensor are cached: no launch a call."""
@@ -412,7 +420,7 @@ def _new_forward(case: Case, card: Card, base_first: bool, fused: str = "",
     in_loop = fused == "fused" and shrink_in_loop(case)
     split = _split_k(case, card, width)
     zeroed = split > 1 and not in_loop
-    one_launch = case.mix == "factor" and case.dense and one_launch_mix
+    one_launch = case.mix == "factor" and one_launch_mix
     if one_launch:
         out.append(_one_launch_mix(case, T * width * 4 if zeroed else 0))
     elif case.mix == "factor":

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
 
     mix_base = {k: v for k, v in table["mix"].items() if k in ("BLOCK", "num_warps")}
     winners["mix"] = sweep(table, "mix", [dict(mix_base, ONE_LAUNCH=False)] + [
-        dict(mix_base, ONE_LAUNCH=True, DENSE_TILE=tile, MAX_ROWS=rows)
+        dict(mix_base, ONE_LAUNCH=True, TILE=tile, MAX_ROWS=rows)
         for tile in (2048, 4096, 8192) for rows in (16, 32, 64)], both)
     winners["auto"] = pick_auto(configs)
 

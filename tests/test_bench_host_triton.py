@@ -16,9 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("triton")
 
 # (Triton launches, torch kernels) per call, read from reclora_kernels/triton/launch.py:
-# factor mode mixes A and B (one Triton launch for both when dense, mix.ONE_LAUNCH; two
-# Triton mix kernels when gathered), then the shrink, the expand and cuBLAS's addmm_; output
-# mode has no mixing; the backward
+# factor mode mixes A and B (one Triton launch for both, dense or gathered: mix.ONE_LAUNCH),
+# then the shrink, the expand and cuBLAS's addmm_; output mode has no mixing; the backward
 # with only lora_a's gradient is the shrink of g (d = 16 is one K chunk: no split, no zeroed
 # buffer), one segment sum that stores dA_p (each row owns its block: no zeroing) and the
 # GEMM w^T dA_p: no dB_p, dB or dw, which nobody asked for, and no zero-filled gradients for
@@ -26,7 +25,7 @@ pytest.importorskip("triton")
 EXPECTED = {
     "op[triton] dense factor": (3, 1),
     "op[triton] dense output": (2, 1),
-    "op[triton] gathered k=4, idx checked once": (4, 1),
+    "op[triton] gathered k=4, idx checked once": (3, 1),
     "op[triton] forward+backward": (5, 2),
     "nn.Linear module, no_grad": (0, 1),
 }

@@ -126,10 +126,17 @@ def test_gathered_mix_reads_distinct_adapters_from_dram():
     distinct = 4096 * (1 - (1 - 1 / 4096) ** (R * 4))
     assert case.distinct_adapters() == pytest.approx(distinct)
     assert 248 < distinct < 249
-    mix_a = by_name(rl.predict(case, "new", rl.H100), "mix A")
-    size = RANK * D * 2
+    size = RANK * D * 2  # one adapter's factor of one bank, bytes
+    # mix.ONE_LAUNCH off: a gather per bank.
+    mix_a = by_name(rl.predict(case, "new-gemm-mix", rl.H100), "mix A (Triton gather)")
     assert mix_a.hbm_bytes == pytest.approx(distinct * size + R * size)
     assert mix_a.l2_bytes == pytest.approx(R * 4 * size - distinct * size)
+    # One launch for both banks, which also zeroes s (fp32 [T, r], the split-K shrink's).
+    launches = rl.predict(case, "new", rl.H100)
+    both = by_name(launches, "mix A and B: gather")
+    assert both.hbm_bytes == pytest.approx(2 * (distinct * size + R * size) + T * RANK * 4)
+    assert both.l2_bytes == pytest.approx(2 * (R * 4 * size - distinct * size))
+    assert [x.name.split()[0] for x in launches] == ["mix", "shrink", "expand", "base"]
 
 
 def test_time_of_a_launch():

@@ -43,7 +43,8 @@ def mix_factors_kernel(
     ACC64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out[b, :] = sum_j w[b, j] * bank[idx[b, j], :]  over flattened factors of `size`
-    (gathered mixtures; a dense mixture is one GEMM, launch.mix)."""
+    (gathered mixtures, one factor a launch, where mix.ONE_LAUNCH is off or a bank's factors
+    are not flat; mix_pair_kernel mixes both at once; a dense mixture is then one GEMM)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
@@ -58,47 +59,64 @@ def mix_factors_kernel(
 
 
 @triton.jit
-def _mix_block(bank_ptr, w_ptr, out_ptr, block, row0, rows, slots, size, s_bank_m, s_w_r,
-               s_w_j, ACC64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr):
-    """out[row0 : row0 + BLOCK_ROWS, cols] = w[those rows, :] @ bank[:, cols] over one block of
-    the flattened factor: each bank element is read once per program however many rows."""
+def _mix_block(bank_ptr, w_ptr, idx_ptr, out_ptr, block, row0, rows, slots, size, s_bank_m,
+               s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_ROWS: tl.constexpr, GATHERED: tl.constexpr):
+    """out[row0 : row0 + BLOCK_ROWS, cols] over one block of the flattened factor:
+    sum_j w[row, j] bank[j] when dense (each bank block read once per program, however many
+    rows), sum_j w[row, j] bank[idx[row, j]] when GATHERED (each row its own adapters)."""
     offs = block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < size
     r = row0 + tl.arange(0, BLOCK_ROWS)
     r_mask = r < rows
     acc = tl.zeros([BLOCK_ROWS, BLOCK], dtype=tl.float64 if ACC64 else tl.float32)
     coefs = w_ptr + r * s_w_r
-    vals_at = bank_ptr + offs
-    for _ in range(0, slots):  # pointers step by adapter: 64-bit, however large the bank
-        coef = tl.load(coefs, mask=r_mask, other=0.0).to(acc.dtype)
-        vals = tl.load(vals_at, mask=mask, other=0.0)
-        acc += coef[:, None] * vals.to(acc.dtype)[None, :]
-        coefs += s_w_j
-        vals_at += s_bank_m
+    if GATHERED:
+        ids = idx_ptr + r * s_idx_r
+        both = r_mask[:, None] & mask[None, :]
+        for _ in range(0, slots):
+            coef = tl.load(coefs, mask=r_mask, other=0.0).to(acc.dtype)
+            adapter = tl.load(ids, mask=r_mask, other=0).to(tl.int64)
+            vals = tl.load(bank_ptr + adapter[:, None] * s_bank_m + offs[None, :], mask=both,
+                           other=0.0)
+            acc += coef[:, None] * vals.to(acc.dtype)
+            coefs += s_w_j
+            ids += s_idx_j
+    else:
+        vals_at = bank_ptr + offs
+        for _ in range(0, slots):  # pointers step by adapter: 64-bit, however large the bank
+            coef = tl.load(coefs, mask=r_mask, other=0.0).to(acc.dtype)
+            vals = tl.load(vals_at, mask=mask, other=0.0)
+            acc += coef[:, None] * vals.to(acc.dtype)[None, :]
+            coefs += s_w_j
+            vals_at += s_bank_m
     out = out_ptr + r.to(tl.int64)[:, None] * size + offs[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & mask[None, :])
 
 
 @triton.jit
-def dense_mix_kernel(
-    a_bank_ptr, b_bank_ptr, w_ptr, a_out_ptr, b_out_ptr, zero_ptr,
+def mix_pair_kernel(
+    a_bank_ptr, b_bank_ptr, w_ptr, idx_ptr, a_out_ptr, b_out_ptr, zero_ptr,
     rows, slots, size_a, size_b, a_blocks, ab_blocks, n_zero,
-    s_a_m, s_b_m, s_w_r, s_w_j,
+    s_a_m, s_b_m, s_w_r, s_w_j, s_idx_r, s_idx_j,
     ACC64: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    GATHERED: tl.constexpr,
 ):
-    """A_p = w @ A_bank and B_p = w @ B_bank (dense mixtures, each adapter's factor flat) in
-    one launch, which also zeroes zero[:n_zero] (the shrink's split-K accumulator): at decode
-    sizes the two cuBLAS GEMMs and the memset it replaces cost a launch each.
+    """Factor mode's mixtures A_p and B_p (each adapter's factor flat; dense, or GATHERED
+    through idx) in one launch, which also zeroes zero[:n_zero] (the shrink's split-K
+    accumulator): at decode sizes the two mixes and the memset it replaces (dense: cuBLAS
+    GEMMs) cost a launch each.
 
     Grid: (blocks of A's factor, then of B's, at least 1; blocks of BLOCK_ROWS rows)."""
     pid = tl.program_id(0)
     row0 = tl.program_id(1) * BLOCK_ROWS
     if pid < a_blocks:
-        _mix_block(a_bank_ptr, w_ptr, a_out_ptr, pid, row0, rows, slots, size_a, s_a_m, s_w_r,
-                   s_w_j, ACC64, BLOCK, BLOCK_ROWS)
+        _mix_block(a_bank_ptr, w_ptr, idx_ptr, a_out_ptr, pid, row0, rows, slots, size_a,
+                   s_a_m, s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64, BLOCK, BLOCK_ROWS, GATHERED)
     elif pid < ab_blocks:
-        _mix_block(b_bank_ptr, w_ptr, b_out_ptr, pid - a_blocks, row0, rows, slots, size_b,
-                   s_b_m, s_w_r, s_w_j, ACC64, BLOCK, BLOCK_ROWS)
+        _mix_block(b_bank_ptr, w_ptr, idx_ptr, b_out_ptr, pid - a_blocks, row0, rows, slots,
+                   size_b, s_b_m, s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64, BLOCK, BLOCK_ROWS,
+                   GATHERED)
     if tl.program_id(1) == 0:
         for start in range(pid * BLOCK, n_zero, tl.num_programs(0) * BLOCK):
             offs = start + tl.arange(0, BLOCK)

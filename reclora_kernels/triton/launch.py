@@ -5,6 +5,7 @@ part around it, so the op cannot be slower than the vendor GEMM by more than the
 
 Forward, factor mode (each row's factors mixed once, then two thin passes):
     A_p, B_p = mix(A), mix(B)                       [R, r, d_in], [R, d_out, r]
+                                                    (one launch, which also zeroes s)
     s = shrink(x; A_p[row])                         [T, 1, r] fp32, saved for backward
     y = bias + scale * B_p[row] s                   expand: y written once
     y += x W^T                                      cuBLAS, beta = 1
@@ -176,33 +177,37 @@ def _flat_factors(shape: tuple, strides: tuple) -> bool:
     return strides[2] == 1 and (shape[1] <= 1 or strides[1] == shape[2])
 
 
-def _dense_mix_launch(rows: int, slots: int, a_shape: tuple, a_strides: tuple, d_out: int,
-                      b_strides: tuple, w_strides: tuple, n_zero: int, dtype: torch.dtype,
-                      device: torch.device) -> Launch | None:
-    """The one-launch dense mix (dense_mix_kernel: A_p, B_p and the zeros of s), or None where
-    the card's table keeps the two GEMMs (mix.ONE_LAUNCH), a bank's factors are not flat, or
-    there are no rows."""
+def _mix_pair_launch(rows: int, slots: int, a_shape: tuple, a_strides: tuple, d_out: int,
+                     b_strides: tuple, w_strides: tuple, idx_strides: tuple | None,
+                     n_zero: int, dtype: torch.dtype, device: torch.device) -> Launch | None:
+    """The one-launch mix of factor mode (mix_pair_kernel: A_p, B_p and the zeros of s;
+    idx_strides None: dense), or None where the card's table keeps a launch per factor
+    (mix.ONE_LAUNCH), a bank's factors are not flat, or there are no rows."""
     cfg = config("mix", device)
     rank, d_in = a_shape[1], a_shape[2]
     if (not cfg.get("ONE_LAUNCH", False) or rows == 0
             or not _flat_factors(a_shape, a_strides)
             or not _flat_factors((a_shape[0], d_out, rank), b_strides)):
         return None
-    # BLOCK_ROWS rows share each bank block a program reads; DENSE_TILE elements per program.
+    # Dense: BLOCK_ROWS rows share each bank block a program reads; TILE elements a program.
     block_rows = min(1 << (rows - 1).bit_length(), cfg["MAX_ROWS"])
-    block = max(16, cfg["DENSE_TILE"] // block_rows)
+    block = max(16, cfg["TILE"] // block_rows)
     size_a, size_b = rank * d_in, d_out * rank
     a_blocks = _cdiv(size_a, block)
     ab_blocks = a_blocks + _cdiv(size_b, block)
-    meta = launch_meta(kernels.dense_mix_kernel, ACC64=dtype == torch.float64, BLOCK=block,
-                       BLOCK_ROWS=block_rows, **_launch_opts(cfg))
+    meta = launch_meta(kernels.mix_pair_kernel, ACC64=dtype == torch.float64, BLOCK=block,
+                       BLOCK_ROWS=block_rows, GATHERED=idx_strides is not None,
+                       **_launch_opts(cfg))
     ints = (rows, slots, size_a, size_b, a_blocks, ab_blocks, n_zero, a_strides[0],
-            b_strides[0], *w_strides)
+            b_strides[0], *w_strides, *(idx_strides or (0, 0)))
     return Launch(meta, (max(ab_blocks, 1), _cdiv(rows, block_rows)), ints)
 
 
-def _run_dense_mix(launch: Launch, lora_a, lora_b, adapter_w, a_out, b_out, s) -> None:
-    run_kernel(launch.meta, launch.grid, lora_a, lora_b, adapter_w, a_out, b_out, s,
+def _run_mix_pair(launch: Launch, lora_a, lora_b, adapter_w, adapter_idx, a_out, b_out,
+                  s) -> None:
+    # Dense: adapter_w stands in for the index table (GATHERED is off: never read).
+    idx = adapter_w if adapter_idx is None else adapter_idx
+    run_kernel(launch.meta, launch.grid, lora_a, lora_b, adapter_w, idx, a_out, b_out, s,
                *launch.ints)
 
 
@@ -614,7 +619,7 @@ class ForwardPlan(NamedTuple):
     order: str  # ORDER_*: how the base and the LoRA part meet in y
     expand: Launch | None  # the expand, or the fused GEMM (ORDER_FUSED)
     d_out: int
-    mix: Launch | None  # dense factor mode: both mixtures (and s's zeros) in one launch
+    mix: Launch | None  # factor mode: both mixtures (and s's zeros) in one launch
 
 
 @lru_cache(maxsize=1024)
@@ -651,10 +656,10 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
                                   slots, rank, dtype, device,
                                   _a_as_shrink(a_strides) if in_loop else None)
     mix_ = None
-    if mix_mode == 0 and idx_strides is None:
-        mix_ = _dense_mix_launch(rows, w_shape[1], a_shape, a_strides_bank, d_out,
-                                 b_strides_bank, w_strides, tokens * rank if zeroed else 0,
-                                 dtype, device)
+    if mix_mode == 0:
+        mix_ = _mix_pair_launch(rows, w_shape[1], a_shape, a_strides_bank, d_out,
+                                b_strides_bank, w_strides, idx_strides,
+                                tokens * rank if zeroed else 0, dtype, device)
     return ForwardPlan(mix_mode, (tokens, slots, rank), zeroed, _acc_dtype(dtype), shrink_,
                        order, expand_, d_out, mix_)
 
@@ -695,7 +700,7 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
         fa = new_output((rows, rank, x.shape[1]), device=x.device, dtype=x.dtype)
         fb = new_output((rows, fp.d_out, rank), device=x.device, dtype=x.dtype)
         s = new_output(fp.s_shape, device=x.device, dtype=fp.acc)
-        _run_dense_mix(fp.mix, lora_a, lora_b, adapter_w, fa, fb, s)
+        _run_mix_pair(fp.mix, lora_a, lora_b, adapter_w, adapter_idx, fa, fb, s)
     elif fp.mix_mode == 0:
         fa = mix(lora_a, adapter_w, adapter_idx, x.dtype)
         fb = mix(lora_b, adapter_w, adapter_idx, x.dtype)
