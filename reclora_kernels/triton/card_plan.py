@@ -56,8 +56,8 @@ def force_fused(on: bool | None, table: str) -> None:
 
 
 def force_one_launch_mix(on: bool | None, table: str) -> None:
-    """Force the one-launch dense mix (mix.ONE_LAUNCH) on or off in the tile table `table`,
-    as force_fused does for the fused GEMM."""
+    """Force factor mode's one-launch mix (mix.ONE_LAUNCH) on or off in the tile table
+    `table`, as force_fused does for the fused GEMM."""
     _force(table, ("mix",), "ONE_LAUNCH", on)
 
 

@@ -694,12 +694,13 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
         with torch.cuda.device(x.device):
             return run_forward(fp, x, plan, weight, bias, lora_a, lora_b, adapter_w,
                                adapter_idx, scale)
-    s = None
-    if fp.mix is not None:  # one launch mixes both factors and zeroes s
+    # The one-launch mix zeroes s itself where split-K sums need it.
+    zeros = fp.s_zeroed and fp.mix is None
+    s = (torch.zeros if zeros else new_output)(fp.s_shape, device=x.device, dtype=fp.acc)
+    if fp.mix is not None:  # one launch mixes both factors (and zeroes s)
         rows, rank = adapter_w.shape[0], lora_a.shape[1]
         fa = new_output((rows, rank, x.shape[1]), device=x.device, dtype=x.dtype)
         fb = new_output((rows, fp.d_out, rank), device=x.device, dtype=x.dtype)
-        s = new_output(fp.s_shape, device=x.device, dtype=fp.acc)
         _run_mix_pair(fp.mix, lora_a, lora_b, adapter_w, adapter_idx, fa, fb, s)
     elif fp.mix_mode == 0:
         fa = mix(lora_a, adapter_w, adapter_idx, x.dtype)
@@ -710,9 +711,6 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
         fa, fb, coef = lora_a, lora_b, adapter_w
         table = (adapter_idx if adapter_idx is not None
                  else _index_table(adapter_w.shape[1], x.device))
-    if s is None:
-        s = (torch.zeros if fp.s_zeroed else new_output)(fp.s_shape, device=x.device,
-                                                         dtype=fp.acc)
     if fp.shrink is not None:
         _run_shrink(fp.shrink, x, fa, table, s, plan)
     y = _base_and_expand(x, weight, False, bias, fp.order, fp.expand, fp.d_out, s, fb,
