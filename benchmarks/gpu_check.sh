@@ -77,11 +77,13 @@ PY
     tests/test_op.py tests/test_mix_pair.py "tests/test_custom_ops.py::test_cuda_graph_replay" \
     -k "not (float64 and cuda)"
   step tests_cuda 40 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 -m cuda tests
-  # The fused GEMM (off by default; gpu_targets times it as triton-fused) against the
-  # oracle on the GPU, only while the targets' 140 s stay free.
+  # The fused GEMM (off by default; gpu_targets times it as triton-fused, with the card
+  # table's schedule: TMA and a persistent grid by default) against the oracle on the GPU,
+  # pointer and TMA variants, only while the targets' 140 s stay free.
   if [ "$(left)" -gt 180 ]; then
     step tests_fused 40 "$PY" -m pytest -q -p no:cacheprovider --maxfail=5 \
-      tests/test_fused_gemm.py -k "runs or main_loop or nan or ragged or strided"
+      tests/test_fused_gemm.py tests/test_fused_tma.py \
+      -k "runs or main_loop or nan or ragged or strided or descriptors or probe or unaligned"
   fi
   # gpu_targets stops measuring 20 s before its limit, so its table is always printed.
   TLIMIT=140; [ "$(left)" -lt "$TLIMIT" ] && TLIMIT=$(left)

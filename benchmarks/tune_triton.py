@@ -5,8 +5,9 @@
 Times the whole forward of lora_mix_linear (bf16, d = 4096, 16 meta-LoRAs of rank 8, dense
 factor mode; KERNEL_SPEC.md's sizes) at T = 8192 in 64 rows (long rows) and T = 64 in 64
 rows (decode: one token per row), and the forward+backward at T = 8192 for the shrink and
-outer kernels; the fused GEMM (expand.fused) is swept too and kept on per size class only
-where its forward beats cuBLAS + the expand, and the dense mixing's one launch (mix.ONE_LAUNCH)
+outer kernels; the fused GEMM (expand.fused) is swept too, tiles then schedule (TMA,
+persistent grid, tl.range options), and kept on per size class only where its forward beats
+cuBLAS + the expand, and the dense mixing's one launch (mix.ONE_LAUNCH)
 against two cuBLAS GEMMs and a memset. Medians from triton.testing.do_bench. GPU only.
 """
 
@@ -69,15 +70,30 @@ def sweep(table: dict, key: str, candidates: list[dict], fn) -> dict:
     return best
 
 
+def grid(**axes) -> list[dict]:
+    names = list(axes)
+    return [dict(zip(names, vals)) for vals in itertools.product(*axes.values())]
+
+
+# The fused GEMM's schedule, swept with its best tiles: pointer loads or TMA descriptors, a
+# program a tile or a persistent grid of 1-2 programs an SM, and the tile loop's options.
+SCHEDULES = grid(TMA=[False, True], PROGRAMS_PER_SM=[0, 1, 2], FLATTEN=[False, True],
+                 WARP_SPECIALIZE=[False, True])
+
+
 def choose_fused(table: dict, expand_key: str, fused_key: str, fused_tiles: list[dict],
                  fn) -> None:
-    """Sweep the fused GEMM's tiles with expand.fused on, then keep it on only if its best
-    beats the best unfused expand (already in table[expand_key]) on `fn`."""
+    """Sweep the fused GEMM's tiles with expand.fused on (under the table's schedule), then
+    its schedule (SCHEDULES) with the best tiles; keep it on only if its best beats the best
+    unfused expand (already in table[expand_key]) on `fn`."""
     unfused = dict(table[expand_key], fused=False)
     set_entry(table, expand_key, unfused)
     unfused_ms = timed(fn)
     set_entry(table, expand_key, dict(unfused, fused=True))
-    sweep(table, fused_key, fused_tiles, fn)
+    schedule = {k: v for k, v in table[fused_key].items() if k in SCHEDULES[0]}
+    tiles = sweep(table, fused_key, [dict(t, **schedule) for t in fused_tiles], fn)
+    tiles = {k: v for k, v in tiles.items() if k not in SCHEDULES[0]}
+    sweep(table, fused_key, [dict(tiles, **s) for s in SCHEDULES], fn)
     fused_ms = timed(fn)
     on = fused_ms < unfused_ms
     set_entry(table, expand_key, dict(unfused, fused=on))
@@ -105,11 +121,6 @@ def pick_auto(configs) -> dict:
         print(f"  auto[{cls}]: {chosen[cls]} ({ {k: round(v * 1e3, 1) for k, v in times.items()} }"
               " us)", flush=True)
     return chosen
-
-
-def grid(**axes) -> list[dict]:
-    names = list(axes)
-    return [dict(zip(names, vals)) for vals in itertools.product(*axes.values())]
 
 
 def main(argv=None) -> int:

@@ -36,10 +36,12 @@ def use_card_tables(card: str, sms: int | None = None) -> None:
 
 
 def _force(table: str, keys: tuple, switch: str, on: bool | None) -> None:
-    """entries[key][switch] = on for each key of the tile table `table` that has it (None:
-    every table as its file says); the plans made with the old entries are forgotten."""
-    configs._table.cache_clear()
-    if on is not None:
+    """entries[key][switch] = on for each key of the tile table `table` that has it, on top
+    of the switches forced before (None: every table as its file says, all forcing undone);
+    the plans made with the old entries are forgotten."""
+    if on is None:
+        configs._table.cache_clear()
+    else:
         entries = configs._table(table)
         for key in keys:
             if key in entries:
@@ -53,6 +55,12 @@ def force_fused(on: bool | None, table: str) -> None:
     `table` (configs.table_key: a card's name, or "interpret"); None: every table as its file
     says. For benchmarks and tests that compare the two paths; the op never calls it."""
     _force(table, ("expand", "expand_short_rows"), "fused", on)
+
+
+def force_tma(on: bool | None, table: str) -> None:
+    """Force the fused GEMM's TMA variant (fused.TMA) on or off in every size class of the
+    tile table `table`, as force_fused does for the fused GEMM itself."""
+    _force(table, ("fused", "fused_short_rows"), "TMA", on)
 
 
 def force_one_launch_mix(on: bool | None, table: str) -> None:

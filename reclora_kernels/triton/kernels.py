@@ -320,87 +320,123 @@ def fused_linear_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_T: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr, ACC64: tl.constexpr,
+    TMA: tl.constexpr = False, W_NK: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False, FLATTEN: tl.constexpr = False,
 ):
     """y[n, o] = sum_k x[n, k] W[k, o] + bias[o] + the expand's LoRA sum (see _add_lora).
 
     The base GEMM and the expand in one kernel (the config's `fused`; a second path beside
     cuBLAS + the expand, chosen per card by measurement): y is written once and never read
     back. W[k, o] is addressed through two strides (the forward's W^T, the backward's W).
-    Programs run token tiles in groups of GROUP_T per column block, so a group's x tiles and
-    W's column blocks stay in L2 across it. Tokens are visited in row-sorted positions, as
-    in the expand: x is gathered through `order` when the row ids were not sorted.
+    Tiles are visited in groups of GROUP_T token tiles per column block, so a group's x tiles
+    and W's column blocks stay in L2 across it. Each program runs tiles pid, pid + programs,
+    ... (a grid of one program a tile, or a persistent grid of a few per SM: the config's
+    PROGRAMS_PER_SM). Tokens are visited in row-sorted positions, as in the expand: x is
+    gathered through `order` when the row ids were not sorted.
+
+    TMA (Hopper and later; tokens in order, x, W and y with 16-byte aligned rows): x, W and y
+    move through tensor descriptors (TMA copies; out-of-range blocks read as zeros and are
+    clipped on store, so no masks), W as [N, K] when W_NK (the forward's weight) or [K, N]
+    (dx's). WARP_SPECIALIZE / FLATTEN: the tile loop's tl.range options (producer and consumer
+    warps; the next tile's loads overlapping this tile's epilogue).
 
     SHRINK (factor mode, every token tile inside one row): the shrink runs in the main loop
     too, u = x A[src[row]]^T from the x tiles the GEMM loads anyway (x is read once for both),
     and the expand in the epilogue takes it from registers; the programs of the first column
     block store u (the backward's s). Otherwise u comes from a shrink launched before.
     """
-    pid = tl.program_id(0)
     tiles_t = tl.cdiv(n_tokens, BLOCK_T)
-    per_group = GROUP_T * tl.cdiv(N, BLOCK_N)
-    first_t = (pid // per_group) * GROUP_T
-    group_rows = tl.minimum(tiles_t - first_t, GROUP_T)
-    pid_t = first_t + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = pos < n_tokens
-    tok, tok_row = _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len, ORDERED, IMPLICIT)
-    o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_mask = o < N
-    # Past the edges the main loop reads token 0 and column 0 (never stored), so its loads
-    # need a mask only for a ragged K.
-    o_in = tl.where(o_mask, o, 0).to(tl.int64)
-    kk = tl.arange(0, BLOCK_K)
-    x_ptrs = x_ptr + tok[:, None] * s_x_t + kk[None, :] * s_x_k
-    w_ptrs = w_ptr + kk[:, None] * s_w_k + o_in[None, :] * s_w_n
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_T * tiles_n
     acc_type = tl.float64 if ACC64 else tl.float32
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
-    first = pid_t * BLOCK_T
-    row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[n_tokens, K], strides=[s_x_t, 1],
+                                           block_shape=[BLOCK_T, BLOCK_K])
+        if W_NK:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[s_w_n, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[s_w_k, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[n_tokens, N], strides=[s_y_t, 1],
+                                           block_shape=[BLOCK_T, BLOCK_N])
+    kk = tl.arange(0, BLOCK_K)
     cc = tl.arange(0, BLOCK_R)
     c_mask = cc < rank
-    # SHRINK: the tile's one row, its factor and u's accumulator (unused otherwise).
-    f = tl.load(src_ptr + row_lo * s_src_r).to(tl.int64)
-    a_ptrs = a_ptr + f * s_a_f + cc[None, :] * s_a_c + kk[:, None] * s_a_k
-    u_acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=acc_type)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            xt = tl.load(x_ptrs)
-            wt = tl.load(w_ptrs)
-        else:
-            k_in = (k0 + kk) < K
-            xt = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
-        acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
-        if SHRINK:
-            if EVEN_K:
-                at = tl.load(a_ptrs, mask=c_mask[None, :], other=0.0)
-            else:
-                at = tl.load(a_ptrs, mask=c_mask[None, :] & k_in[:, None], other=0.0)
-            u_acc = _dot(xt, at, u_acc, DOT_FP32, IEEE)
-            a_ptrs += BLOCK_K * s_a_k
-        x_ptrs += BLOCK_K * s_x_k
-        w_ptrs += BLOCK_K * s_w_k
     scale = tl.load(scale_ptr).to(acc_type)
-    if SHRINK:
-        if pid_n == 0:
-            tl.store(u_ptr + tok[:, None] * s_u_t + cc[None, :],
-                     u_acc.to(u_ptr.dtype.element_ty), mask=t_mask[:, None] & c_mask[None, :])
-        ft = tl.load(fac_ptr + f * s_f + o[None, :] * s_n + cc[:, None] * s_c,
-                     mask=o_mask[None, :] & c_mask[:, None], other=0.0)
-        # Rounded as the expand rounds u (stored in u's dtype, scaled, then ft's dtype).
-        ut = u_acc.to(u_ptr.dtype.element_ty).to(acc_type) * scale
-        acc = _dot(ut.to(ft.dtype), ft, acc, DOT_FP32, IEEE)
-    else:
-        row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len,
-                         IMPLICIT)
-        acc = _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask, u_ptr, fac_ptr,
-                        src_ptr, coef_ptr, scale, rank, width, s_u_t, s_f, s_n, s_c, s_src_r,
-                        s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R, DOT_FP32, IEEE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)[None, :]
-    tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=t_mask[:, None] & o_mask[None, :])
+    for tile in tl.range(tl.program_id(0), tiles_t * tiles_n, tl.num_programs(0),
+                         flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        first_t = (tile // per_group) * GROUP_T
+        group_rows = tl.minimum(tiles_t - first_t, GROUP_T)
+        pid_t = first_t + (tile % per_group) % group_rows
+        pid_n = (tile % per_group) // group_rows
+        pos = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t_mask = pos < n_tokens
+        tok, tok_row = _token_rows(order_ptr, rows_ptr, pos, t_mask, row_len, ORDERED,
+                                   IMPLICIT)
+        o = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_mask = o < N
+        # Past the edges the main loop reads token 0 and column 0 (never stored), so its
+        # pointer loads need a mask only for a ragged K.
+        o_in = tl.where(o_mask, o, 0).to(tl.int64)
+        x_ptrs = x_ptr + tok[:, None] * s_x_t + kk[None, :] * s_x_k
+        w_ptrs = w_ptr + kk[:, None] * s_w_k + o_in[None, :] * s_w_n
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type)
+        first = pid_t * BLOCK_T
+        row_lo = _row_of(rows_ptr, first, row_len, IMPLICIT)
+        # SHRINK: the tile's one row, its factor and u's accumulator (unused otherwise).
+        f = tl.load(src_ptr + row_lo * s_src_r).to(tl.int64)
+        a_ptrs = a_ptr + f * s_a_f + cc[None, :] * s_a_c + kk[:, None] * s_a_k
+        u_acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=acc_type)
+        for k0 in range(0, K, BLOCK_K):
+            k_in = (k0 + kk) < K
+            if TMA:
+                xt = x_desc.load([first, k0])
+                if W_NK:
+                    wt = w_desc.load([pid_n * BLOCK_N, k0]).T
+                else:
+                    wt = w_desc.load([k0, pid_n * BLOCK_N])
+            elif EVEN_K:
+                xt = tl.load(x_ptrs)
+                wt = tl.load(w_ptrs)
+            else:
+                xt = tl.load(x_ptrs, mask=k_in[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=k_in[:, None], other=0.0)
+            acc = _dot(xt, wt, acc, DOT_FP32, IEEE)
+            if SHRINK:
+                if EVEN_K:
+                    at = tl.load(a_ptrs, mask=c_mask[None, :], other=0.0)
+                else:
+                    at = tl.load(a_ptrs, mask=c_mask[None, :] & k_in[:, None], other=0.0)
+                u_acc = _dot(xt, at, u_acc, DOT_FP32, IEEE)
+                a_ptrs += BLOCK_K * s_a_k
+            x_ptrs += BLOCK_K * s_x_k
+            w_ptrs += BLOCK_K * s_w_k
+        if SHRINK:
+            if pid_n == 0:
+                tl.store(u_ptr + tok[:, None] * s_u_t + cc[None, :],
+                         u_acc.to(u_ptr.dtype.element_ty),
+                         mask=t_mask[:, None] & c_mask[None, :])
+            ft = tl.load(fac_ptr + f * s_f + o[None, :] * s_n + cc[:, None] * s_c,
+                         mask=o_mask[None, :] & c_mask[:, None], other=0.0)
+            # Rounded as the expand rounds u (stored in u's dtype, scaled, then ft's dtype).
+            ut = u_acc.to(u_ptr.dtype.element_ty).to(acc_type) * scale
+            acc = _dot(ut.to(ft.dtype), ft, acc, DOT_FP32, IEEE)
+        else:
+            row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len,
+                             IMPLICIT)
+            acc = _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask, u_ptr,
+                            fac_ptr, src_ptr, coef_ptr, scale, rank, width, s_u_t, s_f, s_n,
+                            s_c, s_src_r, s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R,
+                            DOT_FP32, IEEE)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + o * s_bias, mask=o_mask,
+                           other=0.0).to(acc_type)[None, :]
+        if TMA:
+            y_desc.store([first, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
+        else:
+            tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=t_mask[:, None] & o_mask[None, :])
 
 
 @triton.jit

@@ -33,6 +33,7 @@ from functools import cache, lru_cache
 from typing import NamedTuple
 
 import torch
+import triton
 
 from ..plan import RowPlan
 from ..plan import tracing as _tracing
@@ -89,15 +90,17 @@ def _smem_budget(device: torch.device) -> int:
     return int(0.8 * getattr(props, "shared_memory_per_block_optin", 99 * 1024))
 
 
-def _launch_opts(cfg: dict, stage_bytes: int = 0, device: torch.device | None = None) -> dict:
+def _launch_opts(cfg: dict, stage_bytes: int = 0, device: torch.device | None = None,
+                 reserved_bytes: int = 0) -> dict:
     """num_warps / num_stages for a GPU launch. The pipeline keeps num_stages - 1 tiles of
     `stage_bytes` in shared memory, so the depth is cut where a wide dtype would overflow
-    it (H100, fp32, 64x256x64 tiles at 4 stages: 245,760 B asked for, 232,448 B there)."""
+    it (H100, fp32, 64x256x64 tiles at 4 stages: 245,760 B asked for, 232,448 B there);
+    `reserved_bytes`: shared memory the kernel needs beside the pipeline (a TMA store's tile)."""
     if interpreting():
         return {}
     opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     if stage_bytes and device is not None and "num_stages" in opts:
-        fit = 1 + _smem_budget(device) // stage_bytes
+        fit = 1 + max(0, _smem_budget(device) - reserved_bytes) // stage_bytes
         opts["num_stages"] = max(2, min(opts["num_stages"], fit))
     return opts
 
@@ -242,11 +245,13 @@ def _shrink_spec(tokens: int, depth: int, width: int, rows: int, ordered: bool,
 
 class Launch(NamedTuple):
     """One kernel launch worked out from shapes and strides: its LaunchMeta, grid and
-    integer arguments (they follow the tensors)."""
+    integer arguments (they follow the tensors). `fallback`: the launch to take instead when
+    a call's tensors do not start on 16-byte boundaries (the fused GEMM's TMA variant)."""
 
     meta: LaunchMeta
     grid: tuple
     ints: tuple
+    fallback: Launch | None = None
 
 
 def _shrink_launch(tokens: int, depth: int, x_strides: tuple, fac_strides: tuple,
@@ -317,19 +322,59 @@ def _run_expand(launch: Launch, y, bias, u, fac, table, coef, plan: RowPlan, sca
 
 @lru_cache(maxsize=1024)
 def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, ordered: bool,
-                implicit: bool, has_bias: bool, has_coef: bool, shrink: bool,
-                dtype: torch.dtype, device: torch.device):
-    """(grid, LaunchMeta) of a fused GEMM launch, once per shape and layout."""
+                implicit: bool, has_bias: bool, has_coef: bool, shrink: bool, tma: bool,
+                w_nk: bool, dtype: torch.dtype, device: torch.device):
+    """(grid, LaunchMeta) of a fused GEMM launch, once per shape and layout; `tma`: the
+    descriptor variant (W read as [N, K] when `w_nk`, else [K, N])."""
     cfg = config("fused", device, tokens, rows)
     block_t, block_n, block_k = cfg["BLOCK_T"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    grid = (_cdiv(tokens, block_t) * _cdiv(n_out, block_n),)
+    tiles = _cdiv(tokens, block_t) * _cdiv(n_out, block_n)
+    # PROGRAMS_PER_SM > 0: a persistent grid, each program looping over tiles; 0: one a tile.
+    per_sm = cfg.get("PROGRAMS_PER_SM", 0)
+    grid = (min(tiles, per_sm * _num_sms(device)) if per_sm else tiles,)
     stage_bytes = (block_t + block_n) * block_k * dtype.itemsize
+    # TMA stores y through a shared-memory tile of its own.
+    y_tile = block_t * block_n * dtype.itemsize if tma else 0
     meta = launch_meta(kernels.fused_linear_kernel, HAS_BIAS=has_bias, HAS_COEF=has_coef,
                        ORDERED=ordered, IMPLICIT=implicit, EVEN_K=depth % block_k == 0,
                        SHRINK=shrink, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
                        BLOCK_R=_pow2_block(width, cfg["MAX_BLOCK_R"]), GROUP_T=cfg["GROUP_T"],
-                       **_flags(dtype), **_launch_opts(cfg, stage_bytes, device))
+                       TMA=tma, W_NK=w_nk and tma,
+                       WARP_SPECIALIZE=bool(cfg.get("WARP_SPECIALIZE", False)),
+                       FLATTEN=bool(cfg.get("FLATTEN", False)),
+                       **_flags(dtype), **_launch_opts(cfg, stage_bytes, device, y_tile))
     return grid, meta
+
+
+@cache
+def _tma_capable(device: torch.device) -> bool:
+    """Whether `device` has TMA copies (sm_90 and later); on CPU tensors, the interpreter
+    emulates them (or card_plan plans for an sm_90 card)."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_rows(strides: tuple, itemsize: int) -> bool:
+    """Whether a 2-D operand with these strides suits a tensor descriptor: unit last stride,
+    rows 16-byte aligned (TMA's rule for every stride but the last)."""
+    return strides[1] == 1 and strides[0] * itemsize % 16 == 0
+
+
+def _fused_tma(asked: bool, n_out: int, ordered: bool, x_strides: tuple, w_kn_strides: tuple,
+               dtype: torch.dtype, device: torch.device) -> tuple[bool, bool]:
+    """(whether the fused GEMM takes its TMA variant, whether it reads W as [N, K]): `asked`
+    (the card's fused.TMA), tokens in order (TMA cannot gather x's rows), and x, W and y
+    (contiguous [T, N]) in descriptor-ready layouts. On a GPU only the tensor-core dtypes:
+    fp32's TMA variant (IEEE products) compiled to 294,920 B of shared memory at the default
+    128x256x64 tile, past sm_90's 232,448 (scripts/triton_aot_check.py, 2026-12-06), so fp32
+    keeps pointer loads; any dtype under the interpreter."""
+    if (not asked or ordered or not _tma_capable(device)
+            or (not interpreting() and dtype not in (torch.float16, torch.bfloat16))):
+        return False, False
+    size = dtype.itemsize
+    w_nk = _tma_rows(w_kn_strides[::-1], size)  # W[k, o] = weight[o, k]: the forward's
+    w_kn = _tma_rows(w_kn_strides, size)  # dx's W = weight itself
+    ok = _tma_rows(x_strides, size) and n_out * size % 16 == 0 and (w_nk or w_kn)
+    return ok, ok and w_nk
 
 
 def _fused_launch(tokens: int, n_out: int, depth: int, x_strides: tuple, w_kn_strides: tuple,
@@ -340,19 +385,26 @@ def _fused_launch(tokens: int, n_out: int, depth: int, x_strides: tuple, w_kn_st
     """The fused GEMM's Launch: y [T, N] (contiguous) = x W + bias + the expand of u
     (contiguous [T, slots, rank]); w_kn_strides: W[k, o]'s strides. a_strides: A[f, c, k]'s,
     to run the shrink in the main loop (the kernel's SHRINK; it writes u). None when y is
-    empty."""
+    empty. The TMA variant carries the pointer variant as its fallback."""
     if tokens == 0 or n_out == 0:
         return None
     rows, row_len, ordered, implicit = plan_key
     width = slots * rank
-    grid, meta = _fused_spec(tokens, n_out, depth, width, rows, ordered, implicit,
-                             bias_stride is not None, coef_strides is not None,
-                             a_strides is not None, dtype, device)
     ints = (tokens, n_out, depth, rank, width, max(row_len, 1), *x_strides, *w_kn_strides,
             n_out, 0 if bias_stride is None else bias_stride, width, *fac_strides,
             *src_strides, *(coef_strides if coef_strides is not None else (0, 0)),
             *(a_strides if a_strides is not None else (0, 0, 0)))
-    return Launch(meta, grid, ints)
+
+    def variant(tma: bool, w_nk: bool, fallback: Launch | None = None) -> Launch:
+        grid, meta = _fused_spec(tokens, n_out, depth, width, rows, ordered, implicit,
+                                 bias_stride is not None, coef_strides is not None,
+                                 a_strides is not None, tma, w_nk, dtype, device)
+        return Launch(meta, grid, ints, fallback)
+
+    pointers = variant(False, False)
+    asked = bool(config("fused", device, tokens, rows).get("TMA", False))
+    tma, w_nk = _fused_tma(asked, n_out, ordered, x_strides, w_kn_strides, dtype, device)
+    return variant(True, w_nk, pointers) if tma else pointers
 
 
 @lru_cache(maxsize=256)
@@ -364,8 +416,28 @@ def _shrink_in_loop(device: torch.device, tokens: int, rows: int, row_len: int) 
     return bool(cfg.get("SHRINK", False)) and row_len > 0 and row_len % cfg["BLOCK_T"] == 0
 
 
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for Triton's device-side tensor descriptors (the caching allocator's
+    blocks are 512-byte aligned, past any `alignment` Triton asks for)."""
+    return torch.empty(size, dtype=torch.int8, device=torch.cuda.current_device())
+
+
+def _ensure_scratch_allocator() -> None:
+    """Give Triton an allocator for the TMA variant's descriptors where none was set (a
+    per-thread setting, so asked on each launch: ~0.1 us); one a user set is kept."""
+    from triton.runtime import _allocation
+
+    if _allocation._allocator.get() is _allocation._NULL_ALLOCATOR:
+        triton.set_allocator(_scratch)
+
+
 def _run_fused(launch: Launch, y, x, weight, bias, u, fac, table, coef, plan: RowPlan,
                scale_t, a=None) -> None:
+    if launch.fallback is not None:  # the TMA variant: rows aligned by plan, bases per call
+        if (x.data_ptr() | weight.data_ptr()) & 15:
+            launch = launch.fallback
+        elif x.is_cuda:
+            _ensure_scratch_allocator()
     order, sorted_rows = _plan_ptrs(plan, table)
     run_kernel(launch.meta, launch.grid, y, x, weight, bias if bias is not None else y, u, fac,
                table, coef if coef is not None else u, order, sorted_rows, scale_t,
