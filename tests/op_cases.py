@@ -111,6 +111,22 @@ def run(inputs: dict, case: Case, backend: str, grad_out=None):
     return y, grads
 
 
+def gradcheck_op(inputs: dict, case: Case, backend: str) -> bool:
+    """torch.autograd.gradcheck of one backend's op in its six differentiable arguments
+    (float64 inputs; fast mode, as the op's tests take it)."""
+    names = ["x", "weight", "bias", "lora_a", "lora_b", "adapter_w"]
+
+    def fn(*tensors):
+        args = dict(inputs, **dict(zip(names, tensors)))
+        return lora_mix_linear(args["x"], args["weight"], args["bias"], args["lora_a"],
+                               args["lora_b"], args["adapter_w"], args["adapter_idx"],
+                               scale=case.scale, mix=case.mix, row_ids=args["row_ids"],
+                               backend=backend)
+
+    leaves = [inputs[n].detach().clone().requires_grad_(True) for n in names]
+    return torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+
+
 def count_calls(monkeypatch, owner, name: str) -> list[int]:
     """Replace owner.<name> (for the test) by a wrapper that appends 1 to the returned list
     per call."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import Case, count_calls, make_inputs, rel_err, run
+from op_cases import Case, count_calls, gradcheck_op, make_inputs, rel_err, run
 from test_op import CASES, check_against_reference
 from test_op_hostile import inputs as hostile_inputs
 from test_op_hostile import same_as_reference
@@ -64,18 +64,7 @@ def test_float64_and_gradcheck(mix, dense):
     case = Case(packed=True, rows=3, tokens_per_row=3, d_in=5, d_out=4, adapters=3, rank=2,
                 slots=2, mix=mix, dense=dense)
     check_against_reference(case, "triton", DEVICE, torch.float64)
-    inp = make_inputs(case, dtype=torch.float64, device=DEVICE)
-    names = ["x", "weight", "bias", "lora_a", "lora_b", "adapter_w"]
-
-    def fn(*tensors):
-        args = dict(inp, **dict(zip(names, tensors)))
-        return rk.lora_mix_linear(args["x"], args["weight"], args["bias"], args["lora_a"],
-                                  args["lora_b"], args["adapter_w"], args["adapter_idx"],
-                                  scale=case.scale, mix=mix, row_ids=args["row_ids"],
-                                  backend="triton")
-
-    leaves = [inp[n].detach().clone().requires_grad_(True) for n in names]
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+    assert gradcheck_op(make_inputs(case, dtype=torch.float64, device=DEVICE), case, "triton")
 
 
 def test_a_strided_weight_is_planned_by_its_strides():

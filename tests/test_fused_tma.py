@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from op_cases import TOLERANCE, Case, make_inputs, record, rel_err, run
+from op_cases import TOLERANCE, Case, gradcheck_op, make_inputs, record, rel_err, run
 from test_op_hostile import inputs as hostile_inputs
 from test_op_hostile import same_as_reference
 
@@ -199,17 +199,7 @@ def test_shrink_in_the_main_loop(fused_runs, dtype):
 @pytest.mark.skipif(DEVICE == "cuda", reason="float64 is not a GPU target")
 def test_gradcheck():
     case = Case(rows=3, tokens_per_row=3, d_in=6, d_out=4, adapters=3, rank=2, slots=2)
-    inp = make_inputs(case, dtype=torch.float64, device=DEVICE)
-    names = ["x", "weight", "bias", "lora_a", "lora_b", "adapter_w"]
-
-    def fn(*tensors):
-        args = dict(inp, **dict(zip(names, tensors)))
-        return rk.lora_mix_linear(args["x"], args["weight"], args["bias"], args["lora_a"],
-                                  args["lora_b"], args["adapter_w"], args["adapter_idx"],
-                                  scale=case.scale, row_ids=args["row_ids"], backend="triton")
-
-    leaves = [inp[n].detach().clone().requires_grad_(True) for n in names]
-    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7, fast_mode=True)
+    assert gradcheck_op(make_inputs(case, dtype=torch.float64, device=DEVICE), case, "triton")
 
 
 def test_scratch_allocator_is_set_only_where_none_was():
