@@ -54,6 +54,7 @@ from reclora import ReclLoRALinear  # noqa: E402
 from reclora_kernels import row_plan  # noqa: E402
 from reclora_kernels.triton import eager as triton_eager  # noqa: E402
 from reclora_kernels.triton import kernels, launch  # noqa: E402
+from reclora_kernels.triton.card_plan import force_fused  # noqa: E402
 
 # aten ops that launch no kernel on a GPU (views, metadata, allocation without a fill).
 _NO_LAUNCH = ("view", "reshape", "_reshape_alias", "t", "transpose", "expand", "as_strided",
@@ -140,11 +141,14 @@ def fake_gpu_launches() -> None:
     use_card_tables(CARD)
 
 
-def with_launcher(calls: int, rounds: int, tritons_run: bool) -> dict[str, float]:
+def with_launcher(calls: int, rounds: int, tritons_run: bool,
+                  fused: bool = False) -> dict[str, float]:
     """The cases' host us per call with a GPU call's launch path, from a child process;
-    `tritons_run`: every launch through JITFunction.run (fast_launch's cache off)."""
+    `tritons_run`: every launch through JITFunction.run (fast_launch's cache off); `fused`:
+    the fused GEMM forced on in the card's table."""
     cmd = [sys.executable, __file__, "--with-launcher", "--calls", str(calls),
-           "--rounds", str(rounds)] + (["--tritons-run"] if tritons_run else [])
+           "--rounds", str(rounds)] + (["--tritons-run"] if tritons_run else []) + (
+           ["--fused"] if fused else [])
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(run.stdout.splitlines()[-1])
 
@@ -222,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=common.RESULTS / "host_overhead_triton_cpu.md")
     p.add_argument("--with-launcher", action="store_true",
                    help="(internal) time the cases with a GPU call's launch path; print JSON")
+    p.add_argument("--fused", action="store_true",
+                   help="(internal, with --with-launcher) the fused GEMM forced on")
     p.add_argument("--tritons-run", action="store_true",
                    help="(internal, with --with-launcher) every launch by JITFunction.run")
     args = p.parse_args(argv)
@@ -230,6 +236,8 @@ def main(argv=None) -> int:
         fake_gpu_launches()
         if args.tritons_run:
             tritons_run_only()
+        if args.fused:
+            force_fused(True, CARD)
         print(json.dumps(common.best_us_per_call(cases(), rounds=args.rounds,
                                                  calls=args.calls)))
         return 0
@@ -242,10 +250,11 @@ def main(argv=None) -> int:
     best = common.best_us_per_call(fns, rounds=args.rounds, calls=args.calls)
     # The two launch paths' processes alternate (twice each, the best kept): the machine's
     # drift falls on both alike.
-    tritons, launcher = {}, {}
+    tritons, launcher, fused = {}, {}, {}
     for _ in range(2):
-        for tritons_run, best_of in ((True, tritons), (False, launcher)):
-            for name, us in with_launcher(args.calls, args.rounds, tritons_run).items():
+        for tritons_run, fuse, best_of in ((True, False, tritons), (False, False, launcher),
+                                           (False, True, fused)):
+            for name, us in with_launcher(args.calls, args.rounds, tritons_run, fuse).items():
                 best_of[name] = min(us, best_of.get(name, us))
     base = best["F.linear"]
     lines = [
@@ -268,16 +277,21 @@ def main(argv=None) -> int:
         "CUDA driver's. `JITFunction.run`: every launch binds, specializes and hashes its "
         "arguments (Triton's own path); `fast launch`: the op's path, where a launch of a "
         "kind seen before calls the compiled kernel directly "
-        "(reclora_kernels/triton/fast_launch.py).",
+        "(reclora_kernels/triton/fast_launch.py). `fast launch, fused GEMM`: the same with "
+        "the fused GEMM (expand.fused) forced on in that table, as benchmarks/tune_triton.py "
+        "turns it on where it measures faster; the tensors are fp32, so it plans the "
+        "fused kernel's pointer variant (its TMA variant is for bf16/fp16; it adds a check "
+        "of two base addresses and of Triton's allocator a call).",
         "",
         "| call | host us per call, launches stubbed | above F.linear (us) | Triton launches "
-        "| torch kernels | host us, JITFunction.run | host us, fast launch |",
-        "|---|---|---|---|---|---|---|",
+        "| torch kernels | host us, JITFunction.run | host us, fast launch "
+        "| host us, fast launch, fused GEMM |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, us in best.items():
         tri, tor = launch_counts[name]
         lines.append(f"| {name} | {us:.1f} | {us - base:+.1f} | {tri} | {tor} "
-                     f"| {tritons[name]:.1f} | {launcher[name]:.1f} |")
+                     f"| {tritons[name]:.1f} | {launcher[name]:.1f} | {fused[name]:.1f} |")
     common.write_markdown(args.out, lines)
     return 0
 
