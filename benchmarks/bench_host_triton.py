@@ -232,6 +232,11 @@ def main(argv=None) -> int:
                    help="(internal, with --with-launcher) every launch by JITFunction.run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    # The stubbed kernels never write their outputs, so the CPU ops that read them (the
+    # backward's GEMM w^T dA_p) can meet denormal garbage: on the Xeon that cost forward+
+    # backward 20-40 us a call in one launch path and not another. Flushed, the time is the
+    # host's alone (on a GPU those ops are device kernels).
+    torch.set_flush_denormal(True)
     if args.with_launcher:
         fake_gpu_launches()
         if args.tritons_run:
