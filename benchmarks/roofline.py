@@ -416,7 +416,9 @@ def fused_tiles_per_program(case: Case, n_out: int, card: Card) -> int:
 def _overlap_epilogue(gemm: Launch, tiles_per_program: int) -> Launch:
     """A persistent program's tile epilogues run under its next tile's main loop (FLATTEN):
     only its last tile's store is left after the loop; the others' bytes join the main loop's
-    (where they compete for bandwidth in the max, not add to it)."""
+    (where they compete for bandwidth in the max, not add to it). Assumed, not measured:
+    tl.range's flatten pipelines the flattened loop, so the next tile's first loads are in
+    flight during this tile's store; `ratio_exposed` gives the ratio without the overlap."""
     hidden = gemm.epilogue_bytes * (1.0 - 1.0 / tiles_per_program)
     if hidden <= 0:
         return gemm
