@@ -742,6 +742,13 @@ def _with_fused_eff(launches: list[Launch], fraction: float) -> list[Launch]:
             for x in launches]
 
 
+def exposed(launch: Launch) -> Launch:
+    """`launch` with its overlapped epilogue bytes back after its main loop."""
+    return replace(launch, hbm_bytes=launch.hbm_bytes - launch.overlapped_bytes,
+                   epilogue_bytes=launch.epilogue_bytes + launch.overlapped_bytes,
+                   overlapped_bytes=0.0)
+
+
 def _ratio_at(case: Case, card: Card, fraction: float) -> float:
     """`fused`'s ratio with its Triton GEMMs' main loop at `fraction` of cuBLAS's."""
     launches = _with_fused_eff(predict(case, "fused", card), fraction)
@@ -751,9 +758,7 @@ def _ratio_at(case: Case, card: Card, fraction: float) -> float:
 def ratio_exposed(case: Case, card: Card) -> float:
     """`fused`'s ratio with every tile's epilogue after its main loop (no persistent
     overlap): what the schedule is worth."""
-    launches = [replace(x, hbm_bytes=x.hbm_bytes - x.overlapped_bytes,
-                        epilogue_bytes=x.epilogue_bytes + x.overlapped_bytes,
-                        overlapped_bytes=0.0) for x in predict(case, "fused", card)]
+    launches = [exposed(x) for x in predict(case, "fused", card)]
     return total_us(launches, card) / total_us(predict(case, "base", card), card)
 
 
