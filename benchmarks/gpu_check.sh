@@ -5,7 +5,8 @@
 # times, host us per call, launches per call, CUDA-graph replay at T = 64). No model weights.
 # At most 8 minutes: every step has its own limit (build 120 s, tests 170 + 40 s, targets
 # 140 s), cut further so the whole stays within BUDGET_S (465 s); a step cut by its limit
-# gets SIGINT first, so pytest still prints its summary.
+# gets SIGINT first, so pytest still prints its summary. Then, in the device time left:
+# `python benchmarks/tune_triton.py --budget-s <seconds left less a minute>`.
 #
 #   bash benchmarks/gpu_check.sh            # logs to $OUT (if set) or benchmarks/results/gpu
 #   bash benchmarks/gpu_check.sh --smoke    # on a CPU: no build, no GPU tests, targets --smoke

@@ -1,6 +1,7 @@
 """Sweep the Triton backend's tile configs on this GPU; write the winners as data.
 
     python benchmarks/tune_triton.py [--out reclora_kernels/configs/<device>.json]
+                                     [--budget-s SECONDS]
 
 Times the whole forward of lora_mix_linear (bf16, d = 4096, 16 meta-LoRAs of rank 8, dense
 factor mode; KERNEL_SPEC.md's sizes) at T = 8192 in 64 rows (long rows) and T = 64 in 64
@@ -9,6 +10,11 @@ outer kernels; the fused GEMM (expand.fused) is swept too, tiles then schedule (
 persistent grid, tl.range options), and kept on per size class only where its forward beats
 cuBLAS + the expand, and the dense mixing's one launch (mix.ONE_LAUNCH)
 against two cuBLAS GEMMs and a memset. Medians from triton.testing.do_bench. GPU only.
+
+Most candidates compile a kernel first (~150 in all), so a full sweep can outlast a lent
+GPU's time. --budget-s stops the sweeps when it is spent (each keeps the best it timed),
+keeping AUTO_RESERVE_S for the `auto` choice, and the card's file is rewritten after every
+stage (atomically, over the entries it held), so a run cut off still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +57,27 @@ def timed(fn) -> float:
         return float("inf")
 
 
+# Seconds kept back from --budget-s for pick_auto: six forwards, two of them at sizes whose
+# Triton kernels compile first (assumed ~5 s each on the GPU machine; never measured there).
+AUTO_RESERVE_S = 60.0
+
+
+class Budget:
+    """The sweeps' time: out() once `seconds` (None: no limit) have passed since the start;
+    `cut` names the entries whose sweep stopped early."""
+
+    def __init__(self, seconds: float | None, clock=time.monotonic):
+        self.clock = clock
+        self.deadline = float("inf") if seconds is None else clock() + seconds
+        self.cut: list[str] = []
+
+    def out(self) -> bool:
+        return self.clock() > self.deadline
+
+
+NO_LIMIT = Budget(None)
+
+
 def set_entry(table: dict, key: str, value: dict) -> None:
     """table[key] = value, and the launch plans made with the old entry forgotten (they are
     cached per signature: without this every candidate would time the first one's plan)."""
@@ -57,9 +86,14 @@ def set_entry(table: dict, key: str, value: dict) -> None:
     eager._CALLS.clear()
 
 
-def sweep(table: dict, key: str, candidates: list[dict], fn) -> dict:
+def sweep(table: dict, key: str, candidates: list[dict], fn, budget: Budget = NO_LIMIT) -> dict:
     best, best_ms = dict(table[key]), float("inf")
-    for cand in candidates:
+    for done, cand in enumerate(candidates):
+        if budget.out():
+            print(f"  {key}: out of the time budget, {len(candidates) - done} of "
+                  f"{len(candidates)} candidates not timed", flush=True)
+            budget.cut.append(key)
+            break
         set_entry(table, key, cand)
         ms = timed(fn)
         print(f"  {key} {cand} -> {ms * 1e3:.1f} us", flush=True)
@@ -82,18 +116,23 @@ SCHEDULES = grid(TMA=[False, True], PROGRAMS_PER_SM=[0, 1, 2], FLATTEN=[False, T
 
 
 def choose_fused(table: dict, expand_key: str, fused_key: str, fused_tiles: list[dict],
-                 fn) -> None:
+                 fn, budget: Budget = NO_LIMIT) -> None:
     """Sweep the fused GEMM's tiles with expand.fused on (under the table's schedule), then
     its schedule (SCHEDULES) with the best tiles; keep it on only if its best beats the best
-    unfused expand (already in table[expand_key]) on `fn`."""
+    unfused expand (already in table[expand_key]) on `fn`. Out of time before it starts:
+    the fused GEMM stays off (unmeasured)."""
     unfused = dict(table[expand_key], fused=False)
     set_entry(table, expand_key, unfused)
+    if budget.out():
+        print(f"  {expand_key}.fused: out of the time budget, left off", flush=True)
+        budget.cut.append(fused_key)
+        return
     unfused_ms = timed(fn)
     set_entry(table, expand_key, dict(unfused, fused=True))
     schedule = {k: v for k, v in table[fused_key].items() if k in SCHEDULES[0]}
-    tiles = sweep(table, fused_key, [dict(t, **schedule) for t in fused_tiles], fn)
+    tiles = sweep(table, fused_key, [dict(t, **schedule) for t in fused_tiles], fn, budget)
     tiles = {k: v for k, v in tiles.items() if k not in SCHEDULES[0]}
-    sweep(table, fused_key, [dict(tiles, **s) for s in SCHEDULES], fn)
+    sweep(table, fused_key, [dict(tiles, **s) for s in SCHEDULES], fn, budget)
     fused_ms = timed(fn)
     on = fused_ms < unfused_ms
     set_entry(table, expand_key, dict(unfused, fused=on))
@@ -123,27 +162,63 @@ def pick_auto(configs) -> dict:
     return chosen
 
 
+def save_winners(path: Path, winners: dict, about: str) -> None:
+    """Write the card's file atomically: the entries it held, the winners over them (an
+    entry not tuned yet keeps its old value or, absent, default.json's)."""
+    held = json.loads(path.read_text()) if path.exists() else {}
+    text = json.dumps({**held, **winners, "_about": about}, indent=2) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _about(name: str, budget: Budget, stages_left: list[str]) -> str:
+    about = (f"Tuned by benchmarks/tune_triton.py on {name} (torch {torch.__version__}, "
+             f"triton {triton.__version__}).")
+    if budget.cut:
+        about += f" Cut short by --budget-s in: {', '.join(budget.cut)}."
+    if stages_left:
+        about += f" Not tuned yet: {', '.join(stages_left)} (held or default.json's values)."
+    return about
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="stop sweeping after this many seconds (keeping "
+                             f"{AUTO_RESERVE_S:.0f} s for the auto choice); default: no limit")
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= AUTO_RESERVE_S:
+        parser.error(f"--budget-s must exceed {AUTO_RESERVE_S:.0f} (kept for the auto "
+                     f"choice), got {args.budget_s:g}")
     if not torch.cuda.is_available():
         print("tune_triton: needs a CUDA GPU", file=sys.stderr)
         return 2
     name = torch.cuda.get_device_name()
     table = configs._table(name)
     print(f"tuning on {name}, torch {torch.__version__}, triton {triton.__version__}")
+    budget = Budget(None if args.budget_s is None else args.budget_s - AUTO_RESERVE_S)
+    out = args.out or configs.CONFIG_DIR / configs._device_file_name(name)
+    stages = ["expand", "fused", "shrink", "outer", "expand_short_rows", "fused_short_rows",
+              "mix", "auto"]
     winners = {}
+
+    def stage_done(*keys: str) -> None:
+        for key in keys:
+            stages.remove(key)
+        save_winners(out, winners, _about(name, budget, stages))
 
     x, weight, a, b, w = problem(8192, 64)
     fwd = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
     winners["expand"] = sweep(table, "expand", grid(
         BLOCK_T=[32, 64, 128], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4, 8],
-        base_first=[False, True], fused=[False]), fwd)
+        base_first=[False, True], fused=[False]), fwd, budget)
     choose_fused(table, "expand", "fused", grid(
         BLOCK_T=[64, 128], BLOCK_N=[128, 256], BLOCK_K=[64], GROUP_T=[8], MAX_BLOCK_R=[64],
-        num_warps=[4, 8], num_stages=[3, 4]), fwd)
+        num_warps=[4, 8], num_stages=[3, 4]), fwd, budget)
     winners["expand"], winners["fused"] = table["expand"], table["fused"]
+    stage_done("expand", "fused")
     g = torch.randn(64, 128, D, device="cuda", dtype=torch.bfloat16)
 
     def fwd_bwd():
@@ -152,21 +227,23 @@ def main(argv=None) -> int:
 
     winners["shrink"] = sweep(table, "shrink", grid(
         BLOCK_T=[64, 128], BLOCK_K=[64, 128], MAX_BLOCK_R=[64], num_warps=[4], num_stages=[3]),
-        fwd_bwd)
+        fwd_bwd, budget)
     winners["outer"] = sweep(table, "outer", grid(
         BLOCK_T=[32, 64], BLOCK_O=[64, 128], MAX_BLOCK_R=[64], num_warps=[4], num_stages=[3]),
-        fwd_bwd)
+        fwd_bwd, budget)
+    stage_done("shrink", "outer")
 
     x, weight, a, b, w = problem(64, 64)
     dec = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
     winners["expand_short_rows"] = sweep(table, "expand_short_rows", grid(
         BLOCK_T=[16, 32], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4],
-        base_first=[False, True], fused=[False]), dec)
+        base_first=[False, True], fused=[False]), dec, budget)
     choose_fused(table, "expand_short_rows", "fused_short_rows", grid(
         BLOCK_T=[16, 32], BLOCK_N=[32, 64, 128], BLOCK_K=[128], GROUP_T=[8], MAX_BLOCK_R=[64],
-        num_warps=[4], num_stages=[3, 4]), dec)
+        num_warps=[4], num_stages=[3, 4]), dec, budget)
     winners["expand_short_rows"] = table["expand_short_rows"]
     winners["fused_short_rows"] = table["fused_short_rows"]
+    stage_done("expand_short_rows", "fused_short_rows")
 
     # The dense mixing: one Triton launch (which also zeroes s) or two cuBLAS GEMMs and a
     # memset (ONE_LAUNCH false), timed over a prefill and a decode forward together (the
@@ -180,15 +257,11 @@ def main(argv=None) -> int:
     mix_base = {k: v for k, v in table["mix"].items() if k in ("BLOCK", "num_warps")}
     winners["mix"] = sweep(table, "mix", [dict(mix_base, ONE_LAUNCH=False)] + [
         dict(mix_base, ONE_LAUNCH=True, TILE=tile, MAX_ROWS=rows)
-        for tile in (2048, 4096, 8192) for rows in (16, 32, 64)], both)
-    winners["auto"] = pick_auto(configs)
-
-    winners["_about"] = (f"Tuned by benchmarks/tune_triton.py on {name} (torch "
-                         f"{torch.__version__}, triton {triton.__version__}).")
-    text = json.dumps(winners, indent=2)
-    print(text)
-    out = args.out or configs.CONFIG_DIR / configs._device_file_name(name)
-    out.write_text(text + "\n")
+        for tile in (2048, 4096, 8192) for rows in (16, 32, 64)], both, budget)
+    stage_done("mix")
+    winners["auto"] = pick_auto(configs)  # always: AUTO_RESERVE_S was kept for it
+    stage_done("auto")
+    print(out.read_text())
     print(f"wrote {out}")
     return 0
 

@@ -1,0 +1,112 @@
+"""benchmarks/tune_triton.py's time budget and its card file, without a GPU: the timings are
+made up (fake `timed`, a fake clock), the sweeps and the writes are the real ones."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks`
+
+from benchmarks import tune_triton as tt  # noqa: E402
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_timings(monkeypatch, table, key, clock, ms_of, seconds_each):
+    """`timed` gives ms_of(table[key]) and advances the clock by `seconds_each`."""
+    seen = []
+
+    def timed(fn):
+        seen.append(dict(table[key]))
+        clock.now += seconds_each
+        return ms_of(table[key])
+
+    monkeypatch.setattr(tt, "timed", timed)
+    return seen
+
+
+def test_sweep_keeps_the_best_it_timed_and_stops_when_out_of_time(monkeypatch):
+    clock = Clock()
+    budget = tt.Budget(25.0, clock=clock)
+    table = {"k": {"B": 0}}
+    cands = [{"B": b} for b in (5, 3, 4, 1, 2)]  # 1 would win, but comes too late
+    seen = fake_timings(monkeypatch, table, "k", clock, lambda e: float(e["B"]), 10.0)
+    best = tt.sweep(table, "k", cands, fn=None, budget=budget)
+    assert seen == cands[:3]  # timed at 0, 10, 20 s; at 30 s past the 25 s budget
+    assert best == {"B": 3} and table["k"] == {"B": 3}
+    assert budget.cut == ["k"]
+    # No limit: every candidate timed, the best kept, nothing cut.
+    seen.clear()
+    free = tt.Budget(None, clock=clock)
+    assert tt.sweep(table, "k", cands, fn=None, budget=free) == {"B": 1}
+    assert seen == cands and free.cut == []
+
+
+def test_a_sweep_out_of_time_before_it_starts_keeps_the_entry(monkeypatch):
+    clock = Clock()
+    budget = tt.Budget(1.0, clock=clock)
+    clock.now = 2.0
+    table = {"k": {"B": 7}}
+    seen = fake_timings(monkeypatch, table, "k", clock, lambda e: 1.0, 1.0)
+    assert tt.sweep(table, "k", [{"B": 1}], fn=None, budget=budget) == {"B": 7}
+    assert not seen and budget.cut == ["k"]
+
+
+def test_choose_fused_out_of_time_leaves_the_fused_gemm_off(monkeypatch):
+    clock = Clock()
+    budget = tt.Budget(1.0, clock=clock)
+    clock.now = 5.0
+    table = {"expand": {"BLOCK_T": 64, "fused": True}, "fused": {"BLOCK_T": 128}}
+    seen = fake_timings(monkeypatch, table, "fused", clock, lambda e: 1.0, 1.0)
+    tt.choose_fused(table, "expand", "fused", [{"BLOCK_T": 64}], fn=None, budget=budget)
+    assert table["expand"] == {"BLOCK_T": 64, "fused": False}
+    assert not seen and budget.cut == ["fused"]
+
+
+def test_choose_fused_keeps_it_on_only_where_it_measured_faster(monkeypatch):
+    for fused_ms, on in ((0.5, True), (2.0, False)):
+        table = {"expand": {"BLOCK_T": 64, "fused": False}, "fused": {"BLOCK_T": 128}}
+        monkeypatch.setattr(
+            tt, "timed", lambda fn, t=table, f=fused_ms: f if t["expand"]["fused"] else 1.0)
+        tt.choose_fused(table, "expand", "fused", [{"BLOCK_T": 64}], fn=None)
+        assert table["expand"]["fused"] is on
+
+
+def test_save_winners_merges_over_the_held_entries_atomically(tmp_path):
+    path = tmp_path / "card.json"
+    path.write_text(json.dumps({"shrink": {"BLOCK_T": 128}, "outer": {"BLOCK_O": 64},
+                                "_about": "old"}))
+    tt.save_winners(path, {"shrink": {"BLOCK_T": 64}, "auto": {"prefill": "triton"}}, "new")
+    got = json.loads(path.read_text())
+    assert got == {"shrink": {"BLOCK_T": 64}, "outer": {"BLOCK_O": 64},
+                   "auto": {"prefill": "triton"}, "_about": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["card.json"]  # no temporary left
+    fresh = tmp_path / "none_yet.json"
+    tt.save_winners(fresh, {"mix": {"ONE_LAUNCH": True}}, "a")
+    assert json.loads(fresh.read_text()) == {"mix": {"ONE_LAUNCH": True}, "_about": "a"}
+
+
+def test_about_names_what_was_cut_and_what_is_left():
+    budget = tt.Budget(None)
+    assert "Cut short" not in tt._about("H100", budget, [])
+    budget.cut.append("expand")
+    text = tt._about("H100", budget, ["mix", "auto"])
+    assert "Cut short by --budget-s in: expand." in text
+    assert "Not tuned yet: mix, auto" in text
+
+
+def test_a_budget_within_the_auto_reserve_is_refused(capsys):
+    with pytest.raises(SystemExit) as err:
+        tt.main(["--budget-s", str(tt.AUTO_RESERVE_S)])
+    assert err.value.code == 2
+    assert "--budget-s must exceed" in capsys.readouterr().err
