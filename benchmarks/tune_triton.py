@@ -162,10 +162,16 @@ def pick_auto(configs) -> dict:
     return chosen
 
 
-def save_winners(path: Path, winners: dict, about: str) -> None:
-    """Write the card's file atomically: the entries it held, the winners over them (an
-    entry not tuned yet keeps its old value or, absent, default.json's)."""
-    held = json.loads(path.read_text()) if path.exists() else {}
+def held_entries(name: str) -> dict:
+    """The entries the card's file in reclora_kernels/configs held before this run."""
+    path = configs.CONFIG_DIR / configs._device_file_name(name)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_winners(path: Path, winners: dict, about: str, held: dict) -> None:
+    """Write the card's file atomically: the entries it `held`, the winners over them (an
+    entry not tuned yet keeps its old value or, absent, default.json's), wherever --out
+    puts it."""
     text = json.dumps({**held, **winners, "_about": about}, indent=2) + "\n"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -200,6 +206,7 @@ def main(argv=None) -> int:
     print(f"tuning on {name}, torch {torch.__version__}, triton {triton.__version__}")
     budget = Budget(None if args.budget_s is None else args.budget_s - AUTO_RESERVE_S)
     out = args.out or configs.CONFIG_DIR / configs._device_file_name(name)
+    held = held_entries(name)
     stages = ["expand", "fused", "shrink", "outer", "expand_short_rows", "fused_short_rows",
               "mix", "auto"]
     winners = {}
@@ -207,7 +214,7 @@ def main(argv=None) -> int:
     def stage_done(*keys: str) -> None:
         for key in keys:
             stages.remove(key)
-        save_winners(out, winners, _about(name, budget, stages))
+        save_winners(out, winners, _about(name, budget, stages), held)
 
     x, weight, a, b, w = problem(8192, 64)
     fwd = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731

@@ -84,16 +84,23 @@ def test_choose_fused_keeps_it_on_only_where_it_measured_faster(monkeypatch):
 
 def test_save_winners_merges_over_the_held_entries_atomically(tmp_path):
     path = tmp_path / "card.json"
-    path.write_text(json.dumps({"shrink": {"BLOCK_T": 128}, "outer": {"BLOCK_O": 64},
-                                "_about": "old"}))
-    tt.save_winners(path, {"shrink": {"BLOCK_T": 64}, "auto": {"prefill": "triton"}}, "new")
+    path.write_text("an earlier partial write")
+    held = {"shrink": {"BLOCK_T": 128}, "outer": {"BLOCK_O": 64}, "_about": "old"}
+    tt.save_winners(path, {"shrink": {"BLOCK_T": 64}, "auto": {"prefill": "triton"}}, "new",
+                    held)
     got = json.loads(path.read_text())
     assert got == {"shrink": {"BLOCK_T": 64}, "outer": {"BLOCK_O": 64},
                    "auto": {"prefill": "triton"}, "_about": "new"}
     assert [p.name for p in tmp_path.iterdir()] == ["card.json"]  # no temporary left
-    fresh = tmp_path / "none_yet.json"
-    tt.save_winners(fresh, {"mix": {"ONE_LAUNCH": True}}, "a")
-    assert json.loads(fresh.read_text()) == {"mix": {"ONE_LAUNCH": True}, "_about": "a"}
+    assert held["shrink"] == {"BLOCK_T": 128}  # the held entries are not changed
+
+
+def test_held_entries_are_the_repo_card_files(tmp_path, monkeypatch):
+    """--out elsewhere (the GPU machine's $OUT) still starts from the repo's card file."""
+    monkeypatch.setattr(tt.configs, "CONFIG_DIR", tmp_path)
+    (tmp_path / "nvidia_h100_80gb_hbm3.json").write_text(json.dumps({"outer": {"BLOCK_O": 64}}))
+    assert tt.held_entries("NVIDIA H100 80GB HBM3") == {"outer": {"BLOCK_O": 64}}
+    assert tt.held_entries("NVIDIA H200") == {}
 
 
 def test_about_names_what_was_cut_and_what_is_left():
