@@ -37,8 +37,7 @@ from reclora_kernels.triton import configs, eager, launch
 D, M, RANK = 4096, 16, 8
 
 
-def problem(tokens: int, rows: int, dtype=torch.bfloat16):
-    dev = "cuda"
+def problem(tokens: int, rows: int, dtype=torch.bfloat16, dev: str = "cuda"):
     x = torch.randn(rows, tokens // rows, D, device=dev, dtype=dtype)
     weight = torch.randn(D, D, device=dev, dtype=dtype) / D**0.5
     a = (torch.randn(M, RANK, D, device=dev, dtype=dtype) / D**0.5).requires_grad_()
@@ -145,6 +144,26 @@ def _forward(inputs, backend: str):
     return lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend=backend)
 
 
+def workloads() -> dict:
+    """The timed calls, each over its own inputs: "prefill" (T = 8192 in 64 rows, forward),
+    "prefill_fwd_bwd" (the same with the gradients to the banks and the mixture), "decode"
+    (T = 64 in 64 rows) and "mixed" (a prefill and a T = 64 in 8 rows forward together)."""
+    prefill, decode, decode8 = problem(8192, 64), problem(64, 64), problem(64, 8)
+    fwd, small = _forward(prefill, "triton"), _forward(decode8, "triton")
+    x, _, a, b, w = prefill
+    g = torch.randn_like(x)
+
+    def fwd_bwd():
+        torch.autograd.grad(fwd(), [a, b, w], g)
+
+    def mixed():
+        fwd()
+        small()
+
+    return {"prefill": fwd, "prefill_fwd_bwd": fwd_bwd, "decode": _forward(decode, "triton"),
+            "mixed": mixed}
+
+
 def pick_auto(configs) -> dict:
     """The backend `auto` takes on this card, per size class ("decode": under 32 tokens per
     row on average, else "prefill"): the fastest of triton and cuda on the spec sizes, and
@@ -216,8 +235,10 @@ def main(argv=None) -> int:
             stages.remove(key)
         save_winners(out, winners, _about(name, budget, stages), held)
 
-    x, weight, a, b, w = problem(8192, 64)
-    fwd = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
+    # Each over its own inputs (a lambda over main's rebound locals once timed the decode
+    # problem where the mixing's sweep meant the prefill).
+    calls = workloads()
+    fwd, fwd_bwd, dec = calls["prefill"], calls["prefill_fwd_bwd"], calls["decode"]
     winners["expand"] = sweep(table, "expand", grid(
         BLOCK_T=[32, 64, 128], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4, 8],
         base_first=[False, True], fused=[False]), fwd, budget)
@@ -226,12 +247,6 @@ def main(argv=None) -> int:
         num_warps=[4, 8], num_stages=[3, 4]), fwd, budget)
     winners["expand"], winners["fused"] = table["expand"], table["fused"]
     stage_done("expand", "fused")
-    g = torch.randn(64, 128, D, device="cuda", dtype=torch.bfloat16)
-
-    def fwd_bwd():
-        y = lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")
-        torch.autograd.grad(y, [a, b, w], g)
-
     winners["shrink"] = sweep(table, "shrink", grid(
         BLOCK_T=[64, 128], BLOCK_K=[64, 128], MAX_BLOCK_R=[64], num_warps=[4], num_stages=[3]),
         fwd_bwd, budget)
@@ -239,9 +254,6 @@ def main(argv=None) -> int:
         BLOCK_T=[32, 64], BLOCK_O=[64, 128], MAX_BLOCK_R=[64], num_warps=[4], num_stages=[3]),
         fwd_bwd, budget)
     stage_done("shrink", "outer")
-
-    x, weight, a, b, w = problem(64, 64)
-    dec = lambda: lora_mix_linear(x, weight, None, a, b, w, scale=2.0, backend="triton")  # noqa: E731
     winners["expand_short_rows"] = sweep(table, "expand_short_rows", grid(
         BLOCK_T=[16, 32], BLOCK_N=[64, 128, 256], MAX_BLOCK_R=[64], num_warps=[4],
         base_first=[False, True], fused=[False]), dec, budget)
@@ -255,16 +267,10 @@ def main(argv=None) -> int:
     # The dense mixing: one Triton launch (which also zeroes s) or two cuBLAS GEMMs and a
     # memset (ONE_LAUNCH false), timed over a prefill and a decode forward together (the
     # entry has no size class).
-    x8, weight8, a8, b8, w8 = problem(64, 8)
-
-    def both():
-        fwd()
-        lora_mix_linear(x8, weight8, None, a8, b8, w8, scale=2.0, backend="triton")
-
     mix_base = {k: v for k, v in table["mix"].items() if k in ("BLOCK", "num_warps")}
     winners["mix"] = sweep(table, "mix", [dict(mix_base, ONE_LAUNCH=False)] + [
         dict(mix_base, ONE_LAUNCH=True, TILE=tile, MAX_ROWS=rows)
-        for tile in (2048, 4096, 8192) for rows in (16, 32, 64)], both, budget)
+        for tile in (2048, 4096, 8192) for rows in (16, 32, 64)], calls["mixed"], budget)
     stage_done("mix")
     winners["auto"] = pick_auto(configs)  # always: AUTO_RESERVE_S was kept for it
     stage_done("auto")

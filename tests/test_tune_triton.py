@@ -117,3 +117,28 @@ def test_a_budget_within_the_auto_reserve_is_refused(capsys):
         tt.main(["--budget-s", str(tt.AUTO_RESERVE_S)])
     assert err.value.code == 2
     assert "--budget-s must exceed" in capsys.readouterr().err
+
+
+
+def test_each_workload_runs_on_its_own_inputs(monkeypatch):
+    """The mixing's sweep times a prefill and a decode forward together (once a rebound
+    local made it two decodes); the backward takes the prefill's gradients."""
+    import torch
+
+    real = tt.problem
+    monkeypatch.setattr(tt, "D", 8)  # the sizes' rows and lengths, tiny rows
+    monkeypatch.setattr(tt, "problem", lambda tokens, rows: real(tokens, rows, torch.float32,
+                                                                 "cpu"))
+    shapes = []
+
+    def fake_op(x, weight, bias, a, b, w, scale, backend):
+        shapes.append(tuple(x.shape[:2]))
+        return x * (a.sum() + b.sum() + w.sum())
+
+    monkeypatch.setattr(tt, "lora_mix_linear", fake_op)
+    calls = tt.workloads()
+    for name, want in (("prefill", [(64, 128)]), ("decode", [(64, 1)]),
+                       ("mixed", [(64, 128), (8, 8)]), ("prefill_fwd_bwd", [(64, 128)])):
+        shapes.clear()
+        calls[name]()
+        assert shapes == want, name
