@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from reclora.checkpoint import atomic_write
 from reclora_kernels import lora_mix_linear
 from reclora_kernels.triton import configs, eager, launch
 
@@ -181,20 +181,23 @@ def pick_auto(configs) -> dict:
     return chosen
 
 
+def card_file(name: str) -> Path:
+    """The card's tile table in reclora_kernels/configs (what configs._table reads)."""
+    return configs.CONFIG_DIR / configs._device_file_name(name)
+
+
 def held_entries(name: str) -> dict:
     """The entries the card's file in reclora_kernels/configs held before this run."""
-    path = configs.CONFIG_DIR / configs._device_file_name(name)
+    path = card_file(name)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def save_winners(path: Path, winners: dict, about: str, held: dict) -> None:
-    """Write the card's file atomically: the entries it `held`, the winners over them (an
-    entry not tuned yet keeps its old value or, absent, default.json's), wherever --out
-    puts it."""
+    """Write the card's file atomically (reclora.checkpoint.atomic_write): the entries it
+    `held`, the winners over them (an entry not tuned yet keeps its old value or, absent,
+    default.json's), wherever --out puts it."""
     text = json.dumps({**held, **winners, "_about": about}, indent=2) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _about(name: str, budget: Budget, stages_left: list[str]) -> str:
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
     table = configs._table(name)
     print(f"tuning on {name}, torch {torch.__version__}, triton {triton.__version__}")
     budget = Budget(None if args.budget_s is None else args.budget_s - AUTO_RESERVE_S)
-    out = args.out or configs.CONFIG_DIR / configs._device_file_name(name)
+    out = args.out or card_file(name)
     held = held_entries(name)
     stages = ["expand", "fused", "shrink", "outer", "expand_short_rows", "fused_short_rows",
               "mix", "auto"]
