@@ -298,19 +298,21 @@ def measure_host(run: Run, row: Row) -> dict[str, float | str]:
 # cuBLAS/cuBLASLt kernel names seen on Hopper (nvjet_*, sm90_xmma_gemm_*, cutlass_*, gemv*,
 # Kernel2, splitKreduce_kernel); matched lower-cased.
 CUBLAS_NAMES = ("nvjet", "gemm", "gemv", "xmma", "cutlass", "splitk", "kernel2")
+# The roofline's name of the backward's one pass over g (v and dB_p, "segment sums" too).
+ONE_PASS = "v = B_p^T g"
 # (label, which measured kernels by name, which of the roofline's launches)
 KINDS = [
     # By name start: the fused GEMM's name mentions the shrink in its main loop.
     ("Triton shrink (fwd s, bwd v)", lambda k: "shrink_kernel" in k,
      lambda x: x.name.startswith("shrink")),
     ("Triton one pass over g (v, dB_p)", lambda k: "grad_pass" in k,
-     lambda x: x.name.startswith("v = B_p^T g")),
+     lambda x: x.name.startswith(ONE_PASS)),
     ("Triton expand (fwd y, bwd dx)", lambda k: "expand_kernel" in k,
      lambda x: x.name.startswith(("expand", "dx = scale"))),
     ("Triton fused GEMM (base + expand)", lambda k: "fused_linear" in k,
      lambda x: x.name.startswith("fused")),
     ("Triton segment sums", lambda k: "segment_outer" in k,
-     lambda x: "segment sums" in x.name and not x.name.startswith("v = B_p^T g")),
+     lambda x: "segment sums" in x.name and not x.name.startswith(ONE_PASS)),
     ("Triton gathered mix", lambda k: "mix_factors" in k, lambda x: "Triton gather" in x.name),
     ("Triton mix of A and B (zeros of s)", lambda k: "mix_pair" in k,
      lambda x: x.name.startswith("mix A and B")),
@@ -348,10 +350,9 @@ def kernel_report(run: Run, case: roofline.Case, backend: str) -> list[str]:
         frac = nbytes / (meas * 1e-6) / (run.card.hbm_tbs * 1e12) if meas else float("nan")
         ratio = meas / pred if pred else float("nan")
         lines.append(f"  {label:34s} {pred:8.1f} {meas:8.1f} {ratio:9.2f} {frac:8.2f}")
-        overlapped = [x for x in chosen if x.overlapped_bytes]
-        if overlapped:  # the persistent schedule's assumed overlap, and the time without it
-            alt = pred + sum(roofline.exposed(x).time_us(run.card) - x.time_us(run.card)
-                             for x in overlapped)
+        if any(x.overlapped_bytes for x in chosen):
+            # The persistent schedule's assumed overlap undone: every store after its tile.
+            alt = sum(roofline.exposed(x).time_us(run.card) for x in chosen)
             lines.append(f"  {'  the same, stores not overlapped':34s} {alt:8.1f} {meas:8.1f} "
                          f"{meas / alt:9.2f}")
     total = sum(s.us_per_call for s in stats)
