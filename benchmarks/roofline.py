@@ -274,11 +274,16 @@ def _memset(phase, name, nbytes, count=1):
     return _stream(phase, name, "torch", nbytes, count=count, note="zeros for atomic adds")
 
 
+# default.json's short_rows_below: rows averaging fewer tokens take the '_short_rows' tiles.
+SHORT_ROWS_BELOW = 32
+
+
 def _split_k(case: Case, card: Card, width: int) -> int:
     """The new shrink's split of d_in (launch.shrink): programs = T tiles x column tiles; split
     until 2 programs per SM (the card's tile; BLOCK_T 16 and BLOCK_K 128 when rows average
     < 32 tokens, default.json's short-row entry; MAX_BLOCK_R 64)."""
-    block_t, block_k = (16, 128) if case.tokens / case.rows < 32 else card.shrink_tile
+    short = case.tokens / case.rows < SHORT_ROWS_BELOW
+    block_t, block_k = (16, 128) if short else card.shrink_tile
     block_r = max(16, min(64, 1 << max(0, (width - 1).bit_length())))
     tiles = math.ceil(case.tokens / block_t) * math.ceil(width / block_r)
     return max(1, min(math.ceil(2 * card.sms / max(tiles, 1)), math.ceil(case.d_in / block_k)))
@@ -396,7 +401,6 @@ FUSED_TILE_T, FUSED_TILE_N, MMA_MIN_N = 128, 256, 16
 # "fused_short_rows" (rows averaging < SHORT_ROWS_BELOW tokens) is a program a tile.
 FUSED_PROGRAMS_PER_SM, FUSED_FLATTEN = 1, True
 FUSED_SHORT_TILE_T, FUSED_SHORT_TILE_N, FUSED_SHORT_PROGRAMS_PER_SM = 16, 64, 0
-SHORT_ROWS_BELOW = 32
 
 
 def fused_tiles_per_program(case: Case, n_out: int, card: Card) -> int:
@@ -407,9 +411,9 @@ def fused_tiles_per_program(case: Case, n_out: int, card: Card) -> int:
     block_t, block_n, per_sm = ((FUSED_SHORT_TILE_T, FUSED_SHORT_TILE_N,
                                  FUSED_SHORT_PROGRAMS_PER_SM) if short else
                                 (FUSED_TILE_T, FUSED_TILE_N, FUSED_PROGRAMS_PER_SM))
-    tiles = math.ceil(case.tokens / block_t) * math.ceil(n_out / block_n)
     if per_sm <= 0 or not FUSED_FLATTEN:
         return 1
+    tiles = math.ceil(case.tokens / block_t) * math.ceil(n_out / block_n)
     return max(1, math.ceil(tiles / (card.sms * per_sm)))
 
 
@@ -627,10 +631,14 @@ def launches_per_call(launches: list[Launch]) -> int:
     return sum(x.count for x in launches if x.per_call)
 
 
+def over_base(launches: list[Launch], case: Case, card: Card) -> float:
+    """The time of `launches` over the base's (F.linear), both at `case` on `card`."""
+    return total_us(launches, card) / total_us(predict(case, "base", card), card)
+
+
 def ratio(case: Case, design: str, card: Card = H100) -> float:
     """Predicted time of `design` over the base's (F.linear), both at `case` on `card`."""
-    return total_us(predict(case, design, card), card) / total_us(predict(case, "base", card),
-                                                                  card)
+    return over_base(predict(case, design, card), case, card)
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -751,15 +759,13 @@ def exposed(launch: Launch) -> Launch:
 
 def _ratio_at(case: Case, card: Card, fraction: float) -> float:
     """`fused`'s ratio with its Triton GEMMs' main loop at `fraction` of cuBLAS's."""
-    launches = _with_fused_eff(predict(case, "fused", card), fraction)
-    return total_us(launches, card) / total_us(predict(case, "base", card), card)
+    return over_base(_with_fused_eff(predict(case, "fused", card), fraction), case, card)
 
 
 def ratio_exposed(case: Case, card: Card) -> float:
     """`fused`'s ratio with every tile's epilogue after its main loop (no persistent
     overlap): what the schedule is worth."""
-    launches = [exposed(x) for x in predict(case, "fused", card)]
-    return total_us(launches, card) / total_us(predict(case, "base", card), card)
+    return over_base([exposed(x) for x in predict(case, "fused", card)], case, card)
 
 
 def fused_break_even(case: Case, card: Card, limit: float) -> float | None:
@@ -813,7 +819,7 @@ def findings() -> list[str]:
             f"hidden in cuBLAS's main loop) is {ratio(dense, 'new-ideal', card):.2f}x.")
     slow = [replace(x, bw_eff=OLD_SHRINK_EFF) if x.engine == "Triton" else x
             for x in predict(dense, "new", H100)]
-    slow_ratio = total_us(slow, H100) / total_us(predict(dense, "base", H100), H100)
+    slow_ratio = over_base(slow, dense, H100)
     lines += [
         f"- Sensitivity: the Triton streaming kernels are assumed at {HBM_EFF:.0%} of peak; at "
         f"the old shrink's measured {OLD_SHRINK_EFF:.0%} the H100 forward would be "
