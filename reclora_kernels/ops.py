@@ -58,8 +58,11 @@ def _fake_forward(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_i
 
 def _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapter_idx, shrink,
                    scale, mix, need_x, need_weight, need_bias, need_lora):
+    # Contiguous, whatever the input's strides: every backend's backward writes its
+    # gradients into fresh contiguous tensors (empty_like kept a transposed x's strides,
+    # and inductor's stride check failed the compiled backward).
     def maybe(flag, like):
-        return torch.empty_like(like) if flag else like.new_empty(0)
+        return like.new_empty(like.shape) if flag else like.new_empty(0)
 
     return (
         maybe(need_x, x),

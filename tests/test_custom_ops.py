@@ -123,3 +123,69 @@ def test_cuda_graph_replay(backend, mix):
     expected = step()
     for got, want in zip(outs, expected):
         assert rel_err(got, want) < 1e-3
+
+
+def _step(backend: str, mix: str):
+    def step(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx):
+        return rk.lora_mix_linear(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
+                                  scale=0.7, mix=mix, backend=backend)
+    return step
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+def test_compile_backward_of_transposed_inputs(backend, mix):
+    """Compiled forward+backward with x, weight and the banks in transposed layouts: the
+    fake backward must give the strides the real one returns (inductor checks them; the
+    fake once kept x's column-major strides for dx, which the kernels write contiguous)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = Case(packed=True, rows=5, tokens_per_row=1, d_in=13, d_out=11, mix=mix)
+    inputs = make_inputs(case, dtype=torch.float32, device=device)
+
+    def transposed(t):  # the same values, column-major in its last two dimensions
+        return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    names = ["x", "weight", "bias", "lora_a", "lora_b", "adapter_w"]
+    leaves = {n: inputs[n].detach().clone() for n in names}
+    for name in ("x", "weight", "lora_a", "lora_b"):
+        leaves[name] = transposed(leaves[name])
+        assert not leaves[name].is_contiguous()
+    grads_of = {}
+    for label, fn in (("compiled", torch.compile(_step(backend, mix), fullgraph=True)),
+                      ("reference", _step("reference", mix))):
+        args = {n: t.detach().clone().requires_grad_(True) for n, t in leaves.items()}
+        y = fn(*(args[n] for n in names), inputs["adapter_idx"])
+        grads_of[label] = (y, *torch.autograd.grad(y.square().sum(), list(args.values())))
+    for name, got, want in zip(["y", *names], grads_of["compiled"], grads_of["reference"]):
+        assert rel_err(got, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", [*FAST, "reference"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("check_finite", [False, True])
+def test_training_after_inference_mode(backend, packed, check_finite):
+    """A call under torch.inference_mode (serving) caches the rows' ids; a later training
+    call of the same sizes must still save them for its backward. (The Triton path's cached
+    tables and constants are only read by its kernels, never saved.)"""
+    from reclora_kernels import plan
+
+    plan._implicit_rows.cache_clear()  # else an earlier test's entry, made outside, is reused
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = Case(rows=4, tokens_per_row=1 if packed else 3, dense=True)
+    inputs = make_inputs(case, dtype=torch.float32, device=device)
+    x = inputs["x"].reshape(-1, case.d_in) if packed else inputs["x"]
+    args = [inputs[n] for n in ("weight", "bias", "lora_a", "lora_b", "adapter_w")]
+
+    def call(x, *tensors, backend=backend):
+        return rk.lora_mix_linear(x, *tensors, scale=0.7, backend=backend,
+                                  check_finite=check_finite)
+
+    with torch.inference_mode():
+        call(x, *args)
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, *args)]
+        y = call(*leaves, backend=name)
+        grads[name] = torch.autograd.grad(y.square().sum(), leaves)
+    for got, want in zip(grads[backend], grads["reference"]):
+        assert rel_err(got, want) < 1e-5
