@@ -82,9 +82,12 @@ class RowPlan:
 
 @lru_cache(maxsize=64)
 def _implicit_rows(tokens: int, row_len: int, device: torch.device) -> torch.Tensor:
-    if tokens == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    return torch.arange(tokens, device=device) // row_len
+    # Made outside inference mode: a cached tensor made inside it (a served batch) could not
+    # be saved for a later training call's backward.
+    with torch.inference_mode(False):
+        if tokens == 0:
+            return torch.zeros(0, dtype=torch.int64, device=device)
+        return torch.arange(tokens, device=device) // row_len
 
 
 @lru_cache(maxsize=256)
