@@ -57,7 +57,7 @@ inline Sizes check_inputs(const at::Tensor& x, const at::Tensor& row_ids, const 
     TORCH_CHECK(t.scalar_type() == dtype, "lora_mix: ", name, " must have x's dtype ", dtype,
                 ", got ", t.scalar_type());
     TORCH_CHECK(t.device() == x.device(), "lora_mix: ", name, " must be on x's device ",
-                x.device(), ", got ", t.device());
+                x.device().str(), ", got ", t.device().str());
   };
   same(weight, "weight");
   same(lora_a, "lora_a");
@@ -81,6 +81,25 @@ inline Sizes check_inputs(const at::Tensor& x, const at::Tensor& row_ids, const 
                 "[R, M=", num(s.adapters), "], got ", shape(adapter_w.sizes()));
   }
   return s;
+}
+
+// The backward's own inputs: grad_y [T, d_out] and the forward's shrink [T, slots_out, r], on
+// x's device (any floating dtype: the kernels cast them).
+inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& shrink,
+                                  const at::Tensor& x, const Sizes& s, int64_t slots_out) {
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.tokens && grad_y.size(1) == s.d_out,
+              "lora_mix: grad_y must be [T, d_out], got ", shape(grad_y.sizes()));
+  TORCH_CHECK(shrink.dim() == 3 && shrink.size(0) == s.tokens && shrink.size(1) == slots_out &&
+                  shrink.size(2) == s.rank,
+              "lora_mix: shrink must be [T, ", num(slots_out), ", r], got ", shape(shrink.sizes()));
+  auto on_x = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device() == x.device(), "lora_mix: ", name, " must be on x's device ",
+                x.device().str(), ", got ", t.device().str());
+    TORCH_CHECK(t.is_floating_point(), "lora_mix: ", name, " must be floating, got ",
+                t.scalar_type());
+  };
+  on_x(grad_y, "grad_y");
+  on_x(shrink, "shrink");
 }
 
 // Distinct empty tensors for gradients that were not asked for: outputs of one op must not

@@ -190,6 +190,45 @@ def test_noncontiguous_inputs(device):
         torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_takes_grad_y_in_another_dtype(device):
+    """A direct backward call with an fp32 grad_y for bf16 inputs: cast to x's dtype, never
+    read as bf16 bits (the CUDA kernel once read it so)."""
+    args = make(17, 12, 10, 4, 3, 3, 2, dtype=torch.bfloat16, device=device)
+    x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = args
+
+    def grads(grad_y, shrink, mix):
+        return torch.ops.reclora.lora_mix_backward(
+            grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, idx, shrink, 0.5, mix,
+            True, True, True, True)
+
+    for mix in (0, 1):
+        y, shrink = torch.ops.reclora.lora_mix_forward(*args, 0.5, mix)
+        g = torch.randn(y.shape, device=device)
+        for got, want in zip(grads(g, shrink, mix), grads(g.to(torch.bfloat16), shrink, mix)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_direct_backward_rejects_bad_arguments():
+    args = make(5, 8, 6, 3, 2, 2, 2)
+    x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = args
+    y, shrink = torch.ops.reclora.lora_mix_forward(*args, 1.0, 0)
+
+    def backward(grad_y, shrink):
+        return torch.ops.reclora.lora_mix_backward(
+            grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, idx, shrink, 1.0, 0,
+            True, True, True, True)
+
+    with pytest.raises(RuntimeError, match="grad_y must be"):
+        backward(y[:, :-1], shrink)
+    with pytest.raises(RuntimeError, match="grad_y must be floating"):
+        backward(torch.ones_like(y, dtype=torch.int32), shrink)
+    with pytest.raises(RuntimeError, match="shrink must be"):
+        backward(y, shrink[:, :, :-1])
+    with pytest.raises(RuntimeError, match="shrink must be floating"):
+        backward(y, shrink.long())
+
+
 def test_direct_call_rejects_bad_arguments():
     x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = make(5, 8, 6, 3, 2, 2, 2)
     with pytest.raises(RuntimeError, match="mix"):

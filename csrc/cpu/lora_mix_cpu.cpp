@@ -1290,12 +1290,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
     bool need_x, bool need_weight, bool need_bias, bool need_lora) {
   const Sizes s = check_inputs(x, row_ids, weight, std::nullopt, lora_a, lora_b, adapter_w,
                                adapter_idx, mix);
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.tokens && grad_y.size(1) == s.d_out,
-              "lora_mix: grad_y must be [T, d_out], got ", shape(grad_y.sizes()));
   const int64_t slots_out = mix == 1 ? s.slots : 1;
-  TORCH_CHECK(shrink.dim() == 3 && shrink.size(0) == s.tokens && shrink.size(1) == slots_out &&
-                  shrink.size(2) == s.rank,
-              "lora_mix: shrink must be [T, ", num(slots_out), ", r], got ", shape(shrink.sizes()));
+  check_backward_inputs(grad_y, shrink, x, s, slots_out);
   Args a = prepare(x, weight, std::nullopt, lora_a, lora_b, adapter_w, adapter_idx);
   check_adapter_idx(a.idx, s.adapters);
   Tensor g = grad_y.to(a.dtype).contiguous();

@@ -369,12 +369,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
   check_cuda_dtype(x);
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t kk = mix_mode == 1 ? s.slots : 1;
-  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(0) == s.tokens && grad_y.size(1) == s.d_out,
-              "lora_mix: grad_y must be [T, d_out], got ", shape(grad_y.sizes()));
-  TORCH_CHECK(shrink_in.dim() == 3 && shrink_in.size(0) == s.tokens && shrink_in.size(1) == kk &&
-                  shrink_in.size(2) == s.rank,
-              "lora_mix: shrink must be [T, ", num(kk), ", r], got ", shape(shrink_in.sizes()));
-  const Tensor g = grad_y.contiguous();
+  check_backward_inputs(grad_y, shrink_in, x, s, kk);
+  // In x's dtype, as the CPU kernel takes it: the kernels read g as x's element type.
+  const Tensor g = grad_y.to(x.scalar_type()).contiguous();
   const Tensor sh = shrink_in.to(at::kFloat).contiguous();
   const Tensor lora_a = lora_a_in.contiguous(), lora_b = lora_b_in.contiguous();
   const Tensor rows_c = row_ids.contiguous();
