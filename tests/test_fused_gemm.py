@@ -138,6 +138,17 @@ def test_shrink_in_the_main_loop(shrinks, dtype, dense, length):
     assert sum(map(len, shrinks)) == 1  # the backward's v = B_p^T g only
 
 
+@pytest.mark.parametrize("rank", [65, 128])
+def test_no_shrink_in_the_loop_over_one_rank_block(shrinks, rank):
+    """Rows on the tile, but a rank over the card's MAX_BLOCK_R (64): the in-loop shrink
+    and the one pass over g hold one rank block, so the separate shrinks run instead (at
+    r = 128 the in-loop shrink once summed half the ranks)."""
+    case = Case(rows=2, tokens_per_row=64, rank=rank, d_in=24, d_out=21, dense=True)
+    check_against_reference(case, "triton", DEVICE, torch.float32)
+    shrink, one_pass = shrinks
+    assert len(shrink) == 2 and not one_pass  # x's shrink, then g's
+
+
 @pytest.mark.parametrize("case", [Case(rows=2, tokens_per_row=64, packed=True),
                                   Case(rows=2, tokens_per_row=64, mix="output"),
                                   Case(rows=2, tokens_per_row=40)],

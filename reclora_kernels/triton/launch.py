@@ -408,12 +408,15 @@ def _fused_launch(tokens: int, n_out: int, depth: int, x_strides: tuple, w_kn_st
 
 
 @lru_cache(maxsize=256)
-def _shrink_in_loop(device: torch.device, tokens: int, rows: int, row_len: int) -> bool:
+def _shrink_in_loop(device: torch.device, tokens: int, rows: int, row_len: int,
+                    rank: int) -> bool:
     """Whether the fused GEMM may run the shrink in its main loop for implicit rows of
-    row_len tokens: the card's fused entry asks for it (SHRINK) and every token tile lies
-    inside one row."""
+    row_len tokens: the card's fused entry asks for it (SHRINK), every token tile lies
+    inside one row, and the rank fits one BLOCK_R block (the in-loop shrink has no loop over
+    rank blocks: at r = 128 it summed only the first 64)."""
     cfg = config("fused", device, tokens, rows)
-    return bool(cfg.get("SHRINK", False)) and row_len > 0 and row_len % cfg["BLOCK_T"] == 0
+    return (bool(cfg.get("SHRINK", False)) and row_len > 0 and row_len % cfg["BLOCK_T"] == 0
+            and rank <= cfg["MAX_BLOCK_R"])
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -555,9 +558,10 @@ def _run_outer(launch: Launch, p, q, table, coef, out, plan: RowPlan, scale_t) -
 def _grad_pass_spec(tokens: int, rows: int, rank: int, d_out: int, ordered: bool,
                     implicit: bool, dtype: torch.dtype, device: torch.device):
     """(grid, LaunchMeta) of a grad_pass launch (the outer kernel's tiles), or None where the
-    card's outer entry turns the one pass off (ONE_PASS)."""
+    card's outer entry turns the one pass off (ONE_PASS) or the rank is over one BLOCK_R
+    block (the kernel holds all of a row's ranks in one: at r = 128 v and dB_p lost half)."""
     cfg = config("outer", device, tokens, rows)
-    if not cfg.get("ONE_PASS", False):
+    if not cfg.get("ONE_PASS", False) or rank > cfg["MAX_BLOCK_R"]:
         return None
     block_r = _pow2_block(rank, cfg["MAX_BLOCK_R"])
     grid = (rows, _cdiv(d_out, cfg["BLOCK_O"]))
@@ -716,7 +720,7 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
     _, row_len, _, implicit = plan_key
     # Factor mode over implicit rows: the fused GEMM may run the shrink itself (x read once).
     in_loop = (order == ORDER_FUSED and mix_mode == 0 and implicit and tokens > 0
-               and d_out > 0 and _shrink_in_loop(device, tokens, rows, row_len))
+               and d_out > 0 and _shrink_in_loop(device, tokens, rows, row_len, rank))
     if in_loop:
         shrink_, zeroed = None, False  # the fused GEMM writes s
     else:
