@@ -84,23 +84,26 @@ def cases():
     """Small calls that reach every kernel: each mix x layout x dtype, forward and backward."""
     import reclora_kernels as rk
 
-    m, r, k = 6, 4, 2
+    m, k = 6, 2
     # 5 and 40 tokens a row: both size classes of a card table (its "_short_rows" entries
     # apply below short_rows_below = 32 tokens a row). Then decode: one token in each of 8
     # rows at d = 512, so few tiles that the shrinks split d (SPLIT_K > 1: the atomic path).
-    sizes = [(dtype, length, 3, 40, 24, layouts)
+    sizes = [(dtype, length, 3, 40, 24, layouts, 4)
              for dtype in (torch.float32, torch.bfloat16, torch.float16) for length in (5, 40)
              for layouts in [("implicit", "packed", "gathered")]]
-    sizes += [(dtype, 1, 8, 512, 512, ("implicit", "gathered"))
+    sizes += [(dtype, 1, 8, 512, 512, ("implicit", "gathered"), 4)
               for dtype in (torch.float32, torch.bfloat16)]
-    # Rows of 128 tokens (a card's fused token tile): the fused GEMM's in-loop shrink.
-    sizes += [(dtype, 128, 2, 40, 24, ("implicit", "gathered"))
-              for dtype in (torch.float32, torch.bfloat16, torch.float16)]
-    for dtype, length, rows, d_in, d_out, layouts in sizes:
+    # Rows of 128 tokens (a card's fused token tile): the fused GEMM's in-loop shrink, at
+    # r = 4, 32 and 64 (64: the widest rank block, MAX_BLOCK_R, the most shared memory); then
+    # r = 128, over one block (the separate shrinks, and output mode's 256-wide expand).
+    sizes += [(dtype, 128, 2, 40, 24, ("implicit", "gathered"), rank)
+              for dtype in (torch.float32, torch.bfloat16, torch.float16)
+              for rank in (4, 32, 64, 128)]
+    for dtype, length, rows, d_in, d_out, layouts, r in sizes:
         for mix in ("factor", "output"):
             for layout in layouts:
                 def call(dtype=dtype, length=length, rows=rows, d_in=d_in, d_out=d_out,
-                         mix=mix, layout=layout):
+                         mix=mix, layout=layout, r=r):
                     g = torch.Generator().manual_seed(0)
 
                     def rand(*shape, grad=True):
@@ -108,7 +111,9 @@ def cases():
                         return t.requires_grad_(grad)
 
                     weight, bias = rand(d_out, d_in), rand(d_out)
-                    lora_a, lora_b = rand(m, r, d_in), rand(m, d_out, r)
+                    # Unit-variance outputs: at r = 128 unscaled fp16 factors overflowed.
+                    lora_a = (rand(m, r, d_in, grad=False) / d_in**0.5).requires_grad_()
+                    lora_b = (rand(m, d_out, r, grad=False) / r**0.5).requires_grad_()
                     if layout == "gathered":
                         idx = torch.randint(0, m, (rows, k), generator=g)
                         w = rand(rows, k)

@@ -266,7 +266,7 @@ def test_new_tile_tables_forget_the_kept_plans(monkeypatch):
     calls and launch plans go with them."""
     from reclora_kernels.triton import card_plan, eager, launch
 
-    for name in ("config", "interpreting", "_smem_budget", "_num_sms"):
+    for name in ("config", "interpreting", "_smem_optin", "_num_sms"):
         monkeypatch.setattr(launch, name, getattr(launch, name))  # restored after the test
     case = Case(dense=False)
     _op(make_inputs(case, dtype=DTYPE, device=DEVICE), case)

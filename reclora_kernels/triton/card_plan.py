@@ -27,7 +27,7 @@ def use_card_tables(card: str, sms: int | None = None) -> None:
     launch.config = lambda kernel, device, tokens=None, rows=None: configs.card_config(
         card, kernel, tokens, rows)
     launch.interpreting = lambda: False
-    launch._smem_budget = lambda device: int(0.8 * SMEM_PER_BLOCK_OPTIN)
+    launch._smem_optin = lambda device: SMEM_PER_BLOCK_OPTIN
     if sms is not None:
         launch._num_sms = lambda device: sms
     # Plans made before were made with the old tables.

@@ -85,22 +85,41 @@ def _arange(n: int, device: torch.device) -> torch.Tensor:
 
 
 @cache
-def _smem_budget(device: torch.device) -> int:
+def _smem_optin(device: torch.device) -> int:
+    """Shared memory one block of `device` may opt into (232,448 B on an H100 / H200)."""
     props = torch.cuda.get_device_properties(device)
-    return int(0.8 * getattr(props, "shared_memory_per_block_optin", 99 * 1024))
+    return getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+
+
+def _smem_budget(device: torch.device) -> int:
+    """What a pointer-load pipeline may take: 80% of the opt-in, the rest left to the
+    compiler's own scratch (layout conversions)."""
+    return int(0.8 * _smem_optin(device))
+
+
+# Shared memory a TMA pipeline needs beside its stage buffers and y's tile (its barriers and
+# the in-loop shrink's scratch): 24 B at BLOCK_R = 16, 6,168 B at BLOCK_R = 64
+# (scripts/triton_aot_check.py, triton 3.8, sm_90, 128x256x64 bf16 tiles, 2026-12-06).
+TMA_SLACK_BYTES = 8 * 1024
 
 
 def _launch_opts(cfg: dict, stage_bytes: int = 0, device: torch.device | None = None,
-                 reserved_bytes: int = 0) -> dict:
-    """num_warps / num_stages for a GPU launch. The pipeline keeps num_stages - 1 tiles of
-    `stage_bytes` in shared memory, so the depth is cut where a wide dtype would overflow
-    it (H100, fp32, 64x256x64 tiles at 4 stages: 245,760 B asked for, 232,448 B there);
-    `reserved_bytes`: shared memory the kernel needs beside the pipeline (a TMA store's tile)."""
+                 reserved_bytes: int = 0, tma: bool = False) -> dict:
+    """num_warps / num_stages for a GPU launch, the depth cut where the pipeline's tiles of
+    `stage_bytes` would overflow shared memory. Pointer loads keep num_stages - 1 tiles
+    there (H100, fp32, 64x256x64 tiles at 4 stages: 245,760 B asked for, 232,448 B there);
+    TMA loads one a stage, num_stages in all (bf16 128x256x64 at 3 stages: 3 x 49,152 B and
+    y's 65,536 B tile). `reserved_bytes`: shared memory the kernel needs beside the pipeline
+    (a TMA store's tile)."""
     if interpreting():
         return {}
     opts = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
     if stage_bytes and device is not None and "num_stages" in opts:
-        fit = 1 + max(0, _smem_budget(device) - reserved_bytes) // stage_bytes
+        if tma:
+            free = _smem_optin(device) - TMA_SLACK_BYTES - reserved_bytes
+            fit = max(0, free) // stage_bytes
+        else:
+            fit = 1 + max(0, _smem_budget(device) - reserved_bytes) // stage_bytes
         opts["num_stages"] = max(2, min(opts["num_stages"], fit))
     return opts
 
@@ -332,17 +351,20 @@ def _fused_spec(tokens: int, n_out: int, depth: int, width: int, rows: int, orde
     # PROGRAMS_PER_SM > 0: a persistent grid, each program looping over tiles; 0: one a tile.
     per_sm = cfg.get("PROGRAMS_PER_SM", 0)
     grid = (min(tiles, per_sm * _num_sms(device)) if per_sm else tiles,)
-    stage_bytes = (block_t + block_n) * block_k * dtype.itemsize
+    block_r = _pow2_block(width, cfg["MAX_BLOCK_R"])
+    # A stage holds x's and W's tiles, and A's when the shrink runs in the loop (left out,
+    # the bf16 TMA variant at BLOCK_R = 64 asked for 245,784 B of 232,448).
+    stage_bytes = ((block_t + block_n) * block_k
+                   + (block_k * block_r if shrink else 0)) * dtype.itemsize
     # TMA stores y through a shared-memory tile of its own.
     y_tile = block_t * block_n * dtype.itemsize if tma else 0
     meta = launch_meta(kernels.fused_linear_kernel, HAS_BIAS=has_bias, HAS_COEF=has_coef,
                        ORDERED=ordered, IMPLICIT=implicit, EVEN_K=depth % block_k == 0,
                        SHRINK=shrink, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
-                       BLOCK_R=_pow2_block(width, cfg["MAX_BLOCK_R"]), GROUP_T=cfg["GROUP_T"],
-                       TMA=tma, W_NK=w_nk and tma,
+                       BLOCK_R=block_r, GROUP_T=cfg["GROUP_T"], TMA=tma, W_NK=w_nk and tma,
                        WARP_SPECIALIZE=bool(cfg.get("WARP_SPECIALIZE", False)),
                        FLATTEN=bool(cfg.get("FLATTEN", False)),
-                       **_flags(dtype), **_launch_opts(cfg, stage_bytes, device, y_tile))
+                       **_flags(dtype), **_launch_opts(cfg, stage_bytes, device, y_tile, tma))
     return grid, meta
 
 
