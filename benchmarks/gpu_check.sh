@@ -76,6 +76,7 @@ PY
   # are deselected on the GPU. --maxfail, not -x: one failure must not hide the others.
   step tests 170 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 tests/test_native.py \
     tests/test_op.py tests/test_mix_pair.py "tests/test_custom_ops.py::test_cuda_graph_replay" \
+    "tests/test_custom_ops.py::test_training_after_inference_mode" \
     -k "not (float64 and cuda)"
   step tests_cuda 40 "$PY" -m pytest -q -p no:cacheprovider --maxfail=10 -m cuda tests
   # The fused GEMM (off by default; gpu_targets times it as triton-fused, with the card
