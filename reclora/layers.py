@@ -84,8 +84,11 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def _make_uniform(rows, adapters, bank_dtype, dtype, device) -> torch.Tensor:
     # 1/M in the bank's dtype, then the compute dtype: the values the layer always used.
-    return torch.full((rows, adapters), 1.0 / adapters, dtype=bank_dtype,
-                      device=device).to(dtype)
+    # Outside inference mode: one cached under it (a served batch) could not be saved for a
+    # later training forward's backward.
+    with torch.inference_mode(False):
+        return torch.full((rows, adapters), 1.0 / adapters, dtype=bank_dtype,
+                          device=device).to(dtype)
 
 
 _cached_uniform = lru_cache(maxsize=64)(_make_uniform)
@@ -349,6 +352,8 @@ class RecLoRALinear(nn.Module):
             # The op is not autocast-aware: cast its operands here as F.linear would be, and
             # run it with autocast off (a native kernel's internal matmuls must not be recast).
             dtype = torch.get_autocast_dtype(device.type)
+            if x.dtype == torch.float64:  # autocast leaves float64 alone (so F.linear does)
+                dtype = x.dtype
             with torch.autocast(device.type, enabled=False):
                 return self._mixed_linear(_in_dtype(x, dtype), weights, idx, plan, device)
         return self._mixed_linear(x, weights, idx, plan, device)

@@ -383,6 +383,35 @@ def test_half_base_float32_bank_and_autocast():
     assert y32.dtype == torch.bfloat16
 
 
+def test_autocast_leaves_float64_alone_as_nn_linear_does():
+    layer = make_layer()  # float64
+    plain = nn.Linear(layer.in_features, layer.out_features, dtype=F64)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        plain.bias.copy_(layer.bias)
+    x = torch.randn(2, 3, layer.in_features, dtype=F64)
+    w = torch.softmax(torch.randn(2, layer.num_adapters, dtype=F64), -1)
+    layer.set_mixture(w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_plain = layer(x), plain(x)
+    assert y.dtype == y_plain.dtype == F64
+    torch.testing.assert_close(y, manual(layer, x, w), rtol=1e-12, atol=1e-12)
+
+
+def test_training_after_an_inference_mode_forward():
+    """The uniform mixture is cached by size; one first made under torch.inference_mode (a
+    served batch) must still be saved by a later training forward of the same size."""
+    import reclora.layers as layers
+
+    layers._cached_uniform.cache_clear()  # else an earlier test's entry is reused
+    layer = make_layer(m=3)
+    x = torch.randn(2, 3, layer.in_features, dtype=F64)
+    with torch.inference_mode():
+        layer(x)
+    layer(x).sum().backward()
+    assert layer.lora_a.grad is not None and layer.lora_a.grad.abs().sum() > 0
+
+
 def _as_f64(layer: RecLoRALinear) -> RecLoRALinear:
     copy = RecLoRALinear(layer.in_features, layer.out_features, layer.bias is not None,
                          num_adapters=layer.num_adapters, rank=layer.rank, alpha=layer.alpha,
