@@ -136,6 +136,11 @@ def inject(
         if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
             raise TypeError(f"inject: module {name!r} matches `target_modules` but is a "
                             f"{type(module).__name__}; only nn.Linear and Conv1D are supported")
+        owner = _weight_reader(model, name)
+        if owner is not None:
+            raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, "
+                            "which reads its weight directly (its forward is never called), "
+                            "so adapters there would do nothing")
         matched.append(name)
     if not matched:
         candidates = sorted({
@@ -160,6 +165,23 @@ def inject(
         layers[name] = layer
     freeze_all_but_adapters(model)
     return layers
+
+
+# torch modules that read their linear children's weights directly: MultiheadAttention
+# (out_proj) always, the Transformer layers on their eval fast path.
+_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
+                   nn.TransformerDecoderLayer)
+
+
+def _weight_reader(model: nn.Module, name: str) -> nn.Module | None:
+    """The innermost ancestor of module `name` that reads its weights without calling it."""
+    parts = name.split(".")
+    found = None
+    for depth in range(len(parts)):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        if isinstance(ancestor, _WEIGHT_READERS):
+            found = ancestor
+    return found
 
 
 @contextmanager

@@ -181,6 +181,19 @@ def test_inject_options_and_errors():
         assert torch.isfinite(output(topk, torch.randint(0, VOCAB, (2, 4)))).all()
 
 
+def test_modules_whose_weights_are_read_directly_are_refused():
+    """nn.MultiheadAttention reads out_proj's weight without calling it, and the Transformer
+    layers' eval fast path reads linear1 / linear2's: adapters there would never run."""
+    attention = nn.Sequential(nn.MultiheadAttention(8, 2), nn.Linear(8, 4))
+    with pytest.raises(TypeError, match="inside a MultiheadAttention"):
+        reclora.inject(attention, ("out_proj",), num_adapters=2, rank=1)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), num_layers=1,
+                                    enable_nested_tensor=False)
+    with pytest.raises(TypeError, match="inside a TransformerEncoderLayer"):
+        reclora.inject(encoder, r".*linear1", num_adapters=2, rank=1)
+    assert list(reclora.inject(attention, ("1",), num_adapters=2, rank=1)) == ["1"]
+
+
 @pytest.mark.parametrize("backend", [
     "aot_eager",
     pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
