@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from reclora.layers import RecLoRALinear
+
 __all__ = [
     "DEFAULT_MODEL",
     "GEMMA3_MODEL",
@@ -476,6 +478,10 @@ class LLMCTR(nn.Module):
         last = (length - 1) - attention_mask.flip(1).long().argmax(1)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         head = self.model.get_output_embeddings()
+        if isinstance(head, RecLoRALinear):
+            raise TypeError("LLMCTR: the output head is a RecLoRALinear, but the score reads "
+                            "the head's two answer rows and never runs its forward, so its "
+                            "adapters would not train; leave the head out of target_modules")
         idx = torch.tensor(self.answer_ids, device=head.weight.device)
         bias = head.bias[idx] if getattr(head, "bias", None) is not None else None
         # In float32 with autocast off: the two logits are large (about 30 for SmolLM2) and

@@ -216,3 +216,15 @@ def test_run_options_for_big_llms() -> None:
     assert not {"grad_ckpt", "fsdp"} & set(LLM_OPTIONS + TRAIN_OPTIONS)
     with pytest.raises(SystemExit):
         config_from_args(["--llm-dtype", "fp16"])
+
+
+def test_adapters_on_the_output_head_are_refused() -> None:
+    """The score reads the head's two answer rows, never its forward: adapters injected into
+    lm_head would not train, so the forward says so instead of scoring without them."""
+    import reclora
+
+    tok = tiny_tokenizer(PROMPTS)
+    ctr = LLMCTR(tiny_llama(len(tok)), tok, add_special_tokens=True)
+    reclora.inject(ctr.model, ("lm_head",), num_adapters=2, rank=1)
+    with pytest.raises(TypeError, match="output head is a RecLoRALinear"):
+        ctr(**ctr.collate(ctr.encode(PROMPTS[:1])))
