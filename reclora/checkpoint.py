@@ -33,6 +33,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return _layers_state(reclora_layers(model))
 
 
+# safetensors' dtype names of the floating dtypes a bank may have.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                       "BF16": torch.bfloat16}
+
+
 def _layers_state(layers: dict[str, RecLoRALinear]) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in layers.items():
@@ -138,21 +143,30 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     # leaves the model untouched.
     layers = reclora_layers(model)
     new_layers = {}
-    for name, config in meta["layers"].items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"load_adapters: the file has layer {name!r}, which `model` "
-                             "lacks") from None
-        if not isinstance(module, RecLoRALinear):
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        for name, config in meta["layers"].items():
             try:
-                module = wrap_module(module, num_adapters=config["num_adapters"],
-                                     rank=config["rank"], alpha=config["alpha"],
-                                     mix=config["mix"], gate=config["gate"])
-            except TypeError as err:
-                raise ValueError(f"load_adapters: cannot wrap module {name!r}: {err}") from None
-            new_layers[name] = module
-        _check_layer_config(name, module, config)
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"load_adapters: the file has layer {name!r}, which `model` "
+                                 "lacks") from None
+            if not isinstance(module, RecLoRALinear):
+                # In the dtype the file's bank was saved in (else a bf16 bank came back as
+                # float32, its gate computing other mixtures than the saved model's).
+                bank = f"{name}.lora_a"
+                dtype = (_SAFETENSORS_DTYPES.get(handle.get_slice(bank).get_dtype())
+                         if bank in keys else None)
+                try:
+                    module = wrap_module(module, num_adapters=config["num_adapters"],
+                                         rank=config["rank"], alpha=config["alpha"],
+                                         mix=config["mix"], gate=config["gate"],
+                                         adapter_dtype=dtype)
+                except TypeError as err:
+                    raise ValueError(f"load_adapters: cannot wrap module {name!r}: "
+                                     f"{err}") from None
+                new_layers[name] = module
+            _check_layer_config(name, module, config)
     layers.update(new_layers)
 
     expected = _layers_state(layers)

@@ -79,6 +79,27 @@ def test_float32_bank_round_trip(tmp_path):
         assert torch.equal(reclora.adapter_state_dict(fresh)[key], value), key
 
 
+def test_a_bank_comes_back_in_its_saved_dtype(tmp_path):
+    """A bf16 bank (adapter_dtype) loaded into a freshly built model is bf16 again, so the
+    gates mix exactly as the saved model's did (it came back float32: logits 3e-3 off)."""
+    model = build("llama", dtype=torch.bfloat16)
+    layers = reclora.inject(model, num_adapters=3, rank=2, gate_dim=GATE_DIM,
+                            adapter_dtype=torch.bfloat16)
+    randomise_adapters(layers)
+    path = tmp_path / "a.safetensors"
+    reclora.save_adapters(model, path)
+    fresh = build("llama", dtype=torch.bfloat16)
+    for layer in reclora.load_adapters(fresh, path).values():
+        assert layer.lora_a.dtype == layer.lora_b.dtype == torch.bfloat16
+        assert all(p.dtype == torch.bfloat16 for p in layer.gate.parameters())
+    ids = torch.randint(0, VOCAB, (3, 6))
+    users = torch.randn(3, GATE_DIM)
+    with reclora.personalize(model, users):
+        want = output(model, ids)
+    with reclora.personalize(fresh, users):
+        assert torch.equal(output(fresh, ids), want)
+
+
 def rewrite(path, out, edit):
     tensors, meta = read(path)
     edit(tensors)
