@@ -349,6 +349,24 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+def data_digest(ds) -> str:
+    """What every stage reads of the dataset: the interactions and samples, the ratings the
+    prompts show, the item and user features, and the texts the prompts and embeddings are
+    made from (without those, a changed --data-dir with the same ids reused every stage)."""
+    h = hashlib.sha256(_digest(ds.user, ds.item, ds.time, ds.label, ds.samples,
+                               ds.item_genre_ids, ds.item_features).encode())
+    for array in (ds.rating, ds.user_features):
+        if array is not None:
+            h.update(np.ascontiguousarray(array).tobytes())
+        h.update(b"|")
+    for texts in (ds.item_title, ds.item_genres, ds.item_description, ds.user_profile or []):
+        for text in texts:
+            h.update(text.encode("utf-8"))
+            h.update(b"\0")
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 def _file_sha256(path: Path) -> str | None:
     try:
         return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -591,7 +609,7 @@ class Run:
         self.valid = sample_subset(ds.valid, c.n_valid, seed + 1)
         self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
                                                                         seed + 2)
-        self.data_digest = _digest(ds.user, ds.item, ds.time, ds.label, ds.samples)
+        self.data_digest = data_digest(ds)
         if self.main:
             atomic_write_json(self.out / "subsets.json", {
                 "train": self.train_pool, "valid": self.valid, "test": self.test,

@@ -390,8 +390,7 @@ class Recommender:
 
         # The stage's fingerprint: the data, the subsets, the options and the gate CRM the
         # served model was made with must be what this version computes from the folder.
-        digest = pl._digest(ds.user, ds.item, ds.time, ds.label, ds.samples)
-        fake = SimpleNamespace(cfg=cfg, data_digest=digest, test=self.test,
+        fake = SimpleNamespace(cfg=cfg, data_digest=pl.data_digest(ds), test=self.test,
                                train_pool=self.train_pool, valid=self.valid, crm_sha=crm_sha)
         want = pl.Run.fingerprint(fake, model)
         changed = pl._changes(stage.get("fingerprint"), want)

@@ -276,3 +276,30 @@ def test_a_second_run_into_a_locked_folder_stops(tmp_path, capsys) -> None:
     assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # the second run wrote nothing
     with folder_lock(out):  # released: the folder can be locked again
         pass
+
+
+def test_the_data_digest_covers_texts_ratings_and_features() -> None:
+    """Each stage's fingerprint holds the data's digest: a --data-dir with the same ids but
+    other titles, descriptions, genres, ratings or profiles must not match (it once hashed
+    the ids alone, and --resume reused every stage over changed prompts)."""
+    import copy
+
+    from reclora.data import load_dataset
+    from reclora.pipeline import data_digest
+
+    ds = load_dataset("ml-100k")
+    base = data_digest(ds)
+    assert data_digest(copy.copy(ds)) == base
+
+    def text_edit(texts):
+        return [texts[0] + "!", *texts[1:]]
+
+    edits = {"item_title": text_edit, "item_description": text_edit,
+             "item_genres": text_edit, "user_profile": text_edit,
+             "rating": lambda a: np.where(np.arange(a.size) == 0, a + 1, a),
+             "item_genre_ids": lambda a: np.roll(a, 1, axis=0),
+             "user_features": lambda a: np.roll(a, 1, axis=0)}
+    for field, edit in edits.items():
+        changed = copy.copy(ds)
+        setattr(changed, field, edit(getattr(ds, field)))
+        assert data_digest(changed) != base, field
