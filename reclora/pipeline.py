@@ -349,6 +349,10 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
+# The selected adapters of an LLM stage, in its folder (written by few2many.run_stage2).
+ADAPTERS_FILE = "best.safetensors"
+
+
 def data_digest(ds) -> str:
     """What every stage reads of the dataset: the interactions and samples, the ratings the
     prompts show, the item and user features, and the texts the prompts and embeddings are
@@ -726,6 +730,14 @@ class Run:
         stage = name if train_seed is None else f"{name}@seed{train_seed}"
         fingerprint = self.fingerprint(name, train_seed)
         prev = self.done(stage, fingerprint)
+        weights = self.out / stage / ADAPTERS_FILE
+        if prev is not None and name != "zero-shot":
+            # The adapters must be the ones this result was made with: a run interrupted
+            # inside this stage under other options overwrote them before its stage file.
+            if _file_sha256(weights) != prev.get("adapters_sha256"):
+                self.warn(f"{stage}: {weights} is missing or not the adapters of "
+                          f"{self.stage_path(stage)}; redoing the stage")
+                prev = None
         if prev is not None:
             self.log(f"{stage}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
             return prev
@@ -775,7 +787,7 @@ class Run:
                   "train_s": res.train_s, "valid": res.valid, "best_step": res.best_step,
                   "steps": res.steps, "stage_s": time.perf_counter() - t,
                   "history": res.history, "probs": res.test_probs,
-                  "fingerprint": fingerprint}
+                  "fingerprint": fingerprint, "adapters_sha256": _file_sha256(weights)}
         self.save_stage(stage, result)
         self.log(f"{stage}: test AUC {res.test['auc']:.4f}  logloss {res.test['logloss']:.4f} "
                  f"(valid AUC {res.valid['auc']:.4f} at step {res.best_step}/{res.steps}; "

@@ -436,7 +436,7 @@ class Recommender:
                                      f"({', '.join(diff)}): a folder of another version")
             s2cfg = Stage2Config(**{k: v for k, v in saved.items()})
             inject_adapters(self.ctr, s2cfg)
-            weights = folder / "best.safetensors"
+            weights = folder / pl.ADAPTERS_FILE
             if not weights.is_file():
                 raise RunFolderError(f"{weights}: missing (the model's adapters)")
             from reclora.checkpoint import load_adapters
@@ -446,6 +446,10 @@ class Recommender:
             except Exception as e:  # safetensors raises its own errors on a corrupt file
                 raise RunFolderError(f"{weights}: cannot be loaded ({type(e).__name__}: "
                                      f"{' '.join(str(e).split())[:300]})") from None
+            if pl._file_sha256(weights) != stage.get("adapters_sha256"):
+                raise RunFolderError(f"{weights}: not the adapters {stage_file} was made with "
+                                     "(sha256 differs; a run cut off inside the stage "
+                                     "rewrites them): `reclora run --resume` redoes it")
         self.ctr.eval()
 
         # h_u standardisation, from the stage-2 training samples, as the run did.

@@ -124,6 +124,24 @@ def test_resume_with_the_same_options_reuses_every_stage(run_copy) -> None:
     assert _mtimes(out) == before
 
 
+def test_resume_redoes_a_stage_whose_adapters_were_rewritten(run_copy, capsys) -> None:
+    """A run cut off inside a stage under other options rewrites <stage>/best.safetensors
+    before its stage file: --resume with the first options must not report the old result
+    over those adapters (it did, and `reclora score` served them), but redo the stage."""
+    out, argv = run_copy
+    weights = out / "reclora" / "best.safetensors"
+    shutil.copyfile(out / "tallrec" / "best.safetensors", weights)  # not reclora's
+    before = _mtimes(out)
+    assert main(argv + ["--resume"]) == 0
+    after = _mtimes(out)
+    assert {n for n in before if after[n] != before[n]} == {"reclora.json"}
+    assert "not the adapters of" in capsys.readouterr().err
+    import hashlib
+
+    assert _stage(out, "reclora")["adapters_sha256"] == hashlib.sha256(
+        weights.read_bytes()).hexdigest()
+
+
 # ------------------------------------------------------------------ item 6: corrupt files
 CORRUPTIONS = {
     "non-utf8": ("stages/zero-shot.json", b"\xff\xfe\x00garbage"),

@@ -255,6 +255,21 @@ def _other_data(path):
     return json.dumps(stage).encode()
 
 
+def _other_adapters(path):
+    """Adapters that fit the model but are not the stage's (one value changed)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key] + 1
+    other = path.with_name("other.safetensors")
+    save_file(tensors, other, metadata=metadata)
+    return other.read_bytes()
+
+
 @pytest.mark.parametrize("rel,data,match", [
     ("run_config.json", _config_of_another_version, "another version"),
     ("run_config.json", b"{not json", "unreadable"),
@@ -262,6 +277,7 @@ def _other_data(path):
     ("stages/reclora.json", None, "missing"),
     ("reclora/best.safetensors", None, "missing"),
     ("reclora/best.safetensors", b"\x00" * 64, "cannot be loaded"),
+    ("reclora/best.safetensors", _other_adapters, "not the adapters"),
     ("crm/din.pt", lambda p: p.read_bytes()[:100], "sha256 differs"),
     ("subsets.json", b'{"train": [1], "valid": [], "test": []}', "subset"),
 ])
