@@ -275,9 +275,16 @@ def bootstrap_auc(
     point = auc(y, s)
     boot = _resampled_aucs(y, [s], n_resamples, seed, _cluster_ids(groups, y.size))[0]
     boot = boot[np.isfinite(boot)]
+    _check_usable(boot.size)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(boot, [alpha, 1.0 - alpha])
     return AUCInterval(point, float(low), float(high), level, int(boot.size))
+
+
+def _check_usable(resamples: int) -> None:
+    if resamples == 0:
+        raise ValueError("bootstrap: every resample held a single class (AUC undefined): "
+                         "too few samples, or raise n_resamples")
 
 
 def paired_bootstrap_auc(
@@ -303,6 +310,7 @@ def paired_bootstrap_auc(
     boot = _resampled_aucs(y, [a, b], n_resamples, seed, _cluster_ids(groups, y.size))
     diffs = boot[0] - boot[1]
     diffs = diffs[np.isfinite(diffs)]
+    _check_usable(diffs.size)
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
     tail = min(np.mean(diffs <= 0.0), np.mean(diffs >= 0.0))

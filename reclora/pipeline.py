@@ -602,14 +602,19 @@ class Run:
         c = self.cfg
         t = time.perf_counter()
         self.ds = ds = load_dataset(c.dataset, data_dir=c.data_dir)
+        pool = c.stage2().count(ds.train.size)
+        if pool >= ds.train.size:
+            # The CRMs train on the training split less the pool (see crm_splits).
+            raise ValueError(f"--n: the stage-2 pool of {pool} samples takes the whole "
+                             f"training split ({ds.train.size}), leaving the CRMs nothing to "
+                             "train on; use a smaller --n")
         # Rank 0 fills a cold cache (atomically) while the others wait, then they read it:
         # not every rank computing the same embeddings and writing the same file.
         with main_first():
             self.emb = item_embeddings(ds, progress=c.progress and self.main)
         self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
         seed = c.seed
-        self.train_pool = sample_subset(ds.train, c.stage2().count(
-            ds.train.size), seed)
+        self.train_pool = sample_subset(ds.train, pool, seed)
         self.valid = sample_subset(ds.valid, c.n_valid, seed + 1)
         self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
                                                                         seed + 2)

@@ -70,6 +70,12 @@ def test_reclora_run_bad_options(case, capsys, tmp_path) -> None:
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+def test_a_stage2_pool_of_the_whole_training_split(capsys, tmp_path) -> None:
+    """--n 1.0 left the CRMs, which train on the rest, nothing (a ZeroDivisionError)."""
+    code, err = call(run_main, ["--n", "1.0", "--output", str(tmp_path / "out")], capsys)
+    assert_one_line(code, err, "--n", "nothing to train on")
+
+
 @pytest.mark.skipif(not NO_GPU, reason="needs a machine without a CUDA GPU")
 @pytest.mark.parametrize("main", [run_main, crm_main])
 def test_device_cuda_without_a_gpu(main, capsys, tmp_path) -> None:

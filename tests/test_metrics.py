@@ -274,3 +274,12 @@ def test_user_clustered_bootstrap_is_wider_than_per_sample() -> None:
     assert naive.high - naive.low < 0.6 * (grouped.high - grouped.low)
     with pytest.raises(ValueError, match="groups"):
         metrics.bootstrap_auc(y, s, groups=users[:-1])
+
+
+def test_bootstrap_with_no_usable_resample_says_so() -> None:
+    """Every resample of two samples drawn once may hold one class: a clear error, not
+    numpy's IndexError from an empty quantile."""
+    with pytest.raises(ValueError, match="single class"):
+        metrics.bootstrap_auc([0, 1], [0.1, 0.2], n_resamples=1, seed=0)
+    with pytest.raises(ValueError, match="single class"):
+        metrics.paired_bootstrap_auc([0, 1], [0.1, 0.2], [0.2, 0.1], n_resamples=1, seed=0)

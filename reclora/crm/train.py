@@ -314,6 +314,8 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     n = len(train)
+    if n == 0:
+        raise ValueError("train_crm: the training set is empty")
     steps = math.ceil(n / cfg.batch_size)
     best_auc, best_epoch, best_state, best_valid = -math.inf, 0, None, {}
     history: list[dict[str, float]] = []
