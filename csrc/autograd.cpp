@@ -8,6 +8,7 @@
 // stay in C++, as torchvision's ops do. The fake kernels stay in Python (ops.py), which is what
 // torch.compile needs to trace through this.
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -78,6 +79,9 @@ std::tuple<Tensor, Tensor> lora_mix_forward_autograd(
 
 TORCH_LIBRARY_IMPL(reclora, Autograd, m) {
   m.impl("lora_mix_forward", &lora_mix_forward_autograd);
+  // The backward is not differentiable: a double backward raises instead of treating it as
+  // a constant (it gave silently wrong second derivatives, torch only warning).
+  m.impl("lora_mix_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace reclora

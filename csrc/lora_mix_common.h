@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <optional>
 #include <string>
@@ -101,6 +102,13 @@ inline void check_backward_inputs(const at::Tensor& grad_y, const at::Tensor& sh
   on_x(grad_y, "grad_y");
   on_x(shrink, "shrink");
 }
+
+// Held by each kernel entry: its own ATen calls (the base GEMM's addmm, mm) run in the
+// inputs' dtype. Under an enclosing torch.autocast they were recast to bf16 and then read as
+// float ("expected scalar type Float but found BFloat16" on every direct op call).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // Distinct empty tensors for gradients that were not asked for: outputs of one op must not
 // alias each other.

@@ -209,6 +209,37 @@ def test_backward_takes_grad_y_in_another_dtype(device):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_raises(device):
+    """The backward op is not differentiable: a second derivative through it raises (it was
+    treated as a constant, silently wrong, torch only warning)."""
+    args = make(9, 6, 5, 4, 2, 3, 2, dtype=torch.float32, device=device)
+    x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = args
+    x = x.requires_grad_()
+    lora_a = lora_a.requires_grad_()
+    y = rk.lora_mix_linear(x, weight, bias, lora_a, lora_b, adapter_w, idx, row_ids=row_ids,
+                           backend=device)
+    gx, = torch.autograd.grad(y.square().sum(), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(gx.sum(), [x, lora_a])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_run_in_their_inputs_dtype_under_autocast(device):
+    """A direct call inside torch.autocast: the kernels' own GEMMs stay in the inputs' dtype
+    (they were recast to bf16 and read as float: an error on every call)."""
+    args = make(9, 6, 5, 4, 2, 3, 2, dtype=torch.float32, device=device)
+    want = torch.ops.reclora.lora_mix_forward(*args, 0.5, 0)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = torch.ops.reclora.lora_mix_forward(*args, 0.5, 0)
+        grads = torch.ops.reclora.lora_mix_backward(
+            torch.ones_like(got[0]), args[0], args[1], args[2], args[4], args[5], args[6],
+            args[7], got[1], 0.5, 0, True, True, True, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(g.dtype == torch.float32 for g in grads)
+
+
 def test_direct_backward_rejects_bad_arguments():
     args = make(5, 8, 6, 3, 2, 2, 2)
     x, row_ids, weight, bias, lora_a, lora_b, adapter_w, idx = args

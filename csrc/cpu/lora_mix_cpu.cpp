@@ -891,6 +891,7 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cpu(
     const Tensor& x, const Tensor& row_ids, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& lora_a, const Tensor& lora_b, const Tensor& adapter_w,
     const std::optional<Tensor>& adapter_idx, double scale, int64_t mix) {
+  const NoAutocast no_autocast;
   const Sizes s = check_inputs(x, row_ids, weight, bias, lora_a, lora_b, adapter_w, adapter_idx,
                                mix);
   Args a = prepare(x, weight, bias, lora_a, lora_b, adapter_w, adapter_idx);
@@ -1288,6 +1289,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cpu
     const Tensor& lora_a, const Tensor& lora_b, const Tensor& adapter_w,
     const std::optional<Tensor>& adapter_idx, const Tensor& shrink, double scale, int64_t mix,
     bool need_x, bool need_weight, bool need_bias, bool need_lora) {
+  const NoAutocast no_autocast;
   const Sizes s = check_inputs(x, row_ids, weight, std::nullopt, lora_a, lora_b, adapter_w,
                                adapter_idx, mix);
   const int64_t slots_out = mix == 1 ? s.slots : 1;

@@ -327,6 +327,7 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cuda(
     const Tensor& x, const Tensor& row_ids, const Tensor& weight, const std::optional<Tensor>& bias,
     const Tensor& lora_a_in, const Tensor& lora_b_in, const Tensor& adapter_w,
     const std::optional<Tensor>& adapter_idx, double scale, int64_t mix_mode) {
+  const NoAutocast no_autocast;
   const Sizes s = check_inputs(x, row_ids, weight, bias, lora_a_in, lora_b_in, adapter_w,
                                adapter_idx, mix_mode);
   check_cuda_dtype(x);
@@ -364,6 +365,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
     const Tensor& lora_a_in, const Tensor& lora_b_in, const Tensor& adapter_w,
     const std::optional<Tensor>& adapter_idx, const Tensor& shrink_in, double scale,
     int64_t mix_mode, bool need_x, bool need_weight, bool need_bias, bool need_lora) {
+  const NoAutocast no_autocast;
   const Sizes s = check_inputs(x, row_ids, weight, std::nullopt, lora_a_in, lora_b_in, adapter_w,
                                adapter_idx, mix_mode);
   check_cuda_dtype(x);
