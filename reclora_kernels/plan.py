@@ -113,7 +113,9 @@ def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan
         raise ValueError(f"row_plan: `row_ids` must be 1-D [T], got shape {list(row_ids.shape)}")
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
         raise ValueError(f"row_plan: `rows` must be an int >= 0, got {rows!r}")
-    ids = row_ids.long()
+    # A copy: the caller may refill its buffer for the next batch before this one's backward
+    # (Triton's output-mode dw read the refilled ids).
+    ids = row_ids.to(torch.int64, copy=True)
     tokens = ids.numel()
     if tokens == 0:
         return RowPlan(rows=rows, tokens=0, row_ids=ids)

@@ -132,3 +132,25 @@ def test_personalize_makes_one_plan_shared_by_every_layer(monkeypatch):
         model(torch.randn(ids.numel(), 12))
     assert len(built) == 1 and len(seen) == 4
     assert all(plan is built[0] for plan in seen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+def test_refilling_the_row_ids_buffer_before_backward(backend, mix):
+    """A training loop may copy the next batch's row ids into its buffer before this batch's
+    backward: the plan holds its own copy (Triton's output-mode dw read the new ids)."""
+    p, gen = problem(3)
+    tokens = 13
+    ids = torch.randint(0, 4, (tokens,), generator=gen)
+    first = ids.clone()
+    x = torch.randn(tokens, 37, generator=gen)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+    y = call(leaves, x, backend, mix, plan=row_plan(ids, 4))
+    ids.copy_(torch.randint(0, 4, (tokens,), generator=gen))  # the next batch's ids
+    assert not torch.equal(ids, first)
+    grads = torch.autograd.grad(y.square().sum(), list(leaves.values()))
+    ref = {k: v.detach().double().requires_grad_(True) for k, v in p.items()}
+    y_ref = call(ref, x.double(), "reference", mix, row_ids=first)
+    want = torch.autograd.grad(y_ref.square().sum(), list(ref.values()))
+    for name, got, w in zip(leaves, grads, want):
+        assert rel_err(got, w) < 1e-5, name
