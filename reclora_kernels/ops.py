@@ -378,6 +378,19 @@ def _triton_eager():
     return eager
 
 
+def _forward_mode() -> bool:
+    """Forward-mode AD is active: a dual level (torch.autograd.forward_ad) or torch.func.jvp
+    anywhere in the functorch stack. Never asked while compiling."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if not torch._C._are_functorch_transforms_active():
+        return False
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+
+
 def _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w) -> bool:
     if not torch.is_grad_enabled():
         return False
@@ -439,6 +452,12 @@ def lora_mix_linear(
     metadata of one that passed the checks before replays what they and the launch plan made
     of it (reclora_kernels/triton/eager.py); data checks still run on every call.
     """
+    if backend != "reference" and not torch.compiler.is_compiling() and _forward_mode():
+        # The kernels have no forward-mode derivative: run below autograd, a dual input's
+        # tangent lost its LoRA part (or came back zero), silently.
+        raise NotImplementedError(
+            "lora_mix_linear: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) runs "
+            f"on backend='reference' only, got backend={backend!r}")
     if (_DIRECT_CALL is not None and row_ids is None and not check_finite
             and not torch.compiler.is_compiling()):
         cuda_ok = _cuda_shortcut(x, adapter_w, backend)

@@ -189,3 +189,33 @@ def test_training_after_inference_mode(backend, packed, check_finite):
         grads[name] = torch.autograd.grad(y.square().sum(), leaves)
     for got, want in zip(grads[backend], grads["reference"]):
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("how", ["forward_ad", "jvp"])
+def test_forward_mode_ad_is_refused_not_dropped(backend, how):
+    """The kernels have no forward-mode derivative: a dual input is refused with a clear
+    error (the tangent lost its LoRA part, or came back zero); the reference computes it."""
+    import torch.autograd.forward_ad as fwad
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = make_inputs(Case(), dtype=torch.float64 if device == "cpu" else torch.float32,
+                         device=device)
+    x, tangent = inputs["x"], torch.randn_like(inputs["x"])
+
+    def f(x, backend):
+        return rk.lora_mix_linear(x, inputs["weight"], inputs["bias"], inputs["lora_a"],
+                                  inputs["lora_b"], inputs["adapter_w"], inputs["adapter_idx"],
+                                  backend=backend)
+
+    def tangent_of(backend):
+        if how == "jvp":
+            return torch.func.jvp(lambda x: f(x, backend), (x,), (tangent,))[1]
+        with fwad.dual_level():
+            return fwad.unpack_dual(f(fwad.make_dual(x, tangent), backend)).tangent
+
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        tangent_of(backend)
+    # y is affine in x: its directional derivative is f(x + t) - f(x), exactly.
+    want = f(x + tangent, "reference") - f(x, "reference")
+    assert rel_err(tangent_of("reference"), want) < 1e-3
