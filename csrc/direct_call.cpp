@@ -37,9 +37,12 @@ using at::Tensor;
 using reclora::forward_op;
 using reclora::OptTensor;
 
-// A plain torch.Tensor (or Parameter) argument; subclasses may override __torch_function__.
+// A plain, dense torch.Tensor (or Parameter) argument; subclasses may override
+// __torch_function__, and other layouts (sparse, mkldnn) get validate.py's error.
 const Tensor* plain_tensor(PyObject* o) {
-  return THPVariable_CheckExact(o) ? &THPVariable_Unpack(o) : nullptr;
+  if (!THPVariable_CheckExact(o)) return nullptr;
+  const Tensor& t = THPVariable_Unpack(o);
+  return t.layout() == at::kStrided ? &t : nullptr;
 }
 
 bool float_dtype(at::ScalarType t) {

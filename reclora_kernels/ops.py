@@ -468,7 +468,8 @@ def lora_mix_linear(
             if plan is None:
                 ids, plan_rows, plan_tokens = (_implicit_ids(x) if cuda_ok
                                                else (None, -1, -1))
-            elif type(plan) is RowPlan and plan.row_ids is not None:
+            elif type(plan) is RowPlan and plan.row_ids is not None and x.dim() == 2:
+                # (A packed plan with x [R, L, d]: validate.py names the mismatch.)
                 ids, plan_rows, plan_tokens = plan.row_ids, plan.rows, plan.tokens
             else:
                 ids = False

@@ -49,9 +49,18 @@ def _shape(t: torch.Tensor) -> str:
     return f"shape {list(t.shape)}"
 
 
+def _check_strided(arg: str, t: torch.Tensor) -> None:
+    # Sparse, CSR or mkldnn tensors failed deep in torch ("Cannot access storage of
+    # SparseTensorImpl"), or ran on the reference backend alone.
+    if t.layout != torch.strided:
+        raise TypeError(f"lora_mix_linear: `{arg}` must be a dense (strided) tensor, got "
+                        f"layout {t.layout}")
+
+
 def _check_tensor(arg: str, t, dtype: torch.dtype, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"lora_mix_linear: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
+    _check_strided(arg, t)
     if t.dtype != dtype:
         raise TypeError(
             f"lora_mix_linear: `{arg}` must have dtype {dtype} (x's dtype), got {t.dtype}"
@@ -65,6 +74,7 @@ def _check_tensor(arg: str, t, dtype: torch.dtype, device: torch.device) -> None
 def _check_index(arg: str, t, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"lora_mix_linear: `{arg}` must be a torch.Tensor, got {type(t).__name__}")
+    _check_strided(arg, t)
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"lora_mix_linear: `{arg}` must be an integer tensor, got {t.dtype}")
     if t.device != device:
@@ -109,6 +119,7 @@ def prepare(
 ) -> Problem:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"lora_mix_linear: `x` must be a torch.Tensor, got {type(x).__name__}")
+    _check_strided("x", x)
     if x.dtype not in FLOAT_DTYPES:
         _fail("x", "float16, bfloat16, float32 or float64", str(x.dtype))
     if x.dim() not in (2, 3):

@@ -380,3 +380,19 @@ def test_cuda_shortcut_leaves_unchecked_indices_and_float64_to_python(spy):
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         rk.lora_mix_linear(**doubles, backend="cuda", indices_checked=True)
     assert spy.answered == 0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.cuda, CUDA_NATIVE])])
+def test_a_packed_plan_with_rows_of_x_is_refused(device):
+    """x [R, L, d] with a packed plan: the rows are x's own (token n in row n // L), so the
+    plan is an error on every path (the CUDA shortcut once took the plan's rows)."""
+    case = Case()
+    args = make_inputs(case, dtype=torch.float32, device=device)
+    args.pop("row_ids")
+    tokens = case.rows * case.tokens_per_row
+    ids = torch.randint(0, case.rows, (tokens,), device=device)
+    with pytest.raises(ValueError, match="row_ids"):
+        rk.lora_mix_linear(**args, plan=row_plan(ids, case.rows),
+                           backend="cuda" if device == "cuda" else "cpu",
+                           indices_checked=True)

@@ -60,6 +60,16 @@ def test_bad_arguments_name_the_argument(overrides, error, words):
         assert word in str(info.value), f"{word!r} not in: {info.value}"
 
 
+@pytest.mark.parametrize("backend", rk.available_backends())
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "lora_a", "adapter_w", "adapter_idx"])
+def test_sparse_operands_name_the_argument(backend, name):
+    """A sparse operand failed deep inside torch ("Cannot access storage of
+    SparseTensorImpl"), or ran on the reference backend alone."""
+    sparse = base()[name].to_sparse()
+    with pytest.raises(TypeError, match=f"`{name}` must be a dense"):
+        call(**{name: sparse, "backend": backend})
+
+
 def test_packed_row_ids_checked():
     case = Case(packed=True)
     args = make_inputs(case, dtype=torch.float32)
