@@ -144,7 +144,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     layers = reclora_layers(model)
     new_layers = {}
     with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
+        found = set(handle.keys())
         for name, config in meta["layers"].items():
             try:
                 module = model.get_submodule(name)
@@ -156,7 +156,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                 # float32, its gate computing other mixtures than the saved model's).
                 bank = f"{name}.lora_a"
                 dtype = (_SAFETENSORS_DTYPES.get(handle.get_slice(bank).get_dtype())
-                         if bank in keys else None)
+                         if bank in found else None)
                 try:
                     module = wrap_module(module, num_adapters=config["num_adapters"],
                                          rank=config["rank"], alpha=config["alpha"],
@@ -167,11 +167,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                                      f"{err}") from None
                 new_layers[name] = module
             _check_layer_config(name, module, config)
-    layers.update(new_layers)
+        layers.update(new_layers)
 
-    expected = _layers_state(layers)
-    with safe_open(str(path), framework="pt") as handle:
-        found = set(handle.keys())
+        expected = _layers_state(layers)
         missing = sorted(set(expected) - found) if strict else []
         extra = sorted(found - set(expected))
         problems = []
