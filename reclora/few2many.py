@@ -61,7 +61,11 @@ __all__ = [
     "sample_subset",
     "train_stage2",
     "wait_for_main",
+    "ADAPTERS_FILE",
 ]
+
+# The selected adapters of a stage, in its folder (the best validation step's banks and gates).
+ADAPTERS_FILE = "best.safetensors"
 
 
 # ------------------------------------------------------------------------- config
@@ -567,7 +571,7 @@ def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
                     best_auc, best_step, best_valid = val["auc"], step, val
                     best_state = _adapter_state(ctr)
                     if out is not None and rank == 0:
-                        save_adapters(ctr.model, out / "best.safetensors")
+                        save_adapters(ctr.model, out / ADAPTERS_FILE)
             history.append(row)
             if out is not None and rank == 0 and step in evals:
                 atomic_write_json(out / "train_log.json", history)

@@ -73,6 +73,7 @@ from reclora.cli import (
     positive_float,
 )
 from reclora.few2many import (
+    ADAPTERS_FILE,
     CTRData,
     Stage2Config,
     atomic_write_json,
@@ -349,14 +350,12 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-# The selected adapters of an LLM stage, in its folder (written by few2many.run_stage2).
-ADAPTERS_FILE = "best.safetensors"
-
-
 def data_digest(ds) -> str:
     """What every stage reads of the dataset: the interactions and samples, the ratings the
     prompts show, the item and user features, and the texts the prompts and embeddings are
     made from (without those, a changed --data-dir with the same ids reused every stage)."""
+    from reclora.data.embeddings import texts_hash
+
     h = hashlib.sha256(_digest(ds.user, ds.item, ds.time, ds.label, ds.samples,
                                ds.item_genre_ids, ds.item_features).encode())
     for array in (ds.rating, ds.user_features):
@@ -364,10 +363,7 @@ def data_digest(ds) -> str:
             h.update(np.ascontiguousarray(array).tobytes())
         h.update(b"|")
     for texts in (ds.item_title, ds.item_genres, ds.item_description, ds.user_profile or []):
-        for text in texts:
-            h.update(text.encode("utf-8"))
-            h.update(b"\0")
-        h.update(b"|")
+        h.update(texts_hash(list(texts)).encode())
     return h.hexdigest()[:16]
 
 
@@ -579,6 +575,16 @@ class Run:
             return None
         return prev
 
+    def made_by(self, name: str, prev: dict, path: Path, key: str, what: str) -> bool:
+        """Whether `path` is the file stage `name`'s stored result was made with (its sha256
+        under `key`); if not, or it is missing, a one-line note that the stage is redone."""
+        sha = _file_sha256(path)
+        if sha is not None and sha == prev.get(key):
+            return True
+        self.warn(f"{name}: {path} is missing or not the {what} of {self.stage_path(name)}; "
+                  "redoing the stage")
+        return False
+
     def save_stage(self, name: str, result: dict) -> None:
         if self.main:
             atomic_write_json(self.stage_path(name), result)
@@ -649,10 +655,7 @@ class Run:
         prev = self.done(stage, fingerprint) if self.main else None
         if prev is not None:
             # The checkpoint must be the one this result was made with, and loadable.
-            sha = _file_sha256(ckpt)
-            if sha is None or sha != prev.get("checkpoint_sha256"):
-                self.warn(f"{stage}: {ckpt} is missing or not the checkpoint of "
-                          f"{self.stage_path(stage)}; redoing the stage")
+            if not self.made_by(stage, prev, ckpt, "checkpoint_sha256", "checkpoint"):
                 prev = None
             else:
                 try:
@@ -736,13 +739,11 @@ class Run:
         fingerprint = self.fingerprint(name, train_seed)
         prev = self.done(stage, fingerprint)
         weights = self.out / stage / ADAPTERS_FILE
-        if prev is not None and name != "zero-shot":
-            # The adapters must be the ones this result was made with: a run interrupted
-            # inside this stage under other options overwrote them before its stage file.
-            if _file_sha256(weights) != prev.get("adapters_sha256"):
-                self.warn(f"{stage}: {weights} is missing or not the adapters of "
-                          f"{self.stage_path(stage)}; redoing the stage")
-                prev = None
+        # The adapters must be the ones this result was made with: a run interrupted inside
+        # this stage under other options overwrote them before its stage file.
+        if (prev is not None and name != "zero-shot"
+                and not self.made_by(stage, prev, weights, "adapters_sha256", "adapters")):
+            prev = None
         if prev is not None:
             self.log(f"{stage}: finished earlier (test AUC {prev['auc']:.4f}), skipped")
             return prev
