@@ -655,6 +655,42 @@ def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx
     return grads[0], grads[1], dw.to(lora_a.dtype) if need_w else None
 
 
+# Triton passes an int argument that fits as int32, and the kernels multiply int32 column
+# indices (arange over d_in, d_out, the rank) by the operands' strides; only the token and
+# factor indices are int64. An operand whose other offsets reach 2**31 elements (a column-major
+# x or grad_y with T * d_in >= 2**31, a bank stored transposed) would wrap around and read the
+# wrong memory, silently.
+INT32_OFFSETS = 2**31
+
+
+def _span(shape: tuple, strides: tuple) -> int:
+    """The largest element offset of a view with these sizes and strides."""
+    return sum((n - 1) * s for n, s in zip(shape, strides) if n > 0)
+
+
+def _wraps(shape: tuple, strides: tuple) -> bool:
+    """Whether an operand's offsets past its leading (int64-indexed) dim reach INT32_OFFSETS:
+    it is then launched as a contiguous copy, where they stay below its row's size."""
+    return _span(shape[1:], strides[1:]) >= INT32_OFFSETS
+
+
+def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
+    """t, or its contiguous copy where _wraps. A storage under INT32_OFFSETS elements cannot
+    wrap (the cheap test, ~0.3 us a tensor)."""
+    if (t.untyped_storage().nbytes() < INT32_OFFSETS * t.element_size()
+            or not _wraps(t.shape, t.stride())):
+        return t
+    return t.contiguous()
+
+
+def _fused_addressable(order: str, weight_shape: tuple, weight_strides: tuple) -> str:
+    """`order`, but the cuBLAS-anchored one where the fused GEMM would address the weight
+    past int32 (it indexes both of W's dims with int32 columns: d_out * d_in >= 2**31)."""
+    if order == ORDER_FUSED and _span(weight_shape, weight_strides) >= INT32_OFFSETS:
+        return ORDER_EXPAND_FIRST
+    return order
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -718,6 +754,7 @@ class ForwardPlan(NamedTuple):
     expand: Launch | None  # the expand, or the fused GEMM (ORDER_FUSED)
     d_out: int
     mix: Launch | None  # factor mode: both mixtures (and s's zeros) in one launch
+    copies: tuple | None  # (x, A, B): which run_forward copies contiguous first (_wraps)
 
 
 @lru_cache(maxsize=1024)
@@ -730,6 +767,13 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
     idx_strides None: dense; plan_key: _plan_key of the RowPlan)."""
     rank = a_shape[1]
     rows, slots = w_shape
+    b_shape = (a_shape[0], d_out, rank)
+    copies = (_wraps((tokens, d_in), x_strides), _wraps(a_shape, a_strides),
+              _wraps(b_shape, b_strides))
+    if any(copies):  # planned for the contiguous copies run_forward makes
+        x_strides = _contiguous_strides((tokens, d_in)) if copies[0] else x_strides
+        a_strides = _contiguous_strides(a_shape) if copies[1] else a_strides
+        b_strides = _contiguous_strides(b_shape) if copies[2] else b_strides
     a_strides_bank, b_strides_bank = a_strides, b_strides
     if mix_mode == 0:
         # Each row's own mixed factors (made contiguous by mix), one slot.
@@ -738,7 +782,7 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
         src, slots, coef = (1, 0), 1, None
     else:
         src, coef = ((0, 1) if idx_strides is None else idx_strides), w_strides
-    order = _order(device, tokens, rows)
+    order = _fused_addressable(_order(device, tokens, rows), (d_out, d_in), weight_strides)
     _, row_len, _, implicit = plan_key
     # Factor mode over implicit rows: the fused GEMM may run the shrink itself (x read once).
     in_loop = (order == ORDER_FUSED and mix_mode == 0 and implicit and tokens > 0
@@ -759,7 +803,7 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
                                 b_strides_bank, w_strides, idx_strides,
                                 tokens * rank if zeroed else 0, dtype, device)
     return ForwardPlan(mix_mode, (tokens, slots, rank), zeroed, _acc_dtype(dtype), shrink_,
-                       order, expand_, d_out, mix_)
+                       order, expand_, d_out, mix_, copies if any(copies) else None)
 
 
 def _strides(t: torch.Tensor | None) -> tuple | None:
@@ -792,6 +836,9 @@ def run_forward(fp: ForwardPlan, x, plan: RowPlan, weight, bias, lora_a, lora_b,
         with torch.cuda.device(x.device):
             return run_forward(fp, x, plan, weight, bias, lora_a, lora_b, adapter_w,
                                adapter_idx, scale)
+    if fp.copies is not None:
+        x, lora_a, lora_b = (t.contiguous() if copy else t
+                             for copy, t in zip(fp.copies, (x, lora_a, lora_b)))
     # The one-launch mix zeroes s itself where split-K sums need it.
     zeros = fp.s_zeroed and fp.mix is None
     s = (torch.zeros if zeros else new_output)(fp.s_shape, device=x.device, dtype=fp.acc)
@@ -876,7 +923,7 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
         da_shape, db_shape = (num, rank, d_in), (num, d_out, rank)
     v, v_zeroed = _shrink_launch(tokens, d_out, g_strides, _b_as_shrink(b_strides), src,
                                  plan_key, slots, rank, dtype, device)
-    order = _order(device, tokens, rows)
+    order = _fused_addressable(_order(device, tokens, rows), (d_out, d_in), weight_strides)
     # dx = g W: the fused GEMM reads W[k, o] = weight[k, o].
     dx = _lora_output_launch(order, tokens, d_in, d_out, g_strides, weight_strides, None,
                              _a_as_expand(a_strides), src, coef, plan_key, slots, rank, dtype,
@@ -907,7 +954,7 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
                             need_b, need_w)
     rows, slots = adapter_w.shape
     acc = _acc_dtype(x.dtype)
-    g = grad_y
+    g, x, lora_a, lora_b = (_int32_addressable(t) for t in (grad_y, x, lora_a, lora_b))
     if mix_mode == 0:
         fa, fb = mixed  # saved by the forward: the backward does not mix again
         table, coef = _row_sources(rows, x.device)[0], None
