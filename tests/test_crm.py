@@ -260,3 +260,47 @@ def test_training_stops_once_validation_stops_improving() -> None:
     cfg = CRMTrainConfig(epochs=8, batch_size=64, lr=3e-3, patience=2, progress=False)
     res = train_crm(_model("deepfm"), train, valid, None, cfg)
     assert res.best_epoch == 1 and len(res.epochs) == 3 and res.test is None
+
+
+def test_users_without_a_training_sample_take_the_unseen_row(tmp_path) -> None:
+    """A user the schema calls known but with no sample in the set train_crm trains on (a
+    pool or subset removed) must score through the zero unseen row, not an untrained random
+    id vector; the checkpoint keeps that (serving reads user_row > 0)."""
+    train, valid = _batch(300, seed=1), _batch(100, seed=2)
+    trained = torch.arange(0, 20)  # users 20..29 are known to the schema but not trained on
+    train.user = trained[torch.randint(0, 20, (len(train.user),))]
+    cfg = CRMTrainConfig(epochs=1, batch_size=64, progress=False,
+                         checkpoint=str(tmp_path / "din.pt"))
+    model = _model("din")
+    emb = model.embed
+    untrained_rows = emb.user_row[20:30].clone()
+    assert (untrained_rows > 0).all()  # known by the schema
+    res = train_crm(model, train, valid, None, cfg)
+    assert (emb.user_row[20:30] == 0).all()
+    assert (emb.user_row[:20] == torch.arange(1, 21)).all()
+    # Their scores no longer read their own id vector (the one that never trained).
+    probe = valid.select(slice(0, 8))
+    probe.user = torch.full_like(probe.user, 25)
+    before = res.model(probe)
+    with torch.no_grad():
+        emb.user_id.weight[26] += 1.0
+    torch.testing.assert_close(res.model(probe), before)
+    loaded, _ = load_crm(cfg.checkpoint)
+    assert (loaded.embed.user_row[20:30] == 0).all()
+
+
+def test_schema_knows_users_by_their_training_samples() -> None:
+    data = pytest.importorskip("reclora.data.base")
+    try:
+        ds = data.load_dataset("ml-100k")
+    except data.DataError as e:  # the recbole wheel is not installed
+        pytest.skip(str(e))
+    schema = CRMSchema.from_dataset(ds)
+    with_sample = np.zeros(ds.n_users, dtype=bool)
+    with_sample[ds.user[ds.train]] = True
+    assert np.array_equal(schema.user_known.numpy(), with_sample)
+    # Users who rated in the training period without a sample exist (their ratings came
+    # before enough history): the old rule called them known.
+    rated_early = np.zeros(ds.n_users, dtype=bool)
+    rated_early[ds.user[ds.time < ds.split_time[0]]] = True
+    assert (rated_early & ~with_sample).any()

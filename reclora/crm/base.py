@@ -95,7 +95,11 @@ class CRMSchema:
 
     @classmethod
     def from_dataset(cls, ds: RecDataset, max_field_share: float = 0.5) -> CRMSchema:
-        """The schema of a `reclora.data` RecDataset, ids known from its training period.
+        """The schema of a `reclora.data` RecDataset. Known users: those with a training
+        sample (`ds.train`), the only ones whose id embedding trains (a user with early
+        interactions but none with enough history is unseen at training, and at test).
+        Known items: those rated in the training period.
+        `train_crm` narrows the users to the samples it is given (a pool or subset removed).
 
         Categorical fields with more values than `max_field_share` of the rows (the zip
         code of ML-100K: 795 values for 943 users) are near-ids: they never transfer to
@@ -105,7 +109,7 @@ class CRMSchema:
         if not 0.0 < max_field_share <= 1.0:
             raise ValueError(f"max_field_share must be in (0, 1], got {max_field_share}")
         train_period = ds.time < ds.split_time[0]
-        user_known = np.bincount(ds.user[train_period], minlength=ds.n_users) > 0
+        user_known = np.bincount(ds.user[ds.train], minlength=ds.n_users) > 0
         item_known = np.bincount(ds.item[train_period], minlength=ds.n_items) > 0
 
         def pick(table: np.ndarray | None, names: tuple[str, ...], cards: tuple[int, ...],
@@ -280,6 +284,14 @@ class ItemUserEmbedder(nn.Module):
     def n_item_slots(self) -> int:
         """How many E-wide vectors `item_field_vectors` returns."""
         return 2 + len(self.item_fields)
+
+    @torch.no_grad()
+    def keep_users(self, trained: torch.Tensor) -> None:
+        """Send every user not in `trained` (user ids) to the unseen row 0: a known user
+        without a training sample would score through an id vector that never trained."""
+        keep = torch.zeros_like(self.user_row, dtype=torch.bool)
+        keep[trained.to(self.user_row.device)] = True
+        self.user_row.masked_fill_(~keep, 0)
 
     def _drop_ids(self, rows: torch.Tensor) -> torch.Tensor:
         if self.training and self.id_dropout > 0:

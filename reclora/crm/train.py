@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reclora import metrics
-from reclora.crm.base import CRM, CRMBatch, CRMSchema
+from reclora.crm.base import CRM, CRMBatch, CRMSchema, ItemUserEmbedder
 from reclora.crm.deepfm import DeepFM
 from reclora.crm.din import DIN
 from reclora.crm.sim import SIM
@@ -205,6 +205,11 @@ class SplitSamples:
         """[N] int64 labels of the samples (cheap: no history)."""
         return torch.from_numpy(self.ds.label[self.samples])
 
+    @property
+    def user(self) -> torch.Tensor:
+        """[N] int64 users of the samples (cheap: no history)."""
+        return torch.from_numpy(self.ds.user[self.samples])
+
     def _rows(self, index: torch.Tensor | np.ndarray | slice | None) -> np.ndarray:
         if index is None:
             return self.samples
@@ -310,6 +315,9 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
     torch.manual_seed(cfg.seed)  # dropout and id dropout draws
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         train = train.select(torch.randperm(len(train), generator=gen)[:cfg.max_train_samples])
+    for emb in model.modules():  # users with no sample here take the unseen-user path
+        if isinstance(emb, ItemUserEmbedder):
+            emb.keep_users(train.user)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
