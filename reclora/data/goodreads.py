@@ -12,6 +12,12 @@ A folder holding:
 
 The event time is ``date_added`` (present on every record; ``read_at`` is often empty),
 falling back to ``date_updated``.
+
+The genre files overlap (a book can be in several genres), so one rating event can appear in
+several interaction files: identical records (same user, book, rating and time) in different
+files are read once, the first in file-name order. Any other repeat of a (user, book) pair is
+refused, naming both files and lines. A book listed in several books files is read from the
+first.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from tqdm.auto import tqdm
 
 from reclora.data.errors import DataError
 from reclora.data.paths import HOW_TO_GET
-from reclora.data.splits import RawData
+from reclora.data.splits import RawData, repeated_pairs
 
 _MONTHS = {m: i for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug",
                                        "Sep", "Oct", "Nov", "Dec"), start=1)}
@@ -49,11 +55,43 @@ def parse_goodreads_time(s: str) -> int:
     return calendar.timegm((int(p[5]), _MONTHS[p[1]], int(p[2]), hh, mm, ss)) - off
 
 
-def _jsonl(path: Path, desc: str) -> Iterator[dict]:
+def _jsonl(path: Path, desc: str) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each non-blank line of a gzipped JSON-lines file."""
     with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for ln in tqdm(fh, desc=desc, unit=" rows", mininterval=2, disable=None):
+        lines = tqdm(fh, desc=desc, unit=" rows", mininterval=2, disable=None)
+        for no, ln in enumerate(lines, 1):
             if ln.strip():
-                yield json.loads(ln)
+                try:
+                    yield no, json.loads(ln)
+                except ValueError as e:
+                    raise DataError(f"{path}: line {no} is not JSON ({e})") from None
+
+
+def _drop_repeated_events(users: np.ndarray, books: np.ndarray, ratings: np.ndarray,
+                          times: np.ndarray, src: np.ndarray, names: list[str]) -> np.ndarray:
+    """Mask of the interactions to keep: an event listed identically (rating and time) in
+    several genre files is kept once, the first; any other repeat of a (user, book) pair is
+    refused, a pair twice in one file too (a file lists an event once).
+
+    ``src`` [N, 2]: each interaction's file (index into ``names``) and line number.
+    """
+    user = np.unique(users, return_inverse=True)[1].reshape(-1)
+    book = np.unique(books, return_inverse=True)[1].reshape(-1)
+    later, first = repeated_pairs(user, book)
+    differ = (ratings[later] != ratings[first]) | (times[later] != times[first])
+    in_file_later, in_file_first = repeated_pairs(user * len(names) + src[:, 0], book)
+    bad_later = np.r_[later[differ], in_file_later]
+    if bad_later.size:
+        j = int(np.argmin(bad_later))
+        b, a = int(bad_later[j]), int(np.r_[first[differ], in_file_first][j])
+        raise DataError(
+            f"goodreads: {names[src[a, 0]]} line {src[a, 1]} and {names[src[b, 0]]} line "
+            f"{src[b, 1]} both rate book {str(books[a])} by user {str(users[a])} (ratings "
+            f"{ratings[a]:g} and {ratings[b]:g}, times {times[a]} and {times[b]}); a pair "
+            "may be rated once, or repeated identically in overlapping genre files")
+    keep = np.ones(users.size, dtype=bool)
+    keep[later] = False
+    return keep
 
 
 def read_goodreads(folder: Path) -> RawData:
@@ -64,9 +102,9 @@ def read_goodreads(folder: Path) -> RawData:
         raise DataError(f"goodreads: {folder} needs goodreads_interactions_*.json.gz and "
                         "goodreads_books_*.json.gz; "
                         + HOW_TO_GET["goodreads"].format(dir=folder))
-    users, books, ratings, times = [], [], [], []
-    for f in inter_files:
-        for r in _jsonl(f, f.name):
+    users, books, ratings, times, src = [], [], [], [], []
+    for k, f in enumerate(inter_files):
+        for no, r in _jsonl(f, f.name):
             rating = int(r.get("rating", 0) or 0)
             if rating <= 0:
                 continue
@@ -77,14 +115,21 @@ def read_goodreads(folder: Path) -> RawData:
             books.append(str(r["book_id"]))
             ratings.append(rating)
             times.append(parse_goodreads_time(date))
+            src.append((k, no))
     if not users:
         raise DataError(f"goodreads: no rated interactions in {[f.name for f in inter_files]}")
-    wanted = set(books)
+    users, books = np.array(users), np.array(books)
+    ratings, times = np.array(ratings, dtype=np.float32), np.array(times, dtype=np.int64)
+    keep = _drop_repeated_events(users, books, ratings, times,
+                                 np.array(src, dtype=np.int64).reshape(-1, 2),
+                                 [str(f) for f in inter_files])
+    users, books, ratings, times = users[keep], books[keep], ratings[keep], times[keep]
+    wanted = set(books.tolist())
 
     genres: dict[str, list[str]] = {}
     gfile = folder / "goodreads_book_genres_initial.json.gz"
     if gfile.is_file():
-        for r in _jsonl(gfile, gfile.name):
+        for _, r in _jsonl(gfile, gfile.name):
             b = str(r["book_id"])
             if b in wanted and r.get("genres"):
                 top = sorted(r["genres"].items(), key=lambda kv: -int(kv[1]))[:MAX_GENRES]
@@ -92,13 +137,14 @@ def read_goodreads(folder: Path) -> RawData:
     author_names: dict[str, str] = {}
     afile = folder / "goodreads_book_authors.json.gz"
     if afile.is_file():
-        author_names = {str(r["author_id"]): r.get("name", "") for r in _jsonl(afile, afile.name)}
+        author_names = {str(r["author_id"]): r.get("name", "")
+                        for _, r in _jsonl(afile, afile.name)}
 
     items: dict[str, dict] = {}
     for f in book_files:
-        for r in _jsonl(f, f.name):
+        for _, r in _jsonl(f, f.name):
             b = str(r["book_id"])
-            if b not in wanted:
+            if b not in wanted or b in items:  # books files overlap as the genres do
                 continue
             authors = [str(a.get("author_id", "")) for a in r.get("authors", []) if a]
             year = str(r.get("publication_year", "") or "")
@@ -115,8 +161,7 @@ def read_goodreads(folder: Path) -> RawData:
                 "author": authors[0] if authors else "",
                 "authors_text": ", ".join(names[:2]),
             }
-    return RawData(name="goodreads", source="goodreads", kind="book",
-                   user=np.array(users), item=np.array(books),
-                   rating=np.array(ratings, dtype=np.float32),
-                   time=np.array(times, dtype=np.int64), items=items, users=None,
-                   item_fields=("author",))
+    return RawData(name="goodreads", source="goodreads", kind="book", user=users, item=books,
+                   rating=ratings, time=times, items=items, users=None,
+                   item_fields=("author",),
+                   files={"items": ", ".join(str(f) for f in book_files)})

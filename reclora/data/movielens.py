@@ -77,8 +77,8 @@ EXACT_INT = 2.0 ** 53
 def check_interactions(arr: np.ndarray, what: str) -> None:
     """Reject what the int64 cast in _ml_raw would silently change, naming the data row
     (1-based, blank lines not counted): fractional or out-of-range ids and timestamps
-    (past int64 the cast gave INT64_MIN), non-finite ratings, and a (user, item) pair rated
-    twice (MovieLens has one rating per pair; a repeat would leak its label into history)."""
+    (past int64 the cast gave INT64_MIN) and non-finite ratings. A (user, item) pair rated
+    twice is refused for every format by splits.check_unique_pairs."""
     for col, field in ((0, "user id"), (1, "item id"), (3, "timestamp")):
         v = arr[:, col]
         bad = ~np.isfinite(v) | (np.abs(v) > EXACT_INT) | (v != np.round(v))
@@ -92,23 +92,27 @@ def check_interactions(arr: np.ndarray, what: str) -> None:
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{what}: data row {i + 1}: rating {float(arr[i, 2])!r} is not "
                         "finite")
-    user, item = arr[:, 0].astype(np.int64), arr[:, 1].astype(np.int64)
-    if user.size and user.min() >= 0 and item.min() >= 0 and \
-            (int(user.max()) + 1) * (int(item.max()) + 1) < 2**62:
-        # One int64 key per row, sorted in place: half the time and memory of the lexsort
-        # (10M rows); the lexsort below runs only to name the rows of a repeat.
-        key = user * (int(item.max()) + 1) + item
-        key.sort()
-        if not (key[1:] == key[:-1]).any():
-            return
-        del key
-    order = np.lexsort((item, user))
-    same = (np.diff(user[order]) == 0) & (np.diff(item[order]) == 0)
-    if same.any():
-        j = int(np.flatnonzero(same)[0])
-        a, b = sorted((int(order[j]), int(order[j + 1])))
-        raise DataError(f"{what}: data rows {a + 1} and {b + 1} both rate item {item[a]} by "
-                        f"user {user[a]} (duplicate rows are not allowed)")
+
+
+def _id_table(rows: list[tuple[int, str, dict]], what: str) -> dict[str, dict]:
+    """id -> fields of a user or item file, from its (line number, id, fields) rows.
+
+    MovieLens ids are whole numbers: a key is normalised as the interactions' ids are
+    ("007" and " 7" are "7"; unnormalised, their interactions lost their item). A repeated
+    id is refused with both lines (the last row silently won)."""
+    table: dict[str, dict] = {}
+    line_of: dict[str, int] = {}
+    for no, raw_id, fields in rows:
+        try:
+            key = str(int(raw_id))
+        except ValueError:
+            raise DataError(f"{what}: line {no}: id {raw_id!r} is not a whole number") from None
+        if key in line_of:
+            raise DataError(f"{what}: line {no} repeats id {key} of line {line_of[key]} "
+                            "(one row per id)")
+        line_of[key] = no
+        table[key] = fields
+    return table
 
 
 def _fields(line_no: int, line: str, sep: str, n: int, what: str) -> list[str]:
@@ -144,7 +148,7 @@ def read_ml100k(folder: Path) -> RawData:
     _need(folder, ("u.data", "u.item", "u.user"), "ml-100k")
     arr = _numeric_table((folder / "u.data").read_text(), 4, str(folder / "u.data"))
     check_interactions(arr, str(folder / "u.data"))
-    items: dict[str, dict] = {}
+    rows = []
     for no, ln in enumerate((folder / "u.item").read_text(encoding="latin-1").splitlines(), 1):
         if not ln.strip():
             continue
@@ -152,13 +156,16 @@ def read_ml100k(folder: Path) -> RawData:
         flags = f[5:5 + len(ML100K_GENRES)]
         genres = [g for g, x in zip(ML100K_GENRES, flags) if x == "1" and g != "unknown"]
         title, year = _split_title_year(f[1])
-        items[f[0]] = {"title": title, "genres": genres, "year": year}
-    users: dict[str, dict] = {}
+        rows.append((no, f[0], {"title": title, "genres": genres, "year": year}))
+    items = _id_table(rows, str(folder / "u.item"))
+    rows = []
     for no, ln in enumerate((folder / "u.user").read_text(encoding="latin-1").splitlines(), 1):
         if ln.strip():
             f = _fields(no, ln, "|", 5, str(folder / "u.user"))
-            users[f[0]] = _ml100k_user(f[1], f[2], f[3], f[4])
-    return _ml_raw("ml-100k", arr, items, users, ("gender", "age_group", "occupation", "zip"))
+            rows.append((no, f[0], _ml100k_user(f[1], f[2], f[3], f[4])))
+    users = _id_table(rows, str(folder / "u.user"))
+    return _ml_raw("ml-100k", arr, items, users, ("gender", "age_group", "occupation", "zip"),
+                   folder / "u.data", folder / "u.item", folder / "u.user")
 
 
 def _ml100k_user(age: str, gender: str, occupation: str, zip_code: str) -> dict:
@@ -186,7 +193,7 @@ def _read_ml100k_recbole(folder: Path) -> RawData:
     for c in ("item_id", "movie_title", "release_year", "class"):
         if c not in ix:
             raise DataError(f"{folder / 'ml-100k.item'}: no column {c!r}")
-    items = {}
+    item_rows = []
     for no, f in rows:
         if len(f) != len(header):
             raise DataError(f"{folder / 'ml-100k.item'}: line {no} has {len(f)} fields, "
@@ -195,9 +202,10 @@ def _read_ml100k_recbole(folder: Path) -> RawData:
         title = f[ix["movie_title"]]
         # RecBole strips the year from the title; put it back as in ML-1M ("Title (1995)").
         y = int(year) if year.isdigit() else None
-        items[f[ix["item_id"]]] = {
+        item_rows.append((no, f[ix["item_id"]], {
             "title": f"{title} ({y})" if y else title, "year": y,
-            "genres": [g for g in f[ix["class"]].split() if g != "unknown"]}
+            "genres": [g for g in f[ix["class"]].split() if g != "unknown"]}))
+    items = _id_table(item_rows, str(folder / "ml-100k.item"))
     ufile = folder / "ml-100k.user"
     header, rows = _atomic(ufile)
     ix = {h: i for i, h in enumerate(header)}
@@ -205,23 +213,29 @@ def _read_ml100k_recbole(folder: Path) -> RawData:
         if c not in ix:
             raise DataError(f"{ufile}: no column {c!r} in its header {header}; "
                             + HOW_TO_GET["ml-100k"].format(dir=folder))
-    users = {}
+    user_rows = []
     for no, f in rows:
         if len(f) != len(header):
             raise DataError(f"{ufile}: line {no} has {len(f)} fields, header has "
                             f"{len(header)}")
-        users[f[ix["user_id"]]] = _ml100k_user(f[ix["age"]], f[ix["gender"]],
-                                               f[ix["occupation"]], f[ix["zip_code"]])
-    return _ml_raw("ml-100k", arr, items, users, ("gender", "age_group", "occupation", "zip"))
+        user_rows.append((no, f[ix["user_id"]], _ml100k_user(
+            f[ix["age"]], f[ix["gender"]], f[ix["occupation"]], f[ix["zip_code"]])))
+    users = _id_table(user_rows, str(ufile))
+    return _ml_raw("ml-100k", arr, items, users, ("gender", "age_group", "occupation", "zip"),
+                   inter, folder / "ml-100k.item", ufile)
 
 
 def _ml_raw(source: str, arr: np.ndarray, items: dict, users: dict | None,
-            user_fields: tuple[str, ...]) -> RawData:
+            user_fields: tuple[str, ...], inter_file: Path, item_file: Path,
+            user_file: Path | None) -> RawData:
+    files = {"interactions": str(inter_file), "items": str(item_file)}
+    if users is not None:
+        files["users"] = str(user_file)
     return RawData(name=source, source=source, kind="movie",
                    user=arr[:, 0].astype(np.int64), item=arr[:, 1].astype(np.int64),
                    rating=arr[:, 2].astype(np.float32), time=arr[:, 3].astype(np.int64),
                    items=items, users=users,
-                   user_fields=user_fields if users is not None else ())
+                   user_fields=user_fields if users is not None else (), files=files)
 
 
 def read_ml1m(folder: Path) -> RawData:
@@ -231,7 +245,7 @@ def read_ml1m(folder: Path) -> RawData:
     text = (folder / "ratings.dat").read_text(encoding="latin-1").replace("::", "\t")
     arr = _numeric_table(text, 4, str(folder / "ratings.dat"))
     check_interactions(arr, str(folder / "ratings.dat"))
-    items = {}
+    rows = []
     for no, ln in enumerate((folder / "movies.dat").read_text(encoding="latin-1").splitlines(),
                             1):
         if not ln.strip():
@@ -239,16 +253,20 @@ def read_ml1m(folder: Path) -> RawData:
         f = _fields(no, ln, "::", 3, str(folder / "movies.dat"))
         title, year = _split_title_year(f[1])
         genres = [g for g in f[2].split("|") if g and g != "(no genres listed)"]
-        items[f[0]] = {"title": title, "genres": genres, "year": year}
+        rows.append((no, f[0], {"title": title, "genres": genres, "year": year}))
+    items = _id_table(rows, str(folder / "movies.dat"))
     users = None
     if (folder / "users.dat").is_file():
-        users = {}
+        rows = []
         text = (folder / "users.dat").read_text(encoding="latin-1")
         for no, ln in enumerate(text.splitlines(), 1):
             if ln.strip():
                 f = _fields(no, ln, "::", 5, str(folder / "users.dat"))
-                users[f[0]] = {"gender": f[1], "age": f[2], "occupation": f[3], "zip": f[4]}
-    return _ml_raw("ml-1m", arr, items, users, ("gender", "age", "occupation", "zip"))
+                rows.append((no, f[0], {"gender": f[1], "age": f[2], "occupation": f[3],
+                                        "zip": f[4]}))
+        users = _id_table(rows, str(folder / "users.dat"))
+    return _ml_raw("ml-1m", arr, items, users, ("gender", "age", "occupation", "zip"),
+                   folder / "ratings.dat", folder / "movies.dat", folder / "users.dat")
 
 
 def read_ml25m(folder: Path) -> RawData:
@@ -268,7 +286,7 @@ def read_ml25m(folder: Path) -> RawData:
     if arr.shape[0] == 0 or arr.shape[1] < 4:
         raise DataError(f"{folder / 'ratings.csv'}: no rows")
     check_interactions(arr[:, :4], str(folder / "ratings.csv"))
-    items = {}
+    rows = []
     with open(folder / "movies.csv", encoding="utf-8", newline="") as fh:
         reader = csv.reader(fh)
         head = next(reader, [])
@@ -282,5 +300,8 @@ def read_ml25m(folder: Path) -> RawData:
                                 f"{len(f)} fields, expected movieId,title,genres")
             title, year = _split_title_year(f[1].strip())
             genres = [g for g in f[2].split("|") if g and g != "(no genres listed)"]
-            items[f[0]] = {"title": title, "genres": genres, "year": year}
-    return _ml_raw("ml-25m", arr[:, :4], items, None, ())
+            rows.append((reader.line_num, f[0], {"title": title, "genres": genres,
+                                                 "year": year}))
+    items = _id_table(rows, str(folder / "movies.csv"))
+    return _ml_raw("ml-25m", arr[:, :4], items, None, (), folder / "ratings.csv",
+                   folder / "movies.csv", None)

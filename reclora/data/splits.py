@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reclora.data.dataset import RecDataset
-from reclora.data.errors import DataError
+from reclora.data.errors import DataError, announce
 from reclora.data.text import item_description, user_profile
 
 # (operator, threshold) of a positive label per format (RECLORA.md section 5; ML-100K as ML-1M).
@@ -21,6 +21,9 @@ LABEL_RULES: dict[str, tuple[str, float]] = {
     "ml-25m": (">", 3.0),
     "goodreads": (">=", 4.0),
 }
+# Formats whose item file lists every item their interactions name: there a missing item
+# row means a truncated file or mismatched ids, so it is refused rather than dropped.
+COMPLETE_ITEM_FILES = {"ml-100k", "ml-1m", "ml-25m"}
 
 
 @dataclass
@@ -32,7 +35,9 @@ class RawData:
     "title" (str), "genres" (list[str]), optional "year" (int) and any other categorical
     fields (str). ``users``: raw id (as str) -> dict of text fields (e.g. gender, age,
     occupation, zip), or None when the data has no user side. ``user_fields``: the fields,
-    in order, that become ``user_features`` columns.
+    in order, that become ``user_features`` columns. ``files``: role ("interactions",
+    "items", "users") -> the file(s) read, for error messages; for "interactions" the arrays
+    must be its data rows in file order (errors name row ``i + 1``).
     """
 
     name: str
@@ -47,6 +52,7 @@ class RawData:
     user_fields: tuple[str, ...] = ()
     item_fields: tuple[str, ...] = ()
     extra: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def label_from_rating(rating: np.ndarray, source: str) -> np.ndarray:
@@ -73,6 +79,70 @@ def k_core(user: np.ndarray, item: np.ndarray, k: int) -> np.ndarray:
         if new.sum() == keep.sum():
             return new
         keep = new
+
+
+def repeated_pairs(user: np.ndarray, item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every row whose (user, item) pair occurred in an earlier row: (its index, the index of
+    the pair's first row), in row order. ``user`` and ``item`` are int codes >= 0, small
+    enough that user * (item.max() + 1) fits in int64 (dense codes: below n_rows^2)."""
+    none = np.zeros(0, dtype=np.int64)
+    if user.size < 2:
+        return none, none
+    width = int(item.max()) + 1
+
+    def keys() -> np.ndarray:  # one int64 per row
+        return user.astype(np.int64) * width + item
+
+    # Sorting the keys in place says whether any repeats in half the time and memory of an
+    # argsort (10M rows); the argsort runs only to find them.
+    key = keys()
+    key.sort()
+    if not (key[1:] == key[:-1]).any():
+        return none, none
+    key = keys()
+    order = np.argsort(key, kind="stable")  # stable: a pair's rows stay in row order
+    k = key[order]
+    starts = np.r_[True, k[1:] != k[:-1]]
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(k.size), 0))]
+    later, first = order[~starts], first[~starts]
+    by_row = np.argsort(later)
+    return later[by_row], first[by_row]
+
+
+def check_unique_pairs(raw: RawData, u_raw: np.ndarray, u_code: np.ndarray,
+                       i_raw: np.ndarray, i_code: np.ndarray) -> None:
+    """Refuse a (user, item) pair rated twice, naming the file, its rows and the raw ids: the
+    later sample's history would hold its own target with its rating (a label leak)."""
+    later, first = repeated_pairs(u_code, i_code)
+    if later.size:
+        a, b = int(first[0]), int(later[0])
+        where = raw.files.get("interactions", raw.name)
+        raise DataError(f"{where}: data rows {a + 1} and {b + 1} both rate item "
+                        f"{str(i_raw[i_code[a]])} by user {str(u_raw[u_code[a]])} (one rating "
+                        "per (user, item) pair; duplicate rows are not allowed)")
+
+
+def _file(raw: RawData, role: str, what: str) -> str:
+    """``what`` ("the item file") followed by its path where the reader named it."""
+    return f"{what} {raw.files[role]}" if role in raw.files else what
+
+
+def check_item_rows(raw: RawData, i_raw: np.ndarray, has_meta: np.ndarray,
+                    keep: np.ndarray) -> None:
+    """Interactions whose item has no metadata row are dropped (nothing describes it to the
+    LLM): refused where the format's item file is complete (a truncated file or ids that do
+    not match would lose data silently), announced on stderr elsewhere."""
+    dropped = int(keep.size - keep.sum())
+    if dropped == 0:
+        return
+    missing = [str(x) for x in i_raw[~has_meta]]
+    ids = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    msg = (f"{raw.name}: {dropped} of {keep.size} interactions rate {len(missing)} items that "
+           f"have no row in {_file(raw, 'items', 'the item file')} (raw ids {ids})")
+    if raw.source in COMPLETE_ITEM_FILES:
+        raise DataError(f"{msg}; it looks truncated, or its ids do not match the "
+                        "interactions'")
+    announce(f"{msg}; those interactions are dropped")
 
 
 def history_lengths(user: np.ndarray, time: np.ndarray, n_users: int
@@ -104,20 +174,49 @@ def split_by_time(samples: np.ndarray, time: np.ndarray, fractions: tuple[float,
 
     The cut times are the times of the samples at the 80 % and 90 % positions (for 8:1:1);
     every sample at a cut time goes to the later split, so no timestamp is in two splits.
+    A fraction of 0 gives an empty split (a cut past the last sample is its time + 1). A
+    split with a positive fraction that comes out empty is a DataError: its cut fell inside
+    a block of tied timestamps (day-granular times, say), which the later split took whole.
     """
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ValueError(f"split must be three fractions summing to 1, got {fractions}")
+    try:
+        f = np.asarray(fractions, dtype=np.float64)
+    except (TypeError, ValueError):
+        f = np.full(1, np.nan)
+    if f.shape != (3,) or not np.isfinite(f).all() or f.min() < 0 or abs(f.sum() - 1) > 1e-6:
+        raise ValueError(f"split must be three finite fractions >= 0 summing to 1, got "
+                         f"{fractions}")
     n = samples.size
     if n < 3:
         raise DataError(f"only {n} samples after filtering; need at least 3 to split")
     ts = time[samples]
-    a = min(int(round(n * fractions[0])), n - 1)
-    b = min(int(round(n * (fractions[0] + fractions[1]))), n - 1)
-    t_valid, t_test = int(ts[a]), int(ts[b])
-    train = samples[ts < t_valid]
-    valid = samples[(ts >= t_valid) & (ts < t_test)]
-    test = samples[ts >= t_test]
-    return train, valid, test, (t_valid, t_test)
+    pos = (0, min(int(round(n * f[0])), n), min(int(round(n * (f[0] + f[1]))), n), n)
+    cuts = tuple(int(ts[p]) if p < n else int(ts[-1]) + 1 for p in pos[1:3])
+    train = samples[ts < cuts[0]]
+    valid = samples[(ts >= cuts[0]) & (ts < cuts[1])]
+    test = samples[ts >= cuts[1]]
+    check_splits_filled((train, valid, test), f, ts, pos, cuts)
+    return train, valid, test, cuts
+
+
+def check_splits_filled(parts: tuple[np.ndarray, ...], fractions: np.ndarray, ts: np.ndarray,
+                        pos: tuple[int, ...], cuts: tuple[int, int]) -> None:
+    """Refuse an empty split that was asked for a positive fraction, naming the tied
+    timestamp its cut fell in (training then failed far away, in the AUC of an empty set).
+    ``pos``: the splits' boundary positions in time order (0, a, b, n)."""
+    n = ts.size
+    for k, name in enumerate(("train", "valid", "test")):
+        if fractions[k] == 0 or parts[k].size:
+            continue
+        head = f"split {tuple(float(x) for x in fractions)}: the {name} split is empty"
+        if pos[k] == pos[k + 1]:
+            raise DataError(f"{head}: a fraction of {fractions[k]:g} of {n} samples rounds "
+                            "to none; give it a larger fraction")
+        cut = cuts[0]  # train and valid: the block at the first cut took their positions
+        tied, before = int((ts == cut).sum()), int((ts < cut).sum())
+        raise DataError(f"{head}: {tied} of {n} samples share the timestamp {cut} (positions "
+                        f"{before / n:.1%} to {(before + tied) / n:.1%} of the time order), "
+                        "and a split never cuts through one timestamp; choose fractions "
+                        "whose cuts fall outside that block")
 
 
 def _codes(values: list[str]) -> tuple[np.ndarray, int]:
@@ -139,11 +238,14 @@ def build_dataset(raw: RawData, min_history: int = 5, core: int = 5,
     rating = raw.rating.astype(np.float32)
     if not np.isfinite(rating).all():
         raise DataError(f"{raw.name}: non-finite ratings")
-    # Items without metadata cannot be described to the LLM; drop them before the k-core.
     u_raw, u_code = np.unique(raw.user, return_inverse=True)
     i_raw, i_code = np.unique(raw.item, return_inverse=True)
+    u_code, i_code = u_code.reshape(-1), i_code.reshape(-1)
+    check_unique_pairs(raw, u_raw, u_code, i_raw, i_code)
+    # Items without metadata cannot be described to the LLM; drop them before the k-core.
     has_meta = np.array([str(x) in raw.items for x in i_raw], dtype=bool)
     keep = has_meta[i_code]
+    check_item_rows(raw, i_raw, has_meta, keep)
     if not keep.any():
         raise DataError(f"{raw.name}: no interaction's item has metadata")
     sub = np.flatnonzero(keep)
@@ -201,8 +303,8 @@ def build_dataset(raw: RawData, min_history: int = 5, core: int = 5,
         missing = [k for k in user_raw_id if k not in raw.users]
         if missing:
             raise DataError(f"{raw.name}: {len(missing)} of {n_users} users have no row in "
-                            f"the user file (raw ids {missing[:3]}...); it looks truncated "
-                            "or corrupt")
+                            f"{_file(raw, 'users', 'the user file')} (raw ids "
+                            f"{', '.join(missing[:3])}, ...); it looks truncated or corrupt")
         rows = [raw.users[k] for k in user_raw_id]
         fields = list(raw.user_fields) + sorted({k for r in rows for k in r}
                                                  - set(raw.user_fields))
