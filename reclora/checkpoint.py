@@ -4,16 +4,19 @@ One safetensors file. Tensors are named "<module name>.lora_a", "<module name>.l
 "<module name>.gate.<parameter>"; the metadata entry "reclora" holds JSON with the format
 version and each layer's adapter_config() (sizes, alpha, mix, gate options), so a file can be
 loaded into a fresh, un-injected model: load_adapters injects the layers it names first.
-Writes are atomic: a temporary file in the target's folder, then os.replace.
+Writes are atomic: a temporary file in the target's folder, then os.replace
+(atomic_write_folder does the same for a folder of files that belong together).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -58,16 +61,75 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        # mkstemp makes the file 0600 (and safetensors rewrites it 0600): give it the mode
-        # open() would have, 0666 less the umask, like any other file the user writes.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        _settle(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _settle(path: str | os.PathLike) -> None:
+    """A freshly written file: its mode the one open() would give, then fsynced."""
+    # mkstemp makes the file 0600 (and safetensors rewrites it 0600): give it the mode
+    # open() would have, 0666 less the umask, like any other file the user writes.
+    os.chmod(path, 0o666 & ~_umask())
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None], *,
+                        replaces: Collection[str]) -> None:
+    """write(tmp_dir) fills a temporary folder beside path (its files fsynced), which then
+    takes path's place: the folder at path is renamed aside, the new one renamed in, the old
+    one deleted. A reader sees the old files or the new ones, never a mix (a crash between
+    the two renames leaves no folder at path, the old and the new one complete beside it).
+
+    A folder already at path is replaced only if it holds nothing but names in `replaces`
+    (an earlier write of the same files): anything else raises FileExistsError before
+    anything is written, so no other file is ever deleted. Through a symbolic link, the
+    folder it points to is replaced."""
+    path = Path(os.path.realpath(path))
+    mode = 0o777 & ~_umask()
+    if os.path.lexists(path):
+        if not path.is_dir():
+            raise FileExistsError(f"{path}: exists and is not a folder")
+        others = sorted(set(os.listdir(path)) - set(replaces))
+        if others:
+            raise FileExistsError(
+                f"{path}: holds {_summarise(others)}, not only {', '.join(sorted(replaces))}; "
+                "not replacing it (write into a new or empty folder)")
+        mode = stat.S_IMODE(path.stat().st_mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    aside = None
+    try:
+        os.chmod(tmp, mode)  # mkdtemp makes it 0700
+        write(tmp)
+        for entry in tmp.iterdir():
+            _settle(entry)
+        _fsync_dir(tmp)
+        if os.path.lexists(path):
+            aside = tmp.with_suffix(".old")
+            os.rename(path, aside)
+        os.rename(tmp, path)
+    except BaseException:
+        if aside is not None and not os.path.lexists(path):
+            os.rename(aside, path)  # put the old folder back
+            aside = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    _fsync_dir(path.parent)
 
 
 def _umask() -> int:
@@ -103,17 +165,38 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"reclora": json.dumps(meta)}))
 
 
+# What load_adapters reads from each layer's saved config to rebuild the layer.
+_LAYER_KEYS = ("num_adapters", "rank", "alpha", "mix", "gate")
+
+
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """The JSON config stored in an adapter file."""
+    """The JSON config stored in an adapter file: {"format", "version", "layers": {name:
+    adapter_config()}}. Anything else raises ValueError naming the file."""
     with safe_open(str(path), framework="pt") as handle:
         raw = (handle.metadata() or {}).get("reclora")
     if raw is None:
         raise ValueError(f"load_adapters: {path} is not a reclora adapter file (no 'reclora' "
                          "metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_adapters: {path}: its 'reclora' metadata is not JSON "
+                         f"({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"load_adapters: {path}: its 'reclora' metadata holds "
+                         f"{type(meta).__name__}, not a dict")
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"load_adapters: {path} has format {meta.get('format')!r} version "
                          f"{meta.get('version')!r}; expected {FORMAT!r} version {VERSION}")
+    layers = meta.get("layers")
+    if not isinstance(layers, dict) or not all(isinstance(c, dict) for c in layers.values()):
+        raise ValueError(f"load_adapters: {path}: its metadata's 'layers' is not a dict of "
+                         "layer configs")
+    for name, config in layers.items():
+        missing = [k for k in _LAYER_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"load_adapters: {path}: layer {name!r}'s config lacks "
+                             f"{', '.join(missing)}")
     return meta
 
 
@@ -136,8 +219,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
 
     Modules the file names that are not yet RecLoRALinear are wrapped first (so a freshly
     built base model works); then everything but banks and gates is frozen. Raises ValueError
-    on missing keys (model layers the file lacks, with strict=True), extra keys, shapes that
-    differ, or a layer configured differently (rank, alpha, mix, gate options...)."""
+    naming the file on malformed metadata, missing keys (model layers the file lacks, with
+    strict=True), extra keys, shapes that differ, a tensor that is not floating or holds NaN
+    or inf, or a layer configured differently (rank, alpha, mix, gate options...)."""
     meta = read_adapter_config(path)
     # Build every layer first and check the file against them, so a file that does not fit
     # leaves the model untouched.
@@ -162,9 +246,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                                          rank=config["rank"], alpha=config["alpha"],
                                          mix=config["mix"], gate=config["gate"],
                                          adapter_dtype=dtype)
-                except TypeError as err:
-                    raise ValueError(f"load_adapters: cannot wrap module {name!r}: "
-                                     f"{err}") from None
+                except (TypeError, KeyError, ValueError) as err:  # a malformed layer config
+                    raise ValueError(f"load_adapters: {path}: cannot wrap module {name!r}: "
+                                     f"{type(err).__name__}: {err}") from None
                 new_layers[name] = module
             _check_layer_config(name, module, config)
         layers.update(new_layers)
@@ -182,13 +266,25 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                  for k, v in shapes.items() if list(expected[k].shape) != list(v)]
         if wrong:
             problems.append(f"mis-shaped keys: {_summarise(wrong)}")
+        # copy_ would cast an integer tensor into a bank silently.
+        typed = [f"{k} (file {handle.get_slice(k).get_dtype()})" for k in shapes
+                 if expected[k].is_floating_point()
+                 and handle.get_slice(k).get_dtype() not in _SAFETENSORS_DTYPES]
+        if typed:
+            problems.append(f"keys not of a floating dtype: {_summarise(typed)}")
         if problems:
             raise ValueError(f"load_adapters: {path} does not fit the model: "
                              + "; ".join(problems))
-        for name, layer in new_layers.items():
-            _replace(model, name, layer)
-        freeze_all_but_adapters(model)
-        with torch.no_grad():
-            for key in shapes:
-                expected[key].copy_(handle.get_tensor(key))
+        values = {key: handle.get_tensor(key) for key in shapes}  # banks are small
+    # A NaN in one adapter would reach only the users routed to it: refuse the file.
+    bad = [k for k, v in values.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ValueError(f"load_adapters: {path}: non-finite values (NaN or inf) in "
+                         f"{_summarise(bad)}")
+    for name, layer in new_layers.items():
+        _replace(model, name, layer)
+    freeze_all_but_adapters(model)
+    with torch.no_grad():
+        for key, value in values.items():
+            expected[key].copy_(value)
     return reclora_layers(model)

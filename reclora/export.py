@@ -7,7 +7,9 @@ scale * B_mix(A_mix x) == scale' * B' A' x exactly:
   [d_out, k*r]; rank k*r (the sum of k rank-r products is a rank-k*r product).
 They are written as adapter_config.json + adapter_model.safetensors in PEFT's layout, with
 lora_alpha = scale * rank so that PEFT's scaling lora_alpha / r equals the layer's scale, and
-`peft.PeftModel.from_pretrained(base_model, folder)` then gives that row's outputs.
+`peft.PeftModel.from_pretrained(base_model, folder)` then gives that row's outputs. The two
+files are written as a pair (atomic_write_folder): a folder never holds one export's weights
+with another's config.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write
+from .checkpoint import _summarise, atomic_write_folder
 from .injection import personalize, reclora_layers
 from .layers import RecLoRALinear, uniform_mixture
+
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what an export writes
 
 
 def merged_factors(
@@ -58,59 +62,34 @@ def _row_mixture(layer: RecLoRALinear, row: int) -> tuple[torch.Tensor, torch.Te
     return weights[pick], None if idx is None else idx[pick]
 
 
-def export_peft(
-    model: nn.Module,
-    out_dir: str | os.PathLike,
-    *,
-    user_reps: torch.Tensor | None = None,
-    row: int = 0,
-    base_model_name_or_path: str | None = None,
-    task_type: str | None = None,
-) -> Path:
-    """Write row `row`'s adapter of every RecLoRALinear in model as a PEFT LoRA adapter.
+def _check_row(row: int, user_reps: torch.Tensor) -> None:
+    """row must be a row of user_reps ([h]: row 0 only): a one-row batch's mixture
+    broadcasts, so _row_mixture alone takes any row."""
+    rows = 1 if user_reps.dim() == 1 else user_reps.shape[0]
+    if not 0 <= row < rows:
+        raise ValueError(f"export_peft: `row` must lie in [0, {rows}) (the rows of "
+                         f"`user_reps`, {list(user_reps.shape)}), got {row}")
 
-    The mixture comes from the gates applied to user_reps ([h] or [R, h]) if given; else from
-    whatever each layer would use now (an enclosing personalize(), set_mixture, or uniform).
-    Gates run in eval mode (no dropout). Load it with
-    `peft.PeftModel.from_pretrained(base_model, out_dir)` on the model as it was before
-    inject. Returns out_dir.
-    """
-    # bool is an int subclass: True would silently export row 1.
-    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
-        raise TypeError(f"export_peft: `row` must be an int (a batch row), got "
-                        f"{type(row).__name__} {row!r}")
-    row = int(row)
-    layers = reclora_layers(model)
-    if not layers:
-        raise ValueError("export_peft: `model` has no RecLoRALinear layers")
-    gates = [layer.gate for layer in layers.values() if layer.gate is not None]
-    modes = [gate.training for gate in gates]
-    factors, specs = {}, set()
-    try:
-        for gate in gates:
-            gate.eval()
-        with torch.no_grad():
-            if user_reps is not None:
-                with personalize(model, user_reps):
-                    mixtures = {name: _row_mixture(layer, row) for name, layer in layers.items()}
-            else:
-                mixtures = {name: _row_mixture(layer, row) for name, layer in layers.items()}
-            for name, layer in layers.items():
-                a, b = merged_factors(layer, *mixtures[name])
-                factors[name] = (a, b)
-                specs.add((a.shape[0], layer.scale))
-    finally:
-        for gate, mode in zip(gates, modes):
-            gate.train(mode)
-    if len(specs) != 1:
-        raise ValueError(f"export_peft: layers differ in exported (rank, scale): {sorted(specs)}; "
-                         "one PEFT adapter holds one rank and alpha")
-    rank, scale = specs.pop()
 
-    tensors = {}
-    for name, (a, b) in factors.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+def _check_finite(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], row: int,
+                  user_reps: torch.Tensor | None) -> None:
+    """Refuse an adapter with NaN or inf (PEFT would serve NaN), naming the likely cause."""
+    bad = [name for name, (a, b) in factors.items()
+           if not (a.isfinite().all() and b.isfinite().all())]
+    if not bad:
+        return
+    if user_reps is not None:
+        reps = user_reps if user_reps.dim() == 1 else user_reps[row]
+        if not reps.isfinite().all():
+            raise ValueError(f"export_peft: `user_reps` row {row} holds NaN or inf: its "
+                             "adapter would be NaN")
+    raise ValueError(f"export_peft: row {row}'s adapter is not finite (NaN or inf) in "
+                     f"{_summarise(bad)}: their banks, gates or mixtures hold NaN or inf")
+
+
+def _peft_config(layers: dict[str, RecLoRALinear], rank: int, scale: float,
+                 base_model_name_or_path: str | None, task_type: str | None) -> str:
+    """adapter_config.json's text (PEFT's LoraConfig fields)."""
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -130,10 +109,79 @@ def export_peft(
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def export_peft(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    *,
+    user_reps: torch.Tensor | None = None,
+    row: int = 0,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write row `row`'s adapter of every RecLoRALinear in model as a PEFT LoRA adapter.
+
+    The mixture comes from the gates applied to user_reps ([h] or [R, h]) if given; else from
+    whatever each layer would use now (an enclosing personalize(), set_mixture, or uniform).
+    Gates run in eval mode (no dropout). Load it with
+    `peft.PeftModel.from_pretrained(base_model, out_dir)` on the model as it was before
+    inject. base_model_name_or_path (a str or path) and task_type (a str) go into
+    adapter_config.json. out_dir gets both files or keeps what it held (an earlier export);
+    a folder holding other files is refused. Returns out_dir.
+    """
+    # bool is an int subclass: True would silently export row 1.
+    if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
+        raise TypeError(f"export_peft: `row` must be an int (a batch row), got "
+                        f"{type(row).__name__} {row!r}")
+    row = int(row)
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    for arg, value in (("base_model_name_or_path", base_model_name_or_path),
+                       ("task_type", task_type)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"export_peft: `{arg}` must be a str or None, got "
+                            f"{type(value).__name__} {value!r}")
+    layers = reclora_layers(model)
+    if not layers:
+        raise ValueError("export_peft: `model` has no RecLoRALinear layers")
+    gates = [layer.gate for layer in layers.values() if layer.gate is not None]
+    modes = [gate.training for gate in gates]
+    factors, specs = {}, set()
+    try:
+        for gate in gates:
+            gate.eval()
+        with torch.no_grad():
+            if user_reps is not None:
+                with personalize(model, user_reps):
+                    _check_row(row, user_reps)
+                    mixtures = {name: _row_mixture(layer, row) for name, layer in layers.items()}
+            else:
+                mixtures = {name: _row_mixture(layer, row) for name, layer in layers.items()}
+            for name, layer in layers.items():
+                a, b = merged_factors(layer, *mixtures[name])
+                factors[name] = (a, b)
+                specs.add((a.shape[0], layer.scale))
+    finally:
+        for gate, mode in zip(gates, modes):
+            gate.train(mode)
+    if len(specs) != 1:
+        raise ValueError(f"export_peft: layers differ in exported (rank, scale): {sorted(specs)}; "
+                         "one PEFT adapter holds one rank and alpha")
+    rank, scale = specs.pop()
+    # Everything that can fail on the arguments runs before the folder is touched.
+    _check_finite(factors, row, user_reps)
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().cpu().contiguous()
+    config = _peft_config(layers, rank, scale, base_model_name_or_path, task_type)
+
+    def write(folder: Path) -> None:
+        save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        (folder / "adapter_config.json").write_text(config, encoding="utf-8")
+
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_dir / "adapter_model.safetensors",
-                 lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(out_dir / "adapter_config.json",
-                 lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write_folder(out_dir, write, replaces=PEFT_FILES)
     return out_dir

@@ -74,8 +74,10 @@ class RunFolderError(ServingError):
 
 
 # ---------------------------------------------------------------------------- tables
-def _rows_from(source: Any, what: str) -> tuple[list[dict[str, Any]], str, int]:
-    """(rows as dicts, the source's name for messages, number of the first data row)."""
+def _rows_from(source: Any, what: str
+               ) -> tuple[list[dict[str, Any]], str, int, list[str] | None]:
+    """(rows as dicts, the source's name for messages, number of the first data row, the
+    column names: a CSV's header, a dict's keys; None for a list of dicts)."""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
@@ -98,7 +100,7 @@ def _rows_from(source: Any, what: str) -> tuple[list[dict[str, Any]], str, int]:
             raise ServingError(f"{path}: not a UTF-8 text file ({e.reason})") from None
         except csv.Error as e:
             raise ServingError(f"{path}: malformed CSV ({e})") from None
-        return rows, str(path), 2
+        return rows, str(path), 2, header
     if isinstance(source, Mapping):
         cols = {k: list(np.asarray(v).reshape(-1)) if not isinstance(v, list) else v
                 for k, v in source.items()}
@@ -107,14 +109,14 @@ def _rows_from(source: Any, what: str) -> tuple[list[dict[str, Any]], str, int]:
             raise ServingError(f"{what}: columns of different lengths "
                                f"{ {k: len(v) for k, v in cols.items()} }")
         n = lengths.pop() if lengths else 0
-        return [{k: cols[k][i] for k in cols} for i in range(n)], what, 0
+        return [{k: cols[k][i] for k in cols} for i in range(n)], what, 0, list(cols)
     if isinstance(source, Iterable):
         rows = list(source)
         for i, r in enumerate(rows):
             if not isinstance(r, Mapping):
                 raise ServingError(f"{what} row {i}: expected a dict with "
                                    f"{', '.join(REQUEST_COLUMNS)}, got {type(r).__name__}")
-        return [dict(r) for r in rows], what, 0
+        return [dict(r) for r in rows], what, 0, None
     raise ServingError(f"{what}: expected a CSV path, a dict of columns or a list of dicts, "
                        f"got {type(source).__name__}")
 
@@ -125,10 +127,20 @@ def _where(name: str, row: dict, i: int, first: int) -> str:
     return f"{name} row {i + first}"
 
 
-def _as_id(value: Any) -> str:
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    return str(value).strip()
+def _as_id(value: Any, where: str, column: str) -> str:
+    """A raw id as the dataset's string form (196.0 -> "196"). None, an empty string or a NaN
+    (what pandas and numpy hold for a missing id in a float column) raises ServingError."""
+    if value is None:
+        raise ServingError(f"{where}: no {column}")
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            raise ServingError(f"{where}: {column} is missing ({float(value)})")
+        if float(value).is_integer():
+            value = int(value)
+    text = str(value).strip()
+    if not text:
+        raise ServingError(f"{where}: empty {column}")
+    return text
 
 
 def _as_int(value: Any, where: str, column: str) -> int:
@@ -159,16 +171,15 @@ def read_table(source: Any, columns: Sequence[str] = REQUEST_COLUMNS, what: str 
                ) -> dict[str, np.ndarray]:
     """The columns of a request (or interaction) table as arrays: ids as str, timestamps as
     int64, ratings as float64. source: a CSV path (a header line naming the columns; others
-    are ignored), a dict of columns, or a list of dicts. A missing column, an empty id, a
-    timestamp that is not an integer in [0, 2^34) or a non-finite rating raises ServingError
-    naming the row (the file line for a CSV)."""
-    rows, name, first = _rows_from(source, what)
-    if rows:
-        present = set(rows[0]) - {"__line"}
-        missing = [c for c in columns if c not in present]
-        if missing:
-            raise ServingError(f"{name}: no column {', '.join(missing)} (expected "
-                               f"{', '.join(columns)}; found {', '.join(sorted(present))})")
+    are ignored), a dict of columns, or a list of dicts. A missing or repeated column
+    (naming the source), a missing id (None, empty, NaN), a timestamp that is not an integer
+    in [0, 2^34) or a non-finite rating raises ServingError naming the row (the file line
+    for a CSV)."""
+    rows, name, first, header = _rows_from(source, what)
+    if header is None and rows:
+        header = [k for k in rows[0] if k != "__line"]
+    if header is not None:
+        _check_header(header, columns, name)
     out: dict[str, list] = {c: [] for c in columns}
     for i, row in enumerate(rows):
         where = _where(name, row, i, first)
@@ -181,16 +192,26 @@ def read_table(source: Any, columns: Sequence[str] = REQUEST_COLUMNS, what: str 
             elif c == "rating":
                 out[c].append(_as_float(v, where, c))
             else:
-                s = _as_id(v)
-                if not s:
-                    raise ServingError(f"{where}: empty {c}")
-                out[c].append(s)
+                out[c].append(_as_id(v, where, c))
     arrays = {c: np.asarray(v, dtype=object if c.endswith("_id") else
                             np.int64 if c == "timestamp" else np.float64)
               for c, v in out.items()}
     arrays["__where"] = np.asarray([_where(name, r, i, first) for i, r in enumerate(rows)],
                                    dtype=object)
     return arrays
+
+
+def _check_header(header: Sequence[str], columns: Sequence[str], name: str) -> None:
+    """Every column to read present (a header-only file too), none of them named twice (a
+    CSV row would silently keep the last)."""
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise ServingError(f"{name}: no column {', '.join(missing)} (expected "
+                           f"{', '.join(columns)}; found {', '.join(sorted(header))})")
+    repeated = [c for c in columns if header.count(c) > 1]
+    if repeated:
+        raise ServingError(f"{name}: column {', '.join(repeated)} appears more than once in "
+                           "the header")
 
 
 def write_scores(path: str | os.PathLike, table: Mapping[str, Sequence[Any]],
@@ -256,6 +277,14 @@ def _label_rule(rule: str):
     raise RunFolderError(f"the dataset's label rule {rule!r} is not understood")
 
 
+def _rating_scale(ratings: np.ndarray) -> tuple[float, float, float | None]:
+    """(lowest, highest, step) of a dataset's ratings: step 1 for whole stars, 0.5 for half
+    stars (ML-25M), None when the ratings are on neither grid."""
+    # Exact: whole and half stars are exact in float32, and so is their remainder.
+    step = next((s for s in (1.0, 0.5) if not np.mod(ratings, s).any()), None)
+    return float(ratings.min()), float(ratings.max()), step
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -297,6 +326,7 @@ class Recommender:
 
     def __init__(self) -> None:  # use load()
         self.timings: dict[str, float] = {}
+        self.load_s = 0.0  # seconds load() took (each score replaces timings)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -310,6 +340,7 @@ class Recommender:
         as they are). Under bf16 autocast on a CPU the LLM's rounding depends on the thread
         count: a score reproduces the run's to ~1e-10 with the count the run used, and
         differs by up to ~0.02 in P(click) with another (SmolLM2-135M, measured)."""
+        t0 = time.perf_counter()  # the imports too: the first load pays for them
         import torch
 
         from reclora import pipeline as pl
@@ -319,7 +350,6 @@ class Recommender:
         from reclora.few2many import Stage2Config, inject_adapters, sample_subset
 
         self = cls()
-        t0 = time.perf_counter()
         if threads is not None:
             if not isinstance(threads, int) or threads < 1:
                 raise ServingError(f"threads must be an int >= 1, got {threads!r}")
@@ -357,7 +387,12 @@ class Recommender:
                  "test": ds.test.copy() if cfg.n_test == 0 else
                  sample_subset(ds.test, cfg.n_test, cfg.seed + 2)}
         for k, v in drawn.items():
-            if not np.array_equal(np.asarray(subsets.get(k, []), dtype=np.int64), v):
+            try:
+                saved = np.asarray(subsets.get(k, []), dtype=np.int64)
+            except (TypeError, ValueError, OverflowError):
+                raise RunFolderError(f"{run / 'subsets.json'}: its {k} subset is not a list "
+                                     "of sample indices") from None
+            if not np.array_equal(saved, v):
                 raise RunFolderError(
                     f"{run / 'subsets.json'}: its {k} subset is not the one run_config.json "
                     "draws from this dataset: the folder was made by another version of "
@@ -467,6 +502,7 @@ class Recommender:
 
         # The interaction store (dataset + observed) and the id maps.
         self._label = _label_rule(ds.label_rule)
+        self.rating_scale = _rating_scale(ds.rating)
         self._user_index = {str(u): i for i, u in enumerate(ds.user_raw_id)}
         self._item_index = {str(v): i for i, v in enumerate(ds.item_raw_id)}
         self._new_users: list[str] = []
@@ -474,7 +510,8 @@ class Recommender:
                              ds.rating.astype(np.float32), ds.time.astype(np.int64),
                              ds.label.astype(np.int64), ds.n_users)
         self.n_observed = 0
-        self.timings = {"load_s": time.perf_counter() - t0}
+        self.load_s = time.perf_counter() - t0
+        self.timings = {"load_s": self.load_s}
         return self
 
     # ------------------------------------------------------------------ helpers
@@ -487,6 +524,19 @@ class Recommender:
                                    f"dataset ({self.ds.name}, {self.ds.n_items} items)")
             out[j] = i
         return out
+
+    def _check_ratings(self, ratings: np.ndarray, where: np.ndarray) -> None:
+        """Ratings on the dataset's scale only: off it, the CRM's rating level overflows or
+        clamps, the label rule and the prompt ("50 stars") see a value no user could give."""
+        low, high, step = self.rating_scale
+        off = (ratings < low) | (ratings > high)
+        if step:
+            off |= np.mod(ratings, step) != 0
+        if off.any():
+            j = int(np.argmax(off))
+            grid = f" in steps of {step:g}" if step else ""
+            raise ServingError(f"{where[j]}: rating {ratings[j]:g} is not on the dataset's "
+                               f"scale, {low:g} to {high:g}{grid}")
 
     def _users(self, ids: np.ndarray, *, register: bool) -> tuple[np.ndarray, list[str]]:
         """Dataset user indices (new users after the dataset's; registered for good when
@@ -607,7 +657,8 @@ class Recommender:
 
     def is_cold(self, user_id: Any) -> bool:
         """Whether the user is served through the CRM's unseen-user path (cold start)."""
-        users, _ = self._users(np.asarray([_as_id(user_id)], dtype=object), register=False)
+        users, _ = self._users(np.asarray([_as_id(user_id, "is_cold", "user_id")],
+                                          dtype=object), register=False)
         return bool(self._cold(users)[0])
 
     def score(self, requests: Any, *, batch_size: int | None = None,
@@ -621,14 +672,15 @@ class Recommender:
         """The candidates (item ids) by P(click) for the user, best first, the first `top`
         (all by default). timestamp: the moment to rank at (default: one second after the
         latest interaction known, so the user's whole history counts)."""
-        cands = [_as_id(c) for c in candidates]
+        cands = [_as_id(c, f"rank: candidates[{i}]", "item_id")
+                 for i, c in enumerate(candidates)]
         if not cands:
             return []
         if top is not None and (not isinstance(top, int) or top < 1):
             raise ServingError(f"top must be an int >= 1, got {top!r}")
         if timestamp is None:
             timestamp = int(self._store.time.max()) + 1
-        uid = _as_id(user_id)
+        uid = _as_id(user_id, "rank", "user_id")
         table = {"user_id": [uid] * len(cands), "item_id": cands,
                  "timestamp": [timestamp] * len(cands)}
         scores = self.score(table, batch_size=batch_size)
@@ -640,13 +692,16 @@ class Recommender:
     def observe(self, interactions: Any) -> int:
         """Append interactions (user_id, item_id, timestamp, rating) to the histories the next
         score reads; new users are registered (cold start: no trained CRM embedding). No
-        weight changes. Returns how many were added."""
+        weight changes. Returns how many were added. A rating off the dataset's scale (its
+        lowest to highest rating, in whole or half stars as it has them) raises ServingError
+        naming the row, and nothing is taken in."""
         obs = read_table(interactions, OBSERVE_COLUMNS, "interactions")
         n = obs["user_id"].size
         if n == 0:
             return 0
         items = self._items(obs["item_id"], obs["__where"])
         ratings = obs["rating"]
+        self._check_ratings(ratings, obs["__where"])
         users, _ = self._users(obs["user_id"], register=True)
         st = self._store
         self._store = _Store(np.concatenate([st.user, users]), np.concatenate([st.item, items]),
@@ -691,13 +746,17 @@ def _rebind(retriever: Any, view: Any) -> Any:
     return r
 
 
-def _read_json(path: Path, why: str) -> Any:
+def _read_json(path: Path, why: str) -> dict:
+    """A run-folder JSON file, which holds an object: anything else raises RunFolderError."""
     if not path.is_file():
         raise RunFolderError(f"{path}: missing ({why})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunFolderError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise RunFolderError(f"{path}: holds {type(data).__name__}, not a JSON object")
+    return data
 
 
 def _read_config(run: Path):
@@ -705,8 +764,6 @@ def _read_config(run: Path):
 
     path = run / "run_config.json"
     raw = _read_json(path, "every run writes it first")
-    if not isinstance(raw, dict):
-        raise RunFolderError(f"{path}: holds {type(raw).__name__}, not a run config")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     unknown, missing = sorted(set(raw) - fields), sorted(fields - set(raw))
     if unknown or missing:
@@ -758,7 +815,7 @@ def _summary(rec: Recommender, table: dict[str, np.ndarray], wall: float) -> str
     mean = float(table["score"].mean()) if n else float("nan")
     return (f"scored {n} requests of {len(set(table['user_id'].tolist()))} users with "
             f"{rec.model_name} in {wall:.1f} s ({n / max(wall, 1e-9):.2f} requests/s; load "
-            f"{rec.timings.get('load_s', 0):.1f} s); cold start {cold}; mean P(click) "
+            f"{rec.load_s:.1f} s); cold start {cold}; mean P(click) "
             f"{mean:.4f}; time by stage: {stages}")
 
 
@@ -838,7 +895,7 @@ def _candidates(text: str) -> list[str]:
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
                  if ln.strip()]
         if lines and "item_id" in [h.strip() for h in lines[0].split(",")]:
-            return [_as_id(v) for v in read_table(path, ("item_id",), str(path))["item_id"]]
+            return list(read_table(path, ("item_id",), str(path))["item_id"])
         return lines
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -230,6 +231,44 @@ def test_bad_requests_name_the_row(rec, tmp_path) -> None:
         rec.observe([{"user_id": "1", "item_id": "1", "timestamp": 5, "rating": "nan"}])
 
 
+@pytest.mark.parametrize("rating", [50, -7, 1e30, 0, 4.5])
+def test_observe_refuses_a_rating_off_the_datasets_scale(rec, rating) -> None:
+    """ML-100K's ratings are 1..5 whole stars: 1e30 became the CRM's lowest rating level and
+    a positive label, 50 the prompt's "50 stars"."""
+    assert rec.rating_scale == (1.0, 5.0, 1.0)
+    item = str(rec.ds.item_raw_id[0])
+    rows = [{"user_id": "new-user", "item_id": item, "timestamp": 5, "rating": 5},
+            {"user_id": "1", "item_id": item, "timestamp": 5, "rating": rating}]
+    shown = re.escape(f"{rating:g}")
+    with pytest.raises(ServingError, match=rf"interactions row 1: rating {shown} is not on "
+                                           r"the dataset's scale, 1 to 5 in steps of 1"):
+        rec.observe(rows)
+    assert rec.n_observed == 0 and rec._new_users == []  # nothing taken in
+    assert rec.observe(rows[:1] + [dict(rows[1], rating=1)]) == 2
+
+
+def test_a_missing_user_id_names_the_row(rec) -> None:
+    """NaN (pandas' missing value) was read as the user "nan": cold, and two rows with
+    missing ids shared one history."""
+    item = str(rec.ds.item_raw_id[0])
+    with pytest.raises(ServingError, match=r"requests row 0: user_id is missing \(nan\)"):
+        rec.score_table({"user_id": [float("nan")], "item_id": [item], "timestamp": [5]})
+    with pytest.raises(ServingError, match=r"interactions row 1: user_id is missing"):
+        rec.observe([{"user_id": "1", "item_id": item, "timestamp": 5, "rating": 5},
+                     {"user_id": np.nan, "item_id": item, "timestamp": 6, "rating": 1}])
+    assert rec._new_users == [] and rec.n_observed == 0
+    with pytest.raises(ServingError, match=r"rank: user_id is missing"):
+        rec.rank(np.nan, [item])
+
+
+def test_the_summary_prints_the_load_time(rec) -> None:
+    from reclora.serving import _summary
+
+    table = rec.score_table(rec.test_requests())
+    assert rec.load_s > 0.05  # the tiny run loads in ~0.5 s
+    assert f"load {rec.load_s:.1f} s" in _summary(rec, table, 1.0)
+
+
 def _broken_copy(tiny_run, tmp_path, rel, data):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
@@ -280,6 +319,12 @@ def _other_adapters(path):
     ("reclora/best.safetensors", _other_adapters, "not the adapters"),
     ("crm/din.pt", lambda p: p.read_bytes()[:100], "sha256 differs"),
     ("subsets.json", b'{"train": [1], "valid": [], "test": []}', "subset"),
+    # JSON of the wrong type: an AttributeError or int() error that named no file.
+    ("subsets.json", b"[]", "holds list, not a JSON object"),
+    ("subsets.json", b'{"train": "abc"}', "train subset is not a list of sample indices"),
+    ("stages/reclora.json", b"[]", "holds list"),
+    ("stages/crm_din.json", b"[]", "holds list"),
+    ("reclora/stage2_config.json", b"7", "holds int"),
 ])
 def test_a_bad_run_folder_names_the_file(tiny_run, tmp_path, rel, data, match) -> None:
     out = _broken_copy(tiny_run, tmp_path, rel, data)
