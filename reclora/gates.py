@@ -147,14 +147,16 @@ class PersonalizedGate(nn.Module):
     def forward(self, user_reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.logits(user_reps)
         if self.config.top_k is None:
-            weights, idx = torch.softmax(logits, dim=-1), None
+            kept, idx = logits, None
         else:
             # Softmax over the k kept logits == softmax over all M with the rest at -inf.
             kept, idx = torch.topk(logits, self.config.top_k, dim=-1)
-            weights = torch.softmax(kept, dim=-1)
         if self.config.sqrt:
-            weights = weights.sqrt()
-        return weights, idx
+            # sqrt(softmax) as exp(log_softmax / 2): the same values, but a weight that
+            # underflows to 0 gave sqrt's backward inf there, and the softmax's 0 * inf = NaN
+            # reached every gate parameter (a confident gate, or fp16 at a logit gap of ~17).
+            return torch.exp(0.5 * torch.log_softmax(kept, dim=-1)), idx
+        return torch.softmax(kept, dim=-1), idx
 
     def extra_repr(self) -> str:
         c = self.config

@@ -7,7 +7,9 @@
 
 `target_modules` matches like PEFT's: a string is a regular expression that must match the
 whole module name; a sequence of strings matches module names equal to, or ending in "." plus,
-one of them. nn.Linear and transformers' Conv1D (GPT-2 style) are supported.
+one of them. nn.Linear and transformers' Conv1D (GPT-2 style) are supported; inject refuses
+linears whose forward a model bypasses (it reads their weight directly) or runs on
+[seq, batch, features] inputs (the layer takes x's first dim as the batch row).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .layers import (
     Personalization,
     RecLoRALinear,
     _is_conv1d,
+    check_plan_rows,
     default_adapter_dtype,
 )
 
@@ -125,23 +128,7 @@ def inject(
     if gate_dim is not None and (not isinstance(gate_dim, int) or gate_dim < 1):
         raise ValueError(f"inject: `gate_dim` must be None or an int >= 1, got {gate_dim!r}")
 
-    matched = []
-    for name, module in model.named_modules():
-        if not name or not _matches(name, target_modules):
-            continue
-        if isinstance(module, RecLoRALinear):
-            raise ValueError(f"inject: module {name!r} is already a RecLoRALinear")
-        if any(name.startswith(done + ".") for done in matched):
-            continue  # inside a module being replaced
-        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
-            raise TypeError(f"inject: module {name!r} matches `target_modules` but is a "
-                            f"{type(module).__name__}; only nn.Linear and Conv1D are supported")
-        owner = _weight_reader(model, name)
-        if owner is not None:
-            raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, "
-                            "which reads its weight directly (its forward is never called), "
-                            "so adapters there would do nothing")
-        matched.append(name)
+    matched = _targets(model, target_modules)
     if not matched:
         candidates = sorted({
             name.rpartition(".")[2] for name, m in model.named_modules()
@@ -156,32 +143,149 @@ def inject(
                 "dropout": gate_dropout, "temperature": temperature, "top_k": top_k,
                 "sqrt": sqrt}
     layers = {}
-    for name in matched:
+    for name, aliases in matched.items():
         layer = wrap_module(
             model.get_submodule(name), num_adapters=num_adapters, rank=rank, alpha=alpha,
             mix=mix, gate=gate, backend=backend, adapter_dtype=adapter_dtype,
         )
-        _replace(model, name, layer)
+        for alias in aliases:
+            _replace(model, alias, layer)
         layers[name] = layer
     freeze_all_but_adapters(model)
     return layers
 
 
-# torch modules that read their linear children's weights directly: MultiheadAttention
-# (out_proj) always, the Transformer layers on their eval fast path.
-_WEIGHT_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer,
-                   nn.TransformerDecoderLayer)
+def names_by_module(model: nn.Module) -> dict[int, list[str]]:
+    """id(module) -> every name model reaches it under (named_modules lists a shared module
+    once; its other names must be replaced too)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
 
 
-def _weight_reader(model: nn.Module, name: str) -> nn.Module | None:
-    """The innermost ancestor of module `name` that reads its weights without calling it."""
+def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, list[str]]:
+    """The modules to wrap: {first name (as named_modules gives it): every name of that
+    module}. A module registered under several names (shared, tied) is wrapped once and
+    replaced under all of them, else the other paths kept running it without adapters."""
+    names = names_by_module(model)
+    matched: dict[str, list[str]] = {}
+    done: set[int] = set()
+    for name, module in model.named_modules(remove_duplicate=False):
+        if not name or id(module) in done or not _matches(name, target_modules):
+            continue
+        if isinstance(module, RecLoRALinear):
+            raise ValueError(f"inject: module {name!r} is already a RecLoRALinear")
+        if any(name.startswith(a + ".") for aliases in matched.values() for a in aliases):
+            continue  # inside a module being replaced
+        if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+            raise TypeError(f"inject: module {name!r} matches `target_modules` but is a "
+                            f"{type(module).__name__}; only nn.Linear and Conv1D are supported")
+        aliases = [a for a in names[id(module)] if a]
+        for alias in aliases:
+            _refuse_bypassed(model, alias)
+        done.add(id(module))
+        matched[aliases[0]] = aliases
+    return matched
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+# Modules that read some linear children's weights directly, never calling their forward:
+# adapters there would do nothing. Class (qualified name, matched over the MRO, so
+# transformers is not imported) -> those children's names (None: every child). Found by
+# reading torch's and transformers' forward code (transformers 5.25: a child nn.Linear's
+# `.weight` used in a matmul, F.linear or fused kernel call).
+_WEIGHT_READERS = {
+    # out_proj always; the Transformer layers' eval fast path reads linear1 / linear2.
+    _qualname(nn.MultiheadAttention): None,
+    _qualname(nn.TransformerEncoderLayer): None,
+    _qualname(nn.TransformerDecoderLayer): None,
+    # matmul with cat([decoder.weight.t(), dense.weight]) and decoder.bias
+    "transformers.models.mobilebert.modeling_mobilebert.MobileBertLMPredictionHead": (
+        "dense", "decoder"),
+    # F.multi_head_attention_forward with the projections' weights and biases
+    "transformers.models.wavlm.modeling_wavlm.WavLMAttention": ("q_proj", "k_proj", "v_proj",
+                                                               "out_proj"),
+    # rel_pos_bias.weight.t()[rel_pos], and the 2-D x / y ones
+    "transformers.models.layoutlmv2.modeling_layoutlmv2.LayoutLMv2Encoder": (
+        "rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"),
+    # training: F.linear(modalities, correction_coefs.weight.clamp(...))
+    "transformers.models.gemma3n.modeling_gemma3n.Gemma3nTextAltUp": ("correction_coefs",),
+    "transformers.models.longcat_flash.modeling_longcat_flash.LongcatFlashTopkRouter": (
+        "classifier",),
+    "transformers.models.neomme.modeling_neomme.NeoMMEForMaskedLM": ("unembedding_projection",),
+    # conv2d with k_proj.weight as a 1x1 kernel (DETR-style mask heads)
+    "transformers.models.detr.modeling_detr.DetrMHAttentionMap": ("k_proj",),
+    "transformers.models.conditional_detr.modeling_conditional_detr."
+    "ConditionalDetrMHAttentionMap": ("k_proj",),
+    "transformers.models.maskformer.modeling_maskformer.MaskFormerDetrMHAttentionMap": (
+        "k_proj",),
+    "transformers.models.dab_detr.modeling_dab_detr.DabDetrMHAttentionMap": ("k_linear",),
+    # Mamba mixers: the CUDA kernels path (training) passes the weights to fused kernels;
+    # Jamba and FalconMamba multiply by dt_proj.weight.
+    "transformers.models.mamba.modeling_mamba.MambaMixer": ("x_proj", "dt_proj", "out_proj"),
+    "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer": ("out_proj",),
+    "transformers.models.bamba.modeling_bamba.BambaMixer": ("out_proj",),
+    "transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer": ("out_proj",),
+    "transformers.models.granitemoehybrid.modeling_granitemoehybrid."
+    "GraniteMoeHybridMambaLayer": ("out_proj",),
+    "transformers.models.nemotron_h.modeling_nemotron_h.NemotronHMamba2Mixer": ("out_proj",),
+    "transformers.models.zamba2.modeling_zamba2.Zamba2MambaMixer": ("out_proj",),
+    "transformers.models.jamba.modeling_jamba.JambaMambaMixer": ("dt_proj",),
+    "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": ("dt_proj",),
+}
+
+# transformers modules that run linear children on [seq, batch, features] inputs: the layer
+# takes x's first dim as the batch row, so each position would get another row's mixture
+# (silently when seq == batch). Same form as _WEIGHT_READERS; found by reading the forwards
+# that transpose(0, 1) / permute(1, 0, 2) before calling a projection (transformers 5.25).
+_SEQUENCE_FIRST = {
+    "transformers.models.fsmt.modeling_fsmt.EncoderLayer": None,
+    "transformers.models.fsmt.modeling_fsmt.DecoderLayer": None,
+    "transformers.models.longformer.modeling_longformer.LongformerSelfAttention": None,
+    "transformers.models.led.modeling_led.LEDEncoderSelfAttention": None,
+    "transformers.models.xlnet.modeling_xlnet.XLNetFeedForward": None,
+    "transformers.models.mlcd.modeling_mlcd.MLCDAttention": ("out_proj",),
+    "transformers.models.bros.modeling_bros.BrosRelationExtractor": None,
+    "transformers.models.bros.modeling_bros.BrosSpadeEEForTokenClassification": (
+        "initial_token_classifier",),
+    "transformers.models.bridgetower.modeling_bridgetower.BridgeTowerResidualAttention": None,
+    "transformers.models.perception_lm.modeling_perception_lm."
+    "PerceptionLMMultiModalProjector": None,
+}
+
+
+def _ancestor_in(model: nn.Module, name: str, table: dict) -> nn.Module | None:
+    """The innermost ancestor of module `name` whose class is in table for that child."""
     parts = name.split(".")
     found = None
     for depth in range(len(parts)):
         ancestor = model.get_submodule(".".join(parts[:depth]))
-        if isinstance(ancestor, _WEIGHT_READERS):
-            found = ancestor
+        for cls in type(ancestor).__mro__:
+            if _qualname(cls) in table:
+                children = table[_qualname(cls)]
+                if children is None or parts[depth] in children:
+                    found = ancestor
+                break
     return found
+
+
+def _refuse_bypassed(model: nn.Module, name: str) -> None:
+    """TypeError when module `name` sits where a RecLoRALinear would not do its job."""
+    owner = _ancestor_in(model, name, _WEIGHT_READERS)
+    if owner is not None:
+        raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, "
+                        "which reads its weight directly (its forward is never called), "
+                        "so adapters there would do nothing")
+    owner = _ancestor_in(model, name, _SEQUENCE_FIRST)
+    if owner is not None:
+        raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, which "
+                        "runs it on [seq, batch, features] inputs; a RecLoRALinear takes x's "
+                        "first dim as the batch row, so each position would get another "
+                        "row's mixture")
 
 
 @contextmanager
@@ -224,8 +328,8 @@ def personalize(
     if row_ids is not None:
         rows = user_reps.shape[0] if user_reps.dim() == 2 else 1
         plan = row_plan(row_ids.to(user_reps.device), rows)
-    elif plan is not None and not isinstance(plan, RowPlan):
-        raise TypeError(f"personalize: `plan` must be a RowPlan, got {type(plan).__name__}")
+    elif plan is not None:
+        check_plan_rows("personalize", plan, user_reps.shape[0] if user_reps.dim() == 2 else 1)
     state = Personalization(user_reps, plan)
     active = dict(ACTIVE_PERSONALIZATION.get() or {})
     active.update({m: state for m in gated})

@@ -17,7 +17,9 @@ Which mixture a forward uses, first match wins:
    (weight 1); at initialisation (B = 0) it is exactly the base layer; for a trained bank in
    factor mode it applies the bank's mean adapter, the natural "average user".
 
-Rows: x [R, L, d_in] has R rows (any x of 3 or more dims: its first dim is the row); a 2-D x
+Rows: x [R, L, d_in] has R rows (any x of 3 or more dims: its first dim is the row, so the
+batch must come first: a model that runs its linears on [seq, batch, d] gives each position
+another row's mixture, and `inject` refuses the transformers modules known to do so); a 2-D x
 [N, d_in] is one token per row (as nn.Linear on a batch of vectors); a 1-D x is one row. With
 `row_ids` (packed sequences, e.g. HF's [1, T, d] packing) the tokens of x, flattened, belong to
 the rows row_ids[t]. A mixture with one row (or a 1-D weights vector) applies to every row.
@@ -38,9 +40,10 @@ from functools import lru_cache
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from reclora_kernels import RowPlan, lora_mix_linear, row_plan
-from reclora_kernels.plan import tracing
+from reclora_kernels.plan import INDEX_DTYPES, tracing
 
 from .gates import PersonalizedGate
 
@@ -67,6 +70,59 @@ def _is_conv1d(module: nn.Module) -> bool:
     pytorch_utils = sys.modules.get("transformers.pytorch_utils")
     conv1d = getattr(pytorch_utils, "Conv1D", None)
     return conv1d is not None and isinstance(module, conv1d)
+
+
+# Attributes that hold a quantized linear's scales or zero points (transformers' FP8, fbgemm,
+# compressed-tensors integrations, bitsandbytes' weights): its weight alone is not the base.
+_QUANT_STATE = ("weight_scale_inv", "weight_scale", "weight_scales", "weight_global_scale",
+                "activation_scale", "input_scale", "input_scale_ub", "weight_zero_point",
+                "qzeros", "scales", "SCB", "quant_state")
+
+# nn.Linear subclasses whose own forward computes exactly x W^T + b (by qualified name, so
+# transformers is not imported): FalconLinear writes it as `input @ weight.T + bias`.
+_SAME_AS_LINEAR = ("transformers.models.falcon.modeling_falcon.FalconLinear",)
+
+
+def _computes_linear(module: nn.Module) -> bool:
+    """Whether module's forward is nn.Linear's (or Conv1D's) own: a subclass with its own
+    forward (extra outputs, activation quantization, a router's top-k) or an instance whose
+    forward was replaced would lose that when wrapped."""
+    if "forward" in vars(module):
+        return False
+    cls = type(module)
+    if _is_conv1d(module):
+        return cls.forward is sys.modules["transformers.pytorch_utils"].Conv1D.forward
+    return ((isinstance(module, nn.Linear) and cls.forward is nn.Linear.forward)
+            or f"{cls.__module__}.{cls.__qualname__}" in _SAME_AS_LINEAR)
+
+
+def _check_base(linear: nn.Module) -> None:
+    """Raise a TypeError naming `linear` unless its weight and bias are plain float Parameters
+    that are the whole base: the layer shares them and computes x W^T + b with nothing else."""
+    where = f"RecLoRALinear.from_linear: `linear` ({type(linear).__name__})"
+    weight = linear.weight  # float8 is floating point too, but holds codes
+    if not weight.is_floating_point() or weight.dtype.itemsize == 1:
+        raise TypeError(f"{where} has a {weight.dtype} weight; quantized bases are not "
+                        "supported (float16, bfloat16, float32 or float64)")
+    scales = [n for n in _QUANT_STATE if hasattr(linear, n) or hasattr(weight, n)]
+    if scales:
+        raise TypeError(f"{where} carries quantization state ({', '.join(scales)}); "
+                        "quantized bases are not supported (float16, bfloat16, float32 or "
+                        "float64 weights with no scales)")
+    if not _computes_linear(linear):
+        raise TypeError(f"{where} has a forward of its own, which wrapping would drop; "
+                        "supported: nn.Linear (and subclasses that keep its forward) and "
+                        "transformers' Conv1D")
+    if parametrize.is_parametrized(linear):
+        # Its weight is computed: the layer would freeze a snapshot and drop the parameters.
+        raise TypeError(f"{where} is parametrized (torch.nn.utils.parametrize, e.g. "
+                        "weight_norm); remove the parametrization first")
+    for name in ("weight", "bias"):
+        value = getattr(linear, name)
+        if value is not None and not isinstance(value, nn.Parameter):
+            raise TypeError(f"{where}: its {name} is a {type(value).__name__}, not an "
+                            "nn.Parameter; supported: a base whose weight and bias are "
+                            "Parameters")
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -110,6 +166,17 @@ def _registered(module: nn.Module, params: dict, name: str):
     return getattr(module, name) if value is None else value
 
 
+def check_plan_rows(where: str, plan, rows: int) -> None:
+    """A batch's `plan` must be a RowPlan for the mixture's rows (or any plan when one mixture
+    row serves every token): else the forward blamed x for the plan's row count."""
+    if not isinstance(plan, RowPlan):
+        raise TypeError(f"{where}: `plan` must be a RowPlan (reclora_kernels.row_plan), got "
+                        f"{type(plan).__name__}")
+    if rows != 1 and plan.rows != rows:
+        raise ValueError(f"{where}: `plan` has {plan.rows} rows but the mixture has {rows}; "
+                         "make the plan for this batch (row_plan(row_ids, rows))")
+
+
 def _check_positive_int(arg: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"RecLoRALinear: `{arg}` must be an int >= 1, got {value!r}")
@@ -125,6 +192,10 @@ class RecLoRALinear(nn.Module):
     apply) or "output" (MoE-LoRA: apply each, then mix). The base is frozen unless
     freeze_base=False. Init as the paper: each A_i kaiming-uniform (a = sqrt 5, fan-in
     in_features), every B_i zero, so a new layer computes exactly its base.
+
+    Rows are x's first dim (batch first): x [R, ..., d_in] gives row b to x[b], a 2-D x is one
+    token per row, and packed inputs map tokens to rows with `row_ids` / a RowPlan. A model
+    that calls its linears on [seq, batch, d_in] would mix by position, not by user.
     """
 
     def __init__(
@@ -227,9 +298,7 @@ class RecLoRALinear(nn.Module):
         else:
             raise TypeError("RecLoRALinear.from_linear: `linear` must be an nn.Linear or "
                             f"transformers' Conv1D, got {type(linear).__name__}")
-        if not linear.weight.is_floating_point():
-            raise TypeError("RecLoRALinear.from_linear: `linear` has a non-float weight "
-                            f"({linear.weight.dtype}); quantized bases are not supported")
+        _check_base(linear)
         return cls(
             d_in, d_out, linear.bias is not None, num_adapters=num_adapters, rank=rank,
             alpha=alpha, mix=mix, freeze_base=freeze_base, fan_in_fan_out=fan_in_fan_out,
@@ -273,6 +342,8 @@ class RecLoRALinear(nn.Module):
         weights, idx = self._check_mixture(weights, idx)
         if row_ids is not None and plan is not None:
             raise ValueError("RecLoRALinear.set_mixture: give `row_ids` or `plan`, not both")
+        if plan is not None:
+            check_plan_rows("RecLoRALinear.set_mixture", plan, weights.shape[0])
         if weights.shape[0] == 1:
             plan = None  # one mixture for every token: which row a token is in does not matter
         elif row_ids is not None:
@@ -303,8 +374,10 @@ class RecLoRALinear(nn.Module):
                     f"when idx is None (dense), got shape {list(weights.shape)}"
                 )
         else:
-            if not isinstance(idx, torch.Tensor) or idx.is_floating_point() or idx.is_complex():
-                raise TypeError("RecLoRALinear.set_mixture: `idx` must be an integer tensor")
+            if not isinstance(idx, torch.Tensor) or idx.dtype not in INDEX_DTYPES:
+                raise TypeError("RecLoRALinear.set_mixture: `idx` must be an integer tensor of "
+                                f"{', '.join(map(str, INDEX_DTYPES))}, got "
+                                f"{getattr(idx, 'dtype', type(idx).__name__)}")
             if idx.dim() == 1:
                 idx = idx.unsqueeze(0)
             if idx.shape != weights.shape:
@@ -348,7 +421,8 @@ class RecLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, idx, plan = self._resolve_mixture()
         device = x.device
-        if torch.is_autocast_enabled(device.type):
+        # torch.is_autocast_enabled raises for a device type without autocast (meta).
+        if device.type != "meta" and torch.is_autocast_enabled(device.type):
             # The op is not autocast-aware: cast its operands here as F.linear would be, and
             # run it with autocast off (a native kernel's internal matmuls must not be recast).
             dtype = torch.get_autocast_dtype(device.type)
@@ -391,10 +465,11 @@ class RecLoRALinear(nn.Module):
                                        device)
         elif weights.size(0) != rows:
             if weights.size(0) != 1:
+                source = (f"the batch's plan has {rows}" if plan is not None else
+                          f"the input has {rows} (x's first dim; one per token for a 2-D x)")
                 raise ValueError(
-                    f"RecLoRALinear: the mixture has {weights.size(0)} rows but the input has "
-                    f"{rows} (x's first dim; one per token for a 2-D x); give one mixture row "
-                    "per input row, or a single row for all"
+                    f"RecLoRALinear: the mixture has {weights.size(0)} rows but {source}; "
+                    "give one mixture row per input row, or a single row for all"
                 )
             # Materialised (it is tiny) so no backend meets a stride-0 row dimension.
             weights = weights.expand(rows, -1).contiguous()
@@ -427,6 +502,16 @@ class RecLoRALinear(nn.Module):
         params = self._parameters
         return (_registered(self, params, "weight"), _registered(self, params, "bias"),
                 _registered(self, params, "lora_a"), _registered(self, params, "lora_b"))
+
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickle: set_mixture may hold a gate's or router's output,
+        part of an autograd graph, which deepcopy refuses; the copy gets the same values, cut
+        from the graph (the mixture is transient, never in the state dict)."""
+        state = super().__getstate__()
+        if self._mixture is not None:
+            state["_mixture"] = tuple(t if t is None or t.is_leaf else t.detach()
+                                      for t in self._mixture)
+        return state
 
     # --- description ------------------------------------------------------------------------
 

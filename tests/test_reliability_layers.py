@@ -1,0 +1,272 @@
+"""Audit fixes of the model layer: what from_linear / inject refuse (quantized, overridden,
+parametrized bases; sequence-first and weight-reading transformers modules), shared modules,
+the sqrt gate's gradients, meta forwards, plan and idx checks, deepcopy with a live mixture."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import reclora
+from reclora import PersonalizedGate, RecLoRALinear
+from reclora_kernels import row_plan
+
+F64 = torch.float64
+
+
+def wrap(linear: nn.Module) -> RecLoRALinear:
+    return RecLoRALinear.from_linear(linear, num_adapters=2, rank=1)
+
+
+# --- 1. quantized bases -------------------------------------------------------------------
+
+def test_float8_and_scaled_bases_are_refused():
+    """float8 is floating point, so the old check passed and the codes were used unscaled."""
+    fp8 = nn.Linear(6, 4).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"`linear` \(Linear\) has a torch.float8_e4m3fn weight"):
+        wrap(fp8)
+    scaled = nn.Linear(6, 4)
+    scaled.weight_scale_inv = nn.Parameter(torch.ones(()))
+    with pytest.raises(TypeError, match=r"`linear`.*quantization state \(weight_scale_inv\)"):
+        wrap(scaled)
+    model = nn.Sequential(scaled)
+    with pytest.raises(TypeError, match="quantization state"):
+        reclora.inject(model, ["0"], num_adapters=2, rank=1)
+    assert type(model[0]) is nn.Linear  # left as it was
+
+
+def test_transformers_fp8_linear_is_refused():
+    """What every FP8 checkpoint loads into: the scale lives in weight_scale_inv."""
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    with pytest.raises(TypeError, match=r"`linear` \(FP8Linear\).*quantized bases"):
+        wrap(FP8Linear(16, 8, block_size=None))
+
+
+# --- 2. subclasses with a forward of their own --------------------------------------------
+
+class Decoupled(nn.Linear):
+    """Like IdeficsDecoupledLinear: extra output features the plain linear does not have."""
+
+    def __init__(self):
+        super().__init__(6, 4)
+        self.extra = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return torch.cat([super().forward(x), self.extra(x)], -1)
+
+
+class InitOnly(nn.Linear):
+    """A subclass that keeps nn.Linear's forward (EsmFoldLinear-like): accepted."""
+
+
+def test_linear_subclasses_with_their_own_forward_are_refused():
+    with pytest.raises(TypeError, match=r"`linear` \(Decoupled\) has a forward of its own"):
+        wrap(Decoupled())
+    model = nn.Sequential(Decoupled())
+    with pytest.raises(TypeError, match="Decoupled"):
+        reclora.inject(model, ["0"], num_adapters=2, rank=1)
+    assert type(model[0]) is Decoupled and model(torch.randn(3, 6)).shape == (3, 6)
+
+    patched = nn.Linear(6, 4)
+    patched.forward = lambda x: 2 * nn.Linear.forward(patched, x)  # e.g. an offload hook
+    with pytest.raises(TypeError, match="forward of its own"):
+        wrap(patched)
+    assert isinstance(wrap(InitOnly(6, 4)), RecLoRALinear)
+
+
+def test_known_equivalent_subclasses_and_conv1d_forwards():
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+    from transformers.pytorch_utils import Conv1D
+
+    falcon = FalconLinear(6, 4, dtype=F64)
+    x = torch.randn(3, 6, dtype=F64)
+    torch.testing.assert_close(wrap(falcon)(x), falcon(x), rtol=1e-12, atol=1e-12)
+
+    class ScaledConv1D(Conv1D):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    assert isinstance(wrap(Conv1D(4, 6)), RecLoRALinear)
+    with pytest.raises(TypeError, match=r"\(ScaledConv1D\) has a forward of its own"):
+        wrap(ScaledConv1D(4, 6))
+
+
+# --- 3. parametrized and non-Parameter bases ----------------------------------------------
+
+def test_parametrized_and_non_parameter_bases_are_refused():
+    """A parametrized weight is computed: the layer froze a snapshot as a plain attribute,
+    lost from the state dict (a strict load 'succeeded' into a different model)."""
+    normed = nn.utils.parametrizations.weight_norm(nn.Linear(6, 4))
+    with pytest.raises(TypeError, match=r"`linear` \(ParametrizedLinear\) is parametrized"):
+        wrap(normed)
+    buffered = nn.Linear(6, 4)
+    weight = buffered.weight.detach().clone()
+    del buffered.weight
+    buffered.register_buffer("weight", weight)
+    with pytest.raises(TypeError, match="its weight is a Tensor, not an nn.Parameter"):
+        wrap(buffered)
+
+
+# --- 4. sqrt gate -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_confident_sqrt_gate_has_finite_gradients(top_k):
+    """A weight that underflows to 0 made sqrt's backward inf and the softmax's 0 * inf NaN,
+    in every gate parameter."""
+    gate = PersonalizedGate(8, 5, hidden=6, dropout=0.0, temperature=1e-5, top_k=top_k,
+                            sqrt=True)
+    reps = torch.randn(4, 8)
+    weights, idx = gate(reps)
+    assert (weights == 0).any()  # the case: confident rows
+    reference = torch.softmax(
+        gate.logits(reps) if top_k is None else torch.topk(gate.logits(reps), top_k)[0], -1)
+    torch.testing.assert_close(weights, reference.sqrt(), rtol=1e-6, atol=1e-7)
+    (weights * torch.randn_like(weights)).sum().backward()
+    for name, p in gate.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+
+
+# --- 5. sequence-first transformers modules -----------------------------------------------
+
+def _fsmt():
+    import transformers as tf
+
+    config = tf.FSMTConfig(langs=["en", "de"], src_vocab_size=40, tgt_vocab_size=40,
+                           d_model=16, encoder_ffn_dim=16, decoder_ffn_dim=16, encoder_layers=1,
+                           decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, max_position_embeddings=32,
+                           pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                           decoder_start_token_id=2)
+    return tf.FSMTForConditionalGeneration(config).eval()
+
+
+def test_sequence_first_modules_are_refused():
+    """FSMT and Longformer's self-attention run their linears on [seq, batch, d]: each
+    position got another user's mixture (silently when seq == batch)."""
+    import transformers as tf
+
+    fsmt = _fsmt()
+    with pytest.raises(TypeError, match=r"'model.encoder.layers.0.self_attn.[qv]_proj' is inside "
+                                        r"a EncoderLayer, which runs it on \[seq, batch"):
+        reclora.inject(fsmt, ("q_proj", "v_proj"), num_adapters=2, rank=1)
+    with pytest.raises(TypeError, match="inside a DecoderLayer"):
+        reclora.inject(fsmt, r"model\.decoder\.layers\.0\.fc1", num_adapters=2, rank=1)
+    # The output projection runs batch-first, after the model transposes back.
+    assert list(reclora.inject(fsmt, ("output_projection",), num_adapters=2, rank=1)) == [
+        "model.decoder.output_projection"]
+
+    longformer = tf.LongformerModel(tf.LongformerConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=16, attention_window=[4], max_position_embeddings=40))
+    with pytest.raises(TypeError, match="inside a LongformerSelfAttention"):
+        reclora.inject(longformer, ("query", "value"), num_adapters=2, rank=1)
+
+
+# --- 6. a module under two names ----------------------------------------------------------
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(6, 6, dtype=F64)
+        self.dec = self.enc  # tied: one module, two names
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+@pytest.mark.parametrize("targets", [["enc"], ["enc", "dec"], ["dec"]])
+def test_a_shared_module_is_wrapped_under_every_name(targets):
+    net = Shared()
+    layers = reclora.inject(net, targets, num_adapters=2, rank=1)
+    assert list(layers) == ["enc"] == list(reclora.reclora_layers(net))
+    assert net.dec is net.enc is layers["enc"]
+    with torch.no_grad():
+        layers["enc"].lora_b.normal_()
+    x = torch.randn(3, 6, dtype=F64)
+    layer = layers["enc"]
+    torch.testing.assert_close(net(x), layer(torch.relu(layer(x))), rtol=0, atol=0)
+
+
+def test_a_shared_module_inside_a_weight_reader_is_refused():
+    attention = nn.MultiheadAttention(6, 2)
+    net = nn.ModuleDict({"attn": attention, "head": attention.out_proj})
+    with pytest.raises(TypeError, match="'attn.out_proj' is inside a MultiheadAttention"):
+        reclora.inject(net, ("head",), num_adapters=2, rank=1)
+
+
+# --- 7. MobileBERT's MLM head ---------------------------------------------------------------
+
+def test_mobilebert_mlm_head_is_refused():
+    """Its forward multiplies by cat([decoder.weight.t(), dense.weight]): dense never runs."""
+    import transformers as tf
+
+    config = tf.MobileBertConfig(vocab_size=40, hidden_size=16, embedding_size=8,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=16, intra_bottleneck_size=8,
+                                 true_hidden_size=8, num_feedforward_networks=1,
+                                 max_position_embeddings=16)
+    model = tf.MobileBertForMaskedLM(config).eval()
+    with pytest.raises(TypeError, match="'cls.predictions.dense' is inside a "
+                                        "MobileBertLMPredictionHead"):
+        reclora.inject(model, ["dense"], num_adapters=2, rank=1)
+    # The head's transform.dense is called as usual: accepted.
+    layers = reclora.inject(model, r".*transform\.dense", num_adapters=2, rank=1)
+    assert list(layers) == ["cls.predictions.transform.dense"]
+
+
+# --- 8. meta device -----------------------------------------------------------------------
+
+def test_meta_forward_gives_the_shape_as_nn_linear():
+    layer = RecLoRALinear(5, 6, num_adapters=3, rank=2, device="meta")
+    x = torch.empty(2, 4, 5, device="meta")
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == nn.Linear(5, 6, device="meta")(x).shape
+
+
+# --- 9. plans -----------------------------------------------------------------------------
+
+def test_a_plan_is_checked_where_it_is_given():
+    layer = RecLoRALinear(5, 4, num_adapters=3, rank=1, dtype=F64)
+    weights = torch.rand(3, 3, dtype=F64)
+    stale = row_plan(torch.tensor([0, 0, 1, 1, 1, 0]), 2)
+    with pytest.raises(TypeError, match=r"set_mixture: `plan` must be a RowPlan.*got str"):
+        layer.set_mixture(weights, plan="not a plan")
+    with pytest.raises(ValueError, match="set_mixture: `plan` has 2 rows but the mixture has 3"):
+        layer.set_mixture(weights, plan=stale)
+    assert not layer.has_mixture
+    layer.set_mixture(weights[:1], plan=stale)  # one mixture row serves every token
+
+    net = nn.Sequential(nn.Linear(5, 4, dtype=F64))
+    reclora.inject(net, ["0"], num_adapters=3, rank=1, gate_dim=4)
+    with pytest.raises(ValueError, match="personalize: `plan` has 2 rows but the mixture has 3"):
+        with reclora.personalize(net, torch.randn(3, 4, dtype=F64), plan=stale):
+            pass
+
+
+# --- 10. idx dtypes, deepcopy -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.uint64, torch.bool])
+def test_unsupported_idx_dtypes_are_refused_at_set_mixture(dtype):
+    layer = RecLoRALinear(5, 4, num_adapters=3, rank=1)
+    with pytest.raises(TypeError, match=f"`idx` must be an integer tensor of .*got {dtype}"):
+        layer.set_mixture(torch.rand(2, 2), torch.zeros(2, 2, dtype=dtype))
+
+
+def test_deepcopy_and_pickle_with_a_mixture_in_a_graph():
+    """A gate's softmax held by set_mixture is not a graph leaf: deepcopy refused it."""
+    layer = RecLoRALinear(5, 4, num_adapters=3, rank=1, dtype=F64)
+    with torch.no_grad():
+        layer.lora_b.normal_()
+    logits = torch.randn(2, 3, dtype=F64, requires_grad=True)
+    layer.set_mixture(torch.softmax(logits, -1))
+    x = torch.randn(2, 3, 5, dtype=F64)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin.has_mixture and not twin._mixture[0].requires_grad
+        torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
+    layer(x).sum().backward()  # the original keeps its graph
+    assert logits.grad is not None
