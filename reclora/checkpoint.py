@@ -24,7 +24,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .injection import _replace, freeze_all_but_adapters, reclora_layers, wrap_module
+from .injection import (
+    _refuse_bypassed,
+    _replace,
+    freeze_all_but_adapters,
+    names_by_module,
+    reclora_layers,
+    wrap_module,
+)
 from .layers import RecLoRALinear
 
 FORMAT = "reclora-adapters"
@@ -227,6 +234,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     # leaves the model untouched.
     layers = reclora_layers(model)
     new_layers = {}
+    aliases = names_by_module(model)  # a shared module is replaced under every name it has
     with safe_open(str(path), framework="pt") as handle:
         found = set(handle.keys())
         for name, config in meta["layers"].items():
@@ -242,6 +250,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                 dtype = (_SAFETENSORS_DTYPES.get(handle.get_slice(bank).get_dtype())
                          if bank in found else None)
                 try:
+                    names = [a for a in aliases[id(module)] if a]
+                    for alias in names:  # as inject: where a wrapper would do nothing
+                        _refuse_bypassed(model, alias)
                     module = wrap_module(module, num_adapters=config["num_adapters"],
                                          rank=config["rank"], alpha=config["alpha"],
                                          mix=config["mix"], gate=config["gate"],
@@ -249,9 +260,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                 except (TypeError, KeyError, ValueError) as err:  # a malformed layer config
                     raise ValueError(f"load_adapters: {path}: cannot wrap module {name!r}: "
                                      f"{type(err).__name__}: {err}") from None
-                new_layers[name] = module
+                new_layers[name] = (module, names)
             _check_layer_config(name, module, config)
-        layers.update(new_layers)
+        layers.update({name: module for name, (module, _) in new_layers.items()})
 
         expected = _layers_state(layers)
         missing = sorted(set(expected) - found) if strict else []
@@ -281,8 +292,9 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     if bad:
         raise ValueError(f"load_adapters: {path}: non-finite values (NaN or inf) in "
                          f"{_summarise(bad)}")
-    for name, layer in new_layers.items():
-        _replace(model, name, layer)
+    for layer, names in new_layers.values():
+        for alias in names:
+            _replace(model, alias, layer)
     freeze_all_but_adapters(model)
     with torch.no_grad():
         for key, value in values.items():

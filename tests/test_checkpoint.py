@@ -168,3 +168,52 @@ def test_atomic_write(tmp_path, monkeypatch):
         reclora.save_adapters(trained(), path)
     assert path.read_bytes() == original  # the old file is intact ...
     assert os.listdir(tmp_path) == ["adapters.safetensors"]  # ... and no temp file is left
+
+
+class _Shared(torch.nn.Module):
+    """One Linear registered under two names (enc and dec), run twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 6, dtype=F64)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+def test_load_wraps_a_shared_module_under_every_name(tmp_path):
+    torch.manual_seed(0)
+    net = _Shared()
+    layers = reclora.inject(net, ("enc",), num_adapters=2, rank=1)
+    randomise_adapters(layers, seed=1)
+    reclora.save_adapters(net, tmp_path / "a.safetensors")
+    fresh = _Shared()
+    fresh.load_state_dict({k: v for k, v in net.state_dict().items()
+                           if k in fresh.state_dict()}, strict=False)
+    ckpt.load_adapters(fresh, tmp_path / "a.safetensors")
+    assert isinstance(fresh.enc, RecLoRALinear) and fresh.dec is fresh.enc
+    x = torch.randn(3, 6, dtype=F64)
+    torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+
+
+def test_load_refuses_a_layer_whose_weight_is_read_directly(tmp_path):
+    """As inject does: a file naming out_proj of a MultiheadAttention would load adapters that
+    never run."""
+    attention = torch.nn.MultiheadAttention(6, 2, dtype=F64)
+    donor = torch.nn.ModuleDict({"proj": torch.nn.Linear(6, 6, dtype=F64)})
+    reclora.inject(donor, ("proj",), num_adapters=2, rank=1)
+    tensors, meta = read_saved(donor, tmp_path / "d.safetensors")
+    renamed = {k.replace("proj", "attn.out_proj", 1): v for k, v in tensors.items()}
+    config = json.loads(meta["reclora"])
+    config["layers"] = {"attn.out_proj": config["layers"]["proj"]}
+    save_file(renamed, tmp_path / "m.safetensors", metadata={"reclora": json.dumps(config)})
+    model = torch.nn.ModuleDict({"attn": attention})
+    with pytest.raises(ValueError, match="m.safetensors.*inside a MultiheadAttention"):
+        ckpt.load_adapters(model, tmp_path / "m.safetensors")
+    assert type(model.attn.out_proj) is not RecLoRALinear  # untouched
+
+
+def read_saved(model, path):
+    reclora.save_adapters(model, path)
+    return read(path)
