@@ -89,17 +89,23 @@ def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] 
 # ------------------------------------------------------------------ option types
 def int_at_least(low: int) -> Callable[[str], int]:
     """argparse type: an int >= low."""
+    return int_between(low, None)
+
+
+def int_between(low: int, high: int | None) -> Callable[[str], int]:
+    """argparse type: an int in [low, high] (high None: no upper bound)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            within = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {within}, got {value}")
         return value
 
-    parse.__name__ = f"int>={low}"
+    parse.__name__ = f"int>={low}" if high is None else f"int in [{low}, {high}]"
     return parse
 
 

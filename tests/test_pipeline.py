@@ -275,6 +275,7 @@ def test_stage_files_are_reused_only_with_resume(quick_run, tiny_model_dir) -> N
         cfg = config_from_args(_argv(out, tiny_model_dir) + (["--resume"] if resume else []))
         run = Run(cfg)
         run.load_data()
+        run.check_model()  # the model's digest, in every LLM stage's fingerprint
         for name in ("zero-shot", "tallrec", "rella"):
             got = run.done(name, run.fingerprint(name))
             if resume:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -374,3 +375,26 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys) -> None:
                  "--output", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0], err
+
+
+def test_a_model_whose_weights_changed_is_refused(tiny_run, tmp_path) -> None:
+    """The adapters were trained on the base's weights: other weights behind the same
+    --model (a folder rewritten, a package updated) are refused, not served (their scores
+    moved by up to 0.15 in P(click))."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = json.loads((tiny_run / "run_config.json").read_text())["model"]
+    weights = next(p for p in sorted(Path(model_dir).iterdir())
+                   if p.suffix == ".safetensors")
+    backup = tmp_path / "weights.bak"
+    shutil.copy2(weights, backup)
+    try:
+        tensors = load_file(weights)
+        key = sorted(tensors)[0]
+        tensors[key] = tensors[key] + 0.01
+        save_file(tensors, weights, metadata={"format": "pt"})
+        with pytest.raises(RunFolderError, match="not the ones the run used"):
+            Recommender.load(tiny_run)
+    finally:
+        shutil.copy2(backup, weights)
+    Recommender.load(tiny_run, model="zero-shot")  # the same files again: served

@@ -149,7 +149,7 @@ _WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf", "tokenizer.j
 
 
 @functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+def file_sha256(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a file; (size, mtime) only key the per-process cache, so a file is hashed
     once per process unless it changes (size and mtime alone can miss a rewrite)."""
     h = hashlib.sha256()
@@ -168,7 +168,7 @@ def encoder_digest(path: str | Path) -> str:
     h = hashlib.sha256(str(p).encode("utf-8"))
     for f in files:
         st = f.stat()
-        h.update(f"\0{f.name}\0{_file_sha256(str(f), st.st_size, st.st_mtime_ns)}".encode())
+        h.update(f"\0{f.name}\0{file_sha256(str(f), st.st_size, st.st_mtime_ns)}".encode())
     return h.hexdigest()[:12]
 
 

@@ -40,10 +40,12 @@ def _sweep(cfg, args, run_args) -> int:
 
     run = Run(cfg)
     run.load_data()
+    run.check_model()  # the LLM stages' fingerprints hold the model's digest
     run.crm_stage(GATE_CRM)
     log = Path(args.output) / "gate_sweep.jsonl"
+    resolved = run.cfg  # "auto" options resolved on this device, and the digest
     for t in args.temperature:
-        run.cfg = replace(cfg, temperature=t)
+        run.cfg = replace(resolved, temperature=t)
         run.out = Path(args.output) / f"temperature-{t:g}"
         start = time.perf_counter()
         res = run.llm_stage("reclora")
