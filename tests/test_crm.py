@@ -218,12 +218,17 @@ def test_validation_errors_name_the_argument() -> None:
         load_crm("/nonexistent/crm.pt")
 
 
-def test_real_ml100k_batches_and_schema() -> None:
+def _ml100k():
+    """The real ML-100K, or a skip where the recbole wheel is not installed."""
     data = pytest.importorskip("reclora.data.base")
     try:
-        ds = data.load_dataset("ml-100k")
-    except data.DataError as e:  # the recbole wheel is not installed
+        return data.load_dataset("ml-100k")
+    except data.DataError as e:
         pytest.skip(str(e))
+
+
+def test_real_ml100k_batches_and_schema() -> None:
+    ds = _ml100k()
     schema = CRMSchema.from_dataset(ds)
     assert "zip" not in schema.user_feature_names  # a near-id field, left out
     assert "genre" not in schema.item_feature_names  # the multi-valued genres carry it
@@ -290,11 +295,7 @@ def test_users_without_a_training_sample_take_the_unseen_row(tmp_path) -> None:
 
 
 def test_schema_knows_users_by_their_training_samples() -> None:
-    data = pytest.importorskip("reclora.data.base")
-    try:
-        ds = data.load_dataset("ml-100k")
-    except data.DataError as e:  # the recbole wheel is not installed
-        pytest.skip(str(e))
+    ds = _ml100k()
     schema = CRMSchema.from_dataset(ds)
     with_sample = np.zeros(ds.n_users, dtype=bool)
     with_sample[ds.user[ds.train]] = True
