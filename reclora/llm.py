@@ -164,10 +164,8 @@ def model_digest(name_or_path: str | os.PathLike | None) -> str:
 
     h = hashlib.sha256()
     for path in model_files(name_or_path):
-        real = path.resolve()  # a hub snapshot's files are links into its blobs
-        st = real.stat()
-        h.update(f"{path.name}\0{file_sha256(str(real), st.st_size, st.st_mtime_ns)}\0"
-                 .encode())
+        # resolved: a hub snapshot's files are links into its blobs
+        h.update(f"{path.name}\0{file_sha256(path.resolve())}\0".encode())
     return h.hexdigest()[:16]
 
 

@@ -292,9 +292,9 @@ def test_encoder_retrained_in_place_gets_a_new_cache(tmp_path, small_ds) -> None
     assert not torch.allclose(first, again)
     # A weights file is hashed once per process while its size and mtime hold.
     E.encoder_digest(folder)
-    misses = E.file_sha256.cache_info().misses
+    misses = E._sha256_of.cache_info().misses
     E.encoder_digest(folder)
-    assert E.file_sha256.cache_info().misses == misses
+    assert E._sha256_of.cache_info().misses == misses
 
 
 def test_llm_spec_is_keyed_on_its_weights(tmp_path, small_ds) -> None:

@@ -148,10 +148,16 @@ _WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.gguf", "tokenizer.j
                  "tokenizer.model", "vocab.txt")
 
 
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, hashed once per process while its size and mtime stay."""
+    st = Path(path).stat()
+    return _sha256_of(str(path), st.st_size, st.st_mtime_ns)
+
+
 @functools.lru_cache(maxsize=64)
-def file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file; (size, mtime) only key the per-process cache, so a file is hashed
-    once per process unless it changes (size and mtime alone can miss a rewrite)."""
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """The hash behind file_sha256; (size, mtime) only key the per-process cache (alone they
+    can miss a rewrite)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -167,8 +173,7 @@ def encoder_digest(path: str | Path) -> str:
                                             if f.is_file()})
     h = hashlib.sha256(str(p).encode("utf-8"))
     for f in files:
-        st = f.stat()
-        h.update(f"\0{f.name}\0{file_sha256(str(f), st.st_size, st.st_mtime_ns)}".encode())
+        h.update(f"\0{f.name}\0{file_sha256(f)}".encode())
     return h.hexdigest()[:12]
 
 
