@@ -236,6 +236,17 @@ _WEIGHT_READERS = {
     "transformers.models.zamba2.modeling_zamba2.Zamba2MambaMixer": ("out_proj",),
     "transformers.models.jamba.modeling_jamba.JambaMambaMixer": ("dt_proj",),
     "transformers.models.falcon_mamba.modeling_falcon_mamba.FalconMambaMixer": ("dt_proj",),
+    # the cached (generation) path multiplies by query_key.weight and value.weight
+    "transformers.models.reformer.modeling_reformer.LSHSelfAttention": ("query_key", "value"),
+}
+
+# Modules that read a child's weight only under a setting of theirs: class -> (the children,
+# whether this instance does, the setting in words). Bloom slices the weights into F.linear.
+_BLOOM_TP = (lambda m: m.pretraining_tp > 1 and m.slow_but_exact,
+             "pretraining_tp > 1 with slow_but_exact")
+_WEIGHT_READERS_IF = {
+    "transformers.models.bloom.modeling_bloom.BloomAttention": (("dense",), *_BLOOM_TP),
+    "transformers.models.bloom.modeling_bloom.BloomMLP": (("dense_4h_to_h",), *_BLOOM_TP),
 }
 
 # transformers modules that run linear children on [seq, batch, features] inputs: the layer
@@ -273,13 +284,26 @@ def _ancestor_in(model: nn.Module, name: str, table: dict) -> nn.Module | None:
     return found
 
 
+def _setting_that_bypasses(model: nn.Module, name: str) -> str | None:
+    """The setting in words when module `name`'s parent reads its weight under its present
+    settings (_WEIGHT_READERS_IF), else None."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    for cls in type(parent).__mro__:
+        children, reads, setting = _WEIGHT_READERS_IF.get(_qualname(cls), ((), None, None))
+        if child in children and reads(parent):
+            return f"{type(parent).__name__} with {setting}"
+    return None
+
+
 def _refuse_bypassed(model: nn.Module, name: str) -> None:
     """TypeError when module `name` sits where a RecLoRALinear would not do its job."""
     owner = _ancestor_in(model, name, _WEIGHT_READERS)
-    if owner is not None:
-        raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, "
-                        "which reads its weight directly (its forward is never called), "
-                        "so adapters there would do nothing")
+    setting = _setting_that_bypasses(model, name)
+    if owner is not None or setting is not None:
+        raise TypeError(f"inject: module {name!r} is inside a "
+                        f"{setting or type(owner).__name__}, which reads its weight directly "
+                        "(its forward is never called), so adapters there would do nothing")
     owner = _ancestor_in(model, name, _SEQUENCE_FIRST)
     if owner is not None:
         raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, which "

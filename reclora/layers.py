@@ -83,6 +83,11 @@ _QUANT_STATE = ("weight_scale_inv", "weight_scale", "weight_scales", "weight_glo
 _SAME_AS_LINEAR = ("transformers.models.falcon.modeling_falcon.FalconLinear",)
 
 
+# nn.Module's per-module hook registries that change or observe a forward or backward.
+_MODULE_HOOKS = (("forward-pre", "_forward_pre_hooks"), ("forward", "_forward_hooks"),
+                 ("backward-pre", "_backward_pre_hooks"), ("backward", "_backward_hooks"))
+
+
 def _computes_linear(module: nn.Module) -> bool:
     """Whether module's forward is nn.Linear's (or Conv1D's) own: a subclass with its own
     forward (extra outputs, activation quantization, a router's top-k) or an instance whose
@@ -113,6 +118,12 @@ def _check_base(linear: nn.Module) -> None:
         raise TypeError(f"{where} has a forward of its own, which wrapping would drop; "
                         "supported: nn.Linear (and subclasses that keep its forward) and "
                         "transformers' Conv1D")
+    hooks = [kind for kind, attr in _MODULE_HOOKS if getattr(linear, attr, None)]
+    if hooks:
+        # The wrapper is a new module: hooks on this one would stop running, silently.
+        raise TypeError(f"{where} has {' and '.join(hooks)} hooks, which would not run on "
+                        "the wrapped layer; remove them (handle.remove()) before wrapping "
+                        "and register them on the RecLoRALinear it returns")
     if parametrize.is_parametrized(linear):
         # Its weight is computed: the layer would freeze a snapshot and drop the parameters.
         raise TypeError(f"{where} is parametrized (torch.nn.utils.parametrize, e.g. "

@@ -1,6 +1,7 @@
 """Audit fixes of the model layer: what from_linear / inject refuse (quantized, overridden,
-parametrized bases; sequence-first and weight-reading transformers modules), shared modules,
-the sqrt gate's gradients, meta forwards, plan and idx checks, deepcopy with a live mixture."""
+parametrized and hooked bases; sequence-first and weight-reading transformers modules,
+some only under a setting), shared modules, the sqrt gate's gradients, meta forwards, plan
+and idx checks, deepcopy with a live mixture."""
 
 from __future__ import annotations
 
@@ -112,6 +113,31 @@ def test_parametrized_and_non_parameter_bases_are_refused():
         wrap(buffered)
 
 
+@pytest.mark.parametrize("register", ["register_forward_pre_hook", "register_forward_hook",
+                                      "register_full_backward_pre_hook",
+                                      "register_full_backward_hook"])
+def test_linears_with_hooks_are_refused(register):
+    """The wrapper is a new module: a hook on the old one (an activation probe, an output
+    scaler) silently stopped running after inject."""
+    hooked = nn.Linear(6, 4)
+    handle = getattr(hooked, register)(lambda *args: None)
+    kind = register.removeprefix("register_").removeprefix("full_").removesuffix("_hook")
+    kind = kind.replace("_pre", "-pre")
+    with pytest.raises(TypeError, match=rf"`linear` \(Linear\) has {kind} hooks, which would "
+                                        "not run on the wrapped layer"):
+        wrap(hooked)
+    model = nn.Sequential(hooked)
+    with pytest.raises(TypeError, match=f"has {kind} hooks"):
+        reclora.inject(model, ["0"], num_adapters=2, rank=1)
+    assert model[0] is hooked  # left as it was
+    handle.remove()
+    layer = wrap(hooked)
+    calls = []
+    layer.register_forward_hook(lambda *args: calls.append(1))
+    layer(torch.randn(2, 6))
+    assert calls == [1]
+
+
 # --- 4. sqrt gate -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("top_k", [None, 3])
@@ -217,6 +243,44 @@ def test_mobilebert_mlm_head_is_refused():
     # The head's transform.dense is called as usual: accepted.
     layers = reclora.inject(model, r".*transform\.dense", num_adapters=2, rank=1)
     assert list(layers) == ["cls.predictions.transform.dense"]
+
+
+def _bloom(**settings):
+    import transformers as tf
+
+    return tf.BloomModel(tf.BloomConfig(vocab_size=40, hidden_size=16, n_layer=1, n_head=2,
+                                        **settings)).eval()
+
+
+def test_weight_readers_by_setting_are_refused_only_under_it():
+    """Bloom with pretraining_tp > 1 and slow_but_exact slices dense's weight into F.linear:
+    adapters there did nothing. Without that setting its forward is called: accepted."""
+    sliced = _bloom(pretraining_tp=2, slow_but_exact=True)
+    for target, owner in (("dense", "BloomAttention"), ("dense_4h_to_h", "BloomMLP")):
+        with pytest.raises(TypeError, match=rf"'h.0.\w+.{target}' is inside a {owner} with "
+                                            "pretraining_tp > 1 with slow_but_exact"):
+            reclora.inject(sliced, [target], num_adapters=2, rank=1)
+    assert list(reclora.inject(sliced, ["dense_h_to_4h"], num_adapters=2, rank=1)) == [
+        "h.0.mlp.dense_h_to_4h"]
+    for settings in ({"pretraining_tp": 2}, {"slow_but_exact": True}):
+        layers = reclora.inject(_bloom(**settings), ["dense", "dense_4h_to_h"],
+                                num_adapters=2, rank=1)
+        assert list(layers) == ["h.0.self_attention.dense", "h.0.mlp.dense_4h_to_h"]
+
+
+def test_reformer_lsh_attention_is_refused():
+    """Its cached (generation) path multiplies by query_key.weight and value.weight."""
+    import transformers as tf
+
+    model = tf.ReformerModel(tf.ReformerConfig(
+        vocab_size=40, hidden_size=16, num_attention_heads=2, attention_head_size=8,
+        attn_layers=["lsh", "local"], feed_forward_size=16, axial_pos_shape=[4, 8],
+        axial_pos_embds_dim=[8, 8], max_position_embeddings=32, num_buckets=2))
+    with pytest.raises(TypeError, match="inside a LSHSelfAttention"):
+        reclora.inject(model, ["value"], num_adapters=2, rank=1)
+    # The local attention calls its projections: accepted.
+    assert list(reclora.inject(model, r".*\.1\..*\.value", num_adapters=2, rank=1)) == [
+        "encoder.layers.1.attention.self_attention.value"]
 
 
 # --- 8. meta device -----------------------------------------------------------------------
