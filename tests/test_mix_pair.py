@@ -2,7 +2,8 @@
 and B_p, dense (w @ bank) or gathered (sum_j w[b, j] bank[idx[b, j]]), and the zeros of the
 shrink's split-K accumulator in one Triton launch. The kernel against a float64 oracle on
 NaN-poisoned outputs (odd sizes, one row, more rows than a program holds, one adapter, rank 1,
-repeated indices, strided weights and indices, an accumulator longer than the grid); the op
+repeated indices, strided weights and indices, an accumulator longer than the grid, more row
+blocks than the grid's axis 1 takes); the op
 with it on and off against the reference; that it is what ran; that a bank whose factors are
 not flat takes a mix per factor; and that one row's NaN stays in its row."""
 
@@ -87,6 +88,17 @@ def test_kernel_matches_float64_oracle(gathered, dtype, rows, adapters, slots, r
     assert rel_err(a_out.cpu(), _oracle(wd, idx, ad)) <= TOLERANCE[dtype]
     assert rel_err(b_out.cpu(), _oracle(wd, idx, bd)) <= TOLERANCE[dtype]
     assert torch.equal(s.cpu(), torch.zeros_like(s.cpu()))
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["dense", "gathered"])
+def test_row_blocks_past_the_grid_limit_loop(monkeypatch, gathered):
+    """Axis 1 of a CUDA grid stops at 65535 blocks (~2M rows at MAX_ROWS 32): the launch caps
+    it there and each program steps over the row blocks. Here the cap is 2 and 40 rows make 3
+    blocks at the interpreter's MAX_ROWS 16 (5 on a GPU's 32), so a program mixes two."""
+    monkeypatch.setattr(launch, "GRID_AXIS_1_MAX", 2)
+    w = torch.ones(40, 3, device=DEVICE)
+    assert _mix_launch(40, 5, 2, 33, 9, 0, torch.float32, w, None).grid[1] == 2
+    test_kernel_matches_float64_oracle(gathered, torch.float32, 40, 5, 3, 2, 33, 9)
 
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["dense", "gathered"])

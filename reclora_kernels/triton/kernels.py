@@ -107,16 +107,18 @@ def mix_pair_kernel(
     accumulator): at decode sizes the two mixes and the memset it replaces (dense: cuBLAS
     GEMMs) cost a launch each.
 
-    Grid: (blocks of A's factor, then of B's, at least 1; blocks of BLOCK_ROWS rows)."""
+    Grid: (blocks of A's factor, then of B's, at least 1; blocks of BLOCK_ROWS rows, capped
+    at the grid's axis-1 limit: a program steps over row blocks by the grid's size)."""
     pid = tl.program_id(0)
-    row0 = tl.program_id(1) * BLOCK_ROWS
-    if pid < a_blocks:
-        _mix_block(a_bank_ptr, w_ptr, idx_ptr, a_out_ptr, pid, row0, rows, slots, size_a,
-                   s_a_m, s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64, BLOCK, BLOCK_ROWS, GATHERED)
-    elif pid < ab_blocks:
-        _mix_block(b_bank_ptr, w_ptr, idx_ptr, b_out_ptr, pid - a_blocks, row0, rows, slots,
-                   size_b, s_b_m, s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64, BLOCK, BLOCK_ROWS,
-                   GATHERED)
+    for row0 in range(tl.program_id(1) * BLOCK_ROWS, rows, tl.num_programs(1) * BLOCK_ROWS):
+        if pid < a_blocks:
+            _mix_block(a_bank_ptr, w_ptr, idx_ptr, a_out_ptr, pid, row0, rows, slots, size_a,
+                       s_a_m, s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64, BLOCK, BLOCK_ROWS,
+                       GATHERED)
+        elif pid < ab_blocks:
+            _mix_block(b_bank_ptr, w_ptr, idx_ptr, b_out_ptr, pid - a_blocks, row0, rows,
+                       slots, size_b, s_b_m, s_w_r, s_w_j, s_idx_r, s_idx_j, ACC64, BLOCK,
+                       BLOCK_ROWS, GATHERED)
     if tl.program_id(1) == 0:
         for start in range(pid * BLOCK, n_zero, tl.num_programs(0) * BLOCK):
             offs = start + tl.arange(0, BLOCK)

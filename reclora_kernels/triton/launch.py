@@ -194,6 +194,11 @@ def _bank_grad_specs(device: torch.device):
             launch_meta(kernels.mix_weight_grad_kernel, BLOCK=cfg["BLOCK"], **opts))
 
 
+# CUDA's grid limit on axes 1 and 2 (axis 0 takes 2**31 - 1): a launch that asks for more
+# fails. mix_pair_kernel caps its row blocks there and loops (at MAX_ROWS 32, past ~2M rows).
+GRID_AXIS_1_MAX = 65535
+
+
 def _flat_factors(shape: tuple, strides: tuple) -> bool:
     """Whether each adapter's [p, q] factor of a bank with these strides is one flat run."""
     return strides[2] == 1 and (shape[1] <= 1 or strides[1] == shape[2])
@@ -222,7 +227,8 @@ def _mix_pair_launch(rows: int, slots: int, a_shape: tuple, a_strides: tuple, d_
                        **_launch_opts(cfg))
     ints = (rows, slots, size_a, size_b, a_blocks, ab_blocks, n_zero, a_strides[0],
             b_strides[0], *w_strides, *(idx_strides or (0, 0)))
-    return Launch(meta, (max(ab_blocks, 1), _cdiv(rows, block_rows)), ints)
+    return Launch(meta, (max(ab_blocks, 1), min(_cdiv(rows, block_rows), GRID_AXIS_1_MAX)),
+                  ints)
 
 
 def _run_mix_pair(launch: Launch, lora_a, lora_b, adapter_w, adapter_idx, a_out, b_out,
