@@ -14,6 +14,7 @@ from reclora.crm import (
     CRMBatch,
     CRMSchema,
     CRMTrainConfig,
+    ItemUserEmbedder,
     build_crm,
     general_search,
     load_crm,
@@ -292,6 +293,50 @@ def test_users_without_a_training_sample_take_the_unseen_row(tmp_path) -> None:
     torch.testing.assert_close(res.model(probe), before)
     loaded, _ = load_crm(cfg.checkpoint)
     assert (loaded.embed.user_row[20:30] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["din", "deepfm"])
+def test_items_no_training_sample_reads_take_the_unseen_row(tmp_path, name) -> None:
+    """The item analogue: an item the schema calls known (rated in the training period) that
+    is neither a target nor a history item of any sample train_crm trains on kept its random
+    id row and was scored through it. Items 50..59 appear only in padded history slots here
+    (which may hold anything) and in validation; items 40..49 only in real history slots and
+    30..39 only as targets of samples with a full history (so both trained). DeepFM has two
+    embedders."""
+    train, valid = _batch(300, seed=1), _batch(100, seed=2)
+    train.item = train.item % 40
+    full = train.item >= 30
+    train.hist_mask[full] = True
+    train.hist_mask[~full, -1] = False
+    hist = train.hist_items % 50
+    hist = torch.where((hist >= 30) & (hist < 40), hist + 10, hist)  # no 30..39 in history
+    train.hist_items = torch.where(train.hist_mask, hist, 55)
+    train.hist_items[full] %= 30
+    cfg = CRMTrainConfig(epochs=2, batch_size=64, progress=False,
+                         checkpoint=str(tmp_path / f"{name}.pt"))
+    model = _model(name)
+    embedders = [m for m in model.modules() if isinstance(m, ItemUserEmbedder)]
+    assert len(embedders) == (2 if name == "deepfm" else 1)
+    assert all((emb.item_row == torch.arange(1, N_ITEMS + 1)).all() for emb in embedders)
+    res = train_crm(model, train, valid, None, cfg)
+    seen = torch.zeros(N_ITEMS, dtype=torch.bool)
+    seen[train.item] = True
+    seen[train.hist_items[train.hist_mask]] = True
+    assert not seen[50:].any() and seen[30:50].all() and seen[:30].sum() > 20
+    want = torch.where(seen, torch.arange(1, N_ITEMS + 1), 0)
+    for emb in embedders:
+        assert torch.equal(emb.item_row, want)
+    # A target among them no longer reads its own (never trained) id vector.
+    probe = valid.select(slice(0, 8))
+    probe.item = torch.full_like(probe.item, 57)
+    before = res.model(probe)
+    with torch.no_grad():
+        for emb in embedders:
+            emb.item_id.weight[58] += 1.0
+    torch.testing.assert_close(res.model(probe), before)
+    loaded, _ = load_crm(cfg.checkpoint)
+    assert torch.equal(next(m for m in loaded.modules()
+                            if isinstance(m, ItemUserEmbedder)).item_row, want)
 
 
 def test_schema_knows_users_by_their_training_samples() -> None:

@@ -99,7 +99,8 @@ class CRMSchema:
         sample (`ds.train`), the only ones whose id embedding trains (a user with early
         interactions but none with enough history is unseen at training, and at test).
         Known items: those rated in the training period.
-        `train_crm` narrows the users to the samples it is given (a pool or subset removed).
+        `train_crm` narrows both to the samples it is given (a pool or subset removed): users
+        with a sample, items that are a sample's target or history item.
 
         Categorical fields with more values than `max_field_share` of the rows (the zip
         code of ML-100K: 795 values for 943 users) are near-ids: they never transfer to
@@ -292,6 +293,13 @@ class ItemUserEmbedder(nn.Module):
         keep = torch.zeros_like(self.user_row, dtype=torch.bool)
         keep[trained.to(self.user_row.device)] = True
         self.user_row.masked_fill_(~keep, 0)
+
+    @torch.no_grad()
+    def keep_items(self, seen: torch.Tensor) -> None:
+        """Send every item not marked in `seen` ([n_items] bool: a target or history item of
+        a training sample) to the unseen row 0: an item rated in the training period that no
+        training sample reads kept its random init and was scored through it."""
+        self.item_row.masked_fill_(~seen.to(self.item_row.device), 0)
 
     def _drop_ids(self, rows: torch.Tensor) -> torch.Tensor:
         if self.training and self.id_dropout > 0:

@@ -315,10 +315,15 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
     torch.manual_seed(cfg.seed)  # dropout and id dropout draws
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
         train = train.select(torch.randperm(len(train), generator=gen)[:cfg.max_train_samples])
-    for emb in model.modules():  # users with no sample here take the unseen-user path
-        if isinstance(emb, ItemUserEmbedder):
-            emb.keep_users(train.user)
+    embedders = [m for m in model.modules() if isinstance(m, ItemUserEmbedder)]
+    for emb in embedders:  # users with no sample here take the unseen-user path
+        emb.keep_users(train.user)
     model.to(device)
+    # Items no training sample reads (as target or history) take the unseen-item path too;
+    # marked during the first epoch (which draws every sample) and applied before its
+    # validation, so no checkpoint holds their untrained rows.
+    items_seen = (torch.zeros_like(embedders[0].item_row, dtype=torch.bool)
+                  if embedders else None)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     n = len(train)
@@ -337,6 +342,10 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
                    leave=False, mininterval=1.0)
         for step in bar:
             b = take(train, perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]).to(device)
+            if epoch == 1 and items_seen is not None:
+                # padded slots hold anything: they mark the target instead (no host sync)
+                items_seen[b.item] = True
+                items_seen[torch.where(b.hist_mask, b.hist_items, b.item[:, None])] = True
             loss = loss_fn(model(b), b.label.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -344,6 +353,9 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
             total += float(loss.detach()) * len(b)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{total / min(n, (step + 1) * cfg.batch_size):.4f}")
+        if epoch == 1:
+            for emb in embedders:
+                emb.keep_items(items_seen)
         val = _score(model, valid, cfg.eval_batch_size, device)
         row = {"epoch": epoch, "train_loss": total / n, "valid_auc": val["auc"],
                "valid_logloss": val["logloss"], "elapsed_s": time.perf_counter() - t0}
