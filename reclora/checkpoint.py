@@ -20,7 +20,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -179,8 +179,15 @@ _LAYER_KEYS = ("num_adapters", "rank", "alpha", "mix", "gate")
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The JSON config stored in an adapter file: {"format", "version", "layers": {name:
     adapter_config()}}. Anything else raises ValueError naming the file."""
-    with safe_open(str(path), framework="pt") as handle:
-        raw = (handle.metadata() or {}).get("reclora")
+    if not Path(path).is_file():
+        raise ValueError(f"load_adapters: {path} is not a file (give the .safetensors file "
+                         "save_adapters wrote)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("reclora")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"load_adapters: {path} is not a readable safetensors file "
+                         f"({err})") from None
     if raw is None:
         raise ValueError(f"load_adapters: {path} is not a reclora adapter file (no 'reclora' "
                          "metadata)")
@@ -244,6 +251,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                 raise ValueError(f"load_adapters: the file has layer {name!r}, which `model` "
                                  "lacks") from None
             if not isinstance(module, RecLoRALinear):
+                if not name:  # saved from a bare layer: the root cannot be replaced in place
+                    raise ValueError(f"load_adapters: {path} holds a single layer saved as "
+                                     f"the model itself, but `model` is a "
+                                     f"{type(module).__name__}; load it into a RecLoRALinear "
+                                     "(RecLoRALinear.from_linear) or a module that holds one")
                 # In the dtype the file's bank was saved in (else a bf16 bank came back as
                 # float32, its gate computing other mixtures than the saved model's).
                 bank = f"{name}.lora_a"

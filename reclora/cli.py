@@ -87,6 +87,12 @@ def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] 
 
 
 # ------------------------------------------------------------------ option types
+# --seed's range (`reclora run`, `python -m reclora.crm`): numpy's and torch's seeds take it,
+# with room for the offsets a run adds (seed + 1, + 2 for the subsets, + i for --seeds); past
+# 2**64 torch failed late and unclearly.
+SEED_MAX = 2**32 - 1
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """argparse type: an int >= low."""
     return int_between(low, None)

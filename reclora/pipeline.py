@@ -68,6 +68,7 @@ from reclora import metrics
 from reclora.checkpoint import atomic_write
 from reclora.cli import (
     DEBUG_HELP,
+    SEED_MAX,
     ArgumentParser,
     CLIError,
     device_option,
@@ -225,9 +226,6 @@ class RunConfig:
 QUICK = {"n_train": 48, "n_valid": 48, "n_test": 128, "k_text": 3, "eval_points": 1,
          "crm_epochs": 2, "crm_max_train": 6000, "max_length": 192}
 QUICK_OUTPUT = "runs/quick"
-# --seed's range: numpy's and torch's seeds take it, with room for the offsets the run adds
-# (seed + 1, + 2 for the subsets, + i for --seeds); past 2**64 torch failed late and unclearly.
-SEED_MAX = 2**32 - 1
 
 
 # ------------------------------------------------------------------------- parsing

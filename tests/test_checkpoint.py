@@ -217,3 +217,34 @@ def test_load_refuses_a_layer_whose_weight_is_read_directly(tmp_path):
 def read_saved(model, path):
     reclora.save_adapters(model, path)
     return read(path)
+
+
+def test_a_bare_layer_loads_into_a_layer_and_is_refused_by_a_plain_linear(tmp_path):
+    """A bare RecLoRALinear is saved as layer "" (the model itself). Loaded into a plain
+    nn.Linear, the root could not be replaced: the call returned {} and froze the linear."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8, dtype=F64)
+    layer = RecLoRALinear.from_linear(base, num_adapters=2, rank=2)
+    randomise_adapters({"": layer}, seed=1)
+    path = tmp_path / "root.safetensors"
+    reclora.save_adapters(layer, path)
+    plain = torch.nn.Linear(8, 8, dtype=F64)
+    plain.load_state_dict(base.state_dict())
+    with pytest.raises(ValueError, match=r"root.safetensors holds a single layer saved as the "
+                                         r"model itself, but `model` is a Linear"):
+        reclora.load_adapters(plain, path)
+    assert plain.weight.requires_grad  # untouched
+    fresh = RecLoRALinear.from_linear(plain, num_adapters=2, rank=2)
+    assert list(reclora.load_adapters(fresh, path)) == [""]
+    x = torch.randn(3, 8, dtype=F64)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+
+
+def test_paths_that_are_not_adapter_files_are_named(tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\xff" * 64)
+    for name, message in (("empty.safetensors", "is not a readable safetensors file"),
+                          ("corrupt.safetensors", "is not a readable safetensors file"),
+                          ("missing.safetensors", "is not a file"), (".", "is not a file")):
+        with pytest.raises(ValueError, match=rf"load_adapters: .*{message}"):
+            reclora.load_adapters(build("llama"), tmp_path / name)

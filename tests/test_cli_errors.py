@@ -123,6 +123,7 @@ CRM_CASES = {
     "epochs-zero": (["--epochs", "0"], "--epochs"),
     "lr-negative": (["--lr", "-1"], "--lr"),
     "seed-negative": (["--seed", "-1"], "--seed"),
+    "seed-too-large": (["--seed", str(2**64)], "--seed"),
     "k-id-zero": (["--k-id", "0"], "--k-id"),
     "crms": (["--crms", "gru"], "--crms"),
     "no-such-dataset": (["--dataset", "/no/such/folder"], "/no/such/folder"),

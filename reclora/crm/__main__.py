@@ -18,10 +18,12 @@ import torch
 from reclora import metrics
 from reclora.cli import (
     DEBUG_HELP,
+    SEED_MAX,
     ArgumentParser,
     device_option,
     guarded,
     int_at_least,
+    int_between,
     positive_float,
 )
 from reclora.crm.train import (
@@ -50,7 +52,7 @@ def _main(argv: list[str]) -> int:
     p.add_argument("--lr", type=positive_float, default=d.lr)
     p.add_argument("--k-id", type=int_at_least(1), default=d.history_len,
                    help="history items per sample")
-    p.add_argument("--seed", type=int_at_least(0), default=d.seed)
+    p.add_argument("--seed", type=int_between(0, SEED_MAX), default=d.seed)
     p.add_argument("--device", type=lambda t: device_option(t, allow_auto=False),
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")

@@ -46,15 +46,13 @@ def general_search(scores: torch.Tensor, mask: torch.Tensor, k: int
     """Positions [B, k'] of the top-k real history items by `scores`, in time order, and
     their mask (k' = min(k, L); rows with fewer than k real items are padded, mask False).
 
-    Ties go to the more recent item: a tiny position bonus (under 1e-3 of a score unit
-    across 60 items, far below the gaps between genre counts or cosines that matter).
+    Ties go to the more recent item, exactly: a stable sort over the history reversed (a
+    float32 position bonus, used before, rounded away on whole genre counts past ~150 items).
     """
     b, length = scores.shape
     k = min(k, length)
-    pos = torch.arange(length, device=scores.device, dtype=scores.dtype)
-    s = scores.detach() + pos * (1e-5 / max(length, 1))
-    s = s.masked_fill(~mask, float("-inf"))
-    top = s.topk(k, dim=1).indices
+    s = scores.detach().masked_fill(~mask, float("-inf")).flip(1)
+    top = length - 1 - s.sort(dim=1, descending=True, stable=True).indices[:, :k]
     top_mask = torch.gather(mask, 1, top)
     # Time order among the kept items (history positions are oldest-first); padding last.
     key = torch.where(top_mask, top, top + length)

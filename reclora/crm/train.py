@@ -101,6 +101,8 @@ class CRMTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed < 2**64:  # torch.manual_seed's range
+            raise ValueError(f"seed must be in [0, 2**64 - 1], got {self.seed}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"max_train_samples must be >= 1 or None, got "
                              f"{self.max_train_samples}")
