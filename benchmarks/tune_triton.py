@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,13 +87,18 @@ def set_entry(table: dict, key: str, value: dict) -> None:
 
 
 def sweep(table: dict, key: str, candidates: list[dict], fn, budget: Budget = NO_LIMIT) -> dict:
-    best, best_ms = dict(table[key]), float("inf")
+    """Time each candidate, laid over table[key] as it stood (so the entry's switches the
+    grid does not sweep, e.g. outer.ONE_PASS and fused.SHRINK, are kept), and leave the
+    fastest in the table."""
+    current = dict(table[key])
+    best, best_ms = current, float("inf")
     for done, cand in enumerate(candidates):
         if budget.out():
             print(f"  {key}: out of the time budget, {len(candidates) - done} of "
                   f"{len(candidates)} candidates not timed", flush=True)
             budget.cut.append(key)
             break
+        cand = dict(current, **cand)
         set_entry(table, key, cand)
         ms = timed(fn)
         print(f"  {key} {cand} -> {ms * 1e3:.1f} us", flush=True)
@@ -212,7 +218,9 @@ def _about(name: str, budget: Budget, stages_left: list[str]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="card file to write (default: reclora_kernels/configs/<card>.json, "
+                        "or $OUT/<card>.json where $OUT is set)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="stop sweeping after this many seconds (keeping "
                              f"{AUTO_RESERVE_S:.0f} s for the auto choice); default: no limit")
@@ -228,6 +236,8 @@ def main(argv=None) -> int:
     print(f"tuning on {name}, torch {torch.__version__}, triton {triton.__version__}")
     budget = Budget(None if args.budget_s is None else args.budget_s - AUTO_RESERVE_S)
     out = args.out or card_file(name)
+    if args.out is None and os.environ.get("OUT"):  # the device machine: only $OUT comes back
+        out = Path(os.environ["OUT"]) / out.name
     held = held_entries(name)
     stages = ["expand", "fused", "shrink", "outer", "expand_short_rows", "fused_short_rows",
               "mix", "auto"]

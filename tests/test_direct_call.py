@@ -347,7 +347,9 @@ def _cuda_layout_inputs(layout, case):
 @pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
 def test_cuda_shortcut_answers_as_the_checked_path(spy, monkeypatch, dense, mix, layout):
     """backend="cuda": the shortcut answers valid calls, forward and gradients, with what the
-    checked path gives (the same kernels on the same arguments: equal to the bit)."""
+    checked path gives (the same kernels on the same arguments: y, dx, dW and dbias equal to
+    the bit; the bank and mixture gradients are summed with atomicAdd across blocks, in an
+    order that varies between runs, so those agree to fp32 rounding)."""
     case = Case(dense=dense, mix=mix)
     args, plan = _cuda_layout_inputs(layout, case)
     outs = []
@@ -362,8 +364,10 @@ def test_cuda_shortcut_answers_as_the_checked_path(spy, monkeypatch, dense, mix,
     assert spy.answered == 1, "the shortcut declined a valid call on CUDA tensors"
     (y_short, g_short), (y_checked, g_checked) = outs
     torch.testing.assert_close(y_short, y_checked, rtol=0, atol=0)
-    for got, want in zip(g_short, g_checked):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for name, got, want in zip(DIFF, g_short, g_checked):
+        atomic = name in ("lora_a", "lora_b", "adapter_w")
+        torch.testing.assert_close(got, want, rtol=1e-5 if atomic else 0,
+                                   atol=1e-6 * float(want.abs().max()) if atomic else 0)
 
 
 @pytest.mark.cuda
@@ -379,7 +383,7 @@ def test_cuda_shortcut_leaves_unchecked_indices_and_float64_to_python(spy):
                for k, v in args.items()}
     with pytest.raises(RuntimeError, match="float16, bfloat16 or float32"):
         rk.lora_mix_linear(**doubles, backend="cuda", indices_checked=True)
-    assert spy.answered == 0
+    assert spy.answered == 1  # the checked call only: float64 was declined
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[

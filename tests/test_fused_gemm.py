@@ -125,14 +125,15 @@ def shrinks(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
-@pytest.mark.parametrize("length", [64, 128])
-def test_shrink_in_the_main_loop(shrinks, dtype, dense, length):
-    """Factor mode over x [R, L, d] with L a multiple of the token tile (the interpreter's
-    fused tile: 64 tokens): the fused GEMM runs the shrink itself and writes s (poisoned
-    before), so the forward launches no shrink, and the backward, which reads that s, gives
-    the oracle's gradients. d_in 70: a ragged K (the A tile's mask)."""
+@pytest.mark.parametrize("tiles", [1, 2])
+def test_shrink_in_the_main_loop(shrinks, dtype, dense, tiles):
+    """Factor mode over x [R, L, d] with L a multiple of the fused token tile (64 in the
+    interpreter, 128 on a GPU's table): the fused GEMM runs the shrink itself and writes s
+    (poisoned before), so the forward launches no shrink, and the backward, which reads that
+    s, gives the oracle's gradients. d_in 70: a ragged K (the A tile's mask)."""
     if DEVICE == "cuda" and dtype == torch.float64:
         pytest.skip("float64 is not a GPU target")
+    length = tiles * configs.config("fused", torch.device(DEVICE))["BLOCK_T"]
     case = Case(rows=2, tokens_per_row=length, d_in=70, d_out=90, dense=dense)
     check_against_reference(case, "triton", DEVICE, dtype)
     assert sum(map(len, shrinks)) == 1  # the backward's v = B_p^T g only

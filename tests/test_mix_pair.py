@@ -93,12 +93,15 @@ def test_kernel_matches_float64_oracle(gathered, dtype, rows, adapters, slots, r
 @pytest.mark.parametrize("gathered", [False, True], ids=["dense", "gathered"])
 def test_row_blocks_past_the_grid_limit_loop(monkeypatch, gathered):
     """Axis 1 of a CUDA grid stops at 65535 blocks (~2M rows at MAX_ROWS 32): the launch caps
-    it there and each program steps over the row blocks. Here the cap is 2 and 40 rows make 3
-    blocks at the interpreter's MAX_ROWS 16 (5 on a GPU's 32), so a program mixes two."""
+    it there and each program steps over the row blocks. Here the cap is 2 and the rows make
+    2.5 blocks of the table's MAX_ROWS (16 in the interpreter, 32 on a GPU), so program 0
+    mixes two of them, the last one short."""
     monkeypatch.setattr(launch, "GRID_AXIS_1_MAX", 2)
-    w = torch.ones(40, 3, device=DEVICE)
-    assert _mix_launch(40, 5, 2, 33, 9, 0, torch.float32, w, None).grid[1] == 2
-    test_kernel_matches_float64_oracle(gathered, torch.float32, 40, 5, 3, 2, 33, 9)
+    rows = configs.config("mix", torch.device(DEVICE))["MAX_ROWS"] * 5 // 2
+    w = torch.ones(rows, 3, device=DEVICE)
+    lc = _mix_launch(rows, 5, 2, 33, 9, 0, torch.float32, w, None)
+    assert lc.grid[1] == 2 and lc.meta.kwargs["BLOCK_ROWS"] * 2 < rows
+    test_kernel_matches_float64_oracle(gathered, torch.float32, rows, 5, 3, 2, 33, 9)
 
 
 @pytest.mark.parametrize("gathered", [False, True], ids=["dense", "gathered"])

@@ -52,6 +52,17 @@ def test_sweep_keeps_the_best_it_timed_and_stops_when_out_of_time(monkeypatch):
     assert seen == cands and free.cut == []
 
 
+def test_a_sweep_keeps_the_switches_its_grid_does_not_sweep(monkeypatch):
+    """outer.ONE_PASS and fused.SHRINK are design switches, not in the tile grids: a sweep
+    once wrote each candidate as the whole entry, so the card file turned both off."""
+    clock = Clock()
+    table = {"outer": {"BLOCK_T": 64, "ONE_PASS": True}}
+    seen = fake_timings(monkeypatch, table, "outer", clock, lambda e: float(e["BLOCK_T"]), 1.0)
+    best = tt.sweep(table, "outer", tt.grid(BLOCK_T=[128, 32]), fn=None)
+    assert seen == [{"BLOCK_T": 128, "ONE_PASS": True}, {"BLOCK_T": 32, "ONE_PASS": True}]
+    assert best == table["outer"] == {"BLOCK_T": 32, "ONE_PASS": True}
+
+
 def test_a_sweep_out_of_time_before_it_starts_keeps_the_entry(monkeypatch):
     clock = Clock()
     budget = tt.Budget(1.0, clock=clock)

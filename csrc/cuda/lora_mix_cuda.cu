@@ -288,7 +288,7 @@ void segment_outer(const Tensor& P, const Tensor& Q, const Source& src,
                    int64_t slots, int64_t rank, Tensor& out, int64_t sof, int64_t soo,
                    int64_t soc, double scale) {
   const int64_t width = P.size(1);
-  if (P.size(0) == 0 || rows == 0) return;
+  if (P.size(0) == 0 || rows == 0 || width == 0) return;  // a zero grid dim is refused
   TORCH_CHECK(blocks(width * rank, kThreads) <= 65535 && slots <= 65535,
               "lora_mix (cuda): factor too large for segment_outer_kernel");
   auto stream = c10::cuda::getCurrentCUDAStream();
