@@ -372,3 +372,13 @@ def test_train_config_refuses_a_seed_torch_cannot_take(seed) -> None:
     with pytest.raises(ValueError, match=rf"seed must be in \[0, 2\*\*64 - 1\], got {seed}"):
         CRMTrainConfig(seed=seed)
     assert CRMTrainConfig(seed=2**64 - 1).seed == 2**64 - 1
+
+
+def test_a_one_class_validation_set_is_refused_before_training() -> None:
+    train, valid = _batch(100, seed=1), _batch(50, seed=2)
+    valid.label = torch.ones_like(valid.label)
+    with pytest.raises(ValueError, match="validation set has only label 1 "):
+        train_crm(_model("din"), train, valid, None, CRMTrainConfig(progress=False))
+    with pytest.raises(ValueError, match="validation set has no samples"):
+        train_crm(_model("din"), train, valid.select(slice(0, 0)),
+                  None, CRMTrainConfig(progress=False))

@@ -312,6 +312,12 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
     cfg = config or CRMTrainConfig()
     if train.label is None or valid.label is None:
         raise ValueError("train and valid batches need labels")
+    # Model selection is by validation AUC: one class would fail only after the first epoch.
+    valid_classes = torch.unique(valid.label).tolist()
+    if len(valid_classes) < 2:
+        held = f"only label {valid_classes[0]}" if valid_classes else "no samples"
+        raise ValueError(f"train_crm: the validation set has {held} (selecting by AUC needs "
+                         "positives and negatives)")
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and id dropout draws
