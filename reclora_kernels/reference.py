@@ -38,6 +38,11 @@ def lora_delta_reference(
         return x2d.new_zeros(0, d_out) + 0 * adapter_w.sum() + 0 * lora_a.sum() + 0 * lora_b.sum()
     order, sorted_rows, position, max_len = pad_rows(row_ids, rows)
     x_pad = x2d.new_zeros(rows, max_len, d_in).index_put((sorted_rows, position), x2d[order])
+    # The shrinks are masked at the pads: 0 * NaN there (a NaN adapter of a row with fewer
+    # tokens, or none) reached that row's gradients and, through the mix, every adapter it
+    # lists, though y does not depend on it.
+    real = torch.zeros(rows, max_len, dtype=torch.bool, device=x2d.device)
+    real[sorted_rows, position] = True
 
     if adapter_idx is None:  # dense: every row mixes the whole bank
         bank_a, bank_b = lora_a, lora_b
@@ -46,6 +51,7 @@ def lora_delta_reference(
             b_mix = torch.einsum("bm,mor->bor", adapter_w, bank_b)
         else:
             shrink = torch.einsum("bld,mrd->blmr", x_pad, bank_a)
+            shrink = torch.where(real[..., None, None], shrink, 0)
             delta = torch.einsum("blmr,bm,mor->blo", shrink, adapter_w, bank_b)
     else:
         bank_a, bank_b = lora_a[adapter_idx], lora_b[adapter_idx]  # [R, k, r, d]
@@ -54,9 +60,11 @@ def lora_delta_reference(
             b_mix = torch.einsum("bj,bjor->bor", adapter_w, bank_b)
         else:
             shrink = torch.einsum("bld,bjrd->bljr", x_pad, bank_a)
+            shrink = torch.where(real[..., None, None], shrink, 0)
             delta = torch.einsum("bljr,bj,bjor->blo", shrink, adapter_w, bank_b)
     if mix == 0:
-        delta = torch.bmm(torch.bmm(x_pad, a_mix.transpose(1, 2)), b_mix.transpose(1, 2))
+        shrink = torch.where(real[..., None], torch.bmm(x_pad, a_mix.transpose(1, 2)), 0)
+        delta = torch.bmm(shrink, b_mix.transpose(1, 2))
 
     delta_sorted = delta[sorted_rows, position]
     return delta_sorted[torch.argsort(order)]

@@ -205,3 +205,33 @@ def test_personalize_is_thread_safe():
     wrong = sum(not torch.equal(y, expected[i]) for i, ys in results.items() for y in ys)
     assert all(len(ys) == 20 for ys in results.values())
     assert wrong == 0, f"{wrong} of {20 * len(users)} outputs belonged to another user"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+def test_a_token_less_rows_nan_adapter_leaves_shared_adapters_clean(backend, mix):
+    """Row 1 has no tokens and lists a NaN adapter (0) beside a clean one (1) that row 0 uses:
+    y does not depend on row 1, so adapter 1's gradients must be those of a run without the
+    NaN. The reference padded rows with zero tokens and its 0 * NaN there reached them."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    lora_a = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64)
+    lora_b = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    adapter_w = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    idx = torch.tensor([[1, 1], [0, 1]])
+    row_ids = torch.zeros(4, dtype=torch.long)  # every token in row 0
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    grads = []
+    for broken in (False, True):
+        a = lora_a.clone()
+        if broken:
+            a[0, 0, 0] = float("nan")
+        leaves = [t.to(dtype).requires_grad_() for t in (a, lora_b)]
+        y = rk.lora_mix_linear(x.to(dtype), weight.to(dtype), None, *leaves,
+                               adapter_w.to(dtype), idx, mix=mix, row_ids=row_ids,
+                               backend=backend)
+        assert torch.isfinite(y).all()
+        grads.append(torch.autograd.grad(y.sum(), leaves))
+    for clean, with_nan in zip(*grads):
+        torch.testing.assert_close(with_nan[1], clean[1], rtol=0, atol=0)
