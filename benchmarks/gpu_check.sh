@@ -40,6 +40,7 @@ SLUG=$(echo "${CARD:-cpu}" | tr -cs 'A-Za-z0-9' '_' | tr 'A-Z' 'a-z' | sed 's/^_
 START=$SECONDS
 BUDGET_S="${BUDGET_S:-400}"  # the whole script, seconds (see the plan above)
 declare -a STEPS=()
+FAILED=0  # the exit status: 1 if a step failed or was skipped
 
 left() { echo $((BUDGET_S - (SECONDS - START))); }
 
@@ -49,6 +50,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run, tee its log, record status and se
   [ "$(left)" -lt "$limit" ] && limit=$(left)
   if [ "$limit" -lt 10 ]; then
     STEPS+=("$(printf '%-11s %-10s %5ds' "$name" "skipped" 0)"); echo "=== $name: no time left"
+    FAILED=1
     return 1
   fi
   echo "=== $name (limit ${limit}s): $*"
@@ -56,6 +58,7 @@ step() {  # step NAME LIMIT_S COMMAND...: run, tee its log, record status and se
   rc=${PIPESTATUS[0]}
   STEPS+=("$(printf '%-11s %-10s %5ds' "$name" "$([ "$rc" = 0 ] && echo ok || echo "FAIL($rc)")" \
     $((SECONDS - start)))")
+  [ "$rc" = 0 ] || FAILED=1
   return "$rc"
 }
 
@@ -124,3 +127,4 @@ echo "logs: $LOG_DIR/${SLUG}_*.log"
 echo
 # The target table last (gpu_targets.py also wrote it to $LOG_DIR/targets_<card>.md).
 sed -n '/^== targets/,$p' "$LOG_DIR/${SLUG}_targets.log" 2>/dev/null | grep -v '^wrote '
+exit "$FAILED"
