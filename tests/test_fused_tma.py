@@ -164,6 +164,16 @@ def test_odd_row_bytes_take_pointers(fused_runs):
     assert [tma for tma, *_ in fused_runs] == [False]
 
 
+def test_expanded_rows_take_pointers(fused_runs):
+    """Every token the same row of x (expand(): stride 0 along the tokens, which passes the
+    16-byte rule): the pointer variant is planned, as a descriptor takes positive strides."""
+    case = Case(dense=True, d_in=40, d_out=24)
+    inputs = make_inputs(case, dtype=torch.float32, device=DEVICE)
+    inputs["x"] = inputs["x"][:1, :1].expand_as(inputs["x"])
+    _forward_only(inputs, case)
+    assert [tma for tma, *_ in fused_runs] == [False]
+
+
 @pytest.mark.parametrize("operand", ["x", "weight"])
 def test_an_unaligned_base_falls_back_per_call(fused_runs, operand):
     """Rows 16-byte aligned but the tensor starting 4 bytes past a boundary (a slice of a

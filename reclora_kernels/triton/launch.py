@@ -383,8 +383,9 @@ def _tma_capable(device: torch.device) -> bool:
 
 def _tma_rows(strides: tuple, itemsize: int) -> bool:
     """Whether a 2-D operand with these strides suits a tensor descriptor: unit last stride,
-    rows 16-byte aligned (TMA's rule for every stride but the last)."""
-    return strides[1] == 1 and strides[0] * itemsize % 16 == 0
+    rows 16-byte aligned (TMA's rule for every stride but the last) and apart (an expand()-ed
+    operand's stride 0 is aligned too, but a descriptor's strides must be positive)."""
+    return strides[1] == 1 and strides[0] > 0 and strides[0] * itemsize % 16 == 0
 
 
 def _fused_tma(asked: bool, n_out: int, ordered: bool, x_strides: tuple, w_kn_strides: tuple,
