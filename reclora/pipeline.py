@@ -603,6 +603,11 @@ class Run:
         if name != "zero-shot":
             fp.update({o: getattr(c, o) for o in TRAIN_OPTIONS})
             fp.update(train_subset=_digest(self.train_pool), valid_subset=_digest(self.valid))
+            # A step takes batch_size x grad_accum x world samples: the world size shapes
+            # the training as grad_accum does. Stored only above 1, so that single-process
+            # runs made before it was stored still resume.
+            if self.world > 1:
+                fp["world_size"] = self.world
         if name.startswith("reclora"):
             fp.update({o: getattr(c, o) for o in MIXTURE_OPTIONS})
         if name in GATED_BY_TRAINED_CRM:

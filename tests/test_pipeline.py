@@ -284,6 +284,24 @@ def test_stage_files_are_reused_only_with_resume(quick_run, tiny_model_dir) -> N
                 assert got is None, f"{name}: stage file reused without --resume"
 
 
+def test_resume_redoes_trained_stages_under_another_world_size(quick_run,
+                                                               tiny_model_dir) -> None:
+    """A step takes batch_size x grad_accum x world samples, so a stage trained under
+    torchrun with 2 processes is not reused by a resume in one (nor the reverse); the
+    zero-shot stage, which trains nothing, is."""
+    out, _ = quick_run
+    cfg = config_from_args(_argv(out, tiny_model_dir) + ["--resume"])
+    run = Run(cfg)
+    run.load_data()
+    run.check_model()
+    for name in ("zero-shot", "tallrec", "rella"):
+        assert run.done(name, run.fingerprint(name)) is not None, name
+    run.world = 2  # as dist_info() reports it under torchrun --nproc_per_node=2
+    assert run.done("zero-shot", run.fingerprint("zero-shot")) is not None
+    for name in ("tallrec", "rella"):
+        assert run.done(name, run.fingerprint(name)) is None, name
+
+
 def test_fractional_n_and_seeds(tiny_model_dir, tmp_path) -> None:
     """--n 0.0002 of ML-100K's 75,031 training samples is 15 samples for every LLM model
     (applied once). --seeds 2 (one run for both checks, to keep the suite short): every
