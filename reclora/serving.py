@@ -421,8 +421,11 @@ class Recommender:
 
         # The stage's fingerprint: the data, the subsets, the options and the gate CRM the
         # served model was made with must be what this version computes from the folder.
+        # The world size is the one the stage was trained under (serving is one process).
+        world = (stage.get("fingerprint") or {}).get("world_size", 1)
         fake = SimpleNamespace(cfg=cfg, data_digest=pl.data_digest(ds), test=self.test,
-                               train_pool=self.train_pool, valid=self.valid, crm_sha=crm_sha)
+                               train_pool=self.train_pool, valid=self.valid, crm_sha=crm_sha,
+                               world=world)
         want = pl.Run.fingerprint(fake, model)
         changed = pl._changes(stage.get("fingerprint"), want)
         if changed:

@@ -398,3 +398,16 @@ def test_a_model_whose_weights_changed_is_refused(tiny_run, tmp_path) -> None:
     finally:
         shutil.copy2(backup, weights)
     Recommender.load(tiny_run, model="zero-shot")  # the same files again: served
+
+
+def test_a_stage_trained_under_torchrun_is_served(tiny_run, tmp_path) -> None:
+    """A stage trained by 2 processes stores its world size in its fingerprint; serving (one
+    process) compares with the stage's world size, not its own, and loads it."""
+    def trained_by_two(path):
+        stage = json.loads(path.read_text())
+        stage["fingerprint"]["world_size"] = 2
+        return json.dumps(stage).encode()
+
+    out = _broken_copy(tiny_run, tmp_path, "stages/reclora.json", trained_by_two)
+    rec = Recommender.load(out)
+    assert np.array_equal(rec.stage_probs, Recommender.load(tiny_run).stage_probs)
