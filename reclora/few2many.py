@@ -150,7 +150,10 @@ class CTRData:
     samples: np.ndarray | None = None  # dataset indices, for the record
 
     def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels).astype(np.int64).reshape(-1)
+        labels = np.asarray(self.labels).reshape(-1)
+        if labels.size and not np.isin(labels, (0, 1)).all():  # a cast would floor 0.9 to 0
+            raise ValueError("labels must hold only 0 and 1")
+        self.labels = labels.astype(np.int64)
         if len(self.tokens) != self.labels.size:
             raise ValueError(f"tokens has {len(self.tokens)} prompts but labels "
                              f"{self.labels.size}")
@@ -450,6 +453,14 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
     rank, world = dist_info()
     if cfg.gated and (train.user_reps is None or valid.user_reps is None):
         raise ValueError("cfg.gated needs user_reps (the CRM's h_u) on train and valid data")
+    # Checked before training, not when valid is first scored (with one evaluation point,
+    # after the last step): a one-class valid cannot select a step, and a NaN h_u row would
+    # reach every adapter through the gradients.
+    if np.unique(valid.labels).size < 2:
+        raise ValueError(f"valid needs both positive and negative labels to select a step "
+                         f"(it has {len(valid)} samples)")
+    for split_name, split in (("train", train), ("valid", valid)):
+        _check_user_reps(split, split_name, cfg.gated)
     params = [p for p in ctr.parameters() if p.requires_grad]
     if not params:
         raise ValueError("ctr has no trainable parameters; call inject_adapters first")
@@ -586,6 +597,14 @@ def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
                         history=history)
 
 
+def _check_user_reps(data: CTRData, name: str, gated: bool) -> None:
+    if not gated or data.user_reps is None:
+        return
+    bad = ~torch.isfinite(data.user_reps).reshape(len(data), -1).all(dim=1)
+    if bool(bad.any()):
+        raise ValueError(f"{name}.user_reps row {int(bad.nonzero()[0, 0])} holds NaN or inf")
+
+
 def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None,
                cfg: Stage2Config, out_dir: str | os.PathLike | None = None,
                name: str = "reclora") -> Stage2Result:
@@ -598,6 +617,8 @@ def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None
     if out_dir is not None and rank == 0:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(out_dir) / "stage2_config.json", asdict(cfg))
+    if test is not None:
+        _check_user_reps(test, "test", cfg.gated)
     res = train_stage2(ctr, train.subset(pick), valid, cfg, out_dir, name)
     if test is not None:
         res.test, res.test_probs = evaluate(ctr, test, batch_size=cfg.eval_batch_size,

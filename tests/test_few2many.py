@@ -106,6 +106,34 @@ def test_gated_needs_user_reps() -> None:
         train_stage2(ctr, data, data, cfg)
 
 
+def test_bad_splits_are_refused_before_any_step() -> None:
+    """A one-class valid (no step can be selected) and a NaN h_u row (its gradients would
+    reach every adapter) are refused up front, naming the split and the row; soft labels are
+    refused, not floored to 0."""
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=16, num_adapters=2, gate_dim=16, batch_size=8, eval_points=1,
+                       amp="off", progress=False)
+    inject_adapters(ctr, cfg)
+    before = {n: p.detach().clone() for n, p in ctr.named_parameters() if p.requires_grad}
+    train, valid = make_data(ctr, 16, 0), make_data(ctr, 16, 1)
+    one_class = CTRData(valid.tokens, np.ones(len(valid), dtype=np.int64), valid.user_reps)
+    with pytest.raises(ValueError, match="valid needs both positive and negative"):
+        train_stage2(ctr, train, one_class, cfg)
+    reps = train.user_reps.clone()
+    reps[5, 3] = float("nan")
+    with pytest.raises(ValueError, match="train.user_reps row 5 holds NaN"):
+        train_stage2(ctr, train.with_user_reps(reps), valid, cfg)
+    with pytest.raises(ValueError, match="valid.user_reps row 5 holds NaN"):
+        train_stage2(ctr, train, valid.with_user_reps(reps), cfg)
+    with pytest.raises(ValueError, match="test.user_reps row 5 holds NaN"):
+        run_stage2(ctr, train, valid, train.with_user_reps(reps), cfg)
+    for n, p in ctr.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), f"{n} changed by a refused call"
+    with pytest.raises(ValueError, match="labels must hold only 0 and 1"):
+        CTRData(train.tokens, np.full(len(train), 0.9), None)
+
+
 def test_the_best_step_on_valid_is_kept_not_the_last(monkeypatch) -> None:
     """Validation scripted to peak at the first of three evaluations: the adapters left
     loaded are those of that step (snapshotted when it was scored), not the last step's."""
