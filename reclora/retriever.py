@@ -93,6 +93,12 @@ class LongShortRetriever:
                 raise ValueError("item_embeddings has non-finite values")
             if similarity == "cosine":
                 emb = torch.nn.functional.normalize(emb, dim=1)
+            # |<a, b>| <= |a| |b| bounds every partial sum too: under half float32's max,
+            # no similarity overflows to -inf and ties with the padding's mask.
+            elif float(emb.double().norm(dim=1).max()) ** 2 >= 0.5 * torch.finfo(
+                    torch.float32).max:
+                raise ValueError("item_embeddings are too large for similarity='dot': their "
+                                 "dot products overflow float32 (scale them down)")
             self.emb = emb
             if precompute_table or (precompute_table is None
                                     and dataset.n_items <= MAX_TABLE_ITEMS):
@@ -112,7 +118,11 @@ class LongShortRetriever:
         out = torch.empty(b, length, device=self.device)
         for a in range(0, b, rows):  # chunks over samples bound the [B, L, D] memory
             e_h = self.emb[hist[a:a + rows]]
-            out[a:a + rows] = torch.einsum("bld,bd->bl", e_h, self.emb[targets[a:a + rows]])
+            # A product and a sum over D, not einsum: einsum is a GEMV for one sample and a
+            # bmm for many, which round differently, so near-ties would go another way when
+            # one request is served alone than in the run's batches.
+            e_t = self.emb[targets[a:a + rows]]
+            out[a:a + rows] = (e_h * e_t.unsqueeze(1)).sum(-1)
         return out
 
     def _rank(self, samples: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

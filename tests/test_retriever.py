@@ -171,6 +171,28 @@ def test_argument_errors(small) -> None:
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         LongShortRetriever(ds, bad)
+    # Finite, but their dot products overflow to -inf, which would tie with the padding.
+    with pytest.raises(ValueError, match="item_embeddings are too large"):
+        LongShortRetriever(ds, torch.full((ds.n_items, 4), 1e19), similarity="dot")
+    LongShortRetriever(ds, torch.full((ds.n_items, 4), 1e19))  # cosine normalises them
+
+
+def test_a_sample_retrieves_the_same_alone_as_in_a_batch(tmp_path: Path) -> None:
+    """Without the table (the path above 8192 items), near-duplicate embeddings put history
+    items within rounding of each other: a request served alone must rank them as the run's
+    batches did (einsum rounded differently for one sample than for many)."""
+    syn = make_synthetic(seed=1, n_users=30, n_items=40, per_user=(10, 40), time_span=400)
+    ds = load_dataset(write_ml1m(tmp_path / "m", syn), min_history=1, core=1)
+    g = torch.Generator().manual_seed(0)
+    protos = torch.randn(4, 256, generator=g)
+    emb = protos[torch.arange(ds.n_items) % 4] + 1e-3 * torch.randn(ds.n_items, 256,
+                                                                     generator=g)
+    r = LongShortRetriever(ds, emb, k_text=3, k_id=10, precompute_table=False)
+    batched = r.retrieve(ds.samples)
+    for b, i in enumerate(ds.samples):
+        alone = r.retrieve([int(i)])
+        assert torch.equal(alone.text_positions[0], batched.text_positions[b]), int(i)
+        assert torch.equal(alone.id_positions[0], batched.id_positions[b]), int(i)
 
 
 @pytest.mark.skipif(installed_ml100k_dir() is None, reason="recbole wheel not installed")
