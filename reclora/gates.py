@@ -19,6 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+# Rows of user_reps larger than this are scaled to it before the LayerNorm: its variance
+# (a sum of squares over the row) stays far inside float32's 3.4e38.
+_LARGEST_NORMALISED = 1e15
+
 
 @dataclass(frozen=True)
 class GateConfig:
@@ -142,6 +146,12 @@ class PersonalizedGate(nn.Module):
             )
         first = self.net[1].weight
         user_reps = user_reps.to(device=first.device, dtype=first.dtype)
+        # LayerNorm's variance overflows float32 past |x| ~ 1e19 (the row's weights came out
+        # uniform or NaN); it is scale-invariant, so such rows are scaled down first. Other
+        # rows are divided by exactly 1 (no host sync to ask which rows are large).
+        if user_reps.shape[0] and user_reps.shape[1]:
+            peak = user_reps.detach().abs().amax(dim=1, keepdim=True)
+            user_reps = user_reps / torch.clamp(peak / _LARGEST_NORMALISED, min=1.0)
         return self.net(user_reps) / self.config.temperature
 
     def forward(self, user_reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -179,6 +179,24 @@ def test_reference_code_factor_formula():
     assert err < 1e-13, err
 
 
+def test_gate_reads_a_huge_row_as_its_direction():
+    """A finite float32 row of magnitude 1e19-1e30 overflowed the LayerNorm's variance (the
+    row got uniform or NaN weights); it is read as the same row scaled down, and rows of a
+    usual size are unchanged bit for bit, in the same batch."""
+    torch.manual_seed(0)
+    gate = PersonalizedGate(16, 4).eval()
+    user = torch.randn(5, 16)
+    usual = gate(user)[0]
+    big = user.clone()
+    big[2] *= 1e19
+    big[3] *= 1e30
+    w = gate(big)[0]
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w[2:4], usual[2:4], rtol=1e-4, atol=1e-5)
+    assert torch.equal(w[[0, 1, 4]], usual[[0, 1, 4]])
+    assert not torch.allclose(w[2], torch.full((4,), 0.25), atol=1e-3)
+
+
 def test_gate_options():
     torch.manual_seed(0)
     gate = PersonalizedGate(8, 6, temperature=2.0, dtype=F64).eval()
