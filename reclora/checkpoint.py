@@ -2,7 +2,8 @@
 
 One safetensors file. Tensors are named "<module name>.lora_a", "<module name>.lora_b" and
 "<module name>.gate.<parameter>"; the metadata entry "reclora" holds JSON with the format
-version and each layer's adapter_config() (sizes, alpha, mix, gate options), so a file can be
+version, each layer's adapter_config() (sizes, alpha, mix, gate options) and "aliases" (every
+name the saved model reached each layer under: a shared module has several), so a file can be
 loaded into a fresh, un-injected model: load_adapters injects the layers it names first.
 Writes are atomic: a temporary file in the target's folder, then os.replace
 (atomic_write_folder does the same for a folder of files that belong together).
@@ -10,12 +11,14 @@ Writes are atomic: a temporary file in the target's folder, then os.replace
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import stat
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -48,27 +51,34 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "BF16": torch.bfloat16}
 
 
-def _layers_state(layers: dict[str, RecLoRALinear]) -> dict[str, torch.Tensor]:
+def _layers_state(layers: dict[str, RecLoRALinear], *,
+                  keep_vars: bool = False) -> dict[str, torch.Tensor]:
     state = {}
     for name, layer in layers.items():
         state[f"{name}.lora_a"] = layer.lora_a
         state[f"{name}.lora_b"] = layer.lora_b
         if layer.gate is not None:
-            for key, value in layer.gate.state_dict().items():
+            for key, value in layer.gate.state_dict(keep_vars=keep_vars).items():
                 state[f"{name}.gate.{key}"] = value
     return state
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """write(tmp_path) into a temporary file beside path, fsync it, then os.replace it onto
-    path: a reader sees the old file or the new one, never a half-written one."""
-    path = Path(path)
+    path: a reader sees the old file or the new one, never a half-written one. A file
+    already at path keeps its mode; through a symbolic link, the file it points to is
+    replaced (as atomic_write_folder does)."""
+    path = Path(os.path.realpath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = None
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        _settle(tmp)
+        _settle(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -76,11 +86,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         raise
 
 
-def _settle(path: str | os.PathLike) -> None:
-    """A freshly written file: its mode the one open() would give, then fsynced."""
+def _settle(path: str | os.PathLike, mode: int | None = None) -> None:
+    """A freshly written file: its mode `mode`, else the one open() would give; fsynced."""
     # mkstemp makes the file 0600 (and safetensors rewrites it 0600): give it the mode
     # open() would have, 0666 less the umask, like any other file the user writes.
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, 0o666 & ~_umask() if mode is None else mode)
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
@@ -97,13 +107,15 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None], 
                         replaces: Collection[str]) -> None:
     """write(tmp_dir) fills a temporary folder beside path (its files fsynced), which then
     takes path's place: the folder at path is renamed aside, the new one renamed in, the old
-    one deleted. A reader sees the old files or the new ones, never a mix (a crash between
-    the two renames leaves no folder at path, the old and the new one complete beside it).
+    one's files deleted. A reader sees the old files or the new ones, never a mix (a crash
+    between the two renames leaves no folder at path, the old and the new one complete
+    beside it).
 
     A folder already at path is replaced only if it holds nothing but names in `replaces`
     (an earlier write of the same files): anything else raises FileExistsError before
-    anything is written, so no other file is ever deleted. Through a symbolic link, the
-    folder it points to is replaced."""
+    anything is written, so no other file is ever deleted (one that appears in the folder
+    during the write stays in the old folder, kept beside path with a warning). Through a
+    symbolic link, the folder it points to is replaced."""
     path = Path(os.path.realpath(path))
     mode = 0o777 & ~_umask()
     if os.path.lexists(path):
@@ -135,7 +147,17 @@ def atomic_write_folder(path: str | os.PathLike, write: Callable[[Path], None], 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if aside is not None:
-        shutil.rmtree(aside, ignore_errors=True)
+        # Only the names checked above: a file another process wrote into the folder during
+        # the write is left, in `aside`, never deleted.
+        for name in replaces:
+            with contextlib.suppress(OSError):
+                os.unlink(aside / name)
+        try:
+            os.rmdir(aside)
+        except OSError:
+            warnings.warn(f"{path}: written; the folder it replaced, {aside}, is kept: it "
+                          f"holds {_summarise(sorted(os.listdir(aside)))}, which appeared "
+                          "during the write", stacklevel=2)
     _fsync_dir(path.parent)
 
 
@@ -163,12 +185,23 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
     layers = reclora_layers(model)
     if not layers:
         raise ValueError("save_adapters: `model` has no RecLoRALinear layers")
+    # Each layer's banks and gate are stored under its name: two layers holding one gate (or
+    # bank) would be written twice (safetensors refuses that on the CPU) and load back apart.
+    owners: dict[int, str] = {}
+    for key, value in _layers_state(layers, keep_vars=True).items():
+        first = owners.setdefault(id(value), key)
+        if first != key:
+            raise ValueError(f"save_adapters: {first} and {key} are one tensor (the layers "
+                             "share a gate or bank); a file holds each layer's own: give "
+                             "every RecLoRALinear its own gate and banks")
     tensors = {
         key: value.detach().to("cpu").contiguous() for key, value in
         adapter_state_dict(model).items()
     }
+    names = names_by_module(model)
     meta = {"format": FORMAT, "version": VERSION,
-            "layers": {name: layer.adapter_config() for name, layer in layers.items()}}
+            "layers": {name: layer.adapter_config() for name, layer in layers.items()},
+            "aliases": {name: names[id(layer)] for name, layer in layers.items()}}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"reclora": json.dumps(meta)}))
 
 
@@ -178,7 +211,8 @@ _LAYER_KEYS = ("num_adapters", "rank", "alpha", "mix", "gate")
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
     """The JSON config stored in an adapter file: {"format", "version", "layers": {name:
-    adapter_config()}}. Anything else raises ValueError naming the file."""
+    adapter_config()}, "aliases": {name: [every name of that module]}} ("aliases" absent in
+    older files). Anything else raises ValueError naming the file."""
     if not Path(path).is_file():
         raise ValueError(f"load_adapters: {path} is not a file (give the .safetensors file "
                          "save_adapters wrote)")
@@ -211,6 +245,12 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         if missing:
             raise ValueError(f"load_adapters: {path}: layer {name!r}'s config lacks "
                              f"{', '.join(missing)}")
+    aliases = meta.get("aliases", {})  # absent in files saved before it was written
+    if not isinstance(aliases, dict) or not all(
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+            for names in aliases.values()):
+        raise ValueError(f"load_adapters: {path}: its metadata's 'aliases' is not a dict of "
+                         "lists of module names")
     return meta
 
 
@@ -235,13 +275,17 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     built base model works); then everything but banks and gates is frozen. Raises ValueError
     naming the file on malformed metadata, missing keys (model layers the file lacks, with
     strict=True), extra keys, shapes that differ, a tensor that is not floating or holds NaN
-    or inf, or a layer configured differently (rank, alpha, mix, gate options...)."""
+    or inf, a layer configured differently (rank, alpha, mix, gate options...), modules
+    shared otherwise than in the saved model, or (into layers already injected) banks or
+    gates of another dtype than the file's."""
     meta = read_adapter_config(path)
     # Build every layer first and check the file against them, so a file that does not fit
     # leaves the model untouched.
     layers = reclora_layers(model)
     new_layers = {}
     aliases = names_by_module(model)  # a shared module is replaced under every name it has
+    saved_aliases = meta.get("aliases", {})  # absent in older files: not checked
+    seen: dict[int, str] = {}  # id(module) -> the file's layer name for it
     with safe_open(str(path), framework="pt") as handle:
         found = set(handle.keys())
         for name, config in meta["layers"].items():
@@ -250,6 +294,20 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
             except AttributeError:
                 raise ValueError(f"load_adapters: the file has layer {name!r}, which `model` "
                                  "lacks") from None
+            # The model must share modules as the saved one did: else two of the file's
+            # layers would wrap one module (the last one's banks winning under every name),
+            # or a layer saved as shared would leave its other names without adapters.
+            if id(module) in seen:
+                raise ValueError(f"load_adapters: {path} has layers {seen[id(module)]!r} and "
+                                 f"{name!r}, which are one module in `model` (the file comes "
+                                 "from a model where they are not shared)")
+            seen[id(module)] = name
+            saved = saved_aliases.get(name)
+            if saved is not None and set(saved) != set(aliases[id(module)]):
+                raise ValueError(f"load_adapters: {path}: layer {name!r} was saved as one "
+                                 f"module named {sorted(saved)}, but in `model` that module "
+                                 f"is named {sorted(aliases[id(module)])} (the file comes "
+                                 "from a model whose modules are shared otherwise)")
             if not isinstance(module, RecLoRALinear):
                 if not name:  # saved from a bare layer: the root cannot be replaced in place
                     raise ValueError(f"load_adapters: {path} holds a single layer saved as "
@@ -290,11 +348,21 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
         if wrong:
             problems.append(f"mis-shaped keys: {_summarise(wrong)}")
         # copy_ would cast an integer tensor into a bank silently.
-        typed = [f"{k} (file {handle.get_slice(k).get_dtype()})" for k in shapes
-                 if expected[k].is_floating_point()
-                 and handle.get_slice(k).get_dtype() not in _SAFETENSORS_DTYPES]
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in shapes}
+        typed = [f"{k} (file {dtypes[k]})" for k in shapes
+                 if expected[k].is_floating_point() and dtypes[k] not in _SAFETENSORS_DTYPES]
         if typed:
             problems.append(f"keys not of a floating dtype: {_summarise(typed)}")
+        # Refused, not cast (nor warned about, which is easy to miss): a layer injected in
+        # another dtype than the file's runs its gate in that dtype and so mixes otherwise
+        # than the saved model (bf16 banks loaded as float32: logits 3% off).
+        cast = [f"{k} (file {dtypes[k]}, model {str(expected[k].dtype).removeprefix('torch.')})"
+                for k in shapes if dtypes[k] in _SAFETENSORS_DTYPES
+                and _SAFETENSORS_DTYPES[dtypes[k]] != expected[k].dtype]
+        if cast:
+            problems.append(f"keys of another dtype: {_summarise(cast)} (inject with the "
+                            "file's adapter_dtype, or load into a model not injected yet: "
+                            "load_adapters builds its layers in the file's dtype)")
         if problems:
             raise ValueError(f"load_adapters: {path} does not fit the model: "
                              + "; ".join(problems))

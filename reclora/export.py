@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import _summarise, atomic_write_folder
-from .injection import personalize, reclora_layers
+from .injection import names_by_module, personalize, reclora_layers
 from .layers import RecLoRALinear, uniform_mixture
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what an export writes
@@ -87,6 +87,28 @@ def _check_finite(factors: dict[str, tuple[torch.Tensor, torch.Tensor]], row: in
                      f"{_summarise(bad)}: their banks, gates or mixtures hold NaN or inf")
 
 
+def _check_targets(model: nn.Module, layers: dict[str, RecLoRALinear]) -> None:
+    """Every layer must be a module PEFT can adapt: not the model itself, and reached through
+    one (parent, attribute) only. PEFT wraps a module once, at its first name, so under
+    another parent or attribute name it would run bare. A shared parent is fine (a block
+    repeated as ModuleList([block] * n)): setting the attribute on it reaches every path."""
+    if "" in layers:
+        raise ValueError("export_peft: `model` is a bare RecLoRALinear, which cannot be a PEFT "
+                         "target (it has no module name); export a model that holds it")
+    names = names_by_module(model)
+    for name, layer in layers.items():
+        places = set()
+        for alias in names[id(layer)]:
+            parent, _, attribute = alias.rpartition(".")
+            places.add((id(model.get_submodule(parent)), attribute))
+        if len(places) > 1:
+            raise ValueError(f"export_peft: layer {name!r} is one module under the names "
+                             f"{', '.join(names[id(layer)])}; a PEFT adapter cannot adapt a "
+                             "module under several parents or attribute names (PEFT wraps "
+                             "it at its first name only, the others would run without the "
+                             "adapter)")
+
+
 def _peft_config(layers: dict[str, RecLoRALinear], rank: int, scale: float,
                  base_model_name_or_path: str | None, task_type: str | None) -> str:
     """adapter_config.json's text (PEFT's LoraConfig fields)."""
@@ -128,8 +150,9 @@ def export_peft(
     Gates run in eval mode (no dropout). Load it with
     `peft.PeftModel.from_pretrained(base_model, out_dir)` on the model as it was before
     inject. base_model_name_or_path (a str or path) and task_type (a str) go into
-    adapter_config.json. out_dir gets both files or keeps what it held (an earlier export);
-    a folder holding other files is refused. Returns out_dir.
+    adapter_config.json. A layer shared under several parents or attribute names, which PEFT
+    cannot represent, is refused. out_dir gets both files or keeps what it held (an earlier
+    export); a folder holding other files is refused. Returns out_dir.
     """
     # bool is an int subclass: True would silently export row 1.
     if isinstance(row, bool) or not isinstance(row, (int, np.integer)):
@@ -146,6 +169,7 @@ def export_peft(
     layers = reclora_layers(model)
     if not layers:
         raise ValueError("export_peft: `model` has no RecLoRALinear layers")
+    _check_targets(model, layers)
     gates = [layer.gate for layer in layers.values() if layer.gate is not None]
     modes = [gate.training for gate in gates]
     factors, specs = {}, set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -248,3 +249,81 @@ def test_paths_that_are_not_adapter_files_are_named(tmp_path):
                           ("missing.safetensors", "is not a file"), (".", "is not a file")):
         with pytest.raises(ValueError, match=rf"load_adapters: .*{message}"):
             reclora.load_adapters(build("llama"), tmp_path / name)
+
+
+def test_a_bank_of_another_dtype_than_the_injected_layers_is_refused(tmp_path):
+    """Into layers injected already, a file's banks and gates were cast to the layers' dtype
+    silently: bf16 adapters loaded as float32 gave logits 3% off the saved model's."""
+    path = tmp_path / "f32.safetensors"
+    reclora.save_adapters(trained(adapter_dtype=torch.float32), path)
+    model = build("llama")  # float64: inject's default bank dtype is float64 here
+    reclora.inject(model, num_adapters=4, rank=2, alpha=8, gate_dim=GATE_DIM, temperature=3.0)
+    before = {k: v.clone() for k, v in reclora.adapter_state_dict(model).items()}
+    with pytest.raises(ValueError, match=r"f32.safetensors does not fit the model: keys of "
+                                         r"another dtype: model.layers.0.self_attn.q_proj.gate"
+                                         r".* \(file F32, model float64\).*adapter_dtype"):
+        reclora.load_adapters(model, path)
+    after = reclora.adapter_state_dict(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # untouched
+    # Injected in the file's dtype, it loads.
+    model = build("llama")
+    reclora.inject(model, num_adapters=4, rank=2, alpha=8, gate_dim=GATE_DIM, temperature=3.0,
+                   adapter_dtype=torch.float32)
+    reclora.load_adapters(model, path)
+
+
+def test_layers_sharing_a_gate_are_refused_by_save(tmp_path):
+    """safetensors raised its own "Some tensors share memory" on the CPU (and on CUDA the
+    file loaded back as two gates)."""
+    from reclora.gates import PersonalizedGate
+
+    gate = PersonalizedGate(4, 3, dtype=F64)
+    net = torch.nn.Sequential(RecLoRALinear(6, 6, num_adapters=3, rank=2, gate=gate, dtype=F64),
+                              RecLoRALinear(6, 6, num_adapters=3, rank=2, gate=gate, dtype=F64))
+    with pytest.raises(ValueError, match=r"save_adapters: 0.gate.net.0.weight and "
+                                         r"1.gate.net.0.weight are one tensor"):
+        reclora.save_adapters(net, tmp_path / "a.safetensors")
+    assert not os.listdir(tmp_path)
+    net[1].gate = PersonalizedGate(4, 3, dtype=F64)  # its own gate: saved
+    reclora.save_adapters(net, tmp_path / "a.safetensors")
+
+
+def test_a_folder_file_written_during_the_replace_is_kept(tmp_path):
+    """atomic_write_folder removed the old folder whole: a file another process wrote into it
+    while the new one was being written was deleted."""
+    folder = tmp_path / "user7"
+    files = ("a.json", "b.bin")
+
+    def write(version, intruder=False):
+        def fill(tmp):
+            for name in files:
+                (tmp / name).write_text(version)
+            if intruder:
+                (folder / "notes.txt").write_text("keep me")
+        return fill
+
+    ckpt.atomic_write_folder(folder, write("1"), replaces=files)
+    with pytest.warns(UserWarning, match=r"user7: written; the folder it replaced, .*\.old, is "
+                                         r"kept: it holds notes.txt"):
+        ckpt.atomic_write_folder(folder, write("2", intruder=True), replaces=files)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {"a.json": "2", "b.bin": "2"}
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert [sorted(os.listdir(p)) for p in kept] == [["notes.txt"]]  # the old files gone
+    assert (kept[0] / "notes.txt").read_text() == "keep me"
+
+
+def test_a_rewrite_keeps_the_file_mode_and_writes_through_a_link(tmp_path):
+    """atomic_write gave a 0600 file the umask's mode (0644: readable by all) and replaced a
+    symbolic link by a regular file, leaving the file it pointed to as it was."""
+    path = tmp_path / "a.safetensors"
+    reclora.save_adapters(trained(), path)
+    os.chmod(path, 0o600)
+    reclora.save_adapters(trained(), path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(path)
+    reclora.save_adapters(trained(gate_dim=None), link)
+    assert link.is_symlink() and os.readlink(link) == str(path)
+    assert not json.loads(read(path)[1]["reclora"])["layers"][
+        "model.layers.0.self_attn.q_proj"]["gate"]  # the target holds the new file
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "link.safetensors"]

@@ -85,3 +85,74 @@ def test_export_leaves_gate_modes(tmp_path):
     model.train()
     reclora.export_peft(model, tmp_path / "u", user_reps=torch.randn(GATE_DIM, dtype=F64))
     assert all(layer.gate.training for layer in reclora.reclora_layers(model).values())
+
+
+class _Shared(torch.nn.Module):
+    """One Linear under two names, enc and dec."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 6, dtype=F64)
+        self.dec = self.enc
+
+    def forward(self, x):
+        return self.dec(torch.relu(self.enc(x)))
+
+
+class _Blocks(torch.nn.Module):
+    """Three residual blocks: one block object repeated (ModuleList([block] * 3)), or three
+    blocks holding one projection (blocks.i.proj the same Linear)."""
+
+    def __init__(self, shared_block: bool):
+        super().__init__()
+        proj = torch.nn.Linear(6, 6, dtype=F64)
+        if shared_block:
+            self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"proj": proj})] * 3)
+        else:
+            self.blocks = torch.nn.ModuleList(
+                [torch.nn.ModuleDict({"proj": proj}) for _ in range(3)])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + torch.tanh(block["proj"](x))
+        return x
+
+
+def test_a_layer_under_several_names_is_refused(tmp_path):
+    """PEFT adapts a module once, at its first name: the export's adapter ran under `enc` and
+    not `dec` (21% off the RecLoRA model), silently."""
+    torch.manual_seed(0)
+    for model, names in ((_Shared(), "enc, dec"),
+                         (_Blocks(shared_block=False), "blocks.0.proj, blocks.1.proj, "
+                                                       "blocks.2.proj")):
+        targets = ("enc",) if isinstance(model, _Shared) else ("proj",)
+        reclora.inject(model, targets, num_adapters=2, rank=2)
+        with pytest.raises(ValueError, match=rf"export_peft: layer '\w+(.0.proj)?' is one "
+                                             rf"module under the names {names}; a PEFT adapter "
+                                             r"cannot adapt a module under several parents"):
+            reclora.export_peft(model, tmp_path / "u")
+        assert not (tmp_path / "u").exists()
+
+
+def test_a_repeated_block_exports(tmp_path):
+    """ModuleList([block] * n): the shared object is the parent, and PEFT's setattr on it
+    reaches every path, so the adapter is exact there."""
+    torch.manual_seed(0)
+    base = _Blocks(shared_block=True)
+    model = copy.deepcopy(base)
+    randomise_adapters(reclora.inject(model, ("proj",), num_adapters=3, rank=2), seed=1)
+    x = torch.randn(1, 6, dtype=F64)
+    expected = model(x)
+    reclora.export_peft(model, tmp_path / "u")
+    served = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "u").eval()
+    torch.testing.assert_close(served(x), expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(base(x), expected)  # the adapter does something
+
+
+def test_a_bare_layer_is_refused(tmp_path):
+    """Its name is "": PEFT refused the export at load time (no module matched)."""
+    layer = reclora.RecLoRALinear.from_linear(torch.nn.Linear(6, 5, dtype=F64), num_adapters=2,
+                                              rank=2)
+    with pytest.raises(ValueError, match="export_peft: `model` is a bare RecLoRALinear"):
+        reclora.export_peft(layer, tmp_path / "u")
+    assert not (tmp_path / "u").exists()
