@@ -94,3 +94,157 @@ def test_every_predicted_launch_falls_in_one_kernel_kind(design):
                 continue
             kinds = [label for label, _, is_launch in gt.KINDS if is_launch(planned)]
             assert len(kinds) == 1, (target.case.label, planned.name, kinds)
+
+
+# --- a failed base, an interrupt, the deadline: what the table may then say -----------------
+
+
+@pytest.fixture
+def smoke_run(monkeypatch):
+    monkeypatch.setattr(gt, "INTERRUPTED", [])
+    run = gt.Run(smoke=True)
+    run.backends = ["cpu"]
+    return run
+
+
+def fake_times(monkeypatch, run, outcomes: list) -> list[int]:
+    """run.time_ms gives outcomes[i] on its i-th call (an exception is raised); returns the
+    calls made, by index."""
+    made = []
+
+    def time_ms(calls):
+        made.append(len(made))
+        got = outcomes[len(made) - 1]
+        if isinstance(got, BaseException):
+            raise got
+        return got
+
+    monkeypatch.setattr(run, "time_ms", time_ms)
+    return made
+
+
+def test_a_failed_base_gives_no_ratio(smoke_run, monkeypatch):
+    """The candidates' milliseconds were once returned as their ratios: '0.42x met'."""
+    row = smoke_run.rows[0]
+    fake_times(monkeypatch, smoke_run, [RuntimeError("CUDA out of memory"), 0.42, 0.42])
+    got = gt.measure_ratio(smoke_run, row)
+    assert got["cpu"] == got[gt.MATERIALISE] == "no base: RuntimeError: CUDA out of memory"
+    line = gt.target_table(smoke_run, {row.key: got})[2]
+    assert "met" not in line and "short" not in line
+
+
+def test_an_interrupt_stops_the_row_at_the_next_candidate(smoke_run, monkeypatch):
+    """gpu_check.sh's SIGINT on a candidate: the rest of the row is not measured (its SIGKILL
+    follows 15 s later, and the table comes last)."""
+    row = smoke_run.rows[0]
+    made = fake_times(monkeypatch, smoke_run, [0.2, KeyboardInterrupt(), 0.4])
+    got = gt.measure_ratio(smoke_run, row)
+    assert made == [0, 1]  # materialise+bmm never timed
+    assert got["cpu"] == got[gt.MATERIALISE] == "skipped: interrupted (time limit)"
+
+
+def test_the_deadline_is_checked_before_every_candidate(smoke_run, monkeypatch):
+    row = smoke_run.rows[0]
+    made = []
+
+    def time_ms(calls):  # the base's measurement runs past the deadline
+        made.append(1)
+        smoke_run.deadline = 0.0
+        return 0.2
+
+    monkeypatch.setattr(smoke_run, "time_ms", time_ms)
+    got = gt.measure_ratio(smoke_run, row)
+    assert made == [1] and got["cpu"] == "skipped: out of the time budget (--budget-s)"
+
+
+def test_graph_and_host_rows_stop_after_an_interrupt(smoke_run, monkeypatch):
+    graph_row, host_row = (r for r in smoke_run.rows if r.kind != "ratio")
+    smoke_run.backends = ["cpu", "other"]
+    smoke_run.cuda = True  # graph_replay_ms is made up below; nothing is captured
+    monkeypatch.setattr(smoke_run, "pool", lambda case: [None])
+    made = []
+
+    def measured(value):
+        def fake(call, **kw):
+            made.append(call)
+            if len(made) == 2:
+                raise KeyboardInterrupt
+            return value
+        return fake
+
+    one_ms = gt.timing._summary([1.0], "ms")
+    monkeypatch.setattr(gt.timing, "graph_replay_ms", measured(one_ms))
+    got = gt.measure_graph(smoke_run, graph_row)  # base, then cpu interrupted
+    assert len(made) == 2
+    assert got["other"] == got[gt.MATERIALISE] == "skipped: interrupted (time limit)"
+    made.clear()
+    gt.INTERRUPTED.clear()
+    host = gt.timing.HostTime(gt.timing._summary([5.0], "us"), 0.0, False)
+    monkeypatch.setattr(gt.timing, "host_us_per_call", measured(host))
+    got = gt.measure_host(smoke_run, host_row)
+    assert len(made) == 2 and got[gt.BASE] == 5.0
+    assert got["other"] == got[gt.MATERIALISE] == "skipped: interrupted (time limit)"
+
+
+def test_a_failed_base_graph_gives_no_ratio(smoke_run, monkeypatch):
+    graph_row = next(r for r in smoke_run.rows if r.kind == "graph")
+    smoke_run.cuda = True
+    monkeypatch.setattr(smoke_run, "pool", lambda case: [None])
+    calls = []
+
+    def graph_replay_ms(call):
+        calls.append(call)
+        if len(calls) == 1:
+            raise RuntimeError("capture failed")
+        return gt.timing._summary([1.0], "ms")
+
+    monkeypatch.setattr(gt.timing, "graph_replay_ms", graph_replay_ms)
+    got = gt.measure_graph(smoke_run, graph_row)
+    assert got["cpu"] == "no base: RuntimeError: capture failed"
+
+
+def test_an_interrupt_while_making_a_pool_is_a_cell_not_the_end(smoke_run, monkeypatch):
+    smoke_run.cuda = True
+
+    def pool(case):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(smoke_run, "pool", pool)
+    case = roofline.TARGETS[0].case
+    try:  # an escaped interrupt would end pytest's session, not fail this test
+        (line,) = gt.kernel_report(smoke_run, case, "triton")
+        assert line.endswith(": skipped: interrupted (time limit)")
+        gt.INTERRUPTED.clear()
+        assert gt.launches_line(smoke_run, case, "triton").endswith(
+            "measured skipped: interrupted (time limit)")
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped: main would end before the table")
+
+
+def test_main_measures_the_decode_rows_first(monkeypatch, tmp_path, capsys):
+    """The cheapest rows, which a cold Triton cache pushed past the budget when they came
+    last; the table keeps the spec's order. A failed row prints no stray traceback."""
+    monkeypatch.setattr(gt, "INTERRUPTED", [])
+    order = []
+
+    def fake(value):
+        def measure(run, row):
+            order.append(row.kind)
+            if row.kind == "host":
+                raise RuntimeError("host timing broke")
+            return {b: value for b in run.backends}
+        return measure
+
+    for kind in ("ratio", "graph", "host"):
+        monkeypatch.setattr(gt, f"measure_{kind}", fake(1.05))
+    threads = torch.get_num_threads()
+    try:
+        assert gt.main(["--smoke", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert order == ["graph", "host", "ratio", "ratio", "ratio", "ratio"]
+    out, err = capsys.readouterr()
+    table = out[out.index("| case |"):].splitlines()[2:]
+    assert [line.split(" | ")[0][2:] for line in table[:6]] == [r.key for r in gt.smoke_rows()]
+    assert "RuntimeError: host timing broke" in out
+    assert "Traceback" not in err and "NoneType: None" not in err

@@ -153,3 +153,98 @@ def test_each_workload_runs_on_its_own_inputs(monkeypatch):
         shapes.clear()
         calls[name]()
         assert shapes == want, name
+
+
+# --- the `auto` choice against plain torch ----------------------------------------------------
+
+
+def fake_auto(monkeypatch, ms: dict) -> list[str]:
+    """pick_auto's problems, forwards and plain-torch calls made up: each call is
+    (name, tokens) and takes ms[(name, tokens)] (absent: the call failed). Returns what was
+    timed."""
+    import reclora_kernels
+
+    timed = []
+    monkeypatch.setattr(reclora_kernels, "available_backends",
+                        lambda: ["reference", "triton", "cuda"])
+    monkeypatch.setattr(tt, "problem", lambda tokens, rows: tokens)
+    monkeypatch.setattr(tt, "_forward", lambda tokens, backend: (backend, tokens))
+    monkeypatch.setattr(tt, "_plain_torch", lambda tokens: {
+        name: (name, tokens) for name in (tt.FLOOR, "F.linear")})
+
+    def fake_timed(call):
+        if not isinstance(call, tuple):  # a sweep's workload (main): every config alike
+            return 1.0
+        timed.append(call[0])
+        return ms.get(call, float("inf"))
+
+    monkeypatch.setattr(tt, "timed", fake_timed)
+    return timed
+
+
+# Both kernels slower than materialise+bmm at the prefill size (as the H100 measured the old
+# design: 2.11x and 42x the base against 1.52x); at the decode size cuda is the fastest and
+# beats it.
+SLOW_PREFILL = {("triton", 8192): 0.60, ("cuda", 8192): 0.70, (tt.FLOOR, 8192): 0.50,
+                ("F.linear", 8192): 0.33, ("triton", 64): 0.030, ("cuda", 64): 0.025,
+                (tt.FLOOR, 64): 0.050, ("F.linear", 64): 0.020}
+
+
+def test_auto_names_no_backend_slower_than_plain_torch(monkeypatch, capsys):
+    timed = fake_auto(monkeypatch, SLOW_PREFILL)
+    chosen, measured = tt.pick_auto(None)
+    assert chosen == {"decode": "cuda"}  # no prefill entry: nothing beat materialise+bmm
+    assert {tt.FLOOR, "F.linear"} <= set(timed) and "reference" not in timed
+    assert measured["prefill"]["us"] == {"triton": 600.0, "cuda": 700.0, tt.FLOOR: 500.0,
+                                         "F.linear": 330.0}
+    assert "triton, takes 1.20x materialise+bmm's time; no entry" in measured["prefill"]["note"]
+    assert measured["decode"]["note"] == "cuda: 0.50x materialise+bmm's time"
+    assert "WARNING: auto[prefill]" in capsys.readouterr().out
+
+
+def test_auto_skips_a_class_whose_backends_or_floor_failed(monkeypatch):
+    fake_auto(monkeypatch, {})  # every call fails
+    chosen, measured = tt.pick_auto(None)
+    assert chosen == {}  # once "triton" (min of all-inf), written as measured fastest
+    assert measured["prefill"]["us"]["triton"] is None  # JSON null, not Infinity
+    assert measured["prefill"]["note"].startswith("every backend failed")
+    # the floor failed: no backend is shown faster than plain torch
+    fake_auto(monkeypatch, {k: v for k, v in SLOW_PREFILL.items() if k[0] != tt.FLOOR})
+    chosen, measured = tt.pick_auto(None)
+    assert chosen == {} and "failed to run" in measured["decode"]["note"]
+
+
+def test_the_card_file_main_writes_reads_back_as_measured(monkeypatch, tmp_path):
+    """main end to end (sweeps and timings made up): the card file's `auto` names cuda for
+    decode and has no prefill entry, so configs falls back to triton there, even over the
+    held file's earlier prefill choice; "_auto_measured" beside it is not read as a choice."""
+    import torch
+
+    cfg = tmp_path / "configs"
+    cfg.mkdir()
+    (cfg / "default.json").write_text((tt.configs.CONFIG_DIR / "default.json").read_text())
+    card = cfg / "fake_card.json"
+    card.write_text(json.dumps({"auto": {"prefill": "cuda", "decode": "triton"}}))
+    monkeypatch.setattr(tt.configs, "CONFIG_DIR", cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake Card")
+    monkeypatch.setattr(tt.configs, "_device_name", lambda index: "Fake Card")
+    monkeypatch.setattr(tt, "workloads", lambda: dict.fromkeys(
+        ("prefill", "prefill_fwd_bwd", "decode", "mixed")))
+    fake_auto(monkeypatch, SLOW_PREFILL)
+    tt.configs._table.cache_clear()
+    tt.configs._auto_choices.cache_clear()
+    try:
+        assert tt.main(["--out", str(card)]) == 0
+        written = json.loads(card.read_text())
+        assert written["auto"] == {"decode": "cuda"}
+        assert written["_auto_measured"]["prefill"]["us"][tt.FLOOR] == 500.0
+        tt.configs._table.cache_clear()
+        dev = torch.device("cuda")
+        assert tt.configs.auto_backend(dev, 8192, 64) == "triton"  # the default
+        assert tt.configs.auto_backend(dev, 64, 8) == "cuda"
+        assert tt.configs.auto_may_pick(dev, "cuda") and not tt.configs.auto_may_pick(dev,
+                                                                                      "triton")
+    finally:
+        tt.configs._table.cache_clear()
+        tt.configs._auto_choices.cache_clear()
