@@ -60,3 +60,17 @@ def test_probe_falls_back_to_the_old_location(monkeypatch):
     assert llm._cpu_probe("_is_avx512_bf16_supported") is True
     monkeypatch.setattr(torch._C, "_cpu", object(), raising=False)
     assert llm._cpu_probe("_is_avx512_bf16_supported") is False
+
+
+def test_item_embeddings_take_bf16_where_the_llm_does(monkeypatch):
+    """--item-precision auto and --amp auto answer one question (native bf16 on this CPU):
+    the embeddings followed oneDNN's probe, which says yes on plain AVX512 too (emulated),
+    so a Cascade Lake ran the LLM in fp32 and the items in bf16."""
+    from reclora.data import embeddings
+
+    assert embeddings.use_bf16("auto", "cpu") == llm.bf16_supported(torch.device("cpu"))
+    for has in (True, False):
+        monkeypatch.setattr(llm, "bf16_supported", lambda device, has=has: has)
+        assert embeddings.use_bf16("auto", "cpu") is has
+    assert embeddings.use_bf16("fp32", "cpu") is False
+    assert embeddings.use_bf16("bf16", "cpu") is True
