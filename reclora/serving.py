@@ -26,11 +26,14 @@ mixture: `personalize(model, reps)` with the batch's h_u (the per-row path of
 lora_mix_linear). Scoring the run's test subset in its order reproduces the run's test
 predictions (tests/test_serving.py).
 
-Users: raw ids as in the dataset files (strings). A user the gate CRM never saw in its
-training period (no trained id embedding), or one the dataset does not know at all, goes
-through the CRM's unseen-user path (the zero "unseen" id row; profile fields unknown for a
-new user) and is flagged `cold_start`. Items must be items of the dataset (an unknown item
-has no text, no embedding and no CRM row): an error names the row.
+Users and items: raw ids as in the dataset files (strings), normalised as the dataset's reader
+normalised the files' ids (reclora.data.base.id_normaliser: MovieLens ids are whole numbers,
+so "0196" is user 196, and an id that is not one is refused naming the row; GoodReads ids
+are taken verbatim). A user the gate CRM never saw in its training period (no trained id
+embedding), or one the dataset does not know at all, goes through the CRM's unseen-user path
+(the zero "unseen" id row; profile fields unknown for a new user) and is flagged
+`cold_start`. Items must be items of the dataset (an unknown item has no text, no embedding
+and no CRM row): an error names the row.
 
 `observe` appends interactions (user_id, item_id, timestamp, rating) to the store the views
 are made from: the next score sees them in the history, the retrieval, h_u and so the
@@ -529,12 +532,27 @@ class Recommender:
         return self
 
     # ------------------------------------------------------------------ helpers
+    def _keys(self, ids: np.ndarray, where: Sequence[str], column: str) -> list[str]:
+        """The ids in the form the dataset's reader gave its own (MovieLens: "007" is "7"),
+        the keys of the id maps; an id the reader would refuse raises ServingError naming
+        the row."""
+        from reclora.data.base import id_normaliser
+
+        normalise = id_normaliser(self.ds.source)
+        keys = []
+        for j, v in enumerate(ids):
+            try:
+                keys.append(normalise(v))
+            except ValueError as e:
+                raise ServingError(f"{where[j]}: {column} {e}") from None
+        return keys
+
     def _items(self, ids: np.ndarray, where: np.ndarray) -> np.ndarray:
         out = np.empty(ids.size, dtype=np.int64)
-        for j, v in enumerate(ids):
+        for j, v in enumerate(self._keys(ids, where, "item_id")):
             i = self._item_index.get(v)
             if i is None:
-                raise ServingError(f"{where[j]}: item_id {v!r} is not an item of the run's "
+                raise ServingError(f"{where[j]}: item_id {ids[j]!r} is not an item of the run's "
                                    f"dataset ({self.ds.name}, {self.ds.n_items} items)")
             out[j] = i
         return out
@@ -552,15 +570,17 @@ class Recommender:
             raise ServingError(f"{where[j]}: rating {ratings[j]:g} is not on the dataset's "
                                f"scale, {low:g} to {high:g}{grid}")
 
-    def _users(self, ids: np.ndarray, *, register: bool) -> tuple[np.ndarray, list[str]]:
+    def _users(self, ids: np.ndarray, where: Sequence[str], *, register: bool
+               ) -> tuple[np.ndarray, list[str]]:
         """Dataset user indices (new users after the dataset's; registered for good when
         `register`, else only for this call) and the temporary new users' ids."""
+        keys = self._keys(ids, where, "user_id")  # before any change: a bad id changes nothing
         out = np.empty(ids.size, dtype=np.int64)
         temp: dict[str, int] = {}
         base = self.ds.n_users
         if register:  # copy on write: a copy.copy of a Recommender is an independent fork
             self._user_index, self._new_users = dict(self._user_index), list(self._new_users)
-        for j, v in enumerate(ids):
+        for j, v in enumerate(keys):
             i = self._user_index.get(v)
             if i is None:
                 if register:
@@ -628,7 +648,7 @@ class Recommender:
         if n == 0:
             return out
         items = self._items(req["item_id"], req["__where"])
-        users, temp = self._users(req["user_id"], register=False)
+        users, temp = self._users(req["user_id"], req["__where"], register=False)
         marks = [("parse_s", time.perf_counter())]
         view, samples, hl = self._view(users, items, req["timestamp"], temp)
         marks.append(("history_s", time.perf_counter()))
@@ -672,7 +692,7 @@ class Recommender:
     def is_cold(self, user_id: Any) -> bool:
         """Whether the user is served through the CRM's unseen-user path (cold start)."""
         users, _ = self._users(np.asarray([_as_id(user_id, "is_cold", "user_id")],
-                                          dtype=object), register=False)
+                                          dtype=object), ["is_cold"], register=False)
         return bool(self._cold(users)[0])
 
     def score(self, requests: Any, *, batch_size: int | None = None,
@@ -685,16 +705,27 @@ class Recommender:
              ) -> list[tuple[str, float]]:
         """The candidates (item ids) by P(click) for the user, best first, the first `top`
         (all by default). timestamp: the moment to rank at (default: one second after the
-        latest interaction known, so the user's whole history counts)."""
+        latest interaction known, so the user's whole history counts). An item listed twice
+        (also as "7" and "07" in MovieLens) raises ServingError: ranked twice it took two
+        places, and dropping one would leave fewer rows than candidates."""
         cands = [_as_id(c, f"rank: candidates[{i}]", "item_id")
                  for i, c in enumerate(candidates)]
+        where = [f"rank: candidates[{i}]" for i in range(len(cands))]
         if not cands:
             return []
+        first: dict[int, int] = {}
+        for j, i in enumerate(self._items(np.asarray(cands, dtype=object), where)):
+            k = first.setdefault(int(i), j)
+            if k != j:
+                raise ServingError(f"{where[j]}: item_id {cands[j]!r} repeats candidates[{k}] "
+                                   f"{cands[k]!r} (item {self.ds.item_raw_id[i]}); list each "
+                                   "item once")
         if top is not None and (not isinstance(top, int) or top < 1):
             raise ServingError(f"top must be an int >= 1, got {top!r}")
         if timestamp is None:
             timestamp = int(self._store.time.max()) + 1
         uid = _as_id(user_id, "rank", "user_id")
+        self._keys(np.asarray([uid], dtype=object), ["rank"], "user_id")  # named as rank's
         table = {"user_id": [uid] * len(cands), "item_id": cands,
                  "timestamp": [timestamp] * len(cands)}
         scores = self.score(table, batch_size=batch_size)
@@ -716,7 +747,7 @@ class Recommender:
         items = self._items(obs["item_id"], obs["__where"])
         ratings = obs["rating"]
         self._check_ratings(ratings, obs["__where"])
-        users, _ = self._users(obs["user_id"], register=True)
+        users, _ = self._users(obs["user_id"], obs["__where"], register=True)
         st = self._store
         self._store = _Store(np.concatenate([st.user, users]), np.concatenate([st.item, items]),
                              np.concatenate([st.rating, ratings.astype(np.float32)]),
@@ -873,8 +904,10 @@ def _rank_main(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--user", required=True, help="user id (as in the dataset files)")
     p.add_argument("--candidates", required=True,
-                   help="comma-separated item ids, or a file with one item id a line (or a "
-                   "CSV with an item_id column)")
+                   help="comma-separated item ids (242,302,377), or a file of item ids, one a "
+                   "line or a CSV with an item_id column: the value is a file when it "
+                   "contains a '/' or ends in .txt or .csv (write ./NAME for another file "
+                   "here), else a list; each item once")
     p.add_argument("--top", type=int_at_least(1), default=None, help="keep the best N")
     p.add_argument("--timestamp", type=int_at_least(0), default=None,
                    help="rank as of this Unix time (default: after the latest interaction)")
@@ -904,12 +937,23 @@ def _rank_main(argv: list[str]) -> int:
 
 
 def _candidates(text: str) -> list[str]:
-    path = Path(text)
-    if path.is_file():
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
-                 if ln.strip()]
+    """--candidates as item ids. A file exactly when the text contains a path separator or
+    ends in .txt or .csv (never from what exists: a mistyped path is not an item id, and an
+    item id is not read as a file), else a comma list. Neither may be empty."""
+    if "/" in text or os.sep in text or text.lower().endswith((".txt", ".csv")):
+        path = Path(text)
+        if not path.is_file():
+            raise ServingError(f"--candidates {text}: "
+                               + ("a folder, not a file" if path.is_dir() else "no such file"))
+        try:
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()
+                     if ln.strip()]
+        except UnicodeDecodeError as e:
+            raise ServingError(f"{path}: not a UTF-8 text file ({e.reason})") from None
         if lines and "item_id" in [h.strip() for h in lines[0].split(",")]:
-            return list(read_table(path, ("item_id",), str(path))["item_id"])
+            lines = list(read_table(path, ("item_id",), str(path))["item_id"])
+        if not lines:
+            raise ServingError(f"--candidates {text}: no item ids in the file")
         return lines
     items = [s.strip() for s in text.split(",") if s.strip()]
     if not items:

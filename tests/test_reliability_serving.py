@@ -1,7 +1,9 @@
 """Serving-side reliability (audit of serving / export / checkpoint): export_peft writes its
 two files as a pair and refuses NaN adapters and rows a batch lacks; load_adapters refuses
 NaN, integer tensors and malformed metadata naming the file; read_table refuses a header
-without the columns (no data rows too), a repeated column and missing (NaN) ids.
+without the columns (no data rows too), a repeated column and missing (NaN) ids; request ids
+are normalised as the dataset's reader does (MovieLens "007" is "7", GoodReads verbatim);
+`reclora rank --candidates` refuses an empty, missing or unreadable file.
 
 Everything here is built in the test (an nn.Sequential of two Linears, a few CSV lines); the
 cases that need a served run live in tests/test_serving.py.
@@ -256,3 +258,79 @@ def test_a_missing_id_names_the_row(table, match) -> None:
     # A whole float id is the dataset's integer id.
     assert read_table({"user_id": [196.0], "item_id": ["1"], "timestamp": [5]}
                       )["user_id"].tolist() == ["196"]
+
+
+# ------------------------------------------------------------ ids and --candidates
+@pytest.mark.parametrize("fmt", ["ml-100k", "ml-1m", "ml-25m"])
+def test_movielens_ids_are_normalised_as_the_reader_does(fmt) -> None:
+    """One rule for the reader's user and item files and for serving's requests."""
+    from reclora.data.base import id_normaliser
+    from reclora.data.movielens import _id_table
+
+    normalise = id_normaliser(fmt)
+    assert [normalise(v) for v in ("7", "007", " 7 ", "+7", 7)] == ["7"] * 5
+    assert list(_id_table([(1, "007", {})], "u.item")) == [normalise("007")]
+    for bad in ("u7", "7.5", "1e3", "", 7.5):
+        with pytest.raises(ValueError, match="is not a whole number"):
+            normalise(bad)
+
+
+def test_goodreads_ids_are_taken_verbatim() -> None:
+    from reclora.data.base import id_normaliser
+
+    normalise = id_normaliser("goodreads")
+    assert [normalise(v) for v in ("007", "7", "8f2a1c", "u-1")] == ["007", "7", "8f2a1c", "u-1"]
+    with pytest.raises(ValueError, match="unknown dataset format 'nosuch'"):
+        id_normaliser("nosuch")
+
+
+def test_candidates_from_a_list_or_a_file(tmp_path, monkeypatch) -> None:
+    from reclora.serving import _candidates
+
+    assert _candidates("242, 302,,377") == ["242", "302", "377"]
+    lines = tmp_path / "c.txt"
+    lines.write_text("\ufeff242\n\n302\n")  # a BOM and a blank line
+    assert _candidates(str(lines)) == ["242", "302"]
+    table = tmp_path / "c.csv"
+    table.write_text("user_id,item_id\n1,242\n1,302\n")
+    assert _candidates(str(table)) == ["242", "302"]
+    # The text decides, not what exists: a bare name is an item id, ./name the file.
+    (tmp_path / "cands").write_text("242\n")
+    monkeypatch.chdir(tmp_path)
+    assert _candidates("cands") == ["cands"]
+    assert _candidates("./cands") == ["242"]
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("empty.txt", "", "no item ids in the file"),
+    ("blank.txt", "\n  \n", "no item ids in the file"),
+    ("header.csv", "item_id\n", "no item ids in the file"),
+    ("header2.csv", "user_id,item_id\n\n", "no item ids in the file"),
+    ("missing.txt", None, "no such file"),
+    ("sub/missing", None, "no such file"),
+    ("folder.csv", "DIR", "a folder, not a file"),
+    ("latin1.txt", b"caf\xe9\n", "not a UTF-8 text file"),
+])
+def test_a_candidates_file_that_is_empty_or_missing_is_refused(tmp_path, name, content,
+                                                               match) -> None:
+    """An empty or header-only file ranked nothing with exit 0; a missing one became the
+    item id '<path>'."""
+    from reclora.serving import _candidates
+
+    path = tmp_path / name
+    if content == "DIR":
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ServingError, match=match):
+        _candidates(str(path))
+
+
+@pytest.mark.parametrize("text", ["", ",", " , "])
+def test_an_empty_candidates_list_is_refused(text) -> None:
+    from reclora.serving import _candidates
+
+    with pytest.raises(ServingError, match="no item ids"):
+        _candidates(text)

@@ -182,8 +182,9 @@ def test_observe_then_score_is_fast_on_top_of_the_forward(rec) -> None:
 def test_unknown_users_are_served_cold_and_flagged(rec) -> None:
     item = str(rec.ds.item_raw_id[0])
     t = int(rec.ds.time.max())
-    table = rec.score_table([{"user_id": "new-user-1", "item_id": item, "timestamp": t},
-                             {"user_id": "new-user-2", "item_id": item, "timestamp": t}])
+    # MovieLens ids are whole numbers: new users too (the dataset's users are 1..943).
+    table = rec.score_table([{"user_id": "900001", "item_id": item, "timestamp": t},
+                             {"user_id": "900002", "item_id": item, "timestamp": t}])
     assert list(table["cold_start"]) == [1, 1] and list(table["history_len"]) == [0, 0]
     assert np.all((table["score"] > 0) & (table["score"] < 1))
     # Known users the CRM trained on are not flagged; unseen ones of the dataset are.
@@ -192,9 +193,9 @@ def test_unknown_users_are_served_cold_and_flagged(rec) -> None:
     assert not rec.is_cold(str(rec.ds.user_raw_id[trained[0]]))
     assert rec.is_cold(str(rec.ds.user_raw_id[unseen[0]]))
     # A new user's observed interactions become their history; still cold for the CRM.
-    rec.observe([{"user_id": "new-user-1", "item_id": str(rec.ds.item_raw_id[j]),
+    rec.observe([{"user_id": "900001", "item_id": str(rec.ds.item_raw_id[j]),
                   "timestamp": t - 100 + j, "rating": 4} for j in range(1, 4)])
-    again = rec.score_table({"user_id": ["new-user-1"], "item_id": [item], "timestamp": [t]})
+    again = rec.score_table({"user_id": ["900001"], "item_id": [item], "timestamp": [t]})
     assert again["history_len"][0] == 3 and again["cold_start"][0] == 1
     assert again["score"][0] != table["score"][0]
 
@@ -208,6 +209,82 @@ def test_rank_orders_candidates_by_score(rec) -> None:
     assert scores == sorted(scores, reverse=True)
     full = dict(rec.rank(user, cands))
     assert all(full[i] == s for i, s in ranked)
+
+
+# ---------------------------------------------------------------------------- ids
+def _known_user_and_item(rec: Recommender) -> tuple[str, str, int]:
+    """A test request's (user, item, time) whose user the CRM trained on (not cold)."""
+    req = rec.test_requests()
+    j = next(j for j, u in enumerate(req["user_id"]) if not rec.is_cold(u))
+    return str(req["user_id"][j]), str(req["item_id"][j]), int(req["timestamp"][j])
+
+
+def test_a_padded_movielens_id_is_the_datasets_user_and_item(rec) -> None:
+    """The reader reads "0279" as user 279 (reclora.data.movielens.normalise_id); serving
+    looked ids up as typed: "0279" was served as a new user (cold, no history) and a padded
+    item was refused."""
+    user, item, t = _known_user_and_item(rec)
+    ids = [(user, item), ("0" + user, item), (" 00" + user, "0" + item), ("+" + user, item)]
+    table = rec.score_table({"user_id": [u for u, _ in ids], "item_id": [i for _, i in ids],
+                             "timestamp": [t] * len(ids)})
+    assert list(table["cold_start"]) == [0] * 4
+    assert len(set(table["history_len"].tolist())) == 1 and table["history_len"][0] > 0
+    assert np.allclose(table["score"], table["score"][0], rtol=0, atol=1e-6)
+    assert not rec.is_cold("0" + user)
+    # Ids come back as given (as score_table echoes its requests').
+    assert rec.rank("0" + user, ["0" + item]) == [("0" + item, rec.rank(user, [item])[0][1])]
+    # observe: a padded id is the known user (no new user registered), its item the item.
+    other = next(str(v) for v in rec.ds.item_raw_id if str(v) != item)
+    assert rec.observe([{"user_id": "0" + user, "item_id": "00" + other, "timestamp": t - 1,
+                         "rating": 5}]) == 1
+    assert rec._new_users == []
+    again = rec.score_table({"user_id": [user], "item_id": [item], "timestamp": [t]})
+    assert again["history_len"][0] == table["history_len"][0] + 1
+
+
+@pytest.mark.parametrize("column", ["user_id", "item_id"])
+def test_an_id_movielens_cannot_hold_is_refused_naming_the_row(rec, column) -> None:
+    user, item, t = _known_user_and_item(rec)
+    row = {"user_id": user, "item_id": item, "timestamp": t, "rating": 4}
+    for bad in ("u" + user, "7.5", "1e3"):
+        with pytest.raises(ServingError, match=rf"requests row 1: {column} '{re.escape(bad)}' "
+                                               r"is not a whole number \(MovieLens ids are\)"):
+            rec.score([row, dict(row, **{column: bad})])
+        with pytest.raises(ServingError, match=rf"interactions row 0: {column} "):
+            rec.observe([dict(row, **{column: bad})])
+    assert rec.n_observed == 0 and rec._new_users == []
+    with pytest.raises(ServingError, match=r"rank: user_id 'u1' is not a whole number"):
+        rec.rank("u1", [item])
+
+
+def test_a_dataset_of_string_ids_takes_them_verbatim(rec) -> None:
+    """GoodReads' reader keeps ids as they are: serving does too, so a non-numeric id is a
+    (new) user and "0279" is not "279". The served run is ML-100K; only the id rule is
+    GoodReads' here (no prompt is built)."""
+    import dataclasses
+
+    user, item, t = _known_user_and_item(rec)
+    rec.ds = dataclasses.replace(rec.ds, source="goodreads")
+    assert not rec.is_cold(user)
+    assert rec.is_cold("0" + user) and rec.is_cold("reader-7f3a")
+    assert rec.observe([{"user_id": "reader-7f3a", "item_id": item, "timestamp": t,
+                         "rating": 4}]) == 1
+    assert rec._new_users == ["reader-7f3a"]
+    with pytest.raises(ServingError, match=rf"item_id '0{item}' is not an item"):
+        rec.observe([{"user_id": user, "item_id": "0" + item, "timestamp": t, "rating": 4}])
+
+
+def test_rank_refuses_a_repeated_candidate(rec) -> None:
+    """--candidates 1,1,2 ranked item 1 twice (two places of the top N)."""
+    user, item, _ = _known_user_and_item(rec)
+    other = next(str(v) for v in rec.ds.item_raw_id if str(v) != item)
+    with pytest.raises(ServingError, match=rf"rank: candidates\[2\]: item_id '{item}' repeats "
+                                           rf"candidates\[0\] '{item}' \(item {item}\); list "
+                                           "each item once"):
+        rec.rank(user, [item, other, item])
+    with pytest.raises(ServingError, match=rf"candidates\[1\]: item_id '0{item}' repeats"):
+        rec.rank(user, [item, "0" + item])  # the same MovieLens item
+    assert len(rec.rank(user, [item, other])) == 2
 
 
 # ------------------------------------------------------------------------ bad input
@@ -238,7 +315,7 @@ def test_observe_refuses_a_rating_off_the_datasets_scale(rec, rating) -> None:
     a positive label, 50 the prompt's "50 stars"."""
     assert rec.rating_scale == (1.0, 5.0, 1.0)
     item = str(rec.ds.item_raw_id[0])
-    rows = [{"user_id": "new-user", "item_id": item, "timestamp": 5, "rating": 5},
+    rows = [{"user_id": "900001", "item_id": item, "timestamp": 5, "rating": 5},
             {"user_id": "1", "item_id": item, "timestamp": 5, "rating": rating}]
     shown = re.escape(f"{rating:g}")
     with pytest.raises(ServingError, match=rf"interactions row 1: rating {shown} is not on "
@@ -375,6 +452,35 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys) -> None:
                  "--output", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0], err
+
+
+def test_cli_rank_candidates_file_errors_are_one_line(tiny_run, tmp_path, capsys,
+                                                     monkeypatch) -> None:
+    """An empty or header-only --candidates file ranked nothing with exit 0; a mistyped
+    path was taken as an item id ("requests row 0: item_id '/x/typo.txt' ..."); a repeated
+    id was ranked twice."""
+    from reclora.cli import main
+
+    _, rows = _predictions(tiny_run)
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "header.csv").write_text("item_id\n\n")
+    cases = [(str(tmp_path / "empty.txt"), "empty.txt: no item ids in the file"),
+             (str(tmp_path / "header.csv"), "header.csv: no item ids in the file"),
+             (str(tmp_path / "typo.txt"), "typo.txt: no such file"),
+             (str(tmp_path), f"--candidates {tmp_path}: a folder, not a file"),
+             ("1,50,1", "candidates[2]: item_id '1' repeats candidates[0] '1'")]
+    for cands, message in cases:
+        assert main(["rank", "--run", str(tiny_run), "--user", rows[0]["user_id"],
+                     "--candidates", cands, "--no-progress"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], (cands, err)
+    # A file in this folder: the rule is the text's, ./NAME reads it.
+    (tmp_path / "cands").write_text("1\n50\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["rank", "--run", str(tiny_run), "--user", rows[0]["user_id"],
+                 "--candidates", "./cands", "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 3 and {line.split(",")[2] for line in out[1:]} == {"1", "50"}
 
 
 def test_a_model_whose_weights_changed_is_refused(tiny_run, tmp_path) -> None:

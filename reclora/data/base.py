@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from reclora.data.dataset import DEFAULT_MIN_HISTORY, HistoryBatch, RecDataset
@@ -65,7 +66,7 @@ from reclora.data.paths import DATASETS, HOW_TO_GET, default_data_dir
 from reclora.data.splits import build_dataset
 
 __all__ = ["DATASETS", "DEFAULT_MIN_HISTORY", "HOW_TO_GET", "DataError", "HistoryBatch",
-           "RecDataset", "default_data_dir", "detect_format", "load_dataset",
+           "RecDataset", "default_data_dir", "detect_format", "id_normaliser", "load_dataset",
            "resolve_dataset_dir"]
 
 
@@ -77,6 +78,17 @@ _READERS = {
     "ml-25m": ("reclora.data.movielens", "read_ml25m"),
     "goodreads": ("reclora.data.goodreads", "read_goodreads"),
 }
+
+
+def id_normaliser(fmt: str) -> Callable[[str], str]:
+    """The function mapping a raw user or item id to the form the reader of dataset format
+    `fmt` (RecDataset.source) gives its ids, ``user_raw_id`` / ``item_raw_id``: the reader's
+    own ``normalise_id`` (MovieLens: whole numbers, "007" is "7"; GoodReads: verbatim), so
+    that ids from elsewhere (serving's requests) are looked up as the files' were. It raises
+    ValueError for an id the reader would refuse."""
+    if fmt not in _READERS:
+        raise ValueError(f"unknown dataset format {fmt!r}; expected one of {DATASETS}")
+    return importlib.import_module(_READERS[fmt][0]).normalise_id
 
 
 def detect_format(path: Path) -> str | None:

@@ -44,6 +44,12 @@ _NON_GENRE_SHELVES = {"to-read", "currently-reading", "read", "owned", "favorite
 MAX_GENRES = 3
 
 
+def normalise_id(raw: object) -> str:
+    """A GoodReads user or book id as the dataset holds it: its string, verbatim (ids are
+    strings: "007" is not "7"). Serving's requests go through it too (base.id_normaliser)."""
+    return str(raw)
+
+
 def parse_goodreads_time(s: str) -> int:
     """Unix seconds of "Mon Aug 01 13:41:57 -0700 2016" (strptime is 5x slower)."""
     p = s.split()
@@ -111,8 +117,8 @@ def read_goodreads(folder: Path) -> RawData:
             date = r.get("date_added") or r.get("date_updated")
             if not date:
                 continue
-            users.append(str(r["user_id"]))
-            books.append(str(r["book_id"]))
+            users.append(normalise_id(r["user_id"]))
+            books.append(normalise_id(r["book_id"]))
             ratings.append(rating)
             times.append(parse_goodreads_time(date))
             src.append((k, no))
@@ -130,7 +136,7 @@ def read_goodreads(folder: Path) -> RawData:
     gfile = folder / "goodreads_book_genres_initial.json.gz"
     if gfile.is_file():
         for _, r in _jsonl(gfile, gfile.name):
-            b = str(r["book_id"])
+            b = normalise_id(r["book_id"])
             if b in wanted and r.get("genres"):
                 top = sorted(r["genres"].items(), key=lambda kv: -int(kv[1]))[:MAX_GENRES]
                 genres[b] = [g for g, _ in top]
@@ -143,7 +149,7 @@ def read_goodreads(folder: Path) -> RawData:
     items: dict[str, dict] = {}
     for f in book_files:
         for _, r in _jsonl(f, f.name):
-            b = str(r["book_id"])
+            b = normalise_id(r["book_id"])
             if b not in wanted or b in items:  # books files overlap as the genres do
                 continue
             authors = [str(a.get("author_id", "")) for a in r.get("authors", []) if a]

@@ -94,17 +94,28 @@ def check_interactions(arr: np.ndarray, what: str) -> None:
                         "finite")
 
 
+def normalise_id(raw: str) -> str:
+    """A MovieLens id as the dataset holds it (RecDataset.user_raw_id / item_raw_id): ids are
+    whole numbers, and the interactions' are read as numbers, so "007", " 7" and "+7" are
+    "7". The user and item files' ids go through it, and so do serving's requests
+    (base.id_normaliser). ValueError when it is not a whole number."""
+    try:
+        return str(int(str(raw)))  # str first: a float 7.5 is refused, not truncated
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a whole number (MovieLens ids are)") from None
+
+
 def _id_table(rows: list[tuple[int, str, dict]], what: str) -> dict[str, dict]:
     """id -> fields of a user or item file, from its (line number, id, fields) rows.
 
     MovieLens ids are whole numbers: a key is normalised as the interactions' ids are
-    ("007" and " 7" are "7"; unnormalised, their interactions lost their item). A repeated
-    id is refused with both lines (the last row silently won)."""
+    (normalise_id: "007" and " 7" are "7"; unnormalised, their interactions lost their
+    item). A repeated id is refused with both lines (the last row silently won)."""
     table: dict[str, dict] = {}
     line_of: dict[str, int] = {}
     for no, raw_id, fields in rows:
         try:
-            key = str(int(raw_id))
+            key = normalise_id(raw_id)
         except ValueError:
             raise DataError(f"{what}: line {no}: id {raw_id!r} is not a whole number") from None
         if key in line_of:
