@@ -30,6 +30,10 @@ row with its error. The GPU verdicts take their limits from benchmarks/gpu_targe
 Results are appended to benchmarks/results/bench_lora.csv (with device, torch, triton, git
 commit, CPU thread count and load); a full run also writes benchmarks/results/<device>.md and
 a plot of the ratio against T per implementation, benchmarks/results/bench_lora_<device>.png.
+--suites, --modes, --mixes and --dtypes take only the names listed in --help (a typo is refused
+before anything runs, as are counts below 1 and output paths that cannot be written); a case
+in which every candidate failed is not appended to the CSV, and a run that measured no row
+writes nothing and exits 1.
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks`
 
 from benchmarks import baselines, common, gpu_targets, roofline  # noqa: E402
+from benchmarks.common import comma_choices, finite_float  # noqa: E402
+from reclora.cli import (  # noqa: E402
+    SEED_MAX,
+    ArgumentParser,
+    device_option,
+    int_at_least,
+    int_between,
+)
 from reclora_kernels import available_backends, lora_mix_linear  # noqa: E402
 
 BASE = "F.linear (base)"
@@ -58,6 +70,12 @@ NAIVE = "naive two-GEMM"
 VLLM = "vLLM-style stand-in"
 GRAPH, HOST = " (graph replay)", " (host us/call)"  # suffixes of the --graphs rows
 MODES = ("fwd", "bwd", "fwd+bwd")
+SUITES = ("spec", "smollm", "k1", "sweep-T", "sweep-M")
+MIXES = ("factor", "output")
+# --dtype / --dtypes: the floating dtypes by torch's names (any other name is refused).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "float64": torch.float64}
+MAX_THREADS = 1024  # --threads: far past any core count; a huge count aborted in libgomp
 SCALE = 2.0  # RecLoRA: alpha 16 / r 8
 
 
@@ -240,6 +258,8 @@ def _has_triton() -> bool:
 def make_call(fn: Fn, name: str, inp: Inputs, mode: str, case: Case, mix: str):
     """A no-argument callable that runs one rep of `mode`; for `bwd`, the forward it replays
     is run here, once (its graph retained)."""
+    if mode not in MODES:  # an unknown mode once fell through to the backward, mislabelled
+        raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     args = inp.args()
     leaves = inp.leaves()
     if name == VLLM:
@@ -775,23 +795,49 @@ def _sweep_table(rows: list[Row], suite: str, key: str, what: str) -> list[str]:
     return lines
 
 
+def _impls_matching_nothing(impls: list[str], cases: list[Case], mixes: list[str],
+                            modes: list[str], device: torch.device) -> list[str]:
+    """The --impls substrings that name no candidate of this run (a typo would keep only
+    the base rows)."""
+    names = {n for case in cases for mix in mixes for mode in modes
+             for n in candidates(case, mix, device, mode)}
+    return [s for s in impls if not any(s in n for n in names)]
+
+
+def measured(rows: list[Row]) -> list[Row]:
+    """The rows with a time (not failed, not skipped)."""
+    return [r for r in rows if not r.error and not math.isnan(r.median_ms)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a reduced run (about a minute on CPU)")
-    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
-    p.add_argument("--dtype", default=None, help="one dtype (overrides --dtypes)")
-    p.add_argument("--dtypes", default=None,
+    p.add_argument("--device", default="auto", type=device_option,
+                   help="auto (cuda if present), cpu or cuda")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="one dtype (overrides --dtypes)")
+    p.add_argument("--dtypes", default=None, type=comma_choices(list(DTYPES)),
                    help="comma-separated; default: bfloat16 on GPU, float32,bfloat16 on CPU "
                         "(the sweeps on CPU: the first only)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (KERNEL_SPEC: 2)")
-    p.add_argument("--suites", default="spec,smollm,k1,sweep-T,sweep-M")
-    p.add_argument("--mixes", default="factor,output")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--threads", type=int_between(1, MAX_THREADS), default=2,
+                   help="CPU threads (KERNEL_SPEC: 2)")
+    p.add_argument("--suites", default=None, type=comma_choices(SUITES),
+                   help=f"comma-separated, out of {','.join(SUITES)} (default: all; "
+                        "--quick: spec)")
+    p.add_argument("--mixes", default=None, type=comma_choices(MIXES),
+                   help="comma-separated, out of factor,output (default: both; the CPU "
+                        "sweeps: factor)")
+    p.add_argument("--modes", default=None, type=comma_choices(MODES),
+                   help=f"comma-separated, out of {','.join(MODES)} (default: all; "
+                        "--quick: fwd,fwd+bwd)")
     p.add_argument("--impls", default="", help="comma-separated substrings of rows to keep")
-    p.add_argument("--rounds", type=int, default=None, help="CPU: minimum timed rounds")
-    p.add_argument("--budget", type=float, default=None, help="CPU: seconds per measurement")
-    p.add_argument("--rep-ms", type=int, default=None, help="GPU: do_bench rep time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int_at_least(1), default=None,
+                   help="CPU: minimum timed rounds, >= 1 (default 5, --quick 3)")
+    p.add_argument("--budget", type=finite_float(0.0), default=None,
+                   help="CPU: seconds per measurement, >= 0 (default 1.5, --quick 0)")
+    p.add_argument("--rep-ms", type=int_at_least(1), default=None,
+                   help="GPU: do_bench rep time, >= 1 (default 100, --quick 40)")
+    p.add_argument("--seed", type=int_between(0, SEED_MAX), default=0)
     p.add_argument("--graphs", action="store_true",
                    help="GPU: also time the forward under CUDA-graph replay, and host us/call")
     p.add_argument("--csv", type=Path, default=common.RESULTS / "bench_lora.csv")
@@ -811,28 +857,39 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     device = common.pick_device(args.device)
+    dtype_names = ([args.dtype] if args.dtype else None) or args.dtypes or (
+        ["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"])
+    dtypes = [DTYPES[n] for n in dtype_names]
+    dtype = dtypes[0]
+    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 5)
+    args.budget = args.budget if args.budget is not None else (0.0 if args.quick else 1.5)
+    args.rep_ms = args.rep_ms if args.rep_ms is not None else (40 if args.quick else 100)
+    args.impls = [s for s in args.impls.split(",") if s]
+    # About a minute on the 2-core CPU with --quick: the spec sizes, forward and training
+    # step only (where --suites / --modes are not given).
+    suites = args.suites or (["spec"] if args.quick else list(SUITES))
+    modes = args.modes or (["fwd", "fwd+bwd"] if args.quick else list(MODES))
+    mixes = args.mixes or list(MIXES)
+    cases = cases_for(device, suites, args.quick)
+    if not cases:
+        p.error(f"argument --suites: {','.join(suites)} has no case on {device.type} "
+                "(smollm is CPU-only)")
+    unknown = _impls_matching_nothing(args.impls, cases, mixes, modes, device)
+    if unknown:
+        p.error(f"argument --impls: {', '.join(map(repr, unknown))} matches no "
+                f"implementation of this run")
+    plot_path = args.plot or (
+        None if args.quick else common.RESULTS / f"bench_lora_{device.type}.png"
+    )
+    md_path = args.markdown or (None if args.quick else common.RESULTS / f"{device.type}.md")
+    # Checked before measuring: a bad path once failed after the whole run, in a traceback.
+    for option, path in (("--csv", None if args.no_csv else args.csv),
+                         ("--markdown", md_path), ("--plot", plot_path)):
+        problem = path and common.output_file_problem(path)
+        if problem:
+            p.error(f"argument {option}: cannot write {path}: {problem}")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    dtype_names = (
-        [args.dtype] if args.dtype
-        else (args.dtypes or ("bfloat16" if device.type == "cuda" else "float32,bfloat16"))
-        .split(",")
-    )
-    dtypes = [getattr(torch, n) for n in dtype_names]
-    dtype = dtypes[0]
-    args.rounds = args.rounds or (3 if args.quick else 5)
-    args.budget = args.budget if args.budget is not None else (0.0 if args.quick else 1.5)
-    args.rep_ms = args.rep_ms or (40 if args.quick else 100)
-    args.impls = [s for s in args.impls.split(",") if s]
-    suites = args.suites.split(",")
-    modes = args.modes.split(",")
-    if args.quick:
-        # About a minute on the 2-core CPU: the spec sizes, forward and training step only.
-        if args.suites == p.get_default("suites"):
-            suites = ["spec"]
-        if args.modes == p.get_default("modes"):
-            modes = ["fwd", "fwd+bwd"]
-    mixes = args.mixes.split(",")
     prov = common.provenance(device)
     threads = f", {prov['threads']} threads" if device.type == "cpu" else ""
     print(
@@ -846,10 +903,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     csv_rows: list[dict] = []
     full_rounds = args.rounds
-    for case in cases_for(device, suites, args.quick):
+    for case in cases:
         sweep = case.suite.startswith("sweep")
         case_mixes = mixes
-        if sweep and device.type == "cpu" and args.mixes == p.get_default("mixes"):
+        if sweep and device.type == "cpu" and args.mixes is None:
             # 2 shared cores: the sweeps run the RecLoRA (factor) mix only, with fewer rounds;
             # the output mix is measured at the spec sizes and k = 1.
             case_mixes = ["factor"]
@@ -859,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
             block = run_case(case, mix, modes, device, dt, args)
             print_block(case, mix, block)
             rows += block
+            if not measured(block):  # every candidate failed: no measurement to keep
+                print("  (nothing measured: not written to the CSV)")
+                continue
             extra = {"quick": args.quick, "load_avg": round(common.load_avg(), 2)}
             block_csv = [{**prov, **extra, **asdict(r)} for r in block]
             if not args.no_csv:  # case by case, so a run cut short keeps what it measured
@@ -866,15 +926,17 @@ def main(argv: list[str] | None = None) -> int:
             csv_rows += block_csv
     elapsed, load_end = time.perf_counter() - start, common.load_avg()
 
+    if not measured(rows):
+        # A run that timed nothing must not replace a results file with an empty table.
+        print(f"bench_lora: no row was measured ({len(rows)} failed); nothing written",
+              file=sys.stderr)
+        return 1
     targets = check_targets(rows, device)
     print("\nKERNEL_SPEC targets:")
     for line in targets:
         print("  " + line)
     if not args.no_csv:
         print(f"\n{len(csv_rows)} rows appended to {args.csv}")
-    plot_path = args.plot or (
-        None if args.quick else common.RESULTS / f"bench_lora_{device.type}.png"
-    )
     title = (
         f"time relative to F.linear alone (dense M=16, r=8, {dtype})\n"
         f"{prov['device_name']}{threads}"
@@ -883,10 +945,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plot: {plot_path}")
     else:
         plot_path = None
-    md_path = args.markdown or (None if args.quick else common.RESULTS / f"{device.type}.md")
     if md_path:
         plot_rel = os.path.relpath(plot_path, md_path.parent) if plot_path else ""
         command = "python benchmarks/bench_lora.py " + " ".join(argv or sys.argv[1:])
+        md_path.parent.mkdir(parents=True, exist_ok=True)
         write_markdown(
             md_path, rows, prov, targets, plot_rel, command.strip(), load_start, load_end, elapsed
         )

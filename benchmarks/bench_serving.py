@@ -4,10 +4,14 @@ do instead, for requests drawn from many distinct users (issue 15 item 5).
     python benchmarks/bench_serving.py                 # the run's default LLM, bf16, 64 users
     python benchmarks/bench_serving.py --run runs/default --requests 64 --batch-size 16
 
-The run folder (default runs/bench-serving) is made first when it has no RecLoRA stage: a
-`reclora run --quick` with N = 8 (the default LLM, Gemma-3-270M since 2026-12-01; K_text = 3,
-about 170-token prompts; a couple of minutes). Its RecLoRA is what `score` serves; only speed
-and memory are measured here.
+`--run` names a finished run (one with stages/reclora.json), or the folder this benchmark makes
+its own run in: a `reclora run --quick` with N = 8 (the default LLM, Gemma-3-270M since
+2026-12-01; K_text = 3, about 170-token prompts; a couple of minutes), resumed there if it was
+cut short. It makes (or resumes) a run only in a folder that does not exist yet or is empty, in
+the default runs/bench-serving, or in a folder it marked as its own (the file .bench-serving,
+written before the run starts); any other folder without a finished RecLoRA stage (a run of
+yours cut short, say) is refused before anything runs, never resumed with the benchmark's
+options. Its RecLoRA is what `score` serves; only speed and memory are measured here.
 
 Requests: one test interaction from each of `--requests` distinct users, so no two rows of
 a batch share a user. Rows (requests per second, each path on the same token ids, batches of
@@ -35,7 +39,6 @@ Writes benchmarks/results/serving_<device>.md and serving_<device>.png.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import resource
@@ -55,15 +58,53 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN_ARGS = ["--quick", "--crms", "din", "--n", "8", "--n-valid", "8", "--n-test", "16",
             "--no-progress"]
 USERS_AT_SCALE = 10_000
+DEFAULT_RUN = ROOT / "runs" / "bench-serving"
+# Written into a run folder before the benchmark makes its run there: the only folders (with
+# the default and new or empty ones) it ever resumes a run in.
+MARKER = ".bench-serving"
+SKIPPABLE = ("switch", "merged")
+
+
+class RunRefused(Exception):
+    """--run names a folder the benchmark must not write its own run into."""
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def run_to_make(run: Path) -> bool:
+    """False: `run` holds a finished RecLoRA stage, to serve as it is. True: the benchmark
+    makes (or resumes) its own run there: a folder that does not exist or is empty, the
+    default one, or one it marked. Any other folder raises RunRefused: resuming a `--quick`
+    run into a user's run cut short rewrote its run_config.json and redid its stages."""
+    if run.exists() and not run.is_dir():
+        raise RunRefused(f"--run {run} is not a folder")
+    if (run / "stages" / "reclora.json").is_file():
+        return False
+    if (not run.exists() or (run / MARKER).is_file() or _same_folder(run, DEFAULT_RUN)
+            or not any(run.iterdir())):
+        return True
+    if (run / "run_config.json").is_file():
+        raise RunRefused(f"--run {run} has no finished RecLoRA stage (stages/reclora.json); "
+                         f"finish it with `reclora run --resume --output {run}` or pass "
+                         "another --run")
+    raise RunRefused(f"--run {run} is not a finished run (no stages/reclora.json) nor a "
+                     f"folder this benchmark made (no {MARKER}); pass a finished run, a "
+                     "folder that does not exist yet, or no --run")
 
 
 def ensure_run(run: Path) -> None:
-    if (run / "stages" / "reclora.json").is_file():
+    """Make the benchmark's run in `run` unless it is finished (RunRefused: not ours)."""
+    if not run_to_make(run):
         return
     from reclora.pipeline import main
 
     print(f"making the benchmark's run folder {run} (reclora run {' '.join(RUN_ARGS)})",
           flush=True)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / MARKER).write_text("made by benchmarks/bench_serving.py: reclora run "
+                              f"{' '.join(RUN_ARGS)}\n", encoding="utf-8")
     t = time.perf_counter()
     if main([*RUN_ARGS, "--output", str(run), "--resume"]) != 0:
         raise SystemExit("the benchmark's run failed")
@@ -71,7 +112,10 @@ def ensure_run(run: Path) -> None:
 
 
 def distinct_user_requests(rec, n: int) -> dict[str, np.ndarray]:
-    """One test interaction per user, for n distinct users (test users first, then valid)."""
+    """One test interaction per user, for n distinct users (test users first, then valid);
+    all the users, with a note, where the dataset has fewer than n."""
+    if n < 1:  # 0 or less once took every user
+        raise ValueError(f"requests must be >= 1, got {n}")
     ds = rec.ds
     picked: list[int] = []
     seen: set[int] = set()
@@ -85,6 +129,9 @@ def distinct_user_requests(rec, n: int) -> dict[str, np.ndarray]:
                     break
         if len(picked) == n:
             break
+    if len(picked) < n:
+        print(f"note: {n} requests asked for, but the run's dataset has {len(picked)} users: "
+              f"benchmarking {len(picked)}", flush=True)
     s = np.asarray(picked)
     return {"user_id": np.asarray(ds.user_raw_id, dtype=object)[ds.user[s]],
             "item_id": np.asarray(ds.item_raw_id, dtype=object)[ds.item[s]],
@@ -120,18 +167,37 @@ def nbytes(tensors) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", default=str(ROOT / "runs" / "bench-serving"))
-    p.add_argument("--requests", type=int, default=64, help="requests = distinct users")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--per-request", type=int, default=16,
+    from reclora.cli import ArgumentParser, device_option, int_at_least
+
+    p = ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default=str(DEFAULT_RUN),
+                   help="a finished run, or where the benchmark makes its own (default "
+                        "runs/bench-serving; see the module's help)")
+    p.add_argument("--requests", type=int_at_least(1), default=64,
+                   help="requests = distinct users, >= 1 (all of them, with a note, where "
+                        "the dataset has fewer)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=16)
+    p.add_argument("--device", type=device_option, default="auto")
+    p.add_argument("--per-request", type=int_at_least(1), default=16,
                    help="requests timed on the batch-1 rows (switched, merged): their rate "
                    "is per request, so a subset gives it (default 16)")
-    p.add_argument("--skip", default="", help="comma list of rows to skip: switch, merged")
+    p.add_argument("--skip", type=common.comma_choices(SKIPPABLE), default=None,
+                   help="comma list of rows to skip: switch, merged")
     p.add_argument("--out", default=None, help="markdown path (default results/serving_*.md)")
     a = p.parse_args(argv)
-    skip = {s.strip() for s in a.skip.split(",") if s.strip()}
+    skip = set(a.skip or ())
+    # Checked before anything runs (the run folder, then where the results go): a refused
+    # folder must not be written, and a bad --out once failed after the whole benchmark.
+    run = Path(a.run)
+    try:
+        run_to_make(run)
+    except RunRefused as err:
+        p.error(str(err))
+    if a.out:
+        for path in (Path(a.out), Path(a.out).with_suffix(".png")):
+            problem = common.output_file_problem(path)
+            if problem:
+                p.error(f"argument --out: cannot write {path}: {problem}")
 
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -141,7 +207,6 @@ def main(argv: list[str] | None = None) -> int:
     from reclora.serving import Recommender
 
     load_before = common.load_avg()
-    run = Path(a.run)
     ensure_run(run)
     rec = Recommender.load(run, device=a.device, batch_size=a.batch_size)
     device, amp, bs = rec.device, rec.amp, a.batch_size

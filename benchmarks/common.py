@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -21,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -314,3 +315,62 @@ def append_csv(path: Path, rows: list[dict[str, object]]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+# --- command-line checks shared by the benchmarks ----------------------------------------------
+# Each refuses a bad value at parse time, in one line naming the option (argparse's
+# "argument --x: ..."), instead of a traceback or a silent default once the measuring is done.
+
+
+def comma_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated list of values out of `choices`, in the order given,
+    a repeat dropped; an unknown value (a typo) or an empty list is refused."""
+
+    def parse(text: str) -> list[str]:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated list out of {', '.join(choices)}; got {text!r}")
+        unknown = [s for s in items if s not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+
+    parse.__name__ = "comma list"
+    return parse
+
+
+def finite_float(low: float | None = None) -> Callable[[str], float]:
+    """argparse type: a finite float (NaN and inf refused), >= low where low is given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return value
+
+    parse.__name__ = "finite float"
+    return parse
+
+
+def output_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be written as a file (None: it can), checked before any measuring:
+    a folder in its place, or its nearest existing parent not a writable folder. Creates
+    nothing."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write in {parent}"
+    return None

@@ -20,7 +20,6 @@ Output: $OUT (if set) or benchmarks/results/gpu/, file targets_<card>.md (smoke:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -38,6 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` as a package, as the tests import it
 
 from benchmarks import baselines, roofline, timing  # noqa: E402
+from benchmarks.common import finite_float  # noqa: E402
+from reclora.cli import ArgumentParser  # noqa: E402
 from reclora_kernels import available_backends, lora_mix_linear  # noqa: E402
 
 SCALE = 2.0  # RecLoRA: alpha 16 / r 8
@@ -467,15 +468,36 @@ def out_dir(smoke: bool, arg: str | None) -> Path:
     return Path(tempfile.gettempdir()) if smoke else ROOT / "benchmarks" / "results" / "gpu"
 
 
+def ready_folder(folder: Path) -> str | None:
+    """Make `folder` (the table's) now, before any measuring; None, or why it cannot hold
+    the table (it was once made only after every measurement: a FileExistsError traceback,
+    the table lost)."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot make the folder {folder}: {err.strerror or err}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write in {folder}"
+    return None
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="CPU check: tiny sizes, cpu backends, CUDA-only parts skipped")
     parser.add_argument("--out", help="folder for the table (default $OUT or results/gpu)")
-    parser.add_argument("--budget-s", type=float, default=float("inf"),
+    parser.add_argument("--budget-s", type=finite_float(), default=float("inf"),
                         help="skip the measurements still to come after this many seconds "
-                             "(the table is still printed)")
+                             "(the table is still printed; 0 or less: nothing is measured); "
+                             "default: no limit")
     args = parser.parse_args(argv)
+    folder = out_dir(args.smoke, args.out)
+    problem = ready_folder(folder)
+    if problem:
+        source = "--out" if args.out else "$OUT" if os.environ.get("OUT") else "the default"
+        parser.error(f"{source} {folder}: {problem}")
     if args.smoke:
         torch.set_num_threads(1)  # a shared 2-core CPU: no oversubscription
     run = Run(args.smoke)
@@ -520,15 +542,19 @@ def main(argv=None) -> int:
              "F.linear in this run; 'roofline new': benchmarks/roofline.py's prediction for "
              "this card)")
     table = [title, "", *target_table(run, results)]
-    folder = out_dir(args.smoke, args.out)
-    folder.mkdir(parents=True, exist_ok=True)
     card = re.sub(r"[^A-Za-z0-9]+", "_", "smoke_cpu" if args.smoke else device_name).lower()
     path = folder / f"targets_{card.strip('_')}.md"
-    path.write_text("# GPU targets (benchmarks/gpu_targets.py)\n\n```\n" + "\n".join(run.log)
-                    + "\n```\n\n" + "\n".join(table) + "\n")
-    print(f"\nwrote {path}\n")
+    rc = 0
+    try:
+        path.write_text("# GPU targets (benchmarks/gpu_targets.py)\n\n```\n"
+                        + "\n".join(run.log) + "\n```\n\n" + "\n".join(table) + "\n")
+        print(f"\nwrote {path}\n")
+    except OSError as err:  # the measured table must still come out, below
+        print(f"\ngpu_targets: error: cannot write {path}: {err.strerror or err}\n",
+              file=sys.stderr, flush=True)
+        rc = 1
     print("\n".join(table))  # last, for whoever reads the tail of the log
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ stage (atomically, over the entries it held), so a run cut off still leaves what
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -38,7 +37,9 @@ from triton.testing import do_bench
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: `benchmarks`
 
 from benchmarks import baselines  # noqa: E402
+from benchmarks.common import finite_float, output_file_problem  # noqa: E402
 from reclora.checkpoint import atomic_write  # noqa: E402
+from reclora.cli import ArgumentParser  # noqa: E402
 from reclora_kernels import lora_mix_linear  # noqa: E402
 from reclora_kernels.triton import configs, eager, launch  # noqa: E402
 
@@ -258,17 +259,23 @@ def _about(name: str, budget: Budget, stages_left: list[str]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="card file to write (default: reclora_kernels/configs/<card>.json, "
                         "or $OUT/<card>.json where $OUT is set)")
-    parser.add_argument("--budget-s", type=float, default=None,
+    # A finite number: NaN passed the reserve's check below and never ran out (clock() > nan
+    # is False), so the sweep went on unbounded; inf is no limit, which is leaving it out.
+    parser.add_argument("--budget-s", type=finite_float(), default=None,
                         help="stop sweeping after this many seconds (keeping "
                              f"{AUTO_RESERVE_S:.0f} s for the auto choice); default: no limit")
     args = parser.parse_args(argv)
     if args.budget_s is not None and args.budget_s <= AUTO_RESERVE_S:
         parser.error(f"--budget-s must exceed {AUTO_RESERVE_S:.0f} (kept for the auto "
                      f"choice), got {args.budget_s:g}")
+    # Before any sweep: the file is first written after the first stage's minutes of GPU time.
+    problem = args.out and output_file_problem(args.out)
+    if problem:
+        parser.error(f"argument --out: cannot write {args.out}: {problem}")
     if not torch.cuda.is_available():
         print("tune_triton: needs a CUDA GPU", file=sys.stderr)
         return 2
