@@ -91,6 +91,61 @@ def guarded(prog: str, main: Callable[[list[str]], int | None], argv: list[str] 
 # with room for the offsets a run adds (seed + 1, + 2 for the subsets, + i for --seeds); past
 # 2**64 torch failed late and unclearly.
 SEED_MAX = 2**32 - 1
+# --k-id's range (`reclora run`, `python -m reclora.crm`): every history is padded to K_id, and
+# a CRM's eval batch (4,096 samples) holds [4096, K_id, 64] float32 activations, 1 GiB each at
+# 1,000; that is 16x the paper's 60 and longer than any ML-100K history (647). --k-id 100000
+# was OOM-killed without a message.
+K_ID_MAX = 1000
+# The learning rates' range (--lr, --plain-lr, --gate-lr; the CRMs' --lr): an AdamW step moves
+# a weight by about lr, so past 1 a step outgrows the weights (LoRA factors, gates, CRM
+# embeddings are O(0.01-1)) and training ends in NaN, seen only when the run scores; below
+# 1e-8 a step is under float32's resolution (6e-8 relative) for weights of O(0.1).
+LR_RANGE = (1e-8, 1.0)
+
+
+def threads_max() -> int:
+    """--threads' upper bound: the logical CPUs. libgomp sets up every thread when the count
+    is set (--threads 1000000000 aborted with "Out of memory", naming no option), and past
+    the CPUs more threads only spin against each other."""
+    return os.cpu_count() or 1
+
+
+def threads_option(allow_auto: bool = False) -> Callable[[str], int | str]:
+    """argparse type for --threads: a count in [1, threads_max()] in ASCII digits (int()
+    also reads '٣' and '1_0'), or "auto" where allow_auto."""
+
+    def parse(text: str) -> int | str:
+        if allow_auto and text == "auto":
+            return text
+        high = threads_max()
+        if not (text.isascii() and text.isdigit() and 1 <= int(text) <= high):
+            auto = "auto or " if allow_auto else ""
+            raise argparse.ArgumentTypeError(
+                f"expected {auto}a count in [1, {high}] (this machine's CPUs), got {text!r}")
+        return int(text)
+
+    parse.__name__ = "thread count"
+    return parse
+
+
+def nonempty_path(text: str) -> str:
+    """argparse type: a path (or name) that is not empty or blank: Path("") is the current
+    folder, so --output "" wrote a run into it."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return text
+
+
+class StoreOnce(argparse.Action):
+    """argparse action "store" that refuses the option a second time (argparse keeps the
+    last one: `--output a ... --output b` wrote into b without a word)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        given = f"_{self.dest}_given"
+        if getattr(namespace, given, False):
+            parser.error(f"{'/'.join(self.option_strings)} given twice")
+        setattr(namespace, given, True)
+        setattr(namespace, self.dest, values)
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -124,6 +179,22 @@ def positive_float(text: str) -> float:
     if not (value > 0 and value < float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def float_between(low: float, high: float) -> Callable[[str], float]:
+    """argparse type: a float in [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not low <= value <= high:  # nan fails both
+            raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
+        return value
+
+    parse.__name__ = f"number in [{low:g}, {high:g}]"
+    return parse
 
 
 def device_option(text: str, allow_auto: bool = True) -> str:

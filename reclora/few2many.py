@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reclora import metrics
+from reclora.gates import check_temperature
 from reclora.llm import LLMCTR, amp_context, enable_grad_ckpt, retune_threads
 
 __all__ = [
@@ -128,8 +129,7 @@ class Stage2Config:
             raise ValueError(f"lr and gate_lr must be > 0, got {self.lr}, {self.gate_lr}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        check_temperature(self.temperature)  # the gates' range, before they are built
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
 

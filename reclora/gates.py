@@ -22,6 +22,12 @@ from torch import nn
 # Rows of user_reps larger than this are scaled to it before the LayerNorm: its variance
 # (a sum of squares over the row) stays far inside float32's 3.4e38.
 _LARGEST_NORMALISED = 1e15
+# The temperature's range. The logits are divided by it in float32 (bf16 under autocast: the
+# same exponent range). At 1e-6 the quotient stays finite for any logit below 3e32 (a gate's
+# are O(1)-O(100): a LayerNorm'd row through two Linear layers); at 1e-300 (0 in float32)
+# it was inf/inf = NaN weights. At 1e6 logit gaps of O(1) still give distinct weights (their
+# exps ~17 float32 ulps apart); past ~1e7 they round away, to an exactly uniform gate at 1e8.
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,13 @@ class GateConfig:
         return asdict(self)
 
 
+def check_temperature(temperature: float, name: str = "temperature") -> None:
+    """ValueError naming `name` unless temperature is a number in TEMPERATURE_RANGE."""
+    low, high = TEMPERATURE_RANGE
+    if not (isinstance(temperature, (int, float)) and low <= temperature <= high):
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {temperature!r}")
+
+
 class PersonalizedGate(nn.Module):
     """Maps user representations [R, in_features] to per-row mixture weights.
 
@@ -50,7 +63,7 @@ class PersonalizedGate(nn.Module):
         hidden: width of the gate's hidden layer (60 in the reference code).
         dropout: dropout after the ReLU (0.1 in the reference code).
         temperature: logits are divided by it before the softmax (paper: 5 on ML-1M, 5-15 on
-            ML-25M, 1 on GoodReads); larger is flatter.
+            ML-25M, 1 on GoodReads); larger is flatter; within TEMPERATURE_RANGE.
         top_k: None for soft routing over all M adapters; an int k in [1, M] for hard top-k.
         sqrt: take the square root of the softmax weights (an option of the reference code:
             in factor mode each weight multiplies both A and B, so sqrt keeps the product of
@@ -86,11 +99,7 @@ class PersonalizedGate(nn.Module):
                 raise ValueError(f"PersonalizedGate: `{arg}` must be an int >= 1, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"PersonalizedGate: `dropout` must lie in [0, 1), got {dropout!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                and temperature > 0):
-            raise ValueError(
-                f"PersonalizedGate: `temperature` must be a finite float > 0, got {temperature!r}"
-            )
+        check_temperature(temperature, "PersonalizedGate: `temperature`")
         if top_k is not None and (
             not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_adapters
         ):

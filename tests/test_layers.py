@@ -222,6 +222,30 @@ def test_gate_options():
         gate(torch.randn(5, 9, dtype=F64))
 
 
+def test_gate_temperature_range():
+    """A temperature that is 0 in float32 (1e-300) gave inf/inf = NaN weights and a run that
+    failed only when it scored (CLI audit item 3): refused outside TEMPERATURE_RANGE, by the
+    gate and by Stage2Config; at both ends, logits of 1e3 still give finite weights."""
+    from reclora.few2many import Stage2Config
+    from reclora.gates import TEMPERATURE_RANGE
+
+    low, high = TEMPERATURE_RANGE
+    for bad in (1e-300, 1e-40, low / 2, high * 2, math.inf, math.nan, 0.0, -5.0, "5"):
+        with pytest.raises(ValueError, match=r"`temperature` must be a number in "
+                           r"\[1e-06, 1e\+06\]"):
+            PersonalizedGate(8, 4, temperature=bad)
+        with pytest.raises(ValueError, match="temperature"):
+            Stage2Config(temperature=bad)
+    torch.manual_seed(0)
+    for t in (low, high, 5):
+        gate = PersonalizedGate(8, 4, temperature=t).eval()
+        with torch.no_grad():
+            gate.net[4].weight.mul_(1e3)
+        w, _ = gate(torch.randn(6, 8) * 1e3)
+        assert torch.isfinite(w).all() and torch.allclose(w.sum(-1), torch.ones(6))
+        assert Stage2Config(temperature=t).temperature == t
+
+
 def test_top_k_gate_passes_indices_to_the_op():
     """Hard top-k: the layer must equal the dense mixture that is zero outside the top k."""
     torch.manual_seed(1)

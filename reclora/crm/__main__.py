@@ -18,13 +18,18 @@ import torch
 from reclora import metrics
 from reclora.cli import (
     DEBUG_HELP,
+    K_ID_MAX,
+    LR_RANGE,
     SEED_MAX,
     ArgumentParser,
+    StoreOnce,
     device_option,
+    float_between,
     guarded,
     int_at_least,
     int_between,
-    positive_float,
+    nonempty_path,
+    threads_option,
 )
 from reclora.crm.train import (
     CRM_CLASSES,
@@ -42,26 +47,31 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     p = ArgumentParser(prog="python -m reclora.crm",
                        description=__doc__.split("\n")[0] + " " + DEBUG_HELP)
-    p.add_argument("--dataset", default="ml-100k", help="dataset name or folder")
+    p.add_argument("--dataset", default="ml-100k", type=nonempty_path,
+                   help="dataset name or folder")
     p.add_argument("--crms", default="din,sim,deepfm", help="comma list of CRM names")
-    p.add_argument("--output", default="runs/crm", help="folder for checkpoints and JSON")
+    p.add_argument("--output", default="runs/crm", type=nonempty_path, action=StoreOnce,
+                   help="folder for checkpoints and JSON")
     d = CRMTrainConfig()
     p.add_argument("--epochs", type=int_at_least(1), default=d.epochs)
     p.add_argument("--patience", type=int_at_least(1), default=d.patience)
     p.add_argument("--batch-size", type=int_at_least(1), default=d.batch_size)
-    p.add_argument("--lr", type=positive_float, default=d.lr)
-    p.add_argument("--k-id", type=int_at_least(1), default=d.history_len,
-                   help="history items per sample")
+    p.add_argument("--lr", type=float_between(*LR_RANGE), default=d.lr)
+    p.add_argument("--k-id", type=int_between(1, K_ID_MAX), default=d.history_len,
+                   help=f"history items per sample, 1 to {K_ID_MAX}")
     p.add_argument("--seed", type=int_between(0, SEED_MAX), default=d.seed)
     p.add_argument("--device", type=lambda t: device_option(t, allow_auto=False),
                    default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=threads_option(), default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     names = [s.strip().lower() for s in a.crms.split(",") if s.strip()]
     bad = [n for n in names if n not in CRM_CLASSES]
     if not names or bad:
         p.error(f"--crms must list names from {sorted(CRM_CLASSES)}, got {a.crms!r}")
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:  # it trained twice, over its own checkpoint, and was compared with itself
+        p.error(f"--crms lists {twice[0]} twice, got {a.crms!r}")
     if a.threads:
         torch.set_num_threads(a.threads)
 

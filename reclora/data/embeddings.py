@@ -117,6 +117,14 @@ def pca(x: torch.Tensor, dim: int) -> torch.Tensor:
     return (xc @ (comps * sign)).float()
 
 
+def check_pca_dim(pca_dim: int, width: int, n_items: int) -> None:
+    """An explicit pca_dim must drop components: at the embeddings' width or the item count
+    or above, ``pca`` returned them unprojected, cached under "-pca<N>" all the same."""
+    if pca_dim >= min(width, n_items):
+        raise ValueError(f"pca_dim {pca_dim} must be below the embeddings' width ({width}) and "
+                         f"the item count ({n_items})")
+
+
 def use_bf16(precision: str, device: str | torch.device = "cpu") -> bool:
     """Whether ``precision`` ("auto", "bf16" or "fp32") means bfloat16 autocast here.
 
@@ -214,6 +222,13 @@ def load_llm(spec: str, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     return model, tok
 
 
+def _check_width(pca_dim: int | None, model: Any, n_items: int) -> None:
+    """check_pca_dim before the encoder's pass, where its config names the width."""
+    width = getattr(getattr(model, "config", None), "hidden_size", None)
+    if pca_dim and isinstance(width, int):
+        check_pca_dim(pca_dim, width, n_items)
+
+
 def embedding_cache_path(dataset: RecDataset, encoder: str = "minilm", *, model: Any = None,
                          pca_dim: int | None = None, cache_dir: str | Path | None = None,
                          bf16: bool = False) -> Path | None:
@@ -254,13 +269,15 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
 
     ``encoder``: "minilm" (default), a sentence-encoder folder, "llm" with ``model`` and
     ``tokenizer`` given, or "llm:<folder or .gguf path>". ``pca_dim``: PCA size (default
-    512 for "llm", none for sentence encoders). ``cache_dir``: root of the cache (default
+    512 for "llm", none for sentence encoders; one given must be below the encoder's width
+    and the item count, else ValueError). ``cache_dir``: root of the cache (default
     the data dir; see ``embedding_cache_path``); ``precision``: "auto" (bf16 autocast where
     the hardware has it, see ``use_bf16``), "bf16" or "fp32"; ``refresh``: recompute even if
     cached.
     """
     texts = list(dataset.item_description)
     is_llm = encoder == "llm" or encoder.startswith("llm:")
+    explicit_pca = pca_dim  # checked against the width; the "llm" default of 512 is not
     if is_llm and pca_dim is None:
         pca_dim = 512
     if encoder == "llm" and (model is None or tokenizer is None):
@@ -272,7 +289,9 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
     if path is not None and path.is_file() and not refresh:
         try:
             emb = load_file(str(path))["embeddings"]
-            if emb.shape[0] == dataset.n_items:
+            # (a "-pca<N>" file written unprojected, before check_pca_dim, is not a hit)
+            if emb.shape[0] == dataset.n_items and (not explicit_pca
+                                                    or emb.shape[1] == explicit_pca):
                 return emb
         except Exception:  # a corrupt cache file is recomputed, not trusted
             pass
@@ -281,6 +300,7 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
     if is_llm:
         if encoder.startswith("llm:"):
             model, tokenizer = load_llm(encoder[4:], device)
+        _check_width(explicit_pca, model, dataset.n_items)
         emb = mean_pooled(texts, model, tokenizer, batch_size, max_length, device,
                           desc=f"embed items ({tag})", progress=progress, bf16=bf16)
     else:
@@ -288,9 +308,12 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
         if not folder.is_dir():
             raise FileNotFoundError(f"encoder: no model folder at {folder}")
         enc_model, tok = _sentence_encoder(str(folder), str(device))
+        _check_width(explicit_pca, enc_model, dataset.n_items)
         emb = mean_pooled(texts, enc_model, tok, batch_size, max_length, device,
                           desc=f"embed items ({tag})", progress=progress, bf16=bf16)
         emb = torch.nn.functional.normalize(emb, dim=1)
+    if explicit_pca:
+        check_pca_dim(explicit_pca, emb.shape[1], emb.shape[0])
     if pca_dim:
         emb = pca(emb, pca_dim)
     seconds = time.perf_counter() - t0

