@@ -709,8 +709,9 @@ class Run:
         # not every rank computing the same embeddings and writing the same file. On the
         # CPU, which resolve_auto resolved item_precision for.
         with main_first():
+            # The cache under --data-dir, where `reclora data embed --data-dir` puts it.
             self.emb = item_embeddings(ds, device="cpu", precision=c.item_precision,
-                                       progress=c.progress and self.main)
+                                       cache_dir=c.data_dir, progress=c.progress and self.main)
         self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
         self.data_digest = data_digest(ds)
         self.timings["data_s"] = time.perf_counter() - t

@@ -446,7 +446,7 @@ class Recommender:
 
         # In the precision the run recorded (resolved from "auto" on its machine).
         self.emb = item_embeddings(ds, device="cpu", precision=cfg.item_precision,
-                                   progress=progress)
+                                   cache_dir=cfg.data_dir, progress=progress)
         self.retriever = LongShortRetriever(ds, self.emb, k_text=cfg.k_text, k_id=cfg.k_id)
         from transformers.utils import logging as hf_logging
 

@@ -300,3 +300,22 @@ def test_result_neutral_fields_are_stage2_fields_outside_every_fingerprint() -> 
     """The list serving must ignore when it compares a stage's stage2_config.json."""
     assert set(RESULT_NEUTRAL) <= {f.name for f in fields(Stage2Config)}
     assert not set(RESULT_NEUTRAL) & set(CRM_OPTIONS + LLM_OPTIONS + TRAIN_OPTIONS)
+
+
+def test_the_run_reads_item_embeddings_under_its_data_dir(tmp_path, monkeypatch) -> None:
+    """`reclora data embed --data-dir D` caches under D; the run over --data-dir D looked in
+    the default data folder instead, recomputed and wrote a second copy there."""
+    seen = {}
+
+    def stub(ds, **kw):
+        seen.update(kw)
+        return torch.nn.functional.normalize(torch.randn(ds.n_items, 8), dim=1)
+
+    monkeypatch.setattr(embeddings, "item_embeddings", stub)
+    syn = make_synthetic(0, n_users=30, n_items=30, per_user=(12, 25))
+    write_ml100k_recbole(tmp_path / "data" / "ml-100k", syn)
+    cfg = config_from_args(["--dataset", "ml-100k", "--data-dir", str(tmp_path / "data"),
+                            "--output", str(tmp_path / "out"), "--crms", "din", "--n", "8",
+                            "--n-valid", "16", "--n-test", "16", "--no-progress"])
+    Run(cfg).load_data()
+    assert seen["cache_dir"] == str(tmp_path / "data")
