@@ -199,6 +199,15 @@ def test_reclora_data_corrupt_files(capsys, tmp_path) -> None:
     assert_one_line(code, err, "reclora data: error:", "ml-100k")
 
 
+def test_a_min_history_that_filters_every_sample_is_named(capsys, tmp_path) -> None:
+    """`stats --min-history 100000` said "only 0 samples after filtering", naming no option."""
+    from datagen import make_synthetic, write_ml100k_recbole
+
+    folder = write_ml100k_recbole(tmp_path / "ml-100k", make_synthetic(0, n_users=8))
+    code, err = call(data_main, ["stats", str(folder), "--min-history", "100000"], capsys)
+    assert_one_line(code, err, "reclora data: error:", "min_history = 100000")
+
+
 CRM_CASES = {
     "epochs-zero": (["--epochs", "0"], "--epochs"),
     "lr-negative": (["--lr", "-1"], "--lr"),

@@ -266,6 +266,11 @@ def build_dataset(raw: RawData, min_history: int = 5, core: int = 5,
 
     ptr, index, hist_len = history_lengths(user, time, n_users)
     samples = np.flatnonzero(hist_len >= min_history).astype(np.int64)
+    if samples.size < 3:  # said here, where the cause is known: min_history filtered them
+        raise DataError(f"{raw.name}: only {samples.size} samples have min_history = "
+                        f"{min_history} earlier interactions (the longest history is "
+                        f"{int(hist_len.max()) if hist_len.size else 0}); need at least 3 "
+                        "to split")
     train, valid, test, split_time = split_by_time(samples, time, split)
 
     # Item side.
