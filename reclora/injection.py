@@ -9,7 +9,9 @@
 whole module name; a sequence of strings matches module names equal to, or ending in "." plus,
 one of them. nn.Linear and transformers' Conv1D (GPT-2 style) are supported; inject refuses
 linears whose forward a model bypasses (it reads their weight directly) or runs on
-[seq, batch, features] inputs (the layer takes x's first dim as the batch row).
+[seq, batch, features] inputs or on tokens routed to an MoE expert (the layer takes x's first
+dim as the batch row); with gates, also linears in a multimodal model's vision or audio tower
+(its rows are images, not prompts) and MoE shared experts run on the flattened batch.
 """
 
 from __future__ import annotations
@@ -114,6 +116,9 @@ def inject(
         PersonalizedGate(gate_dim, num_adapters, hidden=gate_hidden, dropout=gate_dropout,
         temperature=temperature, top_k=top_k, sqrt=sqrt) and is driven by personalize().
         None: no gates; mixtures come from layer.set_mixture (uniform 1/M when unset).
+        Gated layers are refused inside a multimodal model's vision / audio tower (and MoE
+        shared experts): personalize's rows are the prompts, theirs are images or tokens.
+        Without gates such layers are accepted; give them a one-row mixture (or none).
     adapter_dtype: dtype of banks and gates (default float32 under a half-precision base).
     Returns the new layers by module name (what save_adapters / export_peft walk too).
     """
@@ -128,7 +133,7 @@ def inject(
     if gate_dim is not None and (not isinstance(gate_dim, int) or gate_dim < 1):
         raise ValueError(f"inject: `gate_dim` must be None or an int >= 1, got {gate_dim!r}")
 
-    matched = _targets(model, target_modules)
+    matched = _targets(model, target_modules, gated=gate_dim is not None)
     if not matched:
         candidates = sorted({
             name.rpartition(".")[2] for name, m in model.named_modules()
@@ -164,10 +169,12 @@ def names_by_module(model: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str, list[str]]:
+def _targets(model: nn.Module, target_modules: str | Sequence[str], *,
+             gated: bool = False) -> dict[str, list[str]]:
     """The modules to wrap: {first name (as named_modules gives it): every name of that
     module}. A module registered under several names (shared, tied) is wrapped once and
-    replaced under all of them, else the other paths kept running it without adapters."""
+    replaced under all of them, else the other paths kept running it without adapters.
+    gated: the layers get gates (personalize's rows are then the model's batch rows)."""
     names = names_by_module(model)
     matched: dict[str, list[str]] = {}
     done: set[int] = set()
@@ -184,6 +191,8 @@ def _targets(model: nn.Module, target_modules: str | Sequence[str]) -> dict[str,
         aliases = [a for a in names[id(module)] if a]
         for alias in aliases:
             _refuse_bypassed(model, alias)
+            if gated:
+                _refuse_other_rows(model, alias, target_modules)
         done.add(id(module))
         matched[aliases[0]] = aliases
     return matched
@@ -269,6 +278,87 @@ _SEQUENCE_FIRST = {
 }
 
 
+# Modules that run linear children on the tokens routed to one expert, gathered from the
+# whole flattened batch ([tokens, features], `hidden_states[None, top_x]`): a RecLoRALinear
+# takes each gathered token for a batch row, so token j got row j's mixture whichever row it
+# came from (silently when an expert got as many tokens as there are rows). No row plan can
+# follow the routing. Same form as _WEIGHT_READERS (transformers 5.25; the MoEs with
+# parameter experts have no linear children there).
+_ROUTED_TOKENS = {
+    "transformers.models.switch_transformers.modeling_switch_transformers."
+    "SwitchTransformersExperts": None,
+    "transformers.models.nllb_moe.modeling_nllb_moe.NllbMoeExperts": None,
+}
+
+# MoE blocks that run their shared expert on the flattened batch [batch * seq, features]:
+# personalize's one row per prompt cannot match (refused for gated layers; an ungated layer
+# there runs with a uniform or one-row mixture).
+_SHARED = ("shared_expert", "shared_expert_gate")
+_FLATTENED_TOKENS = {
+    "transformers.models.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock": _SHARED,
+    "transformers.models.qwen3_next.modeling_qwen3_next.Qwen3NextSparseMoeBlock": _SHARED,
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeSparseMoeBlock": _SHARED,
+    "transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe."
+    "Qwen3OmniMoeTalkerTextSparseMoeBlock": _SHARED,
+    "transformers.models.qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextSparseMoeBlock": _SHARED,
+    "transformers.models.llama4.modeling_llama4.Llama4TextMoe": ("shared_expert",),
+    "transformers.models.flint.modeling_flint.FlintSparseMoeBlock": ("shared_expert",),
+    "transformers.models.lara_mini.modeling_lara_mini.LaraMiniSparseMoeBlock": (
+        "shared_expert",),
+    "transformers.models.afmoe.modeling_afmoe.AfmoeSparseMoeBlock": ("shared_experts",),
+    "transformers.models.cohere2_moe.modeling_cohere2_moe.Cohere2MoeSparseMoeBlock": (
+        "shared_experts",),
+}
+
+# Sub-models of a multimodal model that encode images, video or audio: their batch is the
+# images (or patches, or clips), not the prompts whose user representations personalize()
+# gives. Found as a sub-model whose main_input_name is one of these, or by attribute name.
+_MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_values")
+_MEDIA_ATTRIBUTES = ("vision_tower", "vision_model", "visual", "multi_modal_projector",
+                     "audio_tower", "audio_model", "vision_encoder", "image_encoder")
+
+
+def _media_ancestor(model: nn.Module, name: str) -> str | None:
+    """The name of the outermost sub-model above module `name` that encodes media for a
+    model whose own input is not media (a Llava's vision tower; not a CLIPVisionModel's own
+    encoder), else None."""
+    root_input = getattr(model, "main_input_name", None)
+    if root_input in _MEDIA_INPUTS:
+        return None
+    parts = name.split(".")
+    for depth in range(1, len(parts)):
+        ancestor = model.get_submodule(".".join(parts[:depth]))
+        if (parts[depth - 1] in _MEDIA_ATTRIBUTES
+                or getattr(ancestor, "main_input_name", None) in _MEDIA_INPUTS):
+            return ".".join(parts[:depth])
+    return None
+
+
+def _refuse_other_rows(model: nn.Module, name: str,
+                       target_modules: str | Sequence[str]) -> None:
+    """TypeError when a gated layer at module `name` would not run on personalize's rows."""
+    media = _media_ancestor(model, name)
+    if media is not None:
+        names = (["q_proj", "v_proj"] if isinstance(target_modules, str)
+                 else [re.escape(t) for t in target_modules])
+        regex = r".*language_model.*\.(" + "|".join(names) + ")"
+        raise TypeError(
+            f"inject: module {name!r} is inside {media!r} "
+            f"({type(model.get_submodule(media)).__name__}), which encodes images or audio: "
+            "its rows are images (or patches), not the prompts whose user representations "
+            "personalize() gives, so a gated layer there would give an image another "
+            "prompt's mixture; limit `target_modules` to the language model, e.g. "
+            f"r'{regex}' (or inject there with gate_dim=None: one mixture for all images)")
+    owner = _ancestor_in(model, name, _FLATTENED_TOKENS)
+    if owner is not None:
+        raise TypeError(
+            f"inject: module {name!r} is inside a {type(owner).__name__}, which runs it on "
+            "the batch flattened to [batch * seq, features]; personalize() gives one "
+            "mixture row per prompt, which those tokens cannot be matched with, so gated "
+            "layers there are not supported; leave the shared expert out of `target_modules` "
+            "(e.g. a regex that excludes 'shared_expert') or inject it with gate_dim=None")
+
+
 def _ancestor_in(model: nn.Module, name: str, table: dict) -> nn.Module | None:
     """The innermost ancestor of module `name` whose class is in table for that child."""
     parts = name.split(".")
@@ -310,6 +400,14 @@ def _refuse_bypassed(model: nn.Module, name: str) -> None:
                         "runs it on [seq, batch, features] inputs; a RecLoRALinear takes x's "
                         "first dim as the batch row, so each position would get another "
                         "row's mixture")
+    owner = _ancestor_in(model, name, _ROUTED_TOKENS)
+    if owner is not None:
+        raise TypeError(f"inject: module {name!r} is inside a {type(owner).__name__}, which "
+                        "runs it on the tokens routed to one expert, gathered from the whole "
+                        "batch: a RecLoRALinear takes each gathered token for a batch row, so "
+                        "tokens would get other rows' mixtures (no row plan can follow the "
+                        "routing); target the attention projections instead (e.g. "
+                        "('q', 'v'))")
 
 
 @contextmanager
@@ -331,9 +429,12 @@ def personalize(
     the modules, so two threads may personalize one model for different users at once.
 
     The gates run inside each layer's forward, so their gradients flow as usual. With
-    activation checkpointing, the recomputing forward runs during backward(): call backward
-    inside the block, in the same thread (on CUDA, torch runs backward in its own threads,
-    which do not see this context: checkpoint outside the gated layers there)."""
+    activation checkpointing, the recomputing forward runs during backward(): checkpoint
+    (non-reentrant) with context_fn=reclora.llm.personalization_context_fn, as
+    reclora.llm.enable_grad_ckpt does; it recomputes each layer with the user_reps (or
+    set_mixture mixture) its forward used, in any thread. Without it, backward must run inside
+    this block, in the same thread, and only for a loss whose checkpointed forwards all ran in
+    this block (another block's layers would be recomputed with this block's user_reps)."""
     if not isinstance(user_reps, torch.Tensor) or not user_reps.is_floating_point():
         raise TypeError("personalize: `user_reps` must be a floating-point tensor [R, h]")
     if user_reps.dim() not in (1, 2):

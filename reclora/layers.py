@@ -63,6 +63,20 @@ class Personalization:
 ACTIVE_PERSONALIZATION: ContextVar[dict | None] = ContextVar("reclora_personalization",
                                                              default=None)
 
+# Activation checkpointing recomputes a layer during backward(), when set_mixture may hold
+# another mixture (a second forward, a refilled buffer). reclora.llm.personalization_context_fn
+# sets (records, replay): around a checkpointed forward `records` ends in a fresh dict that
+# each layer fills with the (_mixture, _mixture_plan, their versions) it used (the dicts
+# before it: enclosing checkpoints'); around its recompute `replay` is that dict, so the layer
+# uses the same mixture again (None: no replay).
+CHECKPOINT_MIXTURES: ContextVar[tuple[tuple[dict, ...], dict | None] | None] = ContextVar(
+    "reclora_checkpoint_mixtures", default=None)
+
+
+def _versions(mixture: tuple | None) -> tuple:
+    """The in-place version counters of a set_mixture (weights, idx)."""
+    return () if mixture is None else tuple(None if t is None else t._version for t in mixture)
+
 
 def _is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2 style: weight [d_in, d_out]). Checked without importing
@@ -417,9 +431,31 @@ class RecLoRALinear(nn.Module):
                 )
             weights, idx = self.gate(personal.user_reps)
             return weights, idx, personal.plan
-        if self._mixture is not None:
-            return (*self._mixture, self._mixture_plan)
+        mixture, mixture_plan = self._mixture, self._mixture_plan
+        checkpoint = CHECKPOINT_MIXTURES.get()
+        if checkpoint is not None:
+            records, replay = checkpoint
+            if replay is not None and self in replay:
+                mixture, mixture_plan, versions = replay[self]
+                if versions != _versions(mixture):
+                    raise RuntimeError(
+                        "RecLoRALinear: the mixture given to set_mixture was modified in place "
+                        "after the checkpointed forward that used it, so activation "
+                        "checkpointing would recompute this layer with other weights; give "
+                        "set_mixture a new tensor instead of refilling it before backward()")
+            for record in records:
+                record.setdefault(self, (mixture, mixture_plan, _versions(mixture)))
+        if mixture is not None:
+            return (*mixture, mixture_plan)
         if self.gate is not None:
+            if torch._C._current_graph_task_id() != -1:  # a forward run by backward()
+                raise RuntimeError(
+                    "RecLoRALinear: this gated layer was recomputed by activation "
+                    "checkpointing during backward(), outside the `reclora.personalize` block "
+                    "its forward ran in; checkpoint with context_fn="
+                    "reclora.llm.personalization_context_fn (non-reentrant; "
+                    "reclora.llm.enable_grad_ckpt does it), or call backward() inside the block"
+                )
             raise RuntimeError(
                 "RecLoRALinear: this layer has a gate but no user representation; run the "
                 "forward inside `with reclora.personalize(model, user_reps):` or call "

@@ -222,20 +222,37 @@ def personalization_context_fn() -> tuple[contextlib.AbstractContextManager,
     own thread, where the context variable holding the batch's h_u is not set. This captures
     the personalization active at the checkpointed forward and sets it again around the
     recomputation, so the gates recompute the same per-row mixture (the RNG state, hence the
-    gate dropout mask, is restored by checkpoint itself)."""
-    from reclora.layers import ACTIVE_PERSONALIZATION
+    gate dropout mask, is restored by checkpoint itself). Layers mixed by set_mixture record
+    the mixture the forward used and recompute with it, not with whatever set_mixture holds
+    at backward() (a second forward under another mixture, a refilled buffer)."""
+    from reclora.layers import ACTIVE_PERSONALIZATION, CHECKPOINT_MIXTURES
 
     state = ACTIVE_PERSONALIZATION.get()
+    records, replay = CHECKPOINT_MIXTURES.get() or ((), None)
+    # Nested checkpoints: the enclosing ones record this one's layers too, and a checkpoint
+    # run by an enclosing recomputation records what that one's forward used.
+    used: dict = {}
+
+    @contextlib.contextmanager
+    def forward() -> Iterator[None]:
+        token = CHECKPOINT_MIXTURES.set(((*records, used), replay))
+        try:
+            yield
+        finally:
+            CHECKPOINT_MIXTURES.reset(token)
 
     @contextlib.contextmanager
     def recompute() -> Iterator[None]:
         token = ACTIVE_PERSONALIZATION.set(state)
+        current = CHECKPOINT_MIXTURES.get()
+        mixtures = CHECKPOINT_MIXTURES.set((() if current is None else current[0], used))
         try:
             yield
         finally:
+            CHECKPOINT_MIXTURES.reset(mixtures)
             ACTIVE_PERSONALIZATION.reset(token)
 
-    return contextlib.nullcontext(), recompute()
+    return forward(), recompute()
 
 
 def enable_grad_ckpt(model: nn.Module, on: bool = True) -> None:
