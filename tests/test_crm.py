@@ -310,14 +310,16 @@ def test_users_without_a_training_sample_take_the_unseen_row(tmp_path) -> None:
     assert (loaded.embed.user_row[20:30] == 0).all()
 
 
-@pytest.mark.parametrize("name", ["din", "deepfm"])
-def test_items_no_training_sample_reads_take_the_unseen_row(tmp_path, name) -> None:
-    """The item analogue: an item the schema calls known (rated in the training period) that
-    is neither a target nor a history item of any sample train_crm trains on kept its random
-    id row and was scored through it. Items 50..59 appear only in padded history slots here
-    (which may hold anything) and in validation; items 40..49 only in real history slots and
-    30..39 only as targets of samples with a full history (so both trained). DeepFM has two
-    embedders."""
+@pytest.mark.parametrize("name", ["din", "deepfm", "sim"])
+def test_items_whose_rows_never_train_take_the_unseen_row(tmp_path, name) -> None:
+    """The item analogue: an item the schema calls known (rated in the training period)
+    whose id row no training step moved kept its random row and was scored through it.
+    Items 50..59 appear only in padded history slots here (which may hold anything) and in
+    validation; items 40..49 only in real history slots and 30..39 only as targets of
+    samples with a full history. DIN reads every real history item, so 30..49 train; DeepFM
+    reads no history, so 40..49 do not (they were kept, as history items, until an audit);
+    SIM reads the items its search picks. Whatever the model: with no weight decay, an item
+    keeps its row exactly when the row moved. DeepFM has two embedders."""
     train, valid = _batch(300, seed=1), _batch(100, seed=2)
     train.item = train.item % 40
     full = train.item >= 30
@@ -327,20 +329,30 @@ def test_items_no_training_sample_reads_take_the_unseen_row(tmp_path, name) -> N
     hist = torch.where((hist >= 30) & (hist < 40), hist + 10, hist)  # no 30..39 in history
     train.hist_items = torch.where(train.hist_mask, hist, 55)
     train.hist_items[full] %= 30
-    cfg = CRMTrainConfig(epochs=2, batch_size=64, progress=False,
+    cfg = CRMTrainConfig(epochs=2, batch_size=64, weight_decay=0.0, progress=False,
                          checkpoint=str(tmp_path / f"{name}.pt"))
     model = _model(name)
     embedders = [m for m in model.modules() if isinstance(m, ItemUserEmbedder)]
     assert len(embedders) == (2 if name == "deepfm" else 1)
     assert all((emb.item_row == torch.arange(1, N_ITEMS + 1)).all() for emb in embedders)
+    initial = [emb.item_id.weight.detach().clone() for emb in embedders]
     res = train_crm(model, train, valid, None, cfg)
-    seen = torch.zeros(N_ITEMS, dtype=torch.bool)
-    seen[train.item] = True
-    seen[train.hist_items[train.hist_mask]] = True
-    assert not seen[50:].any() and seen[30:50].all() and seen[:30].sum() > 20
-    want = torch.where(seen, torch.arange(1, N_ITEMS + 1), 0)
-    for emb in embedders:
-        assert torch.equal(emb.item_row, want)
+    targets = torch.zeros(N_ITEMS, dtype=torch.bool)
+    targets[train.item] = True
+    in_history = torch.zeros(N_ITEMS, dtype=torch.bool)
+    in_history[train.hist_items[train.hist_mask]] = True
+    assert not (targets | in_history)[50:].any() and in_history[40:50].all()
+    assert targets[30:40].all() and not targets[40:].any()
+    for emb, before in zip(embedders, initial):
+        moved = (emb.item_id.weight.detach() != before).any(1)[1:]
+        kept = emb.item_row > 0
+        assert torch.equal(kept, moved), name
+        assert not kept[50:].any() and kept[30:40].all(), name
+        if name == "din":
+            assert kept[40:50].all()
+        if name == "deepfm":
+            assert torch.equal(kept, targets)
+        assert torch.equal(emb.item_row, torch.where(kept, torch.arange(1, N_ITEMS + 1), 0))
     # A target among them no longer reads its own (never trained) id vector.
     probe = valid.select(slice(0, 8))
     probe.item = torch.full_like(probe.item, 57)
@@ -351,7 +363,7 @@ def test_items_no_training_sample_reads_take_the_unseen_row(tmp_path, name) -> N
     torch.testing.assert_close(res.model(probe), before)
     loaded, _ = load_crm(cfg.checkpoint)
     assert torch.equal(next(m for m in loaded.modules()
-                            if isinstance(m, ItemUserEmbedder)).item_row, want)
+                            if isinstance(m, ItemUserEmbedder)).item_row, embedders[0].item_row)
 
 
 def test_schema_knows_users_by_their_training_samples() -> None:
@@ -382,3 +394,38 @@ def test_a_one_class_validation_set_is_refused_before_training() -> None:
     with pytest.raises(ValueError, match="validation set has no samples"):
         train_crm(_model("din"), train, valid.select(slice(0, 0)),
                   None, CRMTrainConfig(progress=False))
+
+
+def test_bad_batches_and_labels_are_refused_before_anything_changes() -> None:
+    """Audit repros: user or item -1 scored as the last row, a NaN history rating as level
+    0, ratings 1..5 as training labels (a loss of -12), and an empty training set refused
+    only after every user had been sent to the unseen row."""
+    b = _batch(6)
+    for field in ("user", "item"):
+        bad = b.select(torch.arange(6))  # a copy
+        getattr(bad, field)[2] = -1
+        with pytest.raises(ValueError, match=f"{field} must hold integer ids >= 0"):
+            bad.select(torch.arange(6))
+    bad = b.select(torch.arange(6))  # a copy
+    bad.hist_items[0, 0] = -1
+    with pytest.raises(ValueError, match="hist_items must hold integer ids >= 0"):
+        bad.select(torch.arange(6))
+    bad.hist_items[0, 0] = 1
+    bad.hist_ratings[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="hist_ratings must be finite"):
+        bad.select(torch.arange(6))
+    bad.hist_mask[0, 0] = False  # a padded slot may hold anything
+    bad.hist_items[0, 0] = -7
+    bad.select(torch.arange(6))
+
+    model = _model("din")
+    emb = next(m for m in model.modules() if isinstance(m, ItemUserEmbedder))
+    rows = emb.user_row.clone()
+    cfg = CRMTrainConfig(epochs=1, progress=False)
+    ratings = _batch(40, seed=1)
+    ratings.label = torch.randint(1, 6, (40,))
+    with pytest.raises(ValueError, match="train's labels must be 0 or 1"):
+        train_crm(model, ratings, _batch(40, seed=2), None, cfg)
+    with pytest.raises(ValueError, match="the training set is empty"):
+        train_crm(model, _batch(40, seed=1).select(slice(0, 0)), _batch(40, seed=2), None, cfg)
+    assert torch.equal(emb.user_row, rows)

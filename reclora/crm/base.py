@@ -187,6 +187,17 @@ class CRMBatch:
             t = getattr(self, nm)
             if t is not None and t.shape != (b,):
                 raise ValueError(f"{nm} must be [B={b}], got {tuple(t.shape)}")
+        # Torch indexing wraps -1 to the last row and a NaN rating rounds to level 0: both
+        # were scored silently as another user, item or rating.
+        for nm in ("user", "item"):
+            t = getattr(self, nm)
+            if t.is_floating_point() or (t.numel() and bool((t < 0).any())):
+                raise ValueError(f"{nm} must hold integer ids >= 0")
+        real = self.hist_items[self.hist_mask]
+        if self.hist_items.is_floating_point() or (real.numel() and bool((real < 0).any())):
+            raise ValueError("hist_items must hold integer ids >= 0 where hist_mask is set")
+        if not bool(torch.isfinite(self.hist_ratings[self.hist_mask]).all()):
+            raise ValueError("hist_ratings must be finite where hist_mask is set")
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
@@ -296,9 +307,9 @@ class ItemUserEmbedder(nn.Module):
 
     @torch.no_grad()
     def keep_items(self, seen: torch.Tensor) -> None:
-        """Send every item not marked in `seen` ([n_items] bool: a target or history item of
-        a training sample) to the unseen row 0: an item rated in the training period that no
-        training sample reads kept its random init and was scored through it."""
+        """Send every item not marked in `seen` ([n_items] bool: its id row trained) to the
+        unseen row 0: an item rated in the training period whose row no training step moved
+        kept its random init and was scored through it."""
         self.item_row.masked_fill_(~seen.to(self.item_row.device), 0)
 
     def _drop_ids(self, rows: torch.Tensor) -> torch.Tensor:

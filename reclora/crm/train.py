@@ -312,6 +312,11 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
     cfg = config or CRMTrainConfig()
     if train.label is None or valid.label is None:
         raise ValueError("train and valid batches need labels")
+    for split_name, split in (("train", train), ("valid", valid)):
+        if not bool(((split.label == 0) | (split.label == 1)).all()):  # ratings 1..5 trained
+            raise ValueError(f"train_crm: {split_name}'s labels must be 0 or 1")
+    if len(train) == 0:  # before keep_users, which would send every user to the unseen row
+        raise ValueError("train_crm: the training set is empty")
     # Model selection is by validation AUC: one class would fail only after the first epoch.
     valid_classes = torch.unique(valid.label).tolist()
     if len(valid_classes) < 2:
@@ -327,16 +332,16 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
     for emb in embedders:  # users with no sample here take the unseen-user path
         emb.keep_users(train.user)
     model.to(device)
-    # Items no training sample reads (as target or history) take the unseen-item path too;
-    # marked during the first epoch (which draws every sample) and applied before its
-    # validation, so no checkpoint holds their untrained rows.
-    items_seen = (torch.zeros_like(embedders[0].item_row, dtype=torch.bool)
-                  if embedders else None)
+    # Items whose id row this training never moves take the unseen-item path too. A row is
+    # trained when it gets a nonzero gradient in the first epoch (which draws every sample):
+    # what a model reads is its own affair (DeepFM reads no history, SIM only the items its
+    # search picks, id dropout skips some), so "a target or history item" kept random rows.
+    # Applied before the first validation, so no checkpoint holds the untrained rows.
+    rows_trained = [torch.zeros(emb.item_id.num_embeddings, dtype=torch.bool, device=device)
+                    for emb in embedders]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     n = len(train)
-    if n == 0:
-        raise ValueError("train_crm: the training set is empty")
     steps = math.ceil(n / cfg.batch_size)
     best_auc, best_epoch, best_state, best_valid = -math.inf, 0, None, {}
     history: list[dict[str, float]] = []
@@ -350,20 +355,21 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
                    leave=False, mininterval=1.0)
         for step in bar:
             b = take(train, perm[step * cfg.batch_size:(step + 1) * cfg.batch_size]).to(device)
-            if epoch == 1 and items_seen is not None:
-                # padded slots hold anything: they mark the target instead (no host sync)
-                items_seen[b.item] = True
-                items_seen[torch.where(b.hist_mask, b.hist_items, b.item[:, None])] = True
             loss = loss_fn(model(b), b.label.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if epoch == 1:
+                for trained, emb in zip(rows_trained, embedders):
+                    grad = emb.item_id.weight.grad
+                    if grad is not None:
+                        trained |= grad.ne(0).any(1)  # no host sync
             opt.step()
             total += float(loss.detach()) * len(b)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{total / min(n, (step + 1) * cfg.batch_size):.4f}")
         if epoch == 1:
-            for emb in embedders:
-                emb.keep_items(items_seen)
+            for trained, emb in zip(rows_trained, embedders):
+                emb.keep_items(trained[emb.item_row])  # row 0 (padding) never trains
         val = _score(model, valid, cfg.eval_batch_size, device)
         row = {"epoch": epoch, "train_loss": total / n, "valid_auc": val["auc"],
                "valid_logloss": val["logloss"], "elapsed_s": time.perf_counter() - t0}
