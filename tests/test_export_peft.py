@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_checkpoint import _Shared
 from tiny_models import VOCAB, build, output, randomise_adapters
 
 import reclora
@@ -85,18 +86,6 @@ def test_export_leaves_gate_modes(tmp_path):
     model.train()
     reclora.export_peft(model, tmp_path / "u", user_reps=torch.randn(GATE_DIM, dtype=F64))
     assert all(layer.gate.training for layer in reclora.reclora_layers(model).values())
-
-
-class _Shared(torch.nn.Module):
-    """One Linear under two names, enc and dec."""
-
-    def __init__(self):
-        super().__init__()
-        self.enc = torch.nn.Linear(6, 6, dtype=F64)
-        self.dec = self.enc
-
-    def forward(self, x):
-        return self.dec(torch.relu(self.enc(x)))
 
 
 class _Blocks(torch.nn.Module):
