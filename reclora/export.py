@@ -39,6 +39,12 @@ def merged_factors(
     if weights.dim() != 1 or (idx is not None and idx.shape != weights.shape):
         raise ValueError("merged_factors: `weights` must be [k] and `idx` [k] or None, got "
                          f"{list(weights.shape)} and {None if idx is None else list(idx.shape)}")
+    if idx is not None and idx.numel():
+        # Indexing would wrap a negative index to another adapter (or fail with a bare error).
+        lo, hi = (int(v) for v in torch.aminmax(idx))
+        if lo < 0 or hi >= layer.num_adapters:
+            raise IndexError(f"merged_factors: `idx` values must lie in [0, "
+                             f"{layer.num_adapters}) (adapters in the bank), got [{lo}, {hi}]")
     bank_a = layer.lora_a if idx is None else layer.lora_a[idx]  # [k, r, d_in]
     bank_b = layer.lora_b if idx is None else layer.lora_b[idx]  # [k, d_out, r]
     w = weights.to(bank_a.dtype)

@@ -182,7 +182,11 @@ def uniform_mixture(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: to
     fresh while tracing (a tensor made during CUDA-graph capture holds nothing until replay)."""
     if tracing():
         return _make_uniform(rows, adapters, bank_dtype, dtype, device)
-    return _cached_uniform(rows, adapters, bank_dtype, dtype, device)
+    weights = _cached_uniform(rows, adapters, bank_dtype, dtype, device)
+    if weights._version:  # written in place by someone it was handed to: make it again
+        _cached_uniform.cache_clear()
+        weights = _cached_uniform(rows, adapters, bank_dtype, dtype, device)
+    return weights
 
 
 def _registered(module: nn.Module, params: dict, name: str):
@@ -294,6 +298,8 @@ class RecLoRALinear(nn.Module):
         # personalize() keeps its state in ACTIVE_PERSONALIZATION instead (thread-safe).
         self._mixture: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._mixture_plan: RowPlan | None = None
+        # ((idx, row_ids), their versions at set_mixture): see _check_not_refilled.
+        self._mixture_watch: tuple[tuple, tuple] | None = None
 
     # --- construction -----------------------------------------------------------------------
 
@@ -375,9 +381,26 @@ class RecLoRALinear(nn.Module):
             plan = row_plan(row_ids, weights.shape[0])
         self._mixture = (weights, idx)
         self._mixture_plan = plan
+        # idx was range-checked and row_ids copied into the plan here, once: their version
+        # counters (Python ints, no host read) tell a forward that the caller refilled them.
+        watched = (idx, row_ids if plan is not None else None)
+        self._mixture_watch = (watched, _versions(watched))
 
     def clear_mixture(self) -> None:
-        self._mixture, self._mixture_plan = None, None
+        self._mixture, self._mixture_plan, self._mixture_watch = None, None, None
+
+    def _check_not_refilled(self) -> None:
+        """Raise if set_mixture's idx or row_ids were modified in place since: idx was
+        range-checked there once (the op trusts it), and the plan is a snapshot of row_ids."""
+        watch = self._mixture_watch
+        if watch is None or _versions(watch[0]) == watch[1]:
+            return
+        idx, row_ids = watch[0]
+        name = ("idx" if idx is not None and idx._version != watch[1][0] else "row_ids")
+        raise RuntimeError(
+            f"RecLoRALinear: the `{name}` given to set_mixture was modified in place after "
+            f"set_mixture checked it (set_mixture checks idx's range and snapshots row_ids "
+            f"once); call set_mixture again with the new batch's tensors")
 
     @property
     def has_mixture(self) -> bool:
@@ -429,7 +452,20 @@ class RecLoRALinear(nn.Module):
                     "RecLoRALinear: personalize() gave user representations but this layer has "
                     "no gate; inject with gate_dim=... or use set_mixture(weights, idx)"
                 )
-            weights, idx = self.gate(personal.user_reps)
+            gate = self.gate
+            # The gate may have been replaced after __init__: its top-k indices go to the op
+            # unchecked, so it must route over this bank (Python ints, no host read).
+            if not isinstance(gate, PersonalizedGate) or gate.num_adapters != self.num_adapters:
+                raise RuntimeError(
+                    f"RecLoRALinear: the layer's `gate` must be a PersonalizedGate routing over "
+                    f"num_adapters={self.num_adapters} adapters (the bank), got "
+                    f"{type(gate).__name__} with num_adapters="
+                    f"{getattr(gate, 'num_adapters', None)}; it was replaced after construction")
+            top_k = gate.config.top_k
+            if top_k is not None and not 1 <= top_k <= self.num_adapters:
+                raise RuntimeError(f"RecLoRALinear: the layer's `gate` has top_k={top_k}, "
+                                   f"not in [1, num_adapters={self.num_adapters}]")
+            weights, idx = gate(personal.user_reps)
             return weights, idx, personal.plan
         mixture, mixture_plan = self._mixture, self._mixture_plan
         checkpoint = CHECKPOINT_MIXTURES.get()
@@ -446,6 +482,8 @@ class RecLoRALinear(nn.Module):
             for record in records:
                 record.setdefault(self, (mixture, mixture_plan, _versions(mixture)))
         if mixture is not None:
+            if mixture is self._mixture:
+                self._check_not_refilled()
             return (*mixture, mixture_plan)
         if self.gate is not None:
             if torch._C._current_graph_task_id() != -1:  # a forward run by backward()
@@ -555,10 +593,18 @@ class RecLoRALinear(nn.Module):
         part of an autograd graph, which deepcopy refuses; the copy gets the same values, cut
         from the graph (the mixture is transient, never in the state dict)."""
         state = super().__getstate__()
+        state.pop("_mixture_watch", None)  # the copy's tensors have their own versions
         if self._mixture is not None:
             state["_mixture"] = tuple(t if t is None or t.is_leaf else t.detach()
                                       for t in self._mixture)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # The copied idx / row_ids are the values set_mixture checked: watch them from here.
+        # (row_ids is not kept: the copy's plan is its own snapshot.)
+        watched = (None if self._mixture is None else self._mixture[1], None)
+        self._mixture_watch = (watched, _versions(watched))
 
     # --- description ------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 
 from . import reference, validate
-from .plan import RowPlan, _has_cuda, implicit_plan
+from .plan import _REBUILT, RowPlan, _has_cuda, implicit_plan
 from .triton.configs import auto_backend, auto_may_pick, interpreting
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
@@ -79,8 +79,9 @@ def _fake_backward(grad_y, x, row_ids, weight, lora_a, lora_b, adapter_w, adapte
 
 
 def _plan_of(tokens, rows, row_len, row_ids, order, sorted_rows, row_start) -> RowPlan:
+    # The op's own arguments, split from a plan that was checked when it was made.
     return RowPlan(rows=rows, tokens=tokens, row_len=row_len, row_ids=row_ids, order=order,
-                   sorted_rows=sorted_rows, row_start=row_start)
+                   sorted_rows=sorted_rows, row_start=row_start, _made_by=_REBUILT)
 
 
 @torch.library.custom_op("reclora::triton_lora_mix_forward", mutates_args=())

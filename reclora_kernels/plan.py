@@ -16,7 +16,7 @@ check (a sync would break the graph) and always sort.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
@@ -54,6 +54,54 @@ class RowPlan:
     order: torch.Tensor | None = None
     sorted_rows: torch.Tensor | None = None
     row_start: torch.Tensor | None = None
+    # Set only by this module's row_plan (and the op's own rebuild of a plan it was given):
+    # the kernels index with a packed plan's ids unchecked, so a hand-built one is refused.
+    _made_by: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        """Shape, dtype and layout consistency (no data read): a plan the kernels would read
+        out of bounds with is refused here, on every backend and every path."""
+        if self._made_by is _REBUILT:
+            # The op's rebuild of a checked plan inside its custom op, on every call (the
+            # checks below cost ~3 us of Python); never handed out.
+            return
+
+        def bad(what: str) -> None:
+            raise ValueError(f"RowPlan: invalid `plan` ({what}); make plans with "
+                             f"reclora_kernels.row_plan")
+
+        for name in ("rows", "tokens", "row_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+                bad(f"{name} must be an int, got {type(value).__name__}")
+            if isinstance(value, int) and value < 0:
+                bad(f"{name} must be >= 0, got {value}")
+        tensors = (self.row_ids, self.order, self.sorted_rows, self.row_start)
+        if self.row_len > 0 or self.row_ids is None:
+            # Implicit: token n is in row n // row_len, so T must be exactly R * L.
+            if any(t is not None for t in tensors):
+                bad("an implicit plan (row_len > 0 or no row_ids) holds no tensors")
+            if self.tokens != self.rows * self.row_len:
+                bad(f"an implicit plan needs tokens = rows * row_len, got tokens={self.tokens},"
+                    f" rows={self.rows}, row_len={self.row_len}")
+            return
+        if self._made_by is not _MADE:
+            bad("a packed plan (with row_ids) must come from reclora_kernels.row_plan, which "
+                "checks the row ids")
+        ids = self.row_ids
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1 \
+                or ids.shape[0] != self.tokens:
+            bad(f"row_ids must be int64 [T={self.tokens}]")
+        if self.tokens == 0:
+            return
+        for name, length in (("sorted_rows", self.tokens), ("row_start", self.rows + 1),
+                             ("order", self.tokens)):
+            t = getattr(self, name)
+            if t is None and name == "order":
+                continue
+            if (not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != 1
+                    or t.shape[0] != length or t.device != ids.device):
+                bad(f"{name} must be int32 [{length}] on row_ids' device")
 
     @property
     def implicit(self) -> bool:
@@ -70,7 +118,11 @@ class RowPlan:
             return self.row_ids
         if tracing():
             return _implicit_rows.__wrapped__(self.tokens, self.row_len, device)
-        return _implicit_rows(self.tokens, self.row_len, device)
+        rows = _implicit_rows(self.tokens, self.row_len, device)
+        if rows._version:  # written in place by someone it was handed to: make it again
+            _implicit_rows.cache_clear()
+            rows = _implicit_rows(self.tokens, self.row_len, device)
+        return rows
 
     def describe(self) -> str:
         kind = "implicit" if self.implicit else ("unsorted" if self.order is not None
@@ -78,6 +130,10 @@ class RowPlan:
         return f"RowPlan({kind}, rows={self.rows}, tokens={self.tokens})"
 
     __repr__ = describe
+
+
+_MADE = object()  # RowPlan._made_by of the plans made here
+_REBUILT = object()  # ... and of the op's own copy of one (reclora_kernels.ops._plan_of)
 
 
 @lru_cache(maxsize=64)
@@ -118,7 +174,7 @@ def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan
     ids = row_ids.to(torch.int64, copy=True)
     tokens = ids.numel()
     if tokens == 0:
-        return RowPlan(rows=rows, tokens=0, row_ids=ids)
+        return RowPlan(rows=rows, tokens=0, row_ids=ids, _made_by=_MADE)
     if rows == 0:
         raise IndexError("row_plan: `row_ids` is not empty but there are 0 rows")
     is_sorted = False
@@ -140,4 +196,5 @@ def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan
     # searchsorted (not bincount + cumsum) has no data-dependent output size: no sync.
     row_start = torch.searchsorted(sorted_rows, bounds).to(torch.int32)
     return RowPlan(rows=rows, tokens=tokens, row_ids=ids, order=order,
-                   sorted_rows=sorted_rows.to(torch.int32), row_start=row_start)
+                   sorted_rows=sorted_rows.to(torch.int32), row_start=row_start,
+                   _made_by=_MADE)
