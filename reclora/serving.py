@@ -827,14 +827,14 @@ def _read_config(run: Path):
 
 # ---------------------------------------------------------------------------- CLI
 def _common(p) -> None:
-    from reclora.cli import device_option, int_at_least
+    from reclora.cli import device_option, int_at_least, threads_option
 
     p.add_argument("--run", required=True, help="the run folder (reclora run --output)")
     p.add_argument("--model", default="reclora", help="the run's model to serve (reclora)")
     p.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="requests per LLM forward (default: the run's eval batch size)")
     p.add_argument("--device", type=device_option, default="auto", help="auto, cpu, cuda")
-    p.add_argument("--threads", type=int_at_least(1), default=None,
+    p.add_argument("--threads", type=threads_option(), default=None,
                    help="CPU threads (default: torch's); bf16 scores round by thread count")
     p.add_argument("--observe", default=None,
                    help="CSV of interactions (user_id,item_id,timestamp,rating) to take in "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -452,6 +453,13 @@ def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys) -> None:
                  "--output", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0], err
+    # --threads 1000000000 aborted inside libgomp ("Out of memory"), naming no option; the
+    # bound is the CPU count (one over it here, so that an unbounded option would just run).
+    with pytest.raises(SystemExit):
+        main(["score", "--run", str(tiny_run), "--input", str(req), "--output", str(out),
+              "--threads", str((os.cpu_count() or 1) + 1)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0], err
 
 
 def test_cli_rank_candidates_file_errors_are_one_line(tiny_run, tmp_path, capsys,
