@@ -743,6 +743,21 @@ class Run:
             _ = self.ctr  # the load (it fetches a snapshot not in the cache)
         self.cfg = replace(self.cfg, model_digest=model_digest(self.cfg.model))
 
+    def check_prompt_room(self) -> None:
+        """--max-length must hold every stage-2 sample's prompt without its history lines
+        (the builder drops those to fit, never the question or the profile). Checked before
+        the CRMs train, not minutes later when the first LLM stage builds its prompts; the
+        LLM loaded here is the one the LLM stages use."""
+        _ = self.ctr
+        builder, ds = self.builder, self.ds
+        samples = np.unique(np.concatenate([self.train_pool, self.valid, self.test]))
+        need, sample = max((builder.bare_tokens(ds, int(s)), int(s)) for s in samples)
+        if need > self.cfg.max_length:
+            raise ValueError(f"--max-length {self.cfg.max_length} is too small: sample "
+                             f"{sample}'s prompt takes {need} tokens without any history "
+                             f"(the longest of the {samples.size} stage-2 samples); use "
+                             f"--max-length {need} or more")
+
     def write_config(self) -> None:
         """run_config.json and subsets.json (what serving rebuilds the run from), written
         once the data, the subsets and the model passed their checks: a run refused before
@@ -1164,6 +1179,8 @@ def _run_stages(run: Run) -> dict:
     torch.manual_seed(run.cfg.seed)
     run.load_data()
     run.check_model()
+    if not run.cfg.resume:  # a resume's CRM stages are done: its LLM stages build soon
+        run.check_prompt_room()
     run.write_config()
     cfg = run.cfg
     names = [f"crm_{n}" for n in cfg.crms] + list(LLM_MODELS) + (

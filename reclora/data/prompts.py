@@ -207,6 +207,13 @@ class PromptBuilder:
         ids = self.tokenizer(text, add_special_tokens=not self.uses_chat_template)["input_ids"]
         return len(ids)
 
+    def bare_tokens(self, dataset: RecDataset, sample: int) -> int:
+        """Tokens of `sample`'s prompt with no history line: the least ``max_tokens`` that
+        `build` can fit it into (it drops history lines, never the question or profile)."""
+        empty = np.zeros(0, dtype=np.int64)
+        parts = prompt_parts(dataset, sample, empty, empty, self.with_profile, self.variant)
+        return self.n_tokens(self.wrap(parts.text(0)))
+
     def build(self, dataset: RecDataset, sample: int, history_items: np.ndarray,
               history_ratings: np.ndarray) -> str:
         parts = prompt_parts(dataset, sample, history_items, history_ratings, self.with_profile,
