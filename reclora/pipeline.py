@@ -478,13 +478,17 @@ def llm_spec(name: str, cfg: RunConfig) -> LLMSpec:
 
 
 def load_llm(model: str | None, max_length: int, device: torch.device,
-             prompt_variant: str = "default", dtype: str = "fp32") -> tuple[Any, Any]:
+             prompt_variant: str = "default", dtype: str = "fp32",
+             progress: bool = True) -> tuple[Any, Any]:
     """(LLMCTR, PromptBuilder): the run's LLM (weights in `dtype`: "auto", "fp32" or "bf16",
-    see reclora.llm.resolve_dtype) and its prompt builder."""
+    see reclora.llm.resolve_dtype) and its prompt builder. `progress`: False also hides
+    transformers' own "Loading weights" bar."""
     from reclora.data.prompts import PromptBuilder
+    from reclora.hf_bars import transformers_bars
     from reclora.llm import LLMCTR, load_causal_lm
 
-    lm, tok = load_causal_lm(model, device=device, dtype=dtype)
+    with transformers_bars(progress):
+        lm, tok = load_causal_lm(model, device=device, dtype=dtype)
     builder = PromptBuilder(tok, max_tokens=max_length, variant=prompt_variant)
     return LLMCTR(lm, tok, add_special_tokens=not builder.uses_chat_template), builder
 
@@ -860,8 +864,10 @@ class Run:
     def ctr(self):
         if self._ctr is None:
             t = time.perf_counter()
-            self._ctr, self.builder = load_llm(self.cfg.model, self.cfg.max_length, self.device,
-                                               self.cfg.prompt_variant, self.cfg.llm_dtype)
+            c = self.cfg
+            self._ctr, self.builder = load_llm(c.model, c.max_length, self.device,
+                                               c.prompt_variant, c.llm_dtype,
+                                               progress=c.progress and self.main)
             self.timings["llm_load_s"] = time.perf_counter() - t
             tok = self._ctr.tokenizer
             self.log(f"LLM loaded in {self.timings['llm_load_s']:.1f} s (answer tokens "

