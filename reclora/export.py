@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import _summarise, atomic_write_folder
+from .gates import autocast_off
 from .injection import names_by_module, personalize, reclora_layers
 from .layers import RecLoRALinear, uniform_mixture
 
@@ -182,7 +183,10 @@ def export_peft(
     try:
         for gate in gates:
             gate.eval()
-        with torch.no_grad():
+        # Autocast off: the merge in the banks' dtype wherever it is called (inside a
+        # serving loop's autocast the files came out in bf16, 3e-3 off).
+        devices = [layer.lora_a.device.type for layer in layers.values()]
+        with torch.no_grad(), autocast_off(*devices):
             if user_reps is not None:
                 with personalize(model, user_reps):
                     _check_row(row, user_reps)

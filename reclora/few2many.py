@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -415,7 +416,9 @@ def shard_llm(ctr: LLMCTR) -> None:
 def _average_grads(params: list[nn.Parameter], world: int) -> None:
     """All-reduce (mean) the gradients of params over the ranks, in one flat buffer."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    # At least float32 (half grads sum without rounding), float64 kept (it was rounded).
+    dtype = functools.reduce(torch.promote_types, [g.dtype for g in grads], torch.float32)
+    flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
     dist.all_reduce(flat)
     flat /= world
     offset = 0

@@ -13,6 +13,7 @@ k adapters per row instead of mixing all M.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -22,8 +23,8 @@ from torch import nn
 # Rows of user_reps larger than this are scaled to it before the LayerNorm: its variance
 # (a sum of squares over the row) stays far inside float32's 3.4e38.
 _LARGEST_NORMALISED = 1e15
-# The temperature's range. The logits are divided by it in float32 (bf16 under autocast: the
-# same exponent range). At 1e-6 the quotient stays finite for any logit below 3e32 (a gate's
+# The temperature's range. The logits are divided by it in float32 (float64 for a float64
+# gate). At 1e-6 the quotient stays finite for any logit below 3e32 (a gate's
 # are O(1)-O(100): a LayerNorm'd row through two Linear layers); at 1e-300 (0 in float32)
 # it was inf/inf = NaN weights. At 1e6 logit gaps of O(1) still give distinct weights (their
 # exps ~17 float32 ulps apart); past ~1e7 they round away, to an exactly uniform gate at 1e8.
@@ -44,6 +45,15 @@ class GateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def autocast_off(*device_types: str) -> contextlib.ExitStack:
+    """A context with autocast off on each of `device_types` that has autocast (not meta)."""
+    stack = contextlib.ExitStack()
+    for device_type in dict.fromkeys(device_types):
+        if torch.amp.is_autocast_available(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> None:
@@ -161,10 +171,16 @@ class PersonalizedGate(nn.Module):
         if user_reps.shape[0] and user_reps.shape[1]:
             peak = user_reps.detach().abs().amax(dim=1, keepdim=True)
             user_reps = user_reps / torch.clamp(peak / _LARGEST_NORMALISED, min=1.0)
-        return self.net(user_reps) / self.config.temperature
+        # Outside autocast: routing is a discrete choice, and bf16 logits sent 13 of 2,048
+        # rows to another top-2 set than the fp32 gate's own (and than export_peft's). The
+        # division in float32 at least: fp16 logits past 65,504 x T became inf (NaN rows).
+        with autocast_off(first.device.type):
+            logits = self.net(user_reps)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.config.temperature
 
     def forward(self, user_reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.logits(user_reps)
+        dtype = self.net[1].weight.dtype  # the weights in the gate's dtype, from float32 math
         if self.config.top_k is None:
             kept, idx = logits, None
         else:
@@ -174,8 +190,8 @@ class PersonalizedGate(nn.Module):
             # sqrt(softmax) as exp(log_softmax / 2): the same values, but a weight that
             # underflows to 0 gave sqrt's backward inf there, and the softmax's 0 * inf = NaN
             # reached every gate parameter (a confident gate, or fp16 at a logit gap of ~17).
-            return torch.exp(0.5 * torch.log_softmax(kept, dim=-1)), idx
-        return torch.softmax(kept, dim=-1), idx
+            return torch.exp(0.5 * torch.log_softmax(kept, dim=-1)).to(dtype), idx
+        return torch.softmax(kept, dim=-1).to(dtype), idx
 
     def extra_repr(self) -> str:
         c = self.config

@@ -30,12 +30,17 @@ def lora_delta_reference(
     adapter_idx: torch.Tensor | None,
     mix: int,
 ) -> torch.Tensor:
-    """The LoRA part only, unscaled: [T, d_out]."""
+    """The LoRA part only, unscaled: [T, d_out], in float32 for half inputs: the last
+    contraction accumulates and stays in float32, as the native and Triton backends keep it
+    until the scale is applied (in fp16 an unscaled B s past 65,504 was inf where
+    scale * B s fits)."""
     tokens, d_in = x2d.shape
+    acc = torch.promote_types(x2d.dtype, torch.float32)
     rows = adapter_w.shape[0]
     d_out = lora_b.shape[1]
     if tokens == 0:
-        return x2d.new_zeros(0, d_out) + 0 * adapter_w.sum() + 0 * lora_a.sum() + 0 * lora_b.sum()
+        return (x2d.new_zeros(0, d_out, dtype=acc) + 0 * adapter_w.sum() + 0 * lora_a.sum()
+                + 0 * lora_b.sum())
     order, sorted_rows, position, max_len = pad_rows(row_ids, rows)
     x_pad = x2d.new_zeros(rows, max_len, d_in).index_put((sorted_rows, position), x2d[order])
     # The shrinks are masked at the pads: 0 * NaN there (a NaN adapter of a row with fewer
@@ -52,7 +57,8 @@ def lora_delta_reference(
         else:
             shrink = torch.einsum("bld,mrd->blmr", x_pad, bank_a)
             shrink = torch.where(real[..., None, None], shrink, 0)
-            delta = torch.einsum("blmr,bm,mor->blo", shrink, adapter_w, bank_b)
+            delta = torch.einsum("blmr,bm,mor->blo", shrink.to(acc), adapter_w.to(acc),
+                                 bank_b.to(acc))
     else:
         bank_a, bank_b = lora_a[adapter_idx], lora_b[adapter_idx]  # [R, k, r, d]
         if mix == 0:
@@ -61,10 +67,11 @@ def lora_delta_reference(
         else:
             shrink = torch.einsum("bld,bjrd->bljr", x_pad, bank_a)
             shrink = torch.where(real[..., None, None], shrink, 0)
-            delta = torch.einsum("bljr,bj,bjor->blo", shrink, adapter_w, bank_b)
+            delta = torch.einsum("bljr,bj,bjor->blo", shrink.to(acc), adapter_w.to(acc),
+                                 bank_b.to(acc))
     if mix == 0:
         shrink = torch.where(real[..., None], torch.bmm(x_pad, a_mix.transpose(1, 2)), 0)
-        delta = torch.bmm(shrink, b_mix.transpose(1, 2))
+        delta = torch.bmm(shrink.to(acc), b_mix.to(acc).transpose(1, 2))
 
     delta_sorted = delta[sorted_rows, position]
     return delta_sorted[torch.argsort(order)]
@@ -75,4 +82,5 @@ def lora_mix_reference(
 ) -> torch.Tensor:
     """y = x W^T + bias + scale * LoRA-mixture(x), packed [T, d_out]."""
     delta = lora_delta_reference(x2d, row_ids, lora_a, lora_b, adapter_w, adapter_idx, mix)
-    return F.linear(x2d, weight, bias) + scale * delta
+    base = F.linear(x2d, weight, bias)
+    return (base + scale * delta).to(base.dtype)  # half inputs: scaled, then rounded once
