@@ -617,9 +617,6 @@ def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None
     rank, _ = dist_info()
     n = cfg.count(len(train))
     pick = sample_subset(np.arange(len(train)), n, cfg.seed)
-    if out_dir is not None and rank == 0:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(out_dir) / "stage2_config.json", asdict(cfg))
     if test is not None:
         _check_user_reps(test, "test", cfg.gated)
     res = train_stage2(ctr, train.subset(pick), valid, cfg, out_dir, name)
@@ -627,4 +624,10 @@ def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None
         res.test, res.test_probs = evaluate(ctr, test, batch_size=cfg.eval_batch_size,
                                             amp=cfg.amp, progress=cfg.progress,
                                             desc=f"test {name}")
+    if out_dir is not None and rank == 0:
+        # Written once the adapters are final: written first, a --resume under other
+        # options killed mid-training left it beside a finished stage's adapters, which
+        # the resume then reused and serving refused as "another version".
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(out_dir) / "stage2_config.json", asdict(cfg))
     return res

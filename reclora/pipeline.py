@@ -1154,7 +1154,12 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
         return
     path = folder / LOCK_NAME
-    with open(path, "a+") as fh:
+    try:  # not through a link: a folder someone sent could aim it at a file of the user's
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        raise CLIError(f"cannot open the run lock {path} ({e.strerror}); it must be a "
+                       "plain file, not a link") from None
+    with open(fd, "r+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -349,3 +349,35 @@ def test_a_max_length_too_small_for_the_question_stops_before_the_crms(
         code = main([*argv, "--max-length", str(length)])
         assert_one_line(code, capsys.readouterr().err, words)
 
+
+
+def test_a_resume_stopped_before_training_leaves_the_stage_config(run_copy, monkeypatch,
+                                                                  capsys) -> None:
+    """A --resume under other options stopped as training starts left its own
+    stage2_config.json beside the finished stage's adapters; the next --resume with the first
+    options reused the stage and serving refused the folder. The file is now written with
+    the final adapters, so the finished stage's stays."""
+    import reclora.few2many as few2many
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # a Ctrl-C or a kill as the first LLM stage trains
+
+    out, argv = run_copy
+    config = out / "tallrec" / "stage2_config.json"
+    before = config.read_bytes()
+    monkeypatch.setattr(few2many, "train_stage2", stopped)
+    assert main([*argv, "--resume", "--batch-size", "4"]) == 130
+    assert config.read_bytes() == before
+
+
+def test_the_lock_is_not_written_through_a_link(tmp_path, capsys) -> None:
+    """A run folder whose lock file links elsewhere (a folder someone sent): the lock's
+    truncate and pid went into the link's target; now one line, and the target is kept."""
+    out, outside = tmp_path / "run", tmp_path / "notes.txt"
+    out.mkdir()
+    outside.write_text("my notes\n")
+    (out / LOCK_NAME).symlink_to(outside)
+    capsys.readouterr()
+    code = main([*TINY, "--output", str(out)])
+    assert_one_line(code, capsys.readouterr().err, "run lock", "not a link")
+    assert outside.read_text() == "my notes\n"
