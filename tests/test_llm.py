@@ -297,3 +297,17 @@ def test_adapters_on_the_output_head_are_refused() -> None:
     reclora.inject(ctr.model, ("lm_head",), num_adapters=2, rank=1)
     with pytest.raises(TypeError, match="output head is a RecLoRALinear"):
         ctr(**ctr.collate(ctr.encode(PROMPTS[:1])))
+
+
+def test_no_progress_hides_the_gguf_loaders_bar_too() -> None:
+    """transformers' GGUF loader draws "Converting and de-quantizing GGUF tensors" with tqdm
+    itself, past transformers' switch: `--no-progress` runs printed it into their logs."""
+    gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from reclora.hf_bars import transformers_bars
+
+    bar = gguf.tqdm
+    with transformers_bars(False):
+        assert gguf.tqdm(range(2)).disable
+    assert gguf.tqdm is bar
+    with transformers_bars(True):
+        assert gguf.tqdm is bar
