@@ -699,6 +699,9 @@ class Run:
             raise ValueError(f"--n: the stage-2 pool of {pool} samples takes the whole "
                              f"training split ({ds.train.size}), leaving the CRMs nothing to "
                              "train on; use a smaller --n")
+        if pool < self.world:  # else refused by the first LLM stage, after the CRMs trained
+            raise ValueError(f"--n: a stage-2 pool of {pool} samples is fewer than the "
+                             f"{self.world} processes; use a larger --n or fewer processes")
         if c.standardize_reps and pool < MIN_POOL_TO_STANDARDIZE:
             raise ValueError(f"--n: a stage-2 pool of {pool} sample is too few to standardise "
                              f"the gates' input h_u over (standardize_reps); use --n "

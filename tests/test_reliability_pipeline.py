@@ -319,3 +319,16 @@ def test_the_run_reads_item_embeddings_under_its_data_dir(tmp_path, monkeypatch)
                             "--n-valid", "16", "--n-test", "16", "--no-progress"])
     Run(cfg).load_data()
     assert seen["cache_dir"] == str(tmp_path / "data")
+
+
+def test_a_pool_smaller_than_the_world_is_one_line_before_anything_trains(
+        synthetic, tmp_path, capsys, monkeypatch) -> None:
+    """Under torchrun a stage-2 pool with fewer samples than processes was refused by the
+    first LLM stage, after every CRM had trained."""
+    import reclora.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "dist_info", lambda: (0, 16))
+    out = tmp_path / "out"
+    code, err = call(main, _argv(synthetic, out), capsys)  # --n 8
+    assert_one_line(code, err, "reclora run: error: --n:", "fewer than the 16 processes")
+    assert [p.name for p in out.iterdir()] == [".reclora-run.lock"]  # nothing written
