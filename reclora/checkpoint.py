@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .gates import PersonalizedGate
 from .injection import (
     _refuse_bypassed,
     _replace,
@@ -35,7 +36,7 @@ from .injection import (
     reclora_layers,
     wrap_module,
 )
-from .layers import RecLoRALinear
+from .layers import RecLoRALinear, _is_conv1d
 
 FORMAT = "reclora-adapters"
 VERSION = 1
@@ -268,6 +269,53 @@ def _summarise(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def check_finite(tensors: dict[str, object], where: str) -> None:
+    """ValueError "`where`: non-finite values (NaN or inf) in <keys>" if a floating tensor of
+    `tensors` holds one (other values are left to the caller's checks): a NaN in one adapter
+    or one embedding row reaches only the users that read it, so the whole file is refused."""
+    bad = [key for key, value in tensors.items() if isinstance(value, torch.Tensor)
+           and value.is_floating_point() and not value.isfinite().all()]
+    if bad:
+        raise ValueError(f"{where}: non-finite values (NaN or inf) in {_summarise(bad)}")
+
+
+def _check_declared_shapes(path: str | os.PathLike, handle, found: set[str], name: str,
+                           module: nn.Module, config: dict) -> None:
+    """Before a layer is built around `module` from the file's metadata: the banks and gate
+    the metadata declares must have the shapes of the file's tensors. safetensors bounds the
+    tensors by the file's length, but nothing bounds the JSON: num_adapters 4e6 in a 700-byte
+    file allocated 0.5 GiB of banks before the shapes were compared (1e12: an allocator error)."""
+    declared = {}
+    if isinstance(module, nn.Linear) or _is_conv1d(module):  # else wrap_module refuses it
+        rows, cols = module.weight.shape  # nn.Linear: [out, in]; Conv1D: [in, out]
+        d_in, d_out = (rows, cols) if _is_conv1d(module) else (cols, rows)
+        m, r = config["num_adapters"], config["rank"]
+        declared.update({f"{name}.lora_a": [m, r, d_in], f"{name}.lora_b": [m, d_out, r]})
+    if config["gate"] is not None:
+        try:  # on the meta device: shapes only, nothing allocated
+            gate = PersonalizedGate.from_config(config["gate"], device="meta")
+        except (TypeError, KeyError, ValueError):
+            gate = None  # a malformed gate config: wrap_module refuses it, naming the error
+        if gate is not None:
+            declared.update({f"{name}.gate.{key}": list(value.shape)
+                             for key, value in gate.state_dict().items()})
+    # Worded as load_adapters' own check (which would come after the build), "model" being
+    # the layer the metadata declares; a file layer without its tensors is refused even with
+    # strict=False (its banks would be random, at a size nothing bounds).
+    saved = {key: handle.get_slice(key).get_shape() for key in declared if key in found}
+    problems = []
+    missing = [key for key in declared if key not in saved]
+    if missing:
+        problems.append(f"missing keys: {_summarise(missing)}")
+    wrong = [f"{key} (file {saved[key]}, model {shape})" for key, shape in declared.items()
+             if key in saved and saved[key] != shape]
+    if wrong:
+        problems.append(f"mis-shaped keys: {_summarise(wrong)}")
+    if problems:
+        raise ValueError(f"load_adapters: {path} does not fit the model: " + "; ".join(problems)
+                         + f" (layer {name!r} as the file's metadata declares it)")
+
+
 def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> dict:
     """Load a save_adapters file into model and return its layers by name.
 
@@ -314,6 +362,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                                      f"the model itself, but `model` is a "
                                      f"{type(module).__name__}; load it into a RecLoRALinear "
                                      "(RecLoRALinear.from_linear) or a module that holds one")
+                _check_declared_shapes(path, handle, found, name, module, config)
                 # In the dtype the file's bank was saved in (else a bf16 bank came back as
                 # float32, its gate computing other mixtures than the saved model's).
                 bank = f"{name}.lora_a"
@@ -367,11 +416,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
             raise ValueError(f"load_adapters: {path} does not fit the model: "
                              + "; ".join(problems))
         values = {key: handle.get_tensor(key) for key in shapes}  # banks are small
-    # A NaN in one adapter would reach only the users routed to it: refuse the file.
-    bad = [k for k, v in values.items() if v.is_floating_point() and not v.isfinite().all()]
-    if bad:
-        raise ValueError(f"load_adapters: {path}: non-finite values (NaN or inf) in "
-                         f"{_summarise(bad)}")
+    check_finite(values, f"load_adapters: {path}")
     for layer, names in new_layers.values():
         for alias in names:
             _replace(model, alias, layer)

@@ -49,6 +49,8 @@ import math
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -325,6 +327,7 @@ class Recommender:
     def __init__(self) -> None:  # use load()
         self.timings: dict[str, float] = {}
         self.load_s = 0.0  # seconds load() took (each score replaces timings)
+        self.crm_file: Path | None = None  # the gate CRM's checkpoint (None: untrained)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -420,6 +423,12 @@ class Recommender:
                     crm, _ = load_crm(ckpt)
                 except ValueError as e:
                     raise RunFolderError(str(e)) from None
+                # load_crm read the file again: a writer in between (a `reclora run --resume`
+                # retraining this CRM; serving takes no lock) would serve unchecked bytes.
+                if pl._file_sha256(ckpt) != sha:
+                    raise RunFolderError(f"{ckpt}: changed while it was loaded (a run writing "
+                                         "to this folder?): load again once it has finished")
+                self.crm_file = ckpt
             crm = crm.eval()
 
         # The stage's fingerprint: the data, the subsets, the options and the gate CRM the
@@ -504,6 +513,12 @@ class Recommender:
             self.crm_known = self.crm.known()
             if cfg.standardize_reps:
                 self.rep_ref = pl.crm_user_reps(ds, crm, self.train_pool, self.spec.k_hist)
+                bad = ~torch.isfinite(self.rep_ref).all(1)
+                if bad.any():  # every request would be standardised with NaN statistics
+                    raise RunFolderError(
+                        f"{self._gate_crm_name()}: its h_u is not finite for "
+                        f"{int(bad.sum())} of the {bad.numel()} stage-2 training samples "
+                        "(the statistics every request's h_u is standardised with)")
         else:
             from reclora.crm import CRMSchema
 
@@ -653,6 +668,7 @@ class Recommender:
             reps = pl.crm_user_reps(view, self.crm, samples, spec.k_hist)
             if self.rep_ref is not None:
                 reps = pl.standardize_reps(reps, self.rep_ref)
+            self._check_reps(reps, req)
         marks.append(("crm_s", time.perf_counter()))
         tokens = pl.prompt_tokens(view, self.builder, self.ctr, samples, text_hist)
         marks.append(("prompts_s", time.perf_counter()))
@@ -674,6 +690,24 @@ class Recommender:
         self.last_inputs = {"tokens": tokens, "user_reps": reps}  # for benchmarks
         out.update(score=probs, cold_start=self._cold(users), history_len=hl)
         return out
+
+    def _gate_crm_name(self) -> str:
+        return str(self.crm_file) if self.crm_file else "the untrained gate CRM"
+
+    def _check_reps(self, reps: Any, req: dict[str, np.ndarray]) -> None:
+        """The gate's input h_u must be finite: a CRM weight that is NaN only for some
+        users' rows made their scores NaN while every other request looked normal. One
+        check (one host sync) per request batch; the error names the rows and users."""
+        import torch
+
+        bad = np.flatnonzero(~torch.isfinite(reps).all(1).cpu().numpy())
+        if bad.size:
+            rows = "; ".join(f"{req['__where'][i]} (user_id {req['user_id'][i]!r})"
+                             for i in bad[:5])
+            more = f"; and {bad.size - 5} more" if bad.size > 5 else ""
+            raise RunFolderError(f"{self._gate_crm_name()}: the gate CRM's h_u is not finite "
+                                 f"for {bad.size} of {reps.shape[0]} requests: {rows}{more}; "
+                                 "no score for these (NaN or inf in the CRM's weights?)")
 
     def _cold(self, users: np.ndarray) -> np.ndarray:
         """1 where the gate CRM has no trained id embedding of the user (new users too)."""
@@ -796,6 +830,40 @@ def _read_json(path: Path, why: str) -> dict:
     return data
 
 
+def _is_a(value: Any, hint: Any) -> bool:
+    """Whether a run_config.json value is of its RunConfig field's type (int, float, str,
+    bool, X | None, tuple[X, ...], which JSON holds as a list). bool and int are told apart
+    (True is an int in Python), an int is a float, and a float must be finite."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_a(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return isinstance(value, (list, tuple)) and all(_is_a(v, typing.get_args(hint)[0])
+                                                        for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if hint is str:
+        return isinstance(value, str)
+    raise TypeError(f"_is_a: no check for the RunConfig type {hint}")  # a new field type
+
+
+def _type_name(hint: Any) -> str:
+    """A field's type as a run_config.json reader would say it ("a list of str", ...)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if hint is float:
+        return "a finite number"
+    return "null" if hint is type(None) else hint.__name__
+
+
 def _read_config(run: Path):
     from reclora.pipeline import RunConfig
 
@@ -808,9 +876,12 @@ def _read_config(run: Path):
                                      f"missing options {', '.join(missing)}" if missing
                                      else "") if x)
         raise RunFolderError(f"{path}: made by another version of reclora ({what})")
+    hints = typing.get_type_hints(RunConfig)
+    for key, value in raw.items():
+        if not _is_a(value, hints[key]):
+            raise RunFolderError(f"{path}: {key} {value!r}: expected {_type_name(hints[key])}")
     for key in ("crms", "target_modules"):  # tuples, written as JSON lists
-        if isinstance(raw.get(key), list):
-            raw[key] = tuple(raw[key])
+        raw[key] = tuple(raw[key])
     try:
         return RunConfig(**raw)
     except (TypeError, ValueError) as e:

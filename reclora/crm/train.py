@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reclora import metrics
+from reclora.checkpoint import atomic_write, check_finite
 from reclora.crm.base import CRM, CRMBatch, CRMSchema, ItemUserEmbedder
 from reclora.crm.deepfm import DeepFM
 from reclora.crm.din import DIN
@@ -132,8 +133,6 @@ class CRMTrainResult:
 # ------------------------------------------------------------------ checkpoints
 def save_crm(model: CRM, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
     """Write `model` (architecture, schema, weights, `meta`) to `path` atomically."""
-    from reclora.checkpoint import atomic_write
-
     payload = {"name": model.name, "config": model.config, "schema": model.schema_state,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                "meta": meta or {}}
@@ -164,14 +163,56 @@ def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     for key in ("name", "config", "schema", "state_dict"):
         if key not in payload:
             raise ValueError(f"path {str(path)!r} is not a CRM checkpoint (no {key!r})")
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"path {str(path)!r} is not a CRM checkpoint (its 'state_dict' holds "
+                         f"{type(state).__name__}, not a dict)")
+    # A NaN in one embedding row reached only the users and items that read it.
+    check_finite(state, f"path {str(path)!r}")
     try:
-        model = build_crm(payload["name"], CRMSchema.from_state(payload["schema"]),
-                          **payload["config"])
-        model.load_state_dict(payload["state_dict"])
+        schema = CRMSchema.from_state(payload["schema"])
+        _check_layer_counts(payload["config"], len(state))
+        # Shapes first, on the meta device: the schema and config size every table, and a
+        # schema saying 4e6 rating levels allocated 1 GiB before load_state_dict compared it.
+        with torch.device("meta"):
+            shell = build_crm(payload["name"], _on_meta(schema), **payload["config"])
+        shell.load_state_dict(state, assign=True)  # assign: no copy into meta (a warning)
+        model = build_crm(payload["name"], schema, **payload["config"])
+        model.load_state_dict(state)
     except (TypeError, ValueError, KeyError, RuntimeError, AttributeError) as e:
+        # Whole, on one line: line 0 of a load_state_dict error is only its heading.
+        reason = " ".join(str(e).split())
         raise ValueError(f"path {str(path)!r}: the CRM checkpoint does not build a model "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                         f"({type(e).__name__}: {reason[:400]})") from None
     return model.to(map_location).eval(), payload.get("meta", {})
+
+
+# Config values that count layers, each layer holding tensors of the state dict: a count
+# above the state's number of tensors cannot fit it, and building that many modules takes
+# minutes and gigabytes even on the meta device (10,000 MLP layers: 5 s).
+_LAYER_COUNTS = ("mlp_layers", "n_layers", "attention_hidden")
+
+
+def _check_layer_counts(config: Any, n_tensors: int) -> None:
+    if not isinstance(config, dict):
+        raise TypeError(f"its 'config' holds {type(config).__name__}, not a dict")
+    for key in _LAYER_COUNTS:
+        value = config.get(key, 0)
+        count = len(value) if isinstance(value, (tuple, list)) else value
+        if isinstance(count, int) and count > n_tensors:
+            raise ValueError(f"config {key} {count} is more layers than the file's "
+                             f"{n_tensors} tensors can hold")
+
+
+def _on_meta(schema: CRMSchema) -> CRMSchema:
+    """A copy of schema (checked already) whose tensors are on the meta device, so a model
+    built from it under torch.device("meta") has only meta tensors."""
+    out = copy.copy(schema)
+    for f in fields(schema):
+        value = getattr(schema, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(out, f.name, value.to("meta"))
+    return out
 
 
 # -------------------------------------------------------------------- data

