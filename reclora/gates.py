@@ -47,11 +47,16 @@ class GateConfig:
         return asdict(self)
 
 
+def _autocast_on(device_type: str) -> bool:
+    # is_autocast_enabled raises for a device type without autocast (meta).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_off(*device_types: str) -> contextlib.ExitStack:
-    """A context with autocast off on each of `device_types` that has autocast (not meta)."""
+    """A context with autocast off on each of `device_types` where it is on."""
     stack = contextlib.ExitStack()
     for device_type in dict.fromkeys(device_types):
-        if torch.amp.is_autocast_available(device_type):
+        if _autocast_on(device_type):
             stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
 
@@ -174,9 +179,14 @@ class PersonalizedGate(nn.Module):
         # Outside autocast: routing is a discrete choice, and bf16 logits sent 13 of 2,048
         # rows to another top-2 set than the fp32 gate's own (and than export_peft's). The
         # division in float32 at least: fp16 logits past 65,504 x T became inf (NaN rows).
-        with autocast_off(first.device.type):
+        if _autocast_on(first.device.type):
+            with torch.autocast(first.device.type, enabled=False):
+                logits = self.net(user_reps)
+        else:  # no context to enter: 13 us a call on the CPU, more than the rest of the gate
             logits = self.net(user_reps)
-        return logits.to(torch.promote_types(logits.dtype, torch.float32)) / self.config.temperature
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        return logits / self.config.temperature
 
     def forward(self, user_reps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.logits(user_reps)
