@@ -379,17 +379,30 @@ def _triton_eager():
     return eager
 
 
-def _forward_mode() -> bool:
-    """Forward-mode AD is active: a dual level (torch.autograd.forward_ad) or torch.func.jvp
-    anywhere in the functorch stack. Never asked while compiling."""
+FORWARD_MODE = "forward-mode AD (torch.autograd.forward_ad, torch.func.jvp)"
+REVERSE_TRANSFORMS = "torch.func's reverse mode (grad, vjp, jacrev, vmap(grad))"
+
+
+def _unsupported_autodiff() -> str | None:
+    """The differentiation the fast backends cannot run that is active, or None. Forward mode:
+    a dual level (torch.autograd.forward_ad) or torch.func.jvp anywhere in the functorch
+    stack. torch.func's reverse-mode transforms: a Grad interpreter in the stack with grad
+    mode on (the native op's C++ autograd Function and Triton's eager one are refused by
+    functorch). Costs one attribute read and one C call when no transform is active (every
+    eager call asks). Never asked while compiling."""
     if torch.autograd.forward_ad._current_level >= 0:
-        return True
+        return FORWARD_MODE
     if not torch._C._are_functorch_transforms_active():
-        return False
+        return None
     from torch._C._functorch import TransformType
     from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
-    return any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    kinds = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if TransformType.Jvp in kinds:
+        return FORWARD_MODE
+    if TransformType.Grad in kinds and torch.is_grad_enabled():
+        return REVERSE_TRANSFORMS
+    return None  # vmap alone (or functionalize): the ops run under it
 
 
 def _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w) -> bool:
@@ -453,12 +466,20 @@ def lora_mix_linear(
     metadata of one that passed the checks before replays what they and the launch plan made
     of it (reclora_kernels/triton/eager.py); data checks still run on every call.
     """
-    if backend != "reference" and not torch.compiler.is_compiling() and _forward_mode():
+    if backend != "reference" and not torch.compiler.is_compiling():
+        unsupported = _unsupported_autodiff()
         # The kernels have no forward-mode derivative: run below autograd, a dual input's
-        # tangent lost its LoRA part (or came back zero), silently.
-        raise NotImplementedError(
-            "lora_mix_linear: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) runs "
-            f"on backend='reference' only, got backend={backend!r}")
+        # tangent lost its LoRA part (or came back zero), silently. Under torch.func.grad the
+        # autograd Functions failed with torch's generic functorch error. "auto" does not
+        # switch backends under a transform (as without one): it is refused unless it
+        # resolves to the reference itself ($RECLORA_BACKEND, or no native build).
+        if unsupported is not None and (not isinstance(x, torch.Tensor)
+                                        or resolve_backend(backend, x.device) != "reference"):
+            hint = (" (for 'auto', set RECLORA_BACKEND=reference before importing "
+                    "reclora_kernels)" if backend == "auto" else "")
+            raise NotImplementedError(
+                f"lora_mix_linear: {unsupported} runs on backend='reference' only, got "
+                f"backend={backend!r}{hint}")
     if (_DIRECT_CALL is not None and row_ids is None and not check_finite
             and not torch.compiler.is_compiling()):
         cuda_ok = _cuda_shortcut(x, adapter_w, backend)

@@ -167,7 +167,8 @@ def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan
         raise TypeError(f"row_plan: `row_ids` must be an integer tensor, got {row_ids.dtype}")
     if row_ids.dim() != 1:
         raise ValueError(f"row_plan: `row_ids` must be 1-D [T], got shape {list(row_ids.shape)}")
-    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+    # (A SymInt under torch.export with a dynamic row count.)
+    if not isinstance(rows, (int, torch.SymInt)) or isinstance(rows, bool) or rows < 0:
         raise ValueError(f"row_plan: `rows` must be an int >= 0, got {rows!r}")
     # A copy: the caller may refill its buffer for the next batch before this one's backward
     # (Triton's output-mode dw read the refilled ids).
