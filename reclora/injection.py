@@ -31,8 +31,10 @@ from .layers import (
     Personalization,
     RecLoRALinear,
     _is_conv1d,
+    _is_exporting,
     check_plan_rows,
     default_adapter_dtype,
+    jit_trace_error,
 )
 
 
@@ -434,17 +436,24 @@ def personalize(
     reclora.llm.enable_grad_ckpt does; it recomputes each layer with the user_reps (or
     set_mixture mixture) its forward used, in any thread. Without it, backward must run inside
     this block, in the same thread, and only for a loss whose checkpointed forwards all ran in
-    this block (another block's layers would be recomputed with this block's user_reps)."""
+    this block (another block's layers would be recomputed with this block's user_reps).
+
+    Two models that share layers (a value head over the policy's backbone) cannot be
+    personalized in nested blocks: the shared layers serve one set of user_reps at a time,
+    so that is refused. Under torch.export, enter personalize inside the exported forward
+    (user_reps an input of the program), never around the export call."""
+    if torch.jit.is_tracing():  # sizes are traced tensors: the checks below would misfire
+        raise jit_trace_error("personalize")
     if not isinstance(user_reps, torch.Tensor) or not user_reps.is_floating_point():
         raise TypeError("personalize: `user_reps` must be a floating-point tensor [R, h]")
     if user_reps.dim() not in (1, 2):
         raise ValueError(f"personalize: `user_reps` must be [R, h] or [h], got shape "
                          f"{list(user_reps.shape)}")
-    gated = [m for m in reclora_layers(model).values() if m.gate is not None]
+    gated = {name: m for name, m in reclora_layers(model).items() if m.gate is not None}
     if not gated:
         raise ValueError("personalize: `model` has no RecLoRALinear with a gate; inject with "
                          "gate_dim=... first")
-    dims = {m.gate.in_features for m in gated}
+    dims = {m.gate.in_features for m in gated.values()}
     if user_reps.shape[-1] not in dims or len(dims) > 1:
         raise ValueError(f"personalize: `user_reps` must end in the gates' input size "
                          f"{sorted(dims)}, got shape {list(user_reps.shape)}")
@@ -455,14 +464,33 @@ def personalize(
         plan = row_plan(row_ids.to(user_reps.device), rows)
     elif plan is not None:
         check_plan_rows("personalize", plan, user_reps.shape[0] if user_reps.dim() == 2 else 1)
-    state = Personalization(user_reps, plan)
     active = dict(ACTIVE_PERSONALIZATION.get() or {})
-    active.update({m: state for m in gated})
+    _refuse_shared(model, gated, active)
+    state = Personalization(user_reps, plan, model=model, in_export=_is_exporting())
+    active.update({m: state for m in gated.values()})
     token = ACTIVE_PERSONALIZATION.set(active)
     try:
         yield model
     finally:
         ACTIVE_PERSONALIZATION.reset(token)
+
+
+def _refuse_shared(model: nn.Module, gated: dict[str, RecLoRALinear], active: dict) -> None:
+    """ValueError when an enclosing block, entered for another model object, personalizes
+    some of model's layers: the layer cannot tell which model calls it, so the enclosing
+    model would silently run them with this block's user_reps."""
+    shared = [name for name, m in gated.items()
+              if m in active and active[m].model is not model]
+    if not shared:
+        return
+    other = active[gated[shared[0]]].model
+    names = ", ".join(shared[:4]) + (f" (+{len(shared) - 4} more)" if len(shared) > 4 else "")
+    raise ValueError(
+        f"personalize: {len(shared)} gated layer(s) of `model` ({type(model).__name__}: "
+        f"{names}) are shared with another model ({type(other).__name__}) that an enclosing "
+        "personalize() block already covers; inside this block that model would run them "
+        "with these user_reps, silently. Personalize the shared layers once (one block, for "
+        "the outer model), or run the two models in separate blocks")
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -49,14 +49,34 @@ from .gates import PersonalizedGate
 
 MIX_MODES = ("factor", "output")
 
+# torch.export's flag (torch >= 2.3; dynamo folds both to constants, so torch.compile sees
+# False for each and keeps no check in its graph). Bound here: one attribute walk less per
+# forward.
+_is_exporting = getattr(torch.compiler, "is_exporting", None) or (lambda: False)
+_jit_is_tracing = torch.jit.is_tracing
+
+
+def jit_trace_error(where: str) -> RuntimeError:
+    """Under torch.jit.trace every size is a traced tensor: the shape checks and row plans
+    then fail with errors that blame the wrong argument, so tracing is refused up front."""
+    return RuntimeError(
+        f"{where}: torch.jit.trace (TorchScript tracing) is not supported; use "
+        "torch.export.export with a wrapper whose forward takes user_reps (or the mixture) "
+        "as an input and enters reclora.personalize itself (or calls set_mixture), or "
+        "torch.compile")
+
 
 @dataclass(frozen=True, eq=False)
 class Personalization:
     """What personalize() gives the gated layers of one model: the batch's user
-    representations and its row plan (None: rows are x's first dim)."""
+    representations and its row plan (None: rows are x's first dim); the model object the
+    block was entered for, and whether it was entered while torch.export traced (else
+    user_reps would be baked into the program)."""
 
     user_reps: torch.Tensor
     plan: RowPlan | None
+    model: nn.Module | None = None
+    in_export: bool = False
 
 
 # layer -> Personalization, set by reclora.personalize for the current thread / task only.
@@ -300,6 +320,11 @@ class RecLoRALinear(nn.Module):
         self._mixture_plan: RowPlan | None = None
         # ((idx, row_ids), their versions at set_mixture): see _check_not_refilled.
         self._mixture_watch: tuple[tuple, tuple] | None = None
+        # Whether set_mixture ran while torch.export traced (see _baked_state_error).
+        self._mixture_in_export = False
+        # The base weight's shape the banks were made for: a weight replaced later (e.g. by
+        # resize_token_embeddings re-tying an lm_head) is named when the op refuses it.
+        self._weight_shape = base_shape
 
     # --- construction -----------------------------------------------------------------------
 
@@ -345,6 +370,16 @@ class RecLoRALinear(nn.Module):
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
+    def reset_parameters(self) -> None:
+        """The constructor's initialisation again, for deferred (meta-device) init: torch's
+        to_empty idiom and FSDP's meta init call reset_parameters() on every module that
+        has one, then load the base checkpoint. Base as nn.Linear, banks as the paper (B = 0,
+        so the layer equals its base), and the gate's own init."""
+        self.reset_base_parameters()
+        self.reset_lora_parameters()
+        if self.gate is not None and hasattr(self.gate, "reset_parameters"):
+            self.gate.reset_parameters()
+
     def reset_lora_parameters(self) -> None:
         """A_i: kaiming-uniform with a = sqrt 5 and fan-in in_features, i.e. U(+-1/sqrt(d_in))
         (torch's kaiming_uniform_ on the [M, r, d_in] bank would take fan-in r * d_in); B = 0."""
@@ -370,6 +405,8 @@ class RecLoRALinear(nn.Module):
         batch's `plan`, reclora_kernels.row_plan, to share one among layers). Gradients flow
         to `weights` if it requires grad. The indices and row ids are checked here, once, not
         at every forward. Module state: for concurrent users use personalize()."""
+        if _jit_is_tracing():
+            raise jit_trace_error("RecLoRALinear.set_mixture")
         weights, idx = self._check_mixture(weights, idx)
         if row_ids is not None and plan is not None:
             raise ValueError("RecLoRALinear.set_mixture: give `row_ids` or `plan`, not both")
@@ -381,6 +418,7 @@ class RecLoRALinear(nn.Module):
             plan = row_plan(row_ids, weights.shape[0])
         self._mixture = (weights, idx)
         self._mixture_plan = plan
+        self._mixture_in_export = _is_exporting()  # else export would bake it in
         # idx was range-checked and row_ids copied into the plan here, once: their version
         # counters (Python ints, no host read) tell a forward that the caller refilled them.
         watched = (idx, row_ids if plan is not None else None)
@@ -388,6 +426,7 @@ class RecLoRALinear(nn.Module):
 
     def clear_mixture(self) -> None:
         self._mixture, self._mixture_plan, self._mixture_watch = None, None, None
+        self._mixture_in_export = False
 
     def _check_not_refilled(self) -> None:
         """Raise if set_mixture's idx or row_ids were modified in place since: idx was
@@ -465,6 +504,8 @@ class RecLoRALinear(nn.Module):
             if top_k is not None and not 1 <= top_k <= self.num_adapters:
                 raise RuntimeError(f"RecLoRALinear: the layer's `gate` has top_k={top_k}, "
                                    f"not in [1, num_adapters={self.num_adapters}]")
+            if not personal.in_export and _is_exporting():
+                raise self._baked_state_error("personalize")
             weights, idx = gate(personal.user_reps)
             return weights, idx, personal.plan
         mixture, mixture_plan = self._mixture, self._mixture_plan
@@ -484,6 +525,8 @@ class RecLoRALinear(nn.Module):
         if mixture is not None:
             if mixture is self._mixture:
                 self._check_not_refilled()
+                if _is_exporting() and not self._mixture_in_export:
+                    raise self._baked_state_error("set_mixture")
             return (*mixture, mixture_plan)
         if self.gate is not None:
             if torch._C._current_graph_task_id() != -1:  # a forward run by backward()
@@ -494,12 +537,36 @@ class RecLoRALinear(nn.Module):
                     "reclora.llm.personalization_context_fn (non-reentrant; "
                     "reclora.llm.enable_grad_ckpt does it), or call backward() inside the block"
                 )
+            # A block that is active but not for this layer: most often a copy of the model
+            # (copy.deepcopy) run inside the original's block.
+            other = (" (a personalize() block is active, but for another model object: it "
+                     "covers the layers of the model it was given, not copies of them such as "
+                     "copy.deepcopy(model))") if ACTIVE_PERSONALIZATION.get() else ""
             raise RuntimeError(
                 "RecLoRALinear: this layer has a gate but no user representation; run the "
                 "forward inside `with reclora.personalize(model, user_reps):` or call "
-                "set_mixture(weights, idx)"
+                f"set_mixture(weights, idx){other}"
             )
         return None, None, None  # uniform: _mixed_linear makes it for the input's rows
+
+    @staticmethod
+    def _baked_state_error(source: str) -> RuntimeError:
+        """torch.export lifts a tensor read from outside the traced call into the program as
+        a constant: the user_reps of a personalize() (or the mixture of a set_mixture) made
+        before export would be served to every later request, silently."""
+        if source == "personalize":
+            what = ("user_reps of a `reclora.personalize` block entered outside the exported "
+                    "call")
+            fix = ("a wrapper module whose forward(input_ids, user_reps) enters "
+                   "`with reclora.personalize(self.model, user_reps):` itself")
+        else:
+            what = "mixture given to set_mixture outside the exported call"
+            fix = ("a wrapper module whose forward(x, weights) calls layer.set_mixture(weights) "
+                   "itself (the mixture an input of the program)")
+        return RuntimeError(
+            f"RecLoRALinear: torch.export is tracing this layer with the {what}: they would "
+            f"become constants of the program, which would then serve them to every request "
+            f"(a later {source} would not change it); export {fix}")
 
     # --- forward ----------------------------------------------------------------------------
 
@@ -522,9 +589,15 @@ class RecLoRALinear(nn.Module):
         Written for the host cost at decode sizes: sizes through dim()/size() (no torch.Size
         objects) and the parameters read from _parameters (see _operands)."""
         d_in, ndim = self.in_features, x.dim()
-        if ndim == 0 or x.size(-1) != d_in:
-            raise ValueError(f"RecLoRALinear: `x` must end in in_features={d_in}, got shape "
-                             f"{list(x.shape)}")
+        last = x.size(-1) if ndim else None
+        # Under torch.jit.trace sizes are tensors (and `last != d_in` a falsy one): caught
+        # here, where the size is read anyway, not by a call per forward (0.1 us).
+        if last != d_in or type(last) is not int:
+            if _jit_is_tracing():
+                raise jit_trace_error("RecLoRALinear")
+            if last != d_in:  # else a symbolic size (torch.compile / torch.export)
+                raise ValueError(f"RecLoRALinear: `x` must end in in_features={d_in}, got "
+                                 f"shape {list(x.shape)}")
         if plan is not None:
             x_op = x.reshape(-1, d_in)
             if plan.tokens != x_op.size(0):
@@ -562,6 +635,7 @@ class RecLoRALinear(nn.Module):
 
         dtype = x.dtype
         weight, bias, lora_a, lora_b = self._operands()
+        base = weight
         if self.fan_in_fan_out:
             weight = weight.t()
         if weights.dtype != dtype or weights.device != device:
@@ -570,14 +644,30 @@ class RecLoRALinear(nn.Module):
             idx = idx.to(device)
         # The indices were checked by set_mixture or come from a gate's top-k (in range by
         # construction): no per-layer range check, so no per-layer host sync.
-        y = lora_mix_linear(
-            x_op, _in_dtype(weight, dtype), None if bias is None else _in_dtype(bias, dtype),
-            _in_dtype(lora_a, dtype), _in_dtype(lora_b, dtype), weights, idx,
-            scale=self.scale, mix=self.mix, plan=plan, backend=self.backend,
-            indices_checked=True,
-        )
+        try:
+            y = lora_mix_linear(
+                x_op, _in_dtype(weight, dtype), None if bias is None else _in_dtype(bias, dtype),
+                _in_dtype(lora_a, dtype), _in_dtype(lora_b, dtype), weights, idx,
+                scale=self.scale, mix=self.mix, plan=plan, backend=self.backend,
+                indices_checked=True,
+            )
+        except (ValueError, RuntimeError):
+            # The op blames lora_b when the base weight was replaced: name the weight. Checked
+            # only once the op has refused (a shape read per forward cost ~0.3 us here).
+            if base.shape != self._weight_shape:
+                raise self._replaced_weight_error(base) from None
+            raise
         # A 3-D x without a plan is the op's own layout: y has x's leading shape already.
         return y if x_op is x else y.reshape(*x.shape[:-1], self.out_features)
+
+    def _replaced_weight_error(self, weight: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"RecLoRALinear: its base `weight` has shape {list(weight.shape)} but the layer "
+            f"and its banks were made for {list(self._weight_shape)} (lora_a "
+            f"{list(self.lora_a.shape)}, lora_b {list(self.lora_b.shape)}; out_features is "
+            f"now {self.out_features}): the base weight was replaced after the layer was "
+            "built, e.g. by resize_token_embeddings on a tied, injected lm_head; resize the "
+            "vocabulary before inject (resizing an adapted layer is not supported)")
 
     def _operands(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """(weight, bias, lora_a, lora_b), read from _parameters where they are registered:
@@ -605,6 +695,11 @@ class RecLoRALinear(nn.Module):
         # (row_ids is not kept: the copy's plan is its own snapshot.)
         watched = (None if self._mixture is None else self._mixture[1], None)
         self._mixture_watch = (watched, _versions(watched))
+        # Layers pickled before these attributes existed.
+        self.__dict__.setdefault("_mixture_in_export", False)
+        if "_weight_shape" not in self.__dict__:
+            self._weight_shape = ((self.in_features, self.out_features) if self.fan_in_fan_out
+                                  else (self.out_features, self.in_features))
 
     # --- description ------------------------------------------------------------------------
 
