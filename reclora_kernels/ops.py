@@ -546,7 +546,8 @@ def lora_mix_linear(
             args = (p.x2d, pl.token_rows(x.device))
         args = (*args, weight, bias, lora_a, lora_b, adapter_w, p.adapter_idx, float(scale),
                 p.mix)
-        if _needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w):
+        if (_needs_autograd(x, weight, bias, lora_a, lora_b, adapter_w)
+                or torch.compiler.is_compiling()):  # dynamo cannot trace the guard below
             y2d = op(*args)[0]
         else:
             # Inference: straight to the kernel, past the op's autograd layer (Triton's is

@@ -91,6 +91,19 @@ def test_compile_fullgraph_matches_eager(backend):
     assert rel_err(w2.grad, w.grad) < 1e-5
 
 
+@pytest.mark.parametrize("backend", FAST)
+def test_compile_fullgraph_under_no_grad(backend):
+    """Inference skips the op's autograd layer with a guard dynamo cannot trace: every
+    fullgraph compile of a no_grad call failed ("Unsupported method call")."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = make_inputs(Case(d_in=23, d_out=23), dtype=torch.float32, device=device)
+    module = TinyAdapted(inputs, backend, "factor")
+    compiled = torch.compile(module, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        args = (inputs["x"], inputs["adapter_w"], inputs["adapter_idx"])
+        assert torch.equal(compiled(*args), module(*args))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("mix", ["factor", "output"])

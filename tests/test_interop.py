@@ -125,8 +125,7 @@ def test_export_refuses_personalization_made_outside_the_call():
     program = export(Personalized(layer), (x, r1)).module()  # the pattern the error names
     with torch.no_grad(), reclora.personalize(layer, r2):
         assert torch.allclose(program(x, r2), layer(x), rtol=0, atol=1e-12)
-    # torch.compile guards on the user_reps instead: not refused. (With grad: under no_grad
-    # the op's inference path does not trace with fullgraph, a separate matter.)
+    # torch.compile guards on the user_reps instead: not refused.
     compiled = torch.compile(Plain(layer), backend="eager", fullgraph=True)
     for reps in (r1, r2):
         with reclora.personalize(layer, reps):
