@@ -1,6 +1,7 @@
 """Does `reclora score` reproduce a finished run's own test predictions? (issue 15 item 4)
 
     python scripts/experiments/serving_consistency.py --run runs/default [--model reclora]
+        [--threads N]
 
 Writes the run's test requests (user_id, item_id, timestamp of predictions.csv) to a
 temporary CSV, scores them with `reclora score --run RUN` (the run's thread setting), and
@@ -25,6 +26,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True)
     p.add_argument("--model", default="reclora")
+    p.add_argument("--threads", default=None,
+                   help="reclora score's --threads (default: the run's setting); under bf16 "
+                        "autocast the CPU's sums depend on the thread count")
     a = p.parse_args()
     run = Path(a.run)
     with open(run / "predictions.csv", newline="") as f:
@@ -37,7 +41,8 @@ def main() -> int:
             w.writerows([r["user_id"], r["item_id"], r["timestamp"]] for r in rows)
         cli = Path(sys.executable).with_name("reclora")
         subprocess.run([str(cli), "score", "--run", str(run), "--model", a.model, "--input",
-                        str(requests), "--output", str(scores), "--no-progress"], check=True)
+                        str(requests), "--output", str(scores), "--no-progress",
+                        *(["--threads", a.threads] if a.threads else [])], check=True)
         with open(scores, newline="") as f:
             served = list(csv.DictReader(f))
     keys = [(r["user_id"], r["item_id"], r["timestamp"]) for r in rows]
