@@ -14,6 +14,7 @@ with another's config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ from .checkpoint import _summarise, atomic_write_folder
 from .gates import autocast_off
 from .injection import names_by_module, personalize, reclora_layers
 from .layers import RecLoRALinear, uniform_mixture
+from .modes import eval_mode
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what an export writes
 
@@ -178,11 +180,10 @@ def export_peft(
         raise ValueError("export_peft: `model` has no RecLoRALinear layers")
     _check_targets(model, layers)
     gates = [layer.gate for layer in layers.values() if layer.gate is not None]
-    modes = [gate.training for gate in gates]
     factors, specs = {}, set()
-    try:
+    with contextlib.ExitStack() as gates_in_eval:
         for gate in gates:
-            gate.eval()
+            gates_in_eval.enter_context(eval_mode(gate))
         # Autocast off: the merge in the banks' dtype wherever it is called (inside a
         # serving loop's autocast the files came out in bf16, 3e-3 off).
         devices = [layer.lora_a.device.type for layer in layers.values()]
@@ -197,9 +198,6 @@ def export_peft(
                 a, b = merged_factors(layer, *mixtures[name])
                 factors[name] = (a, b)
                 specs.add((a.shape[0], layer.scale))
-    finally:
-        for gate, mode in zip(gates, modes):
-            gate.train(mode)
     if len(specs) != 1:
         raise ValueError(f"export_peft: layers differ in exported (rank, scale): {sorted(specs)}; "
                          "one PEFT adapter holds one rank and alpha")

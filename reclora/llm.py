@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from reclora.layers import RecLoRALinear
+from reclora.modes import eval_mode
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -646,11 +647,9 @@ class LLMCTR(nn.Module):
         n = len(encoded)
         if user_reps is not None and user_reps.shape[0] != n:
             raise ValueError(f"user_reps has {user_reps.shape[0]} rows for {n} prompts")
-        was_training = self.training
-        self.eval()
         order = np.argsort([len(x) for x in encoded], kind="stable")
         out = np.empty(n, dtype=np.float64)
-        try:
+        with eval_mode(self):
             for a in tqdm(range(0, n, batch_size), desc=desc, disable=not progress,
                           unit="batch", leave=False, mininterval=2.0):
                 retune_threads()
@@ -659,8 +658,6 @@ class LLMCTR(nn.Module):
                 with self.personalized(reps), amp_context(self.device, amp):
                     logits = self(**self.collate([encoded[i] for i in idx]))
                 out[idx] = self.prob_yes(logits).double().cpu().numpy()
-        finally:
-            self.train(was_training)
         return out
 
     @contextlib.contextmanager

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reclora.modes import eval_mode
+
 if TYPE_CHECKING:  # the data layer is only needed to build schemas and batches from it
     from reclora.data.base import HistoryBatch, RecDataset
 
@@ -398,22 +400,14 @@ class CRM(nn.Module):
     def user_representation(self, batch: CRMBatch) -> torch.Tensor:
         """h_u [B, 256]: the hidden state before the output layer, detached, in eval mode
         (no dropout), whatever mode the model is in; the mode is restored afterwards."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return self.forward_hidden(batch)[1].detach()
-        finally:
-            self.train(was_training)
 
     @torch.no_grad()
     def predict_proba(self, batch: CRMBatch) -> torch.Tensor:
         """P(click) [B] in eval mode (mode restored afterwards)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             return torch.sigmoid(self.forward(batch))
-        finally:
-            self.train(was_training)
 
 
 def init_output(layer: nn.Linear, prior: float = 0.5) -> None:

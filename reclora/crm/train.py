@@ -32,6 +32,7 @@ from reclora.crm.base import CRM, CRMBatch, CRMSchema, ItemUserEmbedder
 from reclora.crm.deepfm import DeepFM
 from reclora.crm.din import DIN
 from reclora.crm.sim import SIM
+from reclora.modes import eval_mode
 
 if TYPE_CHECKING:
     from reclora.data.base import HistoryBatch, RecDataset
@@ -318,13 +319,9 @@ def predict(model: CRM, batch: CRMBatch | SplitSamples, batch_size: int = 4096,
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = [torch.sigmoid(model(take(batch, slice(i, i + batch_size)).to(device))).cpu()
                for i in range(0, len(batch), batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
