@@ -48,6 +48,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 import types
 import typing
@@ -241,6 +242,18 @@ def write_scores(path: str | os.PathLike, table: Mapping[str, Sequence[Any]],
 
 
 # ------------------------------------------------------------------------ the store
+@dataclasses.dataclass(frozen=True)
+class _Ids:
+    """What score reads and observe replaces, published as one object: the user id map, the
+    users registered since load, and the interaction store. A score takes it once; read
+    field by field, a concurrent observe's new user got the index a score had just given a
+    temporary user, who was then scored with that user's history."""
+
+    user_index: dict[str, int]
+    new_users: list[str]
+    store: _Store
+
+
 @dataclasses.dataclass
 class _Store:
     """The interactions histories are read from: the dataset's, then the observed ones.
@@ -527,12 +540,11 @@ class Recommender:
         # The interaction store (dataset + observed) and the id maps.
         self._label = _label_rule(ds.label_rule)
         self.rating_scale = _rating_scale(ds.rating)
-        self._user_index = {str(u): i for i, u in enumerate(ds.user_raw_id)}
         self._item_index = {str(v): i for i, v in enumerate(ds.item_raw_id)}
-        self._new_users: list[str] = []
-        self._store = _Store(ds.user.astype(np.int64), ds.item.astype(np.int64),
-                             ds.rating.astype(np.float32), ds.time.astype(np.int64),
-                             ds.label.astype(np.int64), ds.n_users)
+        self._ids = _Ids({str(u): i for i, u in enumerate(ds.user_raw_id)}, [], _Store(
+            ds.user.astype(np.int64), ds.item.astype(np.int64), ds.rating.astype(np.float32),
+            ds.time.astype(np.int64), ds.label.astype(np.int64), ds.n_users))
+        self._observing = threading.Lock()  # one observe at a time (shared by forks)
         self.n_observed = 0
         self.load_s = time.perf_counter() - t0
         self.timings = {"load_s": self.load_s}
@@ -577,39 +589,45 @@ class Recommender:
             raise ServingError(f"{where[j]}: rating {ratings[j]:g} is not on the dataset's "
                                f"scale, {low:g} to {high:g}{grid}")
 
-    def _users(self, ids: np.ndarray, where: Sequence[str], *, register: bool
-               ) -> tuple[np.ndarray, list[str]]:
-        """Dataset user indices (new users after the dataset's; registered for good when
-        `register`, else only for this call) and the temporary new users' ids."""
+    @property
+    def _new_users(self) -> list[str]:
+        return self._ids.new_users
+
+    def _users(self, ids: np.ndarray, where: Sequence[str], ids_now: _Ids, *, register: bool
+               ) -> tuple[np.ndarray, list[str], _Ids]:
+        """Dataset user indices (new users after the dataset's; registered when `register`,
+        else only for this call), the temporary new users' ids, and the id maps with the
+        registered users (new objects: ids_now, which readers may hold, is left as it was)."""
         keys = self._keys(ids, where, "user_id")  # before any change: a bad id changes nothing
         out = np.empty(ids.size, dtype=np.int64)
         temp: dict[str, int] = {}
         base = self.ds.n_users
-        if register:  # copy on write: a copy.copy of a Recommender is an independent fork
-            self._user_index, self._new_users = dict(self._user_index), list(self._new_users)
+        index, new = ids_now.user_index, ids_now.new_users
+        if register:
+            index, new = dict(index), list(new)
         for j, v in enumerate(keys):
-            i = self._user_index.get(v)
+            i = index.get(v)
             if i is None:
                 if register:
-                    i = self._user_index[v] = base + len(self._new_users)
-                    self._new_users.append(v)
+                    i = index[v] = base + len(new)
+                    new.append(v)
                 else:
-                    i = temp.setdefault(v, base + len(self._new_users) + len(temp))
+                    i = temp.setdefault(v, base + len(new) + len(temp))
             out[j] = i
-        return out, list(temp)
+        return out, list(temp), dataclasses.replace(ids_now, user_index=index, new_users=new)
 
     def _view(self, users: np.ndarray, items: np.ndarray, times: np.ndarray,
-              temp_users: list[str]):
+              temp_users: list[str], ids_now: _Ids):
         """The dataset as of the store, with the requests appended as interactions whose
         history is their user's interactions strictly before their time. Returns (view,
         request sample indices, history lengths)."""
-        ds, st = self.ds, self._store
-        n_new = len(self._new_users) + len(temp_users)
+        ds, st = self.ds, ids_now.store
+        n_new = len(ids_now.new_users) + len(temp_users)
         n_users = ds.n_users + n_new
         n0, r = st.user.size, users.size
         hl = st.history_len(users, times)
         ptr = np.concatenate([st.hist_ptr, np.full(n_users - st.n_users, st.hist_ptr[-1])])
-        new_ids = self._new_users + temp_users
+        new_ids = ids_now.new_users + temp_users
         extra_feat = None
         if ds.user_features is not None:
             extra_feat = np.concatenate([ds.user_features, np.zeros(
@@ -655,9 +673,10 @@ class Recommender:
         if n == 0:
             return out
         items = self._items(req["item_id"], req["__where"])
-        users, temp = self._users(req["user_id"], req["__where"], register=False)
+        ids_now = self._ids  # once: an observe meanwhile publishes a new one
+        users, temp, _ = self._users(req["user_id"], req["__where"], ids_now, register=False)
         marks = [("parse_s", time.perf_counter())]
-        view, samples, hl = self._view(users, items, req["timestamp"], temp)
+        view, samples, hl = self._view(users, items, req["timestamp"], temp, ids_now)
         marks.append(("history_s", time.perf_counter()))
         spec = self.spec
         retr = _rebind(self.retriever, view) if spec.mode == "semantic" else None
@@ -717,8 +736,9 @@ class Recommender:
 
     def is_cold(self, user_id: Any) -> bool:
         """Whether the user is served through the CRM's unseen-user path (cold start)."""
-        users, _ = self._users(np.asarray([_as_id(user_id, "is_cold", "user_id")],
-                                          dtype=object), ["is_cold"], register=False)
+        users, _, _ = self._users(np.asarray([_as_id(user_id, "is_cold", "user_id")],
+                                             dtype=object), ["is_cold"], self._ids,
+                                  register=False)
         return bool(self._cold(users)[0])
 
     def score(self, requests: Any, *, batch_size: int | None = None,
@@ -749,7 +769,7 @@ class Recommender:
         if top is not None and (not isinstance(top, int) or top < 1):
             raise ServingError(f"top must be an int >= 1, got {top!r}")
         if timestamp is None:
-            timestamp = int(self._store.time.max()) + 1
+            timestamp = int(self._ids.store.time.max()) + 1
         uid = _as_id(user_id, "rank", "user_id")
         self._keys(np.asarray([uid], dtype=object), ["rank"], "user_id")  # named as rank's
         table = {"user_id": [uid] * len(cands), "item_id": cands,
@@ -773,14 +793,17 @@ class Recommender:
         items = self._items(obs["item_id"], obs["__where"])
         ratings = obs["rating"]
         self._check_ratings(ratings, obs["__where"])
-        users, _ = self._users(obs["user_id"], obs["__where"], register=True)
-        st = self._store
-        self._store = _Store(np.concatenate([st.user, users]), np.concatenate([st.item, items]),
-                             np.concatenate([st.rating, ratings.astype(np.float32)]),
-                             np.concatenate([st.time, obs["timestamp"]]),
-                             np.concatenate([st.label, self._label(ratings)]),
-                             self.ds.n_users + len(self._new_users))
-        self.n_observed += n
+        with self._observing:  # two observes at once: each would drop the other's rows
+            before = self._ids
+            users, _, ids = self._users(obs["user_id"], obs["__where"], before, register=True)
+            st = before.store
+            store = _Store(np.concatenate([st.user, users]), np.concatenate([st.item, items]),
+                           np.concatenate([st.rating, ratings.astype(np.float32)]),
+                           np.concatenate([st.time, obs["timestamp"]]),
+                           np.concatenate([st.label, self._label(ratings)]),
+                           self.ds.n_users + len(ids.new_users))
+            self._ids = dataclasses.replace(ids, store=store)  # one assignment: see _Ids
+            self.n_observed += n
         return n
 
     def fork(self) -> Recommender:

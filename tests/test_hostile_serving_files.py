@@ -49,7 +49,8 @@ def test_a_user_whose_h_u_is_nan_is_refused_naming_the_row(loaded) -> None:
     score), where it scored NaN beside normal scores."""
     rec = loaded.fork()
     req = rec.test_requests()
-    users = rec._users(req["user_id"], ["t"] * req["user_id"].size, register=False)[0]
+    users = rec._users(req["user_id"], ["t"] * req["user_id"].size, rec._ids,
+                       register=False)[0]
     known = [j for j, u in enumerate(users) if rec.crm_known[u]]
     j = known[0]
     others = {k: v[users != users[j]] for k, v in req.items()}

@@ -201,6 +201,28 @@ def test_unknown_users_are_served_cold_and_flagged(rec) -> None:
     assert again["score"][0] != table["score"][0]
 
 
+def test_an_observe_during_a_score_never_lends_its_user_to_the_request(rec) -> None:
+    """A score gave a never-seen user a temporary index, then read the registered users
+    again: an observe in between registered a user at that index, and the request was
+    scored with that user's history (a thread-safety audit; forced here at that point)."""
+    item, t = str(rec.ds.item_raw_id[0]), int(rec.ds.time.max()) + 100
+    ask = {"user_id": ["990000"], "item_id": [item], "timestamp": [t]}
+    alone = rec.fork().score_table(ask)
+    users = rec._users
+
+    def then_observe(*args, register):
+        out = users(*args, register=register)
+        if not register:  # the score's lookup: an observe lands right after it
+            rec.observe([{"user_id": "990001", "item_id": str(rec.ds.item_raw_id[j]),
+                          "timestamp": t - 10 + j, "rating": 5} for j in range(1, 6)])
+        return out
+
+    rec._users = then_observe
+    raced = rec.score_table(ask)
+    assert raced["history_len"][0] == 0 and raced["score"][0] == alone["score"][0]
+    assert rec._new_users == ["990001"]  # the observe itself took effect
+
+
 def test_rank_orders_candidates_by_score(rec) -> None:
     user = str(rec.test_requests()["user_id"][0])
     cands = [str(x) for x in rec.ds.item_raw_id[:5]]
