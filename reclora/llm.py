@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from reclora.gates import autocast_off
 from reclora.layers import RecLoRALinear
 from reclora.modes import eval_mode
 
@@ -380,12 +381,13 @@ def _cpu_probe(name: str) -> bool:
 
 
 def amp_context(device: torch.device, amp: str | bool) -> contextlib.AbstractContextManager:
-    """Autocast for `amp`: "auto" (bf16 where bf16_supported), "bf16", True, or "off"/False."""
+    """Autocast for `amp`: "auto" (bf16 where bf16_supported), "bf16", True, or "off"/False
+    (autocast off, whatever the caller's)."""
     if amp not in ("auto", "bf16", "off", True, False):
         raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
     on = amp in ("bf16", True) or (amp == "auto" and bf16_supported(device))
-    if not on:
-        return contextlib.nullcontext()
+    if not on:  # off even inside a caller's autocast (an fp32 run scored in its bf16)
+        return autocast_off(device.type)
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -52,7 +53,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -242,6 +243,20 @@ def write_scores(path: str | os.PathLike, table: Mapping[str, Sequence[Any]],
 
 
 # ------------------------------------------------------------------------ the store
+def _outside_autocast(method: Callable) -> Callable:
+    """`method` with the caller's torch.autocast off, as the run computed retrieval, the
+    CRM's h_u and their statistics (the LLM forward applies the run's amp itself): inside a
+    serving loop's bf16 autocast the retrieval table came out bf16 (other history items in
+    3 of 24 prompts) and h_u moved by 0.22 after standardisation."""
+    @functools.wraps(method)
+    def outside(*args, **kwargs):
+        from reclora.gates import autocast_off  # torch: not at import (the CLI stays light)
+
+        with autocast_off("cpu", "cuda"):
+            return method(*args, **kwargs)
+    return outside
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ids:
     """What score reads and observe replaces, published as one object: the user id map, the
@@ -344,6 +359,7 @@ class Recommender:
 
     # ------------------------------------------------------------------ loading
     @classmethod
+    @_outside_autocast
     def load(cls, run_dir: str | os.PathLike, *, model: str = "reclora",
              device: str = "auto", batch_size: int | None = None, amp: str | None = None,
              threads: int | None = None, progress: bool = False) -> Recommender:
@@ -352,8 +368,11 @@ class Recommender:
         requests per LLM forward (default: the run's eval batch size); device: auto, cpu,
         cuda; amp: bf16 autocast (default: the run's); threads: CPU threads for torch (None:
         as they are). Under bf16 autocast on a CPU the LLM's rounding depends on the thread
-        count: a score reproduces the run's to ~1e-10 with the count the run used, and
-        differs by up to ~0.02 in P(click) with another (SmolLM2-135M, measured)."""
+        count and on the batch a request is scored in (its left padding): the run's test
+        requests, scored in the run's batches with the count the run used, reproduce its
+        scores to ~1e-10; with another count they differ by up to ~0.02 in P(click)
+        (SmolLM2-135M), and scored alone or among other requests by up to ~0.01 (Gemma-3-270M;
+        in fp32 ~1e-6, measured), enough to swap close candidates in `rank`."""
         t0 = time.perf_counter()  # the imports too: the first load pays for them
         import torch
 
@@ -652,6 +671,7 @@ class Recommender:
         return view, np.arange(n0, n0 + r, dtype=np.int64), hl
 
     # ------------------------------------------------------------------ serving
+    @_outside_autocast
     def score_table(self, requests: Any, *, batch_size: int | None = None,
                     progress: bool | None = None) -> dict[str, np.ndarray]:
         """{user_id, item_id, timestamp, score, cold_start, history_len} for a table of

@@ -187,6 +187,15 @@ def test_rejects_bad_arguments(ctr: LLMCTR) -> None:
         amp_context(torch.device("cpu"), "fp8")
 
 
+def test_amp_off_is_off_inside_a_callers_autocast() -> None:
+    """amp "off" was a nullcontext: an fp32 run scored in the caller's bf16."""
+    a = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
+        with amp_context(torch.device("cpu"), "off"):
+            assert (a @ a).dtype == torch.float32
+
+
 def test_thread_policy() -> None:
     from reclora.llm import ThreadPolicy
 

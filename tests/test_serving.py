@@ -223,6 +223,19 @@ def test_an_observe_during_a_score_never_lends_its_user_to_the_request(rec) -> N
     assert rec._new_users == ["990001"]  # the observe itself took effect
 
 
+def test_a_callers_autocast_does_not_change_serving(tiny_run, rec) -> None:
+    """Load and score inside a serving loop's bf16 autocast: the retrieval table had come out
+    bf16 (other history items in the prompts) and h_u moved; they run as the run did now,
+    and only the LLM forward takes the run's amp."""
+    req = rec.test_requests()
+    plain = rec.score(req)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = rec.score(req)
+        loaded = Recommender.load(tiny_run)
+    assert loaded.retriever.table.dtype == torch.float32
+    assert np.array_equal(inside, plain) and np.array_equal(loaded.score(req), plain)
+
+
 def test_rank_orders_candidates_by_score(rec) -> None:
     user = str(rec.test_requests()["user_id"][0])
     cands = [str(x) for x in rec.ds.item_raw_id[:5]]
