@@ -24,6 +24,17 @@ if _workers > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the machine is shared: tiny models stay fast and
+    leave the other cores free); the count is restored after. Files opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_seed(nodeid: str) -> int:
     """The seed of a test: stable across runs and machines, different per test; override
     every test's seed with RECLORA_TEST_SEED to look for seed-dependent failures."""

@@ -25,13 +25,7 @@ from reclora.crm import (
 N_USERS, N_ITEMS, N_GENRES = 40, 60, 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine is shared: one thread keeps these tiny models fast and the others free.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _schema(seed: int = 0, unseen_users: int = 10) -> CRMSchema:

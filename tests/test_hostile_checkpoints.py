@@ -30,12 +30,7 @@ from reclora.crm import CRM_CLASSES, CRMBatch, CRMSchema, build_crm, load_crm, s
 HUGE = 10**12  # banks or tables of this many rows: terabytes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ 1: load_adapters

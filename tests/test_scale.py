@@ -33,12 +33,7 @@ ORDER = ["errors", "paths", "text", "dataset", "splits", "movielens", "goodreads
          "base", "embeddings", "prompts", "cli", "__init__"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
