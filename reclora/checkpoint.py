@@ -324,9 +324,10 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     naming the file on malformed metadata, missing keys (model layers the file lacks, with
     strict=True; a layer the file declares without its tensors, always), sizes the metadata
     declares that its tensors do not have (checked before anything is built), extra keys,
-    shapes that differ, a tensor that is not floating or holds NaN or inf, a layer configured differently (rank, alpha, mix, gate options...), modules
-    shared otherwise than in the saved model, or (into layers already injected) banks or
-    gates of another dtype than the file's."""
+    shapes that differ, a tensor that is not floating or holds NaN or inf, a layer configured
+    differently (rank, alpha, mix, gate options...), modules shared otherwise than in the
+    saved model, or (into layers already injected) banks or gates of another dtype than the
+    file's."""
     meta = read_adapter_config(path)
     # Build every layer first and check the file against them, so a file that does not fit
     # leaves the model untouched.
