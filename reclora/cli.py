@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 
 SUBCOMMANDS = {
-    "data": ("reclora.data.cli", "datasets: fetch and stats"),
+    "data": ("reclora.data.cli", "datasets: fetch, stats and embed"),
     "run": ("reclora.pipeline", "the main job: CRMs, LLM baselines and RecLoRA on a dataset"),
     "score": ("reclora.serving:score_main", "P(click) for requests, from a finished run"),
     "rank": ("reclora.serving:rank_main", "a user's candidate items by P(click)"),
