@@ -45,6 +45,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -440,9 +441,11 @@ class Recommender:
             crm_stage = _read_json(run / "stages" / f"crm_{pl.GATE_CRM}.json",
                                    "the gate CRM's stage file")
             ckpt = run / "crm" / f"{pl.GATE_CRM}.pt"
-            if not ckpt.is_file():
-                raise RunFolderError(f"{ckpt}: missing (the gate CRM's checkpoint)")
-            sha = pl._file_sha256(ckpt)
+            try:  # read once: hashed, then loaded from these bytes (a writer cannot slip in)
+                data = ckpt.read_bytes()
+            except OSError:
+                raise RunFolderError(f"{ckpt}: missing (the gate CRM's checkpoint)") from None
+            sha = hashlib.sha256(data).hexdigest()
             if sha != crm_stage.get("checkpoint_sha256"):
                 raise RunFolderError(f"{ckpt}: not the checkpoint its stage file "
                                      f"{run / 'stages' / f'crm_{pl.GATE_CRM}.json'} records "
@@ -452,14 +455,9 @@ class Recommender:
                 crm = pl.untrained_gate_crm(ds, cfg.seed)
             else:
                 try:
-                    crm, _ = load_crm(ckpt)
+                    crm, _ = load_crm(ckpt, data=data)
                 except ValueError as e:
                     raise RunFolderError(str(e)) from None
-                # load_crm read the file again: a writer in between (a `reclora run --resume`
-                # retraining this CRM; serving takes no lock) would serve unchecked bytes.
-                if pl._file_sha256(ckpt) != sha:
-                    raise RunFolderError(f"{ckpt}: changed while it was loaded (a run writing "
-                                         "to this folder?): load again once it has finished")
                 self.crm_file = ckpt
             crm = crm.eval()
 

@@ -13,6 +13,7 @@ so an interrupted run never leaves a truncated checkpoint behind.
 from __future__ import annotations
 
 import copy
+import io
 import math
 import os
 import time
@@ -140,9 +141,11 @@ def save_crm(model: CRM, path: str | os.PathLike, meta: dict[str, Any] | None = 
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
-             ) -> tuple[CRM, dict[str, Any]]:
-    """(model in eval mode, meta) from a checkpoint written by `save_crm`.
+def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+             data: bytes | None = None) -> tuple[CRM, dict[str, Any]]:
+    """(model in eval mode, meta) from a checkpoint written by `save_crm`; `data`: the
+    file's bytes, read by the caller already (who checked their hash: the file is not read
+    again, so a writer in between cannot slip other bytes in), `path` then only names it.
 
     The file is read with torch.load(weights_only=True): tensors and plain containers only,
     so a crafted file (a run folder someone sent) cannot run code while it loads. A file
@@ -150,10 +153,11 @@ def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     objects, wrong contents) raises ValueError naming the file.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise FileNotFoundError(f"path {str(path)!r}: no CRM checkpoint there")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path if data is None else io.BytesIO(data),
+                             map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ... all mean: not ours
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"path {str(path)!r} is not a CRM checkpoint that loads safely "
