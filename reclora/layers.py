@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from reclora_kernels import RowPlan, lora_mix_linear, row_plan
-from reclora_kernels.plan import INDEX_DTYPES, tracing
+from reclora_kernels.plan import INDEX_DTYPES, cached_tensor
 
 from .gates import PersonalizedGate
 
@@ -200,13 +200,7 @@ def uniform_mixture(rows: int, adapters: int, bank_dtype: torch.dtype, dtype: to
     """The default mixture [rows, M] of 1/M, made once per size and never written: made per
     forward it was a fill, an expand copy and a cast, each a kernel launch on a GPU. Made
     fresh while tracing (a tensor made during CUDA-graph capture holds nothing until replay)."""
-    if tracing():
-        return _make_uniform(rows, adapters, bank_dtype, dtype, device)
-    weights = _cached_uniform(rows, adapters, bank_dtype, dtype, device)
-    if weights._version:  # written in place by someone it was handed to: make it again
-        _cached_uniform.cache_clear()
-        weights = _cached_uniform(rows, adapters, bank_dtype, dtype, device)
-    return weights
+    return cached_tensor(_cached_uniform, rows, adapters, bank_dtype, dtype, device)
 
 
 def _registered(module: nn.Module, params: dict, name: str):

@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 
 from . import reference, validate
-from .plan import _REBUILT, RowPlan, _has_cuda, implicit_plan
+from .plan import _REBUILT, RowPlan, _cached_implicit_plan, _has_cuda
 from .triton.configs import auto_backend, auto_may_pick, interpreting
 
 BACKENDS = ("reference", "triton", "cpu", "cuda")
@@ -361,11 +361,12 @@ def _cuda_shortcut(x, adapter_w, backend: str) -> bool:
 
 def _implicit_ids(x) -> tuple[torch.Tensor | None, int, int]:
     """(row ids, rows, tokens) of x's implicit plan on its device, for the CUDA shortcut:
-    x [R, L, d_in] is R rows of L tokens, a packed x one token per row (cached per size)."""
+    x [R, L, d_in] is R rows of L tokens, a packed x one token per row (cached per size;
+    the shortcut never runs while compiling, so no symbolic size reaches the cache)."""
     if x.dim() == 3:
-        plan = implicit_plan(x.shape[0], x.shape[1])
+        plan = _cached_implicit_plan(x.shape[0], x.shape[1])
     elif x.dim() == 2:
-        plan = implicit_plan(x.shape[0], 1)
+        plan = _cached_implicit_plan(x.shape[0], 1)
     else:
         return None, -1, -1  # the shortcut declines; the checked path names `x`
     return plan.token_rows(x.device), plan.rows, plan.tokens

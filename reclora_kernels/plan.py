@@ -116,13 +116,7 @@ class RowPlan:
         cached by size, read-only: the native kernels take row ids as a tensor)."""
         if self.row_ids is not None:
             return self.row_ids
-        if tracing():
-            return _implicit_rows.__wrapped__(self.tokens, self.row_len, device)
-        rows = _implicit_rows(self.tokens, self.row_len, device)
-        if rows._version:  # written in place by someone it was handed to: make it again
-            _implicit_rows.cache_clear()
-            rows = _implicit_rows(self.tokens, self.row_len, device)
-        return rows
+        return cached_tensor(_implicit_rows, self.tokens, self.row_len, device)
 
     def describe(self) -> str:
         kind = "implicit" if self.implicit else ("unsorted" if self.order is not None
@@ -130,6 +124,19 @@ class RowPlan:
         return f"RowPlan({kind}, rows={self.rows}, tokens={self.tokens})"
 
     __repr__ = describe
+
+
+def cached_tensor(cache, *args) -> torch.Tensor:
+    """cache(*args), for an lru_cache'd function that makes a read-only tensor: made fresh
+    while tracing (a tensor made during CUDA-graph capture holds nothing until replay), and
+    made again if someone it was handed to wrote it in place."""
+    if tracing():
+        return cache.__wrapped__(*args)
+    tensor = cache(*args)
+    if tensor._version:
+        cache.cache_clear()
+        tensor = cache(*args)
+    return tensor
 
 
 _MADE = object()  # RowPlan._made_by of the plans made here
@@ -146,11 +153,20 @@ def _implicit_rows(tokens: int, row_len: int, device: torch.device) -> torch.Ten
         return torch.arange(tokens, device=device) // row_len
 
 
-@lru_cache(maxsize=256)
 def implicit_plan(rows: int, row_len: int) -> RowPlan:
     """x [R, L, d_in]: token n is in row n // L. (Cached: plans are immutable, and this runs
-    on every call.)"""
+    on every call; not while tracing: torch.export's symbolic sizes (SymInt) cannot be
+    hashed, and the cache raised "unhashable type: non-nested SymInt".)"""
+    if tracing():
+        return _make_implicit_plan(rows, row_len)
+    return _cached_implicit_plan(rows, row_len)
+
+
+def _make_implicit_plan(rows: int, row_len: int) -> RowPlan:
     return RowPlan(rows=rows, tokens=rows * row_len, row_len=row_len if rows * row_len else 0)
+
+
+_cached_implicit_plan = lru_cache(maxsize=256)(_make_implicit_plan)
 
 
 def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan:

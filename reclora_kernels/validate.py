@@ -103,14 +103,6 @@ def _check_adapter_range(t: torch.Tensor, upper: int) -> None:
                         f"lora_mix_linear: `adapter_idx` values must lie in [0, {upper})")
 
 
-def _implicit_plan(rows, row_len) -> RowPlan:
-    # Uncached while tracing: torch.export's symbolic sizes (SymInt) cannot be hashed, so the
-    # cache raised "unhashable type: non-nested SymInt" on any dynamic dimension.
-    if tracing():
-        return implicit_plan.__wrapped__(rows, row_len)
-    return implicit_plan(rows, row_len)
-
-
 def prepare(
     x,
     weight,
@@ -175,7 +167,7 @@ def prepare(
         if x.shape[0] != rows:
             _fail("adapter_w", f"[R={x.shape[0]}, k] (one row per x row)", _shape(adapter_w))
         tokens = rows * x.shape[1]
-        plan = _implicit_plan(rows, x.shape[1])
+        plan = implicit_plan(rows, x.shape[1])
     else:
         tokens = x.shape[0]
         if plan is not None:
@@ -195,7 +187,7 @@ def prepare(
             if rows != tokens:
                 _fail("adapter_w", f"[R={tokens}, k] (packed x without row_ids: one row per token)",
                       _shape(adapter_w))
-            plan = _implicit_plan(rows, 1)
+            plan = implicit_plan(rows, 1)
         else:
             _check_index("row_ids", row_ids, device)
             if row_ids.shape != (tokens,):
