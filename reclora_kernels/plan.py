@@ -128,9 +128,11 @@ class RowPlan:
 
 def cached_tensor(cache, *args) -> torch.Tensor:
     """cache(*args), for an lru_cache'd function that makes a read-only tensor: made fresh
-    while tracing (a tensor made during CUDA-graph capture holds nothing until replay), and
-    made again if someone it was handed to wrote it in place."""
-    if tracing():
+    while tracing (a tensor made during CUDA-graph capture holds nothing until replay) and
+    under a torch.func transform (one made there is the transform's wrapper: kept, it no
+    longer counted writes, so a later write went unseen), and made again if someone it was
+    handed to wrote it in place."""
+    if tracing() or torch._C._are_functorch_transforms_active():
         return cache.__wrapped__(*args)
     tensor = cache(*args)
     if tensor._version:

@@ -135,6 +135,21 @@ def test_cached_implicit_row_ids_are_rebuilt_after_a_write():
     assert plan.token_rows(torch.device("cpu")).tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_row_ids_made_under_a_func_transform_are_not_cached():
+    """The reference op under torch.func.grad made the cached implicit row ids inside the
+    transform: the cache kept the transform's wrapper, which did not count a later write (the
+    rebuild test above failed when it ran after such a call)."""
+    from reclora_kernels import plan as plans
+
+    cpu = torch.device("cpu")
+    plans._implicit_rows.cache_clear()  # else an entry made outside a transform is reused
+    plan = RowPlan(rows=2, tokens=6, row_len=3)
+    torch.func.grad(lambda s: (plan.token_rows(cpu).double() * s).sum())(
+        torch.tensor(1.0, dtype=torch.float64))
+    plan.token_rows(cpu).zero_()
+    assert plan.token_rows(cpu).tolist() == [0, 0, 0, 1, 1, 1]
+
+
 def test_cached_uniform_mixture_is_rebuilt_after_a_write():
     args = (2, M, torch.float32, torch.float32, torch.device("cpu"))
     uniform_mixture(*args).zero_()
