@@ -606,10 +606,6 @@ class Recommender:
             raise ServingError(f"{where[j]}: rating {ratings[j]:g} is not on the dataset's "
                                f"scale, {low:g} to {high:g}{grid}")
 
-    @property
-    def _new_users(self) -> list[str]:
-        return self._ids.new_users
-
     def _users(self, ids: np.ndarray, where: Sequence[str], ids_now: _Ids, *, register: bool
                ) -> tuple[np.ndarray, list[str], _Ids]:
         """Dataset user indices (new users after the dataset's; registered when `register`,

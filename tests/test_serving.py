@@ -220,7 +220,7 @@ def test_an_observe_during_a_score_never_lends_its_user_to_the_request(rec) -> N
     rec._users = then_observe
     raced = rec.score_table(ask)
     assert raced["history_len"][0] == 0 and raced["score"][0] == alone["score"][0]
-    assert rec._new_users == ["990001"]  # the observe itself took effect
+    assert rec._ids.new_users == ["990001"]  # the observe itself took effect
 
 
 def test_a_callers_autocast_does_not_change_serving(tiny_run, rec) -> None:
@@ -273,7 +273,7 @@ def test_a_padded_movielens_id_is_the_datasets_user_and_item(rec) -> None:
     other = next(str(v) for v in rec.ds.item_raw_id if str(v) != item)
     assert rec.observe([{"user_id": "0" + user, "item_id": "00" + other, "timestamp": t - 1,
                          "rating": 5}]) == 1
-    assert rec._new_users == []
+    assert rec._ids.new_users == []
     again = rec.score_table({"user_id": [user], "item_id": [item], "timestamp": [t]})
     assert again["history_len"][0] == table["history_len"][0] + 1
 
@@ -288,7 +288,7 @@ def test_an_id_movielens_cannot_hold_is_refused_naming_the_row(rec, column) -> N
             rec.score([row, dict(row, **{column: bad})])
         with pytest.raises(ServingError, match=rf"interactions row 0: {column} "):
             rec.observe([dict(row, **{column: bad})])
-    assert rec.n_observed == 0 and rec._new_users == []
+    assert rec.n_observed == 0 and rec._ids.new_users == []
     with pytest.raises(ServingError, match=r"rank: user_id 'u1' is not a whole number"):
         rec.rank("u1", [item])
 
@@ -305,7 +305,7 @@ def test_a_dataset_of_string_ids_takes_them_verbatim(rec) -> None:
     assert rec.is_cold("0" + user) and rec.is_cold("reader-7f3a")
     assert rec.observe([{"user_id": "reader-7f3a", "item_id": item, "timestamp": t,
                          "rating": 4}]) == 1
-    assert rec._new_users == ["reader-7f3a"]
+    assert rec._ids.new_users == ["reader-7f3a"]
     with pytest.raises(ServingError, match=rf"item_id '0{item}' is not an item"):
         rec.observe([{"user_id": user, "item_id": "0" + item, "timestamp": t, "rating": 4}])
 
@@ -357,7 +357,7 @@ def test_observe_refuses_a_rating_off_the_datasets_scale(rec, rating) -> None:
     with pytest.raises(ServingError, match=rf"interactions row 1: rating {shown} is not on "
                                            r"the dataset's scale, 1 to 5 in steps of 1"):
         rec.observe(rows)
-    assert rec.n_observed == 0 and rec._new_users == []  # nothing taken in
+    assert rec.n_observed == 0 and rec._ids.new_users == []  # nothing taken in
     assert rec.observe(rows[:1] + [dict(rows[1], rating=1)]) == 2
 
 
@@ -370,7 +370,7 @@ def test_a_missing_user_id_names_the_row(rec) -> None:
     with pytest.raises(ServingError, match=r"interactions row 1: user_id is missing"):
         rec.observe([{"user_id": "1", "item_id": item, "timestamp": 5, "rating": 5},
                      {"user_id": np.nan, "item_id": item, "timestamp": 6, "rating": 1}])
-    assert rec._new_users == [] and rec.n_observed == 0
+    assert rec._ids.new_users == [] and rec.n_observed == 0
     with pytest.raises(ServingError, match=r"rank: user_id is missing"):
         rec.rank(np.nan, [item])
 
