@@ -26,10 +26,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .checkpoint import _summarise, atomic_write_folder
-from .gates import autocast_off
 from .injection import names_by_module, personalize, reclora_layers
 from .layers import RecLoRALinear, uniform_mixture
-from .modes import eval_mode
+from .modes import autocast_off, eval_mode
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what an export writes
 

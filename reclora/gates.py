@@ -13,12 +13,13 @@ k adapters per row instead of mixing all M.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from .modes import autocast_on
 
 # Rows of user_reps larger than this are scaled to it before the LayerNorm: its variance
 # (a sum of squares over the row) stays far inside float32's 3.4e38.
@@ -45,20 +46,6 @@ class GateConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _autocast_on(device_type: str) -> bool:
-    # is_autocast_enabled raises for a device type without autocast (meta).
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
-
-
-def autocast_off(*device_types: str) -> contextlib.ExitStack:
-    """A context with autocast off on each of `device_types` where it is on."""
-    stack = contextlib.ExitStack()
-    for device_type in dict.fromkeys(device_types):
-        if _autocast_on(device_type):
-            stack.enter_context(torch.autocast(device_type, enabled=False))
-    return stack
 
 
 def check_temperature(temperature: float, name: str = "temperature") -> None:
@@ -179,7 +166,7 @@ class PersonalizedGate(nn.Module):
         # Outside autocast: routing is a discrete choice, and bf16 logits sent 13 of 2,048
         # rows to another top-2 set than the fp32 gate's own (and than export_peft's). The
         # division in float32 at least: fp16 logits past 65,504 x T became inf (NaN rows).
-        if _autocast_on(first.device.type):
+        if autocast_on(first.device.type):
             with torch.autocast(first.device.type, enabled=False):
                 logits = self.net(user_reps)
         else:  # no context to enter: 13 us a call on the CPU, more than the rest of the gate

@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from reclora.gates import autocast_off
 from reclora.layers import RecLoRALinear
-from reclora.modes import eval_mode
+from reclora.modes import autocast_off, eval_mode
 
 __all__ = [
     "DEFAULT_MODEL",

@@ -1,4 +1,5 @@
-"""Eval mode for the length of a block, with every module's own mode put back afterwards.
+"""Modes for the length of a block: eval mode, with every module's own mode put back
+afterwards, and autocast off.
 
 `module.train(was_training)` sets every submodule to the root's flag: an `LLMCTR` (an
 nn.Module, in train mode when made) around an eval-mode LLM left the LLM and its gates in
@@ -12,6 +13,7 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 _LOCK = threading.Lock()
@@ -40,3 +42,19 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
             else:
                 for m, mode in saved:
                     m.training = mode
+
+
+def autocast_on(device_type: str) -> bool:
+    # is_autocast_enabled raises for a device type without autocast (meta).
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(*device_types: str) -> contextlib.ExitStack:
+    """A context with autocast off on each of `device_types` where it is on (a caller's
+    autocast must not reach what the run computes in its own precision: the gates' routing,
+    export's merge, serving's retrieval and h_u)."""
+    stack = contextlib.ExitStack()
+    for device_type in dict.fromkeys(device_types):
+        if autocast_on(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack

@@ -251,7 +251,7 @@ def _outside_autocast(method: Callable) -> Callable:
     3 of 24 prompts) and h_u moved by 0.22 after standardisation."""
     @functools.wraps(method)
     def outside(*args, **kwargs):
-        from reclora.gates import autocast_off  # torch: not at import (the CLI stays light)
+        from reclora.modes import autocast_off  # torch: not at import (the CLI stays light)
 
         with autocast_off("cpu", "cuda"):
             return method(*args, **kwargs)
