@@ -825,8 +825,18 @@ class Run:
         # other ranks wait for it without the default group's timeout, which a CRM on ML-25M
         # outlasts (few2many.wait_for_main: a barrier on a gloo group with a 7-day timeout).
         wait_for_main()
-        self.crms[name], _ = load_crm(ckpt)
         result = json.loads(self.stage_path(stage).read_text(encoding="utf-8"))
+        # Read once, hashed and loaded from these bytes: the sha256 later stages are
+        # fingerprinted with is the one of the model they use.
+        try:
+            data = ckpt.read_bytes()
+        except OSError as e:
+            raise CLIError(f"{ckpt}: cannot be read ({e.strerror})") from None
+        if hashlib.sha256(data).hexdigest() != result["checkpoint_sha256"]:
+            raise CLIError(f"{ckpt}: changed after its stage file "
+                                f"{self.stage_path(stage)} was written (sha256 differs): "
+                                "another process writes into this run folder")
+        self.crms[name], _ = load_crm(ckpt, data=data)
         self.crm_sha[name] = result["checkpoint_sha256"]
         return result
 

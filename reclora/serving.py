@@ -524,12 +524,15 @@ class Recommender:
                 raise RunFolderError(f"{weights}: missing (the model's adapters)")
             from reclora.checkpoint import load_adapters
 
+            # Hashed before and after the load (safetensors reads the file itself): a file
+            # replaced while it loads changes one of the two digests.
+            before = pl._file_sha256(weights)
             try:
                 load_adapters(self.ctr.model, weights)
             except Exception as e:  # safetensors raises its own errors on a corrupt file
                 raise RunFolderError(f"{weights}: cannot be loaded ({type(e).__name__}: "
                                      f"{' '.join(str(e).split())[:300]})") from None
-            if pl._file_sha256(weights) != stage.get("adapters_sha256"):
+            if not before == pl._file_sha256(weights) == stage.get("adapters_sha256"):
                 raise RunFolderError(f"{weights}: not the adapters {stage_file} was made with "
                                      "(sha256 differs; a run cut off inside the stage "
                                      "rewrites them): `reclora run --resume` redoes it")

@@ -302,6 +302,28 @@ def test_resume_redoes_trained_stages_under_another_world_size(quick_run,
         assert run.done(name, run.fingerprint(name)) is None, name
 
 
+def test_a_crm_checkpoint_changed_after_its_check_is_refused(quick_run, tiny_model_dir,
+                                                              tmp_path, monkeypatch) -> None:
+    """The gate CRM is hashed and loaded from one read: a checkpoint another process
+    rewrites after the stage's check is refused, not loaded under the recorded sha256 that
+    every later stage is fingerprinted with."""
+    import shutil
+
+    import reclora.pipeline as pipeline
+    from reclora.cli import CLIError
+
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[0], out)
+    ckpt = out / "crm" / "din.pt"
+    other = ckpt.read_bytes()
+    other = other[:-1] + bytes([other[-1] ^ 1])  # another file that still loads
+    monkeypatch.setattr(pipeline, "wait_for_main", lambda: ckpt.write_bytes(other))
+    run = Run(config_from_args(_argv(out, tiny_model_dir) + ["--resume"]))
+    run.load_data()
+    with pytest.raises(CLIError, match="changed after its stage file"):
+        run.crm_stage("din")
+
+
 def test_fractional_n_and_seeds(tiny_model_dir, tmp_path) -> None:
     """--n 0.0002 of ML-100K's 75,031 training samples is 15 samples for every LLM model
     (applied once). --seeds 2 (one run for both checks, to keep the suite short): every

@@ -447,6 +447,29 @@ def test_a_bad_run_folder_names_the_file(tiny_run, tmp_path, rel, data, match) -
     assert rel.split("/")[-1] in str(err.value)
 
 
+def test_adapters_replaced_while_they_load_are_refused(tiny_run, tmp_path,
+                                                       monkeypatch) -> None:
+    """Other adapters loaded, the recorded ones put back before the digest is taken: a
+    digest taken after the load alone would accept the model it did not load."""
+    import reclora.checkpoint as checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    path = out / "reclora" / "best.safetensors"
+    recorded = path.read_bytes()
+    path.write_bytes(_other_adapters(path))
+    real_load = checkpoint.load_adapters
+
+    def load_then_restore(model, file, **kwargs):
+        layers = real_load(model, file, **kwargs)
+        path.write_bytes(recorded)
+        return layers
+
+    monkeypatch.setattr(checkpoint, "load_adapters", load_then_restore)
+    with pytest.raises(RunFolderError, match="not the adapters"):
+        Recommender.load(out)
+
+
 # ------------------------------------------------------------------------------ CLI
 def test_cli_score_and_rank(tiny_run, tmp_path, capsys) -> None:
     from reclora.cli import main
