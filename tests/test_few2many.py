@@ -161,6 +161,28 @@ def test_the_best_step_on_valid_is_kept_not_the_last(monkeypatch) -> None:
     assert any(not torch.equal(p, snapshots[-1][n]) for n, p in final.items())
 
 
+def test_each_steps_logged_lr_is_the_rate_it_trained_with(monkeypatch) -> None:
+    """The lr of a history row is the one its optimizer step used (it was read after the
+    scheduler had moved on: the first warm-up step showed the peak, the last step 0)."""
+    used = []
+
+    class Spy(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            used.append(self.param_groups[0]["lr"])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=12, num_adapters=2, rank=2, gate_dim=16, lr=1.0, batch_size=2,
+                       grad_accum=2, epochs=2, warmup_ratio=0.2, eval_points=1, amp="off",
+                       progress=False)
+    inject_adapters(ctr, cfg)
+    res = train_stage2(ctr, make_data(ctr, 12, 0), make_data(ctr, 8, 1), cfg)
+    assert res.steps == 6 and len(used) == 6
+    assert [h["lr"] for h in res.history] == used
+    assert used[0] == 0.5 and used[-1] > 0  # warm-up (k+1)/(warm+1); the last step trains
+
+
 # ----------------------------------------------------------------------------- DDP
 DDP_CFG = {"n_train": 64, "num_adapters": 4, "rank": 4, "gate_dim": 16, "gate_dropout": 0.0,
            "lr": 1e-2, "eval_points": 2, "amp": "off", "progress": False}
