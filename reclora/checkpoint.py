@@ -255,13 +255,14 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return meta
 
 
-def _check_layer_config(name: str, layer: RecLoRALinear, saved: dict) -> None:
+def _check_layer_config(path: str | os.PathLike, name: str, layer: RecLoRALinear,
+                        saved: dict) -> None:
     current = layer.adapter_config()
     diffs = [f"{k}: model {current.get(k)!r} vs file {saved.get(k)!r}"
              for k in sorted(set(current) | set(saved)) if current.get(k) != saved.get(k)]
     if diffs:
-        raise ValueError(f"load_adapters: layer {name!r} is configured differently from the "
-                         "file: " + "; ".join(diffs))
+        raise ValueError(f"load_adapters: {path}: layer {name!r} is configured differently "
+                         "from the file: " + "; ".join(diffs))
 
 
 def _summarise(keys: list[str], limit: int = 8) -> str:
@@ -382,7 +383,7 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
                     raise ValueError(f"load_adapters: {path}: cannot wrap module {name!r}: "
                                      f"{type(err).__name__}: {err}") from None
                 new_layers[name] = (module, names)
-            _check_layer_config(name, module, config)
+            _check_layer_config(path, name, module, config)
         layers.update({name: module for name, (module, _) in new_layers.items()})
 
         expected = _layers_state(layers)

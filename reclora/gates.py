@@ -6,9 +6,9 @@ The gate of RecLoRA (arXiv 2408.03533; RECLORA.md section 1), one per adapted pr
     -> divide by the temperature -> softmax over the M adapters [-> sqrt]
 
 Soft routing returns dense weights [R, M] (adapter index None: slot j is adapter j). Hard
-top-k routing keeps each row's k largest logits, softmaxes over those k alone (the others get
-weight exactly 0) and returns the weights with their adapter indices [R, k], so the op gathers
-k adapters per row instead of mixing all M.
+top-k routing keeps each row's k largest logits (k >= 2; equal logits: the lower adapter index
+first), softmaxes over those k alone (the others get weight exactly 0) and returns the weights
+with their adapter indices [R, k], so the op gathers k adapters per row instead of mixing all M.
 """
 
 from __future__ import annotations
@@ -66,7 +66,12 @@ class PersonalizedGate(nn.Module):
         dropout: dropout after the ReLU (0.1 in the reference code).
         temperature: logits are divided by it before the softmax (paper: 5 on ML-1M, 5-15 on
             ML-25M, 1 on GoodReads); larger is flatter; within TEMPERATURE_RANGE.
-        top_k: None for soft routing over all M adapters; an int k in [1, M] for hard top-k.
+        top_k: None for soft routing over all M adapters; an int k in [2, M] for hard top-k.
+            Each row keeps its k largest logits; among equal logits the lower adapter index
+            is kept first (a stable sort: the same choice on every device, where torch.topk
+            leaves tied order unspecified; a constant h_u ties every logit at init). k = 1 is
+            refused: the softmax over one kept logit is 1, so the gate would get no gradient.
+            The gate learns only from the kept logits' differences to each other.
         sqrt: take the square root of the softmax weights (an option of the reference code:
             in factor mode each weight multiplies both A and B, so sqrt keeps the product of
             the two mixing weights equal to the softmax probability for a one-hot mixture).
@@ -102,11 +107,18 @@ class PersonalizedGate(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"PersonalizedGate: `dropout` must lie in [0, 1), got {dropout!r}")
         check_temperature(temperature, "PersonalizedGate: `temperature`")
+        if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k == 1:
+            # The weights are a softmax over the kept logits: over one logit it is 1 whatever
+            # the gate computes, so no gradient reaches the gate (it routes by its random init).
+            raise ValueError("PersonalizedGate: `top_k` = 1 is refused: a gate with one kept "
+                             "adapter has no gradient (the softmax over one kept logit is "
+                             "always 1), so it never learns; use top_k >= 2, or None to mix "
+                             "all adapters")
         if top_k is not None and (
-            not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= num_adapters
+            not isinstance(top_k, int) or isinstance(top_k, bool) or not 2 <= top_k <= num_adapters
         ):
             raise ValueError(
-                f"PersonalizedGate: `top_k` must be None or an int in [1, num_adapters="
+                f"PersonalizedGate: `top_k` must be None or an int in [2, num_adapters="
                 f"{num_adapters}], got {top_k!r}"
             )
         self.config = GateConfig(in_features, num_adapters, hidden, float(dropout),
@@ -182,7 +194,11 @@ class PersonalizedGate(nn.Module):
             kept, idx = logits, None
         else:
             # Softmax over the k kept logits == softmax over all M with the rest at -inf.
-            kept, idx = torch.topk(logits, self.config.top_k, dim=-1)
+            # A stable descending sort, not torch.topk (whose order among equal logits is
+            # unspecified and may differ between CPU and GPU): ties keep the lower index.
+            # Costs ~25 us a call at R = 64, M = 16 on one CPU thread (gate 123 -> 148 us).
+            ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+            kept, idx = ordered[:, : self.config.top_k], order[:, : self.config.top_k]
         if self.config.sqrt:
             # sqrt(softmax) as exp(log_softmax / 2): the same values, but a weight that
             # underflows to 0 gave sqrt's backward inf there, and the softmax's 0 * inf = NaN

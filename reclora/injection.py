@@ -121,6 +121,9 @@ def inject(
         Gated layers are refused inside a multimodal model's vision / audio tower (and MoE
         shared experts): personalize's rows are the prompts, theirs are images or tokens.
         Without gates such layers are accepted; give them a one-row mixture (or none).
+    top_k: None (each gate mixes all M adapters) or k in [2, num_adapters]: each gate keeps
+        its k largest logits, ties to the lower adapter index (1 is refused: such a gate gets
+        no gradient; see PersonalizedGate).
     adapter_dtype: dtype of banks and gates (default float32 under a half-precision base).
     Returns the new layers by module name (what save_adapters / export_peft walk too).
     """

@@ -129,8 +129,10 @@ def test_files_that_do_not_fit(tmp_path):
     # A model injected differently from the file.
     other = build("llama")
     reclora.inject(other, num_adapters=4, rank=2, alpha=4, gate_dim=GATE_DIM, temperature=3.0)
-    with pytest.raises(ValueError, match=r"configured differently.*alpha: model 4.0 vs file 8.0"):
+    with pytest.raises(ValueError, match=r"configured differently.*alpha: model 4.0 vs file 8.0"
+                       ) as err:
         reclora.load_adapters(other, path)
+    assert str(path) in str(err.value)  # the file is named
     # A file naming a module the model lacks, and a file that is not ours.
     with pytest.raises(ValueError, match="which `model` lacks"):
         reclora.load_adapters(build("llama", layers=1), path)

@@ -34,7 +34,7 @@ def tiny(alpha: float = 8.0, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     layers = reclora.inject(model, ["0", "2"], num_adapters=4, rank=2, alpha=alpha,
-                            gate_dim=GATE_DIM, top_k=1, temperature=1.0)
+                            gate_dim=GATE_DIM, top_k=2, temperature=1.0)
     with torch.no_grad():
         for layer in layers.values():
             layer.lora_b.normal_()
