@@ -8,6 +8,8 @@ Each returns ``RawData`` (splits.py applies the protocol). Formats:
   header ("user_id:token"), UTF-8.
 - ML-100K, GroupLens: ``u.data`` (tab), ``u.item`` and ``u.user`` ("|", latin-1).
 - ML-1M: ``ratings.dat``, ``users.dat``, ``movies.dat`` with "::" separators, latin-1.
+  These GroupLens files are also read as UTF-8 where a copy was re-saved so
+  (_grouplens_text).
 - ML-25M (and ML-20M): ``ratings.csv`` (userId,movieId,rating,timestamp) and
   ``movies.csv`` (movieId,title,genres with "|"), UTF-8, quoted titles.
 """
@@ -135,6 +137,19 @@ def _fields(line_no: int, line: str, sep: str, n: int, what: str) -> list[str]:
     return f
 
 
+def _grouplens_text(path: Path) -> str:
+    """The text of a GroupLens ML-100K or ML-1M file: UTF-8 if it decodes so, else latin-1.
+
+    The originals are latin-1, but some mirrors and re-exports hold UTF-8 copies, which
+    latin-1 (it decodes any bytes) garbled without a word ("MisÃ©rables"). Latin-1 accented
+    text is almost never valid UTF-8 (an "é" byte would need two continuation bytes after
+    it), so the originals still read as latin-1."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return path.read_text(encoding="latin-1")
+
+
 def _split_title_year(title: str) -> tuple[str, int | None]:
     m = _YEAR.search(title)
     return title, (int(m.group(1)) if m else None)
@@ -157,10 +172,10 @@ def read_ml100k(folder: Path) -> RawData:
     if (folder / "ml-100k.inter").is_file():
         return _read_ml100k_recbole(folder)
     _need(folder, ("u.data", "u.item", "u.user"), "ml-100k")
-    arr = _numeric_table((folder / "u.data").read_text(), 4, str(folder / "u.data"))
+    arr = _numeric_table(_grouplens_text(folder / "u.data"), 4, str(folder / "u.data"))
     check_interactions(arr, str(folder / "u.data"))
     rows = []
-    for no, ln in enumerate((folder / "u.item").read_text(encoding="latin-1").splitlines(), 1):
+    for no, ln in enumerate(_grouplens_text(folder / "u.item").splitlines(), 1):
         if not ln.strip():
             continue
         f = _fields(no, ln, "|", 5 + len(ML100K_GENRES), str(folder / "u.item"))
@@ -170,7 +185,7 @@ def read_ml100k(folder: Path) -> RawData:
         rows.append((no, f[0], {"title": title, "genres": genres, "year": year}))
     items = _id_table(rows, str(folder / "u.item"))
     rows = []
-    for no, ln in enumerate((folder / "u.user").read_text(encoding="latin-1").splitlines(), 1):
+    for no, ln in enumerate(_grouplens_text(folder / "u.user").splitlines(), 1):
         if ln.strip():
             f = _fields(no, ln, "|", 5, str(folder / "u.user"))
             rows.append((no, f[0], _ml100k_user(f[1], f[2], f[3], f[4])))
@@ -250,15 +265,15 @@ def _ml_raw(source: str, arr: np.ndarray, items: dict, users: dict | None,
 
 
 def read_ml1m(folder: Path) -> RawData:
-    """ML-1M: "::"-separated, latin-1 (titles such as "Misérables, Les (1995)")."""
+    """ML-1M: "::"-separated, latin-1 (titles such as "Misérables, Les (1995)") or a UTF-8
+    copy."""
     folder = Path(folder)
     _need(folder, ("ratings.dat", "movies.dat"), "ml-1m")
-    text = (folder / "ratings.dat").read_text(encoding="latin-1").replace("::", "\t")
+    text = _grouplens_text(folder / "ratings.dat").replace("::", "\t")
     arr = _numeric_table(text, 4, str(folder / "ratings.dat"))
     check_interactions(arr, str(folder / "ratings.dat"))
     rows = []
-    for no, ln in enumerate((folder / "movies.dat").read_text(encoding="latin-1").splitlines(),
-                            1):
+    for no, ln in enumerate(_grouplens_text(folder / "movies.dat").splitlines(), 1):
         if not ln.strip():
             continue
         f = _fields(no, ln, "::", 3, str(folder / "movies.dat"))
@@ -269,7 +284,7 @@ def read_ml1m(folder: Path) -> RawData:
     users = None
     if (folder / "users.dat").is_file():
         rows = []
-        text = (folder / "users.dat").read_text(encoding="latin-1")
+        text = _grouplens_text(folder / "users.dat")
         for no, ln in enumerate(text.splitlines(), 1):
             if ln.strip():
                 f = _fields(no, ln, "::", 5, str(folder / "users.dat"))
