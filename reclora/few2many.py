@@ -196,13 +196,15 @@ class Stage2Result:
 
 
 # -------------------------------------------------------------------------- utils
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to `path` through a temporary file and os.replace (never half-written)."""
+def atomic_write_json(path: str | os.PathLike, obj: Any, *, allow_nan: bool = True) -> None:
+    """Write JSON to `path` through a temporary file and os.replace (never half-written).
+    allow_nan=False: a NaN or inf raises ValueError instead of writing the bare `NaN` that
+    strict JSON readers refuse (a report; a stage file may keep a diverged step's NaN loss)."""
     from reclora.checkpoint import atomic_write
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
+            json.dump(obj, f, indent=2, default=_json_default, allow_nan=allow_nan)
             f.write("\n")
             f.flush()
 

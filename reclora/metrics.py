@@ -12,6 +12,8 @@ CRMs, the LLM and the report share one definition of every number.
                                         for both models (so shared noise cancels)
     Both take groups= (e.g. each sample's user id): then whole groups are resampled, as a
     test set of many samples from few users needs (its samples are not independent).
+    Both give the percentile interval of the resampled AUCs (their order statistics, see
+    _percentile_interval), which need not contain the point estimate.
     rank_correlation(a, b)              Spearman's rho (Pearson on average ranks): how far
                                         two models order the same samples alike
 """
@@ -69,8 +71,9 @@ def _tie_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.cumsum(new_group) - 1
 
 
-def _weighted_auc(pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:
-    """AUC from per-tie-group positive and negative weights, groups in ascending score.
+def _weighted_pairs(pos_w: np.ndarray, neg_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted (positive, negative) pair counts from per-tie-group positive and negative
+    weights, groups in ascending score: (wins, total), each [...].
 
     pos_w, neg_w: [..., G]. A positive beats every negative in a lower group and ties
     with the negatives in its own group (worth one half), which is the Mann-Whitney U.
@@ -78,8 +81,18 @@ def _weighted_auc(pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:
     neg_below = np.cumsum(neg_w, axis=-1) - neg_w
     wins = (pos_w * (neg_below + 0.5 * neg_w)).sum(axis=-1)
     total = pos_w.sum(axis=-1) * neg_w.sum(axis=-1)
+    return wins, total
+
+
+def _pair_ratio(wins: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """wins / total, NaN where there is no (positive, negative) pair (AUC undefined)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(total > 0, wins / np.where(total > 0, total, 1), np.nan)
+
+
+def _weighted_auc(pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:
+    """AUC from per-tie-group positive and negative weights (see _weighted_pairs)."""
+    return _pair_ratio(*_weighted_pairs(pos_w, neg_w))
 
 
 def auc(labels: np.ndarray | list, scores: np.ndarray | list) -> float:
@@ -179,8 +192,14 @@ class AUCInterval:
 class AUCDifference:
     """AUC(a) - AUC(b) on the same samples with a paired bootstrap interval.
 
-    `significant` is True when the interval excludes 0; `p_value` is the two-sided
-    bootstrap p-value (twice the smaller tail of the resampled differences around 0).
+    `significant` ("beyond noise" in the report) is True when the interval excludes 0.
+    `p_value` is the two-sided bootstrap p-value with the add-one correction (Davison &
+    Hinkley 1997, Bootstrap Methods and their Application):
+    min(1, 2 * (min(#d <= 0, #d >= 0) + 1) / (R + 1)) over the R usable resampled
+    differences d. It is never below 2 / (R + 1) (0.002 for R = 1000): a finite number of
+    resamples cannot show a p of 0. With the interval's ends taken as order statistics
+    (_percentile_interval), `significant` holds exactly when p_value <= 1 - level
+    (p <= 0.05 for a 95% interval, not p < 0.05).
     """
 
     diff: float
@@ -199,10 +218,40 @@ class AUCDifference:
 
 
 def _check_bootstrap_args(n_resamples: int, level: float) -> None:
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
+    if _tail_rank(n_resamples, level) < 1:
+        raise ValueError(f"n_resamples must be at least {_min_resamples(level)} for a "
+                         f"{level * 100:g}% interval, got {n_resamples}")
+
+
+def _tail_rank(n_resamples: int, level: float) -> int:
+    """m = floor((R + 1) * (1 - level) / 2): the interval's ends are the m-th smallest and
+    the m-th largest of R resamples (0: R is too small to give that interval)."""
+    alpha = (1.0 - level) / 2.0
+    # Rounded first so that float error cannot drop m by one: (999 + 1) * 0.025 = 25.
+    return int(np.floor(round((n_resamples + 1) * alpha, 9)))
+
+
+def _min_resamples(level: float) -> int:
+    """The fewest resamples with _tail_rank >= 1 (39 for a 95% interval)."""
+    return int(np.ceil(round(2.0 / (1.0 - level), 9))) - 1
+
+
+def _percentile_interval(boot: np.ndarray, level: float) -> tuple[float, float]:
+    """The m-th smallest and m-th largest of the R usable resampled values, m = _tail_rank.
+
+    Order statistics rather than np.quantile's interpolation (as Davison & Hinkley 1997
+    take them): an end is then a resampled value, and for a paired difference the
+    interval excludes 0 exactly when the add-one p-value is <= 1 - level. Interpolating
+    between the values around 0 had called a difference with p = 0.050 beyond noise."""
+    m = _tail_rank(boot.size, level)
+    if m < 1:
+        raise ValueError(f"bootstrap: only {boot.size} resamples held both classes (the others "
+                         f"a single class, AUC undefined); a {level * 100:g}% interval needs "
+                         f"{_min_resamples(level)}: too few samples, or raise n_resamples")
+    s = np.sort(boot)
+    return float(s[m - 1]), float(s[boot.size - m])
 
 
 def _cluster_ids(groups: np.ndarray | list | None, n: int) -> np.ndarray | None:
@@ -224,6 +273,26 @@ def _cluster_ids(groups: np.ndarray | list | None, n: int) -> np.ndarray | None:
     return ids
 
 
+def _within_cluster_wins(
+    y: np.ndarray, s: np.ndarray, clusters: np.ndarray, n_clusters: int,
+) -> np.ndarray:
+    """Per cluster, its own (positive, negative) pairs that the positive wins, ties one
+    half (the Mann-Whitney U inside each cluster): [n_clusters]."""
+    order = np.lexsort((s, clusters))  # by cluster, then by score
+    cl, sc, ys = clusters[order], s[order], y[order]
+    new = np.r_[True, (cl[1:] != cl[:-1]) | (sc[1:] != sc[:-1])]
+    group = np.cumsum(new) - 1  # tie groups within each cluster
+    group_cluster = cl[new]
+    pos = np.bincount(group, weights=ys)
+    neg = np.bincount(group, weights=1 - ys)
+    # Negatives below a group within its cluster: the running count minus the clusters before.
+    neg_per_cluster = np.bincount(group_cluster, weights=neg, minlength=n_clusters)
+    neg_before_cluster = np.cumsum(neg_per_cluster) - neg_per_cluster
+    neg_below = np.cumsum(neg) - neg - neg_before_cluster[group_cluster]
+    return np.bincount(group_cluster, weights=pos * (neg_below + 0.5 * neg),
+                       minlength=n_clusters)
+
+
 def _resampled_aucs(
     y: np.ndarray, score_sets: list[np.ndarray], n_resamples: int, seed: int | None,
     clusters: np.ndarray | None = None,
@@ -234,6 +303,18 @@ def _resampled_aucs(
     bringing all its samples) with replacement; a sample drawn c times weighs c.
     Per score set the tie groups are computed once; a resample only changes the
     weights, so its AUC is one weighted bincount and a cumsum (no re-sorting).
+
+    A cluster drawn c times brings its own (positive, negative) pairs c times, once per
+    copy, not c^2 times: pooling the copies would also pair copy i's positives with copy
+    j's negatives, the same within-user pairs again. Pairs across two clusters u, v count
+    c_u * c_v. Since E[c^2] = 2 - 1/G but E[c_u * c_v] = 1 - 1/G, the pooled copies gave
+    within-user pairs about twice their share of the data, which moved every resampled AUC
+    toward the within-user AUC: the intervals sat off the point estimate (by about 2x the
+    observed difference for two models that differ only within users) and could exclude
+    it. Counted per copy, the resampled AUCs are centred on the point estimate (up to
+    order 1/G: cross-cluster pairs still weigh 1 - 1/G on average). Both bootstrap_auc and
+    paired_bootstrap_auc go through here; a cluster of one sample has no pair of its own,
+    so the per-sample bootstrap is unchanged.
     """
     n = y.size
     units = n if clusters is None else (int(clusters.max()) + 1 if n else 0)
@@ -241,7 +322,11 @@ def _resampled_aucs(
     prepared = []
     for s in score_sets:
         order, group = _tie_groups(s)
-        prepared.append((order, group, int(group[-1]) + 1, y[order]))
+        own_wins = None if clusters is None else _within_cluster_wins(y, s, clusters, units)
+        prepared.append((order, group, int(group[-1]) + 1, y[order], own_wins))
+    if clusters is not None:  # each cluster's own (positive, negative) pairs
+        own_pairs = (np.bincount(clusters, weights=y, minlength=units)
+                     * np.bincount(clusters, weights=1 - y, minlength=units))
     out = np.empty((len(score_sets), n_resamples))
     for start in range(0, n_resamples, _BOOTSTRAP_CHUNK):
         r = min(_BOOTSTRAP_CHUNK, n_resamples - start)
@@ -250,16 +335,21 @@ def _resampled_aucs(
                              minlength=r * units)
         counts = counts.reshape(r, units).astype(np.float64)
         if clusters is not None:
+            # Ordered pairs of two different copies of a cluster: c^2 - c per cluster.
+            copy_pairs = counts * (counts - 1.0)
             counts = counts[:, clusters]  # a sample weighs what its cluster drew
-        for k, (order, group, n_groups, ys) in enumerate(prepared):
+        for k, (order, group, n_groups, ys, own_wins) in enumerate(prepared):
             c = counts[:, order]
             # Row-offset the group ids so one bincount aggregates all r resamples.
             flat = (group[None, :] + np.arange(r)[:, None] * n_groups).ravel()
             pos_w = np.bincount(flat, weights=(c * ys).ravel(), minlength=r * n_groups)
             neg_w = np.bincount(flat, weights=(c * (1 - ys)).ravel(), minlength=r * n_groups)
-            out[k, start : start + r] = _weighted_auc(
-                pos_w.reshape(r, n_groups), neg_w.reshape(r, n_groups)
-            )
+            wins, total = _weighted_pairs(pos_w.reshape(r, n_groups),
+                                          neg_w.reshape(r, n_groups))
+            if own_wins is not None:  # a cluster's own pairs once per copy (docstring)
+                wins = wins - copy_pairs @ own_wins
+                total = total - copy_pairs @ own_pairs
+            out[k, start : start + r] = _pair_ratio(wins, total)
     return out
 
 
@@ -280,6 +370,11 @@ def bootstrap_auc(
     Few groups give few distinct resamples: G groups have C(2G - 1, G) of them (3 for two
     groups, 126 for five, 92,378 for ten), so an interval over fewer than about 10-20 groups
     is coarse and unreliable. One group is refused (ValueError).
+
+    The interval is the percentile interval of _percentile_interval (the same rule as
+    paired_bootstrap_auc); it need not contain the point AUC (a skewed resampling
+    distribution puts both ends on one side of it). At least _min_resamples(level) usable
+    resamples are needed (39 for 95%); fewer is a ValueError.
     """
     _check_bootstrap_args(n_resamples, level)
     y = _as_labels(labels)
@@ -287,16 +382,8 @@ def bootstrap_auc(
     point = auc(y, s)
     boot = _resampled_aucs(y, [s], n_resamples, seed, _cluster_ids(groups, y.size))[0]
     boot = boot[np.isfinite(boot)]
-    _check_usable(boot.size)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(boot, [alpha, 1.0 - alpha])
-    return AUCInterval(point, float(low), float(high), level, int(boot.size))
-
-
-def _check_usable(resamples: int) -> None:
-    if resamples == 0:
-        raise ValueError("bootstrap: every resample held a single class (AUC undefined): "
-                         "too few samples, or raise n_resamples")
+    low, high = _percentile_interval(boot, level)
+    return AUCInterval(point, low, high, level, int(boot.size))
 
 
 def paired_bootstrap_auc(
@@ -315,6 +402,7 @@ def paired_bootstrap_auc(
     cancels and the interval is much tighter than comparing two separate intervals.
     With `groups`, few groups give few distinct resamples (see bootstrap_auc): the interval
     and p-value over fewer than about 10-20 groups are unreliable; one group is refused.
+    See AUCDifference for the p-value and for how it agrees with the interval.
     """
     _check_bootstrap_args(n_resamples, level)
     y = _as_labels(labels)
@@ -324,9 +412,8 @@ def paired_bootstrap_auc(
     boot = _resampled_aucs(y, [a, b], n_resamples, seed, _cluster_ids(groups, y.size))
     diffs = boot[0] - boot[1]
     diffs = diffs[np.isfinite(diffs)]
-    _check_usable(diffs.size)
-    alpha = (1.0 - level) / 2.0
-    low, high = np.quantile(diffs, [alpha, 1.0 - alpha])
-    tail = min(np.mean(diffs <= 0.0), np.mean(diffs >= 0.0))
+    low, high = _percentile_interval(diffs, level)
+    # Add-one (see AUCDifference): the observed data counts as one more resample.
+    tail = (min(np.sum(diffs <= 0.0), np.sum(diffs >= 0.0)) + 1) / (diffs.size + 1)
     p_value = float(min(1.0, 2.0 * tail))
-    return AUCDifference(point, float(low), float(high), level, p_value, int(diffs.size))
+    return AUCDifference(point, low, high, level, p_value, int(diffs.size))

@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -984,8 +985,11 @@ def _restore(model: torch.nn.Module, originals: dict[str, torch.nn.Module]) -> N
 # ------------------------------------------------------------------------ report
 def report(run: Run, results: dict[str, dict],
            extra_seeds: dict[str, list[dict]] | None = None) -> dict:
-    """results.json, results.md and results.png from the stage results (extra_seeds: the
-    results of each LLM model's further training seeds)."""
+    """predictions.csv, results.json, results.md and results.png from the stage results
+    (extra_seeds: the results of each LLM model's further training seeds).
+
+    The data files come first and the figure last: a figure that cannot be drawn is a
+    one-line warning (and no results.png), never a lost report."""
     c = run.cfg
     y = run.ds.label[run.test]
     users = run.ds.user[run.test]  # the bootstrap resamples users, not samples
@@ -1030,8 +1034,8 @@ def report(run: Run, results: dict[str, dict],
     rank_corr = {}
     if GATE_CRM in results:
         gate_probs = np.asarray(results[GATE_CRM]["probs"], dtype=np.float64)
-        rank_corr = {name: metrics.rank_correlation(gate_probs, np.asarray(
-            r["probs"], dtype=np.float64)) for name, r in results.items() if name != GATE_CRM}
+        rank_corr = {name: _none_if_undefined(metrics.rank_correlation(gate_probs, np.asarray(
+            r["probs"], dtype=np.float64))) for name, r in results.items() if name != GATE_CRM}
     wall = time.perf_counter() - run.t0
     out = {"models": models, "comparisons": comparisons,
            "rank_corr_with_gate_crm": {"crm": GATE_CRM, "spearman": rank_corr},
@@ -1040,13 +1044,25 @@ def report(run: Run, results: dict[str, dict],
            "device": str(run.device), "world_size": run.world, "wall_s": wall,
            "timings": run.timings, "dataset": run.ds.stats()}
     if run.main:
-        atomic_write_json(run.out / "results.json", out)
+        write_predictions(run, results)
+        atomic_write_json(run.out / "results.json", out, allow_nan=False)
         text = markdown(out)
         atomic_write(run.out / "results.md",
                      lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        plot(models, run.out / "results.png")
-        write_predictions(run, results)
+        try:
+            plot(models, run.out / "results.png")
+        except Exception as e:  # matplotlib's errors have no common type; the data is saved
+            # A figure of an earlier report must not stand beside these numbers.
+            (run.out / "results.png").unlink(missing_ok=True)
+            run.warn(f"results.png not drawn ({type(e).__name__}: {e}); results.json, "
+                     "results.md and predictions.csv are written")
     return out
+
+
+def _none_if_undefined(value: float) -> float | None:
+    """None (JSON null) for a NaN or infinite statistic, such as the Spearman correlation
+    of a constant model: json.dump would write a bare NaN, which is not JSON."""
+    return value if np.isfinite(value) else None
 
 
 PREDICTION_COLUMNS = ("user_id", "item_id", "timestamp", "label")
@@ -1110,16 +1126,31 @@ def markdown(res: dict) -> str:
     corr = res.get("rank_corr_with_gate_crm", {})
     if corr.get("spearman"):
         lines += ["", f"Spearman rank correlation of each model's test scores with "
-                  f"{corr['crm']}'s (the CRM behind RecLoRA's gates): " + ", ".join(
-                      f"{n} {v:.3f}" for n, v in corr["spearman"].items()) + "."]
+                  f"{corr['crm']}'s (the CRM behind RecLoRA's gates; n/a: constant scores): "
+                  + ", ".join(f"{n} {'n/a' if v is None else f'{v:.3f}'}"
+                              for n, v in corr["spearman"].items()) + "."]
     if res["comparisons"]:
         lines += ["", "Paired bootstrap, RecLoRA minus each model (AUC, 95% interval"
                   + (" over users" if users else "") + "):", "",
                   "| comparison | ΔAUC | 95% CI | p | beyond noise |", "|---|---|---|---|---|"]
         for name, d in res["comparisons"].items():
             lines.append(f"| {name} | {d['diff']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] "
-                         f"| {d['p_value']:.3f} | {'yes' if d['significant'] else 'no'} |")
+                         f"| {format_p_value(d['p_value'], d['n_resamples'])} "
+                         f"| {'yes' if d['significant'] else 'no'} |")
+        lines += ["", "Beyond noise: the 95% interval excludes 0 (the same as p <= 0.05). p: "
+                  "two-sided, add-one; R resamples cannot show a p below 2/(R + 1)."]
     return "\n".join(lines) + "\n"
+
+
+def format_p_value(p: float, n_resamples: int) -> str:
+    """A bootstrap p-value with 3 decimals, or "< x" (x the next 3-decimal value above p)
+    where 3 decimals would overstate it: at its floor 2 / (R + 1), when no resample
+    crossed 0 (the true p may be anything below), and below 0.001 ("0.000" claimed
+    certainty). 1,000 resamples: "< 0.002", never "0.000"."""
+    at_floor = p * (n_resamples + 1) < 3  # add-one: 2 / (R + 1) with no crossing, 4 with one
+    if not (at_floor or p < 0.001):
+        return f"{p:.3f}"
+    return f"< {(math.floor(p * 1000) + 1) / 1000:.3f}"
 
 
 def plot(models: dict[str, dict], path: Path) -> None:
@@ -1136,7 +1167,10 @@ def plot(models: dict[str, dict], path: Path) -> None:
     colors = ["tab:gray" if n in CRM_NAMES else "tab:red" if n.startswith("reclora")
               else "tab:blue" for n in names]
     ypos = np.arange(len(names))[::-1]
-    ax.errorbar(auc, ypos, xerr=[auc - lo, hi - auc], fmt="none", ecolor="black", capsize=3)
+    # The bar is drawn about the interval's middle, not the point: a percentile interval
+    # may leave out its point AUC, and errorbar refuses the negative xerr that gave.
+    ax.errorbar((lo + hi) / 2, ypos, xerr=(hi - lo) / 2, fmt="none", ecolor="black",
+                capsize=3)
     ax.scatter(auc, ypos, c=colors, zorder=3)
     ax.axvline(0.5, color="lightgray", ls="--", lw=1)
     ax.set_yticks(ypos, names)

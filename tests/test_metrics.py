@@ -161,16 +161,30 @@ def _loop_resamples(y: np.ndarray, score_sets: list[np.ndarray], n_resamples: in
     return np.array(out).T
 
 
+def _interval(boot: np.ndarray, level: float) -> tuple[float, float]:
+    """The percentile interval by its definition: of the R usable values, the m-th smallest
+    and the m-th largest, m = floor((R + 1) * (1 - level) / 2)."""
+    boot = np.sort(boot[np.isfinite(boot)])
+    m = int(np.floor((boot.size + 1) * (1.0 - level) / 2.0 + 1e-9))
+    assert m >= 1
+    return boot[m - 1], boot[-m]
+
+
+def _p_value(diffs: np.ndarray) -> float:
+    """Two-sided add-one bootstrap p-value over the usable resampled differences."""
+    diffs = diffs[np.isfinite(diffs)]
+    tail = min((diffs <= 0).sum(), (diffs >= 0).sum())
+    return min(1.0, 2.0 * (tail + 1) / (diffs.size + 1))
+
+
 @pytest.mark.parametrize("level", [0.95, 0.9, 0.5])
 def test_bootstrap_interval_is_the_percentiles_of_the_resamples(level: float) -> None:
-    """low/high are np.quantile of the resampled AUCs at (1-level)/2 and 1-(1-level)/2."""
+    """low/high are the order statistics of the resampled AUCs (see _interval)."""
     y, s = _planted(120, 5)
     ci = metrics.bootstrap_auc(y, s, n_resamples=200, level=level, seed=11)
     boot = _loop_resamples(y, [s], 200, 11)[0]
     boot = boot[np.isfinite(boot)]
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(boot, [tail, 1.0 - tail])
-    assert (ci.low, ci.high) == pytest.approx((lo, hi), abs=1e-12)
+    assert (ci.low, ci.high) == pytest.approx(_interval(boot, level), abs=1e-12)
     assert ci.auc == pytest.approx(_brute_auc(y, s), abs=1e-12)
     assert ci.level == level and ci.n_resamples == boot.size
 
@@ -186,9 +200,9 @@ def test_bootstrap_drops_one_class_resamples() -> None:
 
 @pytest.mark.parametrize("seed", range(3))
 def test_paired_bootstrap_matches_its_definition(seed: int) -> None:
-    """diff, interval and the two-sided p-value = min(1, 2 * min(P(d <= 0), P(d >= 0)))
-    over the paired resampled differences, computed by brute force; two close models so
-    the p-value is strictly between 0 and 1."""
+    """diff, interval and the two-sided add-one p-value (see _p_value) over the paired
+    resampled differences, computed by brute force; two close models so the p-value is
+    strictly between its floor and 1."""
     rng = np.random.default_rng(seed)
     n = 150
     y = rng.integers(0, 2, n)
@@ -198,20 +212,33 @@ def test_paired_bootstrap_matches_its_definition(seed: int) -> None:
     boot = _loop_resamples(y, [a, b], 300, seed)
     diffs = boot[0] - boot[1]
     diffs = diffs[np.isfinite(diffs)]
-    lo, hi = np.quantile(diffs, [0.05, 0.95])
-    p = min(1.0, 2.0 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
+    lo, hi = _interval(diffs, 0.9)
+    p = _p_value(diffs)
     assert d.diff == pytest.approx(_brute_auc(y, a) - _brute_auc(y, b), abs=1e-12)
     assert (d.low, d.high) == pytest.approx((lo, hi), abs=1e-12)
-    assert 0.0 < p < 1.0
+    assert 2.0 / (diffs.size + 1) < p < 1.0
     assert d.p_value == pytest.approx(p, abs=1e-12)
     assert d.significant == (lo > 0 or hi < 0)
     assert d.as_dict()["significant"] == d.significant
 
 
+def _copy_aware_auc(y: np.ndarray, s: np.ndarray, user: np.ndarray, copy: np.ndarray) -> float:
+    """Pairwise AUC of pooled user copies, counting a (positive, negative) pair when its
+    two samples come from two different users or from the same copy of one user: a user
+    drawn twice brings its own pairs twice, not four times. NaN without such a pair."""
+    pos, neg = y == 1, y == 0
+    keep = (user[pos][:, None] != user[neg][None, :]) | (copy[pos][:, None] == copy[neg][None, :])
+    diff = s[pos][:, None] - s[neg][None, :]
+    if not keep.any():
+        return np.nan
+    return float((((diff > 0) + 0.5 * (diff == 0)) * keep).sum() / keep.sum())
+
+
 def _loop_cluster_resamples(y: np.ndarray, score_sets: list[np.ndarray], users: np.ndarray,
                             n_resamples: int, seed: int) -> np.ndarray:
     """The user-clustered bootstrap by hand: draw as many users as there are, with
-    replacement, and pool all their samples (a user drawn twice brings its samples twice)."""
+    replacement, pool all their samples (a user drawn twice brings its samples twice) and
+    count the pairs of _copy_aware_auc."""
     members = [np.flatnonzero(users == u) for u in np.unique(users)]
     rng = np.random.default_rng(seed)
     chunk = metrics._BOOTSTRAP_CHUNK
@@ -221,9 +248,10 @@ def _loop_cluster_resamples(y: np.ndarray, score_sets: list[np.ndarray], users: 
                                                      len(members)))
         for row in draws:
             take = np.concatenate([members[u] for u in row])
+            copy = np.repeat(np.arange(row.size), [members[u].size for u in row])
             yy = y[take]
-            out.append([_brute_auc(yy, s[take]) if 0 < yy.sum() < yy.size else np.nan
-                        for s in score_sets])
+            out.append([_copy_aware_auc(yy, s[take], users[take], copy)
+                        if 0 < yy.sum() < yy.size else np.nan for s in score_sets])
     return np.array(out).T
 
 
@@ -246,17 +274,13 @@ def test_user_clustered_bootstrap_matches_a_loop_over_users(seed: int) -> None:
     users, y, a, b = _clustered(12, 9, seed)
     ci = metrics.bootstrap_auc(y, a, n_resamples=120, seed=seed, groups=users)
     boot = _loop_cluster_resamples(y, [a, b], users, 120, seed)
-    fin = boot[0][np.isfinite(boot[0])]
-    assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(fin, [0.025, 0.975])),
-                                              abs=1e-12)
+    assert (ci.low, ci.high) == pytest.approx(_interval(boot[0], 0.95), abs=1e-12)
     assert ci.auc == pytest.approx(_brute_auc(y, a), abs=1e-12)
     d = metrics.paired_bootstrap_auc(y, a, b, n_resamples=120, seed=seed, groups=users)
     diffs = boot[0] - boot[1]
     diffs = diffs[np.isfinite(diffs)]
-    p = min(1.0, 2.0 * min(np.mean(diffs <= 0), np.mean(diffs >= 0)))
-    assert (d.low, d.high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])),
-                                            abs=1e-12)
-    assert d.p_value == pytest.approx(p, abs=1e-12)
+    assert (d.low, d.high) == pytest.approx(_interval(diffs, 0.95), abs=1e-12)
+    assert d.p_value == pytest.approx(_p_value(diffs), abs=1e-12)
 
 
 def test_user_clustered_bootstrap_is_wider_than_per_sample() -> None:
@@ -276,10 +300,88 @@ def test_user_clustered_bootstrap_is_wider_than_per_sample() -> None:
         metrics.bootstrap_auc(y, s, groups=users[:-1])
 
 
-def test_bootstrap_with_no_usable_resample_says_so() -> None:
-    """Every resample of two samples drawn once may hold one class: a clear error, not
-    numpy's IndexError from an empty quantile."""
+def test_bootstrap_with_too_few_usable_resamples_says_so() -> None:
+    """Half the resamples of two samples hold one class: fewer usable resamples than a 95%
+    interval needs is a clear error, not numpy's IndexError from an empty array."""
+    with pytest.raises(ValueError, match=r"only \d+ resamples held both classes.*single class"
+                                         r".*95% interval needs 39"):
+        metrics.bootstrap_auc([0, 1], [0.1, 0.2], n_resamples=40, seed=0)
     with pytest.raises(ValueError, match="single class"):
-        metrics.bootstrap_auc([0, 1], [0.1, 0.2], n_resamples=1, seed=0)
-    with pytest.raises(ValueError, match="single class"):
-        metrics.paired_bootstrap_auc([0, 1], [0.1, 0.2], [0.2, 0.1], n_resamples=1, seed=0)
+        metrics.paired_bootstrap_auc([0, 1], [0.1, 0.2], [0.2, 0.1], n_resamples=40, seed=0)
+
+
+def _within_user_signal(seed: int = 0):
+    """60 users of 14 samples; two models that order the users alike (one offset per user,
+    far apart) and differ only inside each user: a has a within-user signal, b none."""
+    rng = np.random.default_rng(seed)
+    users = np.repeat(np.arange(60), 14)
+    rate = rng.uniform(0.2, 0.8, 60)
+    y = (rng.random(users.size) < rate[users]).astype(int)
+    offset = 100.0 * np.argsort(np.argsort(rate))[users]
+    a = offset + y * 1.0 + rng.normal(0, 1, users.size)
+    b = offset + rng.normal(0, 1, users.size)
+    return users, y, a, b
+
+
+def test_cluster_bootstrap_is_centred_on_the_point_estimate() -> None:
+    """A user drawn c times counted its own pairs c^2 times (every copy with every copy):
+    within-user pairs weighed about twice their share, so the paired interval sat at about
+    twice the observed difference (mean +0.0080 for +0.0040) and left it out. Counted once
+    per copy, the resampled differences and AUCs are centred on the point estimates."""
+    users, y, a, b = _within_user_signal()
+    d = metrics.paired_bootstrap_auc(y, a, b, groups=users)
+    boot = metrics._resampled_aucs(y, [a, b], 1000, 0, metrics._cluster_ids(users, y.size))
+    assert abs(np.mean(boot[0] - boot[1]) - d.diff) < 0.1 * d.diff
+    assert d.low <= d.diff <= d.high
+    # The single-model interval reads the same resamples, counted by the same rule.
+    ci = metrics.bootstrap_auc(y, a, groups=users)
+    assert abs(np.mean(boot[0]) - ci.auc) < 0.001
+    assert (ci.low, ci.high) == pytest.approx(_interval(boot[0], 0.95), abs=1e-12)
+
+
+def test_p_value_has_the_add_one_floor() -> None:
+    """No resample crossing 0 gave p = 0 ("0.000" in results.md), certainty that 1,000
+    resamples cannot show: the add-one p is 2 / (R + 1) then."""
+    rng = np.random.default_rng(0)
+    n = 400
+    users, y = rng.integers(0, 60, n), rng.integers(0, 2, n)
+    a, b = rng.random(n) + 0.8 * y, rng.random(n) + 0.2 * y
+    d = metrics.paired_bootstrap_auc(y, a, b, groups=users)
+    assert d.n_resamples == 1000 and d.low > 0
+    assert d.p_value == pytest.approx(2 / 1001, abs=1e-15)
+
+
+@pytest.mark.parametrize(("n_resamples", "level"), [(1000, 0.95), (999, 0.95), (39, 0.95),
+                                                    (200, 0.9)])
+def test_beyond_noise_is_exactly_p_at_most_one_minus_level(n_resamples: int, level: float,
+                                                           monkeypatch) -> None:
+    """`significant` (the interval excludes 0) and p <= 1 - level agree for every count of
+    resampled differences at or below 0, the boundary included. np.quantile's interpolation
+    between the last difference <= 0 and a large first one above had called p = 0.052
+    (1,000 resamples, 25 at or below 0) beyond noise."""
+    m = int(np.floor((n_resamples + 1) * (1.0 - level) / 2.0 + 1e-9))
+    seen = set()
+    for below in range(0, m + 3):
+        for sign in (1.0, -1.0):  # differences mostly above 0, then mostly below
+            diffs = np.r_[-np.linspace(0.0, 0.01, below), np.full(n_resamples - below, 0.5)]
+            boot = np.stack([sign * diffs, np.zeros(n_resamples)])
+            monkeypatch.setattr(metrics, "_resampled_aucs", lambda *args, boot=boot: boot)
+            d = metrics.paired_bootstrap_auc([0, 1, 0, 1], [0, 1, 2, 3], [0, 1, 2, 3],
+                                             n_resamples=n_resamples, level=level)
+            assert d.p_value == pytest.approx(2 * (below + 1) / (n_resamples + 1))
+            assert d.significant == (below < m) == (d.p_value <= 1.0 - level + 1e-12), below
+            seen.add(d.significant)
+    assert seen == {True, False}
+
+
+def test_too_few_resamples_for_the_interval_are_refused() -> None:
+    """Below m = 1 (R < 2 / (1 - level) - 1) the interval has no order statistic to take;
+    one resample had given a zero-width interval and a "significant" difference."""
+    y, s = _planted(200, 0)
+    with pytest.raises(ValueError, match="n_resamples must be at least 39 for a 95% interval"):
+        metrics.paired_bootstrap_auc(y, s, -s, n_resamples=38)
+    with pytest.raises(ValueError, match="n_resamples must be at least 19 for a 90% interval"):
+        metrics.bootstrap_auc(y, s, n_resamples=1, level=0.9)
+    ci = metrics.bootstrap_auc(y, s, n_resamples=39)
+    assert (ci.low, ci.high) == pytest.approx(
+        _interval(metrics._resampled_aucs(y, [s], 39, 0)[0], 0.95), abs=1e-12)
