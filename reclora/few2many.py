@@ -30,9 +30,10 @@ import datetime
 import functools
 import json
 import math
+import operator
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "CTRData",
     "Stage2Config",
     "Stage2Result",
+    "TokenStore",
     "atomic_write_json",
     "close_distributed",
     "dist_info",
@@ -141,16 +143,93 @@ class Stage2Config:
         return min(k, pool)
 
 
+class TokenStore(Sequence):
+    """Token ids of many prompts in one flat int32 array with offsets: 4 B a token, where a
+    list of Python ints holds about 36 (a whole test split's prompts are kept for the run).
+    Prompt i is ids[offsets[i]:offsets[i + 1]], a list of ints only when read."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray) -> None:
+        ids, offsets = np.asarray(ids), np.asarray(offsets)
+        if ids.dtype != np.int32 or ids.ndim != 1:
+            raise ValueError(f"ids must be a flat int32 array, got {ids.dtype} {ids.shape}")
+        if (offsets.dtype != np.int64 or offsets.ndim != 1 or offsets.size == 0
+                or offsets[0] != 0 or offsets[-1] != ids.size
+                or (np.diff(offsets) < 0).any()):
+            raise ValueError(f"offsets must be int64, rising from 0 to the {ids.size} ids, "
+                             f"got {offsets.dtype} {offsets[:4]} ...")
+        self.ids, self.offsets = ids, offsets
+
+    @classmethod
+    def from_lists(cls, tokens: Sequence[Sequence[int]]) -> TokenStore:
+        """The store of `tokens` (one sequence of ids per prompt; each id in int32)."""
+        lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter((int(x) for t in tokens for x in t), dtype=np.int64,
+                           count=int(offsets[-1]))
+        if flat.size and not (0 <= flat.min() and flat.max() <= np.iinfo(np.int32).max):
+            raise ValueError(f"token ids must be in [0, 2**31), got {flat.min()} to "
+                             f"{flat.max()}")
+        return cls(flat.astype(np.int32), offsets)
+
+    @classmethod
+    def concat(cls, parts: Sequence[TokenStore]) -> TokenStore:
+        """The prompts of `parts`, one after the other."""
+        if not parts:
+            return cls.from_lists([])
+        starts = np.cumsum([0] + [p.ids.size for p in parts[:-1]])
+        offsets = np.concatenate([parts[0].offsets[:1]]
+                                 + [p.offsets[1:] + a for p, a in zip(parts, starts)])
+        return cls(np.concatenate([p.ids for p in parts]), offsets)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per prompt, int64 [N]."""
+        return np.diff(self.offsets)
+
+    def __len__(self) -> int:
+        return self.offsets.size - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        n = len(self)
+        i = operator.index(i)
+        if not -n <= i < n:
+            raise IndexError(f"prompt {i} out of range for {n} prompts")
+        i += n if i < 0 else 0
+        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def take(self, idx: np.ndarray) -> TokenStore:
+        """The store of prompts idx[0], idx[1], ... (a copy), gathered in blocks so that the
+        index array never spans the whole store."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and not (0 <= idx.min() and idx.max() < len(self)):
+            raise IndexError(f"take: indices must be in [0, {len(self)}), got {idx.min()} to "
+                             f"{idx.max()}")
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
+        offsets = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        for a in range(0, idx.size, 4096):
+            b = min(a + 4096, idx.size)
+            src = np.repeat(starts[a:b] - offsets[a:b], lengths[a:b])
+            ids[offsets[a]:offsets[b]] = self.ids[src + np.arange(offsets[a], offsets[b])]
+        return TokenStore(ids, offsets)
+
+
 @dataclass
 class CTRData:
-    """One split's LLM inputs: token ids per prompt, 0/1 labels, optional h_u [N, h]."""
+    """One split's LLM inputs: token ids per prompt (kept as a TokenStore; lists of ids are
+    converted), 0/1 labels, optional h_u [N, h]."""
 
-    tokens: list[list[int]]
+    tokens: TokenStore
     labels: np.ndarray
     user_reps: torch.Tensor | None = None
     samples: np.ndarray | None = None  # dataset indices, for the record
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tokens, TokenStore):
+            self.tokens = TokenStore.from_lists(self.tokens)
         labels = np.asarray(self.labels).reshape(-1)
         if labels.size and not np.isin(labels, (0, 1)).all():  # a cast would floor 0.9 to 0
             raise ValueError("labels must hold only 0 and 1")
@@ -167,7 +246,7 @@ class CTRData:
 
     def subset(self, idx: np.ndarray) -> CTRData:
         idx = np.asarray(idx, dtype=np.int64)
-        return CTRData([self.tokens[i] for i in idx], self.labels[idx],
+        return CTRData(self.tokens.take(idx), self.labels[idx],
                        None if self.user_reps is None else self.user_reps[torch.from_numpy(idx)],
                        None if self.samples is None else self.samples[idx])
 
@@ -350,7 +429,7 @@ def evaluate(ctr: LLMCTR, data: CTRData, *, batch_size: int = 16, amp: str = "au
     n = len(data)
     if not has_gates(ctr):  # plain LoRA / uniform mixtures: nothing reads user_reps
         data = data.with_user_reps(None)
-    order = np.argsort([len(t) for t in data.tokens], kind="stable")
+    order = np.argsort(data.tokens.lengths, kind="stable")
     mine = order[rank::world]
     real = mine.size
     if world > 1 and is_sharded(ctr) and n:
@@ -359,7 +438,7 @@ def evaluate(ctr: LLMCTR, data: CTRData, *, batch_size: int = 16, amp: str = "au
         want = -(-n // world)
         mine = np.concatenate([mine, np.full(want - real, (mine[-1:] if real else order[:1])[0])])
     reps = None if data.user_reps is None else data.user_reps[torch.from_numpy(mine)]
-    probs_mine = ctr.predict([data.tokens[i] for i in mine], batch_size=batch_size,
+    probs_mine = ctr.predict(data.tokens.take(mine), batch_size=batch_size,
                              user_reps=reps, amp=amp, progress=progress and rank == 0,
                              desc=desc)
     mine, probs_mine = mine[:real], probs_mine[:real]
