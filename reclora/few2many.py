@@ -12,7 +12,9 @@ ablation (num_adapters=k, no gate: weights 1/k), so every LLM model shares one h
 
 Training: AdamW (no weight decay, as the paper), linear warm-up then linear decay to 0,
 gradient accumulation, bf16 autocast where it pays (CUDA; CPUs with AVX512-BF16), gradient
-clipping. Model selection: the adapters are scored on the validation subset at
+clipping. The loss (cfg.loss): the cross-entropy of the Yes/No logits ("pair", the default)
+or the causal-LM cross-entropy of the answer token over the whole vocabulary ("vocab",
+RECLORA.md's). Model selection: the adapters are scored on the validation subset at
 `eval_points` evenly spaced steps (the last one included) and the best validation AUC wins;
 the test split is scored once, with that model (the reference code picked on test).
 
@@ -50,6 +52,7 @@ from reclora.llm import LLMCTR, amp_context, enable_grad_ckpt, retune_threads
 
 __all__ = [
     "CTRData",
+    "STAGE2_LOSSES",
     "Stage2Config",
     "Stage2Result",
     "TokenStore",
@@ -73,6 +76,9 @@ ADAPTERS_FILE = "best.safetensors"
 
 
 # ------------------------------------------------------------------------- config
+STAGE2_LOSSES = ("pair", "vocab")  # Stage2Config.loss
+
+
 @dataclass
 class Stage2Config:
     """Stage-2 settings (written as stage2_config.json into the run folder).
@@ -83,7 +89,11 @@ class Stage2Config:
         False gives uniform weights 1/k (with k = 1: plain LoRA). temperature, gate_hidden,
         gate_dropout: the gate. lr, gate_lr (None: lr): AdamW learning rates. warmup_ratio:
         share of steps with a linear warm-up. eval_points: validation evaluations spread over
-        training for model selection (>= 1; the last step is always one).
+        training for model selection (>= 1; the last step is always one). loss: what training
+        minimises, "pair" (the cross-entropy of the two answer logits, the quantity P(yes) is
+        read from; what the published results trained with) or "vocab" (RECLORA.md's causal-LM
+        cross-entropy of the answer token, a softmax over the whole vocabulary at the answer
+        position: it also pushes down every other token). Scoring is P(yes) either way.
     """
 
     n_train: float = 512
@@ -112,6 +122,7 @@ class Stage2Config:
     progress: bool = True
     grad_ckpt: bool = False  # activation checkpointing of the decoder layers (reclora.llm)
     fsdp: bool = False  # under torchrun: shard the frozen LLM with FSDP2 instead of DDP
+    loss: str = "pair"
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -135,6 +146,8 @@ class Stage2Config:
         check_temperature(self.temperature)  # the gates' range, before they are built
         if self.amp not in ("auto", "bf16", "off"):
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
+        if self.loss not in STAGE2_LOSSES:
+            raise ValueError(f"loss must be one of {STAGE2_LOSSES}, got {self.loss!r}")
 
     def count(self, pool: int) -> int:
         """How many samples n_train means for a pool of `pool` samples."""
@@ -590,6 +603,7 @@ def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
 
     rank, world = dist_info()
     device = ctr.device
+    vocab = cfg.loss == "vocab"
     n = len(train)
     global_batch = cfg.batch_size * cfg.grad_accum * world
     total = steps_per_epoch * cfg.epochs
@@ -633,8 +647,8 @@ def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
                 ctx = model.no_sync() if not sync else contextlib.nullcontext()
                 with ctx, ctr.personalized(reps if cfg.gated else None), \
                         amp_context(device, cfg.amp):
-                    logits = model(**enc)
-                    loss = ctr.loss(logits, labels)
+                    logits = model(**enc, vocab=vocab)
+                    loss = ctr.vocab_loss(logits, labels) if vocab else ctr.loss(logits, labels)
                 (loss * weights[j]).backward()
                 step_loss += loss.detach().double().cpu() * (m.size if weights[j] else 0)
             if sharded:  # the adapters are not sharded: average their gradients as DDP does

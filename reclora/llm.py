@@ -5,6 +5,8 @@
     enc = ctr.encode(prompts)                     # token ids, no padding (see PromptBuilder)
     logits = ctr(**ctr.collate(enc[:8]))          # [B, 2] float32: column 0 "No", 1 "Yes"
     loss = ctr.loss(logits, labels)               # cross-entropy over the two answer logits
+    full = ctr(**ctr.collate(enc[:8]), vocab=True)  # [B, vocab] float32 at the answer position
+    loss = ctr.vocab_loss(full, labels)           # the causal-LM loss on the answer token
     p_yes = ctr.predict(enc, batch_size=16)       # numpy [N], softmax(logits)[:, 1]
 
 Semantics, for prompt b whose last real token sits at position t_b:
@@ -16,7 +18,9 @@ Semantics, for prompt b whose last real token sits at position t_b:
 
 Only those two rows of the output head are multiplied, at that one position: the full
 [B, L, vocab] logits (49,152 columns for SmolLM2) are never formed. Position ids come from
-the attention mask (cumsum - 1), so left and right padding give the same answer.
+the attention mask (cumsum - 1), so left and right padding give the same answer. Training
+may instead use the causal-LM cross-entropy of the answer token (`vocab=True`, `vocab_loss`):
+h_b times the whole head, [B, vocab] at that one position, still never [B, L, vocab].
 `transform` is the identity for SmolLM2 and Gemma-3; others soft-cap or scale their logits
 (head_transform). Building an LLMCTR checks once, on a short prompt, that its two logits are
 the model's own (a family whose forward does something else is refused, not mis-scored).
@@ -38,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from reclora.layers import RecLoRALinear
@@ -547,6 +552,18 @@ def _apply_head_transform(logits: torch.Tensor,
     return logits
 
 
+# Head elements cast to float32 at a time by the vocabulary loss (LLMCTR._vocab_logits):
+# 64 MB, 26,214 of Gemma-3-270M's 262,144 rows.
+VOCAB_CHUNK = 2**24
+
+
+def _head_rows(h: torch.Tensor, head: nn.Module, start: int, stop: int) -> torch.Tensor:
+    """h [B, d] (float32) times the head's rows start:stop, in float32: [B, stop - start]."""
+    bias = getattr(head, "bias", None)
+    return F.linear(h, head.weight[start:stop].float(),
+                    None if bias is None else bias[start:stop].float())
+
+
 def _logit_fields(model: nn.Module) -> dict[str, Any]:
     """The (text) config fields of `model` named like a logit scale, multiplier or cap."""
     config = getattr(model, "config", None)
@@ -704,10 +721,12 @@ class LLMCTR(nn.Module):
 
     # ----------------------------------------------------------------- scoring
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Answer logits [B, 2] in float32: column 0 "No", column 1 "Yes"."""
-        return self._head_logits(self._last_hidden(input_ids, attention_mask, position_ids),
-                                 self.answer_ids)
+                position_ids: torch.Tensor | None = None, *, vocab: bool = False
+                ) -> torch.Tensor:
+        """Answer logits [B, 2] in float32: column 0 "No", column 1 "Yes". vocab=True: the
+        logits of every token [B, vocab] at the answer position (for vocab_loss)."""
+        h = self._last_hidden(input_ids, attention_mask, position_ids)
+        return self._vocab_logits(h) if vocab else self._head_logits(h, self.answer_ids)
 
     def _last_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      position_ids: torch.Tensor | None) -> torch.Tensor:
@@ -728,11 +747,7 @@ class LLMCTR(nn.Module):
     def _head_logits(self, h: torch.Tensor, ids: Sequence[int]) -> torch.Tensor:
         """The model's logits [B, len(ids)] at token `ids` from hidden states h [B, d]: those
         rows of the head, then the model's own transform (head_transform), in float32."""
-        head = self.model.get_output_embeddings()
-        if isinstance(head, RecLoRALinear):
-            raise TypeError("LLMCTR: the output head is a RecLoRALinear, but the score reads "
-                            "the head's two answer rows and never runs its forward, so its "
-                            "adapters would not train; leave the head out of target_modules")
+        head = self._read_head()
         idx = torch.tensor(list(ids), device=head.weight.device)
         bias = head.bias[idx] if getattr(head, "bias", None) is not None else None
         # In float32 with autocast off: the two logits are large (about 30 for SmolLM2) and
@@ -742,6 +757,31 @@ class LLMCTR(nn.Module):
             logits = F.linear(h.float(), head.weight[idx].float(),
                               None if bias is None else bias.float())
             return _apply_head_transform(logits, self.head_steps)
+
+    def _vocab_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's logits [B, vocab] from hidden states h [B, d]: the whole head, then the
+        model's own transform, in float32 with autocast off (as _head_logits). The head is
+        multiplied VOCAB_CHUNK elements at a time, each under activation checkpointing: a bf16
+        head's float32 copy then exists one chunk at a time (in the forward, again in the
+        backward), where autograd would keep a whole one until backward (Gemma-3-270M's
+        262,144 x 640 head: 671 MB)."""
+        head = self._read_head()
+        rows = max(1, VOCAB_CHUNK // head.weight.shape[1])
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            h = h.float()
+            parts = [checkpoint(_head_rows, h, head, a, a + rows, use_reentrant=False,
+                                preserve_rng_state=False)  # no randomness to replay
+                     for a in range(0, head.weight.shape[0], rows)]
+            return _apply_head_transform(torch.cat(parts, dim=1), self.head_steps)
+
+    def _read_head(self) -> nn.Module:
+        """The output head, whose rows the score reads without running its forward."""
+        head = self.model.get_output_embeddings()
+        if isinstance(head, RecLoRALinear):
+            raise TypeError("LLMCTR: the output head is a RecLoRALinear, but the score reads "
+                            "the head's rows and never runs its forward, so its adapters "
+                            "would not train; leave the head out of target_modules")
+        return head
 
     def _checkable(self) -> bool:
         """Whether the model can run a forward now: weights materialised (not on the meta
@@ -784,6 +824,12 @@ class LLMCTR(nn.Module):
     def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over the two answer logits (label 1 = "Yes")."""
         return F.cross_entropy(logits.float(), labels.long().to(logits.device))
+
+    def vocab_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean causal-LM cross-entropy of the answer token: logits [B, vocab] (forward with
+        vocab=True) against the "Yes" token's id for label 1, the "No" token's for 0."""
+        ids = torch.tensor(self.answer_ids, device=logits.device)
+        return F.cross_entropy(logits.float(), ids[labels.long().to(logits.device)])
 
     @staticmethod
     def prob_yes(logits: torch.Tensor) -> torch.Tensor:

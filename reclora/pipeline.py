@@ -85,6 +85,7 @@ from reclora.cli import (
 )
 from reclora.few2many import (
     ADAPTERS_FILE,
+    STAGE2_LOSSES,
     CTRData,
     Stage2Config,
     TokenStore,
@@ -199,6 +200,10 @@ class RunConfig:
     fsdp: bool = False
     threads: str = "auto"  # CPU threads: "auto" or a count (reclora.llm.ThreadPolicy)
     standardize_reps: bool = True  # z-score h_u per feature before the gates (see llm_stage)
+    # What the LLM models train on (Stage2Config.loss): "pair", the cross-entropy of the
+    # Yes/No logits (the published results), or "vocab", RECLORA.md's causal-LM
+    # cross-entropy of the answer token over the whole vocabulary.
+    loss: str = "pair"
     crms: tuple[str, ...] = CRM_NAMES
     crm_epochs: int = 8
     crm_max_train: int | None = None
@@ -216,7 +221,8 @@ class RunConfig:
             temperature=self.temperature, lr=self.lr, gate_lr=self.gate_lr,
             batch_size=self.batch_size, grad_accum=self.grad_accum, epochs=self.epochs,
             eval_points=self.eval_points, eval_batch_size=self.eval_batch_size, amp=self.amp,
-            seed=self.seed, progress=self.progress, grad_ckpt=self.grad_ckpt, fsdp=self.fsdp)
+            seed=self.seed, progress=self.progress, grad_ckpt=self.grad_ckpt, fsdp=self.fsdp,
+            loss=self.loss)
         return replace(base, **over)
 
     def model_stage2(self, name: str, n_train: int, seed: int | None = None) -> Stage2Config:
@@ -304,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="item embeddings of the semantic retriever: auto = bf16 autocast "
                    f"where the CPU has it (default {d.item_precision})")
+    p.add_argument("--loss", choices=STAGE2_LOSSES, default=None,
+                   help="what the LLM models train on: pair = cross-entropy of the Yes/No "
+                   "logits, vocab = causal-LM cross-entropy of the answer token over the "
+                   f"whole vocabulary (RECLORA.md's); default {d.loss}")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing of the LLM's layers while training (less "
                    "memory, about a third more compute)")
@@ -331,7 +341,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
     over = {k: getattr(a, k) for k in (
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
         "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
-        "prompt_variant", "seeds", "llm_dtype", "item_precision")
+        "prompt_variant", "seeds", "llm_dtype", "item_precision", "loss")
         if getattr(a, k) is not None}
     if "prompt_variant" in over:
         from reclora.data.prompts import variant_flags
@@ -654,6 +664,10 @@ class Run:
             # runs made before it was stored still resume.
             if self.world > 1:
                 fp["world_size"] = self.world
+            # Stored only when not the default, for the same reason: stages trained before
+            # the option existed trained with "pair".
+            if c.loss != "pair":
+                fp["loss"] = c.loss
         if name.startswith("reclora"):
             fp.update({o: getattr(c, o) for o in MIXTURE_OPTIONS})
         if name in GATED_BY_TRAINED_CRM:
