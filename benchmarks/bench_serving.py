@@ -111,6 +111,16 @@ def ensure_run(run: Path) -> None:
     print(f"run made in {time.perf_counter() - t:.0f} s", flush=True)
 
 
+def unrated_item(rec, user_id) -> str:
+    """An item the user never rated in the dataset: observe refuses a second rating of a
+    pair (the request's own item, rated, would enter its own history)."""
+    ds = rec.ds
+    user = np.flatnonzero(np.asarray(ds.user_raw_id).astype(str) == str(user_id))
+    rated = (set(np.asarray(ds.item)[np.asarray(ds.user) == user[0]].tolist()) if user.size
+             else set())
+    return str(next(v for i, v in enumerate(ds.item_raw_id) if i not in rated))
+
+
 def distinct_user_requests(rec, n: int) -> dict[str, np.ndarray]:
     """One test interaction per user, for n distinct users (test users first, then valid);
     all the users, with a note, where the dataset has fewer than n."""
@@ -334,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     fork = rec.fork()
     fork.score(one)
     t = time.perf_counter()
-    fork.observe([{"user_id": one["user_id"][0], "item_id": one["item_id"][0],
+    fork.observe([{"user_id": one["user_id"][0], "item_id": unrated_item(rec, one["user_id"][0]),
                    "timestamp": int(one["timestamp"][0]) - 1, "rating": 5}])
     fork.score(one)
     obs_total = time.perf_counter() - t

@@ -38,6 +38,16 @@ and no CRM row): an error names the row.
 `observe` appends interactions (user_id, item_id, timestamp, rating) to the store the views
 are made from: the next score sees them in the history, the retrieval, h_u and so the
 mixture. No weight changes: the banks, gates, CRM and LLM stay bit-identical.
+
+Items the user already rated: the dataset holds one rating per (user, item) pair, so no
+sample of the run ever had its own item in its history (that is the answer, a label leak).
+Serving keeps that rule. `observe` refuses a pair already rated (in the dataset or observed).
+A request for an item its user rated before its time is flagged `seen` and scored with that
+rating left out of its history (a "shadow" copy of the user in the view: same profile and
+CRM embedding, that one interaction less). `rank` leaves such candidates out unless asked
+(`seen=True`, `reclora rank --seen`). A table without seen rows is scored exactly as
+before; beside seen rows, the others keep their exact inputs (tokens, h_u; the LLM's batch
+rounding aside, see `load`).
 """
 
 from __future__ import annotations
@@ -68,7 +78,9 @@ __all__ = ["Recommender", "RunFolderError", "ServingError", "read_table", "write
 REQUEST_COLUMNS = ("user_id", "item_id", "timestamp")
 OBSERVE_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
 TIME_LIMIT = 1 << 34  # timestamps are Unix seconds in [0, 2^34) (up to the year 2514)
-SCORE_COLUMNS = ("user_id", "item_id", "timestamp", "score", "cold_start", "history_len")
+PAIR_KEY = 1 << 32  # a (user, item) pair as one int64: user * 2^32 + item
+SCORE_COLUMNS = ("user_id", "item_id", "timestamp", "score", "cold_start", "history_len",
+                 "seen")
 
 
 class ServingError(CLIError, ValueError):
@@ -299,15 +311,41 @@ class _Store:
         pos = np.searchsorted(self.keys, users.astype(np.int64) * TIME_LIMIT + times, "left")
         return np.maximum(pos - start, 0).astype(np.int64)
 
+    @functools.cached_property
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the (user, item) keys of the interactions, sorted; the row of each), at the
+        first lookup (a concurrent first lookup computes the same value twice, harmlessly)."""
+        keys = self.user.astype(np.int64) * PAIR_KEY + self.item
+        order = np.argsort(keys, kind="stable")
+        return keys[order], order
+
+    def rated(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Per (user, item): the row of the user's rating of the item, -1 where none. One at
+        most: the dataset refuses a second rating of a pair, and so does observe."""
+        keys, order = self._pairs
+        want = users.astype(np.int64) * PAIR_KEY + items
+        pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
+        return np.where(keys[pos] == want, order[pos], -1).astype(np.int64)
+
+    def rated_before(self, users: np.ndarray, items: np.ndarray, times: np.ndarray
+                     ) -> np.ndarray:
+        """Per (user, item, time): the row of the user's rating of the item strictly before
+        time (what its history would hold: a label leak), -1 where none."""
+        rows = self.rated(users, items)
+        early = rows >= 0
+        early[early] = self.time[rows[early]] < times[early]
+        return np.where(early, rows, -1)
+
 
 def _label_rule(rule: str):
     """The dataset's label rule ("rating >= 4", "rating > 3") as a function of ratings."""
-    parts = rule.split()
-    if len(parts) == 3 and parts[0] == "rating" and parts[1] in (">=", ">"):
-        thr = float(parts[2])
-        return (lambda r: (r >= thr).astype(np.int64)) if parts[1] == ">=" else (
-            lambda r: (r > thr).astype(np.int64))
-    raise RunFolderError(f"the dataset's label rule {rule!r} is not understood")
+    from reclora.data.prompts import positive_words
+
+    try:
+        positive, _ = positive_words(rule)
+    except ValueError:
+        raise RunFolderError(f"the dataset's label rule {rule!r} is not understood") from None
+    return lambda r: positive(r).astype(np.int64)
 
 
 def _rating_scale(ratings: np.ndarray) -> tuple[float, float, float | None]:
@@ -348,6 +386,20 @@ class _UnseenUserCRM:
 
         emb = next(m for m in self.crm.modules() if isinstance(m, ItemUserEmbedder))
         return emb.user_row[: self.n_users].cpu().numpy() > 0
+
+
+class _ShadowUsersCRM:
+    """The gate CRM reading each user of a view as `real[user]`: a shadow user (see
+    Recommender._view) as the user it copies (its trained id embedding and profile)."""
+
+    def __init__(self, crm: _UnseenUserCRM, real: np.ndarray) -> None:
+        import torch
+
+        self.crm, self.real = crm, torch.from_numpy(real)
+
+    def user_representation(self, batch: Any) -> Any:
+        batch.user = self.real.to(batch.user.device)[batch.user]
+        return self.crm.user_representation(batch)
 
 
 class Recommender:
@@ -510,6 +562,8 @@ class Recommender:
             folder = run / model
             s2_file = folder / "stage2_config.json"
             saved = _read_json(s2_file, "written by the model's stage")
+            for key, value in _ADDED_OPTIONS.items():
+                saved.setdefault(key, value)
             expected = dataclasses.asdict(cfg.model_stage2(model, int(self.train_pool.size)))
             diff = [k for k in sorted(set(saved) | set(expected))
                     if pl._plain(saved.get(k)) != pl._plain(expected.get(k))
@@ -633,49 +687,78 @@ class Recommender:
         return out, list(temp), dataclasses.replace(ids_now, user_index=index, new_users=new)
 
     def _view(self, users: np.ndarray, items: np.ndarray, times: np.ndarray,
-              temp_users: list[str], ids_now: _Ids):
+              temp_users: list[str], ids_now: _Ids, own: np.ndarray):
         """The dataset as of the store, with the requests appended as interactions whose
-        history is their user's interactions strictly before their time. Returns (view,
-        request sample indices, history lengths)."""
+        history is their user's interactions strictly before their time. A request whose
+        user rated its item before its time (`own`: that store row, else -1) gets a shadow
+        user, a copy of its user whose history lacks that row: the dataset never shows an
+        item in its own history (a label leak). Returns (view, request sample indices,
+        history lengths, the user each view user is for the CRM: None without shadows)."""
         ds, st = self.ds, ids_now.store
         n_new = len(ids_now.new_users) + len(temp_users)
         n_users = ds.n_users + n_new
         n0, r = st.user.size, users.size
         hl = st.history_len(users, times)
         ptr = np.concatenate([st.hist_ptr, np.full(n_users - st.n_users, st.hist_ptr[-1])])
+        hist_index, row_users, real = st.hist_index, users, None
+        seen = np.flatnonzero(own >= 0)
+        if seen.size:  # each a shadow user after the others, its history after the store's
+            hists = [st.hist_index[st.hist_ptr[users[j]]:st.hist_ptr[users[j]] + hl[j]]
+                     for j in seen]
+            hists = [h[h != own[j]] for h, j in zip(hists, seen)]
+            hl = hl.copy()
+            hl[seen] = [h.size for h in hists]
+            hist_index = np.concatenate([st.hist_index, *hists])
+            ptr = np.concatenate([ptr, ptr[-1] + np.cumsum([h.size for h in hists])])
+            row_users = users.copy()
+            row_users[seen] = n_users + np.arange(seen.size)
+            real = np.concatenate([np.arange(n_users), users[seen]])
+        copies = users[seen]  # the users the shadows copy, in shadow order
+
+        def user_rows(rows: Sequence, new: Any) -> list:
+            """Per-user values: the dataset's, `new` for each new user, then the copies'."""
+            out = list(rows) + [new] * n_new
+            return out + [out[u] for u in copies]
+
         new_ids = ids_now.new_users + temp_users
         extra_feat = None
         if ds.user_features is not None:
             extra_feat = np.concatenate([ds.user_features, np.zeros(
                 (n_new, ds.user_features.shape[1]), dtype=ds.user_features.dtype)])
+            extra_feat = np.concatenate([extra_feat, extra_feat[copies]])
+        raw_ids = np.concatenate([np.asarray(ds.user_raw_id, dtype=object),
+                                  np.asarray(new_ids, dtype=object)])
         view = dataclasses.replace(
-            ds, n_users=n_users,
-            user=np.concatenate([st.user, users]), item=np.concatenate([st.item, items]),
+            ds, n_users=n_users + seen.size,
+            user=np.concatenate([st.user, row_users]), item=np.concatenate([st.item, items]),
             rating=np.concatenate([st.rating, np.zeros(r, np.float32)]),
             time=np.concatenate([st.time, times]),
             label=np.concatenate([st.label, np.zeros(r, np.int64)]),
-            user_raw_id=np.concatenate([np.asarray(ds.user_raw_id, dtype=object),
-                                        np.asarray(new_ids, dtype=object)]),
-            user_profile=None if ds.user_profile is None else
-            list(ds.user_profile) + [""] * n_new,
+            user_raw_id=np.concatenate([raw_ids, raw_ids[copies]]),
+            user_profile=None if ds.user_profile is None else user_rows(ds.user_profile, ""),
             user_attrs=None if ds.user_attrs is None else
-            {k: list(v) + [""] * n_new for k, v in ds.user_attrs.items()},
+            {k: user_rows(v, "") for k, v in ds.user_attrs.items()},
             user_features=extra_feat,
-            hist_ptr=ptr, hist_index=st.hist_index,
+            hist_ptr=ptr, hist_index=hist_index,
             hist_len=np.concatenate([np.zeros(n0, np.int64), hl]),
             samples=np.arange(n0, n0 + r), train=np.arange(0), valid=np.arange(0),
             test=np.arange(n0, n0 + r))
-        return view, np.arange(n0, n0 + r, dtype=np.int64), hl
+        return view, np.arange(n0, n0 + r, dtype=np.int64), hl, real
 
     # ------------------------------------------------------------------ serving
     @_outside_autocast
     def score_table(self, requests: Any, *, batch_size: int | None = None,
                     progress: bool | None = None) -> dict[str, np.ndarray]:
-        """{user_id, item_id, timestamp, score, cold_start, history_len} for a table of
-        requests (see read_table), in input order. score: P(click) from the served model;
+        """{user_id, item_id, timestamp, score, cold_start, history_len, seen} for a table
+        of requests (see read_table), in input order. score: P(click) from the served model;
         cold_start: 1 where the gate CRM has no trained embedding of the user (new to the
         dataset, or unseen in its training period); history_len: the user's interactions
-        before the request's time. self.timings gets the split of the time by stage."""
+        before the request's time that the score read; seen: 1 where the user rated the item
+        before the request's time. A seen row is scored with that rating left out of its
+        history (prompt, retrieval and the CRM's h_u; history_len one less): the dataset
+        never shows an item in its own history, and the model never learnt to answer with
+        the answer in the prompt. Every other row reads the inputs it read before this flag
+        existed. self.timings gets the split of the time by stage."""
         import torch
 
         from reclora import pipeline as pl
@@ -686,14 +769,17 @@ class Recommender:
         n = req["user_id"].size
         out = {"user_id": req["user_id"], "item_id": req["item_id"],
                "timestamp": req["timestamp"], "score": np.zeros(n, np.float64),
-               "cold_start": np.zeros(n, np.int64), "history_len": np.zeros(n, np.int64)}
+               "cold_start": np.zeros(n, np.int64), "history_len": np.zeros(n, np.int64),
+               "seen": np.zeros(n, np.int64)}
         if n == 0:
             return out
         items = self._items(req["item_id"], req["__where"])
         ids_now = self._ids  # once: an observe meanwhile publishes a new one
         users, temp, _ = self._users(req["user_id"], req["__where"], ids_now, register=False)
         marks = [("parse_s", time.perf_counter())]
-        view, samples, hl = self._view(users, items, req["timestamp"], temp, ids_now)
+        own = ids_now.store.rated_before(users, items, req["timestamp"])
+        view, samples, hl, real = self._view(users, items, req["timestamp"], temp, ids_now,
+                                             own)
         marks.append(("history_s", time.perf_counter()))
         spec = self.spec
         retr = _rebind(self.retriever, view) if spec.mode == "semantic" else None
@@ -701,7 +787,8 @@ class Recommender:
         marks.append(("retrieval_s", time.perf_counter()))
         reps = None
         if spec.gated:
-            reps = pl.crm_user_reps(view, self.crm, samples, spec.k_hist)
+            crm = self.crm if real is None else _ShadowUsersCRM(self.crm, real)
+            reps = pl.crm_user_reps(view, crm, samples, spec.k_hist)
             if self.rep_ref is not None:
                 reps = pl.standardize_reps(reps, self.rep_ref)
             self._check_reps(reps, req)
@@ -724,7 +811,8 @@ class Recommender:
         timings["prompt_tokens"] = float(np.mean([len(x) for x in tokens]))
         self.timings = timings
         self.last_inputs = {"tokens": tokens, "user_reps": reps}  # for benchmarks
-        out.update(score=probs, cold_start=self._cold(users), history_len=hl)
+        out.update(score=probs, cold_start=self._cold(users), history_len=hl,
+                   seen=(own >= 0).astype(np.int64))
         return out
 
     def _gate_crm_name(self) -> str:
@@ -764,20 +852,24 @@ class Recommender:
         return self.score_table(requests, batch_size=batch_size, progress=progress)["score"]
 
     def rank(self, user_id: Any, candidates: Sequence[Any], *, top: int | None = None,
-             timestamp: int | None = None, batch_size: int | None = None
-             ) -> list[tuple[str, float]]:
+             timestamp: int | None = None, batch_size: int | None = None,
+             seen: bool = False) -> list[tuple[str, float]]:
         """The candidates (item ids) by P(click) for the user, best first, the first `top`
         (all by default). timestamp: the moment to rank at (default: one second after the
-        latest interaction known, so the user's whole history counts). An item listed twice
-        (also as "7" and "07" in MovieLens) raises ServingError: ranked twice it took two
-        places, and dropping one would leave fewer rows than candidates."""
+        latest interaction known, so the user's whole history counts). Candidates the user
+        rated before it are left out, as a recommender leaves out what the user already
+        has, so fewer may come back than were given; seen=True ranks them too, each scored
+        as score_table scores a seen row (its own rating left out of its history). An item
+        listed twice (also as "7" and "07" in MovieLens) raises ServingError: ranked twice
+        it took two places, and dropping one would leave fewer rows than candidates."""
         cands = [_as_id(c, f"rank: candidates[{i}]", "item_id")
                  for i, c in enumerate(candidates)]
         where = [f"rank: candidates[{i}]" for i in range(len(cands))]
         if not cands:
             return []
+        items = self._items(np.asarray(cands, dtype=object), where)
         first: dict[int, int] = {}
-        for j, i in enumerate(self._items(np.asarray(cands, dtype=object), where)):
+        for j, i in enumerate(items):
             k = first.setdefault(int(i), j)
             if k != j:
                 raise ServingError(f"{where[j]}: item_id {cands[j]!r} repeats candidates[{k}] "
@@ -785,10 +877,19 @@ class Recommender:
                                    "item once")
         if top is not None and (not isinstance(top, int) or top < 1):
             raise ServingError(f"top must be an int >= 1, got {top!r}")
+        ids_now = self._ids  # once: the same store decides what was seen and the default time
         if timestamp is None:
-            timestamp = int(self._ids.store.time.max()) + 1
+            timestamp = int(ids_now.store.time.max()) + 1
+        timestamp = _as_int(timestamp, "rank", "timestamp")
         uid = _as_id(user_id, "rank", "user_id")
-        self._keys(np.asarray([uid], dtype=object), ["rank"], "user_id")  # named as rank's
+        users, _, _ = self._users(np.asarray([uid], dtype=object), ["rank"], ids_now,
+                                  register=False)  # its errors named as rank's
+        if not seen:
+            earlier = ids_now.store.rated_before(np.repeat(users, items.size), items,
+                                                 np.full(items.size, timestamp, np.int64))
+            cands = [c for c, row in zip(cands, earlier) if row < 0]
+            if not cands:
+                return []
         table = {"user_id": [uid] * len(cands), "item_id": cands,
                  "timestamp": [timestamp] * len(cands)}
         scores = self.score(table, batch_size=batch_size)
@@ -801,8 +902,11 @@ class Recommender:
         """Append interactions (user_id, item_id, timestamp, rating) to the histories the next
         score reads; new users are registered (cold start: no trained CRM embedding). No
         weight changes. Returns how many were added. A rating off the dataset's scale (its
-        lowest to highest rating, in whole or half stars as it has them) raises ServingError
-        naming the row, and nothing is taken in."""
+        lowest to highest rating, in whole or half stars as it has them), or of a (user,
+        item) pair already rated (in the dataset, by an earlier observe or in this call),
+        raises ServingError naming the row, and nothing is taken in: one rating per pair, as
+        the dataset has (a second put the item, with its rating, into the history of its own
+        requests and took two of the prompt's places)."""
         obs = read_table(interactions, OBSERVE_COLUMNS, "interactions")
         n = obs["user_id"].size
         if n == 0:
@@ -814,6 +918,7 @@ class Recommender:
             before = self._ids
             users, _, ids = self._users(obs["user_id"], obs["__where"], before, register=True)
             st = before.store
+            self._check_pairs(st, users, items, obs)
             store = _Store(np.concatenate([st.user, users]), np.concatenate([st.item, items]),
                            np.concatenate([st.rating, ratings.astype(np.float32)]),
                            np.concatenate([st.time, obs["timestamp"]]),
@@ -822,6 +927,29 @@ class Recommender:
             self._ids = dataclasses.replace(ids, store=store)  # one assignment: see _Ids
             self.n_observed += n
         return n
+
+    def _check_pairs(self, store: _Store, users: np.ndarray, items: np.ndarray,
+                     obs: dict[str, np.ndarray]) -> None:
+        """Interactions to observe rate pairs the store does not hold, each pair once: else
+        ServingError naming the row, the ids and the rating held (see observe)."""
+        rule = ("one rating per (user, item) pair, as in the dataset (a second one would "
+                "show the item, rated, in the history of its own requests)")
+        held = store.rated(users, items)
+        if (held >= 0).any():
+            j = int(np.argmax(held >= 0))
+            r = held[j]
+            source = "the dataset's" if r < self.ds.n_interactions else "an earlier observe's"
+            raise ServingError(
+                f"{obs['__where'][j]}: user_id {obs['user_id'][j]!r} already rated item_id "
+                f"{obs['item_id'][j]!r} ({source} interaction: rating {store.rating[r]:g} at "
+                f"timestamp {store.time[r]}); {rule}")
+        first: dict[int, int] = {}
+        for j, key in enumerate((users * PAIR_KEY + items).tolist()):
+            k = first.setdefault(key, j)
+            if k != j:
+                raise ServingError(
+                    f"{obs['__where'][j]}: user_id {obs['user_id'][j]!r} rates item_id "
+                    f"{obs['item_id'][j]!r} again ({obs['__where'][k]} rates it too); {rule}")
 
     def fork(self) -> Recommender:
         """A copy sharing the loaded models, with its own interaction store (observe on one
@@ -904,11 +1032,18 @@ def _type_name(hint: Any) -> str:
     return "null" if hint is type(None) else hint.__name__
 
 
+# Options added to RunConfig and Stage2Config after folders were made, with the value those
+# folders ran under (the default then): such a folder serves as it was trained.
+_ADDED_OPTIONS = {"loss": "pair"}
+
+
 def _read_config(run: Path):
     from reclora.pipeline import RunConfig
 
     path = run / "run_config.json"
     raw = _read_json(path, "every run writes it first")
+    for key, value in _ADDED_OPTIONS.items():  # a folder made before the option existed
+        raw.setdefault(key, value)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     unknown, missing = sorted(set(raw) - fields), sorted(fields - set(raw))
     if unknown or missing:
@@ -1014,13 +1149,18 @@ def _rank_main(argv: list[str]) -> int:
     p.add_argument("--top", type=int_at_least(1), default=None, help="keep the best N")
     p.add_argument("--timestamp", type=int_at_least(0), default=None,
                    help="rank as of this Unix time (default: after the latest interaction)")
+    p.add_argument("--seen", action="store_true",
+                   help="also rank the candidates the user rated before that time (left out "
+                   "by default), each scored without its own rating in its history")
     p.add_argument("--output", "-o", default=None, help="CSV (default: stdout)")
     a = p.parse_args(argv)
     cands = _candidates(a.candidates)
     rec = _load(a)
     t = time.perf_counter()
-    ranked = rec.rank(a.user, cands, top=a.top, timestamp=a.timestamp)
+    ranked = rec.rank(a.user, cands, timestamp=a.timestamp, seen=a.seen)
     wall = time.perf_counter() - t
+    left_out = len(cands) - len(ranked)
+    ranked = ranked[:a.top]
     cold = rec.is_cold(a.user)
     table = {"rank": list(range(1, len(ranked) + 1)), "user_id": [a.user] * len(ranked),
              "item_id": [i for i, _ in ranked], "score": [s for _, s in ranked],
@@ -1034,8 +1174,11 @@ def _rank_main(argv: list[str]) -> int:
         for i in range(len(ranked)):
             w.writerow([table["rank"][i], a.user, table["item_id"][i],
                         f"{table['score'][i]:.10g}", int(cold)])
-    print(f"ranked {len(cands)} candidates for user {a.user}{' (cold start)' if cold else ''} "
-          f"in {wall:.1f} s" + (f"; wrote {a.output}" if a.output else ""), file=sys.stderr)
+    note = (f"; left out {left_out} the user already rated (--seen ranks them)"
+            if left_out else "")
+    print(f"ranked {len(cands) - left_out} candidates for user {a.user}"
+          f"{' (cold start)' if cold else ''} in {wall:.1f} s{note}"
+          + (f"; wrote {a.output}" if a.output else ""), file=sys.stderr)
     return 0
 
 

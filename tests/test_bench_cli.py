@@ -287,6 +287,14 @@ def test_distinct_user_requests_counts(capsys):
             bs.distinct_user_requests(rec, n)
 
 
+def test_the_observed_item_is_one_the_user_never_rated():
+    """bench_serving's observe step: serving refuses a second rating of a pair."""
+    rec = fake_recommender(5)  # user u0 rated items 0 and 1
+    assert bs.unrated_item(rec, "u0") == "i2"
+    assert bs.unrated_item(rec, "u3") == "i1"  # rated items 6 and 0 (rows 6, 7 mod 7)
+    assert bs.unrated_item(rec, "new") == "i0"
+
+
 # --- gpu_targets, tune_triton -----------------------------------------------------------------
 
 

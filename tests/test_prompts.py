@@ -186,3 +186,71 @@ def test_smollm2_chat_template_and_truncation(datasets) -> None:
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     assert "You should ONLY tell me yes or no.<|im_end|>" in text
     assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 160
+
+
+# -------------------------------------------- the dataset's rating scale and label rule
+# sha256 of the prompts of every 97th real ML-100K sample (its last 6 history items), per
+# variant, as the hard-coded "(1-5 stars)" / ">= 4" templates wrote them: the default run's
+# model was trained on these bytes (a lineage audit, finding 4).
+ML100K_PROMPTS_SHA256 = {
+    "compact+summary": "d7d6befdf2cba84c8417ac36a73bd91a14d5ee1c9c90847a618e79625438e20a",
+    "summary": "11a9bc99e7bc27db97ac56747cb5cc4da0c2ea23fb006c37a20278d00b8e6ca7",
+    "compact": "5b6f9858aadc4a23643608f33d46b53b8e773c0aac1aa667b7fe686dc1209b71",
+    "genres+summary+target-first":
+        "a2d47b6900cdf1b0de13b6387033c6ce258d1d6229b11b6c0cd87a926c0d7a6e",
+}
+
+
+def test_ml100k_prompts_are_byte_identical_to_the_trained_ones() -> None:
+    import hashlib
+
+    ds = load_dataset("ml-100k")  # the real data (every run's default)
+    samples = ds.samples[::97]
+    assert samples.size == 967
+    for variant, want in ML100K_PROMPTS_SHA256.items():
+        h = hashlib.sha256()
+        for i in samples:
+            items, ratings, _ = ds.history(int(i))
+            text = prompt_parts(ds, int(i), items[-6:], ratings[-6:], variant=variant).text()
+            h.update(text.encode() + b"\0")
+        assert h.hexdigest() == want, variant
+
+
+def _ml25m_user(ratings: list[float]):
+    """An ML-25M-format dataset of one user rating movies 0..n-1 in that order, and one
+    other user (for the split)."""
+    from reclora.data.splits import RawData, build_dataset
+
+    n = len(ratings)
+    raw = RawData(name="syn25m", source="ml-25m", kind="movie",
+                  user=np.array([0] * n + [1] * n), item=np.array(list(range(n)) * 2),
+                  rating=np.array(ratings + [4.0] * n), time=np.arange(100, 100 + 2 * n),
+                  items={str(i): {"title": f"Movie {i} (2000)", "genres": ["Drama"]}
+                         for i in range(n)})
+    return build_dataset(raw, min_history=1, core=1, split=(0.4, 0.3, 0.3))
+
+
+def test_the_summary_and_scale_follow_the_datasets_rule(datasets) -> None:
+    """ML-25M rates 0.5 to 5 and labels rating > 3 positive: the prompt said "(1-5 stars)"
+    and counted ">= 4" (here 0 of the 4 positives shown)."""
+    ds = _ml25m_user([3.5, 5.0, 0.5, 3.5, 3.5, 3.0, 4.0])
+    assert ds.label_rule == "rating > 3"
+    i = int(np.flatnonzero((ds.user == 0) & (ds.item == 5))[0])
+    items, ratings, _ = ds.history(i)
+    assert ratings.tolist() == [3.5, 5.0, 0.5, 3.5, 3.5]
+    lines = prompt_parts(ds, i, items, ratings, variant="compact+summary").text().split("\n")
+    assert lines[0] == "Movies the user rated (0.5-5 stars):"
+    assert lines[3] == "3. Movie 2 (2000): 0.5 stars"
+    assert lines[-2] == ("The user rated 4 of these 5 movies more than 3 stars (average 3.2 "
+                         "stars).")
+    assert prompt_parts(ds, i, items[:1], ratings[:1], variant="summary").text().split(
+        "\n")[-4] == "The user rated 1 of these 1 movies more than 3 stars (average 3.5 stars)."
+    # ML-1M and GoodReads (1-5 stars, rating >= 4) keep the ML-100K wording.
+    for name, noun in (("ml-1m", "movies"), ("goodreads", "books")):
+        ds = datasets[name]
+        i = _sample_with_history(ds)
+        items, ratings, _ = ds.history(i)
+        text = prompt_parts(ds, i, items, ratings, variant="compact+summary").text()
+        assert "rated (1-5 stars):\n" in text
+        assert (f"rated {int(np.sum(ratings >= 4))} of these {len(items)} {noun} 4 stars or "
+                "more (average") in text

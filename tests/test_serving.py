@@ -27,7 +27,7 @@ from tiny_llm import TINY_RUN as TINY
 from tiny_llm import save_tiny_model
 
 from reclora.pipeline import main as run_main
-from reclora.serving import Recommender, RunFolderError, ServingError, read_table
+from reclora.serving import Recommender, RunFolderError, ServingError, _Store, read_table
 
 
 @pytest.fixture(scope="module")
@@ -247,12 +247,136 @@ def test_rank_orders_candidates_by_score(rec) -> None:
     assert all(full[i] == s for i, s in ranked)
 
 
+# ------------------------------------------------------ items the user already rated
+def _last_rated(rec: Recommender, user: str) -> tuple[int, str, int]:
+    """(store row, item id, time) of the user's latest rating in the dataset."""
+    st = rec._ids.store
+    mine = np.flatnonzero(st.user == rec.ds.user_raw_id.tolist().index(user))
+    row = int(mine[np.argmax(st.time[mine])])
+    return row, str(rec.ds.item_raw_id[st.item[row]]), int(st.time[row])
+
+
+def _without_row(rec: Recommender, row: int) -> Recommender:
+    """A fork whose store never held interaction `row`."""
+    import dataclasses
+
+    st, keep = rec._ids.store, np.arange(rec._ids.store.user.size) != row
+    fork = rec.fork()
+    fork._ids = dataclasses.replace(fork._ids, store=_Store(
+        st.user[keep], st.item[keep], st.rating[keep], st.time[keep], st.label[keep],
+        st.n_users))
+    return fork
+
+
+def test_observe_refuses_a_pair_already_rated(rec) -> None:
+    """The dataset refuses a (user, item) pair rated twice (a label leak); observe took a
+    second rating silently, and both copies then filled the prompt's history."""
+    user, item, t = _known_user_and_item(rec)  # the user rated `item` at t (a test sample)
+    stored = rec._ids.store.rating[rec._ids.store.rated(
+        *[np.array([rec.ds.user_raw_id.tolist().index(user)]),
+          np.array([rec.ds.item_raw_id.tolist().index(item)])])[0]]
+    new = _unrated_item(rec, user)
+    ok = {"user_id": "900001", "item_id": new, "timestamp": t, "rating": 5}
+    with pytest.raises(ServingError, match=(
+            rf"interactions row 1: user_id '0{user}' already rated item_id '{item}' \(the "
+            rf"dataset's interaction: rating {stored:g} at timestamp {t}\); one rating per "
+            r"\(user, item\) pair, as in the dataset")):
+        rec.observe([ok, {"user_id": "0" + user, "item_id": item, "timestamp": t + 9,
+                          "rating": 1}])
+    with pytest.raises(ServingError, match=r"interactions row 1: user_id '900001' rates "
+                                           rf"item_id '0{new}' again \(interactions row 0 "
+                                           r"rates it too\)"):
+        rec.observe([ok, dict(ok, item_id="0" + new, timestamp=t + 1)])
+    assert rec.n_observed == 0 and rec._ids.new_users == []  # nothing taken in
+    assert rec.observe([ok]) == 1
+    with pytest.raises(ServingError, match=rf"interactions row 0: user_id '900001' already "
+                                           rf"rated item_id '{new}' \(an earlier observe's "
+                                           rf"interaction: rating 5 at timestamp {t}\)"):
+        rec.observe([dict(ok, timestamp=t + 5, rating=1)])
+    assert rec.n_observed == 1
+
+
+def test_a_seen_target_is_scored_without_itself_in_its_history(rec, monkeypatch) -> None:
+    """A request for an item its user rated before the request's time put that item, with
+    its rating, into its own prompt and the CRM's history. It is scored as if the rating
+    had never been stored (same tokens, same h_u), flagged `seen`; the other rows of the
+    table are scored exactly as without it."""
+    user, _, _ = _known_user_and_item(rec)
+    assert not rec.is_cold(user)  # the CRM reads its trained id embedding
+    row, item, t_item = _last_rated(rec, user)
+    later = int(rec._ids.store.time.max()) + 1
+    test = {k: v[:4] for k, v in rec.test_requests().items()}
+    mixed = {k: np.concatenate([test[k], np.asarray(v, dtype=test[k].dtype)]) for k, v in
+             {"user_id": [user, user], "item_id": [item, item],
+              "timestamp": [later, t_item]}.items()}
+    table = rec.score_table(mixed)
+    tokens, reps = rec.last_inputs["tokens"], rec.last_inputs["user_reps"]
+    assert table["seen"].tolist() == [0, 0, 0, 0, 1, 0]  # rated at t_item: not before it
+    # No row's history holds its own target.
+    ids = rec._ids
+    users, temp, _ = rec._users(mixed["user_id"], ["x"] * 6, ids, register=False)
+    items = rec._items(mixed["item_id"], ["x"] * 6)
+    own = ids.store.rated_before(users, items, mixed["timestamp"])
+    view, samples, hl, _ = rec._view(users, items, mixed["timestamp"], temp, ids, own)
+    for s in samples:
+        assert view.item[s] not in view.history(int(s))[0]
+    assert np.array_equal(hl, table["history_len"])
+    # The seen row reads what a store without that rating gives (tokens, h_u, score).
+    alone = rec.score_table({k: v[4:5] for k, v in mixed.items()})
+    alone_reps = rec.last_inputs["user_reps"]
+    never = _without_row(rec, row)
+    ref = never.score_table({k: v[4:5] for k, v in mixed.items()})
+    assert ref["seen"][0] == 0 and alone["seen"][0] == 1
+    assert tokens[4] == never.last_inputs["tokens"][0]
+    assert torch.equal(alone_reps, never.last_inputs["user_reps"])
+    assert alone["score"][0] == ref["score"][0]
+    assert table["history_len"][4] == ref["history_len"][0]
+    # The other rows get the inputs they got before seen rows were told apart (the CRM's
+    # batch the same shape; the LLM's scores may move by its batch rounding, see load).
+    with monkeypatch.context() as m:
+        m.setattr(_Store, "rated_before", lambda self, u, i, t: np.full(u.size, -1))
+        leaky = rec.score_table(mixed)
+        assert leaky["history_len"][4] == table["history_len"][4] + 1
+    unseen = [0, 1, 2, 3, 5]
+    assert [tokens[j] for j in unseen] == [rec.last_inputs["tokens"][j] for j in unseen]
+    assert torch.equal(reps[unseen], rec.last_inputs["user_reps"][unseen])
+    # A new user's observed item is theirs too.
+    rec.observe([{"user_id": "900001", "item_id": item, "timestamp": 5, "rating": 4},
+                 {"user_id": "900001", "item_id": "50", "timestamp": 6, "rating": 2}])
+    new = rec.score_table({"user_id": ["900001"], "item_id": [item], "timestamp": [7]})
+    assert new["seen"][0] == 1 and new["history_len"][0] == 1 and new["cold_start"][0] == 1
+
+
+def test_rank_leaves_out_the_candidates_the_user_rated(rec) -> None:
+    """rank's default time is after every interaction: each candidate the user had rated
+    was ranked with its own rating in its prompt."""
+    user, _, _ = _known_user_and_item(rec)
+    _, item, t_item = _last_rated(rec, user)
+    fresh = [_unrated_item(rec, user)] + [str(v) for v in rec.ds.item_raw_id[-2:]]
+    assert item not in fresh
+    ranked = rec.rank(user, [fresh[0], item, fresh[1]])
+    assert {i for i, _ in ranked} == {fresh[0], fresh[1]}
+    assert ranked == rec.rank(user, fresh[:2])  # scored as if never asked
+    assert rec.rank(user, [item]) == []
+    both = rec.rank(user, [fresh[0], item, fresh[1]], seen=True)
+    assert {i for i, _ in both} == {fresh[0], item, fresh[1]}
+    # Before the rating it is not seen.
+    assert [i for i, _ in rec.rank(user, [item], timestamp=t_item)] == [item]
+
+
 # ---------------------------------------------------------------------------- ids
 def _known_user_and_item(rec: Recommender) -> tuple[str, str, int]:
     """A test request's (user, item, time) whose user the CRM trained on (not cold)."""
     req = rec.test_requests()
     j = next(j for j, u in enumerate(req["user_id"]) if not rec.is_cold(u))
     return str(req["user_id"][j]), str(req["item_id"][j]), int(req["timestamp"][j])
+
+
+def _unrated_item(rec: Recommender, user: str) -> str:
+    """An item the dataset's user never rated."""
+    u = rec.ds.user_raw_id.tolist().index(user)
+    rated = set(rec.ds.item[rec.ds.user == u].tolist())
+    return str(next(v for i, v in enumerate(rec.ds.item_raw_id) if i not in rated))
 
 
 def test_a_padded_movielens_id_is_the_datasets_user_and_item(rec) -> None:
@@ -268,9 +392,10 @@ def test_a_padded_movielens_id_is_the_datasets_user_and_item(rec) -> None:
     assert np.allclose(table["score"], table["score"][0], rtol=0, atol=1e-6)
     assert not rec.is_cold("0" + user)
     # Ids come back as given (as score_table echoes its requests').
-    assert rec.rank("0" + user, ["0" + item]) == [("0" + item, rec.rank(user, [item])[0][1])]
+    other = _unrated_item(rec, user)  # rank leaves out `item`: the user rated it
+    assert rec.rank("0" + user, ["0" + other]) == [("0" + other,
+                                                   rec.rank(user, [other])[0][1])]
     # observe: a padded id is the known user (no new user registered), its item the item.
-    other = next(str(v) for v in rec.ds.item_raw_id if str(v) != item)
     assert rec.observe([{"user_id": "0" + user, "item_id": "00" + other, "timestamp": t - 1,
                          "rating": 5}]) == 1
     assert rec._ids.new_users == []
@@ -320,7 +445,7 @@ def test_rank_refuses_a_repeated_candidate(rec) -> None:
         rec.rank(user, [item, other, item])
     with pytest.raises(ServingError, match=rf"candidates\[1\]: item_id '0{item}' repeats"):
         rec.rank(user, [item, "0" + item])  # the same MovieLens item
-    assert len(rec.rank(user, [item, other])) == 2
+    assert len(rec.rank(user, [item, other], seen=True)) == 2  # the user rated `item`
 
 
 # ------------------------------------------------------------------------ bad input
@@ -350,7 +475,7 @@ def test_observe_refuses_a_rating_off_the_datasets_scale(rec, rating) -> None:
     """ML-100K's ratings are 1..5 whole stars: 1e30 became the CRM's lowest rating level and
     a positive label, 50 the prompt's "50 stars"."""
     assert rec.rating_scale == (1.0, 5.0, 1.0)
-    item = str(rec.ds.item_raw_id[0])
+    item = _unrated_item(rec, "1")  # a second rating of a pair is refused on its own
     rows = [{"user_id": "900001", "item_id": item, "timestamp": 5, "rating": 5},
             {"user_id": "1", "item_id": item, "timestamp": 5, "rating": rating}]
     shown = re.escape(f"{rating:g}")
@@ -447,6 +572,18 @@ def test_a_bad_run_folder_names_the_file(tiny_run, tmp_path, rel, data, match) -
     assert rel.split("/")[-1] in str(err.value)
 
 
+def test_a_folder_made_before_the_loss_option_serves(tiny_run, tmp_path) -> None:
+    """run_config.json and stage2_config.json without `loss` (folders made before the
+    option, all trained with "pair"): served as before, not refused as another version."""
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    for rel in ("run_config.json", "reclora/stage2_config.json"):
+        cfg = json.loads((out / rel).read_text())
+        assert cfg.pop("loss") == "pair"
+        (out / rel).write_text(json.dumps(cfg))
+    assert Recommender.load(out).cfg.loss == "pair"
+
+
 def test_adapters_replaced_while_they_load_are_refused(tiny_run, tmp_path,
                                                        monkeypatch) -> None:
     """Other adapters loaded, the recorded ones put back before the digest is taken: a
@@ -484,7 +621,8 @@ def test_cli_score_and_rank(tiny_run, tmp_path, capsys) -> None:
     with open(out, newline="") as fh:
         got = list(csv.DictReader(fh))
     assert list(got[0]) == ["user_id", "item_id", "timestamp", "score", "cold_start",
-                            "history_len"]
+                            "history_len", "seen"]
+    assert {g["seen"] for g in got} == {"0"}
     assert np.abs(np.asarray([float(g["score"]) for g in got])
                   - np.asarray([float(r["reclora"]) for r in rows])).max() <= 1e-5
 
@@ -494,6 +632,19 @@ def test_cli_score_and_rank(tiny_run, tmp_path, capsys) -> None:
                  "--no-progress"]) == 0
     lines = ranked.read_text().splitlines()
     assert lines[0] == "rank,user_id,item_id,score,cold_start" and len(lines) == 3
+    # A candidate the user rated is left out, and said so; --seen ranks it.
+    rec = Recommender.load(tiny_run)
+    user = rows[0]["user_id"]
+    _, item, _ = _last_rated(rec, user)
+    for flag, n in (([], 1), (["--seen"], 2)):
+        capsys.readouterr()
+        assert main(["rank", "--run", str(tiny_run), "--user", user, "--candidates",
+                     f"{item},{_unrated_item(rec, user)}", "--top", "2", "--output",
+                     str(ranked), "--no-progress", *flag]) == 0
+        assert len(ranked.read_text().splitlines()) == 1 + n
+        err = capsys.readouterr().err
+        assert (f"ranked 1 candidates for user {user}" in err and "left out 1 the user "
+                "already rated (--seen ranks them)" in err) if n == 1 else "left out" not in err
 
 
 def test_cli_errors_are_one_line(tiny_run, tmp_path, capsys) -> None:

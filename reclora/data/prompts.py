@@ -20,13 +20,16 @@ the generation prompt), else by the Vicuna v1.1 wrapper the paper used:
 Variants (``variant=``, for the recipe search of issue 14; "default" is the template above):
 
 - "genres": each history line and the target also show the item's genres, "Title [G1, G2]".
-- "summary": after the list, one line counting the shown ratings: "He rated 3 of these 5
-  movies 4 stars or more (average 3.8 stars)." (the base rate of this user, spelled out).
+- "summary": after the list, one line counting the shown ratings that are positive under
+  the dataset's label rule: "He rated 3 of these 5 movies 4 stars or more (average 3.8
+  stars)." (ML-100K, ML-1M, GoodReads: rating >= 4), "... more than 3 stars ..." (ML-25M:
+  rating > 3), the base rate of this user under the label the model is trained on.
 - "target-first": the target movie is named before the history ("Will he like the movie
   ***T***? He watched ..."), so every history line is read knowing the target.
 - "compact": a short template (about 70 fewer tokens with SmolLM2's chat template): no
-  profile, "Movies he rated (1-5 stars):", lines "Title: N stars", "Will he like ***T***?
-  Answer yes or no." Fewer tokens, faster steps.
+  profile, "Movies he rated (1-5 stars):" (the dataset's rating range: "(0.5-5 stars)" on
+  ML-25M), lines "Title: N stars", "Will he like ***T***? Answer yes or no." Fewer tokens,
+  faster steps.
 - Flags combine with "+": "genres+summary", "compact+summary", ...
 
 Truncation keeps the question whole: with ``max_tokens`` set, the oldest history lines are
@@ -36,6 +39,7 @@ prompt fits; if even no history does not fit, it raises instead of cutting the q
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +74,42 @@ def answer_text(label: int) -> str:
 def stars(r: float) -> str:
     """ "4 stars", "1 star", "3.5 stars" (ML-25M has half stars)."""
     return f"{r:g} star" + ("" if r == 1 else "s")
+
+
+def parse_label_rule(rule: str) -> tuple[str, float]:
+    """(operator, threshold) of a dataset's ``label_rule``: "rating >= 4" -> (">=", 4.0)."""
+    parts = str(rule).split()
+    if len(parts) == 3 and parts[0] == "rating" and parts[1] in (">=", ">"):
+        try:
+            return parts[1], float(parts[2])
+        except ValueError:
+            pass
+    raise ValueError(f"label rule {rule!r} is not 'rating >= X' or 'rating > X'")
+
+
+def positive_words(rule: str) -> tuple[Any, str]:
+    """(is_positive(rating), its words) under a label rule: ">= 4" is "4 stars or more",
+    "> 3" is "more than 3 stars"."""
+    op, thr = parse_label_rule(rule)
+    if op == ">=":
+        return (lambda r: r >= thr), f"{stars(thr)} or more"
+    return (lambda r: r > thr), f"more than {stars(thr)}"
+
+
+# (weak reference to a dataset's ratings, their range): one dataset's at a time, so that a
+# batch's prompts scan its ratings once (25M on ML-25M), without keeping them alive.
+_RANGE: list[Any] = [None]
+
+
+def rating_range(dataset: RecDataset) -> tuple[float, float]:
+    """(lowest, highest) rating of the dataset's rated interactions. Read from its history
+    arrays: in a serving view the requests, whose ratings are unknown (0), are not in them."""
+    ratings = dataset.hist_rating
+    cached = _RANGE[0]
+    if cached is None or cached[0]() is not ratings:
+        low, high = float(ratings.min()), float(ratings.max())
+        cached = _RANGE[0] = (weakref.ref(ratings), (low, high))
+    return cached[1]
 
 
 def vicuna_wrap(text: str) -> str:
@@ -148,7 +188,8 @@ def prompt_parts(dataset: RecDataset, sample: int, history_items: np.ndarray,
     parts = PromptParts(header, lines, empty, question)
     if "compact" in flags:
         target_title = title(target)
-        header = f"{plural.capitalize()} {subj} rated (1-5 stars):"
+        low, high = rating_range(dataset)
+        header = f"{plural.capitalize()} {subj} rated ({low:g}-{high:g} stars):"
         empty = f"{subj_cap} has not rated any {plural} before."
         question = f"Will {subj} like the {kind} ***{target_title}***? Answer yes or no."
         lines = [f"{title(int(i))}: {stars(float(r))}" for i, r in zip(items, ratings)]
@@ -157,9 +198,10 @@ def prompt_parts(dataset: RecDataset, sample: int, history_items: np.ndarray,
         parts.prefix = f"Will {subj} like the {kind} ***{title(target)}***?"
     if "summary" in flags:
         parts.ratings = [float(r) for r in ratings]
+        positive, words = positive_words(dataset.label_rule)  # the label the model learns
         parts.summary = lambda rs: (
-            f"{subj_cap} rated {sum(r >= 4 for r in rs)} of these {len(rs)} {plural} 4 stars "
-            f"or more (average {np.mean(rs):.1f} stars).")
+            f"{subj_cap} rated {sum(positive(r) for r in rs)} of these {len(rs)} {plural} "
+            f"{words} (average {np.mean(rs):.1f} stars).")
     return parts
 
 
