@@ -746,7 +746,6 @@ class Recommender:
         return view, np.arange(n0, n0 + r, dtype=np.int64), hl, real
 
     # ------------------------------------------------------------------ serving
-    @_outside_autocast
     def score_table(self, requests: Any, *, batch_size: int | None = None,
                     progress: bool | None = None) -> dict[str, np.ndarray]:
         """{user_id, item_id, timestamp, score, cold_start, history_len, seen} for a table
@@ -759,6 +758,14 @@ class Recommender:
         never shows an item in its own history, and the model never learnt to answer with
         the answer in the prompt. Every other row reads the inputs it read before this flag
         existed. self.timings gets the split of the time by stage."""
+        return self._score_table(requests, self._ids, batch_size=batch_size,
+                                 progress=progress)
+
+    @_outside_autocast
+    def _score_table(self, requests: Any, ids_now: _Ids, *, batch_size: int | None,
+                     progress: bool | None) -> dict[str, np.ndarray]:
+        """score_table on one snapshot of the ids and the store (`ids_now`; an observe
+        meanwhile publishes a new one): rank decides what was seen on the same snapshot."""
         import torch
 
         from reclora import pipeline as pl
@@ -774,7 +781,6 @@ class Recommender:
         if n == 0:
             return out
         items = self._items(req["item_id"], req["__where"])
-        ids_now = self._ids  # once: an observe meanwhile publishes a new one
         users, temp, _ = self._users(req["user_id"], req["__where"], ids_now, register=False)
         marks = [("parse_s", time.perf_counter())]
         own = ids_now.store.rated_before(users, items, req["timestamp"])
@@ -892,7 +898,7 @@ class Recommender:
                 return []
         table = {"user_id": [uid] * len(cands), "item_id": cands,
                  "timestamp": [timestamp] * len(cands)}
-        scores = self.score(table, batch_size=batch_size)
+        scores = self._score_table(table, ids_now, batch_size=batch_size, progress=None)["score"]
         order = np.argsort(-scores, kind="stable")
         if top is not None:
             order = order[:top]

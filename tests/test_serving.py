@@ -364,6 +364,30 @@ def test_rank_leaves_out_the_candidates_the_user_rated(rec) -> None:
     assert [i for i, _ in rec.rank(user, [item], timestamp=t_item)] == [item]
 
 
+def test_rank_reads_one_snapshot_while_another_thread_observes(rec, monkeypatch) -> None:
+    """An observe landing between rank's seen check and its scoring (another thread): the
+    whole rank reads the store as it was when rank began, as if it ran first."""
+    user, _, _ = _known_user_and_item(rec)
+    u = rec.ds.user_raw_id.tolist().index(user)
+    rated = set(rec.ds.item[rec.ds.user == u].tolist())
+    first = next(i for i in range(rec.ds.n_items) if i not in rated)
+    free = [str(v) for i, v in enumerate(rec.ds.item_raw_id) if i not in rated][:3]
+    t = int(rec.ds.time.max()) + 100
+    alone = rec.fork().rank(user, free, timestamp=t)
+    store_type = type(rec._ids.store)
+    real = store_type.rated_before
+
+    def then_observe(store, *args, **kwargs):  # right after rank's seen check
+        out = real(store, *args, **kwargs)
+        if rec._ids.store.rated(np.asarray([u]), np.asarray([first]))[0] < 0:
+            rec.observe([{"user_id": user, "item_id": free[0], "timestamp": t - 50,
+                          "rating": 5}])
+        return out
+
+    monkeypatch.setattr(store_type, "rated_before", then_observe)
+    assert rec.rank(user, free, timestamp=t) == alone
+
+
 # ---------------------------------------------------------------------------- ids
 def _known_user_and_item(rec: Recommender) -> tuple[str, str, int]:
     """A test request's (user, item, time) whose user the CRM trained on (not cold)."""
