@@ -203,8 +203,12 @@ class TokenStore(Sequence):
     def __len__(self) -> int:
         return self.offsets.size - 1
 
-    def __getitem__(self, i: int) -> list[int]:
+    def __getitem__(self, i: int | slice) -> list[int] | TokenStore:
+        """Prompt i's ids as a list (negative i counts from the end); a slice gives the
+        store of those prompts, as a list of token lists gave a list."""
         n = len(self)
+        if isinstance(i, slice):
+            return self.take(np.arange(n)[i])
         i = operator.index(i)
         if not -n <= i < n:
             raise IndexError(f"prompt {i} out of range for {n} prompts")
@@ -212,12 +216,14 @@ class TokenStore(Sequence):
         return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
 
     def take(self, idx: np.ndarray) -> TokenStore:
-        """The store of prompts idx[0], idx[1], ... (a copy), gathered in blocks so that the
-        index array never spans the whole store."""
+        """The store of prompts idx[0], idx[1], ... (a copy; negative indices count from the
+        end), gathered in blocks so that the index array never spans the whole store."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if idx.size and not (0 <= idx.min() and idx.max() < len(self)):
-            raise IndexError(f"take: indices must be in [0, {len(self)}), got {idx.min()} to "
+        n = len(self)
+        if idx.size and not (-n <= idx.min() and idx.max() < n):
+            raise IndexError(f"take: indices must be in [-{n}, {n}), got {idx.min()} to "
                              f"{idx.max()}")
+        idx = np.where(idx < 0, idx + n, idx)
         starts = self.offsets[idx]
         lengths = self.offsets[idx + 1] - starts
         offsets = np.zeros(idx.size + 1, dtype=np.int64)

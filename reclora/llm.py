@@ -635,11 +635,13 @@ class LLMCTR(nn.Module):
         if max_length is not None and max_length <= len(self.affixes[0]):
             raise ValueError(f"max_length must exceed the {len(self.affixes[0])} special "
                              f"tokens the tokenizer puts first, got {max_length}")
-        if answer_prompt is None:
-            answer_prompt = self.default_answer_prompt(tokenizer)
         if answer_ids is None:
+            if answer_prompt is None:
+                answer_prompt = self.default_answer_prompt(tokenizer)
             answer_ids = answer_token_ids(tokenizer, answer_prompt,
                                           add_special_tokens=add_special_tokens)
+        elif answer_prompt is None:  # only the head check reads it: any text will do, and
+            answer_prompt = "USER: Hi ASSISTANT:"  # a chat template may refuse this message
         vocab = head.weight.shape[0]
         if not all(0 <= int(i) < vocab for i in answer_ids) or answer_ids[0] == answer_ids[1]:
             raise ValueError(f"answer_ids must be two distinct ids in [0, {vocab}), "

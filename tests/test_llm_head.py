@@ -161,3 +161,14 @@ def test_special_tokens_that_are_not_around_the_text_are_refused() -> None:
 
     with pytest.raises(ValueError, match="add_special_tokens"):
         special_token_affixes(mangling)
+
+
+def test_explicit_answer_ids_need_no_chat_template() -> None:
+    """With answer_ids given, the head check runs on plain text: a chat template that
+    refuses a lone user message (rendered only to find the answer ids) is never rendered."""
+    tok = tiny_tokenizer(["USER : Hi ASSISTANT : Yes No"])
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a "
+                         "system message must come first') }}{% endif %}")
+    ids = tuple(tok.convert_tokens_to_ids(["No", "Yes"]))
+    ctr = LLMCTR(tiny_llama(len(tok)), tok, answer_ids=ids)
+    assert tuple(ctr.answer_ids) == ids

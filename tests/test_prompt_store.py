@@ -121,10 +121,15 @@ def test_token_store_reads_back_its_lists() -> None:
     assert list(st.take(idx)) == [lists[i] for i in idx]
     assert list(TokenStore.concat([st, st.take([2])])) == lists + [[7]]
     assert list(TokenStore.concat([])) == [] and list(st.take([])) == []
+    # As a list of lists: slices and negative indices (CTRData.tokens was one).
+    assert list(st[1:3]) == lists[1:3] and list(st[::-2]) == lists[::-2]
+    assert list(st.take([-1, -4])) == [lists[-1], lists[-4]]
     with pytest.raises(IndexError, match="out of range"):
         st[4]
     with pytest.raises(IndexError, match="take"):
         st.take([4])
+    with pytest.raises(IndexError, match="take"):
+        st.take([-5])
     with pytest.raises(ValueError, match="token ids"):
         TokenStore.from_lists([[2**31]])
     with pytest.raises(ValueError, match="offsets"):
