@@ -83,6 +83,7 @@ from reclora.cli import (
     nonempty_path,
     threads_option,
 )
+from reclora.data.prompts import LEGACY_SCALE, prompt_scale
 from reclora.few2many import (
     ADAPTERS_FILE,
     STAGE2_LOSSES,
@@ -656,6 +657,13 @@ class Run:
         if train_seed is not None:
             fp["train_seed"] = train_seed
         fp.update({o: getattr(c, o) for o in LLM_OPTIONS})
+        # What the prompts say of the rating scale, which follows the dataset: stored only
+        # where it differs from the words all prompts had before (MovieLens'), so that folders
+        # made then still resume, and older folders of other datasets are redone.
+        ds = getattr(self, "ds", None)  # loaded by load_data, before any LLM stage
+        scale = LEGACY_SCALE if ds is None else prompt_scale(ds)
+        if scale != LEGACY_SCALE:
+            fp["prompt_scale"] = scale
         if name != "zero-shot":
             fp.update({o: getattr(c, o) for o in TRAIN_OPTIONS})
             fp.update(train_subset=_digest(self.train_pool), valid_subset=_digest(self.valid))

@@ -517,7 +517,7 @@ class Recommender:
         # served model was made with must be what this version computes from the folder.
         # The world size is the one the stage was trained under (serving is one process).
         world = (stage.get("fingerprint") or {}).get("world_size", 1)
-        fake = SimpleNamespace(cfg=cfg, data_digest=pl.data_digest(ds), test=self.test,
+        fake = SimpleNamespace(cfg=cfg, ds=ds, data_digest=pl.data_digest(ds), test=self.test,
                                train_pool=self.train_pool, valid=self.valid, crm_sha=crm_sha,
                                world=world)
         want = pl.Run.fingerprint(fake, model)

@@ -254,3 +254,26 @@ def test_the_summary_and_scale_follow_the_datasets_rule(datasets) -> None:
         assert "rated (1-5 stars):\n" in text
         assert (f"rated {int(np.sum(ratings >= 4))} of these {len(items)} {noun} 4 stars or "
                 "more (average") in text
+
+
+def test_an_llm_stage_is_fingerprinted_with_the_prompts_scale_words() -> None:
+    """The prompts' scale words follow the dataset: an LLM stage of a dataset whose words
+    differ from MovieLens' carries them in its fingerprint (an older folder, trained on
+    "(1-5 stars)", is redone and refused by serving); MovieLens' stages carry nothing new,
+    so their folders still resume and serve."""
+    from types import SimpleNamespace
+
+    from reclora.pipeline import Run, RunConfig
+
+    def fingerprint(ds, name: str) -> dict:
+        fake = SimpleNamespace(cfg=RunConfig(), ds=ds, data_digest="d", test=np.arange(2),
+                               train_pool=np.arange(2), valid=np.arange(2), crm_sha={},
+                               world=1)
+        return Run.fingerprint(fake, name)
+
+    other = _ml25m_user([3.5, 5.0, 0.5, 3.5, 3.5, 3.0, 4.0])
+    ml100k = load_dataset("ml-100k")
+    for name in ("zero-shot", "tallrec", "reclora"):
+        assert fingerprint(other, name)["prompt_scale"] == "(0.5-5 stars); more than 3 stars"
+        assert "prompt_scale" not in fingerprint(ml100k, name)
+    assert "prompt_scale" not in fingerprint(other, "crm_din")  # the CRMs read no prompt

@@ -112,6 +112,19 @@ def rating_range(dataset: RecDataset) -> tuple[float, float]:
     return cached[1]
 
 
+# What prompts said of the scale before they followed the dataset: MovieLens' words, which
+# every run made before then used (prompt_scale; a folder's fingerprints omit it then).
+LEGACY_SCALE = "(1-5 stars); 4 stars or more"
+
+
+def prompt_scale(dataset: RecDataset) -> str:
+    """The words compact and summary prompts use for the dataset's rating range and its
+    positive label: "(1-5 stars); 4 stars or more" on MovieLens, "(0.5-5 stars); more than 3
+    stars" on ML-25M."""
+    low, high = rating_range(dataset)
+    return f"({low:g}-{high:g} stars); {positive_words(dataset.label_rule)[1]}"
+
+
 def vicuna_wrap(text: str) -> str:
     return f"{VICUNA_SYSTEM} USER: {text} ASSISTANT:"
 
