@@ -3,8 +3,9 @@ in new interactions without retraining (issue 15).
 
     rec = reclora.Recommender.load("runs/default")          # model="reclora" by default
     p = rec.score([{"user_id": "196", "item_id": "242", "timestamp": 881250949}])
-    table = rec.score_table("requests.csv")                  # + cold_start, history_len
-    top = rec.rank("196", ["242", "302", "377"], top=2)      # [(item_id, P(click)), ...]
+    table = rec.score_table("requests.csv")                  # + cold_start, history_len, seen
+    top = rec.rank("196", ["242", "302", "377"], top=2)      # [(item_id, P(click)), ...],
+                                                             # items 196 rated left out
     rec.observe([{"user_id": "196", "item_id": "302", "timestamp": 881250950,
                   "rating": 5}])                             # the next score sees it
 
