@@ -172,3 +172,13 @@ def test_explicit_answer_ids_need_no_chat_template() -> None:
     ids = tuple(tok.convert_tokens_to_ids(["No", "Yes"]))
     ctr = LLMCTR(tiny_llama(len(tok)), tok, answer_ids=ids)
     assert tuple(ctr.answer_ids) == ids
+
+
+def test_a_prompt_that_breaks_the_probes_wrapping_is_refused() -> None:
+    """A prompt the tokenizer does not wrap as it wrapped the probe's word is refused,
+    naming the prompt, not scored from a wrong position."""
+    tok = tiny_tokenizer(PROMPTS)
+    ctr = LLMCTR(tiny_llama(len(tok)), tok, add_special_tokens=True)
+    ctr.affixes = ([tok.bos_token_id], [tok.eos_token_id])  # as if the probe had seen EOS
+    with pytest.raises(ValueError, match="prompt 0: with add_special_tokens=True"):
+        ctr.encode(PROMPTS[:1])

@@ -277,3 +277,14 @@ def test_an_llm_stage_is_fingerprinted_with_the_prompts_scale_words() -> None:
         assert fingerprint(other, name)["prompt_scale"] == "(0.5-5 stars); more than 3 stars"
         assert "prompt_scale" not in fingerprint(ml100k, name)
     assert "prompt_scale" not in fingerprint(other, "crm_din")  # the CRMs read no prompt
+
+
+def test_the_rating_range_follows_the_dataset_asked_about() -> None:
+    """rating_range caches one dataset's range: asking about two in turn gives each its own."""
+    from reclora.data.prompts import rating_range
+
+    other = _ml25m_user([3.5, 5.0, 0.5, 3.5, 3.5, 3.0, 4.0])
+    ml100k = load_dataset("ml-100k")
+    for _ in range(2):
+        assert rating_range(other) == (0.5, 5.0)
+        assert rating_range(ml100k) == (1.0, 5.0)
