@@ -18,6 +18,9 @@ input and the prompt's history differ):
     reclora-recent-text  the K_text most recent items in the prompt instead of retrieved ones
     reclora-short-id   the DIN reads only the K_text most recent items for h_u (no long ID
                        history; the prompt unchanged)
+  --id-history semantic: the gate CRM reads the K_id items the LSMR retrieves for the target
+  (RECLORA.md section 2, the reference's --ret) instead of the K_id most recent; the CRMs
+  still train on recent items, as the reference's pretrained CRM did
     reclora-no-f2m     the gate fed by an untrained DIN (no Few2Many transfer)
 
 The CRMs train on the training split without the stage-2 pool (the N samples the LLM models
@@ -111,6 +114,7 @@ ABLATIONS = ("reclora-uniform", "reclora-recent-text", "reclora-short-id", "recl
 # no-f2m: an untrained DIN
 GATED_BY_TRAINED_CRM = ("reclora", "reclora-recent-text", "reclora-short-id")
 PLAIN_LORA = ("tallrec", "rella")
+ID_HISTORIES = ("recent", "semantic")  # RunConfig.id_history
 # --target-modules all: every attention and MLP projection of a Llama-style block.
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -170,6 +174,9 @@ class RunConfig:
     n_test: int = 800  # the shared test subset every model is scored on
     k_text: int = 5  # history items in the prompt
     k_id: int = 60  # history items the CRM reads
+    # The K_id items behind the gates' h_u: "recent" (the K_id most recent, the published
+    # results) or "semantic" (the K_id the LSMR retrieves for the target). See llm_spec.
+    id_history: str = "recent"
     k: int = 16  # meta-LoRAs per bank
     r: int = 8
     alpha: float = 16.0
@@ -214,6 +221,11 @@ class RunConfig:
     seed: int = 0
     n_bootstrap: int = 1000
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.id_history not in ID_HISTORIES:
+            raise ValueError(f"id_history must be one of {ID_HISTORIES}, got "
+                             f"{self.id_history!r}")
 
     def stage2(self, **over: Any) -> Stage2Config:
         base = Stage2Config(
@@ -279,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k-text", type=int, default=None, help=f"default {d.k_text}")
     p.add_argument("--k-id", type=int_between(1, K_ID_MAX), default=None,
                    help=f"history items the CRMs read, 1 to {K_ID_MAX} (default {d.k_id})")
+    p.add_argument("--id-history", choices=ID_HISTORIES, default=None,
+                   help="the K_id items the gate CRM reads for h_u: recent = the most recent, "
+                   "semantic = retrieved for the target item as the prompt's (RECLORA.md "
+                   f"section 2); default {d.id_history}")
     p.add_argument("--k", type=int, default=None, help=f"meta-LoRAs per bank ({d.k})")
     p.add_argument("--r", type=int, default=None, help=f"LoRA rank ({d.r})")
     p.add_argument("--temperature", type=float_between(*TEMPERATURE_RANGE), default=None,
@@ -342,7 +358,8 @@ def config_from_args(argv: list[str]) -> RunConfig:
     over = {k: getattr(a, k) for k in (
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
         "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
-        "prompt_variant", "seeds", "llm_dtype", "item_precision", "loss")
+        "prompt_variant", "seeds", "llm_dtype", "item_precision", "loss",
+        "id_history")
         if getattr(a, k) is not None}
     if "prompt_variant" in over:
         from reclora.data.prompts import variant_flags
@@ -476,6 +493,7 @@ class LLMSpec:
     gated: bool  # gates fed h_u from the gate CRM
     k_hist: int  # history items the gate CRM reads for h_u
     untrained_crm: bool = False  # the gate CRM is an untrained DIN (reclora-no-f2m)
+    id_mode: str = "recent"  # which k_hist items: "recent" or "semantic" (retrieved)
 
 
 def llm_spec(name: str, cfg: RunConfig) -> LLMSpec:
@@ -487,7 +505,8 @@ def llm_spec(name: str, cfg: RunConfig) -> LLMSpec:
     adapters = 0 if name == "zero-shot" else 1 if name in PLAIN_LORA else cfg.k
     # short-id: no long ID history, the CRM reads the K_text most recent items
     k_hist = cfg.k_text if name == "reclora-short-id" else cfg.k_id
-    return LLMSpec(mode, adapters, gated, k_hist, name == "reclora-no-f2m")
+    id_mode = "recent" if name == "reclora-short-id" or not gated else cfg.id_history
+    return LLMSpec(mode, adapters, gated, k_hist, name == "reclora-no-f2m", id_mode)
 
 
 def load_llm(model: str | None, max_length: int, device: torch.device,
@@ -506,25 +525,59 @@ def load_llm(model: str | None, max_length: int, device: torch.device,
     return LLMCTR(lm, tok, add_special_tokens=not builder.uses_chat_template), builder
 
 
+# Samples retrieved at once by history(). The retriever pads each chunk to its longest
+# history (thousands of items on ML-25M), so the chunks follow history length: input-order
+# chunks of a random subset nearly all held one heavy user's sample (the scale audit's t6,
+# 10,240 samples: 58 s in input order, 8.9 s sorted). A sample's retrieval does not depend
+# on its chunk.
+RETRIEVAL_CHUNK = 1024
+
+
+def _length_order(ds: Any, samples: np.ndarray) -> np.ndarray:
+    """The permutation that sorts `samples` by history length (stable)."""
+    return np.argsort(ds.hist_len[samples], kind="stable")
+
+
+def _history_of_sorted(ds: Any, retriever: Any, samples: np.ndarray, mode: str, k: int,
+                       part: str) -> Any:
+    """history() of samples already sorted by history length (_length_order)."""
+    if mode == "recent":
+        return ds.recent_history(samples, k)
+    if mode != "semantic":
+        raise ValueError(f"mode must be 'semantic' or 'recent', got {mode!r}")
+    index = ("text", "id").index(part)
+    made_for = (retriever.k_text, retriever.k_id)[index]
+    if k != made_for:  # the retriever's K is fixed when it is built
+        raise ValueError(f"the retriever gives {made_for} {part} history items, not {k}")
+    if samples.size <= RETRIEVAL_CHUNK:
+        return retriever.batches(samples)[index]
+    from reclora.data.base import HistoryBatch
+
+    parts = [retriever.batches(samples[a:a + RETRIEVAL_CHUNK])[index]
+             for a in range(0, samples.size, RETRIEVAL_CHUNK)]
+    return HistoryBatch(*(torch.cat([getattr(h, f) for h in parts])
+                          for f in ("items", "ratings", "times", "mask")))
+
+
+def history(ds: Any, retriever: Any, samples: np.ndarray, mode: str, k: int,
+            part: str = "text") -> Any:
+    """Each sample's `k` history items as a HistoryBatch (rows in the order of `samples`):
+    the retriever's ("semantic", its K_text for part "text", its K_id for part "id") or the
+    k most recent ("recent")."""
+    if mode == "recent":
+        return ds.recent_history(samples, k)
+    from reclora.data.base import HistoryBatch
+
+    order = _length_order(ds, samples)
+    got = _history_of_sorted(ds, retriever, samples[order], mode, k, part)
+    back = torch.from_numpy(np.argsort(order, kind="stable"))  # sorted rows -> input order
+    return HistoryBatch(*(getattr(got, f)[back] for f in ("items", "ratings", "times", "mask")))
+
+
 def text_history(ds: Any, retriever: Any, samples: np.ndarray, mode: str, k_text: int) -> Any:
     """The prompt's history of each sample: the retriever's K_text items ("semantic") or the
     K_text most recent ("recent"), as a HistoryBatch (rows in the order of `samples`)."""
-    if mode != "semantic":
-        return ds.recent_history(samples, k_text)
-    if samples.size == 0:
-        return retriever.batches(samples)[0]
-    from reclora.data.base import HistoryBatch
-
-    # In chunks of similar history length, as retrieve_all: the retriever pads each chunk to
-    # its longest history (thousands of items on ML-25M), and input-order chunks of a random
-    # subset nearly all held one heavy user's sample (the scale audit's t6, 10,240 samples:
-    # 58 s in input order, 8.9 s sorted). A sample's retrieval does not depend on its chunk.
-    order = np.argsort(ds.hist_len[samples], kind="stable")
-    parts = [retriever.batches(samples[order[a:a + 1024]])[0]
-             for a in range(0, samples.size, 1024)]
-    back = torch.from_numpy(np.argsort(order, kind="stable"))  # sorted rows -> input order
-    return HistoryBatch(*(torch.cat([getattr(h, f) for h in parts])[back]
-                          for f in ("items", "ratings", "times", "mask")))
+    return history(ds, retriever, samples, mode, k_text, "text")
 
 
 def prompt_tokens(ds: Any, builder: Any, ctr: Any, samples: np.ndarray, history: Any
@@ -545,22 +598,26 @@ def prompt_store(ds: Any, retriever: Any, builder: Any, ctr: Any, samples: np.nd
     """prompt_tokens(text_history(...)) of `samples`, built PROMPT_CHUNK samples at a time
     and kept as one TokenStore (4 B a token) in the order of `samples`. The chunks follow
     history length, so that each of text_history's retrieval chunks pads little."""
-    order = np.argsort(ds.hist_len[samples], kind="stable")
+    order = _length_order(ds, samples)
     parts = []
     for a in range(0, samples.size, PROMPT_CHUNK):
         s = samples[order[a:a + PROMPT_CHUNK]]
-        hist = text_history(ds, retriever, s, mode, k_text)
+        hist = _history_of_sorted(ds, retriever, s, mode, k_text, "text")
         parts.append(TokenStore.from_lists(prompt_tokens(ds, builder, ctr, s, hist)))
     return TokenStore.concat(parts).take(np.argsort(order, kind="stable"))
 
 
-def crm_user_reps(ds: Any, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
-    """h_u [N, 256] from the CRM over each sample's k most recent history items."""
+def crm_user_reps(ds: Any, crm: Any, samples: np.ndarray, k: int, mode: str = "recent",
+                  retriever: Any = None) -> torch.Tensor:
+    """h_u [N, 256] from the CRM over each sample's k history items: the k most recent
+    ("recent") or the retriever's K_id items for the sample's target ("semantic")."""
     from reclora.crm import CRMBatch
 
     out = []
     for a in range(0, samples.size, 4096):
-        batch = CRMBatch.from_dataset(ds, samples[a:a + 4096], k=k)
+        s = samples[a:a + 4096]
+        hist = None if mode == "recent" else history(ds, retriever, s, mode, k, "id")
+        batch = CRMBatch.from_dataset(ds, s, k=k, history=hist)
         out.append(crm.user_representation(batch).float())
     return torch.cat(out) if out else torch.zeros(0, 256)
 
@@ -678,6 +735,11 @@ class Run:
                 fp["loss"] = c.loss
         if name.startswith("reclora"):
             fp.update({o: getattr(c, o) for o in MIXTURE_OPTIONS})
+        # Which items the gate CRM reads for h_u; stored only when not the default, so that
+        # stages gated before the option existed (all "recent") still resume.
+        id_mode = llm_spec(name, c).id_mode
+        if id_mode != "recent":
+            fp["id_history"] = id_mode
         if name in GATED_BY_TRAINED_CRM:
             # The exact CRM behind the gate: a retrained DIN (even with the same options)
             # gives other h_u, so the models gated by it are redone too.
@@ -899,16 +961,17 @@ class Run:
         splits["train"] = SplitSamples(self.ds, train, self.cfg.k_id)
         return splits
 
-    def user_reps(self, crm: Any, samples: np.ndarray, k: int) -> torch.Tensor:
-        """h_u [N, 256] from the CRM over each sample's k most recent history items."""
-        return crm_user_reps(self.ds, crm, samples, k)
+    def user_reps(self, crm: Any, samples: np.ndarray, spec: LLMSpec) -> torch.Tensor:
+        """h_u [N, 256] from the CRM over each sample's spec.k_hist history items (the most
+        recent, or the semantic retriever's, as spec.id_mode says)."""
+        return crm_user_reps(self.ds, crm, samples, spec.k_hist, spec.id_mode, self.semantic)
 
     def gate_reps(self, spec: LLMSpec) -> dict[str, torch.Tensor]:
         """The gates' input on the stage-2 pool, valid and test subsets: h_u from the gate
         CRM, standardised over the pool's (standardize_reps); a non-finite one is refused in
         one line naming --n (the pool decides the statistics)."""
         crm = self.untrained_crm() if spec.untrained_crm else self.crms[GATE_CRM]
-        reps = {s: self.user_reps(crm, getattr(self, s), spec.k_hist)
+        reps = {s: self.user_reps(crm, getattr(self, s), spec)
                 for s in ("train_pool", "valid", "test")}
         if self.cfg.standardize_reps:
             ref = reps["train_pool"]

@@ -563,7 +563,7 @@ class Recommender:
             folder = run / model
             s2_file = folder / "stage2_config.json"
             saved = _read_json(s2_file, "written by the model's stage")
-            for key, value in _ADDED_OPTIONS.items():
+            for key, value in _ADDED_STAGE2_OPTIONS.items():
                 saved.setdefault(key, value)
             expected = dataclasses.asdict(cfg.model_stage2(model, int(self.train_pool.size)))
             diff = [k for k in sorted(set(saved) | set(expected))
@@ -600,7 +600,8 @@ class Recommender:
             self.crm = _UnseenUserCRM(crm, ds.n_users)
             self.crm_known = self.crm.known()
             if cfg.standardize_reps:
-                self.rep_ref = pl.crm_user_reps(ds, crm, self.train_pool, self.spec.k_hist)
+                self.rep_ref = pl.crm_user_reps(ds, crm, self.train_pool, self.spec.k_hist,
+                                                self.spec.id_mode, self.retriever)
                 bad = ~torch.isfinite(self.rep_ref).all(1)
                 if bad.any():  # every request would be standardised with NaN statistics
                     raise RunFolderError(
@@ -789,13 +790,14 @@ class Recommender:
                                              own)
         marks.append(("history_s", time.perf_counter()))
         spec = self.spec
-        retr = _rebind(self.retriever, view) if spec.mode == "semantic" else None
+        retr = (_rebind(self.retriever, view) if "semantic" in (spec.mode, spec.id_mode)
+                else None)
         text_hist = pl.text_history(view, retr, samples, spec.mode, self.cfg.k_text)
         marks.append(("retrieval_s", time.perf_counter()))
         reps = None
         if spec.gated:
             crm = self.crm if real is None else _ShadowUsersCRM(self.crm, real)
-            reps = pl.crm_user_reps(view, crm, samples, spec.k_hist)
+            reps = pl.crm_user_reps(view, crm, samples, spec.k_hist, spec.id_mode, retr)
             if self.rep_ref is not None:
                 reps = pl.standardize_reps(reps, self.rep_ref)
             self._check_reps(reps, req)
@@ -1041,7 +1043,8 @@ def _type_name(hint: Any) -> str:
 
 # Options added to RunConfig and Stage2Config after folders were made, with the value those
 # folders ran under (the default then): such a folder serves as it was trained.
-_ADDED_OPTIONS = {"loss": "pair"}
+_ADDED_STAGE2_OPTIONS = {"loss": "pair"}
+_ADDED_OPTIONS = {**_ADDED_STAGE2_OPTIONS, "id_history": "recent"}  # run_config.json's
 
 
 def _read_config(run: Path):

@@ -78,8 +78,8 @@ def test_non_finite_reference_statistics_are_refused_at_load(tiny_run, monkeypat
     fault, said at load, not a NaN error on every request."""
     real = pl.crm_user_reps
 
-    def nan_on_the_pool(ds, crm, samples, k):
-        reps = real(ds, crm, samples, k)
+    def nan_on_the_pool(ds, crm, samples, k, *how):
+        reps = real(ds, crm, samples, k, *how)
         reps[0, 0] = float("nan")
         return reps
 
