@@ -115,6 +115,7 @@ ABLATIONS = ("reclora-uniform", "reclora-recent-text", "reclora-short-id", "recl
 GATED_BY_TRAINED_CRM = ("reclora", "reclora-recent-text", "reclora-short-id")
 PLAIN_LORA = ("tallrec", "rella")
 ID_HISTORIES = ("recent", "semantic")  # RunConfig.id_history
+ITEM_ENCODERS = ("minilm", "llm")  # RunConfig.item_encoder
 # --target-modules all: every attention and MLP projection of a Llama-style block.
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -202,6 +203,10 @@ class RunConfig:
     # (amp, llm_dtype, item_precision) by what it means on its device (resolve_auto), so the
     # fingerprints and run_config.json hold the numerics used, not the machine's choice.
     item_precision: str = "auto"
+    # What embeds the items for the semantic retriever: "minilm" (all-MiniLM-L6-v2, the
+    # published results) or "llm", the run's own LLM (mean-pooled last hidden state, PCA to
+    # 512: RECLORA.md section 2 and ReLLa). See run_item_embeddings.
+    item_encoder: str = "minilm"
     # Activation checkpointing and FSDP2 sharding (under torchrun) of the LLM for training:
     # they save memory, not change results, so they stay out of the stage fingerprints.
     grad_ckpt: bool = False
@@ -226,6 +231,9 @@ class RunConfig:
         if self.id_history not in ID_HISTORIES:
             raise ValueError(f"id_history must be one of {ID_HISTORIES}, got "
                              f"{self.id_history!r}")
+        if self.item_encoder not in ITEM_ENCODERS:
+            raise ValueError(f"item_encoder must be one of {ITEM_ENCODERS}, got "
+                             f"{self.item_encoder!r}")
 
     def stage2(self, **over: Any) -> Stage2Config:
         base = Stage2Config(
@@ -327,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-precision", choices=("auto", "bf16", "fp32"), default=None,
                    help="item embeddings of the semantic retriever: auto = bf16 autocast "
                    f"where the CPU has it (default {d.item_precision})")
+    p.add_argument("--item-encoder", choices=ITEM_ENCODERS, default=None,
+                   help="what embeds the items for the semantic retriever: minilm = "
+                   "all-MiniLM-L6-v2, llm = the run's LLM (mean-pooled last hidden state, "
+                   f"PCA to 512; RECLORA.md section 2); default {d.item_encoder}")
     p.add_argument("--loss", choices=STAGE2_LOSSES, default=None,
                    help="what the LLM models train on: pair = cross-entropy of the Yes/No "
                    "logits, vocab = causal-LM cross-entropy of the answer token over the "
@@ -359,7 +371,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
         "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
         "prompt_variant", "seeds", "llm_dtype", "item_precision", "loss",
-        "id_history")
+        "id_history", "item_encoder")
         if getattr(a, k) is not None}
     if "prompt_variant" in over:
         from reclora.data.prompts import variant_flags
@@ -661,6 +673,29 @@ def resolve_auto(cfg: RunConfig, device: torch.device) -> RunConfig:
     return replace(cfg, llm_dtype=dtype, amp=amp, item_precision=items)
 
 
+def run_item_embeddings(ds: Any, cfg: RunConfig, progress: bool) -> torch.Tensor:
+    """The semantic retriever's item embeddings under `cfg` (cached under --data-dir, where
+    `reclora data embed --data-dir` puts them; computed on the CPU in cfg.item_precision):
+    MiniLM's, or the run's LLM's (a copy loaded from the model's files, so the embeddings
+    come from its base weights in float32 whatever the run's device and --llm-dtype; cached
+    under the files' digest)."""
+    from reclora.data.embeddings import item_embeddings
+    from reclora.llm import model_files, resolve_model_source
+
+    if cfg.item_encoder == "minilm":
+        return item_embeddings(ds, device="cpu", precision=cfg.item_precision,
+                               cache_dir=cfg.data_dir, progress=progress)
+    try:
+        files = model_files(cfg.model)
+    except OSError as e:  # a hub name that is not in the local cache
+        raise ValueError(f"--item-encoder llm: the files of --model {cfg.model!r} are not "
+                         f"here ({type(e).__name__})") from None
+    gguf = resolve_model_source(cfg.model)[1]
+    source = files[0] if gguf else files[0].parent
+    return item_embeddings(ds, f"llm:{source}", device="cpu", precision=cfg.item_precision,
+                           cache_dir=cfg.data_dir, progress=progress)
+
+
 def untrained_gate_crm(ds: Any, seed: int) -> Any:
     """The untrained DIN of the no-Few2Many ablation (seeded: the same one every time)."""
     from reclora.crm import CRMSchema, build_crm
@@ -737,9 +772,12 @@ class Run:
             fp.update({o: getattr(c, o) for o in MIXTURE_OPTIONS})
         # Which items the gate CRM reads for h_u; stored only when not the default, so that
         # stages gated before the option existed (all "recent") still resume.
-        id_mode = llm_spec(name, c).id_mode
-        if id_mode != "recent":
-            fp["id_history"] = id_mode
+        spec = llm_spec(name, c)
+        if spec.id_mode != "recent":
+            fp["id_history"] = spec.id_mode
+        # The retriever's embeddings, for the stages that retrieve; only when not the default.
+        if c.item_encoder != "minilm" and "semantic" in (spec.mode, spec.id_mode):
+            fp["item_encoder"] = c.item_encoder
         if name in GATED_BY_TRAINED_CRM:
             # The exact CRM behind the gate: a retrained DIN (even with the same options)
             # gives other h_u, so the models gated by it are redone too.
@@ -797,7 +835,6 @@ class Run:
         """The dataset, the subsets (checked before anything trains) and the retriever.
         Writes nothing: write_config does, once every check has passed."""
         from reclora.data import load_dataset
-        from reclora.data.embeddings import item_embeddings
         from reclora.retriever import LongShortRetriever
 
         c = self.cfg
@@ -827,8 +864,7 @@ class Run:
         # CPU, which resolve_auto resolved item_precision for.
         with main_first():
             # The cache under --data-dir, where `reclora data embed --data-dir` puts it.
-            self.emb = item_embeddings(ds, device="cpu", precision=c.item_precision,
-                                       cache_dir=c.data_dir, progress=c.progress and self.main)
+            self.emb = run_item_embeddings(ds, c, progress=c.progress and self.main)
         self.semantic = LongShortRetriever(ds, self.emb, k_text=c.k_text, k_id=c.k_id)
         self.data_digest = data_digest(ds)
         self.timings["data_s"] = time.perf_counter() - t

@@ -533,12 +533,11 @@ class Recommender:
         self.stage_probs = np.asarray(stage["probs"], dtype=np.float64)
 
         # The retriever, the LLM and the model's adapters.
-        from reclora.data.embeddings import item_embeddings
         from reclora.retriever import LongShortRetriever
 
-        # In the precision the run recorded (resolved from "auto" on its machine).
-        self.emb = item_embeddings(ds, device="cpu", precision=cfg.item_precision,
-                                   cache_dir=cfg.data_dir, progress=progress)
+        # By the encoder and in the precision the run recorded (resolved from "auto" on its
+        # machine).
+        self.emb = pl.run_item_embeddings(ds, cfg, progress)
         self.retriever = LongShortRetriever(ds, self.emb, k_text=cfg.k_text, k_id=cfg.k_id)
         try:
             self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device,
@@ -1044,7 +1043,8 @@ def _type_name(hint: Any) -> str:
 # Options added to RunConfig and Stage2Config after folders were made, with the value those
 # folders ran under (the default then): such a folder serves as it was trained.
 _ADDED_STAGE2_OPTIONS = {"loss": "pair"}
-_ADDED_OPTIONS = {**_ADDED_STAGE2_OPTIONS, "id_history": "recent"}  # run_config.json's
+_ADDED_OPTIONS = {**_ADDED_STAGE2_OPTIONS, "id_history": "recent",  # run_config.json's
+                  "item_encoder": "minilm"}
 
 
 def _read_config(run: Path):

@@ -1,7 +1,13 @@
-"""`reclora run --id-history semantic`: the gate CRM reads, for h_u, the K_id history items the
-LSMR retrieves for the target (RECLORA.md section 2; the reference's --ret) instead of the K_id
-most recent. The CRMs train as before; only the gated LLM stages change, and serving reads
-the same items as the run did."""
+"""Two options of `reclora run` toward RECLORA.md section 2, each off by default (the published
+results) and in the fingerprints of the stages it changes only when set:
+
+- `--id-history semantic`: the gate CRM reads, for h_u, the K_id history items the LSMR
+  retrieves for the target (the reference's --ret) instead of the K_id most recent. The CRMs
+  train as before; only the gated LLM stages change.
+- `--item-encoder llm`: the retriever ranks items by the run's own LLM's embeddings
+  (mean-pooled last hidden state, PCA to 512) instead of MiniLM's.
+
+Serving reads the same items and embeddings as the run did."""
 
 from __future__ import annotations
 
@@ -130,33 +136,100 @@ def test_the_option_is_in_the_gated_stages_fingerprints_only(tmp_path) -> None:
     assert all(semantic[n]["id_history"] == "semantic" for n in changed)
 
 
-def test_a_bad_value_is_one_line(capsys) -> None:
-    code, err = call(pl.main, ["--id-history", "retrieved"], capsys)
-    assert_one_line(code, err, "--id-history", "semantic")
+def test_the_item_encoder_is_in_the_retrieving_stages_fingerprints_only(tmp_path) -> None:
+    def fingerprints(**over) -> dict:
+        cfg = replace(pl.RunConfig(), output=str(tmp_path), device="cpu", **over)
+        run = pl.Run(cfg)
+        run.data_digest = "d" * 16
+        run.train_pool, run.valid, run.test = np.arange(8), np.arange(8, 12), np.arange(12, 16)
+        run.crm_sha = {"din": "c" * 64}
+        return {n: run.fingerprint(n) for n in (*pl.LLM_MODELS, *pl.ABLATIONS, "crm_din")}
+
+    minilm, llm = fingerprints(), fingerprints(item_encoder="llm")
+    assert not any("item_encoder" in fp for fp in minilm.values())
+    unchanged = sorted(n for n in minilm if minilm[n] == llm[n])
+    # Recent items in the prompt and no retrieved h_u: nothing retrieved.
+    assert unchanged == ["crm_din", "reclora-recent-text", "tallrec"]
+    # With retrieved h_u, the recent-text ablation retrieves too.
+    both = fingerprints(item_encoder="llm", id_history="semantic")
+    assert both["reclora-recent-text"]["item_encoder"] == "llm"
+    assert "item_encoder" not in both["tallrec"]
+    with pytest.raises(ValueError, match="item_encoder must be one of"):
+        pl.RunConfig(item_encoder="bert")
+
+
+def test_llm_item_embeddings_are_the_run_models(ds, tmp_path) -> None:
+    """--item-encoder llm embeds with a copy of --model loaded from its files (cached under
+    --data-dir); a hub name whose files are not here is one ValueError naming --model."""
+    from reclora.data.embeddings import item_embeddings
+
+    model_dir = tmp_path / "m"
+    save_tiny_model(model_dir)
+    cfg = replace(pl.RunConfig(), model=str(model_dir), data_dir=str(tmp_path / "data"),
+                  item_encoder="llm", item_precision="fp32")
+    got = pl.run_item_embeddings(ds, cfg, progress=False)
+    want = item_embeddings(ds, f"llm:{model_dir}", precision="fp32", progress=False,
+                           cache_dir=tmp_path / "other")
+    assert got.shape[0] == ds.n_items and torch.equal(got, want)
+    assert list((tmp_path / "data" / "embeddings").rglob("llm-*.safetensors"))
+    minilm = pl.run_item_embeddings(ds, replace(cfg, item_encoder="minilm"), progress=False)
+    assert minilm.shape == (ds.n_items, 384)
+    with pytest.raises(ValueError, match="--item-encoder llm: the files of --model "
+                                         "'nobody/no-such-model' are not here"):
+        pl.run_item_embeddings(ds, replace(cfg, model="nobody/no-such-model"), progress=False)
+
+
+@pytest.mark.parametrize("model", [None, "smollm2-135m"])
+def test_a_gguf_model_embeds_from_its_file(ds, monkeypatch, model) -> None:
+    """The shipped models are single .gguf files: the encoder is that file, not its folder
+    (which holds no config.json)."""
+    import reclora.data.embeddings as embeddings
+    from reclora.llm import shipped_smollm2
+
+    seen = []
+    monkeypatch.setattr(embeddings, "item_embeddings",
+                        lambda ds, encoder, **kw: seen.append(encoder))
+    pl.run_item_embeddings(ds, replace(pl.RunConfig(), model=model, item_encoder="llm"),
+                           progress=False)
+    assert seen == [f"llm:{shipped_smollm2()}"] and seen[0].endswith(".gguf")
+
+
+@pytest.mark.parametrize("option", ["--id-history", "--item-encoder"])
+def test_a_bad_value_is_one_line(capsys, option) -> None:
+    code, err = call(pl.main, [option, "retrieved"], capsys)
+    assert_one_line(code, err, option, "invalid choice")
 
 
 # ------------------------------------------------------------------ run and serve
 @pytest.fixture(scope="module")
 def semantic_run(tmp_path_factory):
+    """A tiny run with both options set."""
     model_dir = tmp_path_factory.mktemp("tiny_llm")
     save_tiny_model(model_dir)
     out = tmp_path_factory.mktemp("idsem") / "run"
     assert pl.main([*TINY_RUN, "--model", str(model_dir), "--output", str(out),
-                    "--id-history", "semantic"]) == 0
+                    "--id-history", "semantic", "--item-encoder", "llm"]) == 0
     return out
 
 
-def _reclora_predictions(run) -> np.ndarray:
+def _predictions(run, model: str) -> np.ndarray:
     import csv
 
     with open(run / "predictions.csv", newline="") as fh:
-        return np.asarray([float(r["reclora"]) for r in csv.DictReader(fh)])
+        return np.asarray([float(r[model]) for r in csv.DictReader(fh)])
+
+
+@pytest.mark.parametrize("model", ["rella", "zero-shot"])
+def test_serving_retrieves_with_the_runs_embeddings(semantic_run, model) -> None:
+    rec = Recommender.load(semantic_run, model=model)
+    got = rec.score(rec.test_requests())
+    assert np.abs(got - _predictions(semantic_run, model)).max() <= 1e-5
 
 
 def test_serving_reads_the_items_the_run_read(semantic_run) -> None:
     """Served over the run's test subset, the scores are the run's; with the K_id most
     recent items instead (what serving did before it read the option) they are not."""
-    want = _reclora_predictions(semantic_run)
+    want = _predictions(semantic_run, "reclora")
     rec = Recommender.load(semantic_run)
     assert rec.spec.id_mode == "semantic"
     assert np.abs(rec.score(rec.test_requests()) - want).max() <= 1e-5
@@ -166,18 +239,22 @@ def test_serving_reads_the_items_the_run_read(semantic_run) -> None:
     assert np.abs(as_recent.score(rec.test_requests()) - want).max() > 1e-4
 
 
-def test_a_folder_without_the_option_serves_as_recent(semantic_run, tmp_path) -> None:
-    """run_config.json of a folder made before the option has no id_history: it reads as
-    "recent" (as it ran), so a semantic stage no longer matches it and is refused."""
+@pytest.mark.parametrize("option, changed, unchanged", [
+    ("id_history", "reclora", "rella"), ("item_encoder", "rella", "tallrec")])
+def test_a_folder_without_the_option_serves_as_before_it(semantic_run, tmp_path, option,
+                                                        changed, unchanged) -> None:
+    """run_config.json of a folder made before an option lacks it: it reads as the default
+    (as such a folder ran), so a stage the option changed no longer matches and is refused,
+    and one it did not change still serves."""
     import shutil
 
     old = tmp_path / "old"
     shutil.copytree(semantic_run, old)
     path = old / "run_config.json"
     raw = json.loads(path.read_text())
-    del raw["id_history"]
+    del raw[option]
     path.write_text(json.dumps(raw))
-    with pytest.raises(RunFolderError, match=r"reclora\.json: made with other inputs.*"
-                                              "id_history"):
-        Recommender.load(old)
-    Recommender.load(old, model="rella")  # not gated: unchanged by the option
+    with pytest.raises(RunFolderError, match=rf"{changed}\.json: made with other inputs.*"
+                                              f"{option}"):
+        Recommender.load(old, model=changed)
+    Recommender.load(old, model=unchanged)
