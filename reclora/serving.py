@@ -312,6 +312,42 @@ class _Store:
         pos = np.searchsorted(self.keys, users.astype(np.int64) * TIME_LIMIT + times, "left")
         return np.maximum(pos - start, 0).astype(np.int64)
 
+    def extended(self, user: np.ndarray, item: np.ndarray, rating: np.ndarray,
+                 time: np.ndarray, label: np.ndarray, n_users: int) -> _Store:
+        """This store with interactions appended (rows N.. in the given order): equal to a
+        _Store over the concatenated arrays, but the new rows are merged into the sorted
+        orders (copies, O(N)) rather than everything sorted again (O(N log N)). One
+        interaction observed into a synthetic 25M-interaction store (ML-25M's size), then
+        one lookup, on one core with other jobs running: 3.7-5.5 s merged against
+        11.8-20.7 s rebuilt (2026-12-07)."""
+        n, m = self.user.size, user.size
+        new = object.__new__(_Store)
+        new.user = np.concatenate([self.user, user])
+        new.item = np.concatenate([self.item, item])
+        new.rating = np.concatenate([self.rating, rating])
+        new.time = np.concatenate([self.time, time])
+        new.label = np.concatenate([self.label, label])
+        new.n_users = n_users
+        # Histories: (user, time, arrival) order. A new row goes after every held row with
+        # its key (those arrived earlier), and new rows with equal keys in their own order.
+        order = np.lexsort((np.arange(m), time, user))
+        keys = user[order].astype(np.int64) * TIME_LIMIT + time[order]
+        at = np.searchsorted(self.keys, keys, "right")
+        new.hist_index = np.insert(self.hist_index, at, n + order)
+        new.keys = np.insert(self.keys, at, keys)
+        counts = np.diff(self.hist_ptr)
+        counts = np.concatenate([counts, np.zeros(n_users - counts.size, counts.dtype)])
+        counts += np.bincount(user, minlength=n_users)
+        new.hist_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if "_pairs" in self.__dict__:  # merged too, when this store had sorted them
+            held, rows = self._pairs
+            pairs = user.astype(np.int64) * PAIR_KEY + item
+            order = np.argsort(pairs, kind="stable")
+            at = np.searchsorted(held, pairs[order], "right")
+            new.__dict__["_pairs"] = (np.insert(held, at, pairs[order]),
+                                      np.insert(rows, at, n + order))
+        return new
+
     @functools.cached_property
     def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """(the (user, item) keys of the interactions, sorted; the row of each), at the
@@ -325,6 +361,8 @@ class _Store:
         most: the dataset refuses a second rating of a pair, and so does observe."""
         keys, order = self._pairs
         want = users.astype(np.int64) * PAIR_KEY + items
+        if keys.size == 0:
+            return np.full(want.shape, -1, np.int64)
         pos = np.minimum(np.searchsorted(keys, want), keys.size - 1)
         return np.where(keys[pos] == want, order[pos], -1).astype(np.int64)
 
@@ -927,11 +965,8 @@ class Recommender:
             users, _, ids = self._users(obs["user_id"], obs["__where"], before, register=True)
             st = before.store
             self._check_pairs(st, users, items, obs)
-            store = _Store(np.concatenate([st.user, users]), np.concatenate([st.item, items]),
-                           np.concatenate([st.rating, ratings.astype(np.float32)]),
-                           np.concatenate([st.time, obs["timestamp"]]),
-                           np.concatenate([st.label, self._label(ratings)]),
-                           self.ds.n_users + len(ids.new_users))
+            store = st.extended(users, items, ratings.astype(np.float32), obs["timestamp"],
+                                self._label(ratings), self.ds.n_users + len(ids.new_users))
             self._ids = dataclasses.replace(ids, store=store)  # one assignment: see _Ids
             self.n_observed += n
         return n

@@ -268,6 +268,41 @@ def _without_row(rec: Recommender, row: int) -> Recommender:
     return fork
 
 
+@pytest.mark.parametrize("pairs_sorted", [False, True])
+def test_a_store_extended_equals_one_built_over_all_rows(pairs_sorted) -> None:
+    """observe merges new interactions into the store's sorted orders instead of sorting
+    everything again: the result equals a store built over all the rows, including time
+    ties with held rows (arrival order), several new rows of one user, new users, and the
+    pair index whether or not it had been built."""
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, users: int):
+        r = rng.integers(1, 6, n).astype(np.float32)
+        return (rng.integers(0, users, n), rng.integers(0, 30, n), r,
+                rng.integers(0, 5, n), (r > 3).astype(np.int64))
+
+    fields = ("user", "item", "rating", "time", "label", "hist_index", "hist_ptr", "keys")
+    for _ in range(100):
+        users = int(rng.integers(1, 8))
+        st = _Store(*rows(int(rng.integers(0, 40)), users), users)
+        for _ in range(3):
+            if pairs_sorted:
+                st.rated(np.zeros(1, np.int64), np.zeros(1, np.int64))
+            had_pairs = "_pairs" in st.__dict__
+            new_users = users + int(rng.integers(0, 3))
+            add = rows(int(rng.integers(1, 8)), new_users)
+            got = st.extended(*add, new_users)
+            want = _Store(*(np.concatenate([getattr(st, f), a]) for f, a in
+                            zip(fields, add)), new_users)
+            for f in fields:
+                assert np.array_equal(getattr(got, f), getattr(want, f)), f
+                assert getattr(got, f).dtype == getattr(want, f).dtype, f
+            assert got.n_users == want.n_users
+            assert ("_pairs" in got.__dict__) == had_pairs
+            assert all(np.array_equal(x, y) for x, y in zip(got._pairs, want._pairs))
+            st, users = got, new_users
+
+
 def test_observe_refuses_a_pair_already_rated(rec) -> None:
     """The dataset refuses a (user, item) pair rated twice (a label leak); observe took a
     second rating silently, and both copies then filled the prompt's history."""
