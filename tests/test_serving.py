@@ -303,6 +303,35 @@ def test_a_store_extended_equals_one_built_over_all_rows(pairs_sorted) -> None:
             st, users = got, new_users
 
 
+def test_a_view_holds_only_what_its_requests_read(rec) -> None:
+    """Each request's history in the view is its user's store rows strictly before its time
+    in (time, arrival) order, less the row of its own item where the user rated it before
+    (a shadow user); the view holds those rows and the requests, not the whole store (a copy
+    of every interaction per request took seconds on ML-25M)."""
+    st, rng = rec._ids.store, np.random.default_rng(0)
+    picked = rng.choice(st.user.size, 16, replace=False)
+    users, times = st.user[picked], st.time[picked] + rng.integers(-50_000, 50_000, 16)
+    items = np.where(np.arange(16) % 2 == 0, st.item[picked], rng.integers(0, rec.ds.n_items, 16))
+    users[8:12], times[8:12] = users[0], times[0] + np.array([3, -2, 1, -1]) * 99_999
+    users = np.concatenate([users, [rec.ds.n_users]])  # a temporary user: no history
+    items, times = np.concatenate([items, [3]]), np.concatenate([times, [times[0]]])
+    own = st.rated_before(users, items, times)
+    assert (own >= 0).sum() >= 4
+    view, samples, hl, _ = rec._view(users, items, times, ["new-user"], rec._ids, own)
+    for j, s in enumerate(samples):
+        mine = np.flatnonzero((st.user == users[j]) & (st.time < times[j]) & (
+            np.arange(st.user.size) != own[j]))
+        mine = mine[np.lexsort((mine, st.time[mine]))]
+        a = view.hist_ptr[view.user[s]]
+        assert view.hist_len[s] == hl[j] == mine.size, j
+        for got, want in ((view.hist_item, st.item), (view.hist_rating, st.rating),
+                          (view.hist_time, st.time)):
+            assert np.array_equal(got[a:a + hl[j]], want[mine]), j
+        assert view.item[s] == items[j] and view.time[s] == times[j]
+    assert view.n_interactions <= hl.sum() + 2 * samples.size < st.user.size // 10
+    assert view.rating[samples].tolist() == [0.0] * samples.size  # unknown: not in histories
+
+
 def test_observe_refuses_a_pair_already_rated(rec) -> None:
     """The dataset refuses a (user, item) pair rated twice (a label leak); observe took a
     second rating silently, and both copies then filled the prompt's history."""

@@ -102,8 +102,12 @@ _RANGE: list[Any] = [None]
 
 
 def rating_range(dataset: RecDataset) -> tuple[float, float]:
-    """(lowest, highest) rating of the dataset's rated interactions. Read from its history
-    arrays: in a serving view the requests, whose ratings are unknown (0), are not in them."""
+    """(lowest, highest) rating of the dataset's rated interactions, read from its history
+    arrays; a serving view, which holds only the histories its requests read, carries the
+    served dataset's in ``extra["rating_range"]``."""
+    fixed = dataset.extra.get("rating_range")
+    if fixed is not None:
+        return fixed
     ratings = dataset.hist_rating
     cached = _RANGE[0]
     if cached is None or cached[0]() is not ratings:
