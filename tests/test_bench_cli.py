@@ -350,3 +350,16 @@ def test_tune_triton_refuses_a_budget_that_is_not_finite(capsys, value):
 def test_tune_triton_refuses_an_out_it_cannot_write(capsys, tmp_path):
     line = refused(capsys, tt.main, ["--out", str(tmp_path)])
     assert f"argument --out: cannot write {tmp_path}: {tmp_path} is a folder" in line
+
+
+def test_a_tiny_bench_serving_scale_run(tmp_path, capsys):
+    """bench_serving_scale end to end on 20,000 interactions: its table holds both rows, and
+    the view it times is the one serving builds (its history rows, not the whole store)."""
+    from benchmarks import bench_serving_scale as bss
+
+    out = tmp_path / "scale.md"
+    assert bss.main(["--interactions", "20000", "--reps", "1", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| observe 1 interaction + 1 lookup |" in text and "| view of 16 requests |" in text
+    held = int(text.split("ms (")[1].split(" interactions")[0].replace(",", ""))
+    assert 0 < held < 20000
