@@ -18,10 +18,18 @@ input and the prompt's history differ):
     reclora-recent-text  the K_text most recent items in the prompt instead of retrieved ones
     reclora-short-id   the DIN reads only the K_text most recent items for h_u (no long ID
                        history; the prompt unchanged)
-  --id-history semantic: the gate CRM reads the K_id items the LSMR retrieves for the target
-  (RECLORA.md section 2, the reference's --ret) instead of the K_id most recent; the CRMs
-  still train on recent items, as the reference's pretrained CRM did
     reclora-no-f2m     the gate fed by an untrained DIN (no Few2Many transfer)
+
+Two options move the LSMR toward RECLORA.md section 2 (off by default: the published
+results; in the fingerprints of the stages they change only when set):
+
+    --id-history semantic  the gate CRM reads the K_id items the retriever picks for the
+                       target (the reference's --ret) instead of the K_id most recent; the
+                       CRMs still train on recent items, as the reference's pretrained CRM
+                       did; reclora-short-id keeps its K_text most recent
+    --item-encoder llm the retriever ranks items by the run's LLM's embeddings (mean-pooled
+                       last hidden state, PCA to 512 where the width and item count allow)
+                       instead of all-MiniLM-L6-v2's
 
 The CRMs train on the training split without the stage-2 pool (the N samples the LLM models
 train on), so the h_u the gates learn from is out-of-sample, as it is at test.
@@ -338,7 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--item-encoder", choices=ITEM_ENCODERS, default=None,
                    help="what embeds the items for the semantic retriever: minilm = "
                    "all-MiniLM-L6-v2, llm = the run's LLM (mean-pooled last hidden state, "
-                   f"PCA to 512; RECLORA.md section 2); default {d.item_encoder}")
+                   "PCA to 512 where its width and the item count allow; RECLORA.md section "
+                   f"2); default {d.item_encoder}")
     p.add_argument("--loss", choices=STAGE2_LOSSES, default=None,
                    help="what the LLM models train on: pair = cross-entropy of the Yes/No "
                    "logits, vocab = causal-LM cross-entropy of the answer token over the "
@@ -687,9 +696,10 @@ def run_item_embeddings(ds: Any, cfg: RunConfig, progress: bool) -> torch.Tensor
                                cache_dir=cfg.data_dir, progress=progress)
     try:
         files = model_files(cfg.model)
-    except OSError as e:  # a hub name that is not in the local cache
-        raise ValueError(f"--item-encoder llm: the files of --model {cfg.model!r} are not "
-                         f"here ({type(e).__name__})") from None
+    except (OSError, ValueError) as e:  # a hub name not in the local cache, a bad name
+        raise ValueError(f"item_encoder 'llm': the files of model {cfg.model!r} are not in "
+                         f"the local cache ({type(e).__name__}); load the model once "
+                         "(`reclora run` fetches it) or give a local folder") from None
     gguf = resolve_model_source(cfg.model)[1]
     source = files[0] if gguf else files[0].parent
     return item_embeddings(ds, f"llm:{source}", device="cpu", precision=cfg.item_precision,
@@ -859,6 +869,11 @@ class Run:
         self.test = ds.test.copy() if c.n_test == 0 else sample_subset(ds.test, c.n_test,
                                                                         seed + 2)
         self.check_subsets()
+        if c.item_encoder == "llm":
+            from reclora.llm import is_hub_name
+
+            if is_hub_name(c.model):  # its load fetches the snapshot the embeddings read
+                _ = self.ctr
         # Rank 0 fills a cold cache (atomically) while the others wait, then they read it:
         # not every rank computing the same embeddings and writing the same file. On the
         # CPU, which resolve_auto resolved item_precision for.

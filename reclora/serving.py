@@ -575,7 +575,10 @@ class Recommender:
 
         # By the encoder and in the precision the run recorded (resolved from "auto" on its
         # machine).
-        self.emb = pl.run_item_embeddings(ds, cfg, progress)
+        try:
+            self.emb = pl.run_item_embeddings(ds, cfg, progress)
+        except ValueError as e:  # the LLM encoder's model files are not here
+            raise RunFolderError(f"{run / 'run_config.json'}: {e}") from None
         self.retriever = LongShortRetriever(ds, self.emb, k_text=cfg.k_text, k_id=cfg.k_id)
         try:
             self.ctr, self.builder = pl.load_llm(cfg.model, cfg.max_length, self.device,

@@ -160,7 +160,7 @@ def test_the_item_encoder_is_in_the_retrieving_stages_fingerprints_only(tmp_path
 
 def test_llm_item_embeddings_are_the_run_models(ds, tmp_path) -> None:
     """--item-encoder llm embeds with a copy of --model loaded from its files (cached under
-    --data-dir); a hub name whose files are not here is one ValueError naming --model."""
+    --data-dir); a hub name whose files are not here is one ValueError naming the model."""
     from reclora.data.embeddings import item_embeddings
 
     model_dir = tmp_path / "m"
@@ -174,9 +174,23 @@ def test_llm_item_embeddings_are_the_run_models(ds, tmp_path) -> None:
     assert list((tmp_path / "data" / "embeddings").rglob("llm-*.safetensors"))
     minilm = pl.run_item_embeddings(ds, replace(cfg, item_encoder="minilm"), progress=False)
     assert minilm.shape == (ds.n_items, 384)
-    with pytest.raises(ValueError, match="--item-encoder llm: the files of --model "
-                                         "'nobody/no-such-model' are not here"):
+    with pytest.raises(ValueError, match="item_encoder 'llm': the files of model "
+                                         "'nobody/no-such-model' are not in the local cache"):
         pl.run_item_embeddings(ds, replace(cfg, model="nobody/no-such-model"), progress=False)
+
+
+def test_the_llm_encoder_embeds_in_float32_whatever_the_checkpoint(tmp_path) -> None:
+    """transformers loads a checkpoint in its own dtype by default: a bf16 model embedded the
+    items in bf16 on the CPU whatever --item-precision said."""
+    from tiny_llm import tiny_llama, tiny_tokenizer
+
+    from reclora.data.embeddings import load_llm
+
+    tok = tiny_tokenizer(["Film Drama"])
+    tiny_llama(len(tok)).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, _ = load_llm(str(tmp_path / "m"))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 @pytest.mark.parametrize("model", [None, "smollm2-135m"])
@@ -208,7 +222,7 @@ def semantic_run(tmp_path_factory):
     save_tiny_model(model_dir)
     out = tmp_path_factory.mktemp("idsem") / "run"
     assert pl.main([*TINY_RUN, "--model", str(model_dir), "--output", str(out),
-                    "--id-history", "semantic", "--item-encoder", "llm"]) == 0
+                    "--id-history", "semantic", "--item-encoder", "llm", "--ablations"]) == 0
     return out
 
 
@@ -219,7 +233,8 @@ def _predictions(run, model: str) -> np.ndarray:
         return np.asarray([float(r[model]) for r in csv.DictReader(fh)])
 
 
-@pytest.mark.parametrize("model", ["rella", "zero-shot"])
+@pytest.mark.parametrize("model", ["rella", "zero-shot", "reclora-recent-text",
+                                   "reclora-no-f2m", "reclora-short-id"])
 def test_serving_retrieves_with_the_runs_embeddings(semantic_run, model) -> None:
     rec = Recommender.load(semantic_run, model=model)
     got = rec.score(rec.test_requests())
@@ -237,6 +252,19 @@ def test_serving_reads_the_items_the_run_read(semantic_run) -> None:
     as_recent.spec = dataclasses.replace(rec.spec, id_mode="recent")
     as_recent.rep_ref = pl.crm_user_reps(rec.ds, rec.crm.crm, rec.train_pool, rec.spec.k_hist)
     assert np.abs(as_recent.score(rec.test_requests()) - want).max() > 1e-4
+
+
+def test_a_served_folder_whose_llm_files_are_gone_is_one_error(semantic_run,
+                                                               monkeypatch) -> None:
+    import reclora.llm as llm
+
+    def gone(model):
+        raise FileNotFoundError(model)
+
+    monkeypatch.setattr(llm, "model_files", gone)
+    with pytest.raises(RunFolderError, match=r"run_config\.json: item_encoder 'llm': the "
+                                              "files of model .* are not in the local cache"):
+        Recommender.load(semantic_run)
 
 
 @pytest.mark.parametrize("option, changed, unchanged", [

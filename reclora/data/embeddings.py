@@ -223,7 +223,9 @@ def load_llm(spec: str, device: str | torch.device = "cpu") -> tuple[Any, Any]:
     if not p.exists():
         raise FileNotFoundError(f"encoder: no model at {spec}")
     tok = AutoTokenizer.from_pretrained(p, **kw)
-    model = AutoModelForCausalLM.from_pretrained(p, **kw).to(device)
+    # float32 whatever the checkpoint's dtype (transformers loads "auto" by default: bf16 or
+    # fp16 weights on the CPU); `precision` decides autocast, as for the sentence encoders.
+    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **kw).to(device)
     return model, tok
 
 
