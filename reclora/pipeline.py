@@ -954,13 +954,22 @@ class Run:
         # it wrote, so the ranks never disagree about a stage (a rank reading the stage file
         # after rank 0 rewrote it would otherwise skip the wait below and desynchronise).
         prev = self.done(stage, fingerprint) if self.main else None
+        reused = None  # (sha256, model) of the checkpoint a reused result was made with
         if prev is not None:
-            # The checkpoint must be the one this result was made with, and loadable.
-            if not self.made_by(stage, prev, ckpt, "checkpoint_sha256", "checkpoint"):
+            # The checkpoint must be the one this result was made with, and loadable: read
+            # once, hashed and loaded from the same bytes, and kept for the stages after.
+            try:
+                data = ckpt.read_bytes()
+            except OSError:
+                data = None
+            sha = None if data is None else hashlib.sha256(data).hexdigest()
+            if sha is None or sha != prev.get("checkpoint_sha256"):
+                self.warn(f"{stage}: {ckpt} is missing or not the checkpoint of "
+                          f"{self.stage_path(stage)}; redoing the stage")
                 prev = None
             else:
                 try:
-                    load_crm(ckpt)
+                    reused = (sha, load_crm(ckpt, data=data)[0])
                 except ValueError as e:
                     self.warn(f"{stage}: {e}; redoing the stage")
                     prev = None
@@ -987,6 +996,9 @@ class Run:
         # outlasts (few2many.wait_for_main: a barrier on a gloo group with a 7-day timeout).
         wait_for_main()
         result = json.loads(self.stage_path(stage).read_text(encoding="utf-8"))
+        if reused is not None and reused[0] == result["checkpoint_sha256"]:
+            self.crms[name], self.crm_sha[name] = reused[1], reused[0]
+            return result
         # Read once, hashed and loaded from these bytes: the sha256 later stages are
         # fingerprinted with is the one of the model they use.
         try:

@@ -125,6 +125,30 @@ def test_resume_with_the_same_options_reuses_every_stage(run_copy) -> None:
     assert _mtimes(out) == before
 
 
+def test_a_reused_crm_checkpoint_is_read_once(run_copy, monkeypatch) -> None:
+    """--resume hashed crm/din.pt, loaded it to check it, then read, hashed and loaded it
+    again: three reads (41 MB and more on ML-25M). Now one read serves the check and the
+    stages after, and the file is not opened any other way."""
+    import reclora.pipeline as pl
+
+    out, argv = run_copy
+    ckpt = out / "crm" / "din.pt"
+    reads: list[str] = []
+    read_bytes, file_sha256 = Path.read_bytes, pl._file_sha256
+
+    def counted(self):
+        reads.append(str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
+    monkeypatch.setattr(pl, "_file_sha256",
+                        lambda p: reads.append(str(p)) or file_sha256(p))
+    before = _mtimes(out)
+    assert main(argv + ["--resume"]) == 0
+    assert _mtimes(out) == before
+    assert reads.count(str(ckpt)) == 1
+
+
 def test_resume_redoes_a_stage_whose_adapters_were_rewritten(run_copy, capsys) -> None:
     """A run cut off inside a stage under other options rewrites <stage>/best.safetensors
     before its stage file: --resume with the first options must not report the old result
