@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = rng.choice(n, 16, replace=False)
     users, items, times = st.user[rows], rng.integers(0, ITEMS, 16), st.time[rows] + 1
     own = st.rated_before(users, items, times)
-    fake = types.SimpleNamespace(ds=ds)
+    fake = types.SimpleNamespace(ds=ds, prompt_rating_range=(0.5, 5.0))
     ids = _Ids({}, [], st)
     view = median_s(lambda: Recommender._view(fake, users, items, times, [], ids, own), a.reps)
     copy = median_s(lambda: copied_view(st, items, times), a.reps)
