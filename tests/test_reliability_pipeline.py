@@ -332,3 +332,52 @@ def test_a_pool_smaller_than_the_world_is_one_line_before_anything_trains(
     code, err = call(main, _argv(synthetic, out), capsys)  # --n 8
     assert_one_line(code, err, "reclora run: error: --n:", "fewer than the 16 processes")
     assert [p.name for p in out.iterdir()] == [".reclora-run.lock"]  # nothing written
+
+
+# Options no stage fingerprint holds, each with why a stage made under another value may be
+# reused. Any other RunConfig field must change some stage's fingerprint: an option added
+# without one (a resume silently mixing stages made under its two values) fails below.
+NOT_FINGERPRINTED = {
+    "output": "where the run is written",
+    "data_dir": "the data digest holds what the data are",
+    "device": "what it resolves amp, llm_dtype and item_precision to is fingerprinted",
+    "seeds": "each extra seed is a stage of its own, with its train_seed",
+    "grad_ckpt": "memory, not results (RESULT_NEUTRAL)",
+    "fsdp": "memory, not results (RESULT_NEUTRAL)",
+    "threads": "speed, not results",
+    "crms": "which CRM stages run, each with its own fingerprint",
+    "ablations": "which LLM stages run",
+    "quick": "sets other options, which are fingerprinted",
+    "resume": "whether stages are reused",
+    "n_bootstrap": "the report's intervals, recomputed every run",
+    "progress": "progress bars",
+}
+OTHER_VALUE = {
+    "dataset": "ml-1m", "model": "smollm2-135m", "model_digest": "f" * 16, "n_train": 999,
+    "n_valid": 99, "n_test": 99, "k_text": 7, "k_id": 30, "id_history": "semantic", "k": 8,
+    "r": 4, "alpha": 8.0, "temperature": 2.0, "lr": 2e-3, "plain_lr": 1e-4, "gate_lr": 1e-4,
+    "batch_size": 4, "grad_accum": 2, "epochs": 2, "eval_points": 3, "eval_batch_size": 8,
+    "max_length": 256, "prompt_variant": "default", "target_modules": ("q_proj",),
+    "amp": "off", "llm_dtype": "bf16", "item_precision": "fp32", "item_encoder": "llm",
+    "standardize_reps": False, "loss": "vocab", "crm_epochs": 3, "crm_max_train": 1000,
+    "seed": 1,
+}
+
+
+def test_every_option_is_fingerprinted_or_says_why_not(tmp_path) -> None:
+    def fingerprints(cfg: RunConfig) -> dict:
+        run = Run(replace(cfg, output=str(tmp_path)))
+        run.data_digest = "d" * 16
+        run.train_pool, run.valid, run.test = np.arange(8), np.arange(8, 12), np.arange(12, 16)
+        run.crm_sha = {"din": "c" * 64}
+        names = ("zero-shot", "tallrec", "rella", "reclora", "reclora-no-f2m", "crm_din")
+        return {n: run.fingerprint(n) for n in names}
+
+    base = RunConfig()
+    names = {f.name for f in fields(RunConfig)}
+    assert set(NOT_FINGERPRINTED) | set(OTHER_VALUE) == names, "classify the new option"
+    assert not set(NOT_FINGERPRINTED) & set(OTHER_VALUE)
+    want = fingerprints(base)
+    unchanged = [name for name, value in OTHER_VALUE.items()
+                 if fingerprints(replace(base, **{name: value})) == want]
+    assert unchanged == []
