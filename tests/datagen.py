@@ -181,3 +181,24 @@ def write_ml100k_grouplens(d: Path, s: Synthetic) -> Path:
         for u in range(1, s.n_users + 1):
             f.write(f"{u}|{15 + 3 * u}|{'MF'[u % 2]}|technician|{10000 + u}\n")
     return d
+
+
+def one_heavy_user(name: str, n_light: int, heavy: int, light: int, n_items: int,
+                   title: str, n_titles: int, seed: int = 0):
+    """A built dataset (ML-25M format) where user 0 rated `heavy` items and `n_light` other
+    users `light` each: a long-tailed history length, in random times. Items are titled
+    "<title> <i mod n_titles>" (few words, for tiny tokenizers)."""
+    from reclora.data.splits import RawData, build_dataset
+
+    rng = np.random.default_rng(seed)
+    users, items = [], []
+    for u in range(n_light + 1):
+        k = heavy if u == 0 else light
+        users += [u] * k
+        items += rng.choice(n_items, k, replace=False).tolist()
+    n = len(users)
+    raw = RawData(name, "ml-25m", "movie", np.array(users), np.array(items),
+                  rng.integers(1, 6, n).astype(np.float32), rng.permutation(n).astype(np.int64),
+                  {str(i): {"title": f"{title} {i % n_titles}", "genres": ["Drama"]}
+                   for i in range(n_items)})
+    return build_dataset(raw, min_history=1, core=1)

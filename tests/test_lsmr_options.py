@@ -18,37 +18,27 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from datagen import one_heavy_user
 from test_cli_errors import assert_one_line, call
+from test_reliability_pipeline import stage_fingerprints
 from tiny_llm import TINY_RUN, save_tiny_model
 
 import reclora.pipeline as pl
 from reclora.crm import CRMBatch, CRMSchema, build_crm
-from reclora.data.splits import RawData, build_dataset
 from reclora.retriever import LongShortRetriever
 from reclora.serving import Recommender, RunFolderError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIELDS = ("items", "ratings", "times", "mask")
+STAGES = (*pl.LLM_MODELS, *pl.ABLATIONS, "crm_din")
 K_ID = 9
 
 
 @pytest.fixture(scope="module")
 def ds():
     """One user with 120 ratings among 40 with 12 each (histories longer than K_id)."""
-    rng = np.random.default_rng(0)
-    n_items = 200
-    users, items = [], []
-    for u in range(41):
-        k = 120 if u == 0 else 12
-        users += [u] * k
-        items += rng.choice(n_items, k, replace=False).tolist()
-    n = len(users)
-    raw = RawData("long", "ml-25m", "movie", np.array(users), np.array(items),
-                  rng.integers(1, 6, n).astype(np.float32), rng.permutation(n).astype(np.int64),
-                  {str(i): {"title": f"Film {i % 9}", "genres": ["Drama"]}
-                   for i in range(n_items)})
-    return build_dataset(raw, min_history=1, core=1)
+    return one_heavy_user("long", 40, 120, 12, 200, "Film", 9)
 
 
 @pytest.fixture(scope="module")
@@ -121,13 +111,8 @@ def test_the_option_is_in_the_gated_stages_fingerprints_only(tmp_path) -> None:
     """Semantic h_u redoes the stages it changes and nothing else; the default leaves every
     fingerprint as it was before the option (so older folders resume)."""
     def fingerprints(id_history: str) -> dict:
-        cfg = replace(pl.RunConfig(), output=str(tmp_path), device="cpu",
-                      id_history=id_history)
-        run = pl.Run(cfg)
-        run.data_digest = "d" * 16
-        run.train_pool, run.valid, run.test = np.arange(8), np.arange(8, 12), np.arange(12, 16)
-        run.crm_sha = {"din": "c" * 64}
-        return {n: run.fingerprint(n) for n in (*pl.LLM_MODELS, *pl.ABLATIONS, "crm_din")}
+        return stage_fingerprints(replace(pl.RunConfig(), id_history=id_history), tmp_path,
+                                  STAGES)
 
     recent, semantic = fingerprints("recent"), fingerprints("semantic")
     assert not any("id_history" in fp for fp in recent.values())
@@ -138,12 +123,7 @@ def test_the_option_is_in_the_gated_stages_fingerprints_only(tmp_path) -> None:
 
 def test_the_item_encoder_is_in_the_retrieving_stages_fingerprints_only(tmp_path) -> None:
     def fingerprints(**over) -> dict:
-        cfg = replace(pl.RunConfig(), output=str(tmp_path), device="cpu", **over)
-        run = pl.Run(cfg)
-        run.data_digest = "d" * 16
-        run.train_pool, run.valid, run.test = np.arange(8), np.arange(8, 12), np.arange(12, 16)
-        run.crm_sha = {"din": "c" * 64}
-        return {n: run.fingerprint(n) for n in (*pl.LLM_MODELS, *pl.ABLATIONS, "crm_din")}
+        return stage_fingerprints(replace(pl.RunConfig(), **over), tmp_path, STAGES)
 
     minilm, llm = fingerprints(), fingerprints(item_encoder="llm")
     assert not any("item_encoder" in fp for fp in minilm.values())

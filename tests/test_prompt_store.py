@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from datagen import one_heavy_user
 from tiny_llm import tiny_llama, tiny_tokenizer
 
 import reclora.pipeline as pl
 from reclora.data.prompts import PromptBuilder
-from reclora.data.splits import RawData, build_dataset
 from reclora.few2many import CTRData, TokenStore
 from reclora.llm import LLMCTR
 from reclora.retriever import LongShortRetriever
@@ -25,19 +25,7 @@ FIELDS = ("items", "ratings", "times", "mask")
 def ds():
     """Long-tailed histories: one user with 400 ratings among 110 with 14 each (about 1,900
     samples, so text_history makes two retrieval chunks)."""
-    rng = np.random.default_rng(0)
-    n_items = 450
-    users, items = [], []
-    for u in range(111):
-        k = 400 if u == 0 else 14
-        users += [u] * k
-        items += rng.choice(n_items, k, replace=False).tolist()
-    n = len(users)
-    raw = RawData("tail", "ml-25m", "movie", np.array(users), np.array(items),
-                  rng.integers(1, 6, n).astype(np.float32), rng.permutation(n).astype(np.int64),
-                  {str(i): {"title": f"Heat {i % 7}", "genres": ["Drama"]}
-                   for i in range(n_items)})
-    return build_dataset(raw, min_history=1, core=1)
+    return one_heavy_user("tail", 110, 400, 14, 450, "Heat", 7)
 
 
 @pytest.fixture(scope="module")
