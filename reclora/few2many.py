@@ -123,6 +123,10 @@ class Stage2Config:
     grad_ckpt: bool = False  # activation checkpointing of the decoder layers (reclora.llm)
     fsdp: bool = False  # under torchrun: shard the frozen LLM with FSDP2 instead of DDP
     loss: str = "pair"
+    # The reference code's gate options (reclora.gates.PersonalizedGate): hard top-k routing
+    # (None: soft over all adapters) and the square root of the softmax weights.
+    gate_top_k: int | None = None
+    gate_sqrt: bool = False
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -148,6 +152,13 @@ class Stage2Config:
             raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {self.amp!r}")
         if self.loss not in STAGE2_LOSSES:
             raise ValueError(f"loss must be one of {STAGE2_LOSSES}, got {self.loss!r}")
+        top_k = self.gate_top_k
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)
+                                  or not 2 <= top_k <= self.num_adapters):
+            raise ValueError(f"gate_top_k must be None or an int in [2, num_adapters="
+                             f"{self.num_adapters}], got {top_k!r}")
+        if not isinstance(self.gate_sqrt, bool):
+            raise ValueError(f"gate_sqrt must be a bool, got {self.gate_sqrt!r}")
 
     def count(self, pool: int) -> int:
         """How many samples n_train means for a pool of `pool` samples."""
@@ -413,7 +424,8 @@ def inject_adapters(ctr: LLMCTR, cfg: Stage2Config) -> dict[str, nn.Module]:
     return inject(ctr.model, cfg.target_modules, num_adapters=cfg.num_adapters, rank=cfg.rank,
                   alpha=cfg.alpha, mix=cfg.mix,
                   gate_dim=cfg.gate_dim if cfg.gated else None, gate_hidden=cfg.gate_hidden,
-                  gate_dropout=cfg.gate_dropout, temperature=cfg.temperature)
+                  gate_dropout=cfg.gate_dropout, temperature=cfg.temperature,
+                  top_k=cfg.gate_top_k, sqrt=cfg.gate_sqrt)
 
 
 def _adapter_state(ctr: LLMCTR) -> dict[str, torch.Tensor]:

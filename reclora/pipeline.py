@@ -124,6 +124,10 @@ GATED_BY_TRAINED_CRM = ("reclora", "reclora-recent-text", "reclora-short-id")
 PLAIN_LORA = ("tallrec", "rella")
 ID_HISTORIES = ("recent", "semantic")  # RunConfig.id_history
 ITEM_ENCODERS = ("minilm", "llm")  # RunConfig.item_encoder
+MIXES = ("factor", "output")  # RunConfig.mix
+# RecLoRA's mixture options with the value every run had before they existed: stored in a
+# fingerprint only when another (so that older folders resume).
+MIXTURE_DEFAULTS = {"mix": "factor", "gate_top_k": None, "gate_sqrt": False}
 # --target-modules all: every attention and MLP projection of a Llama-style block.
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -187,6 +191,11 @@ class RunConfig:
     # results) or "semantic" (the K_id the LSMR retrieves for the target). See llm_spec.
     id_history: str = "recent"
     k: int = 16  # meta-LoRAs per bank
+    # How RecLoRA mixes its bank (RECLORA.md section 1): "factor" (the reference code's, the
+    # default) or "output"; its gates' hard top-k routing (None: soft) and sqrt option.
+    mix: str = "factor"
+    gate_top_k: int | None = None
+    gate_sqrt: bool = False
     r: int = 8
     alpha: float = 16.0
     temperature: float = 5.0
@@ -239,6 +248,8 @@ class RunConfig:
         if self.id_history not in ID_HISTORIES:
             raise ValueError(f"id_history must be one of {ID_HISTORIES}, got "
                              f"{self.id_history!r}")
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
         if self.item_encoder not in ITEM_ENCODERS:
             raise ValueError(f"item_encoder must be one of {ITEM_ENCODERS}, got "
                              f"{self.item_encoder!r}")
@@ -259,8 +270,12 @@ class RunConfig:
         seed: its training seed, default the run's)."""
         spec = llm_spec(name, self)
         lr = self.plain_lr if name in PLAIN_LORA and self.plain_lr is not None else self.lr
+        # The mixture options shape RecLoRA's banks, the gate options its gates; the other
+        # models keep the defaults (what their stage2_config.json holds).
+        bank = {"mix": self.mix} if name.startswith("reclora") else {}
+        gate = {"gate_top_k": self.gate_top_k, "gate_sqrt": self.gate_sqrt} if spec.gated else {}
         return self.stage2(num_adapters=spec.adapters, gated=spec.gated, n_train=n_train,
-                           lr=lr, seed=self.seed if seed is None else seed)
+                           lr=lr, seed=self.seed if seed is None else seed, **bank, **gate)
 
 
 # --quick: every stage, on small subsets. CRMs on 6,000 training samples for 2 epochs
@@ -312,6 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "semantic = retrieved for the target item as the prompt's (RECLORA.md "
                    f"section 2); default {d.id_history}")
     p.add_argument("--k", type=int, default=None, help=f"meta-LoRAs per bank ({d.k})")
+    p.add_argument("--mix", choices=MIXES, default=None,
+                   help="how RecLoRA mixes its bank per sample: factor = sum_i w_i A_i and "
+                   "sum_i w_i B_i (the reference code), output = sum_i w_i B_i A_i "
+                   f"(default {d.mix})")
+    p.add_argument("--gate-top-k", type=int, default=None,
+                   help="hard top-k routing of RecLoRA's gates: 2 to --k adapters kept per "
+                   "sample (default: soft over all)")
+    p.add_argument("--gate-sqrt", action="store_true",
+                   help="RecLoRA's gates take the square root of their softmax weights")
     p.add_argument("--r", type=int, default=None, help=f"LoRA rank ({d.r})")
     p.add_argument("--temperature", type=float_between(*TEMPERATURE_RANGE), default=None,
                    help=f"gate softmax temperature, {TEMPERATURE_RANGE[0]:g} to "
@@ -380,7 +404,7 @@ def config_from_args(argv: list[str]) -> RunConfig:
         "n_train", "n_valid", "n_test", "k_text", "k_id", "k", "r", "temperature", "lr",
         "plain_lr", "gate_lr", "batch_size", "grad_accum", "epochs", "max_length", "amp", "seed",
         "prompt_variant", "seeds", "llm_dtype", "item_precision", "loss",
-        "id_history", "item_encoder")
+        "id_history", "item_encoder", "mix", "gate_top_k")
         if getattr(a, k) is not None}
     if "prompt_variant" in over:
         from reclora.data.prompts import variant_flags
@@ -417,7 +441,8 @@ def config_from_args(argv: list[str]) -> RunConfig:
     cfg = replace(cfg, output=out, threads=str(a.threads), dataset=a.dataset,
                   data_dir=a.data_dir, model=a.model, device=a.device,
                   ablations=a.ablations, resume=a.resume,
-                  progress=not a.no_progress, grad_ckpt=a.grad_ckpt, fsdp=a.fsdp, **over)
+                  progress=not a.no_progress, grad_ckpt=a.grad_ckpt, fsdp=a.fsdp,
+                  gate_sqrt=a.gate_sqrt, **over)
     for nm in ("n_valid", "k_text", "k_id", "k", "r", "batch_size", "grad_accum", "epochs",
                "max_length"):
         if getattr(cfg, nm) < 1:
@@ -425,6 +450,9 @@ def config_from_args(argv: list[str]) -> RunConfig:
                              f"got {getattr(cfg, nm)}")
     if cfg.n_test < 0:
         raise SystemExit(f"reclora run: --n-test must be >= 0, got {cfg.n_test}")
+    if cfg.gate_top_k is not None and not 2 <= cfg.gate_top_k <= cfg.k:
+        raise SystemExit(f"reclora run: --gate-top-k must be from 2 to --k ({cfg.k}), got "
+                         f"{cfg.gate_top_k}")
     model = cfg.model
     if model and (model.startswith(("/", ".", "~")) or model.endswith(".gguf")) and \
             not Path(model).expanduser().exists():
@@ -780,6 +808,10 @@ class Run:
                 fp["loss"] = c.loss
         if name.startswith("reclora"):
             fp.update({o: getattr(c, o) for o in MIXTURE_OPTIONS})
+            # What the stage trains with (model_stage2), where not the default.
+            made = c.model_stage2(name, 1)
+            fp.update({o: getattr(made, o) for o, default in MIXTURE_DEFAULTS.items()
+                       if getattr(made, o) != default})
         # Which items the gate CRM reads for h_u; stored only when not the default, so that
         # stages gated before the option existed (all "recent") still resume.
         spec = llm_spec(name, c)

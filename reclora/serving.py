@@ -1109,9 +1109,9 @@ def _type_name(hint: Any) -> str:
 
 # Options added to RunConfig and Stage2Config after folders were made, with the value those
 # folders ran under (the default then): such a folder serves as it was trained.
-_ADDED_STAGE2_OPTIONS = {"loss": "pair"}
+_ADDED_STAGE2_OPTIONS = {"loss": "pair", "gate_top_k": None, "gate_sqrt": False}
 _ADDED_OPTIONS = {**_ADDED_STAGE2_OPTIONS, "id_history": "recent",  # run_config.json's
-                  "item_encoder": "minilm"}
+                  "item_encoder": "minilm", "mix": "factor"}
 
 
 def _read_config(run: Path):

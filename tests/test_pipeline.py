@@ -5,6 +5,7 @@ finished stages (and only with --resume)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -306,23 +307,36 @@ def test_resume_redoes_trained_stages_under_another_world_size(quick_run,
 def test_a_crm_checkpoint_changed_after_its_check_is_refused(quick_run, tiny_model_dir,
                                                               tmp_path, monkeypatch) -> None:
     """The gate CRM is hashed and loaded from one read: a checkpoint another process
-    rewrites after the stage's check is refused, not loaded under the recorded sha256 that
-    every later stage is fingerprinted with."""
+    rewrites after the stage's check is never loaded under the recorded sha256 that every
+    later stage is fingerprinted with."""
     import shutil
 
     import reclora.pipeline as pipeline
     from reclora.cli import CLIError
+    from reclora.crm import load_crm
 
     out = tmp_path / "run"
     shutil.copytree(quick_run[0], out)
     ckpt = out / "crm" / "din.pt"
-    other = ckpt.read_bytes()
-    other = other[:-1] + bytes([other[-1] ^ 1])  # another file that still loads
+    checked = ckpt.read_bytes()
+    other = checked[:-1] + bytes([checked[-1] ^ 1])  # another file that still loads
     monkeypatch.setattr(pipeline, "wait_for_main", lambda: ckpt.write_bytes(other))
+    # A process that reads the file after rank 0's check (another rank): refused.
     run = Run(config_from_args(_argv(out, tiny_model_dir) + ["--resume"]))
     run.load_data()
+    run.main = False
     with pytest.raises(CLIError, match="changed after its stage file"):
         run.crm_stage("din")
+    # Rank 0 reuses the model it checked: the bytes it hashed, never the rewritten file.
+    ckpt.write_bytes(checked)
+    run = Run(config_from_args(_argv(out, tiny_model_dir) + ["--resume"]))
+    run.load_data()
+    run.crm_stage("din")
+    want = load_crm(ckpt, data=checked)[0].state_dict()
+    assert ckpt.read_bytes() == other
+    got = run.crms["din"].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert run.crm_sha["din"] == hashlib.sha256(checked).hexdigest()
 
 
 def test_fractional_n_and_seeds(tiny_model_dir, tmp_path) -> None:

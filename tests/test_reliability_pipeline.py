@@ -360,7 +360,7 @@ OTHER_VALUE = {
     "max_length": 256, "prompt_variant": "default", "target_modules": ("q_proj",),
     "amp": "off", "llm_dtype": "bf16", "item_precision": "fp32", "item_encoder": "llm",
     "standardize_reps": False, "loss": "vocab", "crm_epochs": 3, "crm_max_train": 1000,
-    "seed": 1,
+    "seed": 1, "mix": "output", "gate_top_k": 4, "gate_sqrt": True,
 }
 
 

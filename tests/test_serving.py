@@ -660,16 +660,21 @@ def test_a_bad_run_folder_names_the_file(tiny_run, tmp_path, rel, data, match) -
     assert rel.split("/")[-1] in str(err.value)
 
 
-def test_a_folder_made_before_the_loss_option_serves(tiny_run, tmp_path) -> None:
-    """run_config.json and stage2_config.json without `loss` (folders made before the
-    option, all trained with "pair"): served as before, not refused as another version."""
+def test_a_folder_made_before_the_added_options_serves(tiny_run, tmp_path) -> None:
+    """run_config.json and stage2_config.json without the options added since folders were
+    first made (loss, id_history, item_encoder, mix, gate_top_k, gate_sqrt; such folders
+    all ran with their defaults): served as before, not refused as another version."""
+    # Written out, not read from serving's own table: a key missing there must fail here.
+    stage2 = {"loss": "pair", "gate_top_k": None, "gate_sqrt": False}
+    run = {**stage2, "id_history": "recent", "item_encoder": "minilm", "mix": "factor"}
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
-    for rel in ("run_config.json", "reclora/stage2_config.json"):
+    for rel, added in (("run_config.json", run), ("reclora/stage2_config.json", stage2)):
         cfg = json.loads((out / rel).read_text())
-        assert cfg.pop("loss") == "pair"
+        assert {k: cfg.pop(k) for k in added} == added
         (out / rel).write_text(json.dumps(cfg))
-    assert Recommender.load(out).cfg.loss == "pair"
+    served = Recommender.load(out).cfg
+    assert {k: getattr(served, k) for k in run} == run
 
 
 def test_adapters_replaced_while_they_load_are_refused(tiny_run, tmp_path,
