@@ -851,7 +851,12 @@ class Run:
     def made_by(self, name: str, prev: dict, path: Path, key: str, what: str) -> bool:
         """Whether `path` is the file stage `name`'s stored result was made with (its sha256
         under `key`); if not, or it is missing, a one-line note that the stage is redone."""
-        sha = _file_sha256(path)
+        return self.sha_made_by(name, prev, _file_sha256(path), path, key, what)
+
+    def sha_made_by(self, name: str, prev: dict, sha: str | None, path: Path, key: str,
+                    what: str) -> bool:
+        """made_by for a file the caller read already (`sha`: its sha256, None where it is
+        missing or unreadable)."""
         if sha is not None and sha == prev.get(key):
             return True
         self.warn(f"{name}: {path} is missing or not the {what} of {self.stage_path(name)}; "
@@ -995,9 +1000,7 @@ class Run:
             except OSError:
                 data = None
             sha = None if data is None else hashlib.sha256(data).hexdigest()
-            if sha is None or sha != prev.get("checkpoint_sha256"):
-                self.warn(f"{stage}: {ckpt} is missing or not the checkpoint of "
-                          f"{self.stage_path(stage)}; redoing the stage")
+            if not self.sha_made_by(stage, prev, sha, ckpt, "checkpoint_sha256", "checkpoint"):
                 prev = None
             else:
                 try:
