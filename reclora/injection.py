@@ -422,6 +422,7 @@ def personalize(
     *,
     row_ids: torch.Tensor | None = None,
     plan: RowPlan | None = None,
+    expand_size: int = 1,
 ) -> Iterator[nn.Module]:
     """Within the block, every gated RecLoRALinear in model computes its mixture from
     user_reps [R, h] (row b of every input is user b; a [h] vector is one user for all rows).
@@ -429,6 +430,12 @@ def personalize(
     here, once for the batch (one host read), and shared by every layer (or pass a ready
     `plan` from reclora_kernels.row_plan). Contexts nest; on exit the previous state comes
     back. Layers without a gate are left as they are.
+
+    expand_size: for `model.generate` with num_beams (or num_return_sequences) n > 1, which
+    repeats each of the R input rows n times in a row: give n, and a layer that sees R * n
+    rows gives rows b * n ... b * n + n - 1 user b's mixture, while a layer that sees R rows
+    (an encoder-decoder's encoder, which runs before the expansion) takes user_reps as they
+    are. Not with packed `row_ids` / `plan`.
 
     Thread-safe: the state lives in a context variable (per thread, per asyncio task), not on
     the modules, so two threads may personalize one model for different users at once.
@@ -462,6 +469,12 @@ def personalize(
                          f"{sorted(dims)}, got shape {list(user_reps.shape)}")
     if row_ids is not None and plan is not None:
         raise ValueError("personalize: give `row_ids` or `plan`, not both")
+    if type(expand_size) is not int or expand_size < 1:
+        raise ValueError(f"personalize: `expand_size` must be an int >= 1 (generate's num_beams"
+                         f" or num_return_sequences), got {expand_size!r}")
+    if expand_size > 1 and (row_ids is not None or plan is not None):
+        raise ValueError("personalize: `expand_size` applies to rows that are x's first dim; "
+                         "it cannot be combined with packed `row_ids` or a `plan`")
     if row_ids is not None:
         rows = user_reps.shape[0] if user_reps.dim() == 2 else 1
         plan = row_plan(row_ids.to(user_reps.device), rows)
@@ -469,7 +482,8 @@ def personalize(
         check_plan_rows("personalize", plan, user_reps.shape[0] if user_reps.dim() == 2 else 1)
     active = dict(ACTIVE_PERSONALIZATION.get() or {})
     _refuse_shared(model, gated, active)
-    state = Personalization(user_reps, plan, model=model, in_export=_is_exporting())
+    state = Personalization(user_reps, plan, model=model, in_export=_is_exporting(),
+                            expand_size=expand_size)
     active.update({m: state for m in gated.values()})
     token = ACTIVE_PERSONALIZATION.set(active)
     try:

@@ -70,13 +70,15 @@ def jit_trace_error(where: str) -> RuntimeError:
 class Personalization:
     """What personalize() gives the gated layers of one model: the batch's user
     representations and its row plan (None: rows are x's first dim); the model object the
-    block was entered for, and whether it was entered while torch.export traced (else
-    user_reps would be baked into the program)."""
+    block was entered for, whether it was entered while torch.export traced (else
+    user_reps would be baked into the program), and generate's batch expansion (a layer that
+    sees R * expand_size rows gives each user's mixture to expand_size rows in a row)."""
 
     user_reps: torch.Tensor
     plan: RowPlan | None
     model: nn.Module | None = None
     in_export: bool = False
+    expand_size: int = 1
 
 
 # layer -> Personalization, set by reclora.personalize for the current thread / task only.
@@ -478,6 +480,11 @@ class RecLoRALinear(nn.Module):
                                         RowPlan | None]:
         """(weights [R or 1, k], idx or None, plan or None) for this forward; weights None:
         the uniform 1/M over the bank."""
+        return self._resolve()[:3]
+
+    def _resolve(self) -> tuple[torch.Tensor | None, torch.Tensor | None, RowPlan | None,
+                                int]:
+        """_resolve_mixture's three and personalize's expand_size (1 outside a block)."""
         personal = (ACTIVE_PERSONALIZATION.get() or {}).get(self)
         if personal is not None:
             if self.gate is None:
@@ -501,7 +508,7 @@ class RecLoRALinear(nn.Module):
             if not personal.in_export and _is_exporting():
                 raise self._baked_state_error("personalize")
             weights, idx = gate(personal.user_reps)
-            return weights, idx, personal.plan
+            return weights, idx, personal.plan, personal.expand_size
         mixture, mixture_plan = self._mixture, self._mixture_plan
         checkpoint = CHECKPOINT_MIXTURES.get()
         if checkpoint is not None:
@@ -521,7 +528,7 @@ class RecLoRALinear(nn.Module):
                 self._check_not_refilled()
                 if _is_exporting() and not self._mixture_in_export:
                     raise self._baked_state_error("set_mixture")
-            return (*mixture, mixture_plan)
+            return (*mixture, mixture_plan, 1)
         if self.gate is not None:
             if torch._C._current_graph_task_id() != -1:  # a forward run by backward()
                 raise RuntimeError(
@@ -541,7 +548,7 @@ class RecLoRALinear(nn.Module):
                 "forward inside `with reclora.personalize(model, user_reps):` or call "
                 f"set_mixture(weights, idx){other}"
             )
-        return None, None, None  # uniform: _mixed_linear makes it for the input's rows
+        return None, None, None, 1  # uniform: _mixed_linear makes it for the input's rows
 
     @staticmethod
     def _baked_state_error(source: str) -> RuntimeError:
@@ -565,7 +572,7 @@ class RecLoRALinear(nn.Module):
     # --- forward ----------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, idx, plan = self._resolve_mixture()
+        weights, idx, plan, expand = self._resolve()
         device = x.device
         # torch.is_autocast_enabled raises for a device type without autocast (meta).
         if device.type != "meta" and torch.is_autocast_enabled(device.type):
@@ -575,10 +582,11 @@ class RecLoRALinear(nn.Module):
             if x.dtype == torch.float64:  # autocast leaves float64 alone (so F.linear does)
                 dtype = x.dtype
             with torch.autocast(device.type, enabled=False):
-                return self._mixed_linear(_in_dtype(x, dtype), weights, idx, plan, device)
-        return self._mixed_linear(x, weights, idx, plan, device)
+                return self._mixed_linear(_in_dtype(x, dtype), weights, idx, plan, device,
+                                          expand)
+        return self._mixed_linear(x, weights, idx, plan, device, expand)
 
-    def _mixed_linear(self, x, weights, idx, plan, device) -> torch.Tensor:
+    def _mixed_linear(self, x, weights, idx, plan, device, expand=1) -> torch.Tensor:
         """The op on x (already in the compute dtype) with this forward's mixture.
         Written for the host cost at decode sizes: sizes through dim()/size() (no torch.Size
         objects) and the parameters read from _parameters (see _operands)."""
@@ -616,12 +624,21 @@ class RecLoRALinear(nn.Module):
             weights = uniform_mixture(rows, self.num_adapters, self.lora_a.dtype, x.dtype,
                                        device)
         elif weights.size(0) != rows:
-            if weights.size(0) != 1:
+            if expand > 1 and rows == weights.size(0) * expand:
+                # generate's expanded batch (personalize's expand_size): user b's rows are
+                # b * expand ... (b + 1) * expand - 1, as repeat_interleave lays them out.
+                weights = weights.repeat_interleave(expand, 0)
+                idx = None if idx is None else idx.repeat_interleave(expand, 0)
+            elif weights.size(0) != 1:
                 source = (f"the batch's plan has {rows}" if plan is not None else
                           f"the input has {rows} (x's first dim; one per token for a 2-D x)")
+                also = (f" (or {weights.size(0) * expand}, personalize's expand_size="
+                        f"{expand} per user)" if expand > 1 else
+                        "; under generate with num_beams or num_return_sequences n > 1, "
+                        "personalize(..., expand_size=n)")
                 raise ValueError(
                     f"RecLoRALinear: the mixture has {weights.size(0)} rows but {source}; "
-                    "give one mixture row per input row, or a single row for all"
+                    f"give one mixture row per input row, or a single row for all{also}"
                 )
             # Materialised (it is tiny) so no backend meets a stride-0 row dimension.
             weights = weights.expand(rows, -1).contiguous()

@@ -484,6 +484,16 @@ MUTANTS = [
            "        np.maximum.at(held, row_users, hl)", "        held[row_users] = hl",
            "tests/test_serving.py -k view_holds",
            "a user's view holds the last request's history, not the longest"),
+    # ---- generate's expanded batch (personalize's expand_size)
+    Mutant("layers", "reclora/layers.py",
+           "weights = weights.repeat_interleave(expand, 0)", "weights = weights.repeat(expand, 1)",
+           "tests/test_generate_expand.py",
+           "beam rows given the users' mixtures in turn, not each user's n rows in a row"),
+    Mutant("layers", "reclora/layers.py",
+           "if expand > 1 and rows == weights.size(0) * expand:",
+           "if expand > 1 and rows == weights.size(0) * expand and idx is None:",
+           "tests/test_generate_expand.py",
+           "top-k gates under beam search refused (the expansion only for dense mixtures)"),
 ]
 
 
