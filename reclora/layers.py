@@ -185,8 +185,9 @@ def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def _make_uniform(rows, adapters, bank_dtype, dtype, device) -> torch.Tensor:
-    # 1/M in the bank's dtype, then the compute dtype: the values the layer always used.
+def _make_uniform(rows, adapters, bank_dtype, dtype, device, stream=0) -> torch.Tensor:
+    # stream: a cache key only (cached_tensor). 1/M in the bank's dtype, then the compute
+    # dtype: the values the layer always used.
     # Outside inference mode: one cached under it (a served batch) could not be saved for a
     # later training forward's backward.
     with torch.inference_mode(False):

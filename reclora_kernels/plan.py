@@ -126,18 +126,32 @@ class RowPlan:
     __repr__ = describe
 
 
+def stream_key(device: torch.device) -> int:
+    """The current stream of a CUDA `device` (0 elsewhere), in the key of every cached
+    read-only device tensor, so that each is made and read on one stream: made on stream S
+    (its fill queued there) and read from another, a kernel could read it before the fill
+    ran, and once evicted its memory goes back to S's pool while the other stream may still
+    be reading it."""
+    if device.type != "cuda":
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch._C._cuda_getCurrentRawStream(index)
+
+
 def cached_tensor(cache, *args) -> torch.Tensor:
-    """cache(*args), for an lru_cache'd function that makes a read-only tensor: made fresh
-    while tracing (a tensor made during CUDA-graph capture holds nothing until replay) and
-    under a torch.func transform (one made there is the transform's wrapper: kept, it no
-    longer counted writes, so a later write went unseen), and made again if someone it was
-    handed to wrote it in place."""
+    """cache(*args, stream=...), for an lru_cache'd function that makes a read-only tensor on
+    the device args end with, one per stream (stream_key): made fresh while tracing (a
+    tensor made during CUDA-graph capture holds nothing until replay) and under a torch.func
+    transform (one made there is the transform's wrapper: kept, it no longer counted writes,
+    so a later write went unseen), and made again if someone it was handed to wrote it in
+    place."""
     if tracing() or torch._C._are_functorch_transforms_active():
         return cache.__wrapped__(*args)
-    tensor = cache(*args)
+    stream = stream_key(args[-1])
+    tensor = cache(*args, stream=stream)
     if tensor._version:
         cache.cache_clear()
-        tensor = cache(*args)
+        tensor = cache(*args, stream=stream)
     return tensor
 
 
@@ -146,9 +160,10 @@ _REBUILT = object()  # ... and of the op's own copy of one (reclora_kernels.ops.
 
 
 @lru_cache(maxsize=64)
-def _implicit_rows(tokens: int, row_len: int, device: torch.device) -> torch.Tensor:
-    # Made outside inference mode: a cached tensor made inside it (a served batch) could not
-    # be saved for a later training call's backward.
+def _implicit_rows(tokens: int, row_len: int, device: torch.device, stream: int = 0
+                   ) -> torch.Tensor:
+    # stream: a cache key only (cached_tensor). Made outside inference mode: a cached tensor
+    # made inside it (a served batch) could not be saved for a later training call's backward.
     with torch.inference_mode(False):
         if tokens == 0:
             return torch.zeros(0, dtype=torch.int64, device=device)

@@ -2,6 +2,7 @@
 """Compile every Triton kernel the op launches for a GPU, on a machine without one.
 
     python scripts/triton_aot_check.py [--card "NVIDIA H200"] [--arch 90] [--out FILE]
+                                       [--float64]
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not the compiler: a kernel can
 pass every CPU test and still fail to compile for a GPU (an op the MLIR lowering rejects, a
@@ -16,7 +17,10 @@ ptxas bundled in triton's wheel. Prints one line a specialization (ok with its s
 warps and stages, or the error; shared memory past the 227 KiB a block can get on sm_90 is a
 failure too) and exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the
 value specialisations the JIT adds on a GPU (1, multiples of 16), so the GPU's own compile may
-take a variant of each; the code paths are the same.
+take a variant of each; the code paths are the same. `--float64` adds float64 cases (49 more
+specializations, 324 with the H100's table: 11.2 min on one core of this machine with an empty
+Triton cache, so tests/test_triton_compile.py leaves them out): a GPU runs float64 too, and
+its fused GEMM's tiles do not fit there (launch._fused_addressable plans around it).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-def record_launches(card: str) -> list[tuple]:
+def record_launches(card: str, float64: bool = False) -> list[tuple]:
     """Run the op's cases through the interpreter; return (python fn, args, kwargs, launch
     options) of each kernel launch."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -66,22 +70,23 @@ def record_launches(card: str) -> list[tuple]:
 
     InterpretedFunction.run = run
     try:
-        for case in cases():
+        for case in cases(float64):
             case()
         # Again with the fused GEMM (expand.fused) on in every size class: off by default,
         # it must compile for the card that a measurement may turn it on for.
         from reclora_kernels.triton.card_plan import force_fused
 
         force_fused(True, card)
-        for case in cases():
+        for case in cases(float64):
             case()
     finally:
         InterpretedFunction.run = original
     return launches
 
 
-def cases():
-    """Small calls that reach every kernel: each mix x layout x dtype, forward and backward."""
+def cases(float64: bool = False):
+    """Small calls that reach every kernel: each mix x layout x dtype, forward and backward
+    (float64 as well where asked)."""
     import reclora_kernels as rk
 
     m, k = 6, 2
@@ -89,8 +94,9 @@ def cases():
     # apply below short_rows_below = 32 tokens a row). Then decode: one token in each of 8
     # rows at d = 512, so few tiles that the shrinks split d (SPLIT_K > 1: the atomic path).
     sizes = [(dtype, length, 3, 40, 24, layouts, 4)
-             for dtype in (torch.float32, torch.bfloat16, torch.float16) for length in (5, 40)
-             for layouts in [("implicit", "packed", "gathered")]]
+             for dtype in (torch.float32, torch.bfloat16, torch.float16)
+             + ((torch.float64,) if float64 else ())
+             for length in (5, 40) for layouts in [("implicit", "packed", "gathered")]]
     sizes += [(dtype, 1, 8, 512, 512, ("implicit", "gathered"), 4)
               for dtype in (torch.float32, torch.bfloat16)]
     # Rows of 128 tokens (a card's fused token tile): the fused GEMM's in-loop shrink, at
@@ -99,6 +105,10 @@ def cases():
     sizes += [(dtype, 128, 2, 40, 24, ("implicit", "gathered"), rank)
               for dtype in (torch.float32, torch.bfloat16, torch.float16)
               for rank in (4, 32, 64, 128)]
+    # float64 at a fused token tile: the fused GEMM's tiles do not fit sm_90's shared memory
+    # in float64, so it must plan the cuBLAS-anchored order (launch._fused_addressable).
+    if float64:
+        sizes += [(torch.float64, 128, 2, 40, 24, ("implicit", "gathered"), 64)]
     for dtype, length, rows, d_in, d_out, layouts, r in sizes:
         for mix in ("factor", "output"):
             for layout in layouts:
@@ -157,12 +167,12 @@ def signature_of(jit, args, kwargs) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def record(card: str) -> list[dict]:
+def record(card: str, float64: bool = False) -> list[dict]:
     """(In a child process under the interpreter.) The distinct specializations launched."""
     from triton.runtime.jit import JITFunction
 
     seen = {}
-    for fn, a, kw, options in record_launches(card):
+    for fn, a, kw, options in record_launches(card, float64):
         signature, constexprs = signature_of(JITFunction(fn), a, kw)
         spec = {"kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
                 "options": options}
@@ -213,12 +223,15 @@ def main(argv=None) -> int:
                         "spells it (a card without reclora_kernels/configs/<card>.json gets "
                         "default.json's cuda table, e.g. 'NVIDIA H200'), or 'interpret' for "
                         "the CPU interpreter's")
+    p.add_argument("--float64", action="store_true",
+                   help="add the float64 cases (not in CI: see the docstring)")
     p.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.record:
-        print(json.dumps(record(args.card)))
+        print(json.dumps(record(args.card, args.float64)))
         return 0
-    child = subprocess.run([sys.executable, __file__, "--record", "--card", args.card],
+    child = subprocess.run([sys.executable, __file__, "--record", "--card", args.card,
+                            *(["--float64"] if args.float64 else [])],
                            capture_output=True, text=True,
                            env=os.environ | {"TRITON_INTERPRET": "1"})
     if child.returncode != 0:

@@ -157,3 +157,36 @@ def test_no_shrink_in_the_loop_over_one_rank_block(shrinks, rank):
 def test_no_shrink_in_the_loop_where_a_tile_may_span_rows(shrinks, case):
     check_against_reference(case, "triton", DEVICE, torch.float32)
     assert sum(map(len, shrinks)) == 2  # the forward's and the backward's
+
+
+def test_float64_takes_the_cublas_order_on_a_gpu(monkeypatch):
+    """On an H100's tables the fused GEMM's float64 tiles would need more shared memory than
+    a block can get (scripts/triton_aot_check.py compiles them): float64 plans the
+    cuBLAS-anchored order there, the other dtypes the fused one; the interpreter keeps
+    float64 on the fused GEMM (gradcheck above)."""
+    from reclora_kernels.plan import implicit_plan
+    from reclora_kernels.triton import card_plan
+
+    for name in ("config", "interpreting", "_smem_optin", "_num_sms"):
+        monkeypatch.setattr(launch, name, getattr(launch, name))  # restored after the test
+    card = "NVIDIA H100 80GB HBM3"
+
+    def order(dtype):
+        rows, length, d_in, d_out, m, r = 2, 128, 40, 24, 3, 4
+        x = torch.zeros(rows * length, d_in, dtype=dtype)
+        weight = torch.zeros(d_out, d_in, dtype=dtype)
+        a, b = torch.zeros(m, r, d_in, dtype=dtype), torch.zeros(m, d_out, r, dtype=dtype)
+        w = torch.zeros(rows, m, dtype=dtype)
+        return launch.forward_plan_of(x, implicit_plan(rows, length), weight, None, a, b, w,
+                                      None, 0).order
+
+    assert order(torch.float64) == launch.ORDER_FUSED  # the interpreter's tables
+    try:
+        card_plan.use_card_tables(card)
+        force_fused(True, card)
+        assert order(torch.float64) == launch.ORDER_EXPAND_FIRST
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert order(dtype) == launch.ORDER_FUSED, dtype
+    finally:
+        force_fused(None, card)
+        launch.clear_plans()

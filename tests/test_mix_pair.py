@@ -159,3 +159,16 @@ def test_factors_that_are_not_flat_take_a_mix_per_factor(monkeypatch, dense):
                              backend="reference")
     assert not mixes
     assert rel_err(y.double(), ref) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("one_launch", [False, True], ids=["per-factor", "one-launch"])
+def test_factors_longer_than_the_grid_takes(monkeypatch, one_launch):
+    """Factors of more blocks than axis 1 of a grid takes (CUDA: 65,535; here capped at 1):
+    the per-factor mix, the bank gradient and the mixture weights' gradient loop over the
+    blocks (gathered factor mode, forward and backward, against the float64 reference)."""
+    force_one_launch_mix(one_launch, TABLE)
+    monkeypatch.setattr(launch, "GRID_AXIS_1_MAX", 1)
+    block = configs.config("mix", torch.device(DEVICE))["BLOCK"]
+    case = Case(rank=3, d_in=block // 2 + 5, d_out=block // 3 + 7, rows=3, tokens_per_row=2)
+    assert case.rank * case.d_in > 1 * block and case.rank * case.d_out > block  # 2 blocks
+    check_against_reference(case, "triton", DEVICE, torch.float32)

@@ -20,6 +20,11 @@ pytestmark = pytest.mark.skipif("triton" not in rk.available_backends(),
                                 reason="needs triton (a GPU, or TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float32 if DEVICE == "cuda" else torch.float64
+# The two paths launch the same kernels, but on a GPU the bank gradients of output mode and
+# packed dW are sums by atomics / index_add_ in an order that changes from run to run: float32
+# gradients then differ by ~1e-6 relative (9.5e-7 measured under shuffled program orders).
+# The interpreter runs programs in one order, so float64 there stays exact to 1e-12.
+GRAD_TOL = {"rtol": 1e-5, "atol": 1e-6} if DEVICE == "cuda" else {"rtol": 1e-12, "atol": 1e-12}
 GRAD_SETS = {
     "all": ("x", "weight", "bias", "lora_a", "lora_b", "adapter_w"),
     "x only": ("x",),
@@ -78,7 +83,7 @@ def test_eager_path_equals_custom_op(monkeypatch, mix, dense, packed, needs):
     torch.testing.assert_close(y, y_op, rtol=0, atol=0)
     assert len(grads) == len(grads_op)
     for got, want in zip(grads, grads_op):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got, want, **GRAD_TOL)
 
 
 @pytest.mark.parametrize("mix", ["factor", "output"])

@@ -72,19 +72,33 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
 // mixed factor (factor mode after mixing).
 enum SourceMode : int { kTable = 0, kDense = 1, kOwnRow = 2 };
 
+// The op trusts its indices (the Python layer checks them once per batch, the CPU kernel
+// per call): a table index outside [0, adapters) or a row id outside [0, rows) from a direct
+// torch.ops call stops the kernel with a device-side assert instead of reading or adding
+// out of bounds (a compare per index load; no host sync, capture-safe).
 struct Source {
   const int64_t* idx;
   int64_t s0, s1;
   int mode;
+  int64_t adapters;
   __device__ __forceinline__ int64_t operator()(int64_t b, int64_t j) const {
-    return mode == kTable ? idx[b * s0 + j * s1] : (mode == kDense ? j : b);
+    if (mode != kTable) return mode == kDense ? j : b;
+    const int64_t i = idx[b * s0 + j * s1];
+    CUDA_KERNEL_ASSERT(i >= 0 && i < adapters && "lora_mix (cuda): adapter_idx out of range");
+    return i;
   }
 };
 
-Source make_source(const std::optional<Tensor>& idx, bool own_row) {
-  if (own_row) return {nullptr, 0, 0, kOwnRow};
-  if (!idx.has_value()) return {nullptr, 0, 0, kDense};
-  return {idx->data_ptr<int64_t>(), idx->stride(0), idx->stride(1), kTable};
+__device__ __forceinline__ int64_t checked_row(const int64_t* row_ids, int64_t n, int64_t rows) {
+  const int64_t b = row_ids[n];
+  CUDA_KERNEL_ASSERT(b >= 0 && b < rows && "lora_mix (cuda): row_ids out of range");
+  return b;
+}
+
+Source make_source(const std::optional<Tensor>& idx, bool own_row, int64_t adapters) {
+  if (own_row) return {nullptr, 0, 0, kOwnRow, adapters};
+  if (!idx.has_value()) return {nullptr, 0, 0, kDense, adapters};
+  return {idx->data_ptr<int64_t>(), idx->stride(0), idx->stride(1), kTable, adapters};
 }
 
 constexpr int kThreads = 256;
@@ -108,12 +122,12 @@ __global__ void mix_kernel(const T* __restrict__ bank, const T* __restrict__ w, 
 template <typename T>
 __global__ void shrink_kernel(const T* __restrict__ x, int64_t sx0, int64_t sx1,
                               const T* __restrict__ f, int64_t sf, int64_t sc, int64_t sk,
-                              Source src, const int64_t* __restrict__ row_ids,
+                              Source src, const int64_t* __restrict__ row_ids, int64_t rows,
                               float* __restrict__ out, int64_t so0, int64_t so1, int64_t depth,
                               int rank) {
   const int64_t n = blockIdx.x, j = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  const T* fp = f + src(row_ids[n], j) * sf;
+  const T* fp = f + src(checked_row(row_ids, n, rows), j) * sf;
   const T* xp = x + n * sx0;
   for (int c = warp; c < rank; c += warps) {
     float acc = 0.f;
@@ -131,12 +145,12 @@ __global__ void expand_kernel(T* __restrict__ y, int64_t sy0, const T* __restric
                               int64_t sbias, const float* __restrict__ u, int64_t su0,
                               int64_t su1, const T* __restrict__ f, int64_t sf, int64_t so,
                               int64_t sc, Source src, const T* __restrict__ coef, int64_t scf0,
-                              int64_t scf1, const int64_t* __restrict__ row_ids, int64_t n_out,
-                              int64_t slots, int rank, float scale) {
+                              int64_t scf1, const int64_t* __restrict__ row_ids, int64_t rows,
+                              int64_t n_out, int64_t slots, int rank, float scale) {
   const int64_t n = blockIdx.y;
   const int64_t o = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (o >= n_out) return;
-  const int64_t b = row_ids[n];
+  const int64_t b = checked_row(row_ids, n, rows);
   float acc = 0.f;
   for (int64_t j = 0; j < slots; ++j) {
     const T* fj = f + src(b, j) * sf + o * so;
@@ -237,7 +251,8 @@ Tensor mix(const Tensor& bank, const Tensor& w, const Source& src) {
 
 template <typename T>
 Tensor shrink(const Tensor& x, const Tensor& f, int64_t sf, int64_t sc, int64_t sk,
-              const Source& src, const Tensor& row_ids, int64_t slots, int64_t rank) {
+              const Source& src, const Tensor& row_ids, int64_t rows, int64_t slots,
+              int64_t rank) {
   const int64_t tokens = x.size(0);
   Tensor out = at::empty({tokens, slots, rank}, x.options().dtype(at::kFloat));
   if (tokens == 0) return out;
@@ -245,7 +260,7 @@ Tensor shrink(const Tensor& x, const Tensor& f, int64_t sf, int64_t sc, int64_t 
   auto stream = c10::cuda::getCurrentCUDAStream();
   shrink_kernel<T><<<dim3(tokens, slots), 128, 0, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), x.stride(0), x.stride(1),
-      reinterpret_cast<const T*>(f.data_ptr()), sf, sc, sk, src, row_ids.data_ptr<int64_t>(),
+      reinterpret_cast<const T*>(f.data_ptr()), sf, sc, sk, src, row_ids.data_ptr<int64_t>(), rows,
       out.data_ptr<float>(), out.stride(0), out.stride(1), x.size(1), static_cast<int>(rank));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -257,7 +272,7 @@ template <typename T>
 Tensor lora_linear(const Tensor& x, const Tensor& mat, const std::optional<Tensor>& bias,
                    const Tensor& u, const Tensor& f, int64_t sf, int64_t so, int64_t sc,
                    const Source& src, const std::optional<Tensor>& coef, const Tensor& row_ids,
-                   int64_t slots, int64_t rank, double scale) {
+                   int64_t rows, int64_t slots, int64_t rank, double scale) {
   const int64_t tokens = x.size(0), n_out = mat.size(1);
   Tensor y = at::empty({tokens, n_out}, x.options());
   if (tokens == 0 || n_out == 0) return y;
@@ -274,7 +289,7 @@ Tensor lora_linear(const Tensor& x, const Tensor& mat, const std::optional<Tenso
         u.stride(0), u.stride(1), reinterpret_cast<const T*>(f.data_ptr()), sf, so, sc, src,
         coef.has_value() ? reinterpret_cast<const T*>(coef->data_ptr()) : nullptr,
         coef.has_value() ? coef->stride(0) : 0, coef.has_value() ? coef->stride(1) : 0,
-        row_ids.data_ptr<int64_t>() + first, n_out, slots, static_cast<int>(rank),
+        row_ids.data_ptr<int64_t>() + first, rows, n_out, slots, static_cast<int>(rank),
         static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -344,17 +359,18 @@ std::tuple<Tensor, Tensor> lora_mix_forward_cuda(
   dispatch(x.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     if (mix_mode == 0) {
-      const Source table = make_source(adapter_idx, false), own = make_source(adapter_idx, true);
+      const Source table = make_source(adapter_idx, false, s.adapters);
+      const Source own = make_source(adapter_idx, true, s.adapters);
       Tensor a_mix = mix<T>(lora_a, adapter_w, table);  // [R, r * d_in]
       Tensor b_mix = mix<T>(lora_b, adapter_w, table);  // [R, d_out * r]
-      sh = shrink<T>(x, a_mix, r * d_in, d_in, 1, own, rows_c, 1, r);
+      sh = shrink<T>(x, a_mix, r * d_in, d_in, 1, own, rows_c, s.rows, 1, r);
       y = lora_linear<T>(x, weight.t(), bias, sh, b_mix, s.d_out * r, r, 1, own, std::nullopt,
-                         rows_c, 1, r, scale);
+                         rows_c, s.rows, 1, r, scale);
     } else {
-      const Source table = make_source(adapter_idx, false);
-      sh = shrink<T>(x, lora_a, r * d_in, d_in, 1, table, rows_c, s.slots, r);
+      const Source table = make_source(adapter_idx, false, s.adapters);
+      sh = shrink<T>(x, lora_a, r * d_in, d_in, 1, table, rows_c, s.rows, s.slots, r);
       y = lora_linear<T>(x, weight.t(), bias, sh, lora_b, s.d_out * r, r, 1, table, adapter_w,
-                         rows_c, s.slots, r, scale);
+                         rows_c, s.rows, s.slots, r, scale);
     }
   });
   return {y, sh};
@@ -390,16 +406,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
     const RowPlan plan = make_plan(rows_c, R);
     dispatch(x.scalar_type(), [&](auto tag) {
       using T = typename decltype(tag)::type;
-      const Source table = make_source(adapter_idx, false);
+      const Source table = make_source(adapter_idx, false, s.adapters);
       if (mix_mode == 0) {
-        const Source own = make_source(adapter_idx, true);
+        const Source own = make_source(adapter_idx, true, s.adapters);
         Tensor a_mix = mix<T>(lora_a, adapter_w, table);
         Tensor b_mix = mix<T>(lora_b, adapter_w, table);
         // v = B_p^T g: F[f, c, k] = B_p[f, k, c]
-        Tensor v = shrink<T>(g, b_mix, d_out * r, 1, r, own, rows_c, 1, r);
+        Tensor v = shrink<T>(g, b_mix, d_out * r, 1, r, own, rows_c, R, 1, r);
         if (need_x)  // dx = g W + scale * A_p^T v: F = A_p^T [R, d_in, r]
           dx = lora_linear<T>(g, weight, std::nullopt, v, a_mix, r * d_in, 1, d_in, own,
-                              std::nullopt, rows_c, 1, r, scale);
+                              std::nullopt, rows_c, R, 1, r, scale);
         if (need_lora) {
           Tensor da_mix = at::zeros({R, r * d_in}, f32), db_mix = at::zeros({R, d_out * r}, f32);
           segment_outer<T>(g, sh, own, std::nullopt, plan, R, 1, r, db_mix, d_out * r, r, 1,
@@ -410,10 +426,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
           mix_backward<T>(db_mix, lora_b, adapter_w, table, db, dw);
         }
       } else {
-        Tensor v = shrink<T>(g, lora_b, d_out * r, 1, r, table, rows_c, s.slots, r);
+        Tensor v = shrink<T>(g, lora_b, d_out * r, 1, r, table, rows_c, R, s.slots, r);
         if (need_x)
           dx = lora_linear<T>(g, weight, std::nullopt, v, lora_a, r * d_in, 1, d_in, table,
-                              adapter_w, rows_c, s.slots, r, scale);
+                              adapter_w, rows_c, R, s.slots, r, scale);
         if (need_lora) {
           segment_outer<T>(g, sh, table, adapter_w, plan, R, s.slots, r, db, d_out * r, r, 1,
                            scale);

@@ -44,18 +44,21 @@ def mix_factors_kernel(
 ):
     """out[b, :] = sum_j w[b, j] * bank[idx[b, j], :]  over flattened factors of `size`
     (gathered mixtures, one factor a launch, where mix.ONE_LAUNCH is off or a bank's factors
-    are not flat; mix_pair_kernel mixes both at once; a dense mixture is then one GEMM)."""
+    are not flat; mix_pair_kernel mixes both at once; a dense mixture is then one GEMM).
+    Axis 1's programs loop over the factor's blocks (the grid caps it at GRID_AXIS_1_MAX)."""
     row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC64 else tl.float32)
-    for j in range(0, slots):
-        adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j)
-        coef = tl.load(w_ptr + row * s_w_r + j * s_w_j).to(acc.dtype)
-        vals = tl.load(bank_ptr + adapter.to(tl.int64) * s_bank_m + offs, mask=mask, other=0.0)
-        acc += coef * vals.to(acc.dtype)
-    tl.store(out_ptr + row.to(tl.int64) * size + offs, acc.to(out_ptr.dtype.element_ty),
-             mask=mask)
+    for blk in range(tl.program_id(1), tl.cdiv(size, BLOCK), tl.num_programs(1)):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        acc = tl.zeros([BLOCK], dtype=tl.float64 if ACC64 else tl.float32)
+        for j in range(0, slots):
+            adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j)
+            coef = tl.load(w_ptr + row * s_w_r + j * s_w_j).to(acc.dtype)
+            vals = tl.load(bank_ptr + adapter.to(tl.int64) * s_bank_m + offs, mask=mask,
+                           other=0.0)
+            acc += coef * vals.to(acc.dtype)
+        tl.store(out_ptr + row.to(tl.int64) * size + offs, acc.to(out_ptr.dtype.element_ty),
+                 mask=mask)
 
 
 @triton.jit
@@ -548,15 +551,17 @@ def mix_weight_grad_kernel(
     BLOCK: tl.constexpr,
 ):
     """dw[b, j] += <dmix[b, :], bank[idx[b, j], :]> for one bank (A or B): the mixture
-    weights' gradient in factor mode, a dot product per (row, slot) over the factor."""
+    weights' gradient in factor mode, a dot product per (row, slot) over the factor. Axis
+    1's programs loop over the factor's blocks (the grid caps it at GRID_AXIS_1_MAX)."""
     row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    grad = tl.load(dmix_ptr + row.to(tl.int64) * size + offs, mask=mask, other=0.0)
-    for j in range(0, slots):
-        adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j).to(tl.int64)
-        vals = tl.load(bank_ptr + adapter * s_bank_m + offs, mask=mask, other=0.0)
-        tl.atomic_add(dw_ptr + row * slots + j, tl.sum(grad * vals.to(grad.dtype), axis=0))
+    for blk in range(tl.program_id(1), tl.cdiv(size, BLOCK), tl.num_programs(1)):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        grad = tl.load(dmix_ptr + row.to(tl.int64) * size + offs, mask=mask, other=0.0)
+        for j in range(0, slots):
+            adapter = tl.load(idx_ptr + row * s_idx_r + j * s_idx_j).to(tl.int64)
+            vals = tl.load(bank_ptr + adapter * s_bank_m + offs, mask=mask, other=0.0)
+            tl.atomic_add(dw_ptr + row * slots + j, tl.sum(grad * vals.to(grad.dtype), axis=0))
 
 
 @triton.jit
@@ -569,18 +574,21 @@ def bank_grad_kernel(
     Pairs come sorted by adapter (pair_order, seg_start [M + 1]), so each adapter's gradient
     is summed in fp32 by one program and written once, in the bank's dtype; an adapter no row
     used gets its zeros from the same store. No fp32 copy of the bank, no atomics, no cast.
+    Axis 1's programs loop over the factor's blocks (the grid caps it at GRID_AXIS_1_MAX).
     """
     adapter = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
     start = tl.load(seg_start_ptr + adapter)
     end = tl.load(seg_start_ptr + adapter + 1)
-    acc = tl.zeros([BLOCK], dtype=tl.float64 if dmix_ptr.dtype.element_ty == tl.float64
-                   else tl.float32)
-    for p in range(start, end):
-        pair = tl.load(pair_order_ptr + p).to(tl.int64)
-        row = pair // slots
-        coef = tl.load(w_ptr + row * s_w_r + (pair % slots) * s_w_j).to(acc.dtype)
-        acc += coef * tl.load(dmix_ptr + row * size + offs, mask=mask, other=0.0).to(acc.dtype)
-    tl.store(dbank_ptr + adapter.to(tl.int64) * size + offs,
-             acc.to(dbank_ptr.dtype.element_ty), mask=mask)
+    for blk in range(tl.program_id(1), tl.cdiv(size, BLOCK), tl.num_programs(1)):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < size
+        acc = tl.zeros([BLOCK], dtype=tl.float64 if dmix_ptr.dtype.element_ty == tl.float64
+                       else tl.float32)
+        for p in range(start, end):
+            pair = tl.load(pair_order_ptr + p).to(tl.int64)
+            row = pair // slots
+            coef = tl.load(w_ptr + row * s_w_r + (pair % slots) * s_w_j).to(acc.dtype)
+            acc += coef * tl.load(dmix_ptr + row * size + offs, mask=mask,
+                                  other=0.0).to(acc.dtype)
+        tl.store(dbank_ptr + adapter.to(tl.int64) * size + offs,
+                 acc.to(dbank_ptr.dtype.element_ty), mask=mask)

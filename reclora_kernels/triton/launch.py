@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..plan import RowPlan
+from ..plan import RowPlan, stream_key
 from ..plan import tracing as _tracing
 from ..poison import new_output
 from . import kernels
@@ -66,21 +66,24 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 @lru_cache(maxsize=256)
-def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A one-element device tensor, made once per (value, device, dtype) and never written:
-    a fresh torch.full per call was one more kernel launch (~2 us on a GPU) each time."""
+def _constant(value: float, device: torch.device, dtype: torch.dtype, stream: int
+              ) -> torch.Tensor:
+    """A one-element device tensor, made once per (value, device, dtype, stream: see
+    plan.stream_key) and never written: a fresh torch.full per call was one more kernel
+    launch (~2 us on a GPU) each time."""
     return torch.full((1,), value, device=device, dtype=dtype)
 
 
 def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
     if _tracing():  # a tensor made during CUDA-graph capture must not outlive the graph
         return torch.full((1,), scale, device=like.device, dtype=_acc_dtype(like.dtype))
-    return _constant(float(scale), like.device, _acc_dtype(like.dtype))
+    return _constant(float(scale), like.device, _acc_dtype(like.dtype), stream_key(like.device))
 
 
 @lru_cache(maxsize=64)
-def _arange(n: int, device: torch.device) -> torch.Tensor:
-    """0..n-1 as int64, cached (read-only): the dense slot table and the rows' own factors."""
+def _arange(n: int, device: torch.device, stream: int) -> torch.Tensor:
+    """0..n-1 as int64, cached per stream (plan.stream_key; read-only): the dense slot table
+    and the rows' own factors."""
     return torch.arange(n, device=device, dtype=torch.int64)
 
 
@@ -135,7 +138,7 @@ def _index_table(n: int, device) -> torch.Tensor:
     """0..n-1 (the dense slot table, the rows' own factors): cached, or fresh while tracing."""
     if _tracing():
         return torch.arange(n, device=device, dtype=torch.int64)
-    return _arange(n, device)
+    return _arange(n, device, stream_key(device))
 
 
 def _sources(adapter_idx, rows: int, slots: int, device) -> tuple[torch.Tensor, int, int]:
@@ -169,7 +172,7 @@ def mix(bank: torch.Tensor, adapter_w, adapter_idx, out_dtype) -> torch.Tensor:
     if rows == 0 or size == 0:
         return out.zero_()
     block, meta = _mix_spec(bank.device, bank.dtype == torch.float64)
-    run_kernel(meta, (rows, _cdiv(size, block)),
+    run_kernel(meta, (rows, _blocks_on_axis_1(size, block)),
                bank, adapter_w, adapter_idx, out, size, slots,
                bank.stride(0), adapter_w.stride(0), adapter_w.stride(1), adapter_idx.stride(0),
                adapter_idx.stride(1))
@@ -195,8 +198,15 @@ def _bank_grad_specs(device: torch.device):
 
 
 # CUDA's grid limit on axes 1 and 2 (axis 0 takes 2**31 - 1): a launch that asks for more
-# fails. mix_pair_kernel caps its row blocks there and loops (at MAX_ROWS 32, past ~2M rows).
+# fails. mix_pair_kernel caps its row blocks there and loops (at MAX_ROWS 32, past ~2M rows);
+# so do the per-factor mix and its backward over a factor's blocks (at BLOCK 1024, past
+# 67,107,840 elements: d_out = 262,144 at r = 256).
 GRID_AXIS_1_MAX = 65535
+
+
+def _blocks_on_axis_1(size: int, block: int) -> int:
+    """Axis 1 of a launch whose programs loop over the `block`-element blocks of `size`."""
+    return min(_cdiv(size, block), GRID_AXIS_1_MAX)
 
 
 def _flat_factors(shape: tuple, strides: tuple) -> bool:
@@ -651,11 +661,11 @@ def gathered_mix_backward(da_mix, db_mix, lora_a, lora_b, adapter_w, adapter_idx
             grads.append(dbank.zero_() if need_bank else None)
             continue
         if need_bank:
-            run_kernel(bank_meta, (num, _cdiv(size, block)),
+            run_kernel(bank_meta, (num, _blocks_on_axis_1(size, block)),
                        dmix, adapter_w, pair_order, seg_start, dbank, size, slots,
                        adapter_w.stride(0), adapter_w.stride(1))
         if need_w and rows:
-            run_kernel(weight_meta, (rows, _cdiv(size, block)),
+            run_kernel(weight_meta, (rows, _blocks_on_axis_1(size, block)),
                        dmix, bank, adapter_idx, dw, size, slots, bank.stride(0),
                        adapter_idx.stride(0), adapter_idx.stride(1))
         grads.append(dbank)
@@ -690,10 +700,17 @@ def _int32_addressable(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def _fused_addressable(order: str, weight_shape: tuple, weight_strides: tuple) -> str:
+def _fused_addressable(order: str, weight_shape: tuple, weight_strides: tuple,
+                       dtype: torch.dtype) -> str:
     """`order`, but the cuBLAS-anchored one where the fused GEMM would address the weight
-    past int32 (it indexes both of W's dims with int32 columns: d_out * d_in >= 2**31)."""
-    if order == ORDER_FUSED and _span(weight_shape, weight_strides) >= INT32_OFFSETS:
+    past int32 (it indexes both of W's dims with int32 columns: d_out * d_in >= 2**31) or
+    float64 runs on a GPU: its tiles (128 x 256 x 64 in configs/default.json) then need
+    262,144-442,368 B of shared memory at 2 stages, past an H100's or H200's 232,448
+    (compiled for sm_90 by a float64 variant of scripts/triton_aot_check.py, 2026-12-07).
+    The interpreter has no such limit and keeps float64 on the fused GEMM for gradcheck."""
+    gpu_float64 = dtype == torch.float64 and not interpreting()
+    if order == ORDER_FUSED and (gpu_float64 or
+                                 _span(weight_shape, weight_strides) >= INT32_OFFSETS):
         return ORDER_EXPAND_FIRST
     return order
 
@@ -789,7 +806,8 @@ def forward_plan(mix_mode: int, tokens: int, d_in: int, x_strides: tuple, d_out:
         src, slots, coef = (1, 0), 1, None
     else:
         src, coef = ((0, 1) if idx_strides is None else idx_strides), w_strides
-    order = _fused_addressable(_order(device, tokens, rows), (d_out, d_in), weight_strides)
+    order = _fused_addressable(_order(device, tokens, rows), (d_out, d_in), weight_strides,
+                               dtype)
     _, row_len, _, implicit = plan_key
     # Factor mode over implicit rows: the fused GEMM may run the shrink itself (x read once).
     in_loop = (order == ORDER_FUSED and mix_mode == 0 and implicit and tokens > 0
@@ -930,7 +948,8 @@ def backward_plan(mix_mode: int, tokens: int, d_in: int, d_out: int, x_strides: 
         da_shape, db_shape = (num, rank, d_in), (num, d_out, rank)
     v, v_zeroed = _shrink_launch(tokens, d_out, g_strides, _b_as_shrink(b_strides), src,
                                  plan_key, slots, rank, dtype, device)
-    order = _fused_addressable(_order(device, tokens, rows), (d_out, d_in), weight_strides)
+    order = _fused_addressable(_order(device, tokens, rows), (d_out, d_in), weight_strides,
+                               dtype)
     # dx = g W: the fused GEMM reads W[k, o] = weight[k, o].
     dx = _lora_output_launch(order, tokens, d_in, d_out, g_strides, weight_strides, None,
                              _a_as_expand(a_strides), src, coef, plan_key, slots, rank, dtype,

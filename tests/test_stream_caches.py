@@ -1,0 +1,73 @@
+"""The cached read-only device tensors (implicit row ids, the uniform mixture, the Triton
+launch's index tables and scale constants) are kept per CUDA stream (plan.stream_key): one
+made on stream S and read from another could be read before its fill ran on S, and once
+evicted its memory would go back to S's pool while the other stream still read it. On the
+CPU the stream is faked; on a GPU two real streams are used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reclora import layers
+from reclora_kernels import plan as plans
+from reclora_kernels.plan import implicit_plan
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def streams(monkeypatch):
+    """A settable fake current stream for plan.stream_key's users."""
+    current = [1]
+    monkeypatch.setattr(plans, "stream_key", lambda device: current[0])
+    return current
+
+
+def test_implicit_rows_and_uniform_mixtures_are_kept_per_stream(streams):
+    plan = implicit_plan(3, 4)
+    first = plan.token_rows(CPU)
+    uniform = layers.uniform_mixture(3, 5, torch.float32, torch.float32, CPU)
+    assert plan.token_rows(CPU) is first  # cached on its stream
+    assert layers.uniform_mixture(3, 5, torch.float32, torch.float32, CPU) is uniform
+    streams[0] = 2
+    other = plan.token_rows(CPU)
+    assert other is not first and torch.equal(other, first)
+    other_uniform = layers.uniform_mixture(3, 5, torch.float32, torch.float32, CPU)
+    assert other_uniform is not uniform and torch.equal(other_uniform, uniform)
+    streams[0] = 1
+    assert plan.token_rows(CPU) is first
+
+
+def test_triton_tables_and_constants_are_kept_per_stream(monkeypatch):
+    launch = pytest.importorskip("reclora_kernels.triton.launch")
+    current = [1]
+    monkeypatch.setattr(launch, "stream_key", lambda device: current[0])
+    like = torch.zeros(2, dtype=torch.float32)
+    table, scale = launch._index_table(7, CPU), launch._scale_tensor(0.5, like)
+    assert launch._index_table(7, CPU) is table and launch._scale_tensor(0.5, like) is scale
+    current[0] = 2
+    assert launch._index_table(7, CPU) is not table
+    assert launch._scale_tensor(0.5, like) is not scale
+    assert torch.equal(launch._index_table(7, CPU), table)
+
+
+def test_stream_key_is_zero_off_cuda():
+    assert plans.stream_key(CPU) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_each_cuda_stream_gets_its_own_cached_tensors():
+    device = torch.device("cuda", torch.cuda.current_device())
+    plan = implicit_plan(2, 3)
+    on_default = plan.token_rows(device)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        assert plans.stream_key(device) == side.cuda_stream
+        on_side = plan.token_rows(device)
+        assert plan.token_rows(device) is on_side
+    assert on_side is not on_default
+    assert plan.token_rows(device) is on_default
+    torch.cuda.synchronize(device)
+    assert torch.equal(on_side, on_default)
