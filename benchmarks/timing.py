@@ -235,7 +235,7 @@ def kernel_profile(fn: Call, *, calls: int = 10, warmup: int = 3) -> list[Kernel
     counts: dict[str, int] = {}
     times: dict[str, float] = {}
     for evt in prof.events():
-        if evt.device_type != DeviceType.CUDA:
+        if not is_device_launch(evt, DeviceType.CUDA):
             continue
         counts[evt.name] = counts.get(evt.name, 0) + 1
         times[evt.name] = times.get(evt.name, 0.0) + evt.time_range.elapsed_us()
@@ -243,13 +243,27 @@ def kernel_profile(fn: Call, *, calls: int = 10, warmup: int = 3) -> list[Kernel
     return sorted(stats, key=lambda s: -s.us_per_call)
 
 
+def is_device_launch(evt, cuda) -> bool:
+    """Whether a profiler event is a launch on the GPU (`cuda`: DeviceType.CUDA). A
+    record_function range (the op's own "reclora::..." label) also comes back as a
+    CUDA-side gpu_user_annotation spanning its kernels: not a launch."""
+    return (evt.device_type == cuda and not getattr(evt, "is_user_annotation", False)
+            and not evt.name.startswith("reclora::"))
+
+
+def launch_kind(name: str) -> str:
+    """"memsets", "memcpys" (host transfers) or "kernels" for a GPU event's name. torch
+    2.11's torch.zeros on CUDA is a fill kernel (FillFunctor), not a cudaMemset."""
+    if name.startswith("Memset") or "FillFunctor" in name:
+        return "memsets"
+    return "memcpys" if name.startswith("Memcpy") else "kernels"
+
+
 def launches_per_call(fn: Call, *, calls: int = 10) -> dict[str, float]:
     """{"kernels": .., "memsets": .., "memcpys": ..} per call (memcpys: host transfers)."""
     out = {"kernels": 0.0, "memsets": 0.0, "memcpys": 0.0}
     for stat in kernel_profile(fn, calls=calls):
-        key = ("memsets" if stat.name.startswith("Memset") else
-               "memcpys" if stat.name.startswith("Memcpy") else "kernels")
-        out[key] += stat.per_call
+        out[launch_kind(stat.name)] += stat.per_call
     return out
 
 

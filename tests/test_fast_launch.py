@@ -61,7 +61,9 @@ def test_fast_launch_on_a_gpu_gives_tritons_results(monkeypatch, dense, mix, dty
         adapter_idx = torch.randint(0, m, (rows, k), generator=g, device="cuda")
 
     def call(x):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, lora_a, lora_b, adapter_w)]
+        # x detached, not cloned: a clone would be a fresh, aligned allocation.
+        leaves = [x.detach().requires_grad_(True)] + [
+            t.detach().clone().requires_grad_(True) for t in (lora_a, lora_b, adapter_w)]
         y = rk.lora_mix_linear(leaves[0], weight, bias, *leaves[1:3], leaves[3], adapter_idx,
                                scale=0.5, mix=mix, backend="triton", indices_checked=True)
         return (y, *torch.autograd.grad(y, leaves, torch.ones_like(y)))

@@ -248,3 +248,29 @@ def test_main_measures_the_decode_rows_first(monkeypatch, tmp_path, capsys):
     assert [line.split(" | ")[0][2:] for line in table[:6]] == [r.key for r in gt.smoke_rows()]
     assert "RuntimeError: host timing broke" in out
     assert "Traceback" not in err and "NoneType: None" not in err
+
+
+def test_profiler_events_that_are_not_launches_are_left_out():
+    """A record_function range comes back as a CUDA-side user annotation (flagged on torch
+    2.5+; the op's own label by name in any case): the launch counts must not take it."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks import timing
+
+    cuda = DeviceType.CUDA
+
+    def evt(name, device=cuda, **flags):
+        return SimpleNamespace(name=name, device_type=device, **flags)
+
+    assert timing.is_device_launch(evt("shrink_kernel"), cuda)
+    assert not timing.is_device_launch(evt("shrink_kernel", DeviceType.CPU), cuda)
+    assert not timing.is_device_launch(evt("anything", is_user_annotation=True), cuda)
+    assert not timing.is_device_launch(evt("reclora::triton_lora_mix_forward"), cuda)
+    assert timing.launch_kind("Memset (Device)") == "memsets"
+    fill = ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+            "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, ...)")
+    assert timing.launch_kind(fill) == "memsets"  # torch 2.11's torch.zeros
+    assert timing.launch_kind("Memcpy HtoD (Pageable -> Device)") == "memcpys"
+    assert timing.launch_kind("fused_linear_kernel") == "kernels"
