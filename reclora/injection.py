@@ -152,15 +152,24 @@ def inject(
         gate = {"in_features": gate_dim, "num_adapters": num_adapters, "hidden": gate_hidden,
                 "dropout": gate_dropout, "temperature": temperature, "top_k": top_k,
                 "sqrt": sqrt}
+    # Every layer is built before any is put in: a module refused half-way (a hook, a
+    # quantized base) leaves the model as it was (building froze the bases it shares), and
+    # the error names that module.
+    trainable = [(p, p.requires_grad) for p in model.parameters()]
     layers = {}
+    for name in matched:
+        try:
+            layers[name] = wrap_module(
+                model.get_submodule(name), num_adapters=num_adapters, rank=rank, alpha=alpha,
+                mix=mix, gate=gate, backend=backend, adapter_dtype=adapter_dtype,
+            )
+        except (TypeError, ValueError) as err:
+            for param, was in trainable:
+                param.requires_grad_(was)
+            raise type(err)(f"inject: module {name!r}: {err}") from None
     for name, aliases in matched.items():
-        layer = wrap_module(
-            model.get_submodule(name), num_adapters=num_adapters, rank=rank, alpha=alpha,
-            mix=mix, gate=gate, backend=backend, adapter_dtype=adapter_dtype,
-        )
         for alias in aliases:
-            _replace(model, alias, layer)
-        layers[name] = layer
+            _replace(model, alias, layers[name])
     freeze_all_but_adapters(model)
     return layers
 

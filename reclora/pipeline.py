@@ -754,6 +754,9 @@ class Run:
         self.cfg = cfg = resolve_auto(cfg, self.device)
         self.rank, self.world = dist_info()
         self.main = self.rank == 0
+        if cfg.fsdp and self.world == 1:
+            self.warn("--fsdp shards the LLM across torchrun's processes; this run has one, "
+                      "so it runs with the whole LLM")
         self.t0 = time.perf_counter()
         self._ctr = None
         self.crms: dict[str, Any] = {}

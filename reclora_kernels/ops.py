@@ -183,6 +183,22 @@ torch.library.register_autograd(triton_lora_mix_forward, _triton_backward,
 # --- Native (csrc/): the ops are defined in C++ when the extension is built -----------------
 
 
+def env_choice(name: str, allowed: tuple[str, ...]) -> str:
+    """$name, one of `allowed` ("auto" when unset or empty); any other value is refused here,
+    at import, naming the variable (a typo such as RECLORA_CPU_THIN=BLAS was ignored, and a
+    bad RECLORA_BACKEND failed each op call blaming its `backend` argument)."""
+    value = os.environ.get(name, "") or "auto"
+    if value not in allowed:
+        raise ValueError(f"reclora_kernels: ${name} must be one of {', '.join(allowed)} (or "
+                         f"unset), got {value!r}")
+    return value
+
+
+# Read by the native extension when it loads (csrc/cpu): checked first.
+env_choice("RECLORA_CPU_THIN", ("auto", "avx2", "blas"))
+env_choice("RECLORA_CPU_BF16", ("auto", "mkl"))
+
+
 def _load_native() -> tuple[bool, bool, bool]:
     """Import the compiled extension once, at import time (a try/import inside a traced
     region breaks torch.compile's graph); attach fake kernels to its ops.
@@ -210,7 +226,7 @@ if NATIVE_CPU:
 _MIX_CODES = validate.MIX_MODES
 # $RECLORA_BACKEND, read once at import: os.environ.get costs ~1.4 us a call on the AMD EPYC,
 # a quarter of F.linear's whole call at tiny sizes.
-ENV_BACKEND = os.environ.get("RECLORA_BACKEND", "auto")
+ENV_BACKEND = env_choice("RECLORA_BACKEND", ("auto", *BACKENDS))
 
 
 def cpu_half_gemm_is_native(dtype: torch.dtype = torch.bfloat16) -> bool:
@@ -234,7 +250,7 @@ def _choose_cpu_half_base() -> None:
     1)."""
     if not NATIVE_CPU or not hasattr(torch.ops.reclora, "cpu_half_base"):
         return
-    choice = os.environ.get("RECLORA_CPU_HALF_BASE", "auto")
+    choice = env_choice("RECLORA_CPU_HALF_BASE", ("auto", "aten", "mkl"))
     if choice == "auto":
         mode = (1 if not cpu_half_gemm_is_native(torch.bfloat16)
                 else 2 if not cpu_half_gemm_is_native(torch.float16) else 0)
@@ -307,6 +323,7 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
     written by benchmarks/tune_triton.py), else the cuBLAS-anchored Triton path; never a
     backend measured slower than plain torch. On CPU tensors the native cpu kernels, else the
     reference."""
+    asked = backend
     if backend == "auto":
         backend = ENV_BACKEND
     # Fast paths (this runs on every call): the common answers without listing the backends.
@@ -328,9 +345,12 @@ def resolve_backend(backend: str, device: torch.device, tokens: int | None = Non
             order = ("cpu", "reference")
         return next(b for b in order if b in usable)
     if backend not in usable:
+        source = ("$RECLORA_BACKEND" if asked == "auto" else "`backend`")
+        hint = ("; on CPU tensors it needs TRITON_INTERPRET=1 set before triton is imported"
+                if backend == "triton" and device.type == "cpu" else "")
         raise ValueError(
-            f"lora_mix_linear: `backend` {backend!r} is not available here; available: {usable}"
-        )
+            f"lora_mix_linear: {source} {backend!r} is not available here; available: "
+            f"{usable}{hint}")
     if backend == "cuda" and device.type != "cuda":
         raise ValueError("lora_mix_linear: `backend` 'cuda' needs CUDA tensors, got x on "
                          f"{device}")

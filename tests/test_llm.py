@@ -344,3 +344,15 @@ def test_overlapping_quiet_blocks_restore_the_bars() -> None:
     assert not hf_logging.is_progress_bar_enabled() and gguf.tqdm(range(1)).disable
     b.__exit__(None, None, None)
     assert gguf.tqdm is bar and hf_logging.is_progress_bar_enabled() == on
+
+
+def test_fsdp_in_one_process_says_it_has_nothing_to_shard(tmp_path, capsys) -> None:
+    """--fsdp outside torchrun ran with the whole LLM and said nothing."""
+    from reclora.llm import scoped_threads
+    from reclora.pipeline import Run, config_from_args
+
+    with scoped_threads():  # Run installs its thread policy: the caller's comes back
+        Run(config_from_args(["--fsdp", "--output", str(tmp_path / "run"), "--threads", "1"]))
+        assert "--fsdp shards the LLM across torchrun's processes" in capsys.readouterr().err
+        Run(config_from_args(["--output", str(tmp_path / "run"), "--threads", "1"]))
+        assert "--fsdp" not in capsys.readouterr().err

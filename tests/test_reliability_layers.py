@@ -334,3 +334,19 @@ def test_deepcopy_and_pickle_with_a_mixture_in_a_graph():
         torch.testing.assert_close(twin(x), layer(x), rtol=0, atol=0)
     layer(x).sum().backward()  # the original keeps its graph
     assert logits.grad is not None
+
+
+def test_a_refused_module_leaves_the_whole_model_as_it_was():
+    """inject builds every layer before it replaces any: a refused module late in the model
+    (here a hook on the last matching linear) names that module and leaves the earlier
+    matches unwrapped and trainable as before, so a retry after removing the hook works."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4))
+    handle = model[2].register_forward_hook(lambda *args: None)
+    before = [m for m in model]
+    with pytest.raises(TypeError, match=r"inject: module '2': .*has forward hooks"):
+        reclora.inject(model, ["0", "1", "2"], num_adapters=2, rank=1)
+    assert [m for m in model] == before
+    assert all(p.requires_grad for p in model.parameters())
+    handle.remove()
+    layers = reclora.inject(model, ["0", "1", "2"], num_adapters=2, rank=1)
+    assert sorted(layers) == ["0", "1", "2"]

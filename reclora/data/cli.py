@@ -27,7 +27,7 @@ from reclora.data.base import DATASETS, DataError, load_dataset
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="reclora data", description="datasets: fetch and stats "
+    p = ArgumentParser(prog="reclora data", description="datasets: fetch, stats and embed "
                        + DEBUG_HELP)
     sub = p.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="download a dataset into the data dir")
