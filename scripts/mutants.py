@@ -500,6 +500,13 @@ MUTANTS = [
     Mutant("triton", "reclora_kernels/triton/launch.py",
            "    return _arange(n, device, stream_key(device))", "    return _arange(n, device, 0)",
            "tests/test_stream_caches.py", "cached index tables shared across CUDA streams"),
+    Mutant("layers", "reclora/injection.py",
+           "            for param, was in trainable:\n                param.requires_grad_(was)\n",
+           "", "tests/test_reliability_layers.py -k refused_module",
+           "a refused inject leaves the earlier matches' base weights frozen"),
+    Mutant("op", "reclora_kernels/ops.py", "    if value not in allowed:",
+           "    if False:", "tests/test_env_vars.py",
+           "a RECLORA_* variable with an unknown value silently ignored"),
     # ---- generate's expanded batch (personalize's expand_size)
     Mutant("layers", "reclora/layers.py",
            "weights = weights.repeat_interleave(expand, 0)", "weights = weights.repeat(expand, 1)",
