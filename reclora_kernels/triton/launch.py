@@ -75,9 +75,10 @@ def _constant(value: float, device: torch.device, dtype: torch.dtype, stream: in
 
 
 def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
+    device = like.device
     if _tracing():  # a tensor made during CUDA-graph capture must not outlive the graph
-        return torch.full((1,), scale, device=like.device, dtype=_acc_dtype(like.dtype))
-    return _constant(float(scale), like.device, _acc_dtype(like.dtype), stream_key(like.device))
+        return torch.full((1,), scale, device=device, dtype=_acc_dtype(like.dtype))
+    return _constant(float(scale), device, _acc_dtype(like.dtype), stream_key(device))
 
 
 @lru_cache(maxsize=64)
