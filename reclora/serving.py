@@ -484,11 +484,15 @@ class Recommender:
         if not run.is_dir():
             raise RunFolderError(f"{run}: no run folder there")
         cfg = _read_config(run)
+        # What this run can serve: its finished LLM models (not every name a run may have).
+        finished = ", ".join(m for m in pl.LLM_MODELS + pl.ABLATIONS
+                             if (run / "stages" / f"{m}.json").is_file()) or "none"
         if model not in pl.LLM_MODELS + pl.ABLATIONS:
-            raise ServingError(f"model {model!r} cannot be served; choose from "
-                               f"{', '.join(pl.LLM_MODELS + pl.ABLATIONS)}")
+            raise ServingError(f"model {model!r} cannot be served; this run's LLM models: "
+                               f"{finished}")
         stage_file = run / "stages" / f"{model}.json"
-        stage = _read_json(stage_file, f"the run has not finished model {model!r}")
+        stage = _read_json(stage_file, f"the run has not finished model {model!r}; its "
+                                       f"LLM models: {finished}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ServingError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.run_dir, self.model_name, self.cfg = run, model, cfg

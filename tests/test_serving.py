@@ -827,3 +827,19 @@ def test_a_stage_trained_under_torchrun_is_served(tiny_run, tmp_path) -> None:
     out = _broken_copy(tiny_run, tmp_path, "stages/reclora.json", trained_by_two)
     rec = Recommender.load(out)
     assert np.array_equal(rec.stage_probs, Recommender.load(tiny_run).stage_probs)
+
+
+def test_a_model_the_run_lacks_names_the_ones_it_has(tiny_run) -> None:
+    """An unknown name, or an ablation this run did not train, is refused with the run's
+    own finished LLM models (not every name some run may have)."""
+    finished = sorted(p.stem for p in (tiny_run / "stages").glob("*.json")
+                      if p.stem in ("zero-shot", "tallrec", "rella", "reclora")
+                      or p.stem.startswith("reclora-"))
+    assert "reclora" in finished and "reclora-uniform" not in finished
+    with pytest.raises(ServingError, match=r"model 'din' cannot be served; this run's LLM "
+                                           r"models: .*reclora"):
+        Recommender.load(tiny_run, model="din")
+    with pytest.raises(RunFolderError, match=r"has not finished model 'reclora-uniform'; its "
+                                             r"LLM models: .*reclora") as err:
+        Recommender.load(tiny_run, model="reclora-uniform")
+    assert all(m in str(err.value) for m in finished)
