@@ -484,15 +484,14 @@ class Recommender:
         if not run.is_dir():
             raise RunFolderError(f"{run}: no run folder there")
         cfg = _read_config(run)
-        # What this run can serve: its finished LLM models (not every name a run may have).
-        finished = ", ".join(m for m in pl.LLM_MODELS + pl.ABLATIONS
-                             if (run / "stages" / f"{m}.json").is_file()) or "none"
         if model not in pl.LLM_MODELS + pl.ABLATIONS:
             raise ServingError(f"model {model!r} cannot be served; this run's LLM models: "
-                               f"{finished}")
+                               f"{_finished_llm_models(run)}")
         stage_file = run / "stages" / f"{model}.json"
-        stage = _read_json(stage_file, f"the run has not finished model {model!r}; its "
-                                       f"LLM models: {finished}")
+        if not stage_file.is_file():  # named with what the run has (looked up only then)
+            raise RunFolderError(f"{stage_file}: missing (the run has not finished model "
+                                 f"{model!r}; its LLM models: {_finished_llm_models(run)})")
+        stage = _read_json(stage_file, f"the run has not finished model {model!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ServingError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.run_dir, self.model_name, self.cfg = run, model, cfg
@@ -1062,6 +1061,14 @@ def _rebind(retriever: Any, view: Any) -> Any:
     r.dataset = view
     r._hist_item = torch.from_numpy(view.hist_item).to(retriever.device)
     return r
+
+
+def _finished_llm_models(run: Path) -> str:
+    """The LLM models (and ablations) a run folder has finished, for an error message."""
+    from reclora import pipeline as pl
+
+    return ", ".join(m for m in pl.LLM_MODELS + pl.ABLATIONS
+                     if (run / "stages" / f"{m}.json").is_file()) or "none"
 
 
 def _read_json(path: Path, why: str) -> dict:
