@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,7 @@ _TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-def record_launches(card: str, float64: bool = False) -> list[tuple]:
+def record_launches(card: str, float64: bool = False, as_jit: bool = False) -> list[tuple]:
     """Run the op's cases through the interpreter; return (python fn, args, kwargs, launch
     options) of each kernel launch."""
     from triton.runtime.interpreter import InterpretedFunction
@@ -70,23 +71,24 @@ def record_launches(card: str, float64: bool = False) -> list[tuple]:
 
     InterpretedFunction.run = run
     try:
-        for case in cases(float64):
+        for case in cases(float64, as_jit):
             case()
         # Again with the fused GEMM (expand.fused) on in every size class: off by default,
         # it must compile for the card that a measurement may turn it on for.
         from reclora_kernels.triton.card_plan import force_fused
 
         force_fused(True, card)
-        for case in cases(float64):
+        for case in cases(float64, as_jit):
             case()
     finally:
         InterpretedFunction.run = original
     return launches
 
 
-def cases(float64: bool = False):
+def cases(float64: bool = False, aligned: bool = False):
     """Small calls that reach every kernel: each mix x layout x dtype, forward and backward
-    (float64 as well where asked)."""
+    (float64 as well where asked). `aligned`: d_in and d_out multiples of 16, as a model's
+    are, so the JIT's divisibility hints match a model's launches (--as-jit)."""
     import reclora_kernels as rk
 
     m, k = 6, 2
@@ -109,6 +111,9 @@ def cases(float64: bool = False):
     # in float64, so it must plan the cuBLAS-anchored order (launch._fused_addressable).
     if float64:
         sizes += [(torch.float64, 128, 2, 40, 24, ("implicit", "gathered"), 64)]
+    if aligned:  # 40 x 24 -> 64 x 48: every row stride a multiple of 16 elements
+        sizes = [(dt, n, rows, d_in if d_in % 16 == 0 else 64, d_out if d_out % 16 == 0 else 48,
+                  layouts, r) for dt, n, rows, d_in, d_out, layouts, r in sizes]
     for dtype, length, rows, d_in, d_out, layouts, r in sizes:
         for mix in ("factor", "output"):
             for layout in layouts:
@@ -167,22 +172,117 @@ def signature_of(jit, args, kwargs) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def record(card: str, float64: bool = False) -> list[dict]:
+def jit_specialization(jit, args, kwargs, arch: int) -> tuple[dict, list, list]:
+    """A launch's (signature, constexprs, attributes) as triton's JIT derives them on a GPU:
+    integer arguments equal to 1 become constexprs, and integers and pointers divisible by 16
+    carry that hint (what lets the compiler vectorise a load). Constexprs and attributes are
+    [path, value] pairs (JSON has no tuple keys)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, _ = binder(*args, **kwargs)
+    values = list(bound.values())
+    signature = {p.name: kind for p, (kind, _) in zip(jit.params, specialization, strict=True)}
+    constexprs = [[[i], values[i]] for i, (kind, _) in enumerate(specialization)
+                  if kind == "constexpr"]
+    attrs = [[[i], backend.parse_attr(hint)] for i, (kind, hint) in enumerate(specialization)
+             if kind != "constexpr" and isinstance(hint, str) and hint]
+    return signature, constexprs, attrs
+
+
+def record(card: str, float64: bool = False, as_jit: bool = False, arch: int = 90) -> list[dict]:
     """(In a child process under the interpreter.) The distinct specializations launched."""
     from triton.runtime.jit import JITFunction
 
     seen = {}
-    for fn, a, kw, options in record_launches(card, float64):
-        signature, constexprs = signature_of(JITFunction(fn), a, kw)
+    for fn, a, kw, options in record_launches(card, float64, as_jit):
+        jit = JITFunction(fn)
+        if as_jit:
+            signature, constexprs, attrs = jit_specialization(jit, a, kw, arch)
+        else:
+            (signature, constexprs), attrs = signature_of(jit, a, kw), []
         spec = {"kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
-                "options": options}
+                "attrs": attrs, "options": options}
         seen.setdefault(json.dumps(spec, sort_keys=True), spec)
     return list(seen.values())
 
 
-def compile_all(specs: list[dict], arch: int) -> tuple[list[str], int]:
+def _cuobjdump(cubin: bytes, flag: str) -> str:
+    """cuobjdump (the one in triton's wheel) run with `flag` over a compiled kernel."""
+    import tempfile
+
+    from triton.backends.nvidia.compiler import knobs
+
+    tool = Path(knobs.nvidia.ptxas.path).with_name("cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, bytes per thread spilled to the stack or local memory)."""
+    usage = _cuobjdump(cubin, "-res-usage")
+    field = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+    return field["REG"], field["STACK"] + field["LOCAL"]
+
+
+def loop_spills(cubin: bytes) -> int | None:
+    """Spill loads and stores (LDL/STL) inside the innermost loop that holds the tensor-core
+    instructions (HGMMA/HMMA): a GEMM's main loop. None where no loop holds any. A spill in
+    an epilogue costs once a tile; one in the main loop costs every K step."""
+    code = []
+    for line in _cuobjdump(cubin, "-sass").splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if m:
+            code.append((int(m.group(1), 16), m.group(2)))
+    loops = []  # [target, branch] of each backward branch
+    for at, text in code:
+        m = re.search(r"\bBRA (?:\S+ )?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < at:
+            loops.append((int(m.group(1), 16), at))
+    mma = [at for at, text in code if "GMMA" in text or "HMMA" in text]
+    holding = [(lo, hi) for lo, hi in loops if any(lo <= at <= hi for at in mma)]
+    if not holding:
+        return None
+    lo, hi = min(holding, key=lambda span: span[1] - span[0])
+    return sum(lo <= at <= hi and re.search(r"\b(LDL|STL)\b", text) is not None
+               for at, text in code)
+
+
+def describe(spec: dict) -> tuple[str, dict, dict]:
+    """(the line's head: kernel [pointer dtypes] constexprs options, constexprs and attributes
+    keyed as triton.compile takes them)."""
+    from reclora_kernels.triton import kernels
+
+    name, signature, constexprs = spec["kernel"], spec["signature"], spec["constexprs"]
+    fn = getattr(kernels, name)
+    if isinstance(constexprs, list):  # --as-jit: [path, value] pairs, by position
+        constexprs = {tuple(path): value for path, value in constexprs}
+        shown = {fn.arg_names[path[0]]: value for path, value in constexprs.items()
+                 if fn.params[path[0]].is_constexpr}
+        ones = [fn.arg_names[path[0]] for path, value in constexprs.items()
+                if not fn.params[path[0]].is_constexpr and value == 1]
+    else:
+        shown, ones = constexprs, []
+    attrs = {tuple(path): value for path, value in spec.get("attrs", [])}
+    dtypes = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
+    consts = " ".join(f"{k}={v}" for k, v in shown.items() if v is not None)
+    consts += "".join(f" {k}={v}" for k, v in spec["options"].items())
+    if ones:  # arguments the JIT specialised to 1 (--as-jit)
+        consts += " =1:" + ",".join(ones)
+    return f"{name} [{dtypes}] {consts}", constexprs, attrs
+
+
+def compile_all(specs: list[dict], arch: int, only: str | None = None,
+                no_loop_spills: bool = False) -> tuple[list[str], int]:
     """(In this process, no interpreter: the interpreter patches triton.language while it
-    runs, so compiling must happen where it never ran.)"""
+    runs, so compiling must happen where it never ran.) `only`: a regex over each line's
+    head. `no_loop_spills`: a spill in a tensor-core main loop fails the specialization."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -192,25 +292,32 @@ def compile_all(specs: list[dict], arch: int) -> tuple[list[str], int]:
     target = GPUTarget("cuda", arch, 32)
     lines, failed = [], 0
     for spec in sorted(specs, key=lambda s: json.dumps(s, sort_keys=True)):
-        name, signature, constexprs = spec["kernel"], spec["signature"], spec["constexprs"]
-        dtypes = ",".join(sorted({t for t in signature.values() if t.startswith("*")}))
-        consts = " ".join(f"{k}={v}" for k, v in constexprs.items() if v is not None)
-        consts += "".join(f" {k}={v}" for k, v in spec["options"].items())
+        head, constexprs, attrs = describe(spec)
+        if only and not re.search(only, head):
+            continue
         try:
-            compiled = triton.compile(ASTSource(getattr(kernels, name), signature, constexprs),
-                                      target=target, options=spec["options"])
+            compiled = triton.compile(
+                ASTSource(getattr(kernels, spec["kernel"]), spec["signature"], constexprs,
+                          attrs), target=target, options=spec["options"])
             meta = compiled.metadata
-            line = (f"{name} [{dtypes}] {consts}: shared {meta.shared} B, "
-                    f"{meta.num_warps} warps, {meta.num_stages} stages")
+            regs, spill = resource_usage(compiled.asm["cubin"])
+            in_loop = loop_spills(compiled.asm["cubin"])
+            line = (f"{head}: shared {meta.shared} B, {meta.num_warps} warps, "
+                    f"{meta.num_stages} stages, {regs} registers, {spill} B spilled"
+                    + (f", {in_loop} spill instructions in the MMA loop"
+                       if in_loop is not None else ""))
             if meta.shared > SMEM_PER_BLOCK_OPTIN:  # the launch would fail: out of resources
                 failed += 1
                 lines.append(f"FAIL  {line} (over the {SMEM_PER_BLOCK_OPTIN} B a block gets)")
+            elif no_loop_spills and in_loop:
+                failed += 1
+                lines.append(f"FAIL  {line} (spills in the main loop)")
             else:
                 lines.append(f"ok    {line}")
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the exit status
             failed += 1
             detail = " | ".join(str(e).strip().splitlines()[-3:]) or type(e).__name__
-            lines.append(f"FAIL  {name} [{dtypes}] {consts}: {type(e).__name__}: {detail[:600]}")
+            lines.append(f"FAIL  {head}: {type(e).__name__}: {detail[:600]}")
     return lines, failed
 
 
@@ -225,23 +332,35 @@ def main(argv=None) -> int:
                         "the CPU interpreter's")
     p.add_argument("--float64", action="store_true",
                    help="add the float64 cases (not in CI: see the docstring)")
+    p.add_argument("--as-jit", action="store_true",
+                   help="specialise as triton's JIT does on a GPU (arguments equal to 1 as "
+                        "constants, divisible-by-16 hints) over cases whose row strides are "
+                        "multiples of 16, as a model's are: the registers and spills a GPU "
+                        "run would see")
+    p.add_argument("--only", default=None, metavar="REGEX",
+                   help="compile only the specializations whose line (kernel, dtypes, "
+                        "constexprs) matches, e.g. 'expand_kernel.*bf16'")
+    p.add_argument("--no-loop-spills", action="store_true",
+                   help="fail a specialization that spills inside its tensor-core main loop")
     p.add_argument("--record", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.record:
-        print(json.dumps(record(args.card, args.float64)))
+        print(json.dumps(record(args.card, args.float64, args.as_jit, args.arch)))
         return 0
     child = subprocess.run([sys.executable, __file__, "--record", "--card", args.card,
-                            *(["--float64"] if args.float64 else [])],
+                            "--arch", str(args.arch),
+                            *(["--float64"] if args.float64 else []),
+                            *(["--as-jit"] if args.as_jit else [])],
                            capture_output=True, text=True,
                            env=os.environ | {"TRITON_INTERPRET": "1"})
     if child.returncode != 0:
         print(child.stderr[-3000:], file=sys.stderr)
         return 2
     specs = json.loads(child.stdout.strip().splitlines()[-1])
-    lines, failed = compile_all(specs, args.arch)
+    lines, failed = compile_all(specs, args.arch, args.only, args.no_loop_spills)
     lines.insert(0, f"triton {triton.__version__}, torch {torch.__version__}, target "
                     f"sm_{args.arch}, {args.card} tables: {len(specs)} distinct "
-                    f"specializations launched, "
+                    f"specializations launched, {len(lines)} compiled, "
                     f"{failed} failed to compile")
     text = "\n".join(lines)
     print(text)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from op_cases import Case, count_calls, gradcheck_op, make_inputs, rel_err, run
 from test_op import CASES, check_against_reference
+from test_op_hostile import call as hostile_call
 from test_op_hostile import inputs as hostile_inputs
-from test_op_hostile import same_as_reference
+from test_op_hostile import nonfinite_bank_entry, nonfinite_where, same_as_reference
 
 import reclora_kernels as rk
 from reclora_kernels.triton import configs, launch
@@ -100,6 +101,18 @@ def test_nan_stays_in_its_row(mix, where):
                            p["adapter_w"], p["adapter_idx"], scale=0.7, mix=mix,
                            backend="triton")
     assert torch.isnan(y).flatten(1).any(1).tolist() == [r == bad_row for r in range(9)]
+
+
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_rows_nonfinite_bank_entry_stays_in_its_row(mix, bad):
+    """The epilogue accumulates every row of a tile into the base's one accumulator, so a row's
+    non-finite factor entry is zeroed for the tile's dot and its terms added back to that
+    row's tokens alone: its outputs at that column are non-finite, no other row's."""
+    p = {k: (v.to(DEVICE) if v is not None else v)
+         for k, v in nonfinite_bank_entry(bad).items()}
+    same_as_reference(p, mix, backends=["triton"])
+    assert nonfinite_where(hostile_call(p, "triton", mix)) == [[4, 0, 5]]
 
 
 def test_ragged_edges_and_zero_width():

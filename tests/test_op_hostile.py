@@ -114,6 +114,32 @@ def test_nan_stays_in_its_row(backend, mix, where):
         assert not any(n for r, n in enumerate(nan_rows) if r != bad_row)
 
 
+def nonfinite_bank_entry(bad: float, bad_row: int = 4) -> dict:
+    """Nine one-token rows (a kernel tile spans them all); adapter 4's B holds `bad` at output
+    column 5, rank 0, and only row `bad_row` uses adapter 4, so that row's shrink stays
+    finite and its outputs at column 5 alone should be non-finite."""
+    p = inputs(2, rows=9, length=1)
+    p["adapter_idx"] = torch.randint(0, 4, (9, 2), generator=torch.Generator().manual_seed(3))
+    p["adapter_idx"][bad_row, 1] = 4
+    p["lora_b"][4, 5, 0] = bad
+    return p
+
+
+def nonfinite_where(y: torch.Tensor) -> list:
+    return torch.nonzero(~torch.isfinite(y)).tolist()
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_rows_nonfinite_bank_entry_stays_in_its_row(backend, mix, bad):
+    """A NaN or inf in a bank entry only one row uses reaches that row's outputs at its column,
+    and no other row's: another row's zero shrink times it (0 x inf) would be NaN there."""
+    p = nonfinite_bank_entry(bad)
+    same_as_reference(p, mix, backends=[backend])
+    assert nonfinite_where(call(p, backend, mix)) == [[4, 0, 5]]
+
+
 @pytest.mark.parametrize("mix", ["factor", "output"])
 def test_fuzz_hostile(mix):
     """Random hostile inputs against the reference: transposed and strided operands, NaN/inf

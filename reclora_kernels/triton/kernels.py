@@ -238,37 +238,32 @@ def shrink_kernel(
 
 
 @triton.jit
-def _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask,
+def _row_lora(acc, row, in_row, tok, o, o_mask,
               u_ptr, fac_ptr, src_ptr, coef_ptr, scale, rank, width,
               s_u_t, s_f, s_n, s_c, s_src_r, s_src_j, s_coef_r, s_coef_j,
               HAS_COEF: tl.constexpr, BLOCK_R: tl.constexpr,
               DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """acc[n, o] + scale * sum_{j, c} coef[row, j] * u[n, j*r + c] * F[src[row, j], o, c] for
-    a tile of tokens (rows row_lo .. row_hi) and output columns o: the expand's sum, shared
-    by the expand kernel and the fused GEMM's epilogue."""
+    """acc[n, o] + scale * sum_{j, c} coef[row, j] * u[n, j*r + c] * F[src[row, j], o, c]:
+    row `row`'s LoRA sum, right for its tokens (in_row) only. Another token's entry may be
+    NaN (its zero u times a NaN or inf of this row's F), so a caller keeps only in_row's."""
     cc = tl.arange(0, BLOCK_R)
-    for row in range(row_lo, row_hi + 1):
-        in_row = t_mask & (tok_row == row)
-        part = tl.zeros_like(acc)
-        for c0 in range(0, width, BLOCK_R):
-            col = c0 + cc
-            c_mask = col < width
-            slot = col // rank
-            f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
-            f = f.to(tl.int64)
-            mult = tl.zeros([BLOCK_R], dtype=acc.dtype) + scale
-            if HAS_COEF:
-                mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
-                                other=0.0).to(acc.dtype)
-            ut = tl.load(u_ptr + tok[:, None] * s_u_t + col[None, :],
-                         mask=in_row[:, None] & c_mask[None, :], other=0.0)
-            rk = col % rank
-            ft = tl.load(fac_ptr + f[:, None] * s_f + o[None, :] * s_n + rk[:, None] * s_c,
-                         mask=o_mask[None, :] & c_mask[:, None], other=0.0)
-            ut = (ut * mult[None, :]).to(ft.dtype)
-            part = _dot(ut, ft, part, DOT_FP32, IEEE)
-        # tl.where, not a zero operand: 0 x NaN would carry one row's NaN into the others.
-        acc += tl.where(in_row[:, None], part, 0.0)
+    for c0 in range(0, width, BLOCK_R):
+        col = c0 + cc
+        c_mask = col < width
+        slot = col // rank
+        f = tl.load(src_ptr + row * s_src_r + slot * s_src_j, mask=c_mask, other=0)
+        f = f.to(tl.int64)
+        mult = tl.zeros([BLOCK_R], dtype=acc.dtype) + scale
+        if HAS_COEF:
+            mult *= tl.load(coef_ptr + row * s_coef_r + slot * s_coef_j, mask=c_mask,
+                            other=0.0).to(acc.dtype)
+        ut = tl.load(u_ptr + tok[:, None] * s_u_t + col[None, :],
+                     mask=in_row[:, None] & c_mask[None, :], other=0.0)
+        rk = col % rank
+        ft = tl.load(fac_ptr + f[:, None] * s_f + o[None, :] * s_n + rk[:, None] * s_c,
+                     mask=o_mask[None, :] & c_mask[:, None], other=0.0)
+        ut = (ut * mult[None, :]).to(ft.dtype)
+        acc = _dot(ut, ft, acc, DOT_FP32, IEEE)
     return acc
 
 
@@ -300,17 +295,23 @@ def expand_kernel(
     row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len, IMPLICIT)
     # scale comes as a tensor: a Python float argument would be rounded to fp32.
     scale = tl.load(scale_ptr).to(acc_type)
-    acc = _add_lora(tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type), tok, tok_row, t_mask,
-                    row_lo, row_hi, o, o_mask, u_ptr, fac_ptr, src_ptr, coef_ptr, scale, rank,
-                    width, s_u_t, s_f, s_n, s_c, s_src_r, s_src_j, s_coef_r, s_coef_j,
-                    HAS_COEF, BLOCK_R, DOT_FP32, IEEE)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)[None, :]
-    y_ptrs = y_ptr + tok[:, None] * s_y_t + o[None, :] * s_y_n
-    mask = t_mask[:, None] & o_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(y_ptrs, mask=mask, other=0.0).to(acc_type)
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        bias = tl.load(bias_ptr + o * s_bias, mask=o_mask, other=0.0).to(acc_type)
+    # Each row of the tile stores its own tokens: one accumulator, and another row's NaN
+    # (0 x NaN in the dot) is never stored.
+    for row in range(row_lo, row_hi + 1):
+        in_row = t_mask & (tok_row == row)
+        acc = _row_lora(tl.zeros([BLOCK_T, BLOCK_N], dtype=acc_type), row, in_row, tok, o,
+                        o_mask, u_ptr, fac_ptr, src_ptr, coef_ptr, scale, rank, width, s_u_t,
+                        s_f, s_n, s_c, s_src_r, s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R,
+                        DOT_FP32, IEEE)
+        if HAS_BIAS:
+            acc += bias[None, :]
+        mask = in_row[:, None] & o_mask[None, :]
+        y_ptrs = y_ptr + tok[:, None] * s_y_t + o[None, :] * s_y_n
+        if ACCUMULATE:
+            acc += tl.load(y_ptrs, mask=mask, other=0.0).to(acc_type)
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -328,7 +329,7 @@ def fused_linear_kernel(
     TMA: tl.constexpr = False, W_NK: tl.constexpr = False,
     WARP_SPECIALIZE: tl.constexpr = False, FLATTEN: tl.constexpr = False,
 ):
-    """y[n, o] = sum_k x[n, k] W[k, o] + bias[o] + the expand's LoRA sum (see _add_lora).
+    """y[n, o] = sum_k x[n, k] W[k, o] + bias[o] + the expand's LoRA sum (see _row_lora).
 
     The base GEMM and the expand in one kernel (the config's `fused`; a second path beside
     cuBLAS + the expand, chosen per card by measurement): y is written once and never read
@@ -427,21 +428,51 @@ def fused_linear_kernel(
             # Rounded as the expand rounds u (stored in u's dtype, scaled, then ft's dtype).
             ut = u_acc.to(u_ptr.dtype.element_ty).to(acc_type) * scale
             acc = _dot(ut.to(ft.dtype), ft, acc, DOT_FP32, IEEE)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + o * s_bias, mask=o_mask,
+                               other=0.0).to(acc_type)[None, :]
+            if TMA:
+                y_desc.store([first, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
+            else:
+                tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :],
+                         acc.to(y_ptr.dtype.element_ty),
+                         mask=t_mask[:, None] & o_mask[None, :])
         else:
             row_hi = _row_of(rows_ptr, tl.minimum(first + BLOCK_T, n_tokens) - 1, row_len,
                              IMPLICIT)
-            acc = _add_lora(acc, tok, tok_row, t_mask, row_lo, row_hi, o, o_mask, u_ptr,
-                            fac_ptr, src_ptr, coef_ptr, scale, rank, width, s_u_t, s_f, s_n,
-                            s_c, s_src_r, s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R,
-                            DOT_FP32, IEEE)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + o * s_bias, mask=o_mask,
-                           other=0.0).to(acc_type)[None, :]
-        if TMA:
-            y_desc.store([first, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
-        else:
-            tl.store(y_ptr + tok[:, None] * s_y_t + o[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=t_mask[:, None] & o_mask[None, :])
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + o * s_bias, mask=o_mask,
+                               other=0.0).to(acc_type)[None, :]
+            y_ptrs = y_ptr + tok[:, None] * s_y_t + o[None, :]
+            # One [T, N] accumulator, never two: summing a tile's rows into acc would need a
+            # second one per row (its where keeps a row's NaN or inf factor out of the other
+            # rows, 0 x inf), and at 128 x 256 the compiler then spilled acc inside the main
+            # loop (scripts/triton_aot_check.py --as-jit: 128 of the loop's ~210 instructions
+            # were spill loads and stores). So a tile of several rows stores the base (and
+            # bias) first and each row adds its sum to its own tokens, rounded twice as the
+            # cuBLAS + expand order is; a tile inside one row adds it in place.
+            several = row_hi > row_lo
+            if several:
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty),
+                         mask=t_mask[:, None] & o_mask[None, :])
+                tl.debug_barrier()  # those stores visible to the threads that read them back
+                acc = tl.zeros_like(acc)
+            for row in range(row_lo, row_hi + 1):
+                in_row = t_mask & (tok_row == row)
+                acc = _row_lora(acc, row, in_row, tok, o, o_mask, u_ptr, fac_ptr, src_ptr,
+                                coef_ptr, scale, rank, width, s_u_t, s_f, s_n, s_c, s_src_r,
+                                s_src_j, s_coef_r, s_coef_j, HAS_COEF, BLOCK_R, DOT_FP32,
+                                IEEE)
+                mask = in_row[:, None] & o_mask[None, :]
+                if several:
+                    acc += tl.load(y_ptrs, mask=mask, other=0.0).to(acc_type)
+                    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+                else:
+                    if TMA:
+                        y_desc.store([first, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
+                    else:
+                        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+                acc = tl.zeros_like(acc)
 
 
 @triton.jit
