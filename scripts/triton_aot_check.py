@@ -2,7 +2,8 @@
 """Compile every Triton kernel the op launches for a GPU, on a machine without one.
 
     python scripts/triton_aot_check.py [--card "NVIDIA H200"] [--arch 90] [--out FILE]
-                                       [--float64]
+                                       [--float64] [--as-jit] [--only REGEX]
+                                       [--no-loop-spills]
 
 The interpreter (TRITON_INTERPRET=1) runs the kernels' Python, not the compiler: a kernel can
 pass every CPU test and still fail to compile for a GPU (an op the MLIR lowering rejects, a
@@ -14,13 +15,18 @@ tile table and launch options of `--card` (reclora_kernels/configs), records eac
 launch's argument types, constexpr values and num_warps / num_stages, and compiles each distinct
 specialization with triton.compile for a CUDA target (`--arch`, default 90 = H100/H200) with the
 ptxas bundled in triton's wheel. Prints one line a specialization (ok with its shared memory,
-warps and stages, or the error; shared memory past the 227 KiB a block can get on sm_90 is a
+warps, stages, registers a thread and bytes spilled, read from the cubin by the wheel's
+cuobjdump; or the error; shared memory past the 227 KiB a block can get on sm_90 is a
 failure too) and exits 1 if any failed. Integer arguments are compiled as i32 or i64 without the
 value specialisations the JIT adds on a GPU (1, multiples of 16), so the GPU's own compile may
-take a variant of each; the code paths are the same. `--float64` adds float64 cases (49 more
-specializations, 324 with the H100's table: 11.2 min on one core of this machine with an empty
-Triton cache, so tests/test_triton_compile.py leaves them out): a GPU runs float64 too, and
-its fused GEMM's tiles do not fit there (launch._fused_addressable plans around it).
+take a variant of each; the code paths are the same, the registers are not. `--as-jit`
+specialises as the JIT does (see jit_specialization) over cases with 16-aligned row strides,
+and counts the spill instructions inside each tensor-core main loop: the registers a GPU run
+gets (tests/test_triton_registers.py). `--only REGEX` compiles the matching lines alone.
+`--float64` adds float64 cases (49 more specializations, 324 with the H100's table: 11.2
+min on one core of this machine with an empty Triton cache, so tests/test_triton_compile.py
+leaves them out): a GPU runs float64 too, and its fused GEMM's tiles do not fit there
+(launch._fused_addressable plans around it).
 """
 
 from __future__ import annotations
@@ -278,11 +284,12 @@ def describe(spec: dict) -> tuple[str, dict, dict]:
     return f"{name} [{dtypes}] {consts}", constexprs, attrs
 
 
-def compile_all(specs: list[dict], arch: int, only: str | None = None,
+def compile_all(specs: list[dict], arch: int, only: str | None = None, loops: bool = False,
                 no_loop_spills: bool = False) -> tuple[list[str], int]:
     """(In this process, no interpreter: the interpreter patches triton.language while it
     runs, so compiling must happen where it never ran.) `only`: a regex over each line's
-    head. `no_loop_spills`: a spill in a tensor-core main loop fails the specialization."""
+    head. `loops`: count the spills in each tensor-core loop (reading the SASS takes ~1 s for
+    a fused GEMM, so not in the default run). `no_loop_spills`: such a spill fails it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -301,7 +308,7 @@ def compile_all(specs: list[dict], arch: int, only: str | None = None,
                           attrs), target=target, options=spec["options"])
             meta = compiled.metadata
             regs, spill = resource_usage(compiled.asm["cubin"])
-            in_loop = loop_spills(compiled.asm["cubin"])
+            in_loop = loop_spills(compiled.asm["cubin"]) if loops or no_loop_spills else None
             line = (f"{head}: shared {meta.shared} B, {meta.num_warps} warps, "
                     f"{meta.num_stages} stages, {regs} registers, {spill} B spilled"
                     + (f", {in_loop} spill instructions in the MMA loop"
@@ -357,7 +364,7 @@ def main(argv=None) -> int:
         print(child.stderr[-3000:], file=sys.stderr)
         return 2
     specs = json.loads(child.stdout.strip().splitlines()[-1])
-    lines, failed = compile_all(specs, args.arch, args.only, args.no_loop_spills)
+    lines, failed = compile_all(specs, args.arch, args.only, args.as_jit, args.no_loop_spills)
     lines.insert(0, f"triton {triton.__version__}, torch {torch.__version__}, target "
                     f"sm_{args.arch}, {args.card} tables: {len(specs)} distinct "
                     f"specializations launched, {len(lines)} compiled, "
