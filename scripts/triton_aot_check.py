@@ -32,6 +32,7 @@ leaves them out): a GPU runs float64 too, and its fused GEMM's tiles do not fit 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -178,20 +179,36 @@ def signature_of(jit, args, kwargs) -> tuple[dict, dict]:
     return signature, constexprs
 
 
-def jit_specialization(jit, args, kwargs, arch: int) -> tuple[dict, list, list]:
-    """A launch's (signature, constexprs, attributes) as triton's JIT derives them on a GPU:
-    integer arguments equal to 1 become constexprs, and integers and pointers divisible by 16
-    carry that hint (what lets the compiler vectorise a load). Constexprs and attributes are
-    [path, value] pairs (JSON has no tuple keys)."""
+@functools.cache
+def _binder(fn, arch: int):
+    """(the JIT's argument binder for kernel `fn`, its backend): built once a kernel, not once
+    a launch (it generates and execs a function)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    jit = _jit(fn)
     backend = make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    return create_function_from_signature(jit.signature, jit.params, backend), backend
+
+
+@functools.cache
+def _jit(fn):
+    from triton.runtime.jit import JITFunction
+
+    return JITFunction(fn)
+
+
+def jit_specialization(fn, args, kwargs, arch: int) -> tuple[dict, list, list]:
+    """A launch's (signature, constexprs, attributes) as triton's JIT derives them on a GPU:
+    integer arguments equal to 1 become constexprs, and integers and pointers divisible by 16
+    carry that hint (what lets the compiler vectorise a load). Constexprs and attributes are
+    [path, value] pairs (JSON has no tuple keys)."""
+    binder, backend = _binder(fn, arch)
     bound, specialization, _ = binder(*args, **kwargs)
     values = list(bound.values())
-    signature = {p.name: kind for p, (kind, _) in zip(jit.params, specialization, strict=True)}
+    signature = {p.name: kind
+                 for p, (kind, _) in zip(_jit(fn).params, specialization, strict=True)}
     constexprs = [[[i], values[i]] for i, (kind, _) in enumerate(specialization)
                   if kind == "constexpr"]
     attrs = [[[i], backend.parse_attr(hint)] for i, (kind, hint) in enumerate(specialization)
@@ -201,15 +218,12 @@ def jit_specialization(jit, args, kwargs, arch: int) -> tuple[dict, list, list]:
 
 def record(card: str, float64: bool = False, as_jit: bool = False, arch: int = 90) -> list[dict]:
     """(In a child process under the interpreter.) The distinct specializations launched."""
-    from triton.runtime.jit import JITFunction
-
     seen = {}
     for fn, a, kw, options in record_launches(card, float64, as_jit):
-        jit = JITFunction(fn)
         if as_jit:
-            signature, constexprs, attrs = jit_specialization(jit, a, kw, arch)
+            signature, constexprs, attrs = jit_specialization(fn, a, kw, arch)
         else:
-            (signature, constexprs), attrs = signature_of(jit, a, kw), []
+            (signature, constexprs), attrs = signature_of(_jit(fn), a, kw), []
         spec = {"kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
                 "attrs": attrs, "options": options}
         seen.setdefault(json.dumps(spec, sort_keys=True), spec)

@@ -16,18 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def aot_check(*args: str, timeout: int) -> tuple[subprocess.CompletedProcess, str]:
+    """Run scripts/triton_aot_check.py (compiling needs the real JIT, not the interpreter);
+    (the finished process, its stdout and stderr's tail for an assertion message)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_aot_check.py"),
+                           *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+    return done, done.stdout + done.stderr[-3000:]
+
+
 # The H100's tuned table and default.json's cuda table (what an H200 gets).
 @pytest.mark.parametrize("card", ["NVIDIA H100 80GB HBM3", "NVIDIA H200"])
 # An empty Triton cache compiles all of them: 9.3 min for the H100's table on this 2-core
 # machine with other work beside it (2026-12-08), so the limit leaves room for a cold CI run.
 @pytest.mark.timeout(1200)
 def test_every_launched_kernel_compiles_for_sm90(card):
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_aot_check.py"),
-                           "--card", card],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=1180)
-    report = done.stdout + done.stderr[-3000:]
+    done, report = aot_check("--card", card, timeout=1180)
     assert done.returncode == 0, report
     first = done.stdout.splitlines()[0]
     assert " 0 failed to compile" in first, report

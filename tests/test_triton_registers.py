@@ -6,14 +6,8 @@ loadfile runs the two on different workers: with an empty Triton cache each take
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_triton_compile import aot_check
 
 # The launches a model's bf16 forward makes on an H100 by default (the expand's 64 x 128 tile)
 # or once a measurement turns the fused GEMM on (its 128 x 256 TMA tiles).
@@ -28,12 +22,7 @@ def test_hot_kernels_do_not_spill_as_the_jit_compiles_them():
     nothing, and the fused GEMM spills nothing inside its main loop. Its epilogue used to sum
     a tile's rows in a second [T, N] accumulator; the compiler then kept acc in local memory
     across the main loop (128 of its ~210 instructions were spill loads and stores)."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "triton_aot_check.py"),
-                           "--as-jit", "--only", HOT, "--no-loop-spills"],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=880)
-    report = done.stdout + done.stderr[-3000:]
+    done, report = aot_check("--as-jit", "--only", HOT, "--no-loop-spills", timeout=880)
     assert done.returncode == 0, report
     lines = done.stdout.splitlines()[1:]
     expand = [line for line in lines if line.startswith("ok    expand_kernel")]
