@@ -39,17 +39,27 @@ def test_implicit_rows_and_uniform_mixtures_are_kept_per_stream(streams):
     assert plan.token_rows(CPU) is first
 
 
-def test_triton_tables_and_constants_are_kept_per_stream(monkeypatch):
+def test_triton_tables_and_constants_are_kept_per_stream(streams):
     launch = pytest.importorskip("reclora_kernels.triton.launch")
-    current = [1]
-    monkeypatch.setattr(launch, "stream_key", lambda device: current[0])
     like = torch.zeros(2, dtype=torch.float32)
     table, scale = launch._index_table(7, CPU), launch._scale_tensor(0.5, like)
     assert launch._index_table(7, CPU) is table and launch._scale_tensor(0.5, like) is scale
-    current[0] = 2
+    streams[0] = 2
     assert launch._index_table(7, CPU) is not table
     assert launch._scale_tensor(0.5, like) is not scale
     assert torch.equal(launch._index_table(7, CPU), table)
+
+
+def test_triton_tables_written_in_place_are_made_again(streams):
+    """The launch's tables go through plan.cached_tensor as the others do: one that someone
+    wrote in place is not handed out again."""
+    launch = pytest.importorskip("reclora_kernels.triton.launch")
+    like = torch.zeros(2, dtype=torch.float32)
+    table, scale = launch._index_table(5, CPU), launch._scale_tensor(0.25, like)
+    table[0] = 3
+    scale.fill_(9.0)
+    assert torch.equal(launch._index_table(5, CPU), torch.arange(5))
+    assert launch._scale_tensor(0.25, like).item() == 0.25
 
 
 def test_stream_key_is_zero_off_cuda():

@@ -35,8 +35,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..plan import RowPlan, stream_key
-from ..plan import tracing as _tracing
+from ..plan import RowPlan, cached_tensor
 from ..poison import new_output
 from . import kernels
 from .configs import config, interpreting
@@ -66,25 +65,22 @@ def _flags(dtype: torch.dtype) -> dict:
 
 
 @lru_cache(maxsize=256)
-def _constant(value: float, device: torch.device, dtype: torch.dtype, stream: int
+def _constant(value: float, dtype: torch.dtype, device: torch.device, stream: int = 0
               ) -> torch.Tensor:
-    """A one-element device tensor, made once per (value, device, dtype, stream: see
-    plan.stream_key) and never written: a fresh torch.full per call was one more kernel
+    """A one-element device tensor, made once per (value, dtype, device, stream: see
+    plan.cached_tensor) and never written: a fresh torch.full per call was one more kernel
     launch (~2 us on a GPU) each time."""
     return torch.full((1,), value, device=device, dtype=dtype)
 
 
 def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
-    device = like.device
-    if _tracing():  # a tensor made during CUDA-graph capture must not outlive the graph
-        return torch.full((1,), scale, device=device, dtype=_acc_dtype(like.dtype))
-    return _constant(float(scale), device, _acc_dtype(like.dtype), stream_key(device))
+    return cached_tensor(_constant, float(scale), _acc_dtype(like.dtype), like.device)
 
 
 @lru_cache(maxsize=64)
-def _arange(n: int, device: torch.device, stream: int) -> torch.Tensor:
-    """0..n-1 as int64, cached per stream (plan.stream_key; read-only): the dense slot table
-    and the rows' own factors."""
+def _arange(n: int, device: torch.device, stream: int = 0) -> torch.Tensor:
+    """0..n-1 as int64 (read-only; plan.cached_tensor): the dense slot table and the rows'
+    own factors."""
     return torch.arange(n, device=device, dtype=torch.int64)
 
 
@@ -137,9 +133,7 @@ def _plan_ptrs(plan: RowPlan, like: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def _index_table(n: int, device) -> torch.Tensor:
     """0..n-1 (the dense slot table, the rows' own factors): cached, or fresh while tracing."""
-    if _tracing():
-        return torch.arange(n, device=device, dtype=torch.int64)
-    return _arange(n, device, stream_key(device))
+    return cached_tensor(_arange, n, device)
 
 
 def _sources(adapter_idx, rows: int, slots: int, device) -> tuple[torch.Tensor, int, int]:
