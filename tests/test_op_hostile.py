@@ -233,6 +233,47 @@ def test_personalize_is_thread_safe():
     assert wrong == 0, f"{wrong} of {20 * len(users)} outputs belonged to another user"
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
+def test_triton_calls_from_several_threads_give_each_its_own_result():
+    """Threads calling the Triton backend at once (a server's worker threads) each get their
+    own output and gradients. Under the interpreter up to 3 of 4 threads raised InterpreterError:
+    each launch patches triton.language for its length, and another's launch undid it."""
+    grads = ("x", "lora_a", "lora_b", "adapter_w")
+
+    def run(seed, backend):
+        p = inputs(seed)
+        for name in grads:
+            p[name].requires_grad_(True)
+        y = call(p, backend)
+        y.square().sum().backward()
+        return [y.detach()] + [p[name].grad for name in grads]
+
+    expected = {seed: run(seed, "reference") for seed in range(4)}
+    results: dict[int, list] = {seed: [] for seed in expected}
+    errors: list[str] = []
+    barrier = threading.Barrier(len(expected))
+
+    def work(seed):
+        barrier.wait()
+        try:
+            for _ in range(4):
+                results[seed].append(run(seed, "triton"))
+        except Exception as e:  # reported below, with the thread's seed
+            errors.append(f"seed {seed}: {e!r}"[:300])
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in expected]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors
+    for seed, runs in results.items():
+        assert len(runs) == 4
+        for got in runs:
+            for g, e in zip(got, expected[seed]):
+                assert rel_err(g, e) < 1e-4, seed
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mix", ["factor", "output"])
 def test_a_token_less_rows_nan_adapter_leaves_shared_adapters_clean(backend, mix):

@@ -17,6 +17,7 @@ interpreter's kernels (not JITFunctions) take Triton's own path every time.
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 
 from triton import knobs
@@ -73,6 +74,13 @@ def _quiet(hook) -> bool:
     return hook is None or (type(hook) is HookChain and not hook.calls)
 
 
+# Triton's interpreter patches triton.language's attributes for the length of a launch and
+# puts them back after it, so two threads launching at once undid each other's patches
+# (InterpreterError "Did you forget to add @triton.jit ?"; tests/test_op_hostile.py).
+# Its launches take turns; compiled kernels do not need to.
+_INTERPRETER_TURN = threading.Lock()
+
+
 def _slow(meta: LaunchMeta, grid, args):
     return meta.fn[grid](*args, **meta.kwargs)
 
@@ -80,8 +88,12 @@ def _slow(meta: LaunchMeta, grid, args):
 def run_kernel(meta: LaunchMeta, grid: tuple, *args) -> None:
     """meta.fn[grid](*args, **meta.kwargs), as Triton would run it: tensors first, then
     Python ints (never bools: True would share int 1's key), in the parameter order."""
+    if meta.constexprs is None:  # the interpreter's kernel (or a stand-in)
+        with _INTERPRETER_TURN:
+            _slow(meta, grid, args)
+        return
     runtime = knobs.runtime
-    if (meta.constexprs is None or not _quiet(runtime.launch_enter_hook)
+    if (not _quiet(runtime.launch_enter_hook)
             or not _quiet(runtime.launch_exit_hook)
             or runtime.add_stages_inspection_hook is not None or meta.fn.pre_run_hooks):
         _slow(meta, grid, args)
