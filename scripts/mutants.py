@@ -503,8 +503,9 @@ MUTANTS = [
            "    stream = 0", "tests/test_stream_caches.py",
            "cached row ids and uniform mixtures shared across CUDA streams"),
     Mutant("triton", "reclora_kernels/triton/launch.py",
-           "    return _arange(n, device, stream_key(device))", "    return _arange(n, device, 0)",
-           "tests/test_stream_caches.py", "cached index tables shared across CUDA streams"),
+           "    return cached_tensor(_arange, n, device)", "    return _arange(n, device)",
+           "tests/test_stream_caches.py",
+           "cached index tables shared across CUDA streams and handed out after a write"),
     Mutant("layers", "reclora/injection.py",
            "            for param, was in trainable:\n                param.requires_grad_(was)\n",
            "", "tests/test_reliability_layers.py -k refused_module",
@@ -541,6 +542,17 @@ MUTANTS = [
            "        mask = t_mask[:, None] & o_mask[None, :]\n",
            "tests/test_op.py -k triton",
            "expand: each row's pass stores over the tile's other rows", nth=0),
+    # ---- added 2026-12-08: interpreter launches from threads, the fused GEMM's bias
+    Mutant("triton", "reclora_kernels/triton/fast_launch.py",
+           "_INTERPRETER_TURN = threading.Lock()",
+           "_INTERPRETER_TURN = __import__('contextlib').nullcontext()",
+           "tests/test_op_hostile.py -k several_threads",
+           "interpreter launches from several threads at once (they undo each other's patches)"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "                acc += tl.load(bias_ptr + o * s_bias, mask=o_mask,",
+           "                acc += 0 * tl.load(bias_ptr + o * s_bias, mask=o_mask,",
+           "tests/test_fused_gemm.py", "fused GEMM: the bias dropped (several-rows tiles)",
+           nth=1),
 ]
 
 

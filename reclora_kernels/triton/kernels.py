@@ -314,6 +314,10 @@ def expand_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+# (Outside the kernel, where a comment does not change Triton's cache key.) The bias is
+# loaded in both epilogue branches, not once above them: loaded before the in-loop shrink's
+# LoRA dot, bf16 SHRINK tiles took 228 -> 255 registers and the 128 x 256 x 64 tile with
+# BLOCK_R 64 spilled 32 B (scripts/triton_aot_check.py --as-jit, triton 3.8, 2026-12-08).
 @triton.jit
 def fused_linear_kernel(
     y_ptr, x_ptr, w_ptr, bias_ptr, u_ptr, fac_ptr, src_ptr, coef_ptr, order_ptr, rows_ptr,
