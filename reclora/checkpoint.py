@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .gates import PersonalizedGate
 from .injection import (
@@ -85,6 +86,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # the rename itself on disk, as atomic_write_folder does
 
 
 def _settle(path: str | os.PathLike, mode: int | None = None) -> None:
@@ -199,6 +201,9 @@ def save_adapters(model: nn.Module, path: str | os.PathLike) -> None:
         key: value.detach().to("cpu").contiguous() for key, value in
         adapter_state_dict(model).items()
     }
+    # load_adapters refuses NaN and inf: written, such a file would have replaced the last
+    # loadable one at path (a diverged training step) with one nothing can load.
+    check_finite(tensors, f"save_adapters: nothing written to {path}")
     names = names_by_module(model)
     meta = {"format": FORMAT, "version": VERSION,
             "layers": {name: layer.adapter_config() for name, layer in layers.items()},
@@ -214,15 +219,25 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     """The JSON config stored in an adapter file: {"format", "version", "layers": {name:
     adapter_config()}, "aliases": {name: [every name of that module]}} ("aliases" absent in
     older files). Anything else raises ValueError naming the file."""
+    with _open_adapters(path) as handle:
+        return _adapter_meta(path, handle)
+
+
+def _open_adapters(path: str | os.PathLike):
+    """safe_open(path), or ValueError naming the file."""
     if not Path(path).is_file():
         raise ValueError(f"load_adapters: {path} is not a file (give the .safetensors file "
                          "save_adapters wrote)")
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("reclora")
+        return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError) as err:
         raise ValueError(f"load_adapters: {path} is not a readable safetensors file "
                          f"({err})") from None
+
+
+def _adapter_meta(path: str | os.PathLike, handle) -> dict:
+    """read_adapter_config's checks, on an open file."""
+    raw = (handle.metadata() or {}).get("reclora")
     if raw is None:
         raise ValueError(f"load_adapters: {path} is not a reclora adapter file (no 'reclora' "
                          "metadata)")
@@ -329,15 +344,16 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
     differently (rank, alpha, mix, gate options...), modules shared otherwise than in the
     saved model, or (into layers already injected) banks or gates of another dtype than the
     file's."""
-    meta = read_adapter_config(path)
     # Build every layer first and check the file against them, so a file that does not fit
-    # leaves the model untouched.
+    # leaves the model untouched. One open for the metadata and the tensors: a save_adapters
+    # between two opens mixed one file's config with the other's banks.
     layers = reclora_layers(model)
     new_layers = {}
     aliases = names_by_module(model)  # a shared module is replaced under every name it has
-    saved_aliases = meta.get("aliases", {})  # absent in older files: not checked
     seen: dict[int, str] = {}  # id(module) -> the file's layer name for it
-    with safe_open(str(path), framework="pt") as handle:
+    with _open_adapters(path) as handle:
+        meta = _adapter_meta(path, handle)
+        saved_aliases = meta.get("aliases", {})  # absent in older files: not checked
         found = set(handle.keys())
         for name, config in meta["layers"].items():
             try:
@@ -387,6 +403,14 @@ def load_adapters(model: nn.Module, path: str | os.PathLike, *, strict: bool = T
         layers.update({name: module for name, (module, _) in new_layers.items()})
 
         expected = _layers_state(layers)
+        # A parametrized bank's tensor is computed: copy_ into it wrote nothing that lasted.
+        through = [f"{name}.{bank}" for name, layer in layers.items()
+                   for bank in ("lora_a", "lora_b") if parametrize.is_parametrized(layer, bank)]
+        if through:
+            raise ValueError(f"load_adapters: {path}: {_summarise(through)} is parametrized "
+                             "(torch.nn.utils.parametrize), and the file's values cannot be "
+                             "written back through the parametrization; load before "
+                             "registering it, or remove it first")
         missing = sorted(set(expected) - found) if strict else []
         extra = sorted(found - set(expected))
         problems = []

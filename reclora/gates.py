@@ -121,6 +121,8 @@ class PersonalizedGate(nn.Module):
                 f"PersonalizedGate: `top_k` must be None or an int in [2, num_adapters="
                 f"{num_adapters}], got {top_k!r}"
             )
+        if not isinstance(sqrt, bool):  # bool("false") is True: a config string turned it on
+            raise TypeError(f"PersonalizedGate: `sqrt` must be True or False, got {sqrt!r}")
         self.config = GateConfig(in_features, num_adapters, hidden, float(dropout),
                                  float(temperature), top_k, bool(sqrt))
         factory = {"device": device, "dtype": dtype}

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from reclora_kernels import RowPlan, row_plan
 
@@ -60,8 +61,14 @@ def freeze_all_but_adapters(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for layer in reclora_layers(model).values():
-        layer.lora_a.requires_grad_(True)
-        layer.lora_b.requires_grad_(True)
+        for bank in ("lora_a", "lora_b"):
+            if parametrize.is_parametrized(layer, bank):
+                # The bank is computed from these (requires_grad on the computed tensor
+                # was lost at the next forward, the real parameter left frozen).
+                for p in layer.parametrizations[bank].parameters():
+                    p.requires_grad_(True)
+            else:
+                getattr(layer, bank).requires_grad_(True)
         if layer.gate is not None:
             for p in layer.gate.parameters():
                 p.requires_grad_(True)
@@ -163,10 +170,12 @@ def inject(
                 model.get_submodule(name), num_adapters=num_adapters, rank=rank, alpha=alpha,
                 mix=mix, gate=gate, backend=backend, adapter_dtype=adapter_dtype,
             )
-        except (TypeError, ValueError) as err:
+        except BaseException as err:  # any failure (a torch error too) leaves it as it was
             for param, was in trainable:
                 param.requires_grad_(was)
-            raise type(err)(f"inject: module {name!r}: {err}") from None
+            if isinstance(err, (TypeError, ValueError)):
+                raise type(err)(f"inject: module {name!r}: {err}") from None
+            raise
     for name, aliases in matched.items():
         for alias in aliases:
             _replace(model, alias, layers[name])
@@ -192,8 +201,14 @@ def _targets(model: nn.Module, target_modules: str | Sequence[str], *,
     names = names_by_module(model)
     matched: dict[str, list[str]] = {}
     done: set[int] = set()
+    # An earlier inject's layers: their own modules (a gate's nn.Linear) are never targets;
+    # wrapped, a gate changed its routing and saved adapters named a layer no fresh model has.
+    ours = tuple(n + "." for n, m in model.named_modules(remove_duplicate=False)
+                 if n and isinstance(m, RecLoRALinear))
     for name, module in model.named_modules(remove_duplicate=False):
         if not name or id(module) in done or not _matches(name, target_modules):
+            continue
+        if name.startswith(ours):
             continue
         if isinstance(module, RecLoRALinear):
             raise ValueError(f"inject: module {name!r} is already a RecLoRALinear")

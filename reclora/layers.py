@@ -33,6 +33,7 @@ many layers reads nothing back from the device.
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,9 +44,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from reclora_kernels import RowPlan, lora_mix_linear, row_plan
+from reclora_kernels.ops import BACKENDS
 from reclora_kernels.plan import INDEX_DTYPES, cached_tensor
 
 from .gates import PersonalizedGate
+
+BACKEND_NAMES = ("auto", *BACKENDS)  # availability is checked per call (per device)
 
 MIX_MODES = ("factor", "output")
 
@@ -223,9 +227,19 @@ def check_plan_rows(where: str, plan, rows: int) -> None:
                          "make the plan for this batch (row_plan(row_ids, rows))")
 
 
-def _check_positive_int(arg: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+def _positive_int(arg: str, value) -> int:
+    """value as an int (a numpy integer too), or ValueError naming `arg`."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
         raise ValueError(f"RecLoRALinear: `{arg}` must be an int >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_float_dtype(arg: str, value) -> None:
+    # An integer dtype failed deep inside torch ("Only Tensors of floating point ... can
+    # require gradients"), a string in torch.empty: neither named the argument.
+    if value is not None and not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise ValueError(f"RecLoRALinear: `{arg}` must be None or a floating torch.dtype "
+                         f"(torch.float32, torch.bfloat16, ...), got {value!r}")
 
 
 class RecLoRALinear(nn.Module):
@@ -264,14 +278,21 @@ class RecLoRALinear(nn.Module):
         _base: tuple[nn.Parameter, nn.Parameter | None] | None = None,
     ) -> None:
         super().__init__()
-        for arg, value in (("in_features", in_features), ("out_features", out_features),
-                           ("num_adapters", num_adapters), ("rank", rank)):
-            _check_positive_int(arg, value)
+        in_features, out_features, num_adapters, rank = (
+            _positive_int(arg, value) for arg, value in (
+                ("in_features", in_features), ("out_features", out_features),
+                ("num_adapters", num_adapters), ("rank", rank)))
         if mix not in MIX_MODES:
             raise ValueError(f"RecLoRALinear: `mix` must be one of {MIX_MODES}, got {mix!r}")
-        if alpha is not None and not (isinstance(alpha, (int, float)) and math.isfinite(alpha)):
+        if alpha is not None and (not isinstance(alpha, numbers.Real) or isinstance(alpha, bool)
+                                  or not math.isfinite(alpha)):
             raise ValueError(f"RecLoRALinear: `alpha` must be a finite float or None, got "
                              f"{alpha!r}")
+        if backend not in BACKEND_NAMES:  # named here, not at the first forward
+            raise ValueError(f"RecLoRALinear: `backend` must be one of {list(BACKEND_NAMES)}, "
+                             f"got {backend!r}")
+        _check_float_dtype("dtype", dtype)
+        _check_float_dtype("adapter_dtype", adapter_dtype)
         if gate is not None:
             if not isinstance(gate, PersonalizedGate):
                 raise TypeError("RecLoRALinear: `gate` must be a PersonalizedGate or None, got "

@@ -241,3 +241,36 @@ def test_a_good_crm_checkpoint_loads_the_same_model(tmp_path, name) -> None:
     assert meta == {"epoch": 1} and not loaded.training
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     assert torch.equal(loaded.predict_proba(_batch()), model.predict_proba(_batch()))
+
+
+# ------------------------------------------------------------------ 2026-12-08 audit
+def test_save_adapters_refuses_nan_and_keeps_the_last_good_file(tmp_path) -> None:
+    """load_adapters refuses NaN and inf, so a save of a diverged model replaced the last
+    loadable file with one nothing could load."""
+    model = plain()
+    reclora.inject(model, ["0"], num_adapters=2, rank=2)
+    path = tmp_path / "a.safetensors"
+    reclora.save_adapters(model, path)
+    good = path.read_bytes()
+    with torch.no_grad():
+        model[0].lora_b[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"save_adapters: nothing written to .*0\.lora_b"):
+        reclora.save_adapters(model, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]
+
+
+def test_load_adapters_reads_config_and_tensors_from_one_open(adapter_file, monkeypatch
+                                                              ) -> None:
+    """The metadata and the tensors come through one safe_open: read from two, a save
+    between them mixed one file's config with another's banks."""
+    opened = []
+    real = ckpt.safe_open
+
+    def counting(*args, **kwargs):
+        opened.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "safe_open", counting)
+    reclora.load_adapters(plain(), adapter_file[0])
+    assert len(opened) == 1

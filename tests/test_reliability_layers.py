@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -350,3 +351,99 @@ def test_a_refused_module_leaves_the_whole_model_as_it_was():
     handle.remove()
     layers = reclora.inject(model, ["0", "1", "2"], num_adapters=2, rank=1)
     assert sorted(layers) == ["0", "1", "2"]
+
+
+# --- 2026-12-08 audit: a second inject, argument types, parametrized banks ----------------
+
+def test_a_second_inject_leaves_the_first_ones_gates_alone(tmp_path):
+    """The gate of a layer from an earlier inject holds nn.Linears: a second inject whose
+    pattern matched them wrapped them (the gate's routing changed, and the saved file named
+    a layer '0.gate.net.0' that no fresh model has, so it never loaded)."""
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                             nn.Linear(8, 4))
+
+    model = build()
+    reclora.inject(model, ["0"], num_adapters=3, rank=2, gate_dim=5)
+    gate_modules = [type(m) for m in model[0].gate.modules()]
+    second = reclora.inject(model, ["4"], num_adapters=3, rank=2)  # also 0.gate.net.4's name
+    assert sorted(second) == ["4"]
+    assert [type(m) for m in model[0].gate.modules()] == gate_modules
+    reclora.save_adapters(model, tmp_path / "a.safetensors")
+    fresh = build()
+    assert sorted(reclora.load_adapters(fresh, tmp_path / "a.safetensors")) == ["0", "4"]
+
+
+@pytest.mark.parametrize("arg, value", [("dtype", torch.int64), ("adapter_dtype", torch.int8),
+                                        ("adapter_dtype", "float16")])
+def test_a_non_float_dtype_is_named(arg, value):
+    with pytest.raises(ValueError, match=f"`{arg}` must be None or a floating torch.dtype"):
+        RecLoRALinear(8, 8, num_adapters=2, rank=2, **{arg: value})
+
+
+def test_a_failed_inject_of_any_kind_restores_requires_grad(monkeypatch):
+    """inject's rollback ran only for TypeError / ValueError: an integer adapter_dtype (a
+    torch RuntimeError then) or any other error while building left the bases frozen."""
+    import reclora.injection as injection
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        reclora.inject(model, ["0", "1"], num_adapters=2, rank=2, adapter_dtype=torch.int8)
+    assert all(p.requires_grad for p in model.parameters())
+    real, built = injection.wrap_module, []
+
+    def second_fails(module, **kwargs):
+        if built:
+            raise RuntimeError("out of memory")
+        built.append(real(module, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(injection, "wrap_module", second_fails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        reclora.inject(model, ["0", "1"], num_adapters=2, rank=2)
+    assert built and all(p.requires_grad for p in model.parameters())
+    assert all(type(m) is nn.Linear for m in model)
+
+
+def test_numpy_integers_are_taken_and_bools_and_bad_backends_refused():
+    layer = RecLoRALinear(np.int64(8), 6, num_adapters=np.int32(2), rank=np.int64(2),
+                          alpha=np.float32(4.0))
+    assert (layer.in_features, layer.rank, layer.scale) == (8, 2, 2.0)
+    assert type(layer.in_features) is int
+    with pytest.raises(ValueError, match="`alpha` must be a finite float"):
+        RecLoRALinear(8, 6, num_adapters=2, rank=2, alpha=True)
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        RecLoRALinear(8, 6, num_adapters=2, rank=2, backend="bogus")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        reclora.inject(nn.Sequential(nn.Linear(8, 8)), ["0"], num_adapters=2, rank=2,
+                       backend="bogus")
+
+
+@pytest.mark.parametrize("value", ["false", "False", 0, 1, None])
+def test_sqrt_must_be_a_bool(value):
+    """bool("false") is True: a config value read as a string turned sqrt on."""
+    with pytest.raises(TypeError, match="`sqrt` must be True or False"):
+        PersonalizedGate(4, 3, sqrt=value)
+
+
+class _Double(nn.Module):
+    def forward(self, b):
+        return 2 * b
+
+
+def test_a_parametrized_bank_stays_trainable_and_is_not_loaded_silently(tmp_path):
+    """freeze_all_but_adapters set requires_grad on the computed bank (lost at the next
+    forward) and froze the parameter it is computed from; load_adapters copied into the
+    computed tensor and returned as if it had loaded."""
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 4))
+    reclora.inject(model, ["0"], num_adapters=2, rank=2)
+    reclora.save_adapters(model, tmp_path / "a.safetensors")
+    parametrize.register_parametrization(model[0], "lora_b", _Double())
+    reclora.inject(model, ["1"], num_adapters=2, rank=2)  # freezes all but the adapters
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "0.parametrizations.lora_b.original" in trainable
+    with pytest.raises(ValueError, match=r"0\.lora_b is parametrized"):
+        reclora.load_adapters(model, tmp_path / "a.safetensors", strict=False)
