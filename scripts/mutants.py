@@ -553,6 +553,14 @@ MUTANTS = [
            "                acc += 0 * tl.load(bias_ptr + o * s_bias, mask=o_mask,",
            "tests/test_fused_gemm.py", "fused GEMM: the bias dropped (several-rows tiles)",
            nth=1),
+    Mutant("layers", "reclora/injection.py",
+           "        if name.startswith(ours):\n            continue\n", "",
+           "tests/test_reliability_layers.py -k second_inject",
+           "a second inject wraps the Linears inside an earlier layer's gate"),
+    Mutant("layers", "reclora/checkpoint.py",
+           '    check_finite(tensors, f"save_adapters: nothing written to {path}")\n', "",
+           "tests/test_hostile_checkpoints.py -k refuses_nan",
+           "save_adapters writes NaN banks over the last loadable file"),
 ]
 
 
