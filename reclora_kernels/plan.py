@@ -147,7 +147,7 @@ def cached_tensor(cache, *args) -> torch.Tensor:
     tensor made during CUDA-graph capture holds nothing until replay) and under a torch.func
     transform (one made there is the transform's wrapper: kept, it no longer counted writes,
     so a later write went unseen), and made again if someone it was handed to wrote it in
-    place."""
+    place. `cache` makes its tensors outside inference mode (see _implicit_rows)."""
     if tracing() or torch._C._are_functorch_transforms_active():
         return cache.__wrapped__(*args)
     stream = stream_key(args[-1])

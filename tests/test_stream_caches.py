@@ -81,3 +81,29 @@ def test_each_cuda_stream_gets_its_own_cached_tensors():
     assert plan.token_rows(device) is on_default
     torch.cuda.synchronize(device)
     assert torch.equal(on_side, on_default)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "reference"])
+def test_a_first_call_under_inference_mode_leaves_later_calls_working(backend):
+    """Every cached tensor is made outside inference mode: the Triton launch's index table and
+    scale constant, made by a first call under torch.inference_mode, had no version counter,
+    and every later call of that shape or scale (inside or outside) raised "Inference
+    tensors do not track version counter"."""
+    import reclora_kernels as rk
+
+    if backend not in rk.available_backends():
+        pytest.skip(f"{backend} not available")
+    gen = torch.Generator().manual_seed(3)
+    x, weight = torch.randn(3, 4, 8, generator=gen), torch.randn(6, 8, generator=gen)
+    a, b = torch.randn(5, 3, 8, generator=gen), torch.randn(5, 6, 3, generator=gen)
+    w, idx = torch.randn(3, 2, generator=gen), torch.randint(0, 5, (3, 2), generator=gen)
+    for mix, dense, scale in [("factor", False, 0.37), ("output", True, 0.41)]:
+        args = (x, weight, None, a, b, torch.randn(3, 5) if dense else w,
+                None if dense else idx)
+        want = rk.lora_mix_linear(*args, scale=scale, mix=mix, backend="reference")
+        with torch.inference_mode():
+            inside = rk.lora_mix_linear(*args, scale=scale, mix=mix, backend=backend)
+            again = rk.lora_mix_linear(*args, scale=scale, mix=mix, backend=backend)
+        outside = rk.lora_mix_linear(*args, scale=scale, mix=mix, backend=backend)
+        for got in (inside, again, outside):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)

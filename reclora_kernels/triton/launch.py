@@ -70,7 +70,8 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device, stream: in
     """A one-element device tensor, made once per (value, dtype, device, stream: see
     plan.cached_tensor) and never written: a fresh torch.full per call was one more kernel
     launch (~2 us on a GPU) each time."""
-    return torch.full((1,), value, device=device, dtype=dtype)
+    with torch.inference_mode(False):  # see _arange
+        return torch.full((1,), value, device=device, dtype=dtype)
 
 
 def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
@@ -81,7 +82,10 @@ def _scale_tensor(scale: float, like: torch.Tensor) -> torch.Tensor:
 def _arange(n: int, device: torch.device, stream: int = 0) -> torch.Tensor:
     """0..n-1 as int64 (read-only; plan.cached_tensor): the dense slot table and the rows'
     own factors."""
-    return torch.arange(n, device=device, dtype=torch.int64)
+    # Outside inference mode: one made under it (a first call inside torch.inference_mode)
+    # has no version counter, and cached_tensor's read of it failed every later call.
+    with torch.inference_mode(False):
+        return torch.arange(n, device=device, dtype=torch.int64)
 
 
 @cache
