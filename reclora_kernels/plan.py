@@ -193,8 +193,10 @@ def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan
     """The plan of packed tokens: row_ids [T] integer, every value in [0, rows).
 
     check=True reads min, max and sortedness in one host read and raises IndexError on an
-    id out of range; check=False trusts the caller (the ids were checked before) and costs no
-    sync, but then always sorts. Either way the plan is made once per batch.
+    id out of range; check=False costs no sync, but then always sorts, and an id out of range
+    stops the work at a device-side assert (on a GPU the error comes at the next sync; on
+    the CPU, where a read costs no sync, it is the IndexError). Either way the plan is made
+    once per batch.
     """
     if not isinstance(row_ids, torch.Tensor):
         raise TypeError(f"row_plan: `row_ids` must be a torch.Tensor, got "
@@ -215,6 +217,12 @@ def row_plan(row_ids: torch.Tensor, rows: int, *, check: bool = True) -> RowPlan
     if rows == 0:
         raise IndexError("row_plan: `row_ids` is not empty but there are 0 rows")
     is_sorted = False
+    if not check and not tracing():
+        if ids.device.type == "cpu":
+            check = True
+        else:  # never a kernel reading past a table through an unchecked id (it segfaulted)
+            torch._assert_async(((ids >= 0) & (ids < rows)).all(),
+                                f"row_plan: `row_ids` values must lie in [0, {rows})")
     if check and not tracing():
         stats = torch.stack([ids.min(), ids.max(),
                              (ids[1:] >= ids[:-1]).all().long() if tokens > 1

@@ -225,13 +225,13 @@ def test_plans_that_do_not_fit_are_declined():
 
 
 def test_a_kernel_error_comes_back_as_a_python_exception():
-    """Row ids vouched for (check=False) but out of range: the kernel's own check raises,
-    through the shortcut, as a RuntimeError (not a crash)."""
+    """A plan's row ids out of range (written into it after it was made): the kernel's own
+    check raises, through the shortcut, as a RuntimeError (not a crash)."""
     args = make_inputs(Case(packed=True))
-    ids = args.pop("row_ids").clone()
-    ids[4] = 3
+    plan = row_plan(args.pop("row_ids"), 3, check=False)
+    plan.row_ids[4] = 3
     with pytest.raises(RuntimeError, match="row_ids"):
-        shortcut(args, plan=row_plan(ids, 3, check=False))
+        shortcut(args, plan=plan)
 
 
 def test_modes_and_the_profiler_still_see_the_op(spy):

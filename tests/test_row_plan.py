@@ -62,6 +62,34 @@ def test_row_plan_errors():
     assert row_plan(torch.zeros(0, dtype=torch.long), 0).tokens == 0
 
 
+@pytest.mark.parametrize("bad", [3, -1, 10**8])
+def test_unchecked_plans_still_refuse_ids_out_of_range(bad):
+    """check=False skips the host read, not the check: the Triton kernels read tables
+    through a plan's ids, and an id of 1e8 in an unchecked plan segfaulted (3 or -1 gave
+    finite values silently). On the CPU the plan checks them as check=True does."""
+    with pytest.raises(IndexError, match=r"`row_ids` values must lie in \[0, 3\)"):
+        row_plan(torch.tensor([0, 1, bad, 2, 0]), 3, check=False)
+    assert row_plan(torch.tensor([2, 0, 1]), 3, check=False).rows == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unchecked_plans_assert_on_the_device():
+    """On a GPU an unchecked plan makes no host read: an id out of range stops the work at a
+    device-side assert. Run in a child process: the assert leaves its CUDA context unusable."""
+    import subprocess
+    import sys
+
+    code = ("import torch, reclora_kernels as rk\n"
+            "ids = torch.tensor([0, 1, 10**8, 2], device='cuda')\n"
+            "rk.row_plan(ids, 3, check=False)\n"
+            "torch.cuda.synchronize()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    assert "row_ids" in run.stderr or "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mix", ["factor", "output"])
 def test_implicit_sorted_unsorted_agree(backend, mix):
