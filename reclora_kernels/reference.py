@@ -48,6 +48,9 @@ def lora_delta_reference(
     # lists, though y does not depend on it.
     real = torch.zeros(rows, max_len, dtype=torch.bool, device=x2d.device)
     real[sorted_rows, position] = True
+    # A row without tokens: its weights are not read (y has none of its tokens), so a NaN
+    # or inf there must not make 0 * NaN in the gradients of adapters other rows share.
+    adapter_w = torch.where(real.any(1)[:, None], adapter_w, 0)
 
     if adapter_idx is None:  # dense: every row mixes the whole bank
         bank_a, bank_b = lora_a, lora_b

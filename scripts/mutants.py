@@ -561,6 +561,14 @@ MUTANTS = [
            '    check_finite(tensors, f"save_adapters: nothing written to {path}")\n', "",
            "tests/test_hostile_checkpoints.py -k refuses_nan",
            "save_adapters writes NaN banks over the last loadable file"),
+    Mutant("native", "csrc/cpu/lora_mix_cpu.cpp",
+           "      if (plan.run_start[b] != plan.run_start[b + 1]) continue;\n", "      continue;\n",
+           "tests/test_op_hostile.py -k 'token_less_rows_nonfinite_weight and cpu'",
+           "cpu factor backward: a token-less row's NaN weight reaches the shared adapters"),
+    Mutant("triton", "reclora_kernels/triton/launch.py",
+           "            adapter_w = _weights_of_filled_rows(adapter_w, plan)\n", "",
+           "tests/test_op_hostile.py -k 'token_less_rows_nonfinite_weight and triton'",
+           "triton factor backward: a token-less row's NaN weight reaches the shared adapters"),
 ]
 
 

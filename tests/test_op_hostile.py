@@ -233,6 +233,43 @@ def test_personalize_is_thread_safe():
     assert wrong == 0, f"{wrong} of {20 * len(users)} outputs belonged to another user"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mix", ["factor", "output"])
+@pytest.mark.parametrize("dense", [False, True], ids=["gathered", "dense"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("layout", ["packed", "empty"])
+def test_a_token_less_rows_nonfinite_weight_leaves_shared_adapters_clean(backend, mix, dense,
+                                                                        bad, layout):
+    """Row 1 has no tokens (packed: every token in row 0; empty: no tokens at all) and a NaN
+    or inf mixture weight: y does not read it, so the banks' gradients must be those with a
+    finite weight there. In factor mode every backend made 0 * NaN in the gradients of the
+    adapters the row lists (dA_p = 0 there, times its weight), and so did the reference in
+    output mode."""
+    gen = torch.Generator().manual_seed(12)
+    tokens = 4 if layout == "packed" else 0
+    x = torch.randn(tokens, 6, generator=gen, dtype=torch.float64)
+    weight = torch.randn(5, 6, generator=gen, dtype=torch.float64)
+    lora_a = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64)
+    lora_b = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    adapter_w = torch.randn(2, 2, generator=gen, dtype=torch.float64)
+    idx = None if dense else torch.tensor([[1, 0], [0, 1]])
+    row_ids = torch.zeros(tokens, dtype=torch.long)
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    grads = []
+    for broken in (False, True):
+        w = adapter_w.clone()
+        if broken:
+            w[1, 0] = bad
+        leaves = [t.to(dtype).requires_grad_() for t in (lora_a, lora_b, w)]
+        y = rk.lora_mix_linear(x.to(dtype), weight.to(dtype), None, *leaves, idx, mix=mix,
+                               row_ids=row_ids, backend=backend)
+        assert torch.isfinite(y).all()
+        grads.append(torch.autograd.grad(y.square().sum(), leaves))
+    for clean, broken in zip(*grads):
+        assert torch.isfinite(broken).all()
+        torch.testing.assert_close(broken, clean, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
 def test_triton_calls_from_several_threads_give_each_its_own_result():
     """Threads calling the Triton backend at once (a server's worker threads) each get their

@@ -1174,8 +1174,17 @@ void backward_lora(const Args& a, const Tensor& g_t, const Tensor& shrink_t, con
       }
     });
     const Users users = make_users(idx, R, k, s.adapters);
+    // A row without tokens has dA_p = dB_p = 0 (y does not read it): its weights are taken as
+    // 0 here, else a NaN or inf one made 0 * NaN in the gradients of every adapter it lists,
+    // which other rows share.
+    Tensor w_used = a.adapter_w;
+    for (int64_t b = 0; b < R; ++b) {
+      if (plan.run_start[b] != plan.run_start[b + 1]) continue;
+      if (w_used.is_same(a.adapter_w)) w_used = a.adapter_w.clone();
+      w_used.select(0, b).zero_();
+    }
     mix_backward<T>({FactorGrad{da_mix, a.lora_a, da}, FactorGrad{db_mix, a.lora_b, db}},
-                    a.adapter_w, idx, users, dw);
+                    w_used, idx, users, dw);
     return;
   }
 

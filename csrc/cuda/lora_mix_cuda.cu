@@ -422,8 +422,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lora_mix_backward_cud
                            scale);
           segment_outer<T>(x, v, own, std::nullopt, plan, R, 1, r, da_mix, r * d_in, 1, d_in,
                            scale);
-          mix_backward<T>(da_mix, lora_a, adapter_w, table, da, dw);
-          mix_backward<T>(db_mix, lora_b, adapter_w, table, db, dw);
+          // A row without tokens has dA_p = dB_p = 0 (y does not read it): its weights are
+          // taken as 0 here, else a NaN or inf one made 0 * NaN in the gradients of every
+          // adapter it lists, which other rows share. (On the device: no host sync.)
+          const Tensor filled = plan.row_start.slice(0, 1).gt(plan.row_start.slice(0, 0, R));
+          const Tensor w_used = at::where(filled.unsqueeze(1), adapter_w,
+                                          at::zeros({}, adapter_w.options()));
+          mix_backward<T>(da_mix, lora_a, w_used, table, da, dw);
+          mix_backward<T>(db_mix, lora_b, w_used, table, db, dw);
         }
       } else {
         Tensor v = shrink<T>(g, lora_b, d_out * r, 1, r, table, rows_c, R, s.slots, r);

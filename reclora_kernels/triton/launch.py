@@ -1022,6 +1022,7 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
 
     if mix_mode == 0:
         if need_a or need_b or need_w:
+            adapter_w = _weights_of_filled_rows(adapter_w, plan)
             if adapter_idx is None:
                 # Dense: the transpose of the mixing is GEMMs over the bank. (The atomic
                 # kernel took 115 us per bank here on an H100 at R=64, M=16, r=8, d=4096.)
@@ -1047,6 +1048,18 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
     dbias = g.sum(0, dtype=acc).to(x.dtype) if need_bias else None
     # Custom-op outputs may not alias each other: one fresh empty tensor per missing grad.
     return tuple(x.new_empty(0) if t is None else t for t in (dx, dweight, dbias, da, db, dw))
+
+
+def _weights_of_filled_rows(adapter_w: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+    """adapter_w with the rows that have no tokens at 0, for the factor-mode bank gradients:
+    such a row's dA_p = dB_p = 0 (y does not read it), and a NaN or inf weight there made
+    0 * NaN in the gradients of every adapter it lists, which other rows share."""
+    if plan.tokens == 0:
+        return torch.zeros_like(adapter_w)
+    if plan.implicit:  # x [R, L, d] with L > 0: every row has tokens
+        return adapter_w
+    start = plan.row_start
+    return torch.where((start[1:] > start[:-1])[:, None], adapter_w, 0)
 
 
 def clear_plans() -> None:
