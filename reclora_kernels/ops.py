@@ -478,7 +478,10 @@ def lora_mix_linear(
     Host syncs: none per call for x [R, L, d_in] or with a `plan` (reclora_kernels.row_plan,
     made once per batch and shared by every layer). Raw `row_ids` build a plan per call (one
     host read). adapter_idx is range-checked per call (eagerly on the CPU, by an asynchronous
-    device assert on a GPU) unless `indices_checked` says the caller already did.
+    device assert on a GPU) unless `indices_checked` says the caller already did (the gates'
+    top-k indices, a set_mixture checked once): that is a promise, and on a GPU an index
+    out of range under it is not caught (the kernels would read past the bank); the native
+    CPU kernels check it anyway.
     `check_finite` also rejects NaN/inf mixture weights (a device sync).
 
     Host cost: a call on CPU tensors (not traced) takes a C++ shortcut for the checks and the
