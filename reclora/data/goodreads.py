@@ -25,6 +25,7 @@ from __future__ import annotations
 import calendar
 import gzip
 import json
+import warnings
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,26 +54,78 @@ def normalise_id(raw: object) -> str:
 
 
 def parse_goodreads_time(s: str) -> int:
-    """Unix seconds of "Mon Aug 01 13:41:57 -0700 2016" (strptime is 5x slower)."""
-    p = s.split()
+    """Unix seconds of "Mon Aug 01 13:41:57 -0700 2016" (strptime is 5x slower). ValueError
+    for anything else: calendar.timegm checks nothing (Aug 45 came back as Sep 14, a zone
+    "0700" without its sign as +70 hours)."""
+    p = s.split() if isinstance(s, str) else ()
     if len(p) != 6:
         raise ValueError(f"bad GoodReads date {s!r}")
-    hh, mm, ss = (int(x) for x in p[3].split(":"))
-    tz = p[4]
-    off = (int(tz[1:3]) * 3600 + int(tz[3:5]) * 60) * (-1 if tz[0] == "-" else 1)
-    return calendar.timegm((int(p[5]), _MONTHS[p[1]], int(p[2]), hh, mm, ss)) - off
+    try:
+        hh, mm, ss = (int(x) for x in p[3].split(":"))
+        year, month, day = int(p[5]), _MONTHS[p[1]], int(p[2])
+        tz = p[4]
+        if len(tz) != 5 or tz[0] not in "+-" or not tz[1:].isdigit():
+            raise ValueError
+        tz_h, tz_m = int(tz[1:3]), int(tz[3:5])
+    except (ValueError, KeyError):
+        raise ValueError(f"bad GoodReads date {s!r}") from None
+    if not (1 <= day <= calendar.monthrange(year, month)[1] and hh < 24 and mm < 60
+            and ss < 61 and tz_h < 24 and tz_m < 60 and min(hh, mm, ss) >= 0):
+        raise ValueError(f"bad GoodReads date {s!r} (a field out of range)")
+    off = (tz_h * 3600 + tz_m * 60) * (-1 if tz[0] == "-" else 1)
+    return calendar.timegm((year, month, day, hh, mm, ss)) - off
 
 
 def _jsonl(path: Path, desc: str) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of each non-blank line of a gzipped JSON-lines file."""
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        lines = tqdm(fh, desc=desc, unit=" rows", mininterval=2, disable=None)
-        for no, ln in enumerate(lines, 1):
-            if ln.strip():
-                try:
-                    yield no, json.loads(ln)
-                except ValueError as e:
-                    raise DataError(f"{path}: line {no} is not JSON ({e})") from None
+    """(line number, record) of each non-blank line of a gzipped JSON-lines file; DataError
+    naming the file and line for a line that is not a JSON object or cannot be read."""
+    no = 0
+    try:
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            lines = tqdm(fh, desc=desc, unit=" rows", mininterval=2, disable=None)
+            for no, ln in enumerate(lines, 1):
+                if ln.strip():
+                    try:
+                        record = json.loads(ln)
+                    except ValueError as e:
+                        raise DataError(f"{path}: line {no} is not JSON ({e})") from None
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}: line {no} is a JSON "
+                                        f"{type(record).__name__}, not an object")
+                    yield no, record
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, truncated, not UTF-8
+        raise DataError(f"{path}: cannot read it after line {no} ({type(e).__name__}: "
+                        f"{e})") from None
+
+
+def _malformed(path: Path, no: int, err: Exception) -> DataError:
+    """The error for a record whose fields are not what the format says (the KeyError,
+    TypeError, AttributeError or ValueError reading them raised)."""
+    return DataError(f"{path}: line {no}: malformed record ({type(err).__name__}: {err})")
+
+
+def _id(r: dict, key: str) -> str:
+    """A record's user_id / book_id / author_id: a string or a whole number, never null
+    (str(None) made a user "None")."""
+    value = r[key]
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"{key} {value!r} is not an id (a string or a whole number)")
+    return normalise_id(value)
+
+
+def _stars(r: dict) -> int:
+    """A record's rating: a whole number of stars from 0 (shelved, unrated) to 5 (int() made
+    4.7 a 4 and took 99)."""
+    raw = r.get("rating", 0)
+    if raw is None or raw == "":
+        return 0
+    try:
+        stars = float(raw) if not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        stars = None
+    if stars is None or stars != int(stars) or not 0 <= stars <= 5:
+        raise ValueError(f"rating {raw!r} is not a whole number of stars from 0 to 5")
+    return int(stars)
 
 
 @dataclass
@@ -98,21 +151,30 @@ def _read_events(files: list[Path]) -> _Events:
     user, book, time, line = array("q"), array("q"), array("q"), array("q")
     rating = array("d")  # holds any whole-number rating exactly until the float32 cast
     per_file = []
+    undated = 0
     for f in files:
         start = len(user)
         for no, r in _jsonl(f, f.name):
-            stars = int(r.get("rating", 0) or 0)
-            if stars <= 0:
-                continue
-            date = r.get("date_added") or r.get("date_updated")
-            if not date:
-                continue
-            user.append(user_code.setdefault(normalise_id(r["user_id"]), len(user_code)))
-            book.append(book_code.setdefault(normalise_id(r["book_id"]), len(book_code)))
+            try:
+                stars = _stars(r)
+                if stars == 0:
+                    continue
+                date = r.get("date_added") or r.get("date_updated")
+                if not date:
+                    undated += 1
+                    continue
+                u, b, t = _id(r, "user_id"), _id(r, "book_id"), parse_goodreads_time(date)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _malformed(f, no, e) from None
+            user.append(user_code.setdefault(u, len(user_code)))
+            book.append(book_code.setdefault(b, len(book_code)))
             rating.append(stars)
-            time.append(parse_goodreads_time(date))
+            time.append(t)
             line.append(no)
         per_file.append(len(user) - start)
+    if undated:  # the split orders by time: a rating without one cannot be placed
+        warnings.warn(f"goodreads: {undated} rated records have no date_added or "
+                      "date_updated and were left out", stacklevel=2)
     # np.asarray views the arrays' buffers (int64, float64): no copy.
     return _Events(user=np.asarray(user), book=np.asarray(book),
                    rating=np.asarray(rating).astype(np.float32), time=np.asarray(time),
@@ -167,6 +229,24 @@ def _interactions(files: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return users, books, ev.rating[keep], ev.time[keep], set(ev.book_ids)
 
 
+def _book(r: dict, genres: list[str] | None, author_names: dict[str, str]) -> dict:
+    """A books-file record's fields (genres: the genres file's, else its popular shelves)."""
+    authors = [str(a.get("author_id", "")) for a in r.get("authors") or [] if a]
+    year = str(r.get("publication_year", "") or "")
+    if genres is None:
+        shelves = sorted(r.get("popular_shelves") or [],
+                         key=lambda s: -int(s.get("count", 0) or 0))
+        genres = [str(s["name"]) for s in shelves if s.get("name") not in _NON_GENRE_SHELVES]
+        genres = genres[:MAX_GENRES]
+    names = [author_names[a] for a in authors if author_names.get(a)]
+    return {
+        "title": str(r.get("title") or r.get("title_without_series") or "").strip(),
+        "genres": genres, "year": int(year) if year.isdigit() else None,
+        "author": authors[0] if authors else "",
+        "authors_text": ", ".join(names[:2]),
+    }
+
+
 def read_goodreads(folder: Path) -> RawData:
     folder = Path(folder)
     inter_files = sorted(folder.glob("goodreads_interactions*.json.gz"))
@@ -180,38 +260,33 @@ def read_goodreads(folder: Path) -> RawData:
     genres: dict[str, list[str]] = {}
     gfile = folder / "goodreads_book_genres_initial.json.gz"
     if gfile.is_file():
-        for _, r in _jsonl(gfile, gfile.name):
-            b = normalise_id(r["book_id"])
-            if b in wanted and r.get("genres"):
-                top = sorted(r["genres"].items(), key=lambda kv: -int(kv[1]))[:MAX_GENRES]
-                genres[b] = [g for g, _ in top]
+        for no, r in _jsonl(gfile, gfile.name):
+            try:
+                b = _id(r, "book_id")
+                if b in wanted and r.get("genres"):
+                    top = sorted(r["genres"].items(), key=lambda kv: -int(kv[1]))[:MAX_GENRES]
+                    genres[b] = [str(g) for g, _ in top]
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _malformed(gfile, no, e) from None
     author_names: dict[str, str] = {}
     afile = folder / "goodreads_book_authors.json.gz"
     if afile.is_file():
-        author_names = {str(r["author_id"]): r.get("name", "")
-                        for _, r in _jsonl(afile, afile.name)}
+        for no, r in _jsonl(afile, afile.name):
+            try:
+                author_names[_id(r, "author_id")] = str(r.get("name") or "")
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _malformed(afile, no, e) from None
 
     items: dict[str, dict] = {}
     for f in book_files:
-        for _, r in _jsonl(f, f.name):
-            b = normalise_id(r["book_id"])
-            if b not in wanted or b in items:  # books files overlap as the genres do
-                continue
-            authors = [str(a.get("author_id", "")) for a in r.get("authors", []) if a]
-            year = str(r.get("publication_year", "") or "")
-            g = genres.get(b)
-            if g is None:
-                shelves = sorted(r.get("popular_shelves", []),
-                                 key=lambda s: -int(s.get("count", 0) or 0))
-                g = [s["name"] for s in shelves if s.get("name") not in _NON_GENRE_SHELVES]
-                g = g[:MAX_GENRES]
-            names = [author_names[a] for a in authors if author_names.get(a)]
-            items[b] = {
-                "title": (r.get("title") or r.get("title_without_series") or "").strip(),
-                "genres": g, "year": int(year) if year.isdigit() else None,
-                "author": authors[0] if authors else "",
-                "authors_text": ", ".join(names[:2]),
-            }
+        for no, r in _jsonl(f, f.name):
+            try:
+                b = _id(r, "book_id")
+                if b not in wanted or b in items:  # books files overlap as the genres do
+                    continue
+                items[b] = _book(r, genres.get(b), author_names)
+            except (KeyError, TypeError, AttributeError, ValueError) as e:
+                raise _malformed(f, no, e) from None
     return RawData(name="goodreads", source="goodreads", kind="book", user=users, item=books,
                    rating=ratings, time=times, items=items, users=None,
                    item_fields=("author",),

@@ -50,7 +50,10 @@ def verify_manifest(folder: Path, dataset: str) -> None:
         return
     try:
         expected = json.loads(mf.read_text())["sha256"]
-    except (ValueError, KeyError) as e:
+        if not (isinstance(expected, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in expected.items())):
+            raise ValueError("its sha256 is not a map of file names to digests")
+    except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{dataset}: {mf} is corrupt ({e}); "
                         + HOW_TO_GET[dataset].format(dir=folder)) from e
     for name, digest in expected.items():
@@ -74,6 +77,7 @@ def _numeric_table(text: str, ncols: int, what: str, delimiter: str = "\t") -> n
 # Ids and Unix-second timestamps are parsed as float64 (loadtxt's fast path) and must be
 # integers float64 holds exactly: |v| <= 2^53.
 EXACT_INT = 2.0 ** 53
+STARS = (0.5, 5.0)  # every MovieLens release: whole stars, ML-20M/25M halves too
 
 
 def check_interactions(arr: np.ndarray, what: str) -> None:
@@ -83,17 +87,23 @@ def check_interactions(arr: np.ndarray, what: str) -> None:
     twice is refused for every format by splits.check_unique_pairs."""
     for col, field in ((0, "user id"), (1, "item id"), (3, "timestamp")):
         v = arr[:, col]
-        bad = ~np.isfinite(v) | (np.abs(v) > EXACT_INT) | (v != np.round(v))
+        # 2^53 itself is out: 2^53 + 1 parses to it, so two ids there became one.
+        bad = ~np.isfinite(v) | (np.abs(v) >= EXACT_INT) | (v != np.round(v))
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            kind = "not a whole number" if np.isfinite(v[i]) and abs(v[i]) <= EXACT_INT \
-                else "out of range (at most 2^53 in magnitude)"
+            kind = "not a whole number" if np.isfinite(v[i]) and abs(v[i]) < EXACT_INT \
+                else "out of range (under 2^53 in magnitude)"
             raise DataError(f"{what}: data row {i + 1}: {field} {float(v[i])!r} is {kind}")
-    bad = ~np.isfinite(arr[:, 2])
+    stars = arr[:, 2]
+    # Labels and the prompts' scale come from the ratings: a 40 was a positive and made
+    # the prompts say "(-1-40 stars)".
+    bad = ~np.isfinite(stars) | (stars < STARS[0]) | (stars > STARS[1]) | (
+        stars * 2 != np.round(stars * 2))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{what}: data row {i + 1}: rating {float(arr[i, 2])!r} is not "
-                        "finite")
+        raise DataError(f"{what}: data row {i + 1}: rating {float(stars[i])!r} is not on "
+                        f"MovieLens' scale ({STARS[0]:g} to {STARS[1]:g} stars in half "
+                        "steps)")
 
 
 def normalise_id(raw: str) -> str:
@@ -321,9 +331,10 @@ def read_ml25m(folder: Path) -> RawData:
         for f in reader:
             if not f:
                 continue
-            if len(f) < 3:
+            if len(f) != 3:  # an unquoted comma in a title put its end into the genres
                 raise DataError(f"{folder / 'movies.csv'}: line {reader.line_num} has "
-                                f"{len(f)} fields, expected movieId,title,genres")
+                                f"{len(f)} fields, expected movieId,title,genres (a title "
+                                "with a comma is quoted)")
             title, year = _split_title_year(f[1].strip())
             genres = [g for g in f[2].split("|") if g and g != "(no genres listed)"]
             rows.append((reader.line_num, f[0], {"title": title, "genres": genres,

@@ -24,6 +24,10 @@ LABEL_RULES: dict[str, tuple[str, float]] = {
 # Formats whose item file lists every item their interactions name: there a missing item
 # row means a truncated file or mismatched ids, so it is refused rather than dropped.
 COMPLETE_ITEM_FILES = {"ml-100k", "ml-1m", "ml-25m"}
+# Genres an item may list: MovieLens lists at most 10 (ML-25M), GoodReads is read with 3. A
+# hostile 130 KB movies.csv with 20,000 on one line made the [items, longest] table 10 GB
+# at ML-25M's 62k items.
+MAX_ITEM_GENRES = 64
 
 
 @dataclass
@@ -276,7 +280,14 @@ def build_dataset(raw: RawData, min_history: int = 5, core: int = 5,
     # Item side.
     metas = [raw.items[k] for k in item_raw_id]
     titles = [str(m.get("title", "")).strip() for m in metas]
-    genre_lists = [[g for g in m.get("genres", []) if g] for m in metas]
+    # Each genre once, in the file's order (dict keys); the table is [items, longest list].
+    genre_lists = [list(dict.fromkeys(g for g in m.get("genres", []) if g)) for m in metas]
+    longest = max(range(len(genre_lists)), key=lambda r: len(genre_lists[r]), default=None)
+    if longest is not None and len(genre_lists[longest]) > MAX_ITEM_GENRES:
+        raise DataError(f"{raw.name}: item {item_raw_id[longest]} lists "
+                        f"{len(genre_lists[longest])} genres (at most {MAX_ITEM_GENRES}: the "
+                        "genre table holds the longest list for every item) in "
+                        f"{raw.files.get('items', 'its items file')}")
     genre_vocab = ["<pad>"] + sorted({g for gl in genre_lists for g in gl})
     gindex = {g: i for i, g in enumerate(genre_vocab)}
     width = max(1, max(len(gl) for gl in genre_lists))
