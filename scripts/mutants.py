@@ -569,6 +569,11 @@ MUTANTS = [
            "            adapter_w = _weights_of_filled_rows(adapter_w, plan)\n", "",
            "tests/test_op_hostile.py -k 'token_less_rows_nonfinite_weight and triton'",
            "triton factor backward: a token-less row's NaN weight reaches the shared adapters"),
+    Mutant("triton", "reclora_kernels/triton/kernels.py",
+           "        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask)",
+           "        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)",
+           "tests/test_card_plans_interpreted.py",
+           "split-K shrink: each split stores over the others (as the cards plan it)"),
 ]
 
 
