@@ -107,9 +107,16 @@ def _rows_from(source: Any, what: str
                 if header is None:
                     raise ServingError(f"{path}: empty file, expected a header line "
                                        f"{','.join(REQUEST_COLUMNS)}")
+                if not any(h.strip() for h in header):
+                    raise ServingError(f"{path} line 1: blank, expected a header line "
+                                       f"{','.join(REQUEST_COLUMNS)}")
                 header = [h.strip() for h in header]
                 rows = []
-                for line, fields in enumerate(reader, start=2):
+                end = reader.line_num  # the physical line a record ends on
+                for fields in reader:
+                    # Where it starts: a quoted field may span lines (counting records
+                    # named the wrong line after one).
+                    line, end = end + 1, reader.line_num
                     if not fields or all(not f.strip() for f in fields):
                         continue
                     if len(fields) != len(header):
@@ -168,7 +175,7 @@ def _as_int(value: Any, where: str, column: str) -> int:
         raise ServingError(f"{where}: {column} {value!r} is not an integer")
     try:
         f = float(str(value).strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # 10**400: OverflowError
         raise ServingError(f"{where}: {column} {value!r} is not an integer") from None
     if not math.isfinite(f) or not f.is_integer():
         raise ServingError(f"{where}: {column} {value!r} is not an integer")
@@ -180,7 +187,7 @@ def _as_int(value: Any, where: str, column: str) -> int:
 def _as_float(value: Any, where: str, column: str) -> float:
     try:
         f = float(str(value).strip()) if isinstance(value, str) else float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ServingError(f"{where}: {column} {value!r} is not a number") from None
     if not math.isfinite(f):
         raise ServingError(f"{where}: {column} {value!r} is not a finite number")
@@ -232,6 +239,19 @@ def _check_header(header: Sequence[str], columns: Sequence[str], name: str) -> N
     if repeated:
         raise ServingError(f"{name}: column {', '.join(repeated)} appears more than once in "
                            "the header")
+
+
+def check_output(path: str | os.PathLike, option: str = "--output") -> None:
+    """Before any work: a folder or an unwritable place for the scores was found only when
+    they were written, after the model had loaded and scored everything."""
+    real = Path(os.path.realpath(path))
+    if real.is_dir():
+        raise ServingError(f"{option} {path}: is a folder; give a file path")
+    folder = real.parent
+    while not folder.exists():  # atomic_write makes the missing folders
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ServingError(f"{option} {path}: cannot write in {folder}")
 
 
 def write_scores(path: str | os.PathLike, table: Mapping[str, Sequence[Any]],
@@ -494,6 +514,8 @@ class Recommender:
         stage = _read_json(stage_file, f"the run has not finished model {model!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ServingError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if amp not in (None, "auto", "bf16", "off"):  # else found at the first score
+            raise ServingError(f"amp must be None, 'auto', 'bf16' or 'off', got {amp!r}")
         self.run_dir, self.model_name, self.cfg = run, model, cfg
         self.batch_size = batch_size or cfg.eval_batch_size
         self.amp = amp or cfg.amp
@@ -558,7 +580,11 @@ class Recommender:
         # The stage's fingerprint: the data, the subsets, the options and the gate CRM the
         # served model was made with must be what this version computes from the folder.
         # The world size is the one the stage was trained under (serving is one process).
-        world = (stage.get("fingerprint") or {}).get("world_size", 1)
+        fingerprint = stage.get("fingerprint") or {}
+        world = fingerprint.get("world_size", 1) if isinstance(fingerprint, dict) else None
+        if not isinstance(world, int) or isinstance(world, bool) or world < 1:
+            raise RunFolderError(f"{stage_file}: its fingerprint is not a map with a "
+                                 "world_size >= 1 (the file is damaged or edited)")
         fake = SimpleNamespace(cfg=cfg, ds=ds, data_digest=pl.data_digest(ds), test=self.test,
                                train_pool=self.train_pool, valid=self.valid, crm_sha=crm_sha,
                                world=world)
@@ -943,6 +969,10 @@ class Recommender:
         as score_table scores a seen row (its own rating left out of its history). An item
         listed twice (also as "7" and "07" in MovieLens) raises ServingError: ranked twice
         it took two places, and dropping one would leave fewer rows than candidates."""
+        if isinstance(candidates, (str, bytes)):  # "52" was ranked as items "5" and "2"
+            raise ServingError(f"rank: candidates must be a list of item ids, got the "
+                               f"{type(candidates).__name__} {candidates!r} (for one item: "
+                               f"[{candidates!r}])")
         cands = [_as_id(c, f"rank: candidates[{i}]", "item_id")
                  for i, c in enumerate(candidates)]
         where = [f"rank: candidates[{i}]" for i in range(len(cands))]
@@ -956,7 +986,7 @@ class Recommender:
                 raise ServingError(f"{where[j]}: item_id {cands[j]!r} repeats candidates[{k}] "
                                    f"{cands[k]!r} (item {self.ds.item_raw_id[i]}); list each "
                                    "item once")
-        if top is not None and (not isinstance(top, int) or top < 1):
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 1):
             raise ServingError(f"top must be an int >= 1, got {top!r}")
         ids_now = self._ids  # once: the same store decides what was seen and the default time
         if timestamp is None:
@@ -1206,6 +1236,7 @@ def _score_main(argv: list[str]) -> int:
     p.add_argument("--input", "-i", required=True, help="requests CSV")
     p.add_argument("--output", "-o", required=True, help="scores CSV (written atomically)")
     a = p.parse_args(argv)
+    check_output(a.output)
     req = read_table(a.input)  # bad rows fail before the model loads
     rec = _load(a)
     t = time.perf_counter()
@@ -1242,6 +1273,8 @@ def _rank_main(argv: list[str]) -> int:
                    "by default), each scored without its own rating in its history")
     p.add_argument("--output", "-o", default=None, help="CSV (default: stdout)")
     a = p.parse_args(argv)
+    if a.output:
+        check_output(a.output)
     cands = _candidates(a.candidates)
     rec = _load(a)
     t = time.perf_counter()

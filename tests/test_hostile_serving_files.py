@@ -6,7 +6,10 @@
 - the item-embedding cache is keyed on max_length, and a cache file holding NaN, another
   width or dtype is recomputed, not returned (6);
 - crm/din.pt replaced between its hash and its load is refused (7);
-- run_config.json values of the wrong type name the file, the field and the type (8).
+- run_config.json values of the wrong type name the file, the field and the type (8);
+- the 2026-12-08 audit: rank given a string of candidates, huge integer timestamps, a
+  damaged stage fingerprint, amp checked at load, CSV lines after a multi-line field, and
+  --output checked before anything loads.
 
 One tiny run (random Llama, DIN) per module for 3 and 7; the rest build their own files.
 """
@@ -216,3 +219,75 @@ def test_a_cache_file_that_loads_but_is_wrong_is_recomputed(encoded, edit, with_
     save_file({"embeddings": edit(good)}, str(path), metadata=meta)
     for got in (item_embeddings(ds, enc, **kw), load_file(str(path))["embeddings"]):
         assert got.dtype == torch.float32 and torch.equal(got, good)  # and rewritten
+
+
+# ------------------------------------------------------- 2026-12-08 serving audit
+def test_rank_refuses_a_string_of_candidates_and_a_bool_top(loaded) -> None:
+    """rank("784", "52") ranked items "5" and "2", one a character."""
+    from reclora.serving import ServingError
+
+    user = str(loaded.ds.user_raw_id[1])
+    with pytest.raises(ServingError, match=r"candidates must be a list of item ids, got the "
+                                           r"str '52' \(for one item: \['52'\]\)"):
+        loaded.rank(user, "52")
+    item = str(loaded.ds.item_raw_id[1])
+    with pytest.raises(ServingError, match="top must be an int >= 1, got True"):
+        loaded.rank(user, [item], top=True)
+
+
+def test_a_huge_integer_timestamp_is_named(loaded) -> None:
+    from reclora.serving import ServingError
+
+    request = {"user_id": str(loaded.ds.user_raw_id[1]),
+               "item_id": str(loaded.ds.item_raw_id[1]), "timestamp": 10**400}
+    with pytest.raises(ServingError, match="timestamp .* is not an integer"):
+        loaded.score([request])
+
+
+@pytest.mark.parametrize("fingerprint", [[1], {"world_size": "x"}, {"world_size": 0}])
+def test_a_damaged_stage_fingerprint_names_its_file(tiny_run, tmp_path, fingerprint) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    stage_file = run / "stages" / "reclora.json"
+    stage = json.loads(stage_file.read_text())
+    stage["fingerprint"] = (fingerprint if not isinstance(fingerprint, dict)
+                            else dict(stage["fingerprint"], **fingerprint))
+    stage_file.write_text(json.dumps(stage))
+    with pytest.raises(RunFolderError, match=r"reclora.json: its fingerprint is not a map "
+                                             "with a world_size >= 1"):
+        Recommender.load(run)
+
+
+def test_amp_is_checked_at_load(tiny_run) -> None:
+    from reclora.serving import ServingError
+
+    with pytest.raises(ServingError, match="amp must be None, 'auto', 'bf16' or 'off'"):
+        Recommender.load(tiny_run, amp="fp16")
+
+
+def test_request_csv_errors_name_the_physical_line(tmp_path) -> None:
+    """Records were counted, so a quoted field over three lines shifted every later line
+    number; a blank first line was read as a header of no columns."""
+    from reclora.serving import ServingError, read_table
+
+    path = tmp_path / "r.csv"
+    path.write_text('user_id,item_id,timestamp,note\n784,678,891387895,"a\nb\nc"\n'
+                    "356,300,xx,z\n")
+    with pytest.raises(ServingError, match=r"r.csv line 5: timestamp 'xx'"):
+        read_table(path)
+    path.write_text("\nuser_id,item_id,timestamp\n1,2,3\n")
+    with pytest.raises(ServingError, match=r"r.csv line 1: blank, expected a header line"):
+        read_table(path)
+
+
+def test_score_checks_its_output_before_loading(tiny_run, tmp_path, capsys) -> None:
+    """--output naming a folder failed after the model had loaded and scored every request."""
+    from reclora.serving import score_main
+
+    requests = tmp_path / "r.csv"
+    requests.write_text("user_id,item_id,timestamp\n1,2,3\n")
+    code = score_main(["--run", str(tiny_run), "--input", str(requests), "--output",
+                       str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1
+    assert f"--output {tmp_path}: is a folder" in err
