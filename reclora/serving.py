@@ -78,6 +78,11 @@ __all__ = ["Recommender", "RunFolderError", "ServingError", "read_table", "write
 
 REQUEST_COLUMNS = ("user_id", "item_id", "timestamp")
 OBSERVE_COLUMNS = ("user_id", "item_id", "timestamp", "rating")
+# Requests scored at once (histories, retrieval, h_u, prompts, then the LLM), as
+# pipeline.PROMPT_CHUNK builds a run's prompts: built for a whole table before its first
+# forward, 20,000 requests took +304 MB with a tiny tokenizer (~15 KB a request; ~45 KB a
+# prompt with a real one), so a 1e6-row file needed tens of GB.
+SCORE_CHUNK = 2048
 TIME_LIMIT = 1 << 34  # timestamps are Unix seconds in [0, 2^34) (up to the year 2514)
 PAIR_KEY = 1 << 32  # a (user, item) pair as one int64: user * 2^32 + item
 SCORE_COLUMNS = ("user_id", "item_id", "timestamp", "score", "cold_start", "history_len",
@@ -865,12 +870,10 @@ class Recommender:
     def _score_table(self, requests: Any, ids_now: _Ids, *, batch_size: int | None,
                      progress: bool | None) -> dict[str, np.ndarray]:
         """score_table on one snapshot of the ids and the store (`ids_now`; an observe
-        meanwhile publishes a new one): rank decides what was seen on the same snapshot."""
-        import torch
-
-        from reclora import pipeline as pl
-
-        t = {"parse_s": time.perf_counter()}
+        meanwhile publishes a new one): rank decides what was seen on the same snapshot.
+        SCORE_CHUNK requests at a time, each chunk's histories, prompts and tokens dropped
+        before the next is built."""
+        start = time.perf_counter()
         req = read_table(requests) if not (isinstance(requests, dict) and "__where" in requests
                                            ) else requests
         n = req["user_id"].size
@@ -880,9 +883,34 @@ class Recommender:
                "seen": np.zeros(n, np.int64)}
         if n == 0:
             return out
+        timings: dict[str, float] = {"parse_s": time.perf_counter() - start}
+        tokens = 0.0
+        for a in range(0, n, SCORE_CHUNK):
+            part = {k: v[a:a + SCORE_CHUNK] for k, v in req.items()}
+            got, times, mean_tokens = self._score_chunk(part, ids_now, batch_size, progress)
+            for k, v in got.items():
+                out[k][a:a + SCORE_CHUNK] = v
+            for k, v in times.items():
+                timings[k] = timings.get(k, 0.0) + v
+            tokens += mean_tokens * part["user_id"].size
+        timings["total_s"] = time.perf_counter() - start
+        timings["n"] = n
+        timings["prompt_tokens"] = tokens / n
+        self.timings = timings
+        return out
+
+    def _score_chunk(self, req: dict, ids_now: _Ids, batch_size: int | None,
+                     progress: bool | None) -> tuple[dict, dict, float]:
+        """(score, cold_start, history_len, seen; the time by stage; the prompts' mean
+        length) of a table's rows `req`. self.last_inputs gets its tokens and h_u."""
+        import torch
+
+        from reclora import pipeline as pl
+
+        marks = [("parse_s", time.perf_counter())]
         items = self._items(req["item_id"], req["__where"])
         users, temp, _ = self._users(req["user_id"], req["__where"], ids_now, register=False)
-        marks = [("parse_s", time.perf_counter())]
+        marks.append(("parse_s", time.perf_counter()))
         own = ids_now.store.rated_before(users, items, req["timestamp"])
         view, samples, hl, real = self._view(users, items, req["timestamp"], temp, ids_now,
                                              own)
@@ -908,19 +936,13 @@ class Recommender:
                                      user_reps=reps, amp=self.amp, progress=show,
                                      desc="score")
         marks.append(("llm_s", time.perf_counter()))
-        prev = t["parse_s"]
         timings: dict[str, float] = {}
-        for k, v in marks:
-            timings[k] = v - prev
-            prev = v
-        timings["total_s"] = prev - t["parse_s"]
-        timings["n"] = n
-        timings["prompt_tokens"] = float(np.mean([len(x) for x in tokens]))
-        self.timings = timings
+        for (_, before), (k, v) in zip(marks, marks[1:]):
+            timings[k] = timings.get(k, 0.0) + v - before
         self.last_inputs = {"tokens": tokens, "user_reps": reps}  # for benchmarks
-        out.update(score=probs, cold_start=self._cold(users), history_len=hl,
-                   seen=(own >= 0).astype(np.int64))
-        return out
+        got = {"score": probs, "cold_start": self._cold(users), "history_len": hl,
+               "seen": (own >= 0).astype(np.int64)}
+        return got, timings, float(np.mean([len(x) for x in tokens]))
 
     def _gate_crm_name(self) -> str:
         return str(self.crm_file) if self.crm_file else "the untrained gate CRM"

@@ -101,6 +101,36 @@ def test_score_reproduces_the_runs_test_predictions(rec, tiny_run) -> None:
     assert np.array_equal(table["history_len"], rec.ds.hist_len[rec.test])
 
 
+def test_a_table_scored_in_chunks_gives_the_same_scores(tiny_run, monkeypatch) -> None:
+    """score_table builds histories, prompts and h_u SCORE_CHUNK requests at a time (all at
+    once, a 1e6-row table needed tens of GB before its first forward): chunks of 5 give the
+    scores and columns of one chunk, with seen rows and a new user among them. In fp32: under
+    the run's bf16 autocast a request's score moves with the batch it shares (1.4e-5 here)."""
+    import reclora.serving as serving
+
+    rec = Recommender.load(tiny_run, amp="off")
+
+    _, rows = _predictions(tiny_run)
+    requests = [{k: r[k] for k in ("user_id", "item_id", "timestamp")} for r in rows]
+    requests.append({"user_id": "999999", "item_id": rows[0]["item_id"],
+                     "timestamp": rows[0]["timestamp"]})
+    seen = rec.ds.hist_item[rec.ds.hist_ptr[rec.ds.user[rec.test[0]]]]  # rated before
+    requests.append(dict(requests[0], item_id=str(rec.ds.item_raw_id[seen])))
+    whole = rec.score_table(requests)
+    monkeypatch.setattr(serving, "SCORE_CHUNK", 5)
+    import reclora.pipeline as pl
+
+    built, real = [], pl.prompt_tokens
+    monkeypatch.setattr(pl, "prompt_tokens", lambda *a: built.append(len(a[3])) or real(*a))
+    chunked = rec.score_table(requests)
+    assert built == [5, 5, 5, 5, 5, 1]  # 26 requests, at most 5 prompts at a time
+    for column, values in whole.items():
+        assert np.array_equal(chunked[column], values) if column != "score" else np.allclose(
+            chunked[column], values, rtol=0, atol=1e-6), column
+    assert chunked["seen"][-1] == 1 and chunked["cold_start"][-2] == 1
+    assert rec.timings["n"] == len(requests) and rec.timings["llm_s"] > 0
+
+
 @pytest.mark.parametrize("model", ["rella", "tallrec", "zero-shot"])
 def test_other_llm_models_reproduce_their_predictions(tiny_run, model) -> None:
     _, rows = _predictions(tiny_run)
