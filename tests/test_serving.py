@@ -390,6 +390,34 @@ def test_observe_refuses_a_pair_already_rated(rec) -> None:
     assert rec.n_observed == 1
 
 
+def test_repeated_seen_requests_share_one_shadow_user(rec) -> None:
+    """Each seen request copied its user's whole history into a shadow user of its own
+    (1,000 repeats of one held 1,000 copies); requests that leave out the same row now share
+    one, holding the longest prefix any of them reads, and score as one request does."""
+    user, _, _ = _known_user_and_item(rec)
+    _, item, t_item = _last_rated(rec, user)
+    later = int(rec._ids.store.time.max()) + 1
+    one = {"user_id": [user], "item_id": [item], "timestamp": [later]}
+    alone = rec.score_table(one)
+    times = [later, later, later, later + 5]
+    many = {"user_id": [user] * 4, "item_id": [item] * 4, "timestamp": times}
+    table = rec.score_table(many)
+    assert table["seen"].tolist() == [1] * 4
+    assert np.allclose(table["score"][:3], alone["score"][0], rtol=0, atol=1e-5)
+    assert table["history_len"].tolist() == [alone["history_len"][0]] * 4
+    ids = rec._ids
+    users, temp, _ = rec._users(np.asarray(many["user_id"], dtype=object), ["x"] * 4, ids,
+                                register=False)
+    items = rec._items(np.asarray(many["item_id"], dtype=object), ["x"] * 4)
+    stamps = np.asarray(times)
+    own = ids.store.rated_before(users, items, stamps)
+    view, samples, _, real = rec._view(users, items, stamps, temp, ids, own)
+    assert view.n_users == ids.store.hist_ptr.size - 1 + 1  # the users, then one shadow
+    assert samples[0] == alone["history_len"][0]  # the shadow's history held once
+    for s in samples:
+        assert view.item[s] not in view.history(int(s))[0]
+
+
 def test_a_seen_target_is_scored_without_itself_in_its_history(rec, monkeypatch) -> None:
     """A request for an item its user rated before the request's time put that item, with
     its rating, into its own prompt and the CRM's history. It is scored as if the rating
