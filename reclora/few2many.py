@@ -730,7 +730,12 @@ def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None
     rank, _ = dist_info()
     n = cfg.count(len(train))
     pick = sample_subset(np.arange(len(train)), n, cfg.seed)
-    if test is not None:
+    if test is not None:  # before training: found after it, the whole stage was lost
+        if cfg.gated and test.user_reps is None:
+            raise ValueError("cfg.gated needs user_reps (the CRM's h_u) on the test data too")
+        if np.unique(test.labels).size < 2:
+            raise ValueError(f"test needs both positive and negative labels for its AUC (it "
+                             f"has {len(test)} samples)")
         _check_user_reps(test, "test", cfg.gated)
     res = train_stage2(ctr, train.subset(pick), valid, cfg, out_dir, name)
     if test is not None:

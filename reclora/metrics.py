@@ -134,6 +134,9 @@ def accuracy(labels: np.ndarray | list, probs: np.ndarray | list, threshold: flo
     p = _as_scores(probs, y.size, "probs")
     if y.size == 0:
         raise ValueError("accuracy needs at least one sample")
+    if not 0.0 <= threshold <= 1.0:  # NaN too: every sample was "negative"
+        raise ValueError(f"accuracy: threshold must be a probability in [0, 1], got "
+                         f"{threshold!r}")
     return float(np.mean((p >= threshold) == (y == 1)))
 
 
@@ -217,7 +220,12 @@ class AUCDifference:
         return {**asdict(self), "significant": self.significant}
 
 
-def _check_bootstrap_args(n_resamples: int, level: float) -> None:
+def _check_bootstrap_args(n_resamples: int, level: float, seed: int | None = 0) -> None:
+    if not isinstance(n_resamples, (int, np.integer)) or isinstance(n_resamples, bool):
+        raise ValueError(f"n_resamples must be an int, got {n_resamples!r}")
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool)
+                             or seed < 0):
+        raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     if _tail_rank(n_resamples, level) < 1:
@@ -376,7 +384,7 @@ def bootstrap_auc(
     distribution puts both ends on one side of it). At least _min_resamples(level) usable
     resamples are needed (39 for 95%); fewer is a ValueError.
     """
-    _check_bootstrap_args(n_resamples, level)
+    _check_bootstrap_args(n_resamples, level, seed)
     y = _as_labels(labels)
     s = _as_scores(scores, y.size, "scores")
     point = auc(y, s)
@@ -404,7 +412,7 @@ def paired_bootstrap_auc(
     and p-value over fewer than about 10-20 groups are unreliable; one group is refused.
     See AUCDifference for the p-value and for how it agrees with the interval.
     """
-    _check_bootstrap_args(n_resamples, level)
+    _check_bootstrap_args(n_resamples, level, seed)
     y = _as_labels(labels)
     a = _as_scores(scores_a, y.size, "scores_a")
     b = _as_scores(scores_b, y.size, "scores_b")

@@ -423,3 +423,16 @@ def test_bad_batches_and_labels_are_refused_before_anything_changes() -> None:
     with pytest.raises(ValueError, match="the training set is empty"):
         train_crm(model, _batch(40, seed=1).select(slice(0, 0)), _batch(40, seed=2), None, cfg)
     assert torch.equal(emb.user_row, rows)
+
+
+@pytest.mark.parametrize("test_split", ["one_class", "empty"])
+def test_a_test_split_without_both_labels_is_refused_before_training(test_split, tmp_path):
+    """Every epoch ran and the checkpoint was written, then the test AUC failed."""
+    test = _batch(50, seed=3)
+    keep = torch.nonzero(test.label == 1).squeeze(1) if test_split == "one_class" else \
+        torch.zeros(0, dtype=torch.long)
+    ckpt = tmp_path / "x.pt"
+    with pytest.raises(ValueError, match="train_crm: the test set has"):
+        train_crm(_model("din"), _batch(400, seed=1), _batch(100, seed=2), test.select(keep),
+                  CRMTrainConfig(epochs=2, progress=False, checkpoint=str(ckpt)))
+    assert not ckpt.exists()

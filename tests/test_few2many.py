@@ -389,3 +389,25 @@ def test_fsdp_two_processes_match_one_process(two_ranks, one_process_losses) -> 
         assert got["layout"] == {"sharded": True, "frozen_dtensor": True,
                                  "trainable_plain": True}
         assert got["losses"] == pytest.approx(one_process_losses, rel=1e-4, abs=1e-5), rank
+
+
+@pytest.mark.parametrize("broken", ["no_user_reps", "one_class"])
+def test_a_test_split_that_cannot_be_scored_is_refused_before_training(broken, tmp_path,
+                                                                       monkeypatch):
+    """A gated model's test data without h_u, or a test split of one class, failed only after
+    the whole stage had trained (leaving best.safetensors without stage2_config.json)."""
+    import reclora.few2many as f2m
+
+    ctr = make_ctr()
+    cfg = Stage2Config(n_train=32, num_adapters=2, rank=2, gate_dim=16, batch_size=16,
+                       eval_points=1, amp="off", progress=False)
+    inject_adapters(ctr, cfg)
+    train, valid, test = make_data(ctr, 32, 0), make_data(ctr, 40, 1), make_data(ctr, 40, 2)
+    if broken == "no_user_reps":
+        test, message = test.with_user_reps(None), "user_reps .* on the test data"
+    else:
+        test, message = test.subset(np.flatnonzero(test.labels == 1)), "test needs both"
+    monkeypatch.setattr(f2m, "train_stage2", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=message):
+        run_stage2(ctr, train, valid, test, cfg, out_dir=tmp_path)
+    assert not list(tmp_path.iterdir())

@@ -385,3 +385,19 @@ def test_too_few_resamples_for_the_interval_are_refused() -> None:
     ci = metrics.bootstrap_auc(y, s, n_resamples=39)
     assert (ci.low, ci.high) == pytest.approx(
         _interval(metrics._resampled_aucs(y, [s], 39, 0)[0], 0.95), abs=1e-12)
+
+
+def test_argument_types_are_named() -> None:
+    """threshold NaN or 7 returned 0.5 silently; a fractional or negative resample count or
+    seed failed in numpy's words."""
+    for threshold in (float("nan"), 7.0, -0.1):
+        with pytest.raises(ValueError, match="threshold must be a probability"):
+            metrics.accuracy([1, 0], [0.9, 0.1], threshold=threshold)
+    labels, scores = [0, 1] * 20, np.linspace(0, 1, 40)
+    for bad in (40.5, 1.5, True):
+        with pytest.raises(ValueError, match="n_resamples must be an int"):
+            metrics.bootstrap_auc(labels, scores, n_resamples=bad)
+    with pytest.raises(ValueError, match="seed must be None or an int >= 0"):
+        metrics.bootstrap_auc(labels, scores, n_resamples=99, seed=-1)
+    with pytest.raises(ValueError, match="n_resamples must be an int"):
+        metrics.paired_bootstrap_auc(labels, scores, scores[::-1], n_resamples=99.0)

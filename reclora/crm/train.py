@@ -365,6 +365,12 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
         held = f"only label {valid_classes[0]}" if valid_classes else "no samples"
         raise ValueError(f"train_crm: the validation set has {held} (selecting by AUC needs "
                          "positives and negatives)")
+    if test is not None and test.label is not None:  # else found after every epoch ran
+        test_classes = torch.unique(test.label).tolist()
+        if len(test_classes) < 2:
+            held = f"only label {test_classes[0]}" if test_classes else "no samples"
+            raise ValueError(f"train_crm: the test set has {held} (its AUC needs positives "
+                             "and negatives)")
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and id dropout draws
