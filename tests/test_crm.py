@@ -436,3 +436,18 @@ def test_a_test_split_without_both_labels_is_refused_before_training(test_split,
         train_crm(_model("din"), _batch(400, seed=1), _batch(100, seed=2), test.select(keep),
                   CRMTrainConfig(epochs=2, progress=False, checkpoint=str(ckpt)))
     assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("where, message", [("bogus", "is not a device"),
+                                            ("cuda", "no CUDA device here")])
+def test_a_bad_map_location_is_named_not_the_file(tmp_path, where, message):
+    """torch.load's error for the device was reported as "not a CRM checkpoint"."""
+    from reclora.crm import save_crm
+
+    if where == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    path = tmp_path / "d.pt"
+    save_crm(_model("din"), path)
+    with pytest.raises(ValueError, match=f"map_location '{where}'.*{message}"):
+        load_crm(path, map_location=where)
+    assert load_crm(path)[0] is not None

@@ -155,6 +155,13 @@ def load_crm(path: str | os.PathLike, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if data is None and not path.is_file():
         raise FileNotFoundError(f"path {str(path)!r}: no CRM checkpoint there")
+    # Checked first: torch.load's error for a device blamed the file (below).
+    try:
+        where = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"load_crm: map_location {map_location!r} is not a device") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"load_crm: map_location {map_location!r}: no CUDA device here")
     try:
         payload = torch.load(path if data is None else io.BytesIO(data),
                              map_location=map_location, weights_only=True)
