@@ -566,16 +566,12 @@ def train_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, cfg: Stage2Config,
     training steps; cfg.fsdp (under torchrun): shard the LLM with FSDP2 (shard_llm, in
     place) instead of wrapping it in DDP."""
     rank, world = dist_info()
-    if cfg.gated and (train.user_reps is None or valid.user_reps is None):
-        raise ValueError("cfg.gated needs user_reps (the CRM's h_u) on train and valid data")
     # Checked before training, not when valid is first scored (with one evaluation point,
     # after the last step): a one-class valid cannot select a step, and a NaN h_u row would
     # reach every adapter through the gradients.
-    if np.unique(valid.labels).size < 2:
-        raise ValueError(f"valid needs both positive and negative labels to select a step "
-                         f"(it has {len(valid)} samples)")
     for split_name, split in (("train", train), ("valid", valid)):
         _check_user_reps(split, split_name, cfg.gated)
+    _check_both_labels(valid, "valid", "to select a step")
     params = [p for p in ctr.parameters() if p.requires_grad]
     if not params:
         raise ValueError("ctr has no trainable parameters; call inject_adapters first")
@@ -714,11 +710,19 @@ def _train_loop(ctr: LLMCTR, model: nn.Module, train: CTRData, valid: CTRData,
 
 
 def _check_user_reps(data: CTRData, name: str, gated: bool) -> None:
-    if not gated or data.user_reps is None:
+    if not gated:
         return
+    if data.user_reps is None:
+        raise ValueError(f"cfg.gated needs user_reps (the CRM's h_u) on the {name} data")
     bad = ~torch.isfinite(data.user_reps).reshape(len(data), -1).all(dim=1)
     if bool(bad.any()):
         raise ValueError(f"{name}.user_reps row {int(bad.nonzero()[0, 0])} holds NaN or inf")
+
+
+def _check_both_labels(data: CTRData, name: str, why: str) -> None:
+    if np.unique(data.labels).size < 2:
+        raise ValueError(f"{name} needs both positive and negative labels {why} (it has "
+                         f"{len(data)} samples)")
 
 
 def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None,
@@ -731,12 +735,8 @@ def run_stage2(ctr: LLMCTR, train: CTRData, valid: CTRData, test: CTRData | None
     n = cfg.count(len(train))
     pick = sample_subset(np.arange(len(train)), n, cfg.seed)
     if test is not None:  # before training: found after it, the whole stage was lost
-        if cfg.gated and test.user_reps is None:
-            raise ValueError("cfg.gated needs user_reps (the CRM's h_u) on the test data too")
-        if np.unique(test.labels).size < 2:
-            raise ValueError(f"test needs both positive and negative labels for its AUC (it "
-                             f"has {len(test)} samples)")
         _check_user_reps(test, "test", cfg.gated)
+        _check_both_labels(test, "test", "for its AUC")
     res = train_stage2(ctr, train.subset(pick), valid, cfg, out_dir, name)
     if test is not None:
         res.test, res.test_probs = evaluate(ctr, test, batch_size=cfg.eval_batch_size,

@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-valid", type=int, default=None, help=f"default {d.n_valid}")
     p.add_argument("--n-test", type=int, default=None,
                    help=f"test subset shared by all models (default {d.n_test}; 0 = all)")
-    p.add_argument("--k-text", type=int, default=None,
+    p.add_argument("--k-text", type=int_between(1, K_TEXT_MAX), default=None,
                    help=f"history items in the prompt, 1 to {K_TEXT_MAX} (default {d.k_text})")
     p.add_argument("--k-id", type=int_between(1, K_ID_MAX), default=None,
                    help=f"history items the CRMs read, 1 to {K_ID_MAX} (default {d.k_id})")
@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the K_id items the gate CRM reads for h_u: recent = the most recent, "
                    "semantic = retrieved for the target item as the prompt's (RECLORA.md "
                    f"section 2); default {d.id_history}")
-    p.add_argument("--k", type=int, default=None, help=f"meta-LoRAs per bank, 1 to {K_MAX} ({d.k})")
+    p.add_argument("--k", type=int_between(1, K_MAX), default=None,
+                   help=f"meta-LoRAs per bank, 1 to {K_MAX} ({d.k})")
     p.add_argument("--mix", choices=MIXES, default=None,
                    help="how RecLoRA mixes its bank per sample: factor = sum_i w_i A_i and "
                    "sum_i w_i B_i (the reference code), output = sum_i w_i B_i A_i "
@@ -340,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "sample (default: soft over all)")
     p.add_argument("--gate-sqrt", action="store_true",
                    help="RecLoRA's gates take the square root of their softmax weights")
-    p.add_argument("--r", type=int, default=None, help=f"LoRA rank, 1 to {RANK_MAX} ({d.r})")
+    p.add_argument("--r", type=int_between(1, RANK_MAX), default=None,
+                   help=f"LoRA rank, 1 to {RANK_MAX} ({d.r})")
     p.add_argument("--temperature", type=float_between(*TEMPERATURE_RANGE), default=None,
                    help=f"gate softmax temperature, {TEMPERATURE_RANGE[0]:g} to "
                    f"{TEMPERATURE_RANGE[1]:g} ({d.temperature})")
@@ -451,10 +453,6 @@ def config_from_args(argv: list[str]) -> RunConfig:
                "max_length"):
         if getattr(cfg, nm) < 1:
             raise SystemExit(f"reclora run: --{nm.replace('_', '-')} must be >= 1, "
-                             f"got {getattr(cfg, nm)}")
-    for nm, high in (("k_text", K_TEXT_MAX), ("k", K_MAX), ("r", RANK_MAX)):
-        if getattr(cfg, nm) > high:
-            raise SystemExit(f"reclora run: --{nm.replace('_', '-')} must be at most {high}, "
                              f"got {getattr(cfg, nm)}")
     if cfg.n_test < 0:
         raise SystemExit(f"reclora run: --n-test must be >= 0, got {cfg.n_test}")

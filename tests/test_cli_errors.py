@@ -72,9 +72,10 @@ RUN_CASES = {
     "gate-lr-huge": (["--gate-lr", "1e300"], "--gate-lr"),
     "k-id-huge": (["--k-id", "100000"], "--k-id"),  # item 4: OOM-killed
     # 2026-12-08 audit: --k 1e9 trained the other models, then failed allocating 240 GB
-    "k-huge": (["--k", "1000000000"], "--k must be at most 1024"),
-    "r-huge": (["--r", "2048"], "--r must be at most 1024"),
-    "k-text-huge": (["--k-text", "100000000000"], "--k-text must be at most 1000"),
+    "k-huge": (["--k", "1000000000"], "argument --k: must be in [1, 1024], got 1000000000"),
+    "r-huge": (["--r", "2048"], "argument --r: must be in [1, 1024], got 2048"),
+    "k-text-huge": (["--k-text", "100000000000"],
+                    "argument --k-text: must be in [1, 1000], got 100000000000"),
     "threads-huge": (["--threads", "1000000000"], "--threads"),  # item 7: libgomp abort
     "threads-superscript": (["--threads", "\u00b2"], "--threads"),
     "threads-arabic-digit": (["--threads", "\u0661"], "--threads"),  # int() reads it as 1

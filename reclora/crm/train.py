@@ -344,6 +344,14 @@ def _score(model: CRM, batch: CRMBatch | SplitSamples, batch_size: int, device: 
 
 
 # ------------------------------------------------------------------ training
+def _check_both_labels(labels: torch.Tensor, split: str, why: str) -> None:
+    classes = torch.unique(labels).tolist()
+    if len(classes) < 2:
+        held = f"only label {classes[0]}" if classes else "no samples"
+        raise ValueError(f"train_crm: the {split} set has {held} ({why} positives and "
+                         "negatives)")
+
+
 def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | SplitSamples,
               test: CRMBatch | SplitSamples | None = None,
               config: CRMTrainConfig | None = None,
@@ -366,18 +374,11 @@ def train_crm(model: CRM, train: CRMBatch | SplitSamples, valid: CRMBatch | Spli
             raise ValueError(f"train_crm: {split_name}'s labels must be 0 or 1")
     if len(train) == 0:  # before keep_users, which would send every user to the unseen row
         raise ValueError("train_crm: the training set is empty")
-    # Model selection is by validation AUC: one class would fail only after the first epoch.
-    valid_classes = torch.unique(valid.label).tolist()
-    if len(valid_classes) < 2:
-        held = f"only label {valid_classes[0]}" if valid_classes else "no samples"
-        raise ValueError(f"train_crm: the validation set has {held} (selecting by AUC needs "
-                         "positives and negatives)")
-    if test is not None and test.label is not None:  # else found after every epoch ran
-        test_classes = torch.unique(test.label).tolist()
-        if len(test_classes) < 2:
-            held = f"only label {test_classes[0]}" if test_classes else "no samples"
-            raise ValueError(f"train_crm: the test set has {held} (its AUC needs positives "
-                             "and negatives)")
+    # Model selection is by validation AUC: one class would fail only after the first epoch;
+    # the test AUC, after every epoch ran.
+    _check_both_labels(valid.label, "validation", "selecting by AUC needs")
+    if test is not None and test.label is not None:
+        _check_both_labels(test.label, "test", "its AUC needs")
     device = torch.device(cfg.device)
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # dropout and id dropout draws

@@ -98,9 +98,13 @@ def _jsonl(path: Path, desc: str) -> Iterator[tuple[int, dict]]:
                         f"{e})") from None
 
 
+# What reading a record's fields raises when they are not what the format says.
+_FIELD_ERRORS = (KeyError, TypeError, AttributeError, ValueError)
+
+
 def _malformed(path: Path, no: int, err: Exception) -> DataError:
-    """The error for a record whose fields are not what the format says (the KeyError,
-    TypeError, AttributeError or ValueError reading them raised)."""
+    """The error for a record whose fields are not what the format says (one of
+    _FIELD_ERRORS, raised reading them)."""
     return DataError(f"{path}: line {no}: malformed record ({type(err).__name__}: {err})")
 
 
@@ -164,7 +168,7 @@ def _read_events(files: list[Path]) -> _Events:
                     undated += 1
                     continue
                 u, b, t = _id(r, "user_id"), _id(r, "book_id"), parse_goodreads_time(date)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
+            except _FIELD_ERRORS as e:
                 raise _malformed(f, no, e) from None
             user.append(user_code.setdefault(u, len(user_code)))
             book.append(book_code.setdefault(b, len(book_code)))
@@ -266,7 +270,7 @@ def read_goodreads(folder: Path) -> RawData:
                 if b in wanted and r.get("genres"):
                     top = sorted(r["genres"].items(), key=lambda kv: -int(kv[1]))[:MAX_GENRES]
                     genres[b] = [str(g) for g, _ in top]
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
+            except _FIELD_ERRORS as e:
                 raise _malformed(gfile, no, e) from None
     author_names: dict[str, str] = {}
     afile = folder / "goodreads_book_authors.json.gz"
@@ -274,7 +278,7 @@ def read_goodreads(folder: Path) -> RawData:
         for no, r in _jsonl(afile, afile.name):
             try:
                 author_names[_id(r, "author_id")] = str(r.get("name") or "")
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
+            except _FIELD_ERRORS as e:
                 raise _malformed(afile, no, e) from None
 
     items: dict[str, dict] = {}
@@ -285,7 +289,7 @@ def read_goodreads(folder: Path) -> RawData:
                 if b not in wanted or b in items:  # books files overlap as the genres do
                     continue
                 items[b] = _book(r, genres.get(b), author_names)
-            except (KeyError, TypeError, AttributeError, ValueError) as e:
+            except _FIELD_ERRORS as e:
                 raise _malformed(f, no, e) from None
     return RawData(name="goodreads", source="goodreads", kind="book", user=users, item=books,
                    rating=ratings, time=times, items=items, users=None,

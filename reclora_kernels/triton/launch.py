@@ -1022,7 +1022,8 @@ def backward(grad_y, x, plan: RowPlan, weight, lora_a, lora_b, adapter_w, adapte
 
     if mix_mode == 0:
         if need_a or need_b or need_w:
-            adapter_w = _weights_of_filled_rows(adapter_w, plan)
+            if need_a or need_b:  # the bank gradients read the weights; dw does not
+                adapter_w = _weights_of_filled_rows(adapter_w, plan)
             if adapter_idx is None:
                 # Dense: the transpose of the mixing is GEMMs over the bank. (The atomic
                 # kernel took 115 us per bank here on an H100 at R=64, M=16, r=8, d=4096.)
